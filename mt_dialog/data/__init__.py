@@ -1,0 +1,1 @@
+"""Offline data pipeline: read conversations, render them with a chat template, pack, store."""

@@ -1,0 +1,147 @@
+"""Configuration of the offline preprocessing run (``tools/preprocess_dialog.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+from mt_dialog.config_utils import option
+from mt_dialog.data.formats import FORMATS
+from mt_dialog.data.packing import ALGORITHMS
+from mt_dialog.data.templates import HF_TEMPLATE, template_names
+
+TOKENIZER_TYPES = ("sentencepiece", "huggingface")
+OVERLONG = ("error", "drop", "truncate")
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class InputConfig:
+    """Where conversations come from and how they are read."""
+
+    input: List[str] = option(help="JSONL files, JSON-array files, folders or globs to read",
+                              metavar="PATH")
+    valid_input: List[str] = option([], help="separate validation inputs (then --split is not "
+                                    "used)", metavar="PATH")
+    input_format: str = option("auto", choices=("auto",) + FORMATS,
+                               help="record format; auto detects it per record from its keys")
+    on_error: str = option("raise", choices=ON_ERROR,
+                           help="bad record: raise stops with file:line and the fix; skip counts "
+                           "it by reason in the summary")
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ValueError("input: at least one --input path is needed")
+        if self.input_format not in ("auto",) + FORMATS:
+            raise ValueError(f"input_format: {self.input_format!r} is not one of auto, "
+                             f"{', '.join(FORMATS)}")
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error: {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer and chat template render conversations into tokens."""
+
+    tokenizer_type: str = option("sentencepiece", choices=TOKENIZER_TYPES,
+                                 help="tokenizer back-end")
+    tokenizer_model: Optional[str] = option(None, help="SentencePiece .model file "
+                                            "(--tokenizer-type sentencepiece)")
+    tokenizer_path: Optional[str] = option(None, help="Hugging Face tokenizer folder "
+                                           "(--tokenizer-type huggingface)")
+    template: str = option("chatml", choices=template_names(),
+                           help="chat template; 'hf' uses the Hugging Face tokenizer's own Jinja "
+                           "chat template")
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(f"tokenizer_type: {self.tokenizer_type!r} is not one of "
+                             f"{', '.join(TOKENIZER_TYPES)}")
+        if self.tokenizer_type == "sentencepiece" and not self.tokenizer_model:
+            raise ValueError("tokenizer_model: --tokenizer-model PATH.model is needed with "
+                             "--tokenizer-type sentencepiece")
+        if self.tokenizer_type == "huggingface" and not self.tokenizer_path:
+            raise ValueError("tokenizer_path: --tokenizer-path DIR is needed with "
+                             "--tokenizer-type huggingface")
+        if self.template not in template_names():
+            raise ValueError(f"template: {self.template!r} is not one of "
+                             f"{', '.join(template_names())}")
+        if self.template == HF_TEMPLATE and self.tokenizer_type != "huggingface":
+            raise ValueError("template: 'hf' needs --tokenizer-type huggingface")
+
+    @property
+    def tokenizer_location(self) -> str:
+        if self.tokenizer_type == "sentencepiece":
+            return self.tokenizer_model
+        return self.tokenizer_path
+
+
+@dataclass
+class PackingConfig:
+    """How rendered conversations become fixed-length packs and splits."""
+
+    seq_length: int = option(4096, help="tokens per pack (the training --seq-length)")
+    packing: str = option("bfd", choices=ALGORITHMS,
+                          help="bfd best-fit decreasing, ffd first-fit decreasing, sequential "
+                          "(keeps order), none (one conversation per pack, padded)")
+    overlong: str = option("error", choices=OVERLONG,
+                           help="a conversation longer than --seq-length: error stops, drop skips "
+                           "it, truncate keeps the longest prefix of whole turns that fits")
+    split: Optional[str] = option(None, help="train,valid percentages of the conversations "
+                                  "(default 98,2; not used with --valid-input)")
+    seed: int = option(1234, help="seed of the split and of the pack shuffle")
+    shuffle: bool = option(True, help="shuffle the order of packs")
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 2:
+            raise ValueError(f"seq_length: must be at least 2, got {self.seq_length}")
+        if self.packing not in ALGORITHMS:
+            raise ValueError(f"packing: {self.packing!r} is not one of {', '.join(ALGORITHMS)}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong: {self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        if self.split is not None:
+            self.split_fractions()
+
+    def split_fractions(self) -> Tuple[float, float]:
+        """(train, valid) fractions of ``split``, default 98,2."""
+        text = self.split or "98,2"
+        try:
+            parts = [float(p) for p in text.split(",")]
+        except ValueError:
+            parts = []
+        if len(parts) != 2 or min(parts) < 0 or sum(parts) <= 0:
+            raise ValueError(f"split: {text!r} must be two non-negative numbers like 98,2")
+        return parts[0] / sum(parts), parts[1] / sum(parts)
+
+
+@dataclass
+class OutputConfig:
+    """Where the packed dataset goes and how the run behaves."""
+
+    output_prefix: str = option(help="prefix of the output files (PREFIX.meta.json, "
+                                "PREFIX.train.tokens.bin, ...)", metavar="PREFIX")
+    overwrite: bool = option(False, help="replace an existing dataset at --output-prefix")
+    workers: int = option(1, help="tokenizer processes")
+    progress: bool = option(True, help="show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers: must be at least 1, got {self.workers}")
+        if not self.output_prefix or self.output_prefix.endswith(("/", ".bin", ".idx")):
+            raise ValueError(f"output_prefix: {self.output_prefix!r} must be a file prefix such "
+                             "as data/chat (files data/chat.train.tokens.bin, ... are written)")
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything one preprocessing run needs."""
+
+    inputs: InputConfig
+    tokenizer: TokenizerConfig
+    packing: PackingConfig
+    output: OutputConfig
+
+    def __post_init__(self) -> None:
+        if self.inputs.valid_input and self.packing.split is not None:
+            raise ValueError("split: --split and --valid-input exclude each other; the "
+                             "validation split comes from one of them")

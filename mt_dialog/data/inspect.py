@@ -1,0 +1,160 @@
+"""Look inside a packed dataset: summary, a pack rendered with its trained tokens highlighted,
+and ``verify``, which re-checks every invariant the training loss relies on."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from mt_dialog.data.dataset import PackedDialogDataset, count_turns
+from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError, load_tokenizer
+
+GREEN, RESET = "\033[1;32m", "\033[0m"
+MAX_PROBLEMS = 20
+
+
+def tokenizer_from_metadata(metadata: Dict) -> Optional[DialogTokenizer]:
+    """The tokenizer the dataset was built with, if it is still where it was (else None)."""
+    info = metadata["tokenizer"]
+    try:
+        tokenizer = load_tokenizer(info["type"], info["path"])
+    except (TokenizerError, OSError):
+        return None
+    tokenizer.added_tokens = dict(info.get("added_tokens", {}))
+    return tokenizer
+
+
+def _segments(counts: np.ndarray):
+    """(start, stop, trained) runs of equal trained-ness."""
+    trained = counts > 0
+    edges = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), counts.shape[0]]
+    return [(a, b, bool(trained[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _special_ids(metadata: Dict) -> set:
+    ids = metadata["special_ids"]
+    found = {ids.get("bos"), ids.get("eos"), ids.get("end_of_turn")}
+    return {int(i) for i in found | set(ids.get("added", {}).values()) if i is not None}
+
+
+def _decode_visible(ids: List[int], tokenizer: Optional[DialogTokenizer], specials: set) -> str:
+    """Text of ``ids`` with special tokens shown as their pieces (decoders usually hide them)."""
+    if tokenizer is None:
+        return " ".join(map(str, ids))
+    out, run = [], []
+    for token in ids + [None]:
+        if token is None or token in specials:
+            if run:
+                out.append(tokenizer.decode(run))
+                run = []
+            if token is not None:
+                out.append(tokenizer.id_to_piece(token))
+        else:
+            run.append(token)
+    return "".join(out)
+
+
+def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[DialogTokenizer],
+                color: bool) -> str:
+    """Pack ``index`` as text, conversation by conversation; trained spans are green (color) or
+    wrapped in ``[[ ]]`` with their turn length."""
+    tokens, counts, lengths = dataset.raw_pack(index)
+    lines = [f"pack {index} of {len(dataset)} ({dataset.split}): {len(lengths)} conversations, "
+             f"{int(lengths.sum()):,}/{dataset.seq_length:,} tokens, {count_turns(counts)} turns"]
+    specials = _special_ids(dataset.metadata)
+    start = 0
+    for number, length in enumerate(lengths.tolist()):
+        conv_tokens, conv_counts = tokens[start:start + length], counts[start:start + length]
+        start += length
+        lines.append(f"--- conversation {number} ({length} tokens, "
+                     f"{count_turns(conv_counts)} turns) ---")
+        parts: List[str] = []
+        for a, b, trained in _segments(conv_counts):
+            ids = conv_tokens[a:b].tolist()
+            text = _decode_visible(ids, tokenizer, specials)
+            if not trained:
+                parts.append(text)
+            elif color:
+                parts.append(f"{GREEN}{text}{RESET}")
+            else:
+                parts.append(f"[[{text}]](n={int(conv_counts[a])})")
+        lines.append("".join(parts))
+    return "\n".join(lines)
+
+
+def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where) -> List[str]:
+    problems = []
+    if int(lengths.sum()) > seq_length:
+        problems.append(f"{where}: {int(lengths.sum())} tokens > seq length {seq_length}")
+    if tokens.size and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        problems.append(f"{where}: token id outside 0..{vocab - 1}")
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    if np.any(counts[starts] != 0):
+        problems.append(f"{where}: a conversation's first token is trained")
+    for a, b, trained in _segments(counts):
+        if not trained:
+            continue
+        if np.any(counts[a:b] != b - a):
+            problems.append(f"{where}: tokens {a}..{b - 1} carry loss_token_num "
+                            f"{int(counts[a])} but the turn has {b - a} tokens")
+        if int(tokens[b - 1]) != end_of_turn:
+            problems.append(f"{where}: turn ending at token {b - 1} does not end with the "
+                            f"end-of-turn id {end_of_turn}")
+    return problems
+
+
+def verify_split(dataset: PackedDialogDataset) -> List[str]:
+    """Every invariant of one split, and its totals against the metadata."""
+    meta = dataset.metadata
+    vocab = int(meta["tokenizer"]["vocab_size"])
+    end_of_turn = int(meta["special_ids"]["end_of_turn"])
+    problems: List[str] = []
+    totals = {"conversations": 0, "turns": 0, "tokens": 0, "loss_tokens": 0}
+    for index in range(len(dataset)):
+        tokens, counts, lengths = dataset.raw_pack(index)
+        if lengths.size == 0 or lengths.min() <= 0:
+            problems.append(f"{dataset.split} pack {index}: empty pack or conversation")
+            continue
+        problems += _check_pack(tokens, counts, lengths, dataset.seq_length, vocab, end_of_turn,
+                                f"{dataset.split} pack {index}")
+        totals["conversations"] += int(lengths.size)
+        totals["turns"] += count_turns(counts)
+        totals["tokens"] += int(lengths.sum())
+        totals["loss_tokens"] += int(np.count_nonzero(counts))
+        if len(problems) >= MAX_PROBLEMS:
+            return problems
+    recorded = meta["splits"][dataset.split]
+    totals["packs"] = len(dataset)
+    for key, value in totals.items():
+        if int(recorded[key]) != value:
+            problems.append(f"{dataset.split}: metadata says {key} = {recorded[key]} but the data "
+                            f"holds {value}")
+    return problems
+
+
+def verify_dataset(prefix: str) -> List[str]:
+    """All splits, plus the accounting of input conversations."""
+    problems: List[str] = []
+    metadata = None
+    for split in ("train", "valid"):
+        try:
+            dataset = PackedDialogDataset(prefix, split)
+        except ValueError as exc:
+            if "has no" in str(exc) and split == "valid":
+                continue
+            return [str(exc)]
+        metadata = dataset.metadata
+        problems += verify_split(dataset)
+    summary = metadata["summary"]
+    accounted = (summary["conversations_kept"] + sum(summary["skipped"].values())
+                 + sum(summary["dropped"].values()))
+    if accounted != summary["conversations_read"]:
+        problems.append(f"accounting: {summary['conversations_read']} read but {accounted} "
+                        "kept + skipped + dropped")
+    kept = sum(s["conversations"] for s in metadata["splits"].values())
+    if kept != summary["conversations_kept"]:
+        problems.append(f"accounting: {summary['conversations_kept']} kept but the splits hold "
+                        f"{kept}")
+    return problems

@@ -1,0 +1,213 @@
+"""Stream raw records from JSONL files and JSON arrays, never holding a whole file in memory.
+
+``expand_inputs`` turns ``--input`` items (files, folders, globs) into a sorted file list.
+``iter_records`` yields ``RawRecord``\\ s in file order. A JSONL record is handed on as undecoded
+bytes (parsing happens in the worker processes); a JSON-array element is decoded here, because
+finding where it ends needs the parser. Whether a file is JSONL or a JSON array is decided by its
+first non-blank byte (``[`` means array), not by its name.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator, List, Optional, Sequence
+
+from mt_dialog.data.formats import RecordError
+
+INPUT_SUFFIXES = (".jsonl", ".json")
+_CHUNK = 1 << 20
+_MAX_RECORD_CHARS = 64 << 20
+
+
+class InputError(ValueError):
+    """An input path or file that cannot be read at all (fatal in every --on-error mode)."""
+
+
+@dataclass
+class RawRecord:
+    """One record as read: where it is, and its bytes (JSONL) or decoded value (array)."""
+
+    path: str
+    line: int
+    raw: Optional[bytes] = None
+    value: Any = None
+    error: Optional[RecordError] = None  # a problem found while reading (e.g. empty file)
+    nbytes: int = 0  # bytes of input this record advanced the file (for the progress bar)
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def expand_inputs(items: Sequence[str]) -> List[str]:
+    """Files named by ``items``: a file, a folder (its *.jsonl / *.json, recursively) or a glob."""
+    files: List[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(item)
+                for name in names
+                if name.endswith(INPUT_SUFFIXES)
+            )
+            if not found:
+                raise InputError(f"--input {item}: folder has no .jsonl or .json files")
+            files.extend(found)
+        elif glob.has_magic(item):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise InputError(f"--input {item}: the pattern matches no file")
+            files.extend(found)
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise InputError(f"--input {item}: no such file or folder")
+    return list(dict.fromkeys(files))
+
+
+def _first_byte(path: str) -> Optional[bytes]:
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(4096)
+            if not chunk:
+                return None
+            stripped = chunk.lstrip()
+            if stripped.startswith(codecs.BOM_UTF8):
+                stripped = stripped[len(codecs.BOM_UTF8):].lstrip()
+            if stripped:
+                return stripped[:1]
+
+
+def iter_records(path: str) -> Iterator[RawRecord]:
+    """All records of one file, in order. An empty file yields one record carrying an error."""
+    first = _first_byte(path)
+    if first is None:
+        yield RawRecord(
+            path, 1, error=RecordError("empty_file", "the file is empty; remove it from --input"),
+            nbytes=os.path.getsize(path),
+        )
+    elif first == b"[":
+        yield from _iter_json_array(path)
+    else:
+        yield from _iter_jsonl(path)
+
+
+def _iter_jsonl(path: str) -> Iterator[RawRecord]:
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if number == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if line.strip():
+                yield RawRecord(path, number, raw=line, nbytes=len(line))
+
+
+class _ArrayStream:
+    """A growing text window over a file with line bookkeeping, for the array parser."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.handle = open(path, "rb")
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.text = ""
+        self.pos = 0
+        self.base_line = 1  # line number of text[0]
+        self.bytes_read = 0
+        self.eof = False
+
+    def line_at(self, pos: int) -> int:
+        return self.base_line + self.text.count("\n", 0, pos)
+
+    def more(self) -> bool:
+        """Append the next chunk; False at end of file."""
+        if self.eof:
+            return False
+        chunk = self.handle.read(_CHUNK)
+        try:
+            self.text += self.decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            line = self.line_at(len(self.text)) + chunk[: exc.start].count(b"\n")
+            raise InputError(
+                f"{self.path}:{line}: invalid UTF-8 (byte offset {self.bytes_read + exc.start}); "
+                "re-encode the file as UTF-8"
+            ) from None
+        self.bytes_read += len(chunk)
+        self.eof = not chunk
+        return bool(chunk)
+
+    def skip_blank(self) -> Optional[str]:
+        """Next non-blank character (not consumed), or None at end of file."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos].isspace():
+                self.pos += 1
+            if self.pos < len(self.text):
+                return self.text[self.pos]
+            if not self.more():
+                return None
+
+    def compact(self) -> None:
+        if self.pos > _CHUNK:
+            self.base_line += self.text.count("\n", 0, self.pos)
+            self.text = self.text[self.pos:]
+            self.pos = 0
+
+    def fail(self, what: str) -> InputError:
+        return InputError(
+            f"{self.path}:{self.line_at(self.pos)}: {what} in a JSON array; the rest of the array "
+            "cannot be read reliably: fix the file (or convert it to JSONL, one record a line, so "
+            "that --on-error skip can step over bad lines)"
+        )
+
+
+def _decode_value(stream: _ArrayStream, decoder: json.JSONDecoder) -> Any:
+    while True:
+        try:
+            value, end = decoder.raw_decode(stream.text, stream.pos)
+            break
+        except json.JSONDecodeError as exc:
+            incomplete = exc.pos >= len(stream.text) - 1 or exc.msg.startswith("Unterminated")
+            too_big = len(stream.text) - stream.pos > _MAX_RECORD_CHARS
+            if not incomplete or too_big or not stream.more():
+                raise stream.fail(f"malformed JSON ({exc.msg})") from None
+    stream.pos = end
+    return value
+
+
+def _iter_json_array(path: str) -> Iterator[RawRecord]:
+    stream = _ArrayStream(path)
+    decoder = json.JSONDecoder()
+    try:
+        stream.skip_blank()
+        stream.pos += 1  # the opening '['
+        count = 0
+        while True:
+            char = stream.skip_blank()
+            if char is None:
+                raise stream.fail("unexpected end of file (missing ']')")
+            if char == "]":
+                break
+            line, before = stream.line_at(stream.pos), stream.bytes_read
+            value = _decode_value(stream, decoder)
+            count += 1
+            yield RawRecord(path, line, value=value, nbytes=max(0, stream.bytes_read - before))
+            char = stream.skip_blank()
+            if char == ",":
+                stream.pos += 1
+            elif char == "]":
+                break
+            else:
+                raise stream.fail("expected ',' or ']' after a record")
+            stream.compact()
+        stream.pos += 1
+        if stream.skip_blank() is not None:
+            raise stream.fail("text after the closing ']'")
+        if count == 0:
+            yield RawRecord(
+                path, 1, error=RecordError("empty_file", "the JSON array is empty; remove the file"),
+                nbytes=stream.bytes_read,
+            )
+    finally:
+        stream.handle.close()

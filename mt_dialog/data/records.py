@@ -1,0 +1,124 @@
+"""Turn raw records into rendered conversations (runs in the tokenizer worker processes).
+
+A ``RecordProcessor`` is built in the main process, pickled to each worker and set up there
+(tokenizer loaded, the main process's appended special tokens restored, template resolved), so all
+processes produce identical ids. ``process`` maps a batch of ``(number, RawRecord)`` to outcomes:
+
+- ``("ok", number, input_ids, loss_token_num, turns_removed)`` for a kept conversation;
+- ``("error", number, reason, message)`` for a record that cannot be used (the message starts with
+  ``file:line``), an overlong one included under ``--overlong error``;
+- ``("dropped", number, reason, message)`` for an overlong conversation under ``--overlong drop``
+  (reason ``overlong``) or ``truncate`` when not even its first turn fits
+  (``overlong_no_turn_fits``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from mt_dialog.data.formats import RecordError, parse_record
+from mt_dialog.data.readers import RawRecord
+from mt_dialog.data.render import (
+    RenderedConversation,
+    render_conversation,
+    render_with_chat_template,
+    resolve_template,
+    truncate_to_turns,
+)
+from mt_dialog.data.templates import HF_TEMPLATE, get_template
+from mt_dialog.data.tokenizers import DialogTokenizer, load_tokenizer
+
+Outcome = Tuple
+
+
+def decode_json_line(raw: bytes):
+    """Parse one JSONL line; bad UTF-8 or JSON become ``RecordError``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecordError(
+            "invalid_utf8",
+            f"invalid UTF-8 at byte {exc.start} of the line; re-encode the file as UTF-8",
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecordError(
+            "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+
+
+@dataclass
+class RecordProcessor:
+    """Everything a worker needs to render records, in picklable form."""
+
+    tokenizer_type: str
+    tokenizer_location: str
+    template_name: str
+    input_format: Optional[str]
+    seq_length: int
+    overlong: str
+    added_tokens: Dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._tokenizer: Optional[DialogTokenizer] = None
+        self._template = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = state["_template"] = None
+        return state
+
+    def setup(self) -> DialogTokenizer:
+        """Load the tokenizer and resolve the template (once per process)."""
+        if self._tokenizer is None:
+            tokenizer = load_tokenizer(self.tokenizer_type, self.tokenizer_location)
+            tokenizer.added_tokens = dict(self.added_tokens)
+            if self.template_name != HF_TEMPLATE:
+                self._template = resolve_template(get_template(self.template_name), tokenizer)
+            self.added_tokens = dict(tokenizer.added_tokens)
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def render(self, messages) -> RenderedConversation:
+        tokenizer = self.setup()
+        if self.template_name == HF_TEMPLATE:
+            return render_with_chat_template(messages, tokenizer.hf)
+        return render_conversation(messages, self._template, tokenizer.encode)
+
+    def process(self, batch: List[Tuple[int, RawRecord]]) -> List[Outcome]:
+        return [self._one(number, record) for number, record in batch]
+
+    def _one(self, number: int, record: RawRecord) -> Outcome:
+        where = f"{record.where}: conversation {number}"
+        try:
+            if record.error is not None:
+                raise record.error
+            value = decode_json_line(record.raw) if record.raw is not None else record.value
+            rendered = self.render(parse_record(value, self.input_format))
+        except RecordError as exc:
+            return ("error", number, exc.reason, f"{where}: {exc.message}")
+        if rendered.num_tokens <= self.seq_length:
+            return ("ok", number, rendered.input_ids, rendered.loss_token_num, 0)
+        too_long = (
+            f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"
+        )
+        if self.overlong == "truncate":
+            kept = truncate_to_turns(rendered, self.seq_length)
+            if kept is not None:
+                removed = rendered.turn_num - kept.turn_num
+                return ("ok", number, kept.input_ids, kept.loss_token_num, removed)
+            return ("dropped", number, "overlong_no_turn_fits",
+                    f"{too_long} and even its first turn does not fit; it was dropped")
+        if self.overlong == "drop":
+            return ("dropped", number, "overlong", f"{too_long}; it was dropped")
+        return ("error", number, "overlong",
+                f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
+                "--overlong drop, or a longer --seq-length")
+
+
+def run_batch(processor: RecordProcessor, batch) -> List[Outcome]:
+    """Module-level entry point for pool workers."""
+    return processor.process(batch)

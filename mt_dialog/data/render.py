@@ -1,0 +1,261 @@
+"""Render one conversation into token ids and per-token loss fields.
+
+``render_conversation`` is the single place where a conversation becomes training data. For the
+``firefly`` template and a two-turn conversation (ids shortened)::
+
+    text      <s> Hi </s> Hello! </s> 2+2? </s>  4  </s>
+    input_ids  1  306  2   15043 2   29906  2  29946  2
+    loss_mask  0   0   0    1    1     0    0    1    1     <- replies + their end-of-turn token
+    loss_token_num 0 0 0    2    2     0    0    2    2     <- length of the token's turn, else 0
+    turn_ends                      ^5                   ^9  <- token offset after each turn
+
+The fields are aligned with ``input_ids`` (the token itself is the target); the dataset applies
+the next-token shift. The first token of a conversation is never trained, so shifting a whole
+pack never trains across a conversation boundary. ``loss_mask == (loss_token_num > 0)`` always.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from mt_dialog.data.formats import Message, RecordError
+from mt_dialog.data.templates import BOS, EOS, ChatTemplate, Pieces, Special
+from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
+
+Encode = Callable[[str], List[int]]
+ResolvedPieces = Tuple[Union[str, int], ...]
+_PLACEHOLDER = re.compile(r"\{(content|system)\}")
+
+
+@dataclass(frozen=True)
+class RenderedConversation:
+    """One conversation as tokens. Arrays have equal length."""
+
+    input_ids: np.ndarray  # int64 token ids
+    loss_token_num: np.ndarray  # int32: length of the token's turn on trained tokens, else 0
+    turn_ends: Tuple[int, ...]  # token offset just after each assistant turn (close included)
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return (self.loss_token_num > 0).astype(np.int8)
+
+    @property
+    def turn_num(self) -> int:
+        return len(self.turn_ends)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(np.count_nonzero(self.loss_token_num))
+
+
+@dataclass(frozen=True)
+class ResolvedTemplate:
+    """A ``ChatTemplate`` whose special tokens are replaced by the tokenizer's ids."""
+
+    name: str
+    prefix: ResolvedPieces
+    system: ResolvedPieces
+    user: ResolvedPieces
+    first_user_with_system: Optional[ResolvedPieces]
+    assistant_open: ResolvedPieces
+    end_of_turn: int
+    assistant_close: ResolvedPieces
+    default_system: Optional[str]
+
+
+def _special_id(special: Special, tokenizer: DialogTokenizer) -> int:
+    if special in (BOS, EOS):
+        token = tokenizer.bos_id if special == BOS else tokenizer.eos_id
+        if token is None:
+            raise TokenizerError(
+                f"the template needs a {special.piece} token but {tokenizer.path} defines none; "
+                "choose another --template"
+            )
+        return token
+    return tokenizer.special_id(special.piece)
+
+
+def resolve_template(template: ChatTemplate, tokenizer: DialogTokenizer) -> ResolvedTemplate:
+    """Look up (or append) every special token of ``template`` in ``tokenizer``."""
+
+    def resolve(pieces: Optional[Pieces]) -> Optional[ResolvedPieces]:
+        if pieces is None:
+            return None
+        return tuple(
+            _special_id(p, tokenizer) if isinstance(p, Special) else p for p in pieces
+        )
+
+    return ResolvedTemplate(
+        name=template.name,
+        prefix=resolve(template.prefix),
+        system=resolve(template.system),
+        user=resolve(template.user),
+        first_user_with_system=resolve(template.first_user_with_system),
+        assistant_open=resolve(template.assistant_open),
+        end_of_turn=_special_id(template.end_of_turn, tokenizer),
+        assistant_close=resolve(template.assistant_close),
+        default_system=template.default_system,
+    )
+
+
+def _emit(out: List[int], pieces: ResolvedPieces, encode: Encode, **values: str) -> None:
+    for piece in pieces:
+        if isinstance(piece, int):
+            out.append(piece)
+        else:
+            out.extend(encode(_PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), piece)))
+
+
+def _render_context(
+    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
+) -> Tuple[List[int], Sequence[Message], Optional[ResolvedPieces], str]:
+    """Prefix and system block; returns ids, the remaining messages, first-user pieces."""
+    ids: List[int] = []
+    _emit(ids, template.prefix, encode)
+    system = template.default_system
+    body = messages
+    if messages and messages[0].role == "system":
+        system, body = messages[0].content, messages[1:]
+    first_user = None
+    if system and template.first_user_with_system is not None:
+        first_user = template.first_user_with_system
+    elif system:
+        _emit(ids, template.system, encode, content=system)
+    return ids, body, first_user, system or ""
+
+
+def render_conversation(
+    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
+) -> RenderedConversation:
+    """Token ids, per-token turn lengths and turn ends of a validated conversation.
+
+    ``messages`` must follow ``[system] user assistant (user assistant)*`` (see
+    ``formats.validate_roles``); ``encode`` turns text into ids without adding special tokens.
+    """
+    ids, body, first_user, system = _render_context(messages, template, encode)
+    ltn: List[int] = [0] * len(ids)
+    turn_ends: List[int] = []
+    for index, message in enumerate(body):
+        start = len(ids)
+        if message.role == "user":
+            pieces = first_user if (index == 0 and first_user is not None) else template.user
+            _emit(ids, pieces, encode, content=message.content, system=system)
+            ltn.extend([0] * (len(ids) - start))
+            continue
+        _emit(ids, template.assistant_open, encode)
+        ltn.extend([0] * (len(ids) - start))
+        reply = encode(message.content) + [template.end_of_turn]
+        ids.extend(reply)
+        ltn.extend([len(reply)] * len(reply))
+        close_start = len(ids)
+        _emit(ids, template.assistant_close, encode)
+        ltn.extend([0] * (len(ids) - close_start))
+        turn_ends.append(len(ids))
+    return RenderedConversation(
+        np.asarray(ids, dtype=np.int64), np.asarray(ltn, dtype=np.int32), tuple(turn_ends)
+    )
+
+
+def render_prompt(
+    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
+) -> List[int]:
+    """Ids of a conversation that ends with a user message, plus the reply opener: the
+    generation prompt, laid out exactly as in training."""
+    if not messages or messages[-1].role != "user":
+        raise ValueError("a generation prompt must end with a user message")
+    ids, body, first_user, system = _render_context(messages, template, encode)
+    for index, message in enumerate(body):
+        if message.role == "user":
+            pieces = first_user if (index == 0 and first_user is not None) else template.user
+            _emit(ids, pieces, encode, content=message.content, system=system)
+        else:
+            _emit(ids, template.assistant_open, encode)
+            ids.extend(encode(message.content) + [template.end_of_turn])
+            _emit(ids, template.assistant_close, encode)
+    _emit(ids, template.assistant_open, encode)
+    return ids
+
+
+def truncate_to_turns(
+    rendered: RenderedConversation, max_tokens: int
+) -> Optional[RenderedConversation]:
+    """The longest prefix made of whole turns that fits in ``max_tokens``; None if no turn fits."""
+    kept = [end for end in rendered.turn_ends if end <= max_tokens]
+    if not kept:
+        return None
+    end = kept[-1]
+    return RenderedConversation(
+        rendered.input_ids[:end], rendered.loss_token_num[:end], tuple(kept)
+    )
+
+
+def render_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> RenderedConversation:
+    """Render with a Hugging Face tokenizer's own Jinja chat template.
+
+    The template renders text, so the assistant spans are *derived by rendering*: for reply k,
+    ``prompt_k`` = messages[:k] with the generation prompt and ``upto_k`` = messages[:k+1]; the
+    full text must start with ``upto_k`` and ``upto_k`` with ``prompt_k``. The reply's tokens are
+    those starting inside the content, plus the first token after it, which must be a special
+    token (the end-of-turn). Anything else is refused rather than guessed.
+    """
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    specials = [s for s in hf_tokenizer.all_special_tokens if s]
+    for index, message in enumerate(messages):
+        hit = next((s for s in specials if s in message.content), None)
+        if hit:
+            raise RecordError(
+                "special_token_in_text",
+                f"message {index} contains the special token text {hit!r}, which the chat "
+                "template would turn into a control token; remove it or use a built-in --template",
+            )
+    full = hf_tokenizer.apply_chat_template(dicts, tokenize=False)
+    encoded = hf_tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    starts = [span[0] for span in encoded["offset_mapping"]]
+    special_ids = set(hf_tokenizer.all_special_ids)
+    ltn = [0] * len(ids)
+    turn_ends: List[int] = []
+    for k, message in enumerate(messages):
+        if message.role != "assistant":
+            continue
+        span = _assistant_span(dicts, k, full, hf_tokenizer)
+        trained = [i for i, s in enumerate(starts) if span[0] <= s < span[1]]
+        after = next((i for i, s in enumerate(starts) if s >= span[1]), None)
+        aligned = bool(trained) and starts[trained[0]] == span[0]
+        if not aligned or after is None or ids[after] not in special_ids:
+            raise RecordError(
+                "template_mismatch",
+                f"message {k}: the chat template's rendering of this reply is not followed by a "
+                "special end-of-turn token; use a built-in --template for this tokenizer",
+            )
+        trained.append(after)
+        for i in trained:
+            ltn[i] = len(trained)
+        upto_end = span[2]
+        turn_ends.append(next((i for i, s in enumerate(starts) if s >= upto_end), len(ids)))
+    return RenderedConversation(
+        np.asarray(ids, dtype=np.int64), np.asarray(ltn, dtype=np.int32), tuple(turn_ends)
+    )
+
+
+def _assistant_span(dicts, k: int, full: str, hf_tokenizer) -> Tuple[int, int, int]:
+    """(content start, content end, end of the rendered turn) in ``full``'s characters."""
+    prompt = hf_tokenizer.apply_chat_template(dicts[:k], tokenize=False, add_generation_prompt=True)
+    upto = hf_tokenizer.apply_chat_template(dicts[: k + 1], tokenize=False)
+    content = dicts[k]["content"]
+    at = upto.find(content, len(prompt))
+    if not (full.startswith(upto) and upto.startswith(prompt)) or at < 0:
+        raise RecordError(
+            "template_mismatch",
+            f"message {k}: the chat template does not render prefixes of the conversation as "
+            "prefixes of the whole, so the reply cannot be located; use a built-in --template",
+        )
+    return at, at + len(content), len(upto)

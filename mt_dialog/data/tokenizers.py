@@ -1,0 +1,240 @@
+"""Tokenizers behind one small interface.
+
+The pipeline needs only: encode text without adding special tokens, decode ids, look up a special
+token by its piece (``"<|im_end|>"``), the vocabulary size and an identity (type, path, file hash)
+to record in the dataset metadata. Two back-ends:
+
+- SentencePiece (the default ``--tokenizer-type sentencepiece --tokenizer-model path.model``);
+- Hugging Face (``--tokenizer-type huggingface --tokenizer-path DIR``, the ``hf`` extra).
+
+Special tokens a template needs but the vocabulary lacks (``<|im_start|>`` on a Llama 2 model) are
+*appended*: they get ids ``vocab_size, vocab_size + 1, ...``; the model's embedding must then cover
+``vocab_size`` (the extended size recorded in the metadata). They are never encoded as text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+
+class TokenizerError(ValueError):
+    """A tokenizer could not be loaded or lacks something the pipeline needs."""
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file (tokenizer identity in the metadata)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class TokenizerInfo:
+    """What the metadata records about a tokenizer."""
+
+    type: str
+    path: str
+    base_vocab_size: int
+    vocab_size: int
+    sha256: str
+    added_tokens: Dict[str, int] = field(default_factory=dict)
+
+
+class DialogTokenizer:
+    """Base class: subclasses implement ``_encode``, ``_decode``, ``_piece_to_id``."""
+
+    type_name = "base"
+
+    def __init__(self, path: str, base_vocab_size: int, sha256: str) -> None:
+        self.path = path
+        self.base_vocab_size = base_vocab_size
+        self.sha256 = sha256
+        self.added_tokens: Dict[str, int] = {}
+
+    # -- back-end hooks ----------------------------------------------------------------------
+    def _encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def _piece_to_id(self, piece: str) -> Optional[int]:
+        raise NotImplementedError
+
+    bos_id: Optional[int] = None
+    eos_id: Optional[int] = None
+
+    @property
+    def pad_id(self) -> int:
+        """Id written in padding (never trained, never attended across): eos, else 0."""
+        return self.eos_id if self.eos_id is not None else 0
+
+    # -- public API --------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Size of the id space, appended special tokens included."""
+        return self.base_vocab_size + len(self.added_tokens)
+
+    def encode(self, text: str) -> List[int]:
+        """Token ids of ``text``; never adds BOS/EOS."""
+        return self._encode(text) if text else []
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``; appended special tokens decode to their piece."""
+        out: List[str] = []
+        run: List[int] = []
+        reverse = {v: k for k, v in self.added_tokens.items()}
+        for token in ids:
+            token = int(token)
+            if token in reverse:
+                if run:
+                    out.append(self._decode(run))
+                    run = []
+                out.append(reverse[token])
+            else:
+                run.append(token)
+        if run:
+            out.append(self._decode(run))
+        return "".join(out)
+
+    def id_to_piece(self, token: int) -> str:
+        """The vocabulary piece of one id (debug views)."""
+        reverse = {v: k for k, v in self.added_tokens.items()}
+        return reverse.get(int(token)) or self._id_to_piece(int(token))
+
+    def _id_to_piece(self, token: int) -> str:
+        return self._decode([token])
+
+    def special_id(self, piece: str, allow_add: bool = True) -> int:
+        """Id of a special token; appended to the vocabulary when missing and ``allow_add``."""
+        found = self._piece_to_id(piece)
+        if found is not None:
+            return found
+        if piece in self.added_tokens:
+            return self.added_tokens[piece]
+        if not allow_add:
+            raise TokenizerError(
+                f"special token {piece!r} is not in the vocabulary of {self.path}; "
+                "use a template made for this tokenizer or allow appending special tokens"
+            )
+        self.added_tokens[piece] = self.vocab_size
+        return self.added_tokens[piece]
+
+    def info(self) -> TokenizerInfo:
+        return TokenizerInfo(
+            type=self.type_name,
+            path=os.path.abspath(self.path),
+            base_vocab_size=self.base_vocab_size,
+            vocab_size=self.vocab_size,
+            sha256=self.sha256,
+            added_tokens=dict(self.added_tokens),
+        )
+
+
+class SentencePieceTokenizer(DialogTokenizer):
+    """A SentencePiece ``.model`` file (Llama 2 style: ``<s>`` = bos, ``</s>`` = eos)."""
+
+    type_name = "sentencepiece"
+
+    def __init__(self, model_path: str) -> None:
+        import sentencepiece
+
+        if not os.path.isfile(model_path):
+            raise TokenizerError(
+                f"--tokenizer-model {model_path}: no such file; pass the path of a SentencePiece "
+                ".model file"
+            )
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.Load(model_path)
+        except (OSError, RuntimeError) as exc:
+            raise TokenizerError(
+                f"--tokenizer-model {model_path}: not a SentencePiece model ({exc})"
+            ) from None
+        self._sp = processor
+        super().__init__(model_path, processor.GetPieceSize(), file_sha256(model_path))
+        self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
+        self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
+
+    def _encode(self, text: str) -> List[int]:
+        return self._sp.EncodeAsIds(text)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._sp.DecodeIds([int(i) for i in ids])
+
+    def _id_to_piece(self, token: int) -> str:
+        if token >= self.base_vocab_size:
+            return f"<id {token}>"
+        return self._sp.IdToPiece(token)
+
+    def _piece_to_id(self, piece: str) -> Optional[int]:
+        token = self._sp.PieceToId(piece)
+        # PieceToId answers unk for unknown pieces; only a real match counts.
+        if token == self._sp.unk_id() and piece != self._sp.IdToPiece(token):
+            return None
+        return token
+
+
+class HuggingFaceTokenizer(DialogTokenizer):
+    """A Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer_config.json``)."""
+
+    type_name = "huggingface"
+
+    def __init__(self, path: str) -> None:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError(
+                "--tokenizer-type huggingface needs transformers: pip install -e '.[hf]'"
+            ) from None
+        if not os.path.isdir(path):
+            raise TokenizerError(f"--tokenizer-path {path}: not a folder with a tokenizer")
+        try:
+            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"--tokenizer-path {path}: cannot load tokenizer ({exc})") from None
+        digest = hashlib.sha256()
+        for name in sorted(os.listdir(path)):
+            if name.startswith("tokenizer") or name.endswith((".model", ".json", ".txt")):
+                full = os.path.join(path, name)
+                if os.path.isfile(full):
+                    digest.update(name.encode() + file_sha256(full).encode())
+        super().__init__(path, len(self.hf), digest.hexdigest())
+        self.bos_id = self.hf.bos_token_id
+        self.eos_id = self.hf.eos_token_id
+
+    def _encode(self, text: str) -> List[int]:
+        # split_special_tokens: text that looks like "<|im_end|>" stays text, never a control id
+        return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def _id_to_piece(self, token: int) -> str:
+        return self.hf.convert_ids_to_tokens(token)
+
+    def _piece_to_id(self, piece: str) -> Optional[int]:
+        token = self.hf.convert_tokens_to_ids(piece)
+        if token is None or (token == self.hf.unk_token_id and piece != self.hf.unk_token):
+            return None
+        return token
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        return getattr(self.hf, "chat_template", None)
+
+
+def load_tokenizer(tokenizer_type: str, path: str) -> DialogTokenizer:
+    """Load ``sentencepiece`` (``path`` = .model file) or ``huggingface`` (``path`` = folder)."""
+    if tokenizer_type == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    if tokenizer_type == "huggingface":
+        return HuggingFaceTokenizer(path)
+    raise TokenizerError(
+        f"--tokenizer-type {tokenizer_type!r} is not supported; use sentencepiece or huggingface"
+    )

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Inspect a packed dialogue dataset: summary, one pack with trained tokens highlighted, --verify.
+
+Examples:
+    python tools/inspect_dialog_dataset.py data/chat                 # summary + pack 0
+    python tools/inspect_dialog_dataset.py data/chat --pack 5 --split valid
+    python tools/inspect_dialog_dataset.py data/chat --verify        # exit 1 on any violation
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mt_dialog.data.dataset import PackedDialogDataset  # noqa: E402
+from mt_dialog.data.inspect import (  # noqa: E402
+    render_pack,
+    tokenizer_from_metadata,
+    verify_dataset,
+)
+from mt_dialog.data.preprocess import format_summary  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("prefix", help="the --output-prefix the dataset was built with")
+    parser.add_argument("--split", default="train", choices=("train", "valid"),
+                        help="split to show (default: train)")
+    parser.add_argument("--pack", type=int, default=0, help="pack to render (default: 0)")
+    parser.add_argument("--color", default="auto", choices=("auto", "always", "never"),
+                        help="highlight trained tokens in color (default: auto, if a terminal); "
+                        "without color they are wrapped in [[ ]](n=turn length)")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-check every invariant of every pack; exit 1 on a violation")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verify:
+            problems = verify_dataset(args.prefix)
+            for problem in problems:
+                print(f"FAIL {problem}")
+            print("verify: " + ("OK" if not problems else f"{len(problems)} problem(s)"))
+            return 1 if problems else 0
+        dataset = PackedDialogDataset(args.prefix, args.split)
+        meta = dataset.metadata
+        print(f"dataset {args.prefix}: template {meta['template']}, seq length "
+              f"{meta['seq_length']}, tokenizer {meta['tokenizer']['path']} "
+              f"(vocab {meta['tokenizer']['vocab_size']}), packing {meta['packing']}")
+        print(format_summary(meta["summary"]))
+        tokenizer = tokenizer_from_metadata(meta)
+        if tokenizer is None:
+            print("(tokenizer file not found: showing ids)")
+        color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        print(render_pack(dataset, args.pack, tokenizer, color))
+    except (ValueError, IndexError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
