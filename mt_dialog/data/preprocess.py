@@ -121,11 +121,14 @@ def _bounded_map(processor: RecordProcessor, batches, workers: int):
 
 def _account(outcome, record: RawRecord, valid: bool, tally: Tally, stage: Stage,
              on_error: str) -> None:
-    status, _number = outcome[0], outcome[1]
-    if record.error is not None and record.error.reason == "empty_file":
+    status = outcome[0]
+    if status == "error" and outcome[2] == "empty_file":  # a file, not a conversation
+        if on_error == "raise":
+            raise PreprocessError(f"{outcome[3]}; or use --on-error skip to skip empty files")
         tally.empty_files += 1
-    else:
-        tally.read += 1
+        tally.examples.setdefault("empty_file", outcome[3])
+        return
+    tally.read += 1
     if status == "ok":
         tally.kept += 1
         if outcome[4]:

@@ -111,7 +111,7 @@ class _ArrayStream:
     def __init__(self, path: str) -> None:
         self.path = path
         self.handle = open(path, "rb")
-        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
         self.text = ""
         self.pos = 0
         self.base_line = 1  # line number of text[0]
@@ -126,12 +126,16 @@ class _ArrayStream:
         if self.eof:
             return False
         chunk = self.handle.read(_CHUNK)
+        start = 0
+        if self.bytes_read == 0 and chunk.startswith(codecs.BOM_UTF8):
+            start = len(codecs.BOM_UTF8)  # skip it here, so byte offsets stay file offsets
         try:
-            self.text += self.decoder.decode(chunk, final=not chunk)
+            self.text += self.decoder.decode(chunk[start:], final=not chunk)
         except UnicodeDecodeError as exc:
-            line = self.line_at(len(self.text)) + chunk[: exc.start].count(b"\n")
+            bad = start + exc.start
+            line = self.line_at(len(self.text)) + chunk[:bad].count(b"\n")
             raise InputError(
-                f"{self.path}:{line}: invalid UTF-8 (byte offset {self.bytes_read + exc.start}); "
+                f"{self.path}:{line}: invalid UTF-8 (byte offset {self.bytes_read + bad}); "
                 "re-encode the file as UTF-8"
             ) from None
         self.bytes_read += len(chunk)
@@ -168,9 +172,10 @@ def _decode_value(stream: _ArrayStream, decoder: json.JSONDecoder) -> Any:
             value, end = decoder.raw_decode(stream.text, stream.pos)
             break
         except json.JSONDecodeError as exc:
-            incomplete = exc.pos >= len(stream.text) - 1 or exc.msg.startswith("Unterminated")
+            # The window may end inside this record (a literal, an escape, a number cut by the
+            # chunk boundary): read on, and call it malformed only at end of file or past the cap.
             too_big = len(stream.text) - stream.pos > _MAX_RECORD_CHARS
-            if not incomplete or too_big or not stream.more():
+            if too_big or not stream.more():
                 raise stream.fail(f"malformed JSON ({exc.msg})") from None
     stream.pos = end
     return value
@@ -188,6 +193,9 @@ def _iter_json_array(path: str) -> Iterator[RawRecord]:
             if char is None:
                 raise stream.fail("unexpected end of file (missing ']')")
             if char == "]":
+                if count:
+                    raise stream.fail("trailing ',' before ']'")
+                stream.pos += 1  # the ']' of an empty array
                 break
             line, before = stream.line_at(stream.pos), stream.bytes_read
             value = _decode_value(stream, decoder)
@@ -197,11 +205,11 @@ def _iter_json_array(path: str) -> Iterator[RawRecord]:
             if char == ",":
                 stream.pos += 1
             elif char == "]":
+                stream.pos += 1
                 break
             else:
                 raise stream.fail("expected ',' or ']' after a record")
             stream.compact()
-        stream.pos += 1
         if stream.skip_blank() is not None:
             raise stream.fail("text after the closing ']'")
         if count == 0:

@@ -92,10 +92,10 @@ class RecordProcessor:
         return [self._one(number, record) for number, record in batch]
 
     def _one(self, number: int, record: RawRecord) -> Outcome:
+        if record.error is not None:  # a problem with the file itself (e.g. empty)
+            return ("error", number, record.error.reason, f"{record.where}: {record.error.message}")
         where = f"{record.where}: conversation {number}"
         try:
-            if record.error is not None:
-                raise record.error
             value = decode_json_line(record.raw) if record.raw is not None else record.value
             rendered = self.render(parse_record(value, self.input_format))
         except RecordError as exc:
