@@ -1,0 +1,244 @@
+"""Core attention that attends per conversation inside a packed sequence.
+
+``PackedSDPAttention`` replaces megatron-core's local ``DotProductAttention`` as the
+``core_attention`` submodule of ``get_gpt_layer_local_spec()`` (see ``get_packed_gpt_layer_local_spec``).
+It runs ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)`` on each segment given
+by ``packed_seq_params.cu_seqlens_q``, so its cost is sum(len_i^2) instead of s^2 and no
+``[b, 1, s, s]`` mask is ever built; without packed params it is plain causal attention.
+
+Conventions (megatron-core 0.16.1)
+----------------------------------
+* In 0.16.1 ``SelfAttention.__init__`` *calls* ``submodules.core_attention(config=..., layer_number=...,
+  attn_mask_type=..., attention_type=..., cp_comm_type=..., softmax_scale=..., pg_collection=...)``
+  directly (no ``build_module``), so the submodule must be the class itself (or any callable), not a
+  ``ModuleSpec`` instance.
+* ``forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+  packed_seq_params=None)`` is the signature of ``DotProductAttention.forward`` in 0.16.1.
+* Inputs are already split across tensor-parallel ranks: ``query`` carries the
+  ``num_attention_heads / tp`` local heads, ``key``/``value`` the ``num_query_groups / tp`` local
+  groups (megatron builds core attention with ``num_query_groups = tp`` when there are fewer groups
+  than TP ranks). Query head ``j`` uses key/value group ``j // (np / ng)``, megatron's
+  ``repeat_interleave`` convention, which is also ``enable_gqa=True``'s convention in SDPA.
+
+Packed layout (micro-batch size b > 1): the THD convention
+----------------------------------------------------------
+A micro-batch of ``b`` packs of length ``s`` is *flattened* into one sequence of ``T = b*s`` tokens
+before it enters the model: ``input_ids``/``labels``/``loss_mask`` of shape ``[1, b*s]`` (row-major,
+pack 0 first), ``PackedSeqParams(qkv_format='thd', cu_seqlens_q=cu_seqlens_kv=cu, max_seqlen_q=
+max_seqlen_kv=max segment length (python int))`` where ``cu`` (int32, ``[n_segments + 1]``) are the
+cumulative segment lengths over the concatenated ``b*s`` tokens, with ``cu[0] = 0`` and
+``cu[-1] = b*s``: every conversation is a segment, and the padding at the end of each pack is a
+segment of its own (so segments tile the whole batch and never cross a pack boundary).
+This is what megatron-core and Transformer Engine expect for 'thd': ``SelfAttention.forward``
+``squeeze(1)``s query/key/value (which requires the batch dimension to be 1), RoPE is applied per
+segment, and the core attention output is reshaped back to ``[t, 1, h]``.
+With pipeline parallelism the p2p tensor shape is ``(seq_length, micro_batch_size, hidden)``, so
+the schedule must be called with ``seq_length = b*s`` and ``micro_batch_size = 1``.
+
+RoPE with packing (why 'thd' is required for restarting positions)
+-----------------------------------------------------------------
+``GPTModel`` with ``position_embedding_type='rope'`` ignores ``position_ids`` (they only feed a
+learned absolute position embedding). It builds the rotary table with
+``RotaryEmbedding.get_rotary_seq_len``, which returns ``max(max_seqlen_q, max_seqlen_kv)`` when
+packed params are given. ``SelfAttention.forward`` passes ``cu_seqlens`` to
+``apply_rotary_pos_emb`` *only* when ``qkv_format == 'thd'``; then ``_apply_rotary_pos_emb_thd``
+gives every segment the positions ``0 .. len_i - 1`` (positions restart per conversation; with
+``cu_seqlens_q_padded`` set, segment boundaries come from the padded offsets). With 'sbhd' (or any
+other format) and packed params, RoPE uses positions ``0 .. s-1`` of each row, i.e. *not* restarting,
+and the table has ``max_seqlen`` rows, which only broadcasts against ``[s, b, ...]`` when
+``max_seqlen == s``. This module
+accepts 'sbhd' packed params (cu_seqlens over the batch-major flattened ``b*s`` tokens) for models
+without RoPE, but the training path must use 'thd'. The same holds on the Transformer Engine path:
+TE's ``TEDotProductAttention`` needs 'thd' + cu_seqlens, and RoPE (unfused or
+``fused_apply_rotary_pos_emb_thd``) restarts positions per ``cu_seqlens`` segment.
+
+``cu_seqlens_q_padded`` (optional) follows TE: segment ``i`` starts at ``cu_seqlens_q_padded[i]`` and
+has ``cu_seqlens_q[i+1] - cu_seqlens_q[i]`` real tokens; tokens in the gaps get a zero output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+__all__ = [
+    "PackedSDPAttention",
+    "get_packed_gpt_layer_local_spec",
+    "packed_seq_params_from_cu_seqlens",
+    "cu_seqlens_from_segment_lengths",
+]
+
+
+class PackedSDPAttention(MegatronModule):
+    """Per-segment causal SDPA; drop-in ``core_attention`` for megatron-core's local layer spec."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        assert config.context_parallel_size == 1, "PackedSDPAttention does not support context parallelism"
+        assert attention_type == "self", "PackedSDPAttention implements self-attention only"
+        assert attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal), (
+            f"PackedSDPAttention is causal; got {attn_mask_type}"
+        )
+        assert getattr(config, "softmax_type", "vanilla") == "vanilla", "only vanilla softmax"
+        assert not getattr(config, "window_size", None), "sliding-window attention not supported"
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        head_dim = config.kv_channels
+        # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
+        # back in fp32 softmax in megatron: the net scale is unchanged, so it is ignored here.
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    # ------------------------------------------------------------------------------------------
+    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        """q: [B, np, L, hn]; k, v: [B, ng, L, hn]."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        gqa = q.size(1) != k.size(1)
+        if gqa:
+            assert q.size(1) % k.size(1) == 0, (q.shape, k.shape)
+        return F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=gqa, **kwargs
+        )
+
+    def _rng_context(self):
+        # Same as megatron's DotProductAttention: attention dropout under the TP RNG tracker, so
+        # the heads held by different TP ranks get different dropout masks.
+        if self.training and self.dropout_p > 0 and not self.config.sequence_parallel:
+            return tensor_parallel.get_cuda_rng_tracker().fork()
+        return contextlib.nullcontext()
+
+    def _attend_segments(
+        self, q: Tensor, k: Tensor, v: Tensor, starts: List[int], lengths: List[int]
+    ) -> Tensor:
+        """q: [T, np, hn]; k, v: [T, ng, hn] -> [T, np, hn], causal within each segment."""
+        total = q.size(0)
+        pieces = []
+        pos = 0
+        for start, length in zip(starts, lengths):
+            if length <= 0:
+                continue
+            assert start >= pos, "segments must be sorted and must not overlap"
+            if start > pos:  # gap (padded layout): no real token there
+                pieces.append(q.new_zeros(start - pos, q.size(1), q.size(2)))
+            end = start + length
+            assert end <= total, f"segment [{start}, {end}) exceeds the {total} tokens"
+            out = self._sdpa(
+                q[start:end].transpose(0, 1).unsqueeze(0),
+                k[start:end].transpose(0, 1).unsqueeze(0),
+                v[start:end].transpose(0, 1).unsqueeze(0),
+                is_causal=True,
+            )
+            pieces.append(out[0].transpose(0, 1))
+            pos = end
+        if pos < total:
+            pieces.append(q.new_zeros(total - pos, q.size(1), q.size(2)))
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
+
+    @staticmethod
+    def _segments(packed_seq_params: PackedSeqParams) -> Tuple[List[int], List[int]]:
+        cu = packed_seq_params.cu_seqlens_q
+        assert cu is not None, "packed_seq_params.cu_seqlens_q is required"
+        cu_kv = packed_seq_params.cu_seqlens_kv
+        if cu_kv is not None and cu_kv is not cu:
+            assert torch.equal(cu_kv.cpu(), cu.cpu()), "self-attention needs cu_seqlens_kv == cu_seqlens_q"
+        cu_list = cu.tolist()
+        lengths = [b - a for a, b in zip(cu_list[:-1], cu_list[1:])]
+        padded = packed_seq_params.cu_seqlens_q_padded
+        starts = padded.tolist()[:-1] if padded is not None else cu_list[:-1]
+        return starts, lengths
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        """query [s, b, np, hn] (or [t, np, hn] for 'thd'); key/value with ng groups.
+
+        Returns [s, b, np*hn] (or [t, np*hn] for 'thd').
+        """
+        assert attention_bias is None, "attention_bias is not supported"
+        with self._rng_context():
+            if packed_seq_params is None:
+                return self._forward_dense(query, key, value, attention_mask)
+            starts, lengths = self._segments(packed_seq_params)
+            if packed_seq_params.qkv_format == "thd":
+                if query.dim() == 4:  # [t, 1, np, hn] if the caller did not squeeze
+                    assert query.size(1) == 1, "'thd' needs the batch flattened into one sequence"
+                    query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+                out = self._attend_segments(query, key, value, starts, lengths)
+                return out.reshape(out.size(0), -1)
+            # 'sbhd' (or unset) with packed params: cu_seqlens over the batch-major b*s tokens.
+            s, b = query.size(0), query.size(1)
+            flat = lambda x: x.transpose(0, 1).reshape(b * s, x.size(2), x.size(3))
+            out = self._attend_segments(flat(query), flat(key), flat(value), starts, lengths)
+            return out.reshape(b, s, -1).transpose(0, 1).contiguous()
+
+    def _forward_dense(self, query, key, value, attention_mask):
+        # [s, b, n, hn] -> [b, n, s, hn]
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+        if attention_mask is None:
+            out = self._sdpa(q, k, v, is_causal=True)
+        else:
+            # megatron's mask convention: True = masked out; SDPA's bool mask: True = attend.
+            # As in megatron's DotProductAttention, an explicit mask is used as given.
+            out = self._sdpa(q, k, v, attn_mask=~attention_mask.bool())
+        s, b = query.size(0), query.size(1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def get_packed_gpt_layer_local_spec(**kwargs):
+    """``get_gpt_layer_local_spec(**kwargs)`` with ``PackedSDPAttention`` as core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(**kwargs)
+    spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
+    return spec
+
+
+def cu_seqlens_from_segment_lengths(lengths, device=None) -> Tensor:
+    """[l0, l1, ...] -> int32 tensor [0, l0, l0+l1, ...]."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return cu
+
+
+def packed_seq_params_from_cu_seqlens(cu_seqlens: Tensor, max_seqlen: Optional[int] = None) -> PackedSeqParams:
+    """'thd' PackedSeqParams for self-attention over the flattened batch (see module docstring)."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    if max_seqlen is None:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=int(max_seqlen),
+        max_seqlen_kv=int(max_seqlen),
+    )

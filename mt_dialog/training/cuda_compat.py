@@ -1,0 +1,335 @@
+"""Every CUDA-only adaptation megatron-core 0.16.1 needs to run on CPU with gloo, in one place.
+
+``apply_cpu_shims()`` is a no-op when ``torch.cuda.is_available()``; without CUDA it patches, once
+(it is idempotent), exactly the places listed below. Each patch replaces a *module attribute*
+inside one megatron-core module, so only that module's code sees it; the global ``torch``,
+``torch.cuda`` and ``torch.Tensor`` are left alone, with one exception scoped to the duration of a
+single method call (2c below).
+
+Patch kinds
+-----------
+1. ``_CpuTorchView`` (module-scoped ``torch``): megatron-core modules use ``torch.cuda.current_device()``
+   and ``device="cuda"`` literally as the device of tensors they allocate. For the modules listed in
+   ``TORCH_VIEW_MODULES`` the module-global name ``torch`` is rebound to a view that forwards every
+   attribute to the real ``torch`` except:
+   - tensor factories (``zeros``, ``empty``, ``tensor``, ...) map a CUDA ``device`` to CPU and drop
+     ``pin_memory`` (pinning needs an accelerator);
+   - ``torch.cuda`` is a view whose ``current_device()`` returns ``torch.device("cpu")``,
+     ``synchronize``/``empty_cache`` are no-ops, and ``get_rng_state``/``set_rng_state``/
+     ``manual_seed`` act on the CPU generator (the "device" generator is the CPU one here);
+     everything else (``is_available``, ``FloatTensor``, ...) is forwarded unchanged.
+   Functions already defined in those modules read the global ``torch`` at call time, so they
+   see the view; ``isinstance(x, torch.Tensor)`` etc. still get the real classes.
+
+2. Function replacements where a literal cannot be redirected by a device mapping:
+   a ``tensor_parallel/random.py::_get_cuda_rng_state`` / ``_set_cuda_rng_state``: they call
+     ``torch.cuda.random.get_rng_state`` and index ``torch.cuda.default_generators``; replaced by
+     CPU-generator versions. This makes ``CudaRNGStatesTracker.add/fork``,
+     ``model_parallel_cuda_manual_seed``, ``get_cuda_rng_tracker().fork()`` (used by attention
+     dropout and by ``tensor_parallel.checkpoint``) work; forked states are CPU generator states.
+     The tracker's fork logs "CPU RNG state changed within GPU RNG context" whenever something
+     random runs inside the fork, which is always the case once the tracked generator *is* the CPU
+     one; a logging filter on that one logger drops exactly that message.
+   b ``optimizer/clip_grads.py::clip_grad_by_total_norm_fp32`` asserts
+     ``param.grad.type() == 'torch.cuda.FloatTensor'``; replaced by a version that checks for an
+     fp32 grad on any device and scales in place (same math). ``optimizer/optimizer.py`` imported
+     the name directly, so its module attribute is rebound too.
+   c ``models/common/language_module/language_module.py::LanguageModule.
+     setup_embeddings_and_output_layer`` calls ``weight.data.cuda()`` (a Tensor method) before the
+     all-reduce that syncs tied embedding/output weights between the first and last pipeline
+     stage (PP > 1 with ``share_embeddings_and_output_weights=True``). The method is wrapped so
+     that, only while it runs, ``torch.Tensor.cuda`` returns the tensor itself. This is the only
+     place where a ``torch`` attribute is touched, and it is restored in ``finally``.
+
+Modules that get the ``torch`` view (``TORCH_VIEW_MODULES``), each seen failing on CPU and then
+used (``MT_DIALOG_CPU_SHIM_TRACE=1`` records the redirected calls) in the verified paths:
+single process, TP=2, PP=2 (untied and tied embeddings), DP=2, TP=2 x DP=2, DP=2 with the
+distributed optimizer; DDP + finalize_model_grads + get_megatron_optimizer (Adam, clip_grad):
+   - pipeline_parallel/schedules.py: ``total_num_tokens = torch.zeros([], ..., device="cuda")`` in
+     every forward_backward_* schedule.
+   - pipeline_parallel/p2p_communication.py: receive buffers allocated on
+     ``torch.cuda.current_device()``; ``torch.cuda.synchronize()`` after batched isend/irecv.
+   - tensor_parallel/random.py: ``torch.cuda.get_rng_state/manual_seed`` in
+     ``CudaRNGStatesTracker.add`` and ``model_parallel_cuda_manual_seed``.
+   - optimizer/clip_grads.py: ``device='cuda'`` tensors in ``get_grad_norm_fp32``
+     (and ``count_zeros_fp32``).
+   - optimizer/optimizer.py: ``_dummy_overflow_buf``/``_scale_one`` (``device='cuda'``) in
+     ``MixedPrecisionOptimizer``/``FP32Optimizer.__init__``.
+   - utils.py: ``local_multi_tensor_l2_norm`` (``device="cuda"``; the no-apex/no-TE fallback used
+     for the grad norm) and ``GlobalMemoryBuffer.get_tensor``.
+   - distributed/param_and_grad_buffer.py: DDP grad (and param) buffers on
+     ``torch.cuda.current_device()``.
+   - models/common/embeddings/rotary_pos_embedding.py: ``RotaryEmbedding.get_emb`` moves
+     ``inv_freq`` to ``torch.cuda.current_device()`` on first use.
+Other megatron-core modules have the same kind of call sites on paths not used here, e.g.
+tensor_parallel/mappings.py (``gather_from_tensor_model_parallel_region`` output buffers, e.g. full
+logits gathered across TP), tensor_parallel/layers.py and tensor_parallel/utils.py (sequence
+parallel, which the local spec's torch norms refuse anyway), optimizer/distrib_optimizer.py,
+rerun_state_machine.py. Pass them as ``apply_cpu_shims(extra_modules=(...))`` when a new path needs
+them, and add them to the list once verified.
+
+With CUDA present, ``apply_cpu_shims()`` returns without touching anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+import threading
+from typing import Any, Dict, Iterable, List
+
+import torch
+
+__all__ = ["apply_cpu_shims", "cpu_shims_applied", "shim_report", "TORCH_VIEW_MODULES"]
+
+_LOCK = threading.Lock()
+_APPLIED = False
+_PATCHED: List[str] = []
+# When MT_DIALOG_CPU_SHIM_TRACE=1, record which redirected call sites actually ran.
+_TRACE = os.environ.get("MT_DIALOG_CPU_SHIM_TRACE", "0") == "1"
+_TRACE_HITS: Dict[str, int] = {}
+
+_CPU = torch.device("cpu")
+
+# Modules whose global ``torch`` is rebound to a ``_CpuTorchView`` (see module docstring).
+TORCH_VIEW_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # dist_checkpointing save: torch.cuda.synchronize() before writing, and the failure flag
+    # tensors on torch.cuda.current_device()
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+# Tensor factories whose ``device=`` / ``pin_memory=`` keywords get mapped.
+_FACTORIES = frozenset(
+    {
+        "zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "empty_strided",
+        "zeros_like", "ones_like", "empty_like", "full_like", "rand", "randn", "randint",
+    }
+)
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    # An int device in megatron-core code is a CUDA ordinal (torch.cuda.current_device()).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _note(site: str) -> None:
+    if _TRACE:
+        _TRACE_HITS[site] = _TRACE_HITS.get(site, 0) + 1
+
+
+def _wrap_factory(module_name: str, name: str, fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+            _note(f"{module_name}: torch.{name}(device=cuda)")
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _CpuCudaView:
+    """What ``torch.cuda`` looks like to a shimmed module on a CUDA-less machine."""
+
+    def __init__(self, module_name: str):
+        self._module_name = module_name
+
+    def current_device(self):
+        _note(f"{self._module_name}: torch.cuda.current_device()")
+        return _CPU
+
+    def synchronize(self, device=None):
+        _note(f"{self._module_name}: torch.cuda.synchronize()")
+
+    def empty_cache(self):
+        _note(f"{self._module_name}: torch.cuda.empty_cache()")
+
+    def get_rng_state(self, device="cuda"):
+        _note(f"{self._module_name}: torch.cuda.get_rng_state()")
+        return torch.get_rng_state()
+
+    def set_rng_state(self, new_state, device="cuda"):
+        _note(f"{self._module_name}: torch.cuda.set_rng_state()")
+        torch.set_rng_state(new_state)
+
+    def manual_seed(self, seed):
+        _note(f"{self._module_name}: torch.cuda.manual_seed()")
+        torch.manual_seed(seed)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorchView:
+    """Stands in for the ``torch`` module inside one megatron-core module (see docstring)."""
+
+    def __init__(self, module_name: str):
+        self._module_name = module_name
+        self.cuda = _CpuCudaView(module_name)
+        self._factories: Dict[str, Any] = {}
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            wrapped = self._factories.get(name)
+            if wrapped is None:
+                wrapped = self._factories[name] = _wrap_factory(self._module_name, name, attr)
+            return wrapped
+        return attr
+
+    def __repr__(self):
+        return f"<mt_dialog CPU view of torch for {self._module_name}>"
+
+
+# --------------------------------------------------------------------------------------------
+# Function replacements
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_get_rng_state(device="cuda", clone: bool = False, graph_safe: bool = False):
+    """CPU stand-in for tensor_parallel.random._get_cuda_rng_state (returns a copy already)."""
+    _note("tensor_parallel.random: _get_cuda_rng_state")
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe: bool = False):
+    """CPU stand-in for tensor_parallel.random._set_cuda_rng_state."""
+    _note("tensor_parallel.random: _set_cuda_rng_state")
+    torch.set_rng_state(new_state)
+
+
+class _DropForkedCpuRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _make_clip_grad_by_total_norm_fp32(clip_grads_module):
+    to_local_if_dtensor = clip_grads_module.to_local_if_dtensor
+
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        """CPU version of clip_grads.clip_grad_by_total_norm_fp32: same math, but the fp32 check
+        does not require a CUDA tensor type."""
+        _note("optimizer.clip_grads: clip_grad_by_total_norm_fp32")
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        grads = []
+        for param in parameters:
+            grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+            if grad is None:
+                continue
+            if use_decoupled_grad:
+                assert grad.dtype in (torch.float32, torch.bfloat16)
+            else:
+                assert grad.dtype == torch.float32, f"expected an fp32 grad, got {grad.dtype}"
+            grads.append(to_local_if_dtensor(grad).detach())
+        clip_coeff = max_norm / (total_norm + 1.0e-6)
+        if clip_coeff < 1.0:
+            for g in grads:
+                g.mul_(clip_coeff)
+
+    return clip_grad_by_total_norm_fp32
+
+
+def _wrap_setup_embeddings(original):
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        tensor_cuda = torch.Tensor.cuda
+
+        def _stay_on_cpu(t, *a, **k):
+            _note("language_module: setup_embeddings_and_output_layer weight.data.cuda()")
+            return t
+
+        torch.Tensor.cuda = _stay_on_cpu
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = tensor_cuda
+
+    setup_embeddings_and_output_layer._mt_dialog_cpu_shim = True
+    return setup_embeddings_and_output_layer
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _install_torch_view(name: str) -> None:
+    mod = importlib.import_module(name)
+    if not isinstance(getattr(mod, "torch", None), _CpuTorchView):
+        mod.torch = _CpuTorchView(name)
+        _PATCHED.append(f"{name}.torch -> CPU view")
+
+
+def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
+    """Adapt megatron-core 0.16.1 to a CUDA-less machine. No-op (returns False) with CUDA.
+
+    ``extra_modules``: further megatron-core module names whose ``torch`` gets the CPU view (see
+    the module docstring). Idempotent (extra modules may be added by a later call); returns True
+    when the shims are (now or already) in place.
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        for name in extra_modules:
+            _install_torch_view(name)
+        if _APPLIED:
+            return True
+
+        for name in TORCH_VIEW_MODULES:
+            _install_torch_view(name)
+
+        random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+        if random_mod._get_cuda_rng_state is not _cpu_get_rng_state:
+            random_mod._get_cuda_rng_state = _cpu_get_rng_state
+            random_mod._set_cuda_rng_state = _cpu_set_rng_state
+            _PATCHED.append("tensor_parallel.random._get/_set_cuda_rng_state -> CPU generator")
+        rng_logger = logging.getLogger(random_mod.__name__)
+        if not any(isinstance(f, _DropForkedCpuRngWarning) for f in rng_logger.filters):
+            rng_logger.addFilter(_DropForkedCpuRngWarning())
+
+        clip_mod = importlib.import_module("megatron.core.optimizer.clip_grads")
+        opt_mod = importlib.import_module("megatron.core.optimizer.optimizer")
+        if not getattr(clip_mod.clip_grad_by_total_norm_fp32, "_mt_dialog_cpu_shim", False):
+            fn = _make_clip_grad_by_total_norm_fp32(clip_mod)
+            fn._mt_dialog_cpu_shim = True
+            clip_mod.clip_grad_by_total_norm_fp32 = fn
+            opt_mod.clip_grad_by_total_norm_fp32 = fn
+            _PATCHED.append("optimizer.clip_grads.clip_grad_by_total_norm_fp32 (+ optimizer.py)")
+
+        lm_mod = importlib.import_module("megatron.core.models.common.language_module.language_module")
+        lm_cls = lm_mod.LanguageModule
+        if not getattr(lm_cls.setup_embeddings_and_output_layer, "_mt_dialog_cpu_shim", False):
+            lm_cls.setup_embeddings_and_output_layer = _wrap_setup_embeddings(
+                lm_cls.setup_embeddings_and_output_layer
+            )
+            _PATCHED.append("LanguageModule.setup_embeddings_and_output_layer (Tensor.cuda scoped)")
+
+        _APPLIED = True
+        return True
+
+
+def cpu_shims_applied() -> bool:
+    return _APPLIED
+
+
+def shim_report() -> Dict[str, Any]:
+    """What was patched, and (with MT_DIALOG_CPU_SHIM_TRACE=1) which redirected sites ran."""
+    return {"applied": _APPLIED, "patched": list(_PATCHED), "hits": dict(_TRACE_HITS)}

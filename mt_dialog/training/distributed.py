@@ -1,0 +1,94 @@
+"""Device, backend and parallel groups, chosen in one place.
+
+    CUDA available  -> NCCL, one GPU per process (LOCAL_RANK), no shims
+    otherwise       -> gloo on CPU, with mt_dialog.training.cuda_compat's shims
+
+Parallel groups for world size 8, TP=2, PP=2 (megatron-core's default order tp-cp-ep-dp-pp)::
+
+    ranks   0 1 | 2 3   stage 0          TP groups: {0,1} {2,3} {4,5} {6,7}
+            4 5 | 6 7   stage 1          DP groups: {0,2} {1,3} {4,6} {5,7}
+                                         PP groups: {0,4} {1,5} {2,6} {3,7}
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+
+import torch
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def quiet_megatron_import_warnings() -> None:
+    """megatron-core warns at import that TE/apex are absent; that is the expected CPU set-up."""
+    for message in (".*Transformer Engine and Apex.*", "Apex is not installed.*",
+                    "full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="megatron")
+
+
+def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int = None,
+               seed: int = 1234) -> None:
+    """Start torch.distributed (from torchrun's environment, or as a single process) and
+    megatron-core's parallel groups; seed every generator."""
+    quiet_megatron_import_warnings()
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        from mt_dialog.training.cuda_compat import apply_cpu_shims
+
+        apply_cpu_shims()
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        torch.distributed.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=int(os.environ.get("RANK", "0")),
+            world_size=int(os.environ.get("WORLD_SIZE", "1")),
+            timeout=datetime.timedelta(minutes=10),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+    )
+    torch.manual_seed(seed)
+    mcore_tp.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def is_logging_rank() -> bool:
+    """The one rank that prints: the last one (it holds the loss on the last pipeline stage)."""
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def log(message: str) -> None:
+    if is_logging_rank():
+        print(message, flush=True)

@@ -1,0 +1,352 @@
+"""A generic megatron-core training loop (what ``pretrain_dialog.py`` calls).
+
+``pretrain(config, forward_step)`` checks the datasets and the parallel layout *before* building
+anything, then: initialize groups -> build the model chunks + DDP + optimizer + LR schedule ->
+optionally load a checkpoint -> for each step run megatron's forward-backward schedule over this
+rank's micro-batches, step the optimizer, log one line per interval from one rank, evaluate, save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from mt_dialog.config_utils import to_dict
+from mt_dialog.data.dataset import PackedDialogDataset
+from mt_dialog.data.storage import read_metadata
+from mt_dialog.training import distributed
+from mt_dialog.training.checkpoint import load_checkpoint, save_checkpoint
+from mt_dialog.training.config import DialogTrainingConfig, validate_world
+from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
+
+REPORT_KEYS = ("loss per turn", "loss per token", "loss per conversation")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (NaN, bad data); the message names the iteration and the fix."""
+
+
+@dataclass
+class DataInfo:
+    """What the datasets say, read before any model is built."""
+
+    prefixes: List[str]
+    weights: List[float]
+    valid_prefixes: List[str]
+    seq_length: int
+    vocab_size: int
+    tokenizer: Dict
+    special_ids: Dict
+
+
+def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
+    """Read every dataset's metadata; refuse mismatches with the fix in the message."""
+    prefixes, weights = config.data.blend()
+    valid = list(config.data.valid_data_path)
+    metas = {p: read_metadata(p) for p in prefixes + valid}
+    first = metas[prefixes[0]]
+    for prefix, meta in metas.items():
+        if meta["seq_length"] != first["seq_length"]:
+            raise ValueError(f"data_path: {prefix} has seq length {meta['seq_length']} but "
+                             f"{prefixes[0]} has {first['seq_length']}; rebuild them alike")
+        if meta["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
+            raise ValueError(f"data_path: {prefix} and {prefixes[0]} were built with different "
+                             "tokenizers; blend only datasets of one tokenizer")
+    seq_length = config.data.seq_length or int(first["seq_length"])
+    if seq_length != first["seq_length"]:
+        raise ValueError(f"seq_length: --seq-length {seq_length} but {prefixes[0]} was packed "
+                         f"for {first['seq_length']}; use --seq-length {first['seq_length']} or "
+                         "rebuild the dataset")
+    if not valid:
+        valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
+    return DataInfo(prefixes, weights, valid, seq_length,
+                    max(int(m["tokenizer"]["vocab_size"]) for m in metas.values()),
+                    first["tokenizer"], first["special_ids"])
+
+
+@dataclass
+class Run:
+    """Everything the loop works with."""
+
+    config: DialogTrainingConfig
+    info: DataInfo
+    model: List[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    train_stream: SampleStream
+    valid_sets: List[PackedDialogDataset]
+    forward_step: Callable
+    dp_size: int
+    global_batch: int
+    train_iters: int
+    iteration: int = 0
+    consumed: int = 0
+    writer: object = None
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+def _build_optimizer(config: DialogTrainingConfig, model, train_iters: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optim = config.optim
+    bf16 = optim.bf16 and torch.cuda.is_available()
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad, bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer), model)
+    decay = optim.lr_decay_iters or train_iters
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=optim.lr,
+        min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
+        lr_decay_steps=max(decay, optim.lr_warmup_iters + 1), lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(1, train_iters),
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def _setup(config: DialogTrainingConfig, info: DataInfo, forward_step, dp_size: int) -> Run:
+    from megatron.core.distributed import finalize_model_grads
+
+    from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp
+
+    tconfig = transformer_config(config)
+    chunks = build_model_chunks(config, tconfig, info.vocab_size, info.seq_length)
+    model = wrap_ddp(chunks, tconfig, config)
+    tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    train_sets = [PackedDialogDataset(p, "train", info.seq_length, None) for p in info.prefixes]
+    stream = SampleStream(train_sets, info.weights, config.train.seed)
+    global_batch = config.data.global_batch_size or config.data.micro_batch_size * dp_size
+    train_iters = config.train.train_iters or max(
+        1, math.ceil(config.train.train_epochs * len(stream) / global_batch))
+    optimizer, scheduler = _build_optimizer(config, model, train_iters)
+    valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
+    return Run(config, info, model, optimizer, scheduler, stream, valid_sets, forward_step,
+               dp_size, global_batch, train_iters)
+
+
+def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
+    isolated = run.config.model.packed_attention == "isolated"
+    device = distributed.device()
+    return [flatten_micro_batch([stream[i] for i in micro], isolated, device) for micro in indices]
+
+
+def _run_schedule(run: Run, batches: List[Dict], forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq = batches[0]["tokens"].shape[1]  # b*s: the flattened micro-batch
+    return get_forward_backward_func()(
+        forward_step_func=run.forward_step,
+        data_iterator=[iter(batches) for _ in run.model] if len(run.model) > 1 else iter(batches),
+        model=run.model, num_microbatches=len(batches), seq_length=int(seq), micro_batch_size=1,
+        forward_only=forward_only)
+
+
+def _reduce_reports(store: List[Dict], batches: List[Dict]) -> Dict[str, float]:
+    """Sum/count pairs over micro-batches and data-parallel ranks (on the last stage)."""
+    from megatron.core import parallel_state as ps
+
+    vector = torch.zeros(len(REPORT_KEYS) * 2 + 3, dtype=torch.float64)
+    for report in store:
+        for k, key in enumerate(REPORT_KEYS):
+            if key in report:
+                vector[2 * k: 2 * k + 2] += report[key].detach().double().cpu()
+    vector[-3] = sum(b["num_tokens"] for b in batches)
+    vector[-2] = sum(b["packs"] for b in batches)
+    vector[-1] = sum(b["turns"] for b in batches)
+    vector = vector.to(distributed.device())
+    torch.distributed.all_reduce(vector, group=ps.get_data_parallel_group())
+    vector = vector.cpu()
+    out = {key: float(vector[2 * k] / vector[2 * k + 1]) if vector[2 * k + 1] > 0 else float("nan")
+           for k, key in enumerate(REPORT_KEYS)}
+    out.update(turns=float(vector[1]), loss_tokens=float(vector[3]), tokens=float(vector[-3]),
+               packs=float(vector[-2]), data_turns=float(vector[-1]))
+    return out
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state as ps
+
+    return ps.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def _check_finite(run: Run, metrics: Optional[Dict[str, float]], grad_norm) -> None:
+    """Stop every rank together if the loss or the gradient norm is NaN/Inf."""
+    bad_loss = metrics is not None and not math.isfinite(metrics["loss per token"])
+    flag = torch.tensor([1.0 if bad_loss else 0.0], device=distributed.device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if flag.item() > 0:
+        raise TrainingError(f"iteration {run.iteration}: the loss is NaN or Inf; lower --lr, "
+                            "raise --lr-warmup-iters or check the data (tools/inspect_dialog_"
+                            "dataset.py --verify); the last checkpoint is unaffected")
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        raise TrainingError(f"iteration {run.iteration}: the gradient norm is {grad_norm}; lower "
+                            "--lr or use --clip-grad; the last checkpoint is unaffected")
+
+
+def train_step(run: Run) -> Optional[Dict[str, float]]:
+    """One optimizer step over the next global batch; metrics on the last stage, else None."""
+    from megatron.core import parallel_state as ps
+
+    indices = step_sample_indices(run.consumed, run.global_batch, run.config.data.micro_batch_size,
+                                  run.dp_size, ps.get_data_parallel_rank())
+    batches = _micro_batches(run, indices, run.train_stream)
+    for chunk in run.model:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    store = _run_schedule(run, batches, forward_only=False)
+    lr = run.optimizer.param_groups[0]["lr"]
+    _, grad_norm, _ = run.optimizer.step()
+    run.optimizer.zero_grad()  # param.grad aliases main_grad: clear it or the next step doubles
+    run.iteration += 1
+    run.consumed += run.global_batch
+    metrics = _reduce_reports(store, batches) if _is_last_stage() else None
+    _check_finite(run, metrics, grad_norm)
+    run.scheduler.step(increment=1)
+    if metrics is not None:
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                       lr=lr)
+    return metrics
+
+
+def evaluate(run: Run) -> Optional[Dict[str, float]]:
+    """Loss over the validation packs (all of them, or --eval-iters x global batch), exact sums:
+    data-parallel rank r takes packs r, r + DP, ..., one pack per micro-batch."""
+    from megatron.core import parallel_state as ps
+
+    packs = [(d, i) for d, dataset in enumerate(run.valid_sets) for i in range(len(dataset))]
+    if run.config.train.eval_iters:
+        packs = packs[: run.config.train.eval_iters * run.global_batch]
+    mine = packs[ps.get_data_parallel_rank():: run.dp_size]
+    for chunk in run.model:
+        chunk.eval()
+    isolated = run.config.model.packed_attention == "isolated"
+    batches = [flatten_micro_batch([run.valid_sets[d][i]], isolated, distributed.device())
+               for d, i in mine]
+    with torch.no_grad():
+        store = _run_schedule(run, batches, forward_only=True) if batches else []
+    for chunk in run.model:
+        chunk.train()
+    return _reduce_reports(store, batches) if _is_last_stage() else None
+
+
+def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
+    turns = sum(m["turns"] for m in window)
+    loss_turn = sum(m["loss per turn"] * m["turns"] for m in window) / max(turns, 1)
+    tokens = sum(m["loss_tokens"] for m in window)
+    loss_token = sum(m["loss per token"] * m["loss_tokens"] for m in window) / max(tokens, 1)
+    real = sum(m["tokens"] for m in window)
+    slots = sum(m["packs"] for m in window) * run.info.seq_length
+    last = window[-1]
+    return (f"iter {run.iteration:>6}/{run.train_iters} | loss/turn {loss_turn:.4f} | "
+            f"loss/token {loss_token:.4f} | lr {last['lr']:.3e} | grad norm {last['grad_norm']:.3f}"
+            f" | turns {int(turns)} | tokens/s {real / max(seconds, 1e-9):,.0f} | "
+            f"padding {1 - real / max(slots, 1):.1%}")
+
+
+def _tensorboard(config: DialogTrainingConfig):
+    if not (config.train.tensorboard_dir and distributed.is_logging_rank()):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError("tensorboard_dir: needs the tensorboard package (pip install "
+                         "tensorboard)") from None
+    return SummaryWriter(log_dir=config.train.tensorboard_dir)
+
+
+def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
+    row = {"iteration": run.iteration, "split": prefix, **metrics}
+    run.history.append(row)
+    if run.writer is not None:
+        for key in ("loss per turn", "loss per token", "lr", "grad_norm"):
+            if key in metrics and math.isfinite(metrics[key]):
+                run.writer.add_scalar(f"{prefix}/{key.replace(' ', '_')}", metrics[key],
+                                      run.iteration)
+
+
+def _save(run: Run) -> None:
+    path = save_checkpoint(run.config.train.save, run.iteration, run.consumed, run.model,
+                           run.optimizer, run.scheduler, to_dict(run.config))
+    distributed.log(f"saved checkpoint {path}")
+
+
+def _evaluate_and_log(run: Run) -> None:
+    metrics = evaluate(run)
+    if metrics is not None and distributed.is_logging_rank():
+        _record(run, "valid", metrics)
+        print(f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} | "
+              f"loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turns'])}",
+              flush=True)
+
+
+def train(run: Run) -> None:
+    """The loop: step, log each interval, evaluate, save."""
+    cfg = run.config.train
+    window, start = [], time.time()
+    while run.iteration < run.train_iters:
+        metrics = train_step(run)
+        if metrics is not None and distributed.is_logging_rank():
+            _record(run, "train", metrics)
+            window.append(metrics)
+        if run.iteration % cfg.log_interval == 0 or run.iteration == run.train_iters:
+            if window:
+                print(_log_line(run, window, time.time() - start), flush=True)
+            window, start = [], time.time()
+        if cfg.eval_interval and run.valid_sets and run.iteration % cfg.eval_interval == 0:
+            _evaluate_and_log(run)
+        if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
+            _save(run)
+    if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
+        _save(run)
+
+
+def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) -> Run:
+    """Check, build, (load), train; returns the finished run (its ``history`` on the logging
+    rank holds every logged metric)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp_size = validate_world(config, world_size)
+    info = inspect_datasets(config)
+    par = config.parallel
+    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                           par.virtual_pipeline_model_parallel_size, config.train.seed)
+    run = _setup(config, info, forward_step, dp_size)
+    if config.train.load:
+        run.iteration, run.consumed = load_checkpoint(
+            config.train.load, run.model, run.optimizer, run.scheduler, config.train.finetune)
+        distributed.log(f"loaded {config.train.load} at iteration {run.iteration}"
+                        + (" (weights only)" if config.train.finetune else ""))
+    run.writer = _tensorboard(config)
+    distributed.log(_banner(run, argv))
+    train(run)
+    if config.train.save and distributed.is_logging_rank():
+        _write_config(run, argv)
+    if run.writer is not None:
+        run.writer.close()
+    return run
+
+
+def _banner(run: Run, argv) -> str:
+    par = run.config.parallel
+    return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
+            f" DP={run.dp_size} | {run.train_iters} iterations x {run.global_batch} packs of "
+            f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
+            f"normalization {run.config.data.loss_normalization} | device {distributed.device()}")
+
+
+def _write_config(run: Run, argv) -> None:
+    import json
+
+    os.makedirs(run.config.train.save, exist_ok=True)
+    with open(os.path.join(run.config.train.save, "config.json"), "w") as handle:
+        json.dump({"command": list(argv) if argv else None, "config": to_dict(run.config),
+                   "data": to_dict(run.info)}, handle, indent=2)

@@ -1,0 +1,188 @@
+"""Loss functions for megatron-core's ``forward_step`` with ``calculate_per_token_loss=True``.
+
+With ``TransformerConfig.calculate_per_token_loss=True`` a ``loss_func`` returning
+``(loss_sum, count, report)`` is neither divided by ``count`` nor by the number of micro-batches
+(``schedules.forward_step_calc_loss``); the schedule sums ``count`` over micro-batches and
+``finalize_model_grads`` all-reduces that sum over data-parallel (x context-parallel) ranks and
+scales every gradient by ``1 / global_count``. ``DistributedDataParallel`` with
+``calculate_per_token_loss=True`` sums (does not average) gradients across data-parallel ranks.
+So the gradient of a step is ``grad(sum over the global batch of loss_sum) / sum of counts``, and
+each normalization below is exact for the *global* batch whatever the micro-batch / DP split.
+
+Inputs (all ``[b, s]``, or ``[1, b*s]`` for the flattened 'thd' layout; any shape works as long as
+they match):
+  ``losses``          per-token cross entropy (``GPTModel.forward(..., labels=labels)`` output).
+  ``loss_mask``       1 where the *label* is an assistant reply token (content or end-of-turn).
+  ``loss_token_num``  at those positions, the number of loss tokens of that turn; 0 elsewhere.
+                      If a turn is truncated, it must count the tokens actually kept.
+  ``conversation_ids`` (for 'conversation' only) int tensor, the index of the conversation each
+                      position belongs to (any value where ``loss_mask`` is 0); or pass
+                      ``cu_seqlens`` (segment boundaries over the flattened tokens, the same
+                      tensor as ``PackedSeqParams.cu_seqlens_q``) and ids are derived from it.
+
+Normalizations, for one micro-batch (``count`` is an int32 tensor, like the schedule's):
+  'turn'          loss_sum = sum(l * mask / loss_token_num), count = number of turns.
+                  The number of turns is ``round(sum(mask / loss_token_num))`` (each turn adds
+                  exactly 1), so it needs nothing beyond the two per-token tensors.
+                  Global loss = mean over turns of the turn's token-mean == the "split into n
+                  samples" baseline.
+  'token'         loss_sum = sum(l * mask), count = number of loss tokens (plain token mean).
+  'conversation'  loss_sum = sum over conversations of (their masked token-mean),
+                  count = number of conversations with at least one loss token.
+
+``report`` maps a name to a float64 ``tensor([sum, count])`` for each of 'loss per turn',
+'loss per token' (and 'loss per conversation' when conversation ids are available). Pairs are
+summed over micro-batches and all-reduced (SUM) over data-parallel ranks before dividing:
+``aggregate_reports``. Never average per-micro-batch means.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NORMALIZATIONS",
+    "conversation_ids_from_cu_seqlens",
+    "dialog_loss",
+    "make_loss_func",
+    "aggregate_reports",
+]
+
+NORMALIZATIONS = ("turn", "token", "conversation")
+
+
+def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Segment index of each of the ``total`` flattened positions ([1, total] int64)."""
+    cu = cu_seqlens.to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    if ids.numel() < total:  # positions after cu[-1] (not covered) get their own id
+        ids = torch.cat([ids, ids.new_full((total - ids.numel(),), lengths.numel())])
+    return ids[:total].view(1, total)
+
+
+def _turn_weights(loss_mask: Tensor, loss_token_num: Tensor) -> Tensor:
+    mask = loss_mask.to(torch.float32)
+    ltn = loss_token_num.to(torch.float32)
+    return torch.where(mask > 0, mask / ltn.clamp(min=1.0), torch.zeros_like(mask))
+
+
+def _conversation_terms(
+    losses: Tensor, mask: Tensor, conversation_ids: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sum over conversations of their token-mean [differentiable], n_conversations, per-conv n)"""
+    ids = conversation_ids.reshape(-1).to(torch.int64)
+    m = mask.reshape(-1)
+    sel = m > 0
+    if not bool(sel.any()):
+        zero = (losses.reshape(-1) * 0).sum()
+        return zero, torch.zeros((), dtype=torch.int64, device=losses.device), None
+    ids = ids[sel]
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    lm = losses.reshape(-1)[sel] * m[sel]
+    sums = torch.zeros(uniq.numel(), dtype=lm.dtype, device=lm.device).index_add(0, inv, lm)
+    ntok = torch.zeros(uniq.numel(), dtype=m.dtype, device=m.device).index_add(0, inv, m[sel])
+    return (sums / ntok).sum(), torch.tensor(uniq.numel(), device=losses.device), ntok
+
+
+def dialog_loss(
+    losses: Tensor,
+    loss_mask: Tensor,
+    loss_token_num: Optional[Tensor] = None,
+    normalization: str = "turn",
+    conversation_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    """Return ``(loss_sum, count, report)`` for one micro-batch (see module docstring)."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    losses = losses.float()
+    if loss_mask.shape != losses.shape:
+        loss_mask = loss_mask.reshape(losses.shape)
+    mask = loss_mask.to(losses.dtype)
+    device = losses.device
+
+    token_sum = (losses * mask).sum()
+    num_tokens = mask.detach().sum().round().to(torch.int64)
+    report: Dict[str, Tensor] = {
+        "loss per token": torch.stack([token_sum.detach().double(), num_tokens.double()])
+    }
+
+    turn_sum = num_turns = None
+    if loss_token_num is not None:
+        w = _turn_weights(loss_mask.reshape(losses.shape), loss_token_num.reshape(losses.shape))
+        turn_sum = (losses * w).sum()
+        num_turns = w.detach().double().sum().round().to(torch.int64)
+        report["loss per turn"] = torch.stack([turn_sum.detach().double(), num_turns.double()])
+
+    if conversation_ids is None and cu_seqlens is not None:
+        conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
+    conv_sum = num_convs = None
+    if conversation_ids is not None:
+        conv_sum, num_convs, _ = _conversation_terms(losses, mask, conversation_ids)
+        report["loss per conversation"] = torch.stack([conv_sum.detach().double(), num_convs.double()])
+
+    if normalization == "turn":
+        if loss_token_num is None:
+            raise ValueError("'turn' normalization needs loss_token_num")
+        loss_sum, count = turn_sum, num_turns
+    elif normalization == "token":
+        loss_sum, count = token_sum, num_tokens
+    else:
+        if conversation_ids is None:
+            raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
+        loss_sum, count = conv_sum, num_convs
+    return loss_sum, count.to(device=device, dtype=torch.int32), report
+
+
+def _loss_func(loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens, output_tensor):
+    return dialog_loss(
+        output_tensor,
+        loss_mask,
+        loss_token_num,
+        normalization=normalization,
+        conversation_ids=conversation_ids,
+        cu_seqlens=cu_seqlens,
+    )
+
+
+def make_loss_func(
+    loss_mask: Tensor,
+    loss_token_num: Optional[Tensor] = None,
+    normalization: str = "turn",
+    conversation_ids: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+):
+    """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output."""
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return partial(_loss_func, loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens)
+
+
+def aggregate_reports(
+    reports: Iterable[Dict[str, Tensor]], group: Optional[torch.distributed.ProcessGroup] = None
+) -> Dict[str, float]:
+    """Sum ``[sum, count]`` pairs over micro-batches, all-reduce over ``group`` (the data-parallel
+    group; pass ``None`` with no process group initialized to skip), return sum/count per key.
+
+    Call on every rank of ``group`` with the same keys (on non-last pipeline stages the
+    forward_data_store is empty: call it on last-stage ranks with their DP group only)."""
+    totals: Dict[str, Tensor] = {}
+    for rep in reports:
+        for key, pair in rep.items():
+            pair = pair.detach().double()
+            totals[key] = totals[key] + pair if key in totals else pair.clone()
+    keys = sorted(totals)
+    if not keys:
+        return {}
+    stacked = torch.stack([totals[k] for k in keys])
+    if group is not None and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(stacked, group=group)
+    return {
+        k: float(stacked[i, 0] / stacked[i, 1]) if stacked[i, 1] > 0 else float("nan")
+        for i, k in enumerate(keys)
+    }

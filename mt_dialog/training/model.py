@@ -1,0 +1,122 @@
+"""The Llama-style GPT on megatron-core: TransformerConfig, layer spec, model chunks, DDP.
+
+Layer implementation: Transformer Engine when it is installed and CUDA is present (packed
+conversations go to TE's THD attention through ``PackedSeqParams``), megatron-core's local torch
+layers otherwise, with ``PackedSDPAttention`` as core attention (per-conversation SDPA).
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from mt_dialog.training.config import DialogTrainingConfig
+
+
+def transformer_engine_usable() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_transformer_engine(impl: str) -> bool:
+    if impl == "transformer_engine" and not transformer_engine_usable():
+        raise ValueError("transformer_impl: transformer_engine needs CUDA and the "
+                         "transformer-engine package (pip install -e '.[gpu]'); use local")
+    return impl == "transformer_engine" or (impl == "auto" and transformer_engine_usable())
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    multiple = divisible_by * tensor_parallel
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(config: DialogTrainingConfig):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model, par, optim = config.model, config.parallel, config.optim
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if (optim.bf16 and cuda) else torch.float32
+    te = use_transformer_engine(model.transformer_impl)
+    if par.sequence_parallel and not te:
+        raise ValueError("sequence_parallel: needs the Transformer Engine layers (CUDA + "
+                         "transformer-engine); megatron-core's torch norm refuses it")
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads, num_query_groups=model.query_groups,
+        ffn_hidden_size=model.ffn_size, normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, hidden_dropout=0.0,
+        attention_dropout=0.0, init_method_std=model.init_method_std,
+        use_cpu_initialization=not cuda, params_dtype=dtype, pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
+        bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
+        gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
+        rotary_interleaved=False,
+        recompute_granularity="selective" if model.recompute_activations else None,
+    )
+
+
+def layer_spec(config: DialogTrainingConfig):
+    if use_transformer_engine(config.model.transformer_impl):
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    from mt_dialog.training.attention import get_packed_gpt_layer_local_spec
+
+    return get_packed_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
+                       seq_length: int) -> List[torch.nn.Module]:
+    """This rank's GPTModel chunk(s) (several with a virtual pipeline), on its device."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    from mt_dialog.training.distributed import device
+
+    vpp = config.parallel.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        model = GPTModel(
+            config=tconfig, transformer_layer_spec=layer_spec(config),
+            vocab_size=padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
+                                         config.parallel.tensor_model_parallel_size),
+            max_sequence_length=seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
+            position_embedding_type="rope", rotary_percent=1.0,
+            rotary_base=int(config.model.rotary_base), vp_stage=vp_stage,
+        )
+        chunks.append(model.to(device()))
+    return chunks
+
+
+def wrap_ddp(chunks: List[torch.nn.Module], tconfig, config: DialogTrainingConfig):
+    """megatron-core DDP: sums gradients over data parallel (the loss divides once, globally)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    return [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
