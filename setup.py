@@ -31,6 +31,7 @@ setup(
         # apex is not on PyPI and is never required; install it yourself if you want it.
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "safetensors"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "tensorboard": ["tensorboard>=2.14"],  # --tensorboard-dir
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"],
     },
 )

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# The distributed optimizer's canonical (layout-independent) form, reshardable over TP, PP and DP;
+# the memory-efficient variant gathers the state over the gloo groups in CPU memory (no GPU copy).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                      "distrib_optim_fully_reshardable_mem_efficient": True}
 
 
 class CheckpointError(ValueError):
@@ -106,6 +109,26 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
     return path
 
 
+def _initialize_adam_state(optimizer) -> None:
+    """Give every parameter an (empty) Adam state with a ``step`` before loading into it.
+
+    megatron-core 0.16.1's distributed optimizer reads ``step`` from every parameter state when
+    building the state dict to load into; with torch's Adam (no apex/TE) its own state
+    initializer creates ``exp_avg``/``exp_avg_sq`` but no ``step``, so a fresh optimizer fails.
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(chained, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state.setdefault("exp_avg", torch.zeros_like(param.data))
+                    state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
                     finetune: bool = False) -> Tuple[int, int]:
     """Load the newest checkpoint under ``root``. Returns ``(iteration, consumed_samples)``;
@@ -118,6 +141,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     common = dist_checkpointing.load_common_state_dict(path)
     state = _model_state(model)
     if not finetune:
+        _initialize_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=OPTIMIZER_METADATA)
         same_layout = list(common.get("layout", [])) == list(_layout())

@@ -108,6 +108,8 @@ TORCH_VIEW_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # the distributed optimizer: state buffers and checkpoint shards on torch.cuda.current_device()
+    "megatron.core.optimizer.distrib_optimizer",
 )
 
 # Tensor factories whose ``device=`` / ``pin_memory=`` keywords get mapped.
@@ -267,6 +269,59 @@ def _wrap_setup_embeddings(original):
     return setup_embeddings_and_output_layer
 
 
+def _wrap_distributed_optimizer_init(original):
+    """``DistributedOptimizer.__init__`` sorts parameters by ``param.type()`` strings
+    ('torch.cuda.FloatTensor', ...) and rejects anything else; during that call only, CPU tensors
+    report the CUDA name of their dtype."""
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        tensor_type = torch.Tensor.type
+
+        def _cuda_type_name(t, *a, **k):
+            if not a and not k and t.device.type == "cpu":
+                _note("distrib_optimizer: param.type() as torch.cuda.*")
+                return tensor_type(t).replace("torch.", "torch.cuda.", 1)
+            return tensor_type(t, *a, **k)
+
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = tensor_type
+
+    __init__._mt_dialog_cpu_shim = True
+    return __init__
+
+
+def _wrap_set_main_param_states(original):
+    """Without apex/TE (always the case on CPU) the distributed optimizer wraps torch's Adam,
+    whose per-parameter state has a scalar ``step``. ``load_state_dict`` puts ``step`` into every
+    state and then ``_set_main_param_and_optimizer_states`` copies *every* state key from the
+    loaded tensors, which never include ``step`` (megatron-core 0.16.1: KeyError 'step' when
+    resuming). During that copy only, ``step`` is set aside; it was already loaded. It is put back
+    as a private copy: megatron gives every parameter the *same* step tensor, which torch's Adam
+    increments in place once per parameter (so after one step of P parameters it is off by P - 1
+    and the bias correction is wrong)."""
+
+    @functools.wraps(original)
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" in tensors:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        step = state.pop("step", None)
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step.clone()
+
+    _set_main_param_and_optimizer_states._mt_dialog_cpu_shim = True
+    return _set_main_param_and_optimizer_states
+
+
 # --------------------------------------------------------------------------------------------
 
 
@@ -321,6 +376,16 @@ def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
                 lm_cls.setup_embeddings_and_output_layer
             )
             _PATCHED.append("LanguageModule.setup_embeddings_and_output_layer (Tensor.cuda scoped)")
+
+        dist_opt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
+        cls = dist_opt.DistributedOptimizer
+        if not getattr(cls.__init__, "_mt_dialog_cpu_shim", False):
+            cls.__init__ = _wrap_distributed_optimizer_init(cls.__init__)
+            _PATCHED.append("DistributedOptimizer.__init__ (Tensor.type scoped)")
+        setter = cls._set_main_param_and_optimizer_states
+        if not getattr(setter, "_mt_dialog_cpu_shim", False):
+            cls._set_main_param_and_optimizer_states = _wrap_set_main_param_states(setter)
+            _PATCHED.append("DistributedOptimizer._set_main_param_and_optimizer_states (Adam step)")
 
         _APPLIED = True
         return True
