@@ -76,10 +76,14 @@ def _restore_rng(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _model_keys(model: List[torch.nn.Module]) -> List[str]:
+    """Checkpoint key of each model chunk, in chunk order (megatron-LM's convention)."""
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
 def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
-    if len(model) == 1:
-        return {"model": model[0].module.sharded_state_dict()}
-    return {f"model{i}": chunk.module.sharded_state_dict() for i, chunk in enumerate(model)}
+    return {key: chunk.module.sharded_state_dict()
+            for key, chunk in zip(_model_keys(model), model)}
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
@@ -148,7 +152,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
         if same_layout:
             state["rng_state"] = _rng_object()
     loaded = dist_checkpointing.load(state, path)
-    for key, chunk in zip(sorted(k for k in loaded if k.startswith("model")), model):
+    for key, chunk in zip(_model_keys(model), model):
         chunk.module.load_state_dict(loaded[key], strict=True)
     if finetune:
         return 0, 0
@@ -166,11 +170,9 @@ def load_weights_for_inference(root: str, model: List[torch.nn.Module],
 
     iteration = latest_iteration(root) if iteration is None else iteration
     path = iteration_dir(root, iteration)
-    if len(model) == 1:
-        state = {"model": model[0].sharded_state_dict()}
-    else:
-        state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model)}
+    keys = _model_keys(model)
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, model)}
     loaded = dist_checkpointing.load(state, path)
-    for key, chunk in zip(sorted(loaded), model):
+    for key, chunk in zip(keys, model):
         chunk.load_state_dict(loaded[key], strict=True)
     return iteration

@@ -1,0 +1,264 @@
+"""torchrun worker: one training step of the LIBRARY code path vs plain-PyTorch references.
+
+    torchrun --nproc_per_node N tests/training/equivalence_worker.py --tp T --pp P \
+        [--untie] [--micro 1 3] --json OUT.json          (N = T * P * DP)
+
+The model comes from ``mt_dialog.training.model`` (``build_model_chunks`` + ``wrap_ddp``, wired like
+``loop._setup``: DDP ``no_sync`` and megatron's ``finalize_model_grads``); micro-batches from
+``mt_dialog.data.dataset.build_sample`` + ``mt_dialog.training.data.flatten_micro_batch``; the step
+is ``mt_dialog.training.loop.train_step`` itself (``step_sample_indices`` picks each DP rank's packs,
+megatron's ``get_forward_backward_func()`` runs ``pretrain_dialog.make_forward_step(norm)``). Its
+optimizer is a recorder whose ``step()`` gathers the full reduced gradients instead of updating.
+
+For each number of micro-batches per step (``--micro``), on the same packs and weights:
+  turn   vs the "split into n samples" baseline (each sample = history + one reply, run alone,
+         mean over the reply's tokens; step = mean over all samples of the global batch)
+  token  vs its own token-mean reference, and vs the turn baseline (must differ)
+  the logged 'loss per turn' / 'loss per token' vs the reference losses
+Isolation: per-token losses of each conversation inside packed micro-batches vs the same
+conversation run alone through the same model (no packed params), vs the reference; and, as a
+control, with ``--packed-attention causal`` packing (must differ).
+Rank 0 writes everything to ``--json``; the pass/fail decisions are the test's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+import warnings
+
+T0 = time.time()
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import pretrain_dialog  # noqa: E402
+from mt_dialog.data.dataset import build_sample  # noqa: E402
+from mt_dialog.training import distributed, loop  # noqa: E402
+from mt_dialog.training.config import (  # noqa: E402
+    DataConfig, DialogTrainingConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig,
+    validate_world,
+)
+from mt_dialog.training.data import flatten_micro_batch  # noqa: E402
+from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp  # noqa: E402
+from tests.training import reference as ref  # noqa: E402
+
+SEQ = 64  # tokens per pack
+MBS = 2  # packs per micro-batch: flattened to one [1, 128] sequence
+SEED = 1234
+
+
+class GradRecorder:
+    """Stands in for the megatron optimizer in ``loop.train_step``: ``step()`` gathers the reduced
+    full gradients (a collective on every rank, as the real step is) and updates nothing."""
+
+    def __init__(self, model):
+        self.model = model
+        self.param_groups = [{"lr": 0.0}]
+        self.grads = None
+        self.steps = 0
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        self.grads = ref.gather_full(self.model[0], "grad")
+        self.steps += 1
+        norm = sum(float(g.double().pow(2).sum()) for g in self.grads.values()) ** 0.5
+        return True, norm, 0
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--untie", action="store_true", help="untied embedding and output layer")
+    ap.add_argument("--micro", type=int, nargs="+", default=[1, 3],
+                    help="micro-batches per step to check")
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = DialogTrainingConfig(
+        ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                    num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
+                    untie_embeddings_and_output_weights=args.untie, transformer_impl="local"),
+        ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+        DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
+        OptimConfig(), TrainConfig(train_iters=1, seed=SEED))
+    dp = validate_world(config, world)
+    distributed.initialize(args.tp, args.pp, None, SEED)
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    rank = dist.get_rank()
+    dp_rank = ps.get_data_parallel_rank()
+    is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    tied = not args.untie
+    mcfg = config.model
+
+    # the model, as loop._setup builds and wires it
+    tconfig = transformer_config(config)
+    chunks = build_model_chunks(config, tconfig, ref.VOCAB, SEQ)
+    model = wrap_ddp(chunks, tconfig, config)
+    tconfig.no_sync_func = model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+
+    W = ref.gather_full(model[0], "data")
+    if tied and args.pp > 1:
+        assert torch.equal(W["embedding.word_embeddings.weight"], W["output_layer.weight"]), \
+            "the tied output-layer copy on the last stage differs from the first stage's embedding"
+    Wref = {k: v for k, v in W.items() if not (tied and k == "output_layer.weight")}
+
+    info = loop.DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
+                         vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
+    recorder = GradRecorder(model)
+    run = loop.Run(config=config, info=info, model=model, optimizer=recorder,
+                   scheduler=types.SimpleNamespace(step=lambda increment=1: None),
+                   train_stream=[], valid_sets=[], forward_step=None, dp_size=dp, global_batch=0,
+                   train_iters=1)
+    out = {"tp": args.tp, "pp": args.pp, "dp": dp, "world": world, "tied": tied, "seq": SEQ,
+           "micro_batch_size": MBS, "setup_s": round(time.time() - T0, 2), "steps": {}}
+
+    def everyone(value):
+        """The value of whichever rank(s) have one (not None): list over ranks."""
+        vals = [None] * world
+        dist.all_gather_object(vals, value)
+        return vals
+
+    for M in args.micro:
+        n_packs = dp * M * MBS
+        packs = ref.make_packs(seed=100 + M, n_packs=n_packs, seq=SEQ)
+        # sample index i of the step = pack i; loop.train_step picks this rank's indices
+        run.train_stream = [build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]
+        run.global_batch = n_packs
+        convs = [c for p in packs for c in p.conversations]
+        res = {"packs": n_packs, "conversations": len(convs),
+               "turns": sum(len(c.replies) for c in convs),
+               "reply_lengths": sorted({e - a for c in convs for a, e in c.replies}),
+               "padding_tokens": sum(SEQ - len(p) for p in packs)}
+        read = []
+        orig_micro_batches = loop._micro_batches
+
+        def spy(run_, indices, stream):
+            read.append(indices)
+            return orig_micro_batches(run_, indices, stream)
+
+        loop._micro_batches = spy
+        refs = {}
+        if rank == 0:
+            for norm in ("turn", "token"):
+                refs[norm] = ref.reference_grads(Wref, convs, norm, mcfg, tied)
+        for norm in ("turn", "token"):
+            run.forward_step = pretrain_dialog.make_forward_step(norm)
+            run.consumed, run.iteration = 0, 0
+            read.clear()
+            t = time.time()
+            metrics = loop.train_step(run)
+            step_s = time.time() - t
+            G = recorder.grads
+            all_metrics = everyone(metrics)
+            reads = everyone((dp_rank, read[0]))
+            if rank == 0:
+                m = next(x for x in all_metrics if x is not None)
+                ref_loss, ref_g = refs[norm]
+                e, worst = ref.max_rel_err({k: G[k] for k in ref_g}, ref_g)
+                res[f"{norm}_max_rel_err"] = e
+                res[f"{norm}_worst_param"] = worst
+                res[f"{norm}_step_s"] = round(step_s, 4)
+                res[f"{norm}_loss_ref"] = ref_loss
+                res[f"{norm}_logged_loss_per_turn"] = m["loss per turn"]
+                res[f"{norm}_logged_loss_per_token"] = m["loss per token"]
+                res[f"{norm}_logged_turns"] = m["turns"]
+                if tied and args.pp > 1:  # the last stage's copy must get the same reduced grad
+                    res[f"{norm}_tied_copy_rel_err"] = ref.max_rel_err(
+                        {"w": G["output_layer.weight"]},
+                        {"w": ref_g["embedding.word_embeddings.weight"]})[0]
+                if norm == "token":
+                    res["token_vs_turn_baseline_rel_err"] = ref.max_rel_err(
+                        {k: G[k] for k in ref_g}, refs["turn"][1])[0]
+                by_dp = {}
+                for r, idx in reads:
+                    by_dp.setdefault(r, idx)
+                    assert by_dp[r] == idx, "ranks of one DP group read different packs"
+                res["packs_read_by_dp_rank"] = {str(r): v for r, v in sorted(by_dp.items())}
+        loop._micro_batches = orig_micro_batches
+        assert recorder.steps == 2 * (len(out["steps"]) + 1)
+        out["steps"][str(M)] = res
+
+    # ---------------- isolation ----------------
+    t = time.time()
+    iso_packs = ref.make_packs(seed=7, n_packs=2 * MBS, seq=SEQ)
+    samples = [build_sample(*p.triple(), SEQ, ref.PAD) for p in iso_packs]
+    device = distributed.device()
+
+    def losses_step(data_iterator, model_):
+        batch = next(data_iterator)
+        output = model_(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                        packed_seq_params=batch.get("packed_seq_params"))
+        return output, lambda o: (o.sum(), torch.tensor(1, dtype=torch.int32, device=o.device),
+                                  {"losses": o.detach().float().cpu()})
+
+    fwd = types.SimpleNamespace(model=model, forward_step=losses_step)
+
+    def forward_losses(batches):
+        with torch.no_grad():
+            store = loop._run_schedule(fwd, batches, forward_only=True)
+        return [s["losses"].view(-1) for s in store] if is_last else None
+
+    for chunk in model:
+        chunk.eval()
+    packed = {}
+    for isolated in (True, False):
+        batches = [flatten_micro_batch(samples[m * MBS:(m + 1) * MBS], isolated, device)
+                   for m in range(2)]
+        packed[isolated] = forward_losses(batches)
+    alone = []
+    for p in iso_packs:
+        for conv in p.conversations:
+            toks = torch.tensor(conv.tokens, device=device).view(1, -1)
+            one = {"tokens": toks[:, :-1], "labels": toks[:, 1:],
+                   "position_ids": torch.arange(toks.size(1) - 1, device=device).view(1, -1)}
+            losses = forward_losses([one])  # plain causal attention, no packed params
+            alone.append(losses[0] if is_last else None)
+    for chunk in model:
+        chunk.train()
+    iso = None
+    if is_last:
+        e_iso, e_causal, e_ref, k = 0.0, 0.0, 0.0, 0
+        for pi, p in enumerate(iso_packs):
+            m, off = divmod(pi, MBS)
+            off *= SEQ
+            for conv in p.conversations:
+                n = len(conv.tokens) - 1
+                la = alone[k]
+                e_iso = max(e_iso, float((packed[True][m][off:off + n] - la).abs().max()))
+                e_causal = max(e_causal, float((packed[False][m][off:off + n] - la).abs().max()))
+                e_ref = max(e_ref, float(
+                    (la - ref.reference_token_losses(Wref, conv, mcfg, tied)).abs().max()))
+                off += len(conv.tokens)
+                k += 1
+        iso = {"conversations": k, "max_abs_pack_vs_alone": e_iso,
+               "max_abs_alone_vs_reference": e_ref, "max_abs_causal_pack_vs_alone": e_causal}
+    iso = next(x for x in everyone(iso) if x is not None)
+    iso["seconds"] = round(time.time() - t, 3)
+    out["isolation"] = iso
+    out["total_s_in_process"] = round(time.time() - T0, 2)
+    if rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(json.dumps(out), flush=True)
+    dist.barrier()
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Plain-PyTorch reference of the training model, synthetic packed conversations, and gathering of
+megatron-core TP/PP shards into full tensors. Used by ``equivalence_worker.py``.
+
+The reference re-implements the Llama-style GPT that ``mt_dialog.training.model`` builds (RMSNorm,
+SwiGLU, non-interleaved RoPE, grouped-query attention) from the *full* weights, with megatron's
+weight layouts:
+
+* ``linear_qkv`` rows are grouped per query group as ``[q heads of the group (np/ng*hn), k (hn),
+  v (hn)]``; query head ``j`` uses group ``j // (np/ng)``.
+* ``linear_fc1`` is ``[gate; up]`` (``partition_stride=2``: TP rank r holds ``[gate_r; up_r]``).
+* RoPE: ``emb = cat(freqs, freqs)``, ``rotate_half(x) = cat(-x2, x1)``.
+* QKV, fc1, the output layer and the word embeddings are split along dim 0 over TP,
+  ``linear_proj`` and ``fc2`` along dim 1.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VOCAB = 100  # before padding to make_vocab_size_divisible_by x TP
+PAD, BOS, EOT = 0, 1, 2  # BOS starts every conversation (never trained); EOT ends every reply
+REPLY_LENGTHS = (1, 2, 2, 3, 4, 7, 11, 13)  # trained tokens per reply, end-of-turn included
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic conversations and packs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    tokens: List[int]
+    replies: List[Tuple[int, int]] = field(default_factory=list)  # [a, e): content + EOT
+
+    @property
+    def counts(self) -> List[int]:
+        """Per-token loss_token_num aligned with ``tokens`` (the reply's length on its tokens)."""
+        out = [0] * len(self.tokens)
+        for a, e in self.replies:
+            out[a:e] = [e - a] * (e - a)
+        return out
+
+
+@dataclass
+class Pack:
+    conversations: List[Conversation]
+
+    def triple(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tokens, counts, lengths) as ``mt_dialog.data.dataset.build_sample`` takes them."""
+        tokens = np.array([t for c in self.conversations for t in c.tokens], dtype=np.int64)
+        counts = np.array([n for c in self.conversations for n in c.counts], dtype=np.int64)
+        lengths = np.array([len(c.tokens) for c in self.conversations], dtype=np.int64)
+        return tokens, counts, lengths
+
+    def __len__(self) -> int:
+        return sum(len(c.tokens) for c in self.conversations)
+
+
+def _content(rng: random.Random, n: int) -> List[int]:
+    return [rng.randrange(3, VOCAB) for _ in range(n)]
+
+
+def _reply(rng: random.Random, toks: List[int], length: int) -> Tuple[int, int]:
+    a = len(toks)
+    toks += _content(rng, length - 1) + [EOT]
+    return a, len(toks)
+
+
+def make_conversation(rng: random.Random, max_len: int) -> Conversation:
+    """BOS + optional system tokens, then 1-4 (user, reply) turns; at most ``max_len`` tokens."""
+    while True:
+        toks = [BOS] + _content(rng, rng.randint(0, 3))
+        replies = []
+        for _ in range(rng.randint(1, 4)):
+            toks += _content(rng, rng.randint(1, 5))  # user
+            replies.append(_reply(rng, toks, rng.choice(REPLY_LENGTHS)))
+        if len(toks) <= max_len:
+            return Conversation(toks, replies)
+
+
+def exact_conversation(rng: random.Random, length: int) -> Conversation:
+    """One turn, exactly ``length`` (>= 3) tokens: fills a pack to the last slot."""
+    reply = min(rng.choice(REPLY_LENGTHS), length - 2)
+    toks = [BOS] + _content(rng, length - 1 - reply)
+    return Conversation(toks, [_reply(rng, toks, reply)])
+
+
+def make_packs(seed: int, n_packs: int, seq: int) -> List[Pack]:
+    """Greedy packs of whole conversations. Even-numbered packs end in padding (unless the greedy
+    fill happens to be exact), odd-numbered ones are often filled to the last slot, so every
+    micro-batch of 2 packs has padding."""
+    rng = random.Random(seed)
+    packs = []
+    for i in range(n_packs):
+        convs, used = [], 0
+        while True:
+            conv = make_conversation(rng, seq)
+            if used + len(conv.tokens) > seq:
+                break
+            convs.append(conv)
+            used += len(conv.tokens)
+            if rng.random() < 0.15:  # leave more padding
+                break
+        if i % 2 and seq - used >= 3 and rng.random() < 0.6:
+            convs.append(exact_conversation(rng, seq - used))
+        packs.append(Pack(convs))
+    return packs
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch forward from full weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, positions, base):
+    hn = x.size(-1)
+    inv_freq = 1.0 / (base ** (torch.arange(0, hn, 2, dtype=torch.float32) / hn))
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat([freqs, freqs], -1)[:, None, :]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * emb.cos() + torch.cat([-x2, x1], -1) * emb.sin()
+
+
+def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tied: bool):
+    """tokens [L] (one sequence from position 0) -> logits [L, padded vocab].
+
+    ``mcfg`` is a ``mt_dialog.training.config.ModelConfig``."""
+    L = tokens.numel()
+    heads, groups = mcfg.num_attention_heads, mcfg.query_groups
+    hn = mcfg.hidden_size // heads
+    qpg = heads // groups
+    eps, base = mcfg.norm_epsilon, mcfg.rotary_base
+    pos = torch.arange(L)
+    x = W["embedding.word_embeddings.weight"][tokens]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for i in range(mcfg.num_layers):
+        p = f"decoder.layers.{i}."
+        h = _rms(x, W[p + "input_layernorm.weight"], eps)
+        qkv = (h @ W[p + "self_attention.linear_qkv.weight"].t()).view(L, groups, qpg + 2, hn)
+        q = qkv[:, :, :qpg].reshape(L, heads, hn)
+        k, v = qkv[:, :, qpg], qkv[:, :, qpg + 1]
+        q, k = _rope(q, pos, base), _rope(k, pos, base)
+        k, v = k.repeat_interleave(qpg, dim=1), v.repeat_interleave(qpg, dim=1)
+        scores = torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(hn)
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, heads * hn)
+        x = x + ctx @ W[p + "self_attention.linear_proj.weight"].t()
+        h = _rms(x, W[p + "pre_mlp_layernorm.weight"], eps)
+        gate, up = (h @ W[p + "mlp.linear_fc1.weight"].t()).chunk(2, dim=-1)
+        x = x + (F.silu(gate) * up) @ W[p + "mlp.linear_fc2.weight"].t()
+    x = _rms(x, W["decoder.final_layernorm.weight"], eps)
+    out_w = W["embedding.word_embeddings.weight"] if tied else W["output_layer.weight"]
+    return x @ out_w.t()
+
+
+def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], normalization: str,
+                    mcfg, tied: bool):
+    """(loss, grads) over the global batch, in plain PyTorch.
+
+    'turn': the "split into n samples" baseline: each (conversation, reply k) is one sample =
+    history + reply k, run alone from position 0; its loss is the mean over reply k's tokens (EOT
+    included); the step loss is the mean over all samples. 'token': sum of all reply-token losses
+    over the number of reply tokens.
+    """
+    W = {k: v.detach().clone().requires_grad_(True) for k, v in W_full.items()}
+    if normalization == "turn":
+        terms = []
+        for conv in convs:
+            for a, e in conv.replies:
+                sample = torch.tensor(conv.tokens[:e])
+                ce = F.cross_entropy(reference_logits(W, sample[:-1], mcfg, tied), sample[1:],
+                                     reduction="none")
+                terms.append(ce[a - 1:e - 1].mean())
+        loss = torch.stack(terms).mean()
+    elif normalization == "token":
+        total, count = 0.0, 0
+        for conv in convs:
+            t = torch.tensor(conv.tokens)
+            ce = F.cross_entropy(reference_logits(W, t[:-1], mcfg, tied), t[1:], reduction="none")
+            idx = torch.tensor([j - 1 for a, e in conv.replies for j in range(a, e)])
+            total = total + ce[idx].sum()
+            count += idx.numel()
+        loss = total / count
+    else:
+        raise ValueError(normalization)
+    loss.backward()
+    return float(loss), {k: v.grad for k, v in W.items() if v.grad is not None}
+
+
+def reference_token_losses(W_full, conv: Conversation, mcfg, tied: bool) -> torch.Tensor:
+    """Per-token cross entropy [len - 1] of a conversation run alone."""
+    t = torch.tensor(conv.tokens)
+    with torch.no_grad():
+        return F.cross_entropy(reference_logits(W_full, t[:-1], mcfg, tied), t[1:], reduction="none")
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering TP x PP shards (DP rank 0's copy) into full tensors
+# ---------------------------------------------------------------------------------------------
+
+
+def global_names(model) -> Dict[str, torch.nn.Parameter]:
+    """Parameter name -> param with global layer numbers (``model``: DDP-wrapped or bare)."""
+    gpt = model.module if hasattr(model, "module") else model
+    local_to_global = {}
+    if hasattr(gpt, "decoder"):
+        for li, layer in enumerate(gpt.decoder.layers):
+            local_to_global[li] = layer.layer_number - 1
+    out = {}
+    for name, p in gpt.named_parameters():
+        if name.startswith("decoder.layers."):
+            li, tail = name[len("decoder.layers."):].split(".", 1)
+            name = f"decoder.layers.{local_to_global[int(li)]}.{tail}"
+        out[name] = p
+    return out
+
+
+def gather_full(model, what: str = "data") -> Dict[str, torch.Tensor]:
+    """Full parameter data ('data') or DDP ``main_grad`` ('grad') on every rank. Collective.
+
+    A name present on two pipeline stages (the tied output-layer copy lives on the last stage as
+    ``output_layer.weight``, so it does not collide) gets an ``@pp<rank>`` suffix."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    entries = []
+    if ps.get_data_parallel_rank() == 0:
+        for name, p in global_names(model).items():
+            t = p.main_grad if what == "grad" else p.data
+            entries.append(dict(
+                name=name, t=t.detach().clone().float().cpu(),
+                tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank(),
+                is_tp=bool(getattr(p, "tensor_model_parallel", False)),
+                dim=getattr(p, "partition_dim", 0), stride=getattr(p, "partition_stride", 1)))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, entries)
+    by_name: Dict[Tuple[str, int], Dict[int, dict]] = {}
+    for ents in gathered:
+        for e in ents:
+            by_name.setdefault((e["name"], e["pp"]), {})[e["tp"]] = e
+    full: Dict[str, torch.Tensor] = {}
+    for (name, pp_rank), shards in sorted(by_name.items()):
+        e0 = shards[0]
+        if e0["is_tp"] and len(shards) > 1:
+            parts = [shards[r]["t"] for r in sorted(shards)]
+            s, dim = e0["stride"], e0["dim"]
+            chunks = [pt.chunk(s, dim=dim) for pt in parts]
+            t = torch.cat([chunks[r][j] for j in range(s) for r in range(len(parts))], dim=dim)
+        else:
+            t = e0["t"]
+        full[name if name not in full else f"{name}@pp{pp_rank}"] = t
+    return full
+
+
+def max_rel_err(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Tuple[float, str]:
+    """max over b's tensors of ||a - b|| / ||b||, and the worst tensor's name."""
+    worst, worst_name = 0.0, ""
+    for k, vb in b.items():
+        e = float((a[k] - vb).norm() / vb.norm().clamp(min=1e-30))
+        if e > worst:
+            worst, worst_name = e, k
+    return worst, worst_name
