@@ -56,6 +56,13 @@ def parse_config(argv) -> DialogTrainingConfig:
     return DialogTrainingConfig(*(from_args(cls, args) for _, cls in GROUPS))
 
 
+def _error(exc: Exception) -> int:
+    """One line per rank, written in one call so that ranks' lines never interleave."""
+    sys.stderr.write(f"error: {exc}\n")
+    sys.stderr.flush()
+    return 1
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from mt_dialog.training.distributed import quiet_megatron_import_warnings
@@ -69,11 +76,9 @@ def main(argv=None) -> int:
             pretrain(config, make_forward_step(config.data.loss_normalization),
                      argv=["pretrain_dialog.py", *argv])
         except TrainingError as exc:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            return 1
+            return _error(exc)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 1
+        return _error(exc)
     finally:
         from mt_dialog.training import distributed
 

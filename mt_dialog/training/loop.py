@@ -109,7 +109,10 @@ def _build_optimizer(config: DialogTrainingConfig, model, train_iters: int):
         min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
         lr_decay_steps=max(decay, optim.lr_warmup_iters + 1), lr_decay_style=optim.lr_decay_style,
         start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(1, train_iters),
-        wd_incr_style="constant")
+        wd_incr_style="constant",
+        # on --load the schedule follows this run's flags (so --train-iters can extend a run);
+        # only the step count comes from the checkpoint
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
     return optimizer, scheduler
 
 

@@ -1,0 +1,206 @@
+"""Fixtures and helpers of the end-to-end training tests (pretrain_dialog.py under torchrun).
+
+``packed_data`` builds, once per session, a small packed dataset from the built-in demo corpus
+(300 conversations, SentencePiece tokenizer from ``mt_dialog.demo``, ChatML, --seq-length 256);
+``second_data`` a smaller one with the same tokenizer (for blending). ``launch`` runs
+pretrain_dialog.py (torchrun for several processes, plain python for one) and captures its output;
+``parse_iters`` / ``parse_validation`` read the log lines; ``read_checkpoint`` loads every tensor
+of a dist_checkpointing folder in this (non-distributed) process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+from typing import Dict, List, Sequence
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = "pretrain_dialog.py"
+SEQ_LENGTH = 256
+MODEL_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
+_TAIL = 20000
+
+try:  # a colleague's shared launcher; a private fallback keeps these tests self-contained
+    from tests.training.launch import run_torchrun as _shared_run_torchrun
+except ImportError:  # pragma: no cover - depends on the checkout
+    _shared_run_torchrun = None
+
+
+# ----------------------------------------------------------------------------------- launching
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
+                                                  else []))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # a single-process run must not inherit a launcher's layout
+    return env
+
+
+def _command(nproc: int, args: Sequence[str]) -> List[str]:
+    args = [str(a) for a in args]
+    if nproc == 1:
+        return [sys.executable, SCRIPT, *args]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    runner = [torchrun] if os.path.exists(torchrun) else [sys.executable, "-m",
+                                                          "torch.distributed.run"]
+    return [*runner, "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, *args]
+
+
+def describe(proc: subprocess.CompletedProcess, what: str = "") -> str:
+    """The command and its captured output, for assertion messages."""
+    cmd = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
+    return (f"{what}\ncommand: {cmd}\nexit code: {proc.returncode}\n"
+            f"--- stdout ---\n{(proc.stdout or '')[-_TAIL:]}\n"
+            f"--- stderr ---\n{(proc.stderr or '')[-_TAIL:]}")
+
+
+def launch(nproc: int, args: Sequence[str], expect_ok: bool = True,
+           timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run pretrain_dialog.py with ``args``: under torchrun with ``nproc`` processes, or as one
+    plain process when ``nproc == 1`` (WORLD_SIZE defaults to 1). With ``expect_ok`` a non-zero
+    exit fails the test showing the whole output; otherwise the result is returned as is."""
+    args = [str(a) for a in args]
+    if nproc > 1 and expect_ok and _shared_run_torchrun is not None:
+        return _shared_run_torchrun(SCRIPT, nproc, args, timeout=timeout)
+    cmd = _command(nproc, args)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        pytest.fail(describe(subprocess.CompletedProcess(cmd, -1, out or "", err or ""),
+                             f"timed out after {timeout} s"))
+    if expect_ok and proc.returncode != 0:
+        pytest.fail(describe(proc, "training run failed"))
+    return proc
+
+
+def train_args(prefix, *extra, iters: int = 6, lr: float = 1e-2) -> List[str]:
+    """The common flags of a small run on ``prefix`` (a list of prefixes/weights for a blend)."""
+    data = list(prefix) if isinstance(prefix, (list, tuple)) else [prefix]
+    return ["--data-path", *map(str, data), "--micro-batch-size", "2", "--global-batch-size",
+            "8", "--train-iters", str(iters), "--log-interval", "1", "--lr", str(lr),
+            *MODEL_ARGS, *map(str, extra)]
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+_NUM = r"([-+0-9.eE]+|nan|inf)"
+ITER_LINE = re.compile(rf"^iter\s+(\d+)/(\d+) \| loss/turn {_NUM} \| loss/token {_NUM} \| "
+                       rf"lr {_NUM} \| grad norm {_NUM} \|", re.M)
+VALID_LINE = re.compile(rf"^validation at iter (\d+) \| loss/turn {_NUM} \| loss/token {_NUM}",
+                        re.M)
+
+
+def parse_iters(stdout: str) -> List[Dict[str, float]]:
+    """Every ``iter N/T | ...`` log line, in order."""
+    return [{"iter": int(m[1]), "total": int(m[2]), "loss_turn": float(m[3]),
+             "loss_token": float(m[4]), "lr": float(m[5]), "grad_norm": float(m[6])}
+            for m in ITER_LINE.finditer(stdout)]
+
+
+def parse_validation(stdout: str) -> List[Dict[str, float]]:
+    return [{"iter": int(m[1]), "loss_turn": float(m[2]), "loss_token": float(m[3])}
+            for m in VALID_LINE.finditer(stdout)]
+
+
+def our_traceback_frames(text: str) -> List[str]:
+    """Traceback frames that point into this repository's code (not the venv: torchrun's own
+    ChildFailedError report is expected when a worker exits non-zero)."""
+    frames = re.findall(r'File "([^"]+)", line \d+', text)
+    venv = os.path.join(REPO, ".venv")
+    return [f for f in frames
+            if (f.startswith(REPO) and not f.startswith(venv)) or f in (SCRIPT, "<string>")]
+
+
+# --------------------------------------------------------------------------------- checkpoints
+
+def iteration_dir(root, iteration: int) -> str:
+    return os.path.join(str(root), f"iter_{iteration:07d}")
+
+
+def read_checkpoint(path: str) -> Dict[str, "torch.Tensor"]:  # noqa: F821
+    """Every tensor (model weights and optimizer state, global shapes) of one dist_checkpointing
+    iteration folder, read with torch.distributed.checkpoint in this single process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.state_dict_metadata.items()
+             if isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
+# ------------------------------------------------------------------------------------ datasets
+
+def _preprocess(corpus: str, tokenizer: str, prefix: str, seq_length: int = SEQ_LENGTH) -> str:
+    from tools.preprocess_dialog import main as preprocess
+
+    code = preprocess(["--input", corpus, "--tokenizer-model", tokenizer, "--template", "chatml",
+                       "--seq-length", str(seq_length), "--output-prefix", prefix,
+                       "--no-progress", "--overlong", "drop"])
+    assert code == 0, f"preprocess_dialog failed for {prefix}"
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory) -> Dict[str, str]:
+    """The demo corpus (300 conversations) and a SentencePiece tokenizer trained on it."""
+    from mt_dialog import demo
+
+    folder = tmp_path_factory.mktemp("demo")
+    corpus, model = str(folder / "corpus.jsonl"), str(folder / "tokenizer.model")
+    demo.write_corpus(corpus, 300, seed=0)
+    demo.train_tokenizer(corpus, model)
+    return {"dir": str(folder), "corpus": corpus, "tokenizer": model}
+
+
+@pytest.fixture(scope="session")
+def packed_data(demo_tokenizer) -> str:
+    """Prefix of the main packed dataset (train + valid splits, --seq-length 256)."""
+    return _preprocess(demo_tokenizer["corpus"], demo_tokenizer["tokenizer"],
+                       os.path.join(demo_tokenizer["dir"], "chat"))
+
+
+@pytest.fixture(scope="session")
+def second_data(demo_tokenizer) -> str:
+    """A second, smaller dataset (other conversations, same tokenizer) for blending."""
+    from mt_dialog import demo
+
+    corpus = os.path.join(demo_tokenizer["dir"], "corpus_b.jsonl")
+    demo.write_corpus(corpus, 80, seed=1)
+    return _preprocess(corpus, demo_tokenizer["tokenizer"],
+                       os.path.join(demo_tokenizer["dir"], "chat_b"))
+
+
+@pytest.fixture(scope="session")
+def short_data(demo_tokenizer) -> str:
+    """A tiny dataset packed for --seq-length 128 (same tokenizer): the seq-length mismatches."""
+    from mt_dialog import demo
+
+    corpus = os.path.join(demo_tokenizer["dir"], "corpus_short.jsonl")
+    demo.write_corpus(corpus, 40, seed=2)
+    return _preprocess(corpus, demo_tokenizer["tokenizer"],
+                       os.path.join(demo_tokenizer["dir"], "chat_128"), seq_length=128)
