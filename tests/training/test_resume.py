@@ -130,3 +130,30 @@ def test_tp2_checkpoint_finetunes_in_one_process(straight, finetuned_single):
     # weights-only: the optimizer starts over (full --lr, warmup-free schedule from step 0)
     assert lines[0]["lr"] == straight["iters"][0]["lr"]
     assert open(f"{finetuned_single['save']}/latest_checkpointed_iteration.txt").read() == str(K)
+
+
+DISTOPT = ["--use-distributed-optimizer"]  # DP=2: optimizer state sharded over the two ranks
+
+
+@pytest.fixture(scope="module")
+def distopt_runs(packed_data, tmp_path_factory):
+    """2k straight, and k + save + resume k, with the distributed optimizer at DP=2."""
+    straight = _run(2, packed_data, tmp_path_factory.mktemp("do_straight"), *DISTOPT, iters=2 * K)
+    half = _run(2, packed_data, tmp_path_factory.mktemp("do_half"), *DISTOPT, iters=K)
+    resumed = _run(2, packed_data, tmp_path_factory.mktemp("do_resumed"), *DISTOPT,
+                   "--load", half["save"], iters=2 * K)
+    return straight, half, resumed
+
+
+def test_distributed_optimizer_resume_is_exact(distopt_runs):
+    """Guards the CPU shims of megatron-core's DistributedOptimizer (Adam ``step`` restored per
+    parameter): a wrong step count changes Adam's bias correction after the resume."""
+    straight, half, resumed = distopt_runs
+    assert "DP=2" in straight["stdout"]
+    assert [_numbers(r) for r in half["iters"] + resumed["iters"]] == \
+        [_numbers(r) for r in straight["iters"]], resumed["stdout"]
+    a = read_checkpoint(iteration_dir(straight["save"], 2 * K))
+    b = read_checkpoint(iteration_dir(resumed["save"], 2 * K))
+    assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"final weights / optimizer state differ: {differ}"
