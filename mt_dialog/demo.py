@@ -5,7 +5,7 @@ different lengths, some of which need an earlier turn (recall)::
 
     user: My name is Mia and my favourite colour is green.   assistant: Nice to meet you, Mia!
     user: What is 3 plus 4?                                  assistant: 7
-    user: Count from 5 to 12.                                assistant: 5 6 7 8 9 10 11 12
+    user: Count from 2 to 8.                                 assistant: 2 3 4 5 6 7 8
     user: What is my favourite colour?                       assistant: green
 
 Run ``python -m mt_dialog.demo --output-dir DIR`` to write ``DIR/corpus.jsonl`` (OpenAI
@@ -39,9 +39,9 @@ def _turn(rng: random.Random, facts: Dict[str, str]) -> List[str]:
     if kind == "add":
         a, b = rng.randint(0, 9), rng.randint(0, 9)
         return [f"What is {a} plus {b}?", str(a + b)]
-    if kind == "count":
-        start = rng.randint(1, 20)
-        stop = start + rng.randint(3, 24)
+    if kind == "count":  # single digits: where to stop is learnable by a tiny model in minutes
+        start = rng.randint(0, 5)
+        stop = rng.randint(start + 2, 9)
         return [f"Count from {start} to {stop}.", " ".join(str(i) for i in range(start, stop + 1))]
     if kind == "name":
         return ["What is my name?", facts["name"]]
@@ -51,7 +51,7 @@ def _turn(rng: random.Random, facts: Dict[str, str]) -> List[str]:
         word = rng.choice(WORDS)
         return [f"Spell the word {word}.", " ".join(word)]
     if kind == "repeat":
-        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8)))
+        words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 10)))
         return [f"Repeat after me: {words}", words]
     return ["Thank you!", "You are welcome."]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create ./.venv with the tested versions (requirements-tested.txt) and mt_dialog installed in
-# editable mode with its test and hf extras. Idempotent: a second run only checks a stamp.
+# editable mode with its test, hf and bench extras. Idempotent: a second run only checks a stamp.
 # PYTHON=python3.11 bash scripts/setup.sh picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build on CPU machines
   .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements-tested.txt torch
   .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements-tested.txt \
-    -e ".[test,hf]"
+    -e ".[test,hf,bench]"
   echo "$want" > "$stamp"
 fi

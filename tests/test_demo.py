@@ -19,7 +19,7 @@ def test_conversations_are_valid_and_varied():
         name = messages[1 if messages[0].role == "system" else 0].content.split()[3]
         recalls = [m for m, q in zip(messages[1:], messages) if q.content == "What is my name?"]
         assert all(m.content == name for m in recalls)
-    assert min(reply_lengths) == 1 and max(reply_lengths) >= 20  # very different lengths
+    assert min(reply_lengths) == 1 and max(reply_lengths) >= 10  # very different lengths
     assert len({json.dumps(r) for r in records}) > 290
 
 

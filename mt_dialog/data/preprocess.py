@@ -164,7 +164,10 @@ def _write_split(name: str, indices: np.ndarray, stage: Stage, staged, tmp_prefi
     """Pack one split and write it; returns its statistics."""
     seq_length = config.packing.seq_length
     lengths = np.frombuffer(stage.lengths, dtype=np.int64)[indices]
-    packs = [[int(indices[i]) for i in p] for p in pack(lengths, seq_length, config.packing.packing)]
+    local = pack(lengths, seq_length, config.packing.packing)
+    flat = indices[np.fromiter((i for p in local for i in p), dtype=np.int64, count=len(indices))]
+    cuts = np.cumsum([len(p) for p in local])[:-1]
+    packs = [p.tolist() for p in np.split(flat, cuts)]  # staging indices, one list per pack
     if config.packing.shuffle:
         rng = np.random.default_rng(config.packing.seed + (0 if name == "train" else 1))
         packs = [packs[i] for i in rng.permutation(len(packs))]

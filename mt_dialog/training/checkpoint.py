@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -172,7 +173,9 @@ def load_weights_for_inference(root: str, model: List[torch.nn.Module],
     path = iteration_dir(root, iteration)
     keys = _model_keys(model)
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, model)}
-    loaded = dist_checkpointing.load(state, path)
+    with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = dist_checkpointing.load(state, path)
     for key, chunk in zip(keys, model):
         chunk.load_state_dict(loaded[key], strict=True)
     return iteration

@@ -1,0 +1,182 @@
+"""Generation from a checkpoint trained in the test session (TP=2, loaded into one process)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_learning import ROOT, trained_demo_run
+
+pytestmark = pytest.mark.multiprocess
+
+INTRO = "My name is Zoe and my favourite colour is purple."
+HISTORY = [{"role": "user", "content": INTRO},
+           {"role": "assistant", "content": "Nice to meet you, Zoe!"}]
+PROMPTS = [
+    [{"role": "user", "content": INTRO}],
+    HISTORY + [{"role": "user", "content": "What is my favourite colour?"}],
+    HISTORY + [{"role": "user", "content": "What is 3 plus 4?"}],
+    [{"role": "system", "content": "You are a helpful assistant."}]
+    + HISTORY + [{"role": "user", "content": "Count from 4 to 9."}],
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_demo_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def generator(run):
+    from mt_dialog import generate
+
+    loaded = generate.Generator.from_checkpoint(run["save"])
+    yield loaded
+    generate.shutdown()  # leave no process group behind for other tests in this session
+
+
+def test_tp2_checkpoint_loads_into_one_process(run, generator):
+    """Resharded TP=2 -> TP=1 weights predict the training data far better than chance."""
+    from megatron.core import parallel_state as ps
+
+    from mt_dialog.data.formats import parse_record
+    from mt_dialog.data.render import render_conversation
+
+    assert json.load(open(os.path.join(run["save"], "config.json")))["config"]["parallel"][
+        "tensor_model_parallel_size"] == 2
+    assert ps.get_tensor_model_parallel_world_size() == 1 and generator.iteration == 60
+    assert generator.template_name == "chatml"
+    total, count = 0.0, 0
+    with open(run["corpus"]) as handle:
+        records = [json.loads(next(handle)) for _ in range(8)]
+    for record in records:
+        rendered = render_conversation(parse_record(record), generator.template,
+                                       generator.tokenizer.encode)
+        ids = torch.tensor(rendered.input_ids[None, :])
+        with torch.no_grad():
+            logits = generator.model(ids, torch.arange(ids.shape[1])[None, :], None)[0]
+        logp = torch.log_softmax(logits[:-1, : generator.vocab_size].float(), dim=-1)
+        targets = ids[0, 1:]
+        mask = torch.as_tensor(rendered.loss_mask[1:], dtype=torch.bool)
+        total += float(-logp[torch.arange(len(targets)), targets][mask].sum())
+        count += int(mask.sum())
+    loss = total / count
+    first_logged = run["losses"][0][1]
+    assert loss < 0.75 * first_logged < 0.75 * math.log(generator.vocab_size) + 1, (
+        loss, run["losses"])
+
+
+def test_prompt_is_the_training_layout(generator):
+    from mt_dialog.data.formats import Message
+    from mt_dialog.data.render import render_conversation
+
+    messages = PROMPTS[3] + [{"role": "assistant", "content": "4 5 6 7 8 9"}]
+    full = render_conversation([Message(**m) for m in messages], generator.template,
+                               generator.tokenizer.encode)
+    prompt = generator.prompt_ids(PROMPTS[3])
+    assert list(full.input_ids[: len(prompt)]) == prompt
+    assert full.loss_token_num[len(prompt) - 1] == 0 and full.loss_token_num[len(prompt)] > 0
+    with pytest.raises(ValueError, match="end with a user message"):
+        generator.prompt_ids(messages)
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_stops_at_end_of_turn_or_max_tokens(generator, index):
+    eot = generator.end_of_turn
+    for max_new in (3, 40):
+        result = generator.generate(PROMPTS[index], max_new_tokens=max_new)
+        ids = result.token_ids
+        assert 1 <= len(ids) <= max_new and eot not in ids[:-1]
+        if result.finish_reason == "end_of_turn":
+            assert ids[-1] == eot
+        else:
+            assert result.finish_reason == "max_new_tokens" and len(ids) == max_new
+        assert result.text == generator.tokenizer.decode([i for i in ids if i != eot])
+
+
+def test_greedy_is_deterministic_and_is_the_argmax_chain(generator):
+    first = generator.generate(PROMPTS[1], max_new_tokens=12)
+    assert generator.generate(PROMPTS[1], max_new_tokens=12).token_ids == first.token_ids
+    ids = list(first.prompt_ids)
+    for token in first.token_ids:
+        logits = generator.next_logits(ids)
+        assert logits.shape[0] == generator.vocab_size and int(torch.argmax(logits)) == token
+        ids.append(token)
+    assert generator.reply(PROMPTS[1], max_new_tokens=12) == first.text
+
+
+def test_top_p_sampling_with_a_seed_is_reproducible(generator):
+    kwargs = dict(max_new_tokens=16, greedy=False, top_p=0.95, temperature=1.5)
+    runs = {seed: generator.generate(PROMPTS[3], seed=seed, **kwargs).token_ids
+            for seed in range(4)}
+    assert generator.generate(PROMPTS[3], seed=2, **kwargs).token_ids == runs[2]
+    assert len({tuple(ids) for ids in runs.values()}) > 1  # the seed matters
+    # a nucleus this small holds only the most likely token: the same as greedy
+    greedy = generator.generate(PROMPTS[3], max_new_tokens=16).token_ids
+    assert generator.generate(PROMPTS[3], max_new_tokens=16, greedy=False, top_p=1e-6,
+                              seed=5).token_ids == greedy
+
+
+def test_next_token_nucleus():
+    from mt_dialog.generate import next_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    rng = torch.Generator().manual_seed(0)
+    draws = {next_token(logits, False, 1.0, 0.7, rng) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 < 0.7 needs the second token, never the third
+    assert {next_token(logits, False, 1.0, 0.5, rng) for _ in range(50)} == {0}
+    assert {next_token(logits, False, 1.0, 1.0, rng) for _ in range(2000)} == {0, 1, 2, 3}
+    assert next_token(logits, True) == 0 and next_token(logits, False, 0.0, 1.0, rng) == 0
+
+
+def test_bad_requests_are_refused(generator):
+    from mt_dialog.generate import GenerationError
+
+    with pytest.raises(GenerationError, match="top_p"):
+        generator.generate(PROMPTS[0], greedy=False, top_p=0.0)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        generator.generate(PROMPTS[0], max_new_tokens=0)
+    with pytest.raises(GenerationError, match="user"):
+        generator.generate([{"role": "assistant", "content": "hi"}])
+
+
+def _chat(*args, stdin=None):
+    return subprocess.run([sys.executable, "tools/chat.py", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_chat_one_shot_prints_the_reply(run, generator):
+    out = _chat("--load", run["save"], "--message", INTRO, "--message", "Nice to meet you, Zoe!",
+                "--message", "What is my name?", "--max-new-tokens", "20", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    expected = generator.generate(HISTORY + [{"role": "user", "content": "What is my name?"}],
+                                  max_new_tokens=20)
+    assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
+    assert result["finish_reason"] in ("end_of_turn", "max_new_tokens")
+
+
+def test_chat_interactive_transcript(run):
+    out = _chat("--load", run["save"], "--max-new-tokens", "8", "--top-p", "0.9", "--seed", "1",
+                "--echo", stdin=f"{INTRO}\n\n/reset\nWhat is 3 plus 4?\n/quit\nnot read\n")
+    assert out.returncode == 0, out.stderr
+    users = [line for line in out.stdout.splitlines() if line.startswith("user> ")]
+    assert users == [f"user> {INTRO}", "user> What is 3 plus 4?"], out.stdout
+    assert out.stdout.count("assistant> ") == 2 and "(history cleared)" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--load", "/no/such/checkpoint", "--message", "hi"], "no such checkpoint"),
+    (["--load", ".", "--message", "hi"], "latest_checkpointed_iteration.txt"),
+    (["--load", ".", "--message", "hi", "--message", "hello"], "odd number"),
+    (["--load", ".", "--message", "hi", "--top-p", "1.5"], "--top-p"),
+])
+def test_chat_errors_cleanly(args, message):
+    out = _chat(*args)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

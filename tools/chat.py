@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Chat with a trained checkpoint (single process, CPU or one GPU; any saved TP/PP layout).
+
+Examples:
+    # one-shot: print the reply to one user message (greedy)
+    python tools/chat.py --load ckpt --message "What is 3 plus 4?"
+    # multi-turn history: --message alternates user, assistant, user, ... (ends with a user turn)
+    python tools/chat.py --load ckpt --system "You are a helpful assistant." \\
+        --message "My name is Mia and my favourite colour is green." \\
+        --message "Nice to meet you, Mia!" --message "What is my favourite colour?"
+    # sampling (any of --top-p / --temperature / --sample switches greedy off)
+    python tools/chat.py --load ckpt --message "Repeat after me: river stone" --top-p 0.9 --seed 1
+    # interactive: one user message per line on stdin; /reset clears the history, /quit exits
+    python tools/chat.py --load ckpt
+    printf 'What is 2 plus 2?\nCount from 3 to 7.\n' | python tools/chat.py --load ckpt --echo
+
+The prompt is laid out with the chat template and tokenizer of the dataset the run trained on;
+generation stops at the template's end-of-turn token or after --max-new-tokens.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", required=True, metavar="CKPT",
+                        help="checkpoint folder written by pretrain_dialog.py --save")
+    parser.add_argument("--iteration", type=int, default=None,
+                        help="iteration to load (default: the newest in --load)")
+    parser.add_argument("--message", action="append", default=[], metavar="TEXT",
+                        help="a conversation message, repeatable: user, assistant, user, ... "
+                        "(must end with a user message); without it, chat interactively on stdin")
+    parser.add_argument("--system", default=None, help="system message (default: none)")
+    parser.add_argument("--interactive", action="store_true",
+                        help="after replying to --message, go on chatting on stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="most tokens generated per reply (default: 128)")
+    parser.add_argument("--sample", action="store_true",
+                        help="sample instead of greedy decoding (implied by --top-p/--temperature)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: keep the most likely tokens up to this total "
+                        "probability (default when sampling: 1.0)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (default when sampling: 1.0)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the sampling generator, for reproducible samples "
+                        "(default: random)")
+    parser.add_argument("--tokenizer-model", default=None, metavar="PATH",
+                        help="the run's tokenizer, if it moved (.model file or HF folder)")
+    parser.add_argument("--template", default=None,
+                        help="chat template, if the run's dataset metadata is gone")
+    parser.add_argument("--echo", action="store_true",
+                        help="interactive: print the conversation as a transcript (user> and "
+                        "assistant> lines), e.g. when the messages are piped in")
+    parser.add_argument("--json", action="store_true",
+                        help="one-shot: print a JSON object (text, token_ids, finish_reason, "
+                        "prompt_tokens) instead of the text")
+    return parser
+
+
+def _sampling(args) -> dict:
+    sample = args.sample or args.top_p is not None or args.temperature is not None
+    return {"greedy": not sample,
+            "top_p": 1.0 if args.top_p is None else args.top_p,
+            "temperature": 1.0 if args.temperature is None else args.temperature,
+            "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+
+
+def _check_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.temperature is not None and args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.message and len(args.message) % 2 == 0:
+        raise ValueError(f"{len(args.message)} --message given: they alternate user, assistant, "
+                         "user, ... so the last one must be a user message (give an odd number)")
+    if not os.path.isdir(args.load):
+        raise ValueError(f"--load {args.load}: no such checkpoint folder (the --save folder of "
+                         "pretrain_dialog.py)")
+
+
+def _history(args) -> list:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    for index, text in enumerate(args.message):
+        messages.append({"role": "user" if index % 2 == 0 else "assistant", "content": text})
+    return messages
+
+
+def _fit(generator, messages: list, max_new_tokens: int) -> list:
+    """Drop the oldest user/assistant pairs until prompt + reply fit the trained length."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    room = min(max_new_tokens, generator.seq_length // 2)
+    while len(body) > 1 and len(generator.prompt_ids(system + body)) + room > generator.seq_length:
+        body = body[2:]
+    return system + body
+
+
+def _interactive(generator, messages: list, sampling: dict, echo: bool = False) -> None:
+    tty = sys.stdin.isatty()
+    while True:
+        if tty:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            messages[:] = [m for m in messages if m["role"] == "system"]
+            print("(history cleared)", flush=True)
+            continue
+        if echo and not tty:
+            print(f"user> {text}", flush=True)
+        messages.append({"role": "user", "content": text})
+        messages[:] = _fit(generator, messages, sampling["max_new_tokens"])
+        result = generator.generate(messages, **sampling)
+        messages.append({"role": "assistant", "content": result.text})
+        print(("assistant> " if tty or echo else "") + result.text, flush=True)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        warnings.filterwarnings("ignore")  # megatron-core's import-time notices (no TE/apex, ...)
+        from mt_dialog.data.tokenizers import TokenizerError
+        from mt_dialog.generate import GenerationError, Generator
+
+        try:
+            generator = Generator.from_checkpoint(
+                args.load, iteration=args.iteration, tokenizer_path=args.tokenizer_model,
+                template=args.template)
+            sampling = _sampling(args)
+            messages = _history(args)
+            if args.message:
+                result = generator.generate(messages, **sampling)
+                if args.json:
+                    print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                                      "finish_reason": result.finish_reason,
+                                      "prompt_tokens": len(result.prompt_ids)}), flush=True)
+                else:
+                    print(result.text, flush=True)
+                if not args.interactive:
+                    return 0
+                messages.append({"role": "assistant", "content": result.text})
+            _interactive(generator, messages, sampling, args.echo)
+        except (GenerationError, TokenizerError) as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
