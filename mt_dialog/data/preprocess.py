@@ -159,15 +159,21 @@ def _assign_splits(stage: Stage, config: PreprocessConfig) -> Dict[str, np.ndarr
     return {"train": np.sort(order[n_valid:]), "valid": np.sort(order[:n_valid])}
 
 
+def to_stage_indices(indices: np.ndarray, packs: List[List[int]]) -> List[List[int]]:
+    """``packs`` index into ``indices`` (one split's staging indices); returns each pack's
+    staging indices, with one vectorized gather instead of a loop over numpy scalars."""
+    flat = np.fromiter((i for p in packs for i in p), dtype=np.int64,
+                       count=sum(len(p) for p in packs))
+    cuts = np.cumsum([len(p) for p in packs])[:-1]
+    return [part.tolist() for part in np.split(indices[flat], cuts)]
+
+
 def _write_split(name: str, indices: np.ndarray, stage: Stage, staged, tmp_prefix: str,
                  config: PreprocessConfig, vocab_size: int, progress) -> Dict[str, float]:
     """Pack one split and write it; returns its statistics."""
     seq_length = config.packing.seq_length
     lengths = np.frombuffer(stage.lengths, dtype=np.int64)[indices]
-    local = pack(lengths, seq_length, config.packing.packing)
-    flat = indices[np.fromiter((i for p in local for i in p), dtype=np.int64, count=len(indices))]
-    cuts = np.cumsum([len(p) for p in local])[:-1]
-    packs = [p.tolist() for p in np.split(flat, cuts)]  # staging indices, one list per pack
+    packs = to_stage_indices(indices, pack(lengths, seq_length, config.packing.packing))
     if config.packing.shuffle:
         rng = np.random.default_rng(config.packing.seed + (0 if name == "train" else 1))
         packs = [packs[i] for i in rng.permutation(len(packs))]
