@@ -141,27 +141,36 @@ def render_conversation(
     ``formats.validate_roles``); ``encode`` turns text into ids without adding special tokens.
     """
     ids, body, first_user, system = _render_context(messages, template, encode)
-    ltn: List[int] = [0] * len(ids)
+    replies: List[Tuple[int, int]] = []  # (start, length) of each trained reply
     turn_ends: List[int] = []
     for index, message in enumerate(body):
-        start = len(ids)
         if message.role == "user":
             pieces = first_user if (index == 0 and first_user is not None) else template.user
             _emit(ids, pieces, encode, content=message.content, system=system)
-            ltn.extend([0] * (len(ids) - start))
             continue
         _emit(ids, template.assistant_open, encode)
-        ltn.extend([0] * (len(ids) - start))
-        reply = encode(message.content) + [template.end_of_turn]
+        reply = encode(message.content)
+        reply.append(template.end_of_turn)
+        replies.append((len(ids), len(reply)))
         ids.extend(reply)
-        ltn.extend([len(reply)] * len(reply))
-        close_start = len(ids)
         _emit(ids, template.assistant_close, encode)
-        ltn.extend([0] * (len(ids) - close_start))
         turn_ends.append(len(ids))
     return RenderedConversation(
-        np.asarray(ids, dtype=np.int64), np.asarray(ltn, dtype=np.int32), tuple(turn_ends)
+        np.fromiter(ids, dtype=np.int64, count=len(ids)),
+        _turn_lengths(replies, len(ids)), tuple(turn_ends)
     )
+
+
+def _turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
+    """loss_token_num: each reply's length on its tokens, 0 elsewhere (one np.repeat)."""
+    values, runs, position = [], [], 0
+    for start, length in replies:
+        values += [0, length]
+        runs += [start - position, length]
+        position = start + length
+    values.append(0)
+    runs.append(total - position)
+    return np.repeat(np.asarray(values, dtype=np.int32), runs)
 
 
 def render_prompt(
