@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""Preprocessing: conversations/s and tokens/s of ``tools/preprocess_dialog.py`` with 1 and 2
+workers, beside a bare loop that only tokenizes the same texts with the same tokenizer.
+
+Inputs:
+  synthetic          the ShareGPT-like corpus of ``synthetic_corpus.py`` with its own 2,000-piece
+                     SentencePiece model, ``--template chatml`` (runs on a fresh clone)
+  synthetic+llama2   the same corpus with ``../shared/data/llama2_tokenizer.model``, ``--template llama2``
+  firefly+llama2     ``../shared/data/firefly_multiturn_zh.jsonl`` (33 real Chinese conversations)
+                     repeated ``--firefly-repeat`` times into one file so that start-up does not
+                     dominate, Llama 2 tokenizer, ``--template firefly``
+The two Llama 2 rows are skipped with a message when ``../shared`` is absent.
+
+Each tool run is a fresh interpreter calling the tool's ``main`` with ``--seq-length 4096
+--packing bfd --overlong truncate --no-progress`` (default split):
+  time        the tool's own ``elapsed_seconds``: from reading the first file to the metadata
+              written, megatron-core's import included, interpreter start-up excluded
+  wall        the same plus interpreter start-up
+  CPU         CPU seconds of the main process (reading, staging, packing, writing; rendering
+              too with 1 worker) / of the worker processes
+  minus import  ``time`` less the import of torch + megatron-core that the indexed-dataset
+              writer needs, a fixed cost of every run (measured alone in a fresh interpreter)
+"tokenize only" loads every message text into memory first (not timed), then times
+``sp.EncodeAsIds(text)`` over them in one process. tokens/s counts the tokens each produced (the
+pipeline's include the template's, minus turns removed by ``--overlong truncate``).
+
+    python benchmarks/bench_preprocess.py           # full run (~4-6 min on 2 cores)
+    python benchmarks/bench_preprocess.py --quick   # smoke run
+    python benchmarks/bench_preprocess.py --profile # + where the 1-worker pipeline spends its time
+
+Targets: pipeline (1 worker) within 1.25x of tokenize-only; near-linear scaling with workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+
+TARGET_RATIO = 1.25
+
+
+def message_texts(path: str):
+    """Every message text of a JSONL corpus (OpenAI ``messages`` or Firefly records)."""
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if "messages" in record:
+                texts += [m["content"] for m in record["messages"]]
+            else:
+                if record.get("system"):
+                    texts.append(record["system"])
+                for turn in record["conversation"]:
+                    texts += [turn["human"], turn["assistant"]]
+    return texts
+
+
+def tokenize_only(path: str, model: str, repeats: int):
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(model)
+    texts = message_texts(path)
+    best, tokens = float("inf"), 0
+    for _ in range(repeats):
+        start = common.wall()
+        tokens = 0
+        for text in texts:
+            tokens += len(sp.EncodeAsIds(text))
+        best = min(best, common.wall() - start)
+    return best, tokens, len(texts)
+
+
+def run_tool(path, model, template, workers, prefix):
+    """One ``tools/preprocess_dialog.py`` run in a fresh interpreter (``--run-tool`` mode of this
+    script: it calls the tool's ``main`` and reports the CPU time of the main process and of its
+    worker processes)."""
+    command = [sys.executable, os.path.abspath(__file__), "--run-tool",
+               "--input", path, "--tokenizer-model", model, "--template", template,
+               "--seq-length", "4096", "--packing", "bfd", "--overlong", "truncate",
+               "--output-prefix", prefix, "--overwrite", "--no-progress",
+               "--workers", str(workers)]
+    start = common.wall()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = common.wall() - start
+    if done.returncode:
+        raise SystemExit(f"preprocessing failed:\n{done.stdout}\n{done.stderr}")
+    usage = json.loads(done.stdout.strip().splitlines()[-1])
+    with open(prefix + ".meta.json", encoding="utf-8") as handle:
+        summary = json.load(handle)["summary"]
+    tokens = sum(s["tokens"] for s in summary["splits"].values())
+    return {"workers": workers, "wall_seconds": wall, "seconds": summary["elapsed_seconds"],
+            "conversations": summary["conversations_kept"], "tokens": tokens, **usage}
+
+
+def tool_main(argv) -> int:
+    """``--run-tool ARGS``: ``tools/preprocess_dialog.py ARGS``, then one JSON line with the CPU
+    seconds of this (main) process and of its finished children (the pool workers)."""
+    import contextlib
+    import io
+    import resource
+
+    sys.path.insert(0, os.path.join(common.REPO, "tools"))
+    import preprocess_dialog
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = preprocess_dialog.main(argv)
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(json.dumps({"main_cpu_seconds": own.ru_utime + own.ru_stime,
+                      "workers_cpu_seconds": children.ru_utime + children.ru_stime}))
+    return code
+
+
+def import_cost(repeats: int = 2) -> float:
+    """Seconds a fresh interpreter needs to import what the pipeline imports inside its timed
+    part: megatron-core's ``indexed_dataset`` (torch + megatron.core), via
+    ``mt_dialog.data.storage.indexed_dataset_module`` (median of ``repeats`` runs)."""
+    code = ("import time, warnings; warnings.filterwarnings('ignore'); t = time.perf_counter(); "
+            "from mt_dialog.data.storage import indexed_dataset_module; indexed_dataset_module(); "
+            "print(time.perf_counter() - t)")
+    times = []
+    for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", code], cwd=common.REPO, capture_output=True,
+                              text=True, check=True)
+        times.append(float(done.stdout.strip().splitlines()[-1]))
+    return sorted(times)[len(times) // 2]
+
+
+def repeat_file(source: str, target: str, times: int) -> str:
+    with open(source, "rb") as handle:
+        data = handle.read()
+    if not data.endswith(b"\n"):
+        data += b"\n"
+    with open(target, "wb") as handle:
+        for _ in range(times):
+            handle.write(data)
+    return target
+
+
+def profile_pipeline(path, model, template, work) -> list:
+    """cProfile of one in-process 1-worker run: (function, own seconds) of the top entries."""
+    import cProfile
+    import pstats
+
+    common.quiet_warnings()
+    sys.path.insert(0, os.path.join(common.REPO, "tools"))
+    import preprocess_dialog
+    from mt_dialog.data.storage import indexed_dataset_module
+
+    indexed_dataset_module()  # imported before profiling: the profile shows the steady state
+
+    profiler = cProfile.Profile()
+    argv = ["--input", path, "--tokenizer-model", model, "--template", template,
+            "--seq-length", "4096", "--overlong", "truncate", "--output-prefix",
+            os.path.join(work, "profiled"), "--overwrite", "--no-progress"]
+    profiler.enable()
+    import io
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(io.StringIO()):
+        preprocess_dialog.main(argv)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = stats.total_tt
+    rows = []
+    for (filename, line, name), (_, calls, own, cum, _) in stats.stats.items():
+        rows.append((own, cum, calls, f"{os.path.relpath(filename, common.REPO) if filename.startswith(common.REPO) else os.path.basename(filename)}:{line}({name})"))
+    rows.sort(reverse=True)
+    return [{"function": r[3], "own_seconds": r[0], "cumulative_seconds": r[1], "calls": r[2],
+             "share": r[0] / total} for r in rows[:20]], total
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--run-tool"]:
+        return tool_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: small inputs")
+    parser.add_argument("--conversations", type=int, help="synthetic corpus size (default 20000; "
+                        "quick 1000)")
+    parser.add_argument("--firefly-repeat", type=int, help="copies of the 33 Firefly "
+                        "conversations (default 300; quick 3)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--profile", action="store_true", help="also profile a 1-worker run "
+                        "of the synthetic corpus in-process (cProfile) and print the top functions")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    n = args.conversations or (1000 if args.quick else 20000)
+    repeat = args.firefly_repeat or (3 if args.quick else 300)
+    info = common.machine_info()
+    print(common.header("preprocessing benchmark", info, args.quick), flush=True)
+
+    from synthetic_corpus import prepare
+
+    work = os.path.join(common.WORK_DIR, "preprocess")
+    corpus, synthetic_model = prepare(work, n, args.seed)
+    inputs = [("synthetic", corpus, synthetic_model, "chatml")]
+    skipped = common.shared_data_status()
+    if skipped:
+        print(f"synthetic+llama2, firefly+llama2: {skipped}")
+    else:
+        firefly = repeat_file(common.FIREFLY_JSONL, os.path.join(work, f"firefly_x{repeat}.jsonl"),
+                              repeat)
+        inputs += [("synthetic+llama2", corpus, common.LLAMA2_MODEL, "llama2"),
+                   (f"firefly+llama2 (x{repeat})", firefly, common.LLAMA2_MODEL, "firefly")]
+
+    records, rows = [], []
+    for name, path, model, template in inputs:
+        print(f"{name}: tokenize only ...", flush=True)
+        seconds, tokens, texts = tokenize_only(path, model, 2 if args.quick else 1)
+        conversations = sum(1 for _ in open(path, encoding="utf-8"))
+        base = {"input": name, "path": path, "tokenizer": model, "template": template,
+                "conversations": conversations, "messages": texts}
+        records.append({**base, "mode": "tokenize only", "workers": 1, "seconds": seconds,
+                        "wall_seconds": seconds, "tokens": tokens})
+        for workers in args.workers:
+            print(f"{name}: pipeline, {workers} worker(s) ...", flush=True)
+            result = run_tool(path, model, template, workers, os.path.join(work, "out"))
+            records.append({**base, "mode": "pipeline", **result})
+    print("import cost of megatron-core's indexed_dataset in a fresh interpreter ...", flush=True)
+    imports = import_cost()
+    by_input = {}
+    for r in records:
+        by_input.setdefault(r["input"], []).append(r)
+    for name, group in by_input.items():
+        only = next(r for r in group if r["mode"] == "tokenize only")
+        one = next((r for r in group if r["mode"] == "pipeline" and r["workers"] == 1), None)
+        for r in group:
+            r["vs_tokenize_only"] = r["seconds"] / only["seconds"]
+            r["vs_tokenize_only_excluding_import"] = (
+                max(r["seconds"] - imports, 0.0) / only["seconds"] if r["mode"] == "pipeline"
+                else 1.0)
+            r["speedup_vs_1_worker"] = (one["seconds"] / r["seconds"]) if (
+                one and r["mode"] == "pipeline") else None
+            rows.append([
+                name, r["mode"], r["workers"], f"{r['conversations']:,}", f"{r['tokens']:,}",
+                common.fmt_seconds(r["seconds"]),
+                common.fmt_seconds(r["wall_seconds"]) if r["mode"] == "pipeline" else "-",
+                (f"{r['main_cpu_seconds']:.1f} / {r['workers_cpu_seconds']:.1f} s"
+                 if r["mode"] == "pipeline" else "-"),
+                f"{r['conversations'] / r['seconds']:,.0f}", f"{r['tokens'] / r['seconds']:,.0f}",
+                f"{r['vs_tokenize_only']:.2f}x",
+                f"{r['vs_tokenize_only_excluding_import']:.2f}x",
+                f"{r['speedup_vs_1_worker']:.2f}x" if r["speedup_vs_1_worker"] else "-"])
+    table = common.format_table(
+        ["input", "mode", "workers", "conversations", "tokens", "time", "wall",
+         "CPU main / workers", "conv/s",
+         "tokens/s", "vs tokenize-only", "same, minus import", "vs 1 worker"], rows)
+    print()
+    print(table)
+    lines = []
+    for name, group in by_input.items():
+        one = next((r for r in group if r["mode"] == "pipeline" and r["workers"] == 1), None)
+        if one:
+            ratio = one["vs_tokenize_only"]
+            lines.append(f"target {name}: pipeline (1 worker) <= {TARGET_RATIO}x tokenize-only: "
+                         f"{ratio:.2f}x " + ("MET" if ratio <= TARGET_RATIO else
+                                             f"MISSED by {ratio / TARGET_RATIO:.2f}x"))
+        two = next((r for r in group if r["mode"] == "pipeline" and r["workers"] == 2), None)
+        if one and two:
+            lines.append(f"scaling {name}: 2 workers {two['speedup_vs_1_worker']:.2f}x of 1 "
+                         f"worker (linear: 2.00x); CPU main {two['main_cpu_seconds']:.1f} s + "
+                         f"workers {two['workers_cpu_seconds']:.1f} s on {info['usable_cores']} "
+                         f"cores (load average at start {info['load_average_1_5_15']})")
+    if args.quick:
+        lines = ["[quick run: inputs too small, fixed costs dominate] " + line for line in lines]
+    lines.append(f"fixed cost inside every pipeline run: importing megatron-core's indexed_dataset "
+                 f"(torch + megatron.core) takes {imports:.2f} s here (\"same, minus import\" "
+                 "subtracts it)")
+    for line in lines:
+        print(line)
+
+    profile = None
+    if args.profile:
+        entries, total = profile_pipeline(corpus, synthetic_model, "chatml", work)
+        profile = {"total_seconds": total, "top": entries}
+        print(f"\nprofile of one in-process 1-worker run (synthetic, {total:.1f} s under cProfile):")
+        print(common.format_table(
+            ["function", "own s", "share", "calls"],
+            [[e["function"][:90], f"{e['own_seconds']:.2f}", f"{100 * e['share']:.1f}%",
+              f"{e['calls']:,}"] for e in entries]))
+
+    paths = common.result_paths("preprocess", args.quick)
+    common.write_json(paths["json"], {
+        "benchmark": "preprocess", "quick": args.quick, "machine": info,
+        "command": "python benchmarks/bench_preprocess.py" + (" --quick" if args.quick else ""),
+        "skipped": skipped, "import_seconds": imports, "results": records, "targets": lines, "profile": profile,
+        "table": table})
+    plot(by_input, paths["png"], info)
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+def plot(by_input, path, info):
+    plt = common.pyplot()
+    if plt is None:
+        return
+    names = list(by_input)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4.4), squeeze=False)
+    for axis, name in zip(axes[0], names):
+        group = by_input[name]
+        labels = [("tokenize only" if r["mode"] == "tokenize only" else
+                   f"pipeline\n{r['workers']} worker{'s' if r['workers'] > 1 else ''}")
+                  for r in group]
+        values = [r["conversations"] / r["seconds"] for r in group]
+        bars = axis.bar(labels, values, color=["0.6"] + ["C0", "C1", "C2", "C3"][: len(group) - 1])
+        for bar, r in zip(bars, group):
+            axis.annotate(f"{r['tokens'] / r['seconds'] / 1e3:,.0f}k tok/s",
+                          (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                          ha="center", va="bottom", fontsize=7)
+        axis.set_ylabel("conversations / s")
+        axis.set_title(name, fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    common.save_figure(fig, path, info)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
