@@ -73,6 +73,7 @@ With CUDA present, ``apply_cpu_shims()`` returns without touching anything.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -250,20 +251,28 @@ def _make_clip_grad_by_total_norm_fp32(clip_grads_module):
     return clip_grad_by_total_norm_fp32
 
 
+@contextlib.contextmanager
+def _tensor_method(name: str, make_replacement):
+    """Within the block only, ``torch.Tensor.<name>`` is ``make_replacement(original)``."""
+    original = getattr(torch.Tensor, name)
+    setattr(torch.Tensor, name, make_replacement(original))
+    try:
+        yield
+    finally:
+        setattr(torch.Tensor, name, original)
+
+
 def _wrap_setup_embeddings(original):
     @functools.wraps(original)
     def setup_embeddings_and_output_layer(self, *args, **kwargs):
-        tensor_cuda = torch.Tensor.cuda
+        def _stay_on_cpu(cuda):
+            def stay(t, *a, **k):
+                _note("language_module: setup_embeddings_and_output_layer weight.data.cuda()")
+                return t
+            return stay
 
-        def _stay_on_cpu(t, *a, **k):
-            _note("language_module: setup_embeddings_and_output_layer weight.data.cuda()")
-            return t
-
-        torch.Tensor.cuda = _stay_on_cpu
-        try:
+        with _tensor_method("cuda", _stay_on_cpu):
             return original(self, *args, **kwargs)
-        finally:
-            torch.Tensor.cuda = tensor_cuda
 
     setup_embeddings_and_output_layer._mt_dialog_cpu_shim = True
     return setup_embeddings_and_output_layer
@@ -276,19 +285,16 @@ def _wrap_distributed_optimizer_init(original):
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
-        tensor_type = torch.Tensor.type
+        def _cuda_type_name(tensor_type):
+            def type_name(t, *a, **k):
+                if not a and not k and t.device.type == "cpu":
+                    _note("distrib_optimizer: param.type() as torch.cuda.*")
+                    return tensor_type(t).replace("torch.", "torch.cuda.", 1)
+                return tensor_type(t, *a, **k)
+            return type_name
 
-        def _cuda_type_name(t, *a, **k):
-            if not a and not k and t.device.type == "cpu":
-                _note("distrib_optimizer: param.type() as torch.cuda.*")
-                return tensor_type(t).replace("torch.", "torch.cuda.", 1)
-            return tensor_type(t, *a, **k)
-
-        torch.Tensor.type = _cuda_type_name
-        try:
+        with _tensor_method("type", _cuda_type_name):
             return original(self, *args, **kwargs)
-        finally:
-            torch.Tensor.type = tensor_type
 
     __init__._mt_dialog_cpu_shim = True
     return __init__
