@@ -30,8 +30,10 @@ from mt_dialog.data.render import resolve_template
 from mt_dialog.data.storage import (
     FORMAT_VERSION,
     PackWriter,
+    count_dtype,
     open_indexed,
     output_files,
+    token_dtype,
     write_metadata,
 )
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
@@ -248,6 +250,8 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         tokenizer = processor.setup()  # appends missing special tokens once, here
     except (TokenizerError, ValueError) as exc:
         raise PreprocessError(str(exc)) from None
+    processor.token_dtype = np.dtype(token_dtype(tokenizer.vocab_size)).name
+    processor.count_dtype = np.dtype(count_dtype(config.packing.seq_length)).name
     if tok.template == HF_TEMPLATE and not tokenizer.chat_template:
         raise PreprocessError(
             f"--template hf: the tokenizer in {tok.tokenizer_path} has no chat template; "

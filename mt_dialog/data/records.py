@@ -61,6 +61,11 @@ class RecordProcessor:
     seq_length: int
     overlong: str
     added_tokens: Dict[str, int] = field(default_factory=dict)
+    token_dtype: str = "int64"
+    """dtype of the stored token ids (set by the main process once the vocabulary is known): the
+    arrays cross the process boundary and reach the writer already in the stored dtypes."""
+    count_dtype: str = "int32"
+    """dtype of the stored loss_token_num."""
 
     def __post_init__(self) -> None:
         self._tokenizer: Optional[DialogTokenizer] = None
@@ -91,6 +96,10 @@ class RecordProcessor:
     def process(self, batch: List[Tuple[int, RawRecord]]) -> List[Outcome]:
         return [self._one(number, record) for number, record in batch]
 
+    def _ok(self, number: int, rendered: RenderedConversation, removed: int) -> Outcome:
+        return ("ok", number, rendered.input_ids.astype(self.token_dtype, copy=False),
+                rendered.loss_token_num.astype(self.count_dtype, copy=False), removed)
+
     def _one(self, number: int, record: RawRecord) -> Outcome:
         if record.error is not None:  # a problem with the file itself (e.g. empty)
             return ("error", number, record.error.reason, f"{record.where}: {record.error.message}")
@@ -101,7 +110,7 @@ class RecordProcessor:
         except RecordError as exc:
             return ("error", number, exc.reason, f"{where}: {exc.message}")
         if rendered.num_tokens <= self.seq_length:
-            return ("ok", number, rendered.input_ids, rendered.loss_token_num, 0)
+            return self._ok(number, rendered, 0)
         too_long = (
             f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"
         )
@@ -109,7 +118,7 @@ class RecordProcessor:
             kept = truncate_to_turns(rendered, self.seq_length)
             if kept is not None:
                 removed = rendered.turn_num - kept.turn_num
-                return ("ok", number, kept.input_ids, kept.loss_token_num, removed)
+                return self._ok(number, kept, removed)
             return ("dropped", number, "overlong_no_turn_fits",
                     f"{too_long} and even its first turn does not fit; it was dropped")
         if self.overlong == "drop":
