@@ -24,6 +24,7 @@ import torch
 
 from mt_dialog.data.storage import (
     DatasetFormatError,
+    count_turns,
     field_prefix,
     open_indexed,
     read_metadata,
@@ -108,12 +109,6 @@ def build_sample(
         "turn_num": np.int64(count_turns(counts)),
         "num_tokens": np.int64(used),
     }
-
-
-def count_turns(counts: np.ndarray) -> int:
-    """Turns with at least one loss token: each turn of n tokens carries n on n tokens."""
-    trained = counts[counts > 0].astype(np.float64)
-    return int(round(float(np.sum(1.0 / trained)))) if trained.size else 0
 
 
 def _check_metadata(metadata, prefix, split, seq_length, vocab_size, tokenizer_sha256) -> None:

@@ -7,7 +7,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from mt_dialog.data.dataset import PackedDialogDataset, count_turns
+from mt_dialog.data.dataset import PackedDialogDataset
+from mt_dialog.data.storage import count_turns
 from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError, load_tokenizer
 
 GREEN, RESET = "\033[1;32m", "\033[0m"

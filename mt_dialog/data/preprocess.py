@@ -31,6 +31,7 @@ from mt_dialog.data.storage import (
     FORMAT_VERSION,
     PackWriter,
     count_dtype,
+    count_turns,
     open_indexed,
     output_files,
     token_dtype,
@@ -187,9 +188,8 @@ def _write_split(name: str, indices: np.ndarray, stage: Stage, staged, tmp_prefi
         counts = [counts_ds[m] for m in members]
         writer.add_pack(tokens, counts)
         for c in counts:
-            trained = c[c > 0].astype(np.float64)
-            stats["turns"] += int(round(float(np.sum(1.0 / trained)))) if trained.size else 0
-            stats["loss_tokens"] += int(trained.size)
+            stats["turns"] += count_turns(c)
+            stats["loss_tokens"] += int(np.count_nonzero(c))
     writer.finalize()
     total = int(lengths.sum())
     return {

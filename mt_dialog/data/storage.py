@@ -99,6 +99,12 @@ class PackWriter:
             builder.finalize(self.prefixes[field] + ".idx")
 
 
+def count_turns(counts: np.ndarray) -> int:
+    """Turns with at least one loss token: each turn of n tokens carries n on n tokens."""
+    trained = counts[counts > 0].astype(np.float64)
+    return int(round(float(np.sum(1.0 / trained)))) if trained.size else 0
+
+
 def write_metadata(prefix: str, metadata: Dict[str, Any]) -> None:
     with open(metadata_path(prefix), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2, ensure_ascii=False)

@@ -76,7 +76,6 @@ __all__ = [
     "PackedSDPAttention",
     "get_packed_gpt_layer_local_spec",
     "packed_seq_params_from_cu_seqlens",
-    "cu_seqlens_from_segment_lengths",
 ]
 
 
@@ -220,14 +219,6 @@ def get_packed_gpt_layer_local_spec(**kwargs):
     spec = get_gpt_layer_local_spec(**kwargs)
     spec.submodules.self_attention.submodules.core_attention = PackedSDPAttention
     return spec
-
-
-def cu_seqlens_from_segment_lengths(lengths, device=None) -> Tensor:
-    """[l0, l1, ...] -> int32 tensor [0, l0, l0+l1, ...]."""
-    lengths = torch.as_tensor(lengths, dtype=torch.int64, device=device)
-    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(lengths, 0).to(torch.int32)
-    return cu
 
 
 def packed_seq_params_from_cu_seqlens(cu_seqlens: Tensor, max_seqlen: Optional[int] = None) -> PackedSeqParams:

@@ -88,7 +88,7 @@ def step_sample_indices(consumed: int, global_batch: int, micro_batch: int, dp_s
 def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool,
                         device: torch.device) -> Dict[str, object]:
     """b packs -> one ``[1, b*s]`` sequence with ``cu_seqlens`` and ``PackedSeqParams``."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
 
     seq = int(samples[0]["tokens"].shape[0])
     conversations, packs = [0], [0]
@@ -97,7 +97,6 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         packs.append((index + 1) * seq)
     attention = conversations if isolated else packs
     cu = torch.tensor(attention, dtype=torch.int32, device=device)
-    max_len = int(np.max(np.diff(attention)))
 
     def stack(key, dtype):
         joined = np.concatenate([s[key] for s in samples])[None, :]
@@ -111,9 +110,8 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         "position_ids": stack("position_ids", torch.int64),
         "cu_seqlens": cu,
         "conversation_cu_seqlens": torch.tensor(conversations, dtype=torch.int32, device=device),
-        "packed_seq_params": PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-            max_seqlen_q=max_len, max_seqlen_kv=max_len),
+        "packed_seq_params": packed_seq_params_from_cu_seqlens(
+            cu, max_seqlen=int(np.max(np.diff(attention)))),
         "num_tokens": int(sum(int(s["num_tokens"]) for s in samples)),
         "turns": int(sum(int(s["turn_num"]) for s in samples)),
         "packs": len(samples),

@@ -33,13 +33,13 @@ Normalizations, for one micro-batch (``count`` is an int32 tensor, like the sche
 ``report`` maps a name to a float64 ``tensor([sum, count])`` for each of 'loss per turn',
 'loss per token' (and 'loss per conversation' when conversation ids are available). Pairs are
 summed over micro-batches and all-reduced (SUM) over data-parallel ranks before dividing:
-``aggregate_reports``. Never average per-micro-batch means.
+``mt_dialog.training.loop._reduce_reports``. Never average per-micro-batch means.
 """
 
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,6 @@ __all__ = [
     "conversation_ids_from_cu_seqlens",
     "dialog_loss",
     "make_loss_func",
-    "aggregate_reports",
 ]
 
 NORMALIZATIONS = ("turn", "token", "conversation")
@@ -161,28 +160,3 @@ def make_loss_func(
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     return partial(_loss_func, loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens)
-
-
-def aggregate_reports(
-    reports: Iterable[Dict[str, Tensor]], group: Optional[torch.distributed.ProcessGroup] = None
-) -> Dict[str, float]:
-    """Sum ``[sum, count]`` pairs over micro-batches, all-reduce over ``group`` (the data-parallel
-    group; pass ``None`` with no process group initialized to skip), return sum/count per key.
-
-    Call on every rank of ``group`` with the same keys (on non-last pipeline stages the
-    forward_data_store is empty: call it on last-stage ranks with their DP group only)."""
-    totals: Dict[str, Tensor] = {}
-    for rep in reports:
-        for key, pair in rep.items():
-            pair = pair.detach().double()
-            totals[key] = totals[key] + pair if key in totals else pair.clone()
-    keys = sorted(totals)
-    if not keys:
-        return {}
-    stacked = torch.stack([totals[k] for k in keys])
-    if group is not None and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(stacked, group=group)
-    return {
-        k: float(stacked[i, 0] / stacked[i, 1]) if stacked[i, 1] > 0 else float("nan")
-        for i, k in enumerate(keys)
-    }
