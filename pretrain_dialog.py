@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv) -> DialogTrainingConfig:
     args = build_parser().parse_args(argv)
+    if args.use_checkpoint_args and args.load:
+        from mt_dialog.training.checkpoint import checkpoint_args
+
+        vars(args).update(checkpoint_args(args.load))
     return DialogTrainingConfig(*(from_args(cls, args) for _, cls in GROUPS))
 
 

@@ -15,7 +15,8 @@ How it works:
   the run trained on (``--data-path``); pass ``template=`` when that dataset is gone.
 * The model is the library's GPTModel (``build_model_chunks``) with every parallel size set to 1;
   megatron-core ``dist_checkpointing`` reshards a checkpoint saved at any TP/PP layout into it
-  (``load_weights_for_inference``). The vocabulary is padded exactly as in training.
+  (``load_weights_for_inference``). The embedding has exactly the checkpoint's (padded) rows;
+  logits beyond the tokenizer's vocabulary are never chosen.
 * The prompt is ``render_prompt(messages, template, tokenizer.encode)``: the conversation laid out
   as in training, ending with the reply opener. Each new token re-runs the full causal forward
   over the unpadded sequence (no KV cache, no packed params: one sequence is one segment, and
@@ -144,25 +145,37 @@ def inference_config(saved: Dict[str, Any]):
         return cls(**{k: v for k, v in values.items() if k in names})
 
     model = dict(saved["model"])
-    train_tp = int(saved["parallel"].get("tensor_model_parallel_size", 1))
-    divisible = int(model.get("make_vocab_size_divisible_by", 128))
-    model["make_vocab_size_divisible_by"] = divisible * train_tp
+    # the model gets exactly the checkpoint's vocabulary rows (see ``vocab_rows``)
+    model["make_vocab_size_divisible_by"] = 1
     model["recompute_activations"] = False
     if model.get("transformer_impl") == "transformer_engine" and not transformer_engine_usable():
         model["transformer_impl"] = "local"  # same sharded keys; TE needs CUDA
     return DialogTrainingConfig(
         model=build(ModelConfig, model),
         parallel=ParallelConfig(),  # TP = PP = 1, no virtual pipeline, no sequence parallel
-        data=build(DataConfig, saved["data"]),
-        optim=build(OptimConfig, saved["optim"]),
-        train=build(TrainConfig, saved["train"]),
+        # a converted checkpoint has no data, optimizer or training sections: defaults
+        data=build(DataConfig, saved.get("data") or {"data_path": ["-"]}),
+        optim=build(OptimConfig, saved.get("optim", {})),
+        train=build(TrainConfig, saved.get("train") or {"train_iters": 1}),
     )
+
+
+def vocab_rows(root: str, iteration: int, default: int) -> int:
+    """Rows of the checkpoint's word embedding (the padded vocabulary it was saved with)."""
+    from mt_dialog.training.checkpoint import iteration_dir, stored_vocab_rows
+
+    try:
+        rows = stored_vocab_rows(iteration_dir(root, iteration))
+    except Exception as exc:  # dist_checkpointing raises several kinds
+        raise GenerationError(f"checkpoint {root}: unreadable metadata ({type(exc).__name__}: "
+                              f"{exc})") from None
+    return rows or default
 
 
 _OWNED = {"process_group": False, "model_parallel": False}
 
 
-def _ensure_single_process(seed: int) -> None:
+def ensure_single_process(seed: int) -> None:
     """torch.distributed with one rank and megatron-core groups of size 1 (idempotent)."""
     from megatron.core import parallel_state as ps
 
@@ -289,7 +302,15 @@ class Generator:
 
         info = read_run_info(path, iteration)
         data = info["data"]
+        if not data or not data.get("tokenizer"):
+            raise GenerationError(f"checkpoint {path} records no tokenizer (converted from a "
+                                  "folder without tokenizer files); fine-tune it on a dataset "
+                                  "first, or convert a folder that has the tokenizer")
         tok_info = dict(data["tokenizer"])
+        bundled = os.path.join(path, "tokenizer")  # hf-to-mcore copies the tokenizer here
+        if (not tokenizer_path and not os.path.exists(tok_info["path"])
+                and os.path.isdir(bundled)):
+            tokenizer_path = bundled
         if tokenizer_path:
             try:
                 tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
@@ -329,10 +350,10 @@ class Generator:
                     f"{special['end_of_turn']}; pass the template the dataset was built with")
 
         config = inference_config(info["config"])
-        _ensure_single_process(seed)
+        ensure_single_process(seed)
         tconfig = transformer_config(config)
-        (model,) = build_model_chunks(config, tconfig, int(data["vocab_size"]),
-                                      int(data["seq_length"]))
+        rows = vocab_rows(path, info["iteration"], int(data["vocab_size"]))
+        (model,) = build_model_chunks(config, tconfig, rows, int(data["seq_length"]))
         try:
             load_weights_for_inference(path, [model], info["iteration"])
         except Exception as exc:  # dist_checkpointing raises several kinds
@@ -362,7 +383,7 @@ class Generator:
         from megatron.core import parallel_state as ps
 
         if not ps.model_parallel_is_initialized():  # after shutdown()
-            _ensure_single_process(self.seed)
+            ensure_single_process(self.seed)
         tokens = torch.tensor([list(ids)], dtype=torch.int64, device=self.device)
         positions = torch.arange(tokens.shape[1], device=self.device)[None, :]
         with warnings.catch_warnings():  # megatron-core: "tp_group is None" on every linear

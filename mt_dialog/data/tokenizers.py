@@ -180,6 +180,23 @@ class SentencePieceTokenizer(DialogTokenizer):
         return token
 
 
+TOKENIZER_FILE_NAMES = ("special_tokens_map.json", "added_tokens.json", "merges.txt",
+                        "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files(folder: str) -> List[str]:
+    """Names of the tokenizer's files in a Hugging Face folder (not the model's: config.json and
+    weights are left out, so the tokenizer's identity survives a model re-save)."""
+    names = []
+    for name in sorted(os.listdir(folder)):
+        if not os.path.isfile(os.path.join(folder, name)):
+            continue
+        if (name.startswith(("tokenizer", "vocab.")) or name.endswith(".model")
+                or name in TOKENIZER_FILE_NAMES):
+            names.append(name)
+    return names
+
+
 class HuggingFaceTokenizer(DialogTokenizer):
     """A Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer_config.json``)."""
 
@@ -199,11 +216,8 @@ class HuggingFaceTokenizer(DialogTokenizer):
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"--tokenizer-path {path}: cannot load tokenizer ({exc})") from None
         digest = hashlib.sha256()
-        for name in sorted(os.listdir(path)):
-            if name.startswith("tokenizer") or name.endswith((".model", ".json", ".txt")):
-                full = os.path.join(path, name)
-                if os.path.isfile(full):
-                    digest.update(name.encode() + file_sha256(full).encode())
+        for name in tokenizer_files(path):
+            digest.update(name.encode() + file_sha256(os.path.join(path, name)).encode())
         super().__init__(path, len(self.hf), digest.hexdigest())
         self.bos_id = self.hf.bos_token_id
         self.eos_id = self.hf.eos_token_id

@@ -34,7 +34,21 @@ class ModelConfig:
     num_attention_heads: int = option(4, help="attention heads")
     num_query_groups: Optional[int] = option(None, help="key/value groups for grouped-query "
                                              "attention (default: one per head)")
+    kv_channels: Optional[int] = option(None, help="attention head size (default: hidden size "
+                                        "/ attention heads)")
     rotary_base: float = option(10000.0, help="RoPE base")
+    use_rope_scaling: bool = option(False, help="Llama 3.1-style RoPE frequency scaling "
+                                    "(--rope-scaling-* below)")
+    rope_scaling_factor: float = option(8.0, help="with --use-rope-scaling: divide the low "
+                                        "frequencies by this")
+    rope_scaling_low_freq_factor: float = option(1.0, help="with --use-rope-scaling: "
+                                                 "wavelengths above original / this are scaled")
+    rope_scaling_high_freq_factor: float = option(4.0, help="with --use-rope-scaling: "
+                                                  "wavelengths below original / this are kept")
+    rope_scaling_original_max_position: int = option(8192, help="with --use-rope-scaling: "
+                                                     "the context length of pretraining")
+    rotary_seq_len_interpolation_factor: Optional[float] = option(
+        None, help="linear RoPE position interpolation: positions are divided by this")
     norm_epsilon: float = option(1e-5, help="RMSNorm epsilon")
     untie_embeddings_and_output_weights: bool = option(False, help="separate output layer "
                                                        "instead of the input embedding")
@@ -54,10 +68,20 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
-                     "norm_epsilon", "init_method_std", "make_vocab_size_divisible_by"):
+                     "norm_epsilon", "init_method_std", "make_vocab_size_divisible_by",
+                     "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                     "rope_scaling_original_max_position"):
             _positive(name, getattr(self, name))
-        _positive("ffn_hidden_size", self.ffn_hidden_size, allow_none=True)
-        if self.hidden_size % self.num_attention_heads:
+        for name in ("ffn_hidden_size", "kv_channels", "rotary_seq_len_interpolation_factor"):
+            _positive(name, getattr(self, name), allow_none=True)
+        if self.rope_scaling_high_freq_factor <= self.rope_scaling_low_freq_factor:
+            raise ValueError(f"rope_scaling_high_freq_factor: {self.rope_scaling_high_freq_factor}"
+                             f" must exceed rope_scaling_low_freq_factor "
+                             f"{self.rope_scaling_low_freq_factor}")
+        if self.use_rope_scaling and self.rotary_seq_len_interpolation_factor:
+            raise ValueError("rotary_seq_len_interpolation_factor: give either it (linear "
+                             "scaling) or --use-rope-scaling (Llama 3.1 scaling), not both")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
         groups = self.query_groups
@@ -200,6 +224,8 @@ class TrainConfig:
     load: Optional[str] = option(None, help="checkpoint folder to resume from (model, "
                                  "optimizer, scheduler, data position, RNG)")
     finetune: bool = option(False, help="with --load: take the weights only, start at iteration 0")
+    use_checkpoint_args: bool = option(False, help="with --load: take the model flags "
+                                       "(layers, sizes, heads, RoPE, norm) from the checkpoint")
     tensorboard_dir: Optional[str] = option(None, help="write TensorBoard scalars here")
 
     def __post_init__(self) -> None:
@@ -212,6 +238,8 @@ class TrainConfig:
             _positive(name, getattr(self, name), allow_none=True)
         if self.finetune and not self.load:
             raise ValueError("finetune: --finetune needs --load CHECKPOINT")
+        if self.use_checkpoint_args and not self.load:
+            raise ValueError("use_checkpoint_args: --use-checkpoint-args needs --load CHECKPOINT")
 
 
 @dataclass

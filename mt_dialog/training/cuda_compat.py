@@ -61,9 +61,11 @@ distributed optimizer; DDP + finalize_model_grads + get_megatron_optimizer (Adam
      ``torch.cuda.current_device()``.
    - models/common/embeddings/rotary_pos_embedding.py: ``RotaryEmbedding.get_emb`` moves
      ``inv_freq`` to ``torch.cuda.current_device()`` on first use.
+   - tensor_parallel/mappings.py: ``_gather_along_last_dim`` output buffers on
+     ``torch.cuda.current_device()``; attention gathers the key/value heads with it when the
+     tensor-parallel size exceeds the query groups (one KV head at TP=2, as in small Qwen2s).
 Other megatron-core modules have the same kind of call sites on paths not used here, e.g.
-tensor_parallel/mappings.py (``gather_from_tensor_model_parallel_region`` output buffers, e.g. full
-logits gathered across TP), tensor_parallel/layers.py and tensor_parallel/utils.py (sequence
+tensor_parallel/layers.py and tensor_parallel/utils.py (sequence
 parallel, which the local spec's torch norms refuse anyway), optimizer/distrib_optimizer.py,
 rerun_state_machine.py. Pass them as ``apply_cpu_shims(extra_modules=(...))`` when a new path needs
 them, and add them to the list once verified.
@@ -104,6 +106,8 @@ TORCH_VIEW_MODULES = (
     "megatron.core.utils",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # attention with tensor-parallel size > query groups gathers the replicated KV heads
+    "megatron.core.tensor_parallel.mappings",
     # dist_checkpointing save: torch.cuda.synchronize() before writing, and the failure flag
     # tensors on torch.cuda.current_device()
     "megatron.core.dist_checkpointing.strategies.filesystem_async",

@@ -21,7 +21,7 @@ from mt_dialog.config_utils import to_dict
 from mt_dialog.data.dataset import PackedDialogDataset
 from mt_dialog.data.storage import read_metadata
 from mt_dialog.training import distributed
-from mt_dialog.training.checkpoint import load_checkpoint, save_checkpoint
+from mt_dialog.training.checkpoint import check_model_matches, load_checkpoint, save_checkpoint
 from mt_dialog.training.config import DialogTrainingConfig, validate_world
 from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
 
@@ -116,13 +116,22 @@ def _build_optimizer(config: DialogTrainingConfig, model, train_iters: int):
     return optimizer, scheduler
 
 
+def _model_vocab(config: DialogTrainingConfig, info: DataInfo) -> int:
+    """The datasets' vocabulary, or the imported Hugging Face model's rows when it has more
+    (Qwen2 models have spare rows; keeping them exports the same shape back)."""
+    from mt_dialog.training.checkpoint import source_info
+
+    source = source_info(config.train.load) if config.train.load else {}
+    return max(info.vocab_size, int(source.get("vocab_size") or 0))
+
+
 def _setup(config: DialogTrainingConfig, info: DataInfo, forward_step, dp_size: int) -> Run:
     from megatron.core.distributed import finalize_model_grads
 
     from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp
 
     tconfig = transformer_config(config)
-    chunks = build_model_chunks(config, tconfig, info.vocab_size, info.seq_length)
+    chunks = build_model_chunks(config, tconfig, _model_vocab(config, info), info.seq_length)
     model = wrap_ddp(chunks, tconfig, config)
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
@@ -319,6 +328,8 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) ->
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size = validate_world(config, world_size)
     info = inspect_datasets(config)
+    if config.train.load:
+        check_model_matches(config.train.load, config.model)
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                            par.virtual_pipeline_model_parallel_size, config.train.seed)
@@ -349,7 +360,10 @@ def _banner(run: Run, argv) -> str:
 def _write_config(run: Run, argv) -> None:
     import json
 
+    from mt_dialog.training.checkpoint import source_info
+
     os.makedirs(run.config.train.save, exist_ok=True)
+    source = source_info(run.config.train.load) if run.config.train.load else {}
     with open(os.path.join(run.config.train.save, "config.json"), "w") as handle:
         json.dump({"command": list(argv) if argv else None, "config": to_dict(run.config),
-                   "data": to_dict(run.info)}, handle, indent=2)
+                   "data": to_dict(run.info), "source": source or None}, handle, indent=2)

@@ -7,7 +7,8 @@ layers otherwise, with ``PackedSDPAttention`` as core attention (per-conversatio
 
 from __future__ import annotations
 
-from typing import List
+import math
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,17 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(config: DialogTrainingConfig):
+def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype] = None,
+                       initialize: bool = True):
+    """megatron-core's TransformerConfig of the run. ``dtype`` overrides the parameter dtype
+    (default: bf16 with --bf16 on CUDA, else fp32); ``initialize=False`` leaves the weights
+    uninitialized (they are about to be overwritten, e.g. by a checkpoint conversion)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     model, par, optim = config.model, config.parallel, config.optim
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if (optim.bf16 and cuda) else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if (optim.bf16 and cuda) else torch.float32
     te = use_transformer_engine(model.transformer_impl)
     if par.sequence_parallel and not te:
         raise ValueError("sequence_parallel: needs the Transformer Engine layers (CUDA + "
@@ -50,12 +56,13 @@ def transformer_config(config: DialogTrainingConfig):
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.query_groups,
-        ffn_hidden_size=model.ffn_size, normalization="RMSNorm",
+        ffn_hidden_size=model.ffn_size, kv_channels=model.kv_channels, normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,
         use_cpu_initialization=not cuda, params_dtype=dtype, pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        perform_initialization=initialize,
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
@@ -101,9 +108,31 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
             share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
             position_embedding_type="rope", rotary_percent=1.0,
             rotary_base=int(config.model.rotary_base), vp_stage=vp_stage,
+            seq_len_interpolation_factor=config.model.rotary_seq_len_interpolation_factor,
         )
+        if config.model.use_rope_scaling:
+            rotary = model.rotary_pos_emb
+            rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
         chunks.append(model.to(device()))
     return chunks
+
+
+def llama3_scaled_inv_freq(inv_freq: torch.Tensor, model) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling of the inverse frequencies (``--use-rope-scaling``).
+
+    With wavelength ``w = 2 pi / f`` and ``L`` = --rope-scaling-original-max-position:
+
+        w < L / high_freq_factor  ->  f                       (short wavelengths: kept)
+        w > L / low_freq_factor   ->  f / factor              (long wavelengths: stretched)
+        otherwise                 ->  (1 - s) f / factor + s f,  s = (L / w - low) / (high - low)
+    """
+    factor, low = model.rope_scaling_factor, model.rope_scaling_low_freq_factor
+    high, original = model.rope_scaling_high_freq_factor, model.rope_scaling_original_max_position
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, blended)
+    return torch.where(wavelength < original / high, inv_freq, scaled)
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], tconfig, config: DialogTrainingConfig):

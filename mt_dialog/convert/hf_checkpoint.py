@@ -1,0 +1,469 @@
+"""Hugging Face folder <-> megatron-core distributed checkpoint (``tools/convert_checkpoint.py``).
+
+``hf-to-mcore`` writes a checkpoint folder laid out like a training run's::
+
+    CKPT/
+      latest_checkpointed_iteration.txt     "0"
+      iter_0000000/                         dist_checkpointing: the model's sharded tensors (the
+        mt_dialog_config.json               same keys at any TP/PP), weights_only = True; the
+                                            model flags (--use-checkpoint-args reads them)
+      config.json                           model + tokenizer + chat template (tools/chat.py)
+      tokenizer/                            the Hugging Face tokenizer files, copied
+
+so that ``pretrain_dialog.py --load CKPT --finetune --use-checkpoint-args`` starts from it at any
+tensor/pipeline layout (the vocabulary rows are fitted on load, see ``training.checkpoint``) and
+``tools/chat.py --load CKPT`` talks to it. ``mcore-to-hf`` reads any checkpoint (training's or
+imported) into one process and writes config.json, generation_config.json, safetensors (sharded
+above --max-shard-size, with an index) and the run's tokenizer (appended special tokens added).
+
+The conversion model is megatron-core's GPTModel at TP = PP = 1 built in one process, so
+conversion needs memory for the whole model once (use --dtype bf16 to halve it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+
+from mt_dialog.config_utils import option, to_dict
+from mt_dialog.convert.hf_config import ARCHITECTURES, ConversionError, read_hf_config
+from mt_dialog.convert.hf_weights import (
+    SafetensorsFolder,
+    check_names,
+    hf_to_mcore_layer,
+    hf_to_mcore_outer,
+)
+from mt_dialog.training.checkpoint import source_info
+from mt_dialog.training.config import (
+    DataConfig,
+    DialogTrainingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    TrainConfig,
+)
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass
+class ImportConfig:
+    """hf-to-mcore: a Hugging Face Llama / Mistral / Qwen2 folder -> a megatron-core checkpoint."""
+
+    load_dir: str = option(help="Hugging Face model folder (config.json, safetensors, "
+                           "tokenizer files)", metavar="HF_DIR")
+    save_dir: str = option(help="checkpoint folder to create (then: pretrain_dialog.py --load "
+                           "CKPT --finetune --use-checkpoint-args)", metavar="CKPT")
+    template: Optional[str] = option(None, help="chat template tools/chat.py uses with this "
+                                     "checkpoint (default: hf, the tokenizer's own, when it has "
+                                     "one)")
+    seq_length: Optional[int] = option(None, help="longest conversation tools/chat.py handles "
+                                       "(default: the config's max_position_embeddings)")
+    dtype: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="dtype of the saved weights (auto: the config's dtype)")
+    progress: bool = option(True, help="progress bars")
+
+    def __post_init__(self) -> None:
+        if self.seq_length is not None and self.seq_length <= 0:
+            raise ValueError(f"seq_length: must be positive, got {self.seq_length}")
+
+
+@dataclass
+class ExportConfig:
+    """mcore-to-hf: a checkpoint (pretrain_dialog.py --save, or hf-to-mcore) -> Hugging Face."""
+
+    load_dir: str = option(help="checkpoint folder (any TP/PP layout)", metavar="CKPT")
+    save_dir: str = option(help="Hugging Face folder to create", metavar="HF_DIR")
+    iteration: Optional[int] = option(None, help="iteration to export (default: the newest)")
+    architecture: str = option("auto", choices=("auto",) + ARCHITECTURES,
+                               help="auto: Qwen2ForCausalLM when the model has a QKV bias, else "
+                               "the imported one, else LlamaForCausalLM")
+    dtype: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="dtype of the written weights (auto: the checkpoint's)")
+    vocab_size: Optional[int] = option(None, help="embedding rows to write (default: the "
+                                       "tokenizer's vocabulary with appended special tokens)")
+    max_shard_size: float = option(5.0, help="largest safetensors file in GB; larger models "
+                                   "are sharded with model.safetensors.index.json")
+    tokenizer_path: Optional[str] = option(None, help="the run's tokenizer, if it moved (.model "
+                                           "file or Hugging Face folder)")
+    progress: bool = option(True, help="progress bars")
+
+    def __post_init__(self) -> None:
+        if self.max_shard_size <= 0:
+            raise ValueError(f"max_shard_size: must be positive, got {self.max_shard_size}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"vocab_size: must be positive, got {self.vocab_size}")
+
+
+# -- shared ------------------------------------------------------------------------------------
+
+def _bar(enabled: bool, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, file=sys.stderr)
+
+
+def run_config(model: ModelConfig) -> DialogTrainingConfig:
+    """A complete config around ``model`` (single process; data/optim/train are placeholders)."""
+    return DialogTrainingConfig(model=model, parallel=ParallelConfig(),
+                                data=DataConfig(data_path=["-"]), optim=OptimConfig(),
+                                train=TrainConfig(train_iters=1))
+
+
+def single_process_model(model: ModelConfig, rows: int, seq_length: int, dtype: torch.dtype):
+    """GPTModel at TP = PP = 1 with exactly ``rows`` vocabulary rows, weights uninitialized."""
+    from mt_dialog.generate import ensure_single_process
+    from mt_dialog.training.model import build_model_chunks, transformer_config
+
+    model = dataclasses.replace(model, make_vocab_size_divisible_by=1, transformer_impl="local",
+                                recompute_activations=False)
+    config = run_config(model)
+    ensure_single_process(1234)
+    tconfig = transformer_config(config, dtype=dtype, initialize=False)
+    (chunk,) = build_model_chunks(config, tconfig, rows, seq_length)
+    return chunk
+
+
+def weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The module's tensors by name, without megatron's ``_extra_state`` entries."""
+    return {k: v for k, v in module.state_dict().items()
+            if not k.endswith("_extra_state") and isinstance(v, torch.Tensor)}
+
+
+def _copy_into(params: Dict[str, torch.Tensor], tensors: Dict[str, torch.Tensor],
+               filled: set) -> None:
+    for name, tensor in tensors.items():
+        if name not in params:
+            raise ConversionError(f"internal: the model has no tensor {name}")
+        target = params[name]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ConversionError(f"{name}: shape {tuple(tensor.shape)} from the checkpoint but "
+                                  f"the model built from its config expects "
+                                  f"{tuple(target.shape)}; is config.json the weights' own?")
+        with torch.no_grad():
+            target.copy_(tensor)
+        filled.add(name)
+
+
+def _refuse_existing(folder: str) -> None:
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ConversionError(f"{folder} already exists and is not empty; choose a new folder "
+                              "(nothing is overwritten)")
+
+
+def _staging(folder: str) -> str:
+    """An empty temporary folder beside ``folder``; moved into place when all succeeded."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _publish(tmp: str, folder: str) -> None:
+    if os.path.isdir(folder):
+        os.rmdir(folder)  # empty (checked first)
+    os.replace(tmp, folder)
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+
+
+# -- hf-to-mcore -------------------------------------------------------------------------------
+
+def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str, Any]:
+    """The run-info ``data`` section tools/chat.py reads: tokenizer, template, special ids."""
+    from mt_dialog.data.render import resolve_template
+    from mt_dialog.data.templates import HF_TEMPLATE, get_template, template_names
+
+    if template is None:
+        if not tokenizer.chat_template:
+            raise ConversionError("the tokenizer has no chat template; pass --template (one of "
+                                  f"{', '.join(template_names())})")
+        template = HF_TEMPLATE
+    if template == HF_TEMPLATE:
+        if not tokenizer.chat_template:
+            raise ConversionError("--template hf: the tokenizer has no chat template")
+        end_of_turn = tokenizer.eos_id
+    else:
+        try:
+            end_of_turn = resolve_template(get_template(template), tokenizer).end_of_turn
+        except (KeyError, ValueError) as exc:
+            raise ConversionError(f"--template {template}: {exc}") from None
+    info = to_dict(tokenizer.info())
+    return {"prefixes": [], "seq_length": seq_length, "vocab_size": tokenizer.vocab_size,
+            "tokenizer": info, "template": template,
+            "special_ids": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
+                            "pad": tokenizer.pad_id, "end_of_turn": end_of_turn,
+                            "added": info["added_tokens"]}}
+
+
+def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
+                      model_rows: int) -> Optional[Dict[str, Any]]:
+    """Copy the tokenizer files into ``tmp/tokenizer``; the chat info, or None without them."""
+    from mt_dialog.data.tokenizers import HuggingFaceTokenizer, TokenizerError, tokenizer_files
+
+    names = tokenizer_files(cfg.load_dir)
+    if not names:
+        print(f"warning: {cfg.load_dir} has no tokenizer files: tools/chat.py cannot use the "
+              "imported checkpoint before fine-tuning (training takes the dataset's tokenizer)",
+              file=sys.stderr)
+        return None
+    target = os.path.join(tmp, "tokenizer")
+    os.makedirs(target)
+    for name in names:
+        shutil.copy2(os.path.join(cfg.load_dir, name), target)
+    try:
+        tokenizer = HuggingFaceTokenizer(target)
+    except TokenizerError as exc:
+        raise ConversionError(f"{cfg.load_dir}: tokenizer: {exc}") from None
+    info = _chat_info(tokenizer, cfg.template, seq_length)
+    info["tokenizer"]["path"] = os.path.join(os.path.abspath(cfg.save_dir), "tokenizer")
+    if tokenizer.vocab_size > model_rows:
+        print(f"warning: the tokenizer has {tokenizer.vocab_size} ids (with the template's "
+              f"appended special tokens) but the model {model_rows} rows; the new ones get rows "
+              "when a fine-tune loads the checkpoint", file=sys.stderr)
+    return info
+
+
+def _fill(model: torch.nn.Module, folder: SafetensorsFolder, mc: ModelConfig,
+          progress: bool) -> None:
+    params = weights(model)
+    filled: set = set()
+    bar = _bar(progress, mc.num_layers + 1, "hf-to-mcore")
+    for i in range(mc.num_layers):
+        _copy_into(params, hf_to_mcore_layer(folder.get, i, mc), filled)
+        bar.update()
+    _copy_into(params, hf_to_mcore_outer(folder.get, mc), filled)
+    bar.update()
+    bar.close()
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ConversionError(f"internal: model tensors left unfilled: {', '.join(missing[:4])}")
+
+
+def _save_imported(tmp: str, model: torch.nn.Module, mc: ModelConfig,
+                   run_info: Dict[str, Any]) -> None:
+    import warnings
+
+    from megatron.core import dist_checkpointing
+
+    from mt_dialog.training.checkpoint import TRACKER, iteration_dir
+
+    path = iteration_dir(tmp, 0)
+    os.makedirs(path)
+    state = {"model": model.sharded_state_dict(), "weights_only": True, "iteration": 0,
+             "consumed_samples": 0, "layout": [1, 1, 1]}
+    with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        dist_checkpointing.save(state, path)
+    config = to_dict(run_config(mc))
+    _write_json(os.path.join(path, "mt_dialog_config.json"), config)
+    _write_json(os.path.join(tmp, "config.json"), dict(run_info, config=config))
+    with open(os.path.join(tmp, TRACKER), "w") as handle:
+        handle.write("0")
+
+
+def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Convert; returns a summary (architecture, sizes, parameters, dtype, folder)."""
+    _refuse_existing(cfg.save_dir)
+    hf = read_hf_config(cfg.load_dir)
+    folder = SafetensorsFolder(cfg.load_dir)
+    check_names(folder, hf.model)
+    dtype = hf.dtype if cfg.dtype == "auto" else cfg.dtype
+    seq_length = cfg.seq_length or hf.max_position_embeddings
+    tmp = _staging(cfg.save_dir)
+    try:
+        data = _import_tokenizer(cfg, tmp, seq_length, hf.vocab_size)
+        model = single_process_model(hf.model, hf.vocab_size, seq_length, TORCH_DTYPES[dtype])
+        _fill(model, folder, hf.model, cfg.progress)
+        source = {"hf_dir": os.path.abspath(cfg.load_dir), "architecture": hf.architecture,
+                  "vocab_size": hf.vocab_size, "dtype": dtype,
+                  "max_position_embeddings": hf.max_position_embeddings,
+                  "bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id}
+        _save_imported(tmp, model, hf.model, {"command": argv, "data": data, "source": source})
+        _publish(tmp, cfg.save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    parameters = sum(t.numel() for t in weights(model).values())
+    return {"architecture": hf.architecture, "layers": hf.model.num_layers,
+            "hidden": hf.model.hidden_size, "vocab_rows": hf.vocab_size,
+            "parameters": parameters, "dtype": dtype, "folder": cfg.save_dir,
+            "template": data["template"] if data else None}
+
+
+# -- mcore-to-hf -------------------------------------------------------------------------------
+
+def _load_for_export(cfg: ExportConfig):
+    """(model config, run info, TP=1 model with the checkpoint's weights, stored dtype name)."""
+    from megatron.core import dist_checkpointing
+
+    from mt_dialog.generate import GenerationError, inference_config, read_run_info
+    from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
+
+    try:
+        info = read_run_info(cfg.load_dir, cfg.iteration)
+    except GenerationError as exc:
+        raise ConversionError(str(exc)) from None
+    mc = inference_config(info["config"]).model
+    meta = dist_checkpointing.load_tensors_metadata(iteration_dir(cfg.load_dir, info["iteration"]))
+    embedding = meta["embedding.word_embeddings.weight"]
+    stored = DTYPE_NAMES.get(embedding.dtype, "fp32")
+    seq_length = int((info.get("data") or {}).get("seq_length") or 4096)
+    model = single_process_model(mc, int(embedding.global_shape[0]), seq_length,
+                                 TORCH_DTYPES[stored])
+    load_weights_for_inference(cfg.load_dir, [model], info["iteration"])
+    return mc, info, model, stored
+
+
+def _add_appended(hf_tokenizer, added: Dict[str, int]) -> None:
+    """Give the Hugging Face tokenizer the special tokens the run appended, at the same ids."""
+    pieces = [piece for piece, _ in sorted(added.items(), key=lambda item: item[1])]
+    if pieces:
+        hf_tokenizer.add_special_tokens({"additional_special_tokens": pieces})
+    for piece, token in added.items():
+        if hf_tokenizer.convert_tokens_to_ids(piece) != token:
+            raise ConversionError(f"tokenizer: the appended special token {piece!r} has id "
+                                  f"{token} in training but "
+                                  f"{hf_tokenizer.convert_tokens_to_ids(piece)} in the exported "
+                                  "tokenizer")
+
+
+def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: str):
+    """Write the run's tokenizer as Hugging Face files into ``out``; the HF tokenizer or None."""
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
+
+    tok = (data or {}).get("tokenizer")
+    if not tok:
+        print("warning: the checkpoint records no tokenizer; the folder gets none",
+              file=sys.stderr)
+        return None
+    path = cfg.tokenizer_path or tok["path"]
+    try:
+        if load_tokenizer(tok["type"], path).sha256 != tok["sha256"]:
+            raise ConversionError(f"tokenizer {path} is not the one the run trained with "
+                                  f"(sha256 {tok['sha256'][:12]}...)")
+    except TokenizerError as exc:
+        raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
+    if tok["type"] == "sentencepiece":
+        shutil.copy2(path, os.path.join(out, "tokenizer.model"))
+        hf_tokenizer = LlamaTokenizer.from_pretrained(out)
+    else:
+        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _add_appended(hf_tokenizer, dict(tok.get("added_tokens") or {}))
+    hf_tokenizer.save_pretrained(out)
+    return hf_tokenizer
+
+
+def _flush(out: str, shard: Dict[str, torch.Tensor], shards: List[Dict[str, Any]]) -> None:
+    from safetensors.torch import save_file
+
+    name = f"part-{len(shards):05d}.safetensors"
+    save_file(shard, os.path.join(out, name), metadata={"format": "pt"})
+    shards.append({"file": name, "names": list(shard)})
+
+
+def write_safetensors(out: str, groups: Iterable[Dict[str, torch.Tensor]], dtype: torch.dtype,
+                      max_bytes: int, bar) -> int:
+    """Write the tensors as ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` +
+    ``model.safetensors.index.json`` (no file above ``max_bytes`` unless one tensor is);
+    returns the total bytes."""
+    shards: List[Dict[str, Any]] = []
+    shard: Dict[str, torch.Tensor] = {}
+    size = total = 0
+    for group in groups:
+        for name, tensor in group.items():
+            tensor = tensor.detach().to("cpu", dtype).contiguous()
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > max_bytes:
+                _flush(out, shard, shards)
+                shard, size = {}, 0
+            shard[name] = tensor
+            size += nbytes
+            total += nbytes
+        bar.update()
+    if shard:
+        _flush(out, shard, shards)
+    if len(shards) == 1:
+        os.replace(os.path.join(out, shards[0]["file"]), os.path.join(out, "model.safetensors"))
+        return total
+    weight_map = {}
+    for index, item in enumerate(shards, 1):
+        final = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(os.path.join(out, item["file"]), os.path.join(out, final))
+        weight_map.update({name: final for name in item["names"]})
+    _write_json(os.path.join(out, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return total
+
+
+def _architecture(cfg: ExportConfig, mc: ModelConfig, source: Dict[str, Any]) -> str:
+    from mt_dialog.convert.hf_config import guess_architecture
+
+    if cfg.architecture != "auto":
+        return cfg.architecture
+    imported = source.get("architecture")
+    if imported and (imported == "Qwen2ForCausalLM") == mc.add_qkv_bias:
+        return imported
+    return guess_architecture(mc)
+
+
+def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtype: str,
+                   hf_tokenizer, data: Optional[Dict[str, Any]], source: Dict[str, Any]) -> None:
+    from transformers import GenerationConfig
+
+    from mt_dialog.convert.hf_config import hf_config
+
+    bos = hf_tokenizer.bos_token_id if hf_tokenizer is not None else source.get("bos_token_id")
+    eos = hf_tokenizer.eos_token_id if hf_tokenizer is not None else source.get("eos_token_id")
+    max_position = int(source.get("max_position_embeddings") or (data or {}).get("seq_length")
+                       or 4096)
+    hf_config(mc, architecture, rows, max_position, dtype, bos, eos).save_pretrained(out)
+    stops = [eos] if isinstance(eos, int) else list(eos or [])
+    end_of_turn = ((data or {}).get("special_ids") or {}).get("end_of_turn")
+    if end_of_turn is not None and end_of_turn not in stops:
+        stops.append(int(end_of_turn))  # generate() stops at the template's end of turn
+    GenerationConfig(bos_token_id=bos, eos_token_id=stops or None).save_pretrained(out)
+
+
+def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Convert; returns a summary (architecture, rows, dtype, bytes, folder)."""
+    _refuse_existing(cfg.save_dir)
+    mc, info, model, stored = _load_for_export(cfg)
+    source = source_info(cfg.load_dir)
+    data = info.get("data")
+    architecture = _architecture(cfg, mc, source)
+    dtype = stored if cfg.dtype == "auto" else cfg.dtype
+    # the imported model's rows (or more when training appended special tokens), never more
+    # than the checkpoint has: padding rows would give never-trained ids a logit
+    stored_rows = int(model.embedding.word_embeddings.weight.shape[0])
+    known = [int(n) for n in (source.get("vocab_size"), (data or {}).get("vocab_size")) if n]
+    rows = int(cfg.vocab_size or min(max(known, default=stored_rows), stored_rows))
+    tmp = _staging(cfg.save_dir)
+    try:
+        hf_tokenizer = _export_tokenizer(cfg, data, tmp)
+        _write_configs(tmp, mc, architecture, rows, dtype, hf_tokenizer, data, source)
+        from mt_dialog.convert.hf_weights import iter_mcore_to_hf
+
+        bar = _bar(cfg.progress, mc.num_layers + 1, "mcore-to-hf")
+        total = write_safetensors(tmp, iter_mcore_to_hf(weights(model), mc, rows),
+                                  TORCH_DTYPES[dtype], int(cfg.max_shard_size * 1e9), bar)
+        bar.close()
+        _publish(tmp, cfg.save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"architecture": architecture, "iteration": info["iteration"], "vocab_rows": rows,
+            "dtype": dtype, "bytes": total, "folder": cfg.save_dir}

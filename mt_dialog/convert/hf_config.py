@@ -1,0 +1,189 @@
+"""Hugging Face ``config.json`` <-> the library's ``ModelConfig``.
+
+Supported families (the Llama block: RMSNorm, SwiGLU MLP, RoPE without interleaving, grouped-query
+attention, no biases except Qwen2's on q/k/v):
+
+    architecture         bias            RoPE scaling (rope_type)        refused
+    LlamaForCausalLM     none            default, linear, llama3         attention_bias, mlp_bias
+    MistralForCausalLM   none            default, linear, llama3         sliding_window
+    Qwen2ForCausalLM     q, k, v         default, linear, llama3         use_sliding_window
+
+Anything else a config asks for (another architecture, activation, RoPE type, partial rotary,
+sliding windows) is refused by ``ConversionError`` naming the field and its value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from mt_dialog.training.config import ModelConfig
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint cannot be converted; the message names the file, field and fix."""
+
+
+@dataclass
+class HFModel:
+    """What a Hugging Face config says, in the library's terms."""
+
+    architecture: str
+    model: ModelConfig
+    vocab_size: int  # rows of the embedding (may exceed the tokenizer's vocabulary)
+    max_position_embeddings: int
+    dtype: str  # fp32 / bf16 / fp16
+    bos_token_id: Optional[int] = None
+    eos_token_id: Any = None
+
+
+def _load(folder: str):
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConversionError("converting Hugging Face checkpoints needs transformers: "
+                              "pip install -e '.[hf]'") from None
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"{folder}: no config.json; pass a Hugging Face model folder "
+                              "(the one save_pretrained writes)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: unreadable ({exc})") from None
+    architectures = raw.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        raise ConversionError(f"{path}: architectures {architectures} is not supported; "
+                              f"supported: {', '.join(ARCHITECTURES)}")
+    try:
+        return architectures[0], AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConversionError(f"{path}: transformers cannot read it ({exc})") from None
+
+
+def rope_settings(config, path: str) -> Dict[str, Any]:
+    """``ModelConfig`` RoPE fields from ``rope_parameters`` (transformers 5) or ``rope_theta`` +
+    ``rope_scaling`` (transformers 4)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = dict(getattr(config, "rope_scaling", None) or params)
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"{path}: partial_rotary_factor {partial} is not supported (RoPE "
+                              "on the whole head only)")
+    out: Dict[str, Any] = {"rotary_base": float(theta)}
+    if kind == "linear":
+        out["rotary_seq_len_interpolation_factor"] = float(scaling["factor"])
+    elif kind == "llama3":
+        out.update(use_rope_scaling=True, rope_scaling_factor=float(scaling["factor"]),
+                   rope_scaling_low_freq_factor=float(scaling["low_freq_factor"]),
+                   rope_scaling_high_freq_factor=float(scaling["high_freq_factor"]),
+                   rope_scaling_original_max_position=int(
+                       scaling["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise ConversionError(f"{path}: rope_type {kind!r} is not supported; supported: "
+                              "default, linear, llama3")
+    return out
+
+
+def _refuse_unsupported(architecture: str, config, path: str) -> None:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ConversionError(f"{path}: hidden_act {act!r} is not supported (SwiGLU with silu)")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(config, name, False):
+            raise ConversionError(f"{path}: {name} true is not supported (Llama blocks here "
+                                  "have no biases; Qwen2 has q/k/v biases only)")
+    if architecture == "MistralForCausalLM" and getattr(config, "sliding_window", None):
+        raise ConversionError(f"{path}: sliding_window {config.sliding_window} (sliding-window "
+                              "attention) is not supported; only full attention")
+    if architecture == "Qwen2ForCausalLM":
+        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if getattr(config, "use_sliding_window", False) or layer_types != {"full_attention"}:
+            raise ConversionError(f"{path}: use_sliding_window / layer_types {sorted(layer_types)}"
+                                  " (sliding-window attention) is not supported")
+
+
+def read_hf_config(folder: str) -> HFModel:
+    """The model a Hugging Face folder holds, or ``ConversionError`` naming what is unsupported."""
+    architecture, config = _load(folder)
+    path = os.path.join(folder, "config.json")
+    _refuse_unsupported(architecture, config, path)
+    heads = int(config.num_attention_heads)
+    head_dim = getattr(config, "head_dim", None)
+    groups = getattr(config, "num_key_value_heads", None) or heads
+    try:
+        model = ModelConfig(
+            num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size),
+            ffn_hidden_size=int(config.intermediate_size), num_attention_heads=heads,
+            num_query_groups=int(groups),
+            kv_channels=int(head_dim) if head_dim and head_dim * heads != config.hidden_size
+            else None,
+            norm_epsilon=float(config.rms_norm_eps),
+            untie_embeddings_and_output_weights=not getattr(config, "tie_word_embeddings", False),
+            add_qkv_bias=architecture == "Qwen2ForCausalLM",
+            init_method_std=float(getattr(config, "initializer_range", 0.02)),
+            **rope_settings(config, path))
+    except ValueError as exc:
+        raise ConversionError(f"{path}: {exc}") from None
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+                or "float32").replace("torch.", "")
+    return HFModel(architecture, model, int(config.vocab_size),
+                   int(getattr(config, "max_position_embeddings", 4096)), DTYPES.get(dtype, "fp32"),
+                   getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
+
+
+def guess_architecture(model: ModelConfig) -> str:
+    """Qwen2 when the QKV projection has a bias, Llama otherwise."""
+    return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+
+
+def _rope_for_hf(model: ModelConfig) -> Optional[Dict[str, Any]]:
+    if model.use_rope_scaling:
+        return {"rope_type": "llama3", "factor": model.rope_scaling_factor,
+                "low_freq_factor": model.rope_scaling_low_freq_factor,
+                "high_freq_factor": model.rope_scaling_high_freq_factor,
+                "original_max_position_embeddings": model.rope_scaling_original_max_position}
+    if model.rotary_seq_len_interpolation_factor:
+        return {"rope_type": "linear", "factor": model.rotary_seq_len_interpolation_factor}
+    return None
+
+
+def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_position: int,
+              dtype: str, bos_token_id: Optional[int], eos_token_id: Any):
+    """A transformers config object for ``model`` (``save_pretrained`` writes config.json)."""
+    import torch
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if architecture not in ARCHITECTURES:
+        raise ConversionError(f"--architecture {architecture} is not supported; supported: "
+                              f"{', '.join(ARCHITECTURES)}")
+    if model.add_qkv_bias and architecture != "Qwen2ForCausalLM":
+        raise ConversionError(f"--architecture {architecture}: the model has a QKV bias, which "
+                              "only Qwen2ForCausalLM has; use --architecture Qwen2ForCausalLM")
+    if not model.add_qkv_bias and architecture == "Qwen2ForCausalLM":
+        raise ConversionError("--architecture Qwen2ForCausalLM needs a QKV bias, which this "
+                              "model lacks (--add-qkv-bias); use LlamaForCausalLM")
+    cls = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig,
+           "Qwen2ForCausalLM": Qwen2Config}[architecture]
+    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+    config = cls(vocab_size=vocab_size, hidden_size=model.hidden_size,
+                 intermediate_size=model.ffn_size, num_hidden_layers=model.num_layers,
+                 num_attention_heads=model.num_attention_heads,
+                 num_key_value_heads=model.query_groups, head_dim=head_dim,
+                 max_position_embeddings=max_position, rms_norm_eps=model.norm_epsilon,
+                 rope_theta=model.rotary_base, rope_scaling=_rope_for_hf(model),
+                 tie_word_embeddings=not model.untie_embeddings_and_output_weights,
+                 initializer_range=model.init_method_std, hidden_act="silu",
+                 bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    config.architectures = [architecture]
+    config.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return config
+

@@ -1,0 +1,97 @@
+"""Tiny random Hugging Face models built here (no downloads), imported once per session.
+
+``hf_models["llama"]``: LlamaForCausalLM, grouped-query attention (4 heads, 2 groups), untied
+embeddings, Llama 3.1 RoPE scaling with original_max_position_embeddings 64 (so sequences of 100
+tokens reach the scaled frequencies), saved in 5 safetensors shards with an index.
+``hf_models["qwen"]``: Qwen2ForCausalLM (QKV bias, tied embeddings, RoPE base 1e6), one
+safetensors file, 20 more embedding rows than the tokenizer has ids (as real Qwen2 models).
+Both carry the session's ChatML byte-level BPE tokenizer (``hf_tokenizer_dir``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONVERT = os.path.join(REPO, "tools", "convert_checkpoint.py")
+
+
+def convert(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``python tools/convert_checkpoint.py *args`` in a fresh process."""
+    proc = subprocess.run([sys.executable, CONVERT, *map(str, args), "--no-progress"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"convert {args} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _llama(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    return LlamaForCausalLM(config)
+
+
+def _qwen(vocab: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab + 20, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+        rope_theta=1000000.0, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(config)
+    for layer in model.model.layers:  # random biases (they start at zero)
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj.bias.data.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory, hf_tokenizer_dir):
+    """{"llama": folder, "qwen": folder} of tiny random models with the test tokenizer."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(hf_tokenizer_dir))
+    root = tmp_path_factory.mktemp("hf_models")
+    folders = {}
+    for name, build, shard in (("llama", _llama, "100KB"), ("qwen", _qwen, "10GB")):
+        torch.manual_seed(0)
+        folder = str(root / name)
+        build(vocab).save_pretrained(folder, max_shard_size=shard)
+        for file in os.listdir(hf_tokenizer_dir):
+            shutil.copy2(os.path.join(hf_tokenizer_dir, file), folder)
+        folders[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def imported(hf_models, tmp_path_factory):
+    """{"llama": CKPT, "qwen": CKPT}: the models converted by ``hf-to-mcore``."""
+    root = tmp_path_factory.mktemp("imported")
+    out = {}
+    for name, folder in hf_models.items():
+        out[name] = str(root / name)
+        convert("hf-to-mcore", "--load-dir", folder, "--save-dir", out[name])
+    return out
+
+
+def hf_logits(folder: str, ids):
+    """Logits of the Hugging Face model in ``folder`` (fp32, eager attention)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(ids).logits

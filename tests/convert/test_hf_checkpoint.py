@@ -1,0 +1,187 @@
+"""hf-to-mcore / mcore-to-hf end to end: logits equal Hugging Face's at TP=1 and TP=2, export gives
+back identical tensors, a fine-tune starts from the import at TP=2 and PP=2, chat answers."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.convert.conftest import REPO, convert, hf_logits
+from tests.training.launch import run_torchrun
+
+pytestmark = pytest.mark.multiprocess
+TOLERANCE = 1e-4  # max abs logit difference in fp32 (issue 5)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    torch.manual_seed(1)
+    return torch.randint(0, 500, (2, 100))  # 100 > 64: reaches the llama3-scaled frequencies
+
+
+@pytest.fixture()
+def single_process():
+    from mt_dialog import generate
+
+    yield generate
+    generate.shutdown()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_import_tp1_logits_equal_hf(name, hf_models, imported, tokens, single_process):
+    generator = single_process.Generator.from_checkpoint(imported[name])
+    reference = hf_logits(hf_models[name], tokens)
+    with torch.no_grad():
+        ours = generator.model(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
+    assert ours.shape == reference.shape  # exactly the imported rows (qwen: tokenizer + 20)
+    assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen"])
+def test_import_tp2_logits_equal_hf(name, hf_models, imported, tokens, tmp_path):
+    reference = hf_logits(hf_models[name], tokens)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    run_torchrun("tests/convert/logits_worker.py", 2,
+                 ["--load", imported[name], "--tokens", tmp_path / "tokens.pt", "--out",
+                  tmp_path / "logits.pt", "--tp", "2", "--vocab", reference.shape[-1]])
+    ours = torch.load(tmp_path / "logits.pt")
+    assert ours.shape == reference.shape
+    assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+def _tensors(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+@pytest.mark.parametrize("name,shard", [("llama", "0.0001"), ("qwen", "5")])
+def test_export_gives_back_identical_tensors(name, shard, hf_models, imported, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = tmp_path / "hf"
+    convert("mcore-to-hf", "--load-dir", imported[name], "--save-dir", out,
+            "--max-shard-size", shard)
+    sharded = (out / "model.safetensors.index.json").exists()
+    assert sharded == (name == "llama")
+    original, exported = _tensors(hf_models[name]), _tensors(out)
+    assert sorted(original) == sorted(exported)
+    for key, tensor in original.items():
+        assert torch.equal(tensor, exported[key]), key
+    a, b = AutoConfig.from_pretrained(hf_models[name]), AutoConfig.from_pretrained(out)
+    for field in ("architectures", "vocab_size", "num_key_value_heads", "tie_word_embeddings",
+                  "rope_parameters", "max_position_embeddings", "rms_norm_eps", "hidden_act"):
+        assert getattr(a, field) == getattr(b, field), field
+    head_dim = [getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+                for c in (a, b)]
+    assert head_dim[0] == head_dim[1]
+    text = "Hello! 早上好<|im_end|>"
+    assert (AutoTokenizer.from_pretrained(out).encode(text)
+            == AutoTokenizer.from_pretrained(hf_models[name]).encode(text))
+
+
+def test_chat_from_import_is_hf_greedy_decoding(hf_models, imported, single_process):
+    from transformers import AutoModelForCausalLM
+
+    generator = single_process.Generator.from_checkpoint(imported["llama"])
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = generator.prompt_ids(messages)
+    ours, _ = generator.generate_ids(prompt, max_new_tokens=12)
+    model = AutoModelForCausalLM.from_pretrained(hf_models["llama"]).eval()
+    theirs = model.generate(torch.tensor([prompt]), max_new_tokens=len(ours), do_sample=False,
+                            eos_token_id=generator.end_of_turn, pad_token_id=0)
+    assert ours == theirs[0, len(prompt):].tolist()
+
+
+def _dataset(tmp_path, tokenizer_dir) -> str:
+    from mt_dialog import demo
+
+    corpus = str(tmp_path / "corpus.jsonl")
+    demo.write_corpus(corpus, 120, seed=3)
+    prefix = str(tmp_path / "chat")
+    subprocess.run([sys.executable, "tools/preprocess_dialog.py", "--input", corpus,
+                    "--tokenizer-type", "huggingface", "--tokenizer-path", tokenizer_dir,
+                    "--template", "chatml", "--seq-length", "512", "--output-prefix", prefix,
+                    "--no-progress"], cwd=REPO, check=True, capture_output=True)
+    return prefix
+
+
+def _losses(stdout: str):
+    return [float(m) for m in re.findall(r"loss/turn ([0-9.]+)", stdout)]
+
+
+@pytest.mark.parametrize("name,layout", [("llama", ["--tensor-model-parallel-size", "2"]),
+                                         ("qwen", ["--pipeline-model-parallel-size", "2"])])
+def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_path,
+                                                   single_process):
+    data = _dataset(tmp_path, os.path.join(imported[name], "tokenizer"))
+    save = str(tmp_path / "sft")
+    proc = run_torchrun("pretrain_dialog.py", 2, [
+        "--load", imported[name], "--finetune", "--use-checkpoint-args", *layout,
+        "--data-path", data, "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "16", "--lr", "2e-3", "--log-interval", "4", "--save", save])
+    losses = _losses(proc.stdout)
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, proc.stdout
+    chat = subprocess.run([sys.executable, "tools/chat.py", "--load", save, "--message",
+                           "Count from 3 to 8.", "--max-new-tokens", "8", "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    reply = json.loads(chat.stdout)
+    assert reply["prompt_tokens"] > 0 and reply["token_ids"]
+    assert reply["finish_reason"] in ("end_of_turn", "max_new_tokens")
+    # the fine-tuned checkpoint (saved at TP=2 / PP=2, vocabulary padded) exports to a model
+    # whose logits are the checkpoint's
+    out = tmp_path / "hf"
+    convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
+    generator = single_process.Generator.from_checkpoint(save)
+    ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Hello!"}])])
+    reference = hf_logits(str(out), ids)
+    with torch.no_grad():
+        ours = generator.model(ids, torch.arange(ids.shape[1])[None], None)
+    rows = reference.shape[-1]
+    assert rows == generator.vocab_size + (20 if name == "qwen" else 0)
+    assert (ours[..., :rows] - reference).abs().max().item() <= TOLERANCE
+
+
+def test_existing_destination_is_refused(hf_models, imported):
+    proc = convert("hf-to-mcore", "--load-dir", hf_models["llama"], "--save-dir",
+                   imported["qwen"], expect_ok=False)
+    assert proc.returncode == 1 and "already exists and is not empty" in proc.stderr
+    assert json.load(open(os.path.join(imported["qwen"], "config.json")))["source"][
+        "architecture"] == "Qwen2ForCausalLM"  # untouched
+
+
+def test_folder_without_tokenizer_imports_but_chat_says_why(hf_models, tmp_path):
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    for name in os.listdir(hf_models["qwen"]):
+        if name in ("config.json", "model.safetensors"):
+            os.link(os.path.join(hf_models["qwen"], name), folder / name)
+    proc = convert("hf-to-mcore", "--load-dir", folder, "--save-dir", tmp_path / "ckpt")
+    assert "no tokenizer files" in proc.stderr
+    chat = subprocess.run([sys.executable, "tools/chat.py", "--load", tmp_path / "ckpt",
+                           "--message", "hi"], cwd=REPO, capture_output=True, text=True)
+    assert chat.returncode == 1 and "records no tokenizer" in chat.stderr
+
+
+def _pretrain(args):
+    return subprocess.run([sys.executable, "pretrain_dialog.py", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_training_refuses_misuse_of_an_import(imported, tmp_path):
+    data = _dataset(tmp_path, os.path.join(imported["llama"], "tokenizer"))
+    common = ["--data-path", data, "--train-iters", "1", "--load", imported["llama"]]
+    resume = _pretrain(common + ["--use-checkpoint-args"])
+    assert resume.returncode == 1 and "weights only" in resume.stderr and "--finetune" in resume.stderr
+    wrong = _pretrain(common + ["--finetune", "--num-layers", "2", "--hidden-size", "32",
+                                "--num-attention-heads", "4"])
+    assert wrong.returncode == 1
+    assert "hidden_size = 64 but this run has 32" in wrong.stderr
+    assert "--use-checkpoint-args" in wrong.stderr
+    alone = _pretrain(["--data-path", data, "--train-iters", "1", "--use-checkpoint-args"])
+    assert alone.returncode == 1 and "needs --load" in alone.stderr
