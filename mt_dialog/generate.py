@@ -112,7 +112,7 @@ def _data_info_from_datasets(config: Dict[str, Any]) -> Dict[str, Any]:
             "special_ids": meta["special_ids"], "template": meta["template"]}
 
 
-def _dataset_template(data: Dict[str, Any]) -> Optional[str]:
+def dataset_template(data: Dict[str, Any]) -> Optional[str]:
     if data.get("template"):
         return data["template"]
     from mt_dialog.data.storage import DatasetFormatError, read_metadata
@@ -326,7 +326,7 @@ class Generator:
             if tokenizer is None:
                 raise GenerationError(f"the run's tokenizer {tok_info['path']} cannot be loaded; "
                                       "pass its new location (--tokenizer-model / tokenizer_path=)")
-        name = template or _dataset_template(data)
+        name = template or dataset_template(data)
         if name is None:
             raise GenerationError(
                 f"the chat template is recorded in the dataset metadata of {data.get('prefixes')}, "

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Chat with a trained checkpoint (single process, CPU or one GPU; any saved TP/PP layout).
+"""Chat with a checkpoint: trained by pretrain_dialog.py or imported by tools/convert_checkpoint.py
+hf-to-mcore (single process, CPU or one GPU; any saved TP/PP layout).
 
 Examples:
     # one-shot: print the reply to one user message (greedy)

@@ -46,7 +46,7 @@ def _report(command: str, summary: dict) -> str:
                 f"pretrain_dialog.py --load {summary['folder']} --finetune --use-checkpoint-args")
     return (f"exported iteration {summary['iteration']} as {summary['architecture']}: "
             f"{summary['vocab_rows']} vocabulary rows, {summary['bytes'] / 1e6:,.1f} MB "
-            f"({summary['dtype']}) -> {summary['folder']}")
+            f"({summary['dtype']}) -> {summary['folder']}\nchat template: {summary['chat_template']}")
 
 
 def main(argv=None) -> int:

@@ -341,7 +341,8 @@ def _add_appended(hf_tokenizer, added: Dict[str, int]) -> None:
 
 
 def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: str):
-    """Write the run's tokenizer as Hugging Face files into ``out``; the HF tokenizer or None."""
+    """Write the run's tokenizer as Hugging Face files into ``out``; ``(HF tokenizer or None,
+    what its chat template is)``."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
     from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
@@ -350,7 +351,7 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: st
     if not tok:
         print("warning: the checkpoint records no tokenizer; the folder gets none",
               file=sys.stderr)
-        return None
+        return None, "none (no tokenizer)"
     path = cfg.tokenizer_path or tok["path"]
     try:
         if load_tokenizer(tok["type"], path).sha256 != tok["sha256"]:
@@ -360,12 +361,40 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: st
         raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
     if tok["type"] == "sentencepiece":
         shutil.copy2(path, os.path.join(out, "tokenizer.model"))
-        hf_tokenizer = LlamaTokenizer.from_pretrained(out)
+        # legacy: a word-start marker after special tokens, as SentencePiece encodes each piece
+        hf_tokenizer = LlamaTokenizer.from_pretrained(out, legacy=True)
     else:
         hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _add_appended(hf_tokenizer, dict(tok.get("added_tokens") or {}))
+    layout = _attach_chat_template(hf_tokenizer, data, path)
     hf_tokenizer.save_pretrained(out)
-    return hf_tokenizer
+    return hf_tokenizer, layout
+
+
+def _attach_chat_template(hf_tokenizer, data: Dict[str, Any], path: str) -> str:
+    """Give the tokenizer the run's chat template as Jinja (a built-in one is translated; the
+    ``hf`` template is the tokenizer's own) and say whether it reproduces training's ids."""
+    from mt_dialog.convert.chat_template import jinja_chat_template, layout_differences
+    from mt_dialog.data.render import resolve_template
+    from mt_dialog.data.templates import HF_TEMPLATE, get_template
+    from mt_dialog.data.tokenizers import load_tokenizer
+
+    from mt_dialog.generate import dataset_template
+
+    name = dataset_template(data)
+    if not name or name == HF_TEMPLATE:
+        return f"{name or 'none recorded'} (the tokenizer's own)"
+    tokenizer = load_tokenizer(data["tokenizer"]["type"], path)
+    tokenizer.added_tokens = dict(data["tokenizer"].get("added_tokens") or {})
+    template = resolve_template(get_template(name), tokenizer)
+    hf_tokenizer.chat_template = jinja_chat_template(
+        template, lambda token: hf_tokenizer.convert_ids_to_tokens(int(token)))
+    difference = layout_differences(hf_tokenizer, template, tokenizer.encode)
+    if difference is None:
+        return f"{name} (as Jinja; reproduces the training token layout exactly)"
+    print(f"warning: the exported chat template ({name}) renders the same text as training but "
+          f"this tokenizer splits it differently: {difference}", file=sys.stderr)
+    return f"{name} (as Jinja; token layout differs from training: {difference})"
 
 
 def _flush(out: str, shard: Dict[str, torch.Tensor], shards: List[Dict[str, Any]]) -> None:
@@ -454,7 +483,7 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     rows = int(cfg.vocab_size or min(max(known, default=stored_rows), stored_rows))
     tmp = _staging(cfg.save_dir)
     try:
-        hf_tokenizer = _export_tokenizer(cfg, data, tmp)
+        hf_tokenizer, layout = _export_tokenizer(cfg, data, tmp)
         _write_configs(tmp, mc, architecture, rows, dtype, hf_tokenizer, data, source)
         from mt_dialog.convert.hf_weights import iter_mcore_to_hf
 
@@ -466,4 +495,4 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"architecture": architecture, "iteration": info["iteration"], "vocab_rows": rows,
-            "dtype": dtype, "bytes": total, "folder": cfg.save_dir}
+            "dtype": dtype, "bytes": total, "folder": cfg.save_dir, "chat_template": layout}

@@ -43,6 +43,7 @@ class DataInfo:
     vocab_size: int
     tokenizer: Dict
     special_ids: Dict
+    template: Optional[str] = None  # the chat template of the (first) dataset
 
 
 def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
@@ -67,7 +68,7 @@ def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
         valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
     return DataInfo(prefixes, weights, valid, seq_length,
                     max(int(m["tokenizer"]["vocab_size"]) for m in metas.values()),
-                    first["tokenizer"], first["special_ids"])
+                    first["tokenizer"], first["special_ids"], first.get("template"))
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""A built-in chat template as a Hugging Face Jinja ``chat_template`` (for exported models).
+
+A served model must see prompts laid out as in training. ``jinja_chat_template`` writes the
+resolved template (special tokens by their vocabulary text) as Jinja, e.g. for ``chatml``::
+
+    {{ '<|im_start|>' }}{{ 'user\\n' + content }}{{ '<|im_end|>' }}{{ '\\n' }} ...
+
+Training encodes each template piece separately while a server tokenizes the rendered string
+as a whole; with byte-level BPE tokenizers the two agree, with SentencePiece ones the word-start
+marker at piece boundaries can differ. ``layout_differences`` renders probe conversations both
+ways so that the export can say whether the layout is reproduced token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Callable, Dict, List, Optional, Sequence
+
+from mt_dialog.data.formats import Message
+from mt_dialog.data.render import ResolvedTemplate, render_conversation, render_prompt
+
+_PLACEHOLDER = re.compile(r"\{(content|system)\}")
+PROBES: Sequence[Sequence[Message]] = (
+    (Message("user", "Hello!"), Message("assistant", "Hi there."),
+     Message("user", "What is 2 plus 2?")),
+    (Message("system", "You are terse."), Message("user", "Count from 1 to 3."),
+     Message("assistant", "1 2 3"), Message("user", "Thanks! 谢谢")),
+)
+
+
+def _text_expr(text: str, names: Dict[str, str]) -> str:
+    """``'lit' + var + 'lit'`` for a text piece with ``{content}`` / ``{system}``."""
+    parts, last = [], 0
+    for match in _PLACEHOLDER.finditer(text):
+        if match.start() > last:
+            parts.append(json.dumps(text[last:match.start()], ensure_ascii=False))
+        parts.append(names[match.group(1)])
+        last = match.end()
+    if last < len(text) or not parts:
+        parts.append(json.dumps(text[last:], ensure_ascii=False))
+    return " + ".join(parts)
+
+
+def _emit(pieces, token_text: Callable[[int], str], **names: str) -> str:
+    out = []
+    for piece in pieces or ():
+        expr = (json.dumps(token_text(piece), ensure_ascii=False) if isinstance(piece, int)
+                else _text_expr(piece, names))
+        out.append("{{ " + expr + " }}")
+    return "".join(out)
+
+
+def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], str]) -> str:
+    """The Jinja equivalent of ``render_prompt`` / ``render_conversation`` for ``template``;
+    ``token_text(id)`` is a special token's text in the tokenizer."""
+    default = json.dumps(template.default_system, ensure_ascii=False) \
+        if template.default_system else "none"
+    user = _emit(template.user, token_text, content="content", system="system")
+    if template.first_user_with_system is not None:
+        first = _emit(template.first_user_with_system, token_text, content="content",
+                      system="system")
+        user = ("{%- if loop.first and system -%}" + first + "{%- else -%}" + user
+                + "{%- endif -%}")
+        system_block = ""
+    else:
+        system_block = ("{%- if system -%}" + _emit(template.system, token_text,
+                                                    content="system") + "{%- endif -%}")
+    reply = (_emit(template.assistant_open, token_text) + "{{ content }}"
+             + "{{ " + json.dumps(token_text(template.end_of_turn), ensure_ascii=False) + " }}"
+             + _emit(template.assistant_close, token_text))
+    return "".join([
+        "{%- set system = " + default + " -%}",
+        "{%- set body = messages -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}{%- set body = messages[1:] -%}",
+        "{%- endif -%}",
+        _emit(template.prefix, token_text),
+        system_block,
+        "{%- for message in body -%}{%- set content = message['content'] -%}",
+        "{%- if message['role'] == 'user' -%}", user, "{%- else -%}", reply, "{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}", _emit(template.assistant_open, token_text),
+        "{%- endif -%}",
+    ])
+
+
+def layout_differences(hf_tokenizer, template: ResolvedTemplate,
+                       encode: Callable[[str], List[int]]) -> Optional[str]:
+    """None when the tokenizer's chat template gives exactly the training ids on the probe
+    conversations (prompt and full conversation); else where the first difference is."""
+    for number, probe in enumerate(PROBES):
+        dicts = [{"role": m.role, "content": m.content} for m in probe]
+        full = list(probe) + [Message("assistant", "Sure.")]
+        cases = (
+            ("prompt", render_prompt(list(probe), template, encode),
+             hf_tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)),
+            ("conversation", render_conversation(full, template, encode).input_ids.tolist(),
+             hf_tokenizer.apply_chat_template(dicts + [{"role": "assistant", "content": "Sure."}],
+                                              tokenize=False)),
+        )
+        for kind, ours, text in cases:
+            theirs = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
+            if list(ours) != list(theirs):
+                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                          min(len(ours), len(theirs)))
+                return (f"probe {number} ({kind}): training ids and the chat template's ids "
+                        f"first differ at token {at} of {len(ours)}")
+    return None
