@@ -268,6 +268,60 @@ def to_messages(messages: Sequence[MessageLike]) -> List[Message]:
     return out
 
 
+def _run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Optional[str]):
+    """The tokenizer the run trained with (from ``tokenizer_path`` when it moved; an imported
+    checkpoint's copy in ``CKPT/tokenizer`` when the recorded path is gone)."""
+    from mt_dialog.data.inspect import tokenizer_from_metadata
+    from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
+
+    if not data or not data.get("tokenizer"):
+        raise GenerationError(f"checkpoint {path} records no tokenizer (converted from a "
+                              "folder without tokenizer files); fine-tune it on a dataset "
+                              "first, or convert a folder that has the tokenizer")
+    tok_info = dict(data["tokenizer"])
+    bundled = os.path.join(path, "tokenizer")  # hf-to-mcore copies the tokenizer here
+    if not tokenizer_path and not os.path.exists(tok_info["path"]) and os.path.isdir(bundled):
+        tokenizer_path = bundled
+    if not tokenizer_path:
+        tokenizer = tokenizer_from_metadata({"tokenizer": tok_info})
+        if tokenizer is None:
+            raise GenerationError(f"the run's tokenizer {tok_info['path']} cannot be loaded; "
+                                  "pass its new location (--tokenizer-model / tokenizer_path=)")
+        return tokenizer
+    try:
+        tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
+    except TokenizerError as exc:
+        raise GenerationError(str(exc)) from None
+    if tokenizer.sha256 != tok_info["sha256"]:
+        raise GenerationError(f"tokenizer {tokenizer_path} is not the one the run trained "
+                              f"with ({tok_info['path']}, sha256 {tok_info['sha256'][:12]}...)")
+    tokenizer.added_tokens = dict(tok_info.get("added_tokens", {}))
+    return tokenizer
+
+
+def _run_template(name: str, tokenizer, special: Dict[str, Any]):
+    """(resolved template or None for the tokenizer's own, end-of-turn id), checked against
+    the end-of-turn id the run trained with."""
+    from mt_dialog.data.render import resolve_template
+    from mt_dialog.data.templates import HF_TEMPLATE, get_template
+    from mt_dialog.data.tokenizers import TokenizerError
+
+    if name == HF_TEMPLATE:
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError("template hf needs a Hugging Face tokenizer with a chat "
+                                  "template")
+        return None, int(special["end_of_turn"])
+    try:
+        resolved = resolve_template(get_template(name), tokenizer)
+    except (ValueError, TokenizerError) as exc:
+        raise GenerationError(str(exc)) from None
+    if int(special.get("end_of_turn", resolved.end_of_turn)) != resolved.end_of_turn:
+        raise GenerationError(
+            f"template {name}: end-of-turn id {resolved.end_of_turn} but the run trained with "
+            f"{special['end_of_turn']}; pass the template the dataset was built with")
+    return resolved, resolved.end_of_turn
+
+
 # -- the generator -----------------------------------------------------------------------------
 
 class Generator:
@@ -293,61 +347,18 @@ class Generator:
                         seed: int = 1234) -> "Generator":
         """Load the newest (or ``iteration``) checkpoint under ``path`` (a ``--save`` folder).
         ``tokenizer_path``/``template`` override what the run recorded (moved files)."""
-        from mt_dialog.data.inspect import tokenizer_from_metadata
-        from mt_dialog.data.render import resolve_template
-        from mt_dialog.data.templates import HF_TEMPLATE, get_template
-        from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
         from mt_dialog.training.checkpoint import load_weights_for_inference
         from mt_dialog.training.model import build_model_chunks, transformer_config
 
         info = read_run_info(path, iteration)
         data = info["data"]
-        if not data or not data.get("tokenizer"):
-            raise GenerationError(f"checkpoint {path} records no tokenizer (converted from a "
-                                  "folder without tokenizer files); fine-tune it on a dataset "
-                                  "first, or convert a folder that has the tokenizer")
-        tok_info = dict(data["tokenizer"])
-        bundled = os.path.join(path, "tokenizer")  # hf-to-mcore copies the tokenizer here
-        if (not tokenizer_path and not os.path.exists(tok_info["path"])
-                and os.path.isdir(bundled)):
-            tokenizer_path = bundled
-        if tokenizer_path:
-            try:
-                tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
-            except TokenizerError as exc:
-                raise GenerationError(str(exc)) from None
-            if tokenizer.sha256 != tok_info["sha256"]:
-                raise GenerationError(f"tokenizer {tokenizer_path} is not the one the run trained "
-                                      f"with ({tok_info['path']}, sha256 {tok_info['sha256'][:12]}"
-                                      "...)")
-            tokenizer.added_tokens = dict(tok_info.get("added_tokens", {}))
-        else:
-            tokenizer = tokenizer_from_metadata({"tokenizer": tok_info})
-            if tokenizer is None:
-                raise GenerationError(f"the run's tokenizer {tok_info['path']} cannot be loaded; "
-                                      "pass its new location (--tokenizer-model / tokenizer_path=)")
+        tokenizer = _run_tokenizer(path, data, tokenizer_path)
         name = template or dataset_template(data)
         if name is None:
             raise GenerationError(
                 f"the chat template is recorded in the dataset metadata of {data.get('prefixes')}, "
                 "which cannot be read; pass it (--template / template=)")
-        special = data["special_ids"]
-        if name == HF_TEMPLATE:
-            if not getattr(tokenizer, "chat_template", None):
-                raise GenerationError("template hf needs a Hugging Face tokenizer with a chat "
-                                      "template")
-            resolved = None
-            end_of_turn = int(special["end_of_turn"])
-        else:
-            try:
-                resolved = resolve_template(get_template(name), tokenizer)
-            except (ValueError, TokenizerError) as exc:
-                raise GenerationError(str(exc)) from None
-            end_of_turn = resolved.end_of_turn
-            if int(special.get("end_of_turn", end_of_turn)) != end_of_turn:
-                raise GenerationError(
-                    f"template {name}: end-of-turn id {end_of_turn} but the run trained with "
-                    f"{special['end_of_turn']}; pass the template the dataset was built with")
+        resolved, end_of_turn = _run_template(name, tokenizer, data["special_ids"])
 
         config = inference_config(info["config"])
         ensure_single_process(seed)
