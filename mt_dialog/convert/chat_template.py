@@ -6,9 +6,10 @@ resolved template (special tokens by their vocabulary text) as Jinja, e.g. for `
     {{ '<|im_start|>' }}{{ 'user\\n' + content }}{{ '<|im_end|>' }}{{ '\\n' }} ...
 
 Training encodes each template piece separately while a server tokenizes the rendered string
-as a whole; with byte-level BPE tokenizers the two agree, with SentencePiece ones the word-start
-marker at piece boundaries can differ. ``layout_differences`` renders probe conversations both
-ways so that the export can say whether the layout is reproduced token for token.
+as a whole; with byte-level BPE tokenizers the two agree; SentencePiece tokenizers start every
+encoding with a word-start marker, which a space between adjacent text pieces reproduces
+(``word_start``). ``layout_differences`` renders probe conversations both ways so that the export
+can say whether the layout is reproduced token for token.
 """
 
 from __future__ import annotations
@@ -43,17 +44,30 @@ def _text_expr(text: str, names: Dict[str, str]) -> str:
 
 
 def _emit(pieces, token_text: Callable[[int], str], **names: str) -> str:
+    """Jinja for pieces; ``ns.text`` says whether the last thing written was text (see
+    ``jinja_chat_template``'s ``word_start``)."""
     out = []
     for piece in pieces or ():
-        expr = (json.dumps(token_text(piece), ensure_ascii=False) if isinstance(piece, int)
-                else _text_expr(piece, names))
-        out.append("{{ " + expr + " }}")
+        if isinstance(piece, int):
+            out.append("{{ " + json.dumps(token_text(piece), ensure_ascii=False)
+                       + " }}{%- set ns.text = false -%}")
+        else:
+            out.append(_text(_text_expr(piece, names)))
     return "".join(out)
 
 
-def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], str]) -> str:
+def _text(expr: str) -> str:
+    return ("{%- set piece = " + expr + " -%}{%- if piece -%}"
+            "{{ (word_start if ns.text else '') + piece }}{%- set ns.text = true -%}"
+            "{%- endif -%}")
+
+
+def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], str],
+                        word_start: bool = False) -> str:
     """The Jinja equivalent of ``render_prompt`` / ``render_conversation`` for ``template``;
-    ``token_text(id)`` is a special token's text in the tokenizer."""
+    ``token_text(id)`` is a special token's text in the tokenizer. ``word_start``: training
+    encoded each text piece separately with a SentencePiece tokenizer that starts every encoding
+    with a word-start marker; a space between two adjacent text pieces reproduces it."""
     default = json.dumps(template.default_system, ensure_ascii=False) \
         if template.default_system else "none"
     user = _emit(template.user, token_text, content="content", system="system")
@@ -66,10 +80,12 @@ def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], 
     else:
         system_block = ("{%- if system -%}" + _emit(template.system, token_text,
                                                     content="system") + "{%- endif -%}")
-    reply = (_emit(template.assistant_open, token_text) + "{{ content }}"
-             + "{{ " + json.dumps(token_text(template.end_of_turn), ensure_ascii=False) + " }}"
+    reply = (_emit(template.assistant_open, token_text) + _text("content")
+             + _emit((template.end_of_turn,), token_text)
              + _emit(template.assistant_close, token_text))
     return "".join([
+        "{%- set word_start = " + ("' '" if word_start else "''") + " -%}",
+        "{%- set ns = namespace(text=false) -%}",
         "{%- set system = " + default + " -%}",
         "{%- set body = messages -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",

@@ -387,11 +387,14 @@ def _attach_chat_template(hf_tokenizer, data: Dict[str, Any], path: str) -> str:
     tokenizer = load_tokenizer(data["tokenizer"]["type"], path)
     tokenizer.added_tokens = dict(data["tokenizer"].get("added_tokens") or {})
     template = resolve_template(get_template(name), tokenizer)
-    hf_tokenizer.chat_template = jinja_chat_template(
-        template, lambda token: hf_tokenizer.convert_ids_to_tokens(int(token)))
-    difference = layout_differences(hf_tokenizer, template, tokenizer.encode)
-    if difference is None:
-        return f"{name} (as Jinja; reproduces the training token layout exactly)"
+    differences = []
+    for word_start in (False, True):  # see chat_template.jinja_chat_template
+        hf_tokenizer.chat_template = jinja_chat_template(
+            template, lambda token: hf_tokenizer.convert_ids_to_tokens(int(token)), word_start)
+        differences.append(layout_differences(hf_tokenizer, template, tokenizer.encode))
+        if differences[-1] is None:
+            return f"{name} (as Jinja; reproduces the training token layout exactly)"
+    difference = differences[0]
     print(f"warning: the exported chat template ({name}) renders the same text as training but "
           f"this tokenizer splits it differently: {difference}", file=sys.stderr)
     return f"{name} (as Jinja; token layout differs from training: {difference})"

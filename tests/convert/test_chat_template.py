@@ -71,3 +71,18 @@ def test_differences_are_reported(hf_tokenizer_dir):
     hf.chat_template = jinja_chat_template(
         template, lambda token: hf.convert_ids_to_tokens(int(token))).replace("user", "User")
     assert "probe 0 (prompt)" in layout_differences(hf, template, tokenizer.encode)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_sentencepiece_layout_reproduced_with_word_starts(name, sp_pair):
+    """Each piece encoded alone starts with a word-start marker; a space between adjacent text
+    pieces (word_start) reproduces it in the whole-string tokenization (legacy LlamaTokenizer)."""
+    from transformers import LlamaTokenizer
+
+    tokenizer = SentencePieceTokenizer(sp_pair[0])
+    template = resolve_template(get_template(name), tokenizer)
+    hf = LlamaTokenizer.from_pretrained(sp_pair[1], legacy=True)
+    _add_appended(hf, tokenizer.added_tokens)
+    text_of = lambda token: hf.convert_ids_to_tokens(int(token))  # noqa: E731
+    hf.chat_template = jinja_chat_template(template, text_of, word_start=True)
+    assert layout_differences(hf, template, tokenizer.encode) is None

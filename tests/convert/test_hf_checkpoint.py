@@ -136,7 +136,9 @@ def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_p
     # the fine-tuned checkpoint (saved at TP=2 / PP=2, vocabulary padded) exports to a model
     # whose logits are the checkpoint's
     out = tmp_path / "hf"
-    convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
+    exported = convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
+    assert "chat template: chatml (as Jinja; reproduces the training token layout exactly)" \
+        in exported.stdout
     generator = single_process.Generator.from_checkpoint(save)
     ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Hello!"}])])
     reference = hf_logits(str(out), ids)
