@@ -1,8 +1,20 @@
 """The preprocessing run: read -> render (parallel) -> stage on disk -> split -> pack -> write.
 
-Memory stays O(number of conversations): records are streamed to the workers with a bounded
-window, and rendered conversations are appended to a staging indexed dataset on disk; only their
-lengths stay in RAM for packing. Outputs are written into a temporary folder beside the output
+Processes (``--workers N``)::
+
+    main process    reads the inputs, hands batches of raw lines to the renderers, accounts for
+                    every record, packs, writes the metadata and publishes the files
+    renderers       with --workers 1 the main process itself; else N pool workers. Each appends
+                    the conversations it renders to its own staging shard (``staging.py``) and
+                    returns only (offset, length, a few counts) per conversation
+    writer          a process started first (``writer.py``): it imports torch + megatron-core
+                    while the others render, then copies the packs from the shards into the
+                    output with megatron-core's IndexedDatasetBuilder. Inline instead when
+                    megatron-core is already imported in this process
+
+Memory stays O(number of conversations): records are streamed to the renderers with a bounded
+window, rendered conversations go to the shards on disk, and the main process keeps about 30 bytes
+per conversation (``StageIndex``). Outputs are written into a temporary folder beside the output
 prefix and moved into place only when everything succeeded, metadata last.
 """
 
@@ -11,9 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import sys
 import time
-from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -24,21 +34,15 @@ from mt_dialog import __version__
 from mt_dialog.config_utils import to_dict
 from mt_dialog.data.config import PreprocessConfig
 from mt_dialog.data.packing import pack, packing_efficiency
+from mt_dialog.data.progress import progress_factory
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
-from mt_dialog.data.records import RecordProcessor, run_batch
+from mt_dialog.data.records import RecordProcessor, init_worker, run_batch
 from mt_dialog.data.render import resolve_template
-from mt_dialog.data.storage import (
-    FORMAT_VERSION,
-    PackWriter,
-    count_dtype,
-    count_turns,
-    open_indexed,
-    output_files,
-    token_dtype,
-    write_metadata,
-)
+from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
+from mt_dialog.data.storage import FORMAT_VERSION, output_files, write_metadata
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
 from mt_dialog.data.tokenizers import TokenizerError
+from mt_dialog.data.writer import SplitPlan, WriteJob, WriterError, open_writer
 
 BATCH = 64
 WINDOW_PER_WORKER = 8
@@ -62,26 +66,6 @@ class Tally:
     examples: Dict[str, str] = field(default_factory=dict)
 
 
-class Stage:
-    """Kept conversations in arrival order: tokens on disk, lengths and splits in RAM."""
-
-    def __init__(self, folder: str, vocab_size: int, seq_length: int) -> None:
-        self.writer = PackWriter(os.path.join(folder, "stage"), "all", vocab_size, seq_length)
-        self.folder = folder
-        self.lengths = array("q")
-        self.is_valid = array("b")
-
-    def add(self, tokens: np.ndarray, counts: np.ndarray, valid: bool) -> None:
-        self.writer.add_pack([tokens], [counts])  # one conversation per staging document
-        self.lengths.append(int(tokens.shape[0]))
-        self.is_valid.append(1 if valid else 0)
-
-    def open(self):
-        self.writer.finalize()
-        prefix = os.path.join(self.folder, "stage.all")
-        return open_indexed(prefix + ".tokens"), open_indexed(prefix + ".loss_token_num")
-
-
 def _numbered(files: Sequence[Tuple[str, bool]]) -> Iterator[Tuple[int, RawRecord, bool]]:
     number = 0
     for path, valid in files:
@@ -102,28 +86,34 @@ def _batches(stream, size: int):
         yield batch
 
 
-def _bounded_map(processor: RecordProcessor, batches, workers: int):
-    """Ordered results of ``processor`` over ``batches``, at most a window of batches in flight."""
+def _bounded_map(processor: RecordProcessor, batches, workers: int, folder: str):
+    """``(batch, shard name, outcomes)`` of ``processor.stage`` over ``batches``, in input order;
+    with several workers at most a window of batches is in flight."""
     if workers == 1:
-        for batch in batches:
-            yield batch, processor.process([(n, r) for n, r, _ in batch])
+        shard = ShardWriter(folder, f"shard-{os.getpid()}", processor.token_dtype,
+                            processor.count_dtype)
+        try:
+            for batch in batches:
+                yield batch, shard.name, processor.stage([(n, r) for n, r, _ in batch], shard)
+        finally:
+            shard.close()
         return
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=init_worker, initargs=(processor, folder)) as pool:
         pending: deque = deque()
         for batch in batches:
-            job = pool.apply_async(run_batch, (processor, [(n, r) for n, r, _ in batch]))
+            job = pool.apply_async(run_batch, ([(n, r) for n, r, _ in batch],))
             pending.append((batch, job))
             if len(pending) >= workers * WINDOW_PER_WORKER:
                 done, job = pending.popleft()
-                yield done, job.get()
+                yield (done, *job.get())
         while pending:
             done, job = pending.popleft()
-            yield done, job.get()
+            yield (done, *job.get())
 
 
-def _account(outcome, record: RawRecord, valid: bool, tally: Tally, stage: Stage,
-             on_error: str) -> None:
+def _account(outcome, record: RawRecord, valid: bool, tally: Tally, index: StageIndex,
+             shard: int, on_error: str) -> None:
     status = outcome[0]
     if status == "error" and outcome[2] == "empty_file":  # a file, not a conversation
         if on_error == "raise":
@@ -133,11 +123,12 @@ def _account(outcome, record: RawRecord, valid: bool, tally: Tally, stage: Stage
         return
     tally.read += 1
     if status == "ok":
+        _, _, offset, length, removed, turns, loss_tokens = outcome
         tally.kept += 1
-        if outcome[4]:
+        if removed:
             tally.truncated += 1
-            tally.turns_removed += outcome[4]
-        stage.add(outcome[2], outcome[3], valid)
+            tally.turns_removed += removed
+        index.add(shard, offset, length, turns, loss_tokens, valid)
         return
     reason, message = outcome[2], outcome[3]
     if status == "error" and reason == "overlong":
@@ -148,12 +139,12 @@ def _account(outcome, record: RawRecord, valid: bool, tally: Tally, stage: Stage
     tally.examples.setdefault(reason, message)
 
 
-def _assign_splits(stage: Stage, config: PreprocessConfig) -> Dict[str, np.ndarray]:
+def _assign_splits(index: StageIndex, config: PreprocessConfig) -> Dict[str, np.ndarray]:
     """Staging indices of each split (seeded random split unless --valid-input was given)."""
-    flags = np.frombuffer(stage.is_valid, dtype=np.int8) if len(stage.is_valid) else np.zeros(0)
     if config.inputs.valid_input:
+        flags = index.column("is_valid")
         return {"train": np.flatnonzero(flags == 0), "valid": np.flatnonzero(flags == 1)}
-    count = len(stage.lengths)
+    count = len(index)
     _, valid_fraction = config.packing.split_fractions()
     n_valid = int(round(count * valid_fraction))
     if valid_fraction > 0 and n_valid == 0 and count >= 2:
@@ -171,58 +162,25 @@ def to_stage_indices(indices: np.ndarray, packs: List[List[int]]) -> List[List[i
     return [part.tolist() for part in np.split(indices[flat], cuts)]
 
 
-def _write_split(name: str, indices: np.ndarray, stage: Stage, staged, tmp_prefix: str,
-                 config: PreprocessConfig, vocab_size: int, progress) -> Dict[str, float]:
-    """Pack one split and write it; returns its statistics."""
+def _plan_split(name: str, indices: np.ndarray, index: StageIndex,
+                config: PreprocessConfig) -> Tuple[SplitPlan, Dict[str, float]]:
+    """Pack one split: what the writer writes, in order, and the split's statistics."""
     seq_length = config.packing.seq_length
-    lengths = np.frombuffer(stage.lengths, dtype=np.int64)[indices]
+    lengths = index.column("length")[indices]
     packs = to_stage_indices(indices, pack(lengths, seq_length, config.packing.packing))
     if config.packing.shuffle:
         rng = np.random.default_rng(config.packing.seed + (0 if name == "train" else 1))
         packs = [packs[i] for i in rng.permutation(len(packs))]
-    writer = PackWriter(tmp_prefix, name, vocab_size, seq_length)
-    tokens_ds, counts_ds = staged
-    stats = Counter()
-    for members in progress(packs, desc=f"writing {name}", unit="pack"):
-        tokens = [tokens_ds[m] for m in members]
-        counts = [counts_ds[m] for m in members]
-        writer.add_pack(tokens, counts)
-        for c in counts:
-            stats["turns"] += count_turns(c)
-            stats["loss_tokens"] += int(np.count_nonzero(c))
-    writer.finalize()
+    sizes = np.fromiter((len(p) for p in packs), dtype=np.int64, count=len(packs))
+    members = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=int(sizes.sum()))
     total = int(lengths.sum())
-    return {
-        "conversations": int(indices.shape[0]), "turns": stats["turns"], "tokens": total,
-        "loss_tokens": stats["loss_tokens"], "packs": len(packs),
+    return SplitPlan(name, members, sizes), {
+        "conversations": int(indices.shape[0]),
+        "turns": int(index.column("turns")[indices].sum()), "tokens": total,
+        "loss_tokens": int(index.column("loss_tokens")[indices].sum()), "packs": len(packs),
         "packing_efficiency": round(packing_efficiency(lengths, packs, seq_length), 6),
         "padding_tokens": len(packs) * seq_length - total,
     }
-
-
-def _progress_factory(enabled: bool):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a dependency, but a bar is never worth a crash
-        tqdm = None
-
-    def progress(iterable=None, **kwargs):
-        if tqdm is None or not enabled:
-            return iterable if iterable is not None else _NullBar()
-        return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-    return progress
-
-
-class _NullBar:
-    def update(self, *_):
-        pass
-
-    def set_postfix_str(self, *_):
-        pass
-
-    def close(self):
-        pass
 
 
 def _check_destination(config: PreprocessConfig) -> None:
@@ -250,8 +208,8 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         tokenizer = processor.setup()  # appends missing special tokens once, here
     except (TokenizerError, ValueError) as exc:
         raise PreprocessError(str(exc)) from None
-    processor.token_dtype = np.dtype(token_dtype(tokenizer.vocab_size)).name
-    processor.count_dtype = np.dtype(count_dtype(config.packing.seq_length)).name
+    processor.token_dtype = staging_dtype(tokenizer.vocab_size - 1).name
+    processor.count_dtype = staging_dtype(config.packing.seq_length).name
     if tok.template == HF_TEMPLATE and not tokenizer.chat_template:
         raise PreprocessError(
             f"--template hf: the tokenizer in {tok.tokenizer_path} has no chat template; "
@@ -269,15 +227,18 @@ def _input_files(config: PreprocessConfig) -> List[Tuple[str, bool]]:
     return [(p, False) for p in train] + [(p, True) for p in valid]
 
 
-def _stage_all(files, processor, stage: Stage, config: PreprocessConfig, progress) -> Tally:
+def _stage_all(files, processor, index: StageIndex, folder: str, config: PreprocessConfig,
+               progress) -> Tally:
     tally = Tally()
     total_bytes = sum(os.path.getsize(p) for p, _ in files)
     bar = progress(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing")
     try:
         batches = _batches(_numbered(files), BATCH)
-        for batch, outcomes in _bounded_map(processor, batches, config.output.workers):
+        for batch, shard, outcomes in _bounded_map(processor, batches, config.output.workers,
+                                                   folder):
+            shard_id = index.shard_id(shard)
             for (_, record, valid), outcome in zip(batch, outcomes):
-                _account(outcome, record, valid, tally, stage, config.inputs.on_error)
+                _account(outcome, record, valid, tally, index, shard_id, config.inputs.on_error)
                 bar.update(record.nbytes)
             bar.set_postfix_str(f"{tally.read:,} conversations")
     except InputError as exc:
@@ -340,39 +301,60 @@ def _publish(tmp_prefix: str, prefix: str, splits: Sequence[str]) -> None:
         os.replace(source, target)
 
 
-def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = None) -> Dict:
-    """Run the whole pipeline; returns the metadata written beside the data."""
+def _write(writer, index: StageIndex, plans: List[SplitPlan], folder: str, tmp_prefix: str,
+           processor: RecordProcessor, vocab_size: int, config: PreprocessConfig) -> None:
+    job = WriteJob(
+        stage_folder=folder, shard_names=list(index.shard_names),
+        token_dtype=processor.token_dtype, count_dtype=processor.count_dtype,
+        shard=index.column("shard"), offset=index.column("offset"),
+        length=index.column("length"), splits=plans, prefix=tmp_prefix, vocab_size=vocab_size,
+        seq_length=config.packing.seq_length, progress=config.output.progress,
+    )
+    try:
+        writer.write(job)
+    except WriterError as exc:
+        raise PreprocessError(str(exc)) from None
+
+
+def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = None,
+                   separate_writer: Optional[bool] = None) -> Dict:
+    """Run the whole pipeline; returns the metadata written beside the data.
+
+    ``separate_writer``: write the packed files in a writer process that imports megatron-core
+    while the conversations are rendered (True), in this process (False), or decide (None: a
+    writer process unless megatron-core's indexed_dataset is already imported here)."""
     start = time.time()
-    progress = _progress_factory(config.output.progress)
+    progress = progress_factory(config.output.progress)
     _check_destination(config)
     files = _input_files(config)
-    processor, tokenizer = _make_processor(config)
     prefix = config.output.output_prefix
     tmp_dir = f"{prefix}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
+    writer = None
     try:
-        stage = Stage(tmp_dir, tokenizer.vocab_size, config.packing.seq_length)
-        tally = _stage_all(files, processor, stage, config, progress)
+        writer = open_writer(separate_writer)  # first: its import overlaps everything below
+        processor, tokenizer = _make_processor(config)
+        index = StageIndex()
+        tally = _stage_all(files, processor, index, tmp_dir, config, progress)
         if tally.kept == 0:
             raise PreprocessError(
                 f"no conversation was kept ({tally.read} read, skipped: {dict(tally.skipped)}, "
                 f"dropped: {dict(tally.dropped)}); nothing to write"
             )
-        staged = stage.open()
         tmp_prefix = os.path.join(tmp_dir, os.path.basename(prefix))
-        splits = {
-            name: _write_split(name, indices, stage, staged, tmp_prefix, config,
-                               tokenizer.vocab_size, progress)
-            for name, indices in _assign_splits(stage, config).items()
-            if indices.size
-        }
-        del staged
+        planned = {name: _plan_split(name, indices, index, config)
+                   for name, indices in _assign_splits(index, config).items() if indices.size}
+        _write(writer, index, [plan for plan, _ in planned.values()], tmp_dir, tmp_prefix,
+               processor, tokenizer.vocab_size, config)
+        splits = {name: stats for name, (_, stats) in planned.items()}
         summary = _summary(tally, splits, time.time() - start)
         metadata = _metadata(config, tokenizer, processor, summary, argv)
         write_metadata(tmp_prefix, metadata)
         _publish(tmp_prefix, prefix, list(splits))
     finally:
+        if writer is not None:
+            writer.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return metadata
 

@@ -1,8 +1,10 @@
-"""Turn raw records into rendered conversations (runs in the tokenizer worker processes).
+"""Turn raw records into rendered conversations (in the tokenizer worker processes, or in the
+main process with ``--workers 1``).
 
-A ``RecordProcessor`` is built in the main process, pickled to each worker and set up there
-(tokenizer loaded, the main process's appended special tokens restored, template resolved), so all
-processes produce identical ids. ``process`` maps a batch of ``(number, RawRecord)`` to outcomes:
+A ``RecordProcessor`` is built in the main process, sent to each worker once (``init_worker``) and
+set up there (tokenizer loaded, the main process's appended special tokens restored, template
+resolved), so all processes produce identical ids. ``process`` maps a batch of
+``(number, RawRecord)`` to outcomes:
 
 - ``("ok", number, input_ids, loss_token_num, turns_removed)`` for a kept conversation;
 - ``("error", number, reason, message)`` for a record that cannot be used (the message starts with
@@ -10,13 +12,19 @@ processes produce identical ids. ``process`` maps a batch of ``(number, RawRecor
 - ``("dropped", number, reason, message)`` for an overlong conversation under ``--overlong drop``
   (reason ``overlong``) or ``truncate`` when not even its first turn fits
   (``overlong_no_turn_fits``).
+
+``stage`` does the same but appends each kept conversation to a staging shard
+(``staging.ShardWriter``) and returns ``("ok", number, offset, length, turns_removed, turns,
+loss_tokens)`` in its place, so only a few numbers per conversation cross the process boundary.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from mt_dialog.data.formats import RecordError, parse_record
 from mt_dialog.data.readers import RawRecord
@@ -27,6 +35,7 @@ from mt_dialog.data.render import (
     resolve_template,
     truncate_to_turns,
 )
+from mt_dialog.data.staging import ShardWriter
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
 from mt_dialog.data.tokenizers import DialogTokenizer, load_tokenizer
 
@@ -62,10 +71,9 @@ class RecordProcessor:
     overlong: str
     added_tokens: Dict[str, int] = field(default_factory=dict)
     token_dtype: str = "int64"
-    """dtype of the stored token ids (set by the main process once the vocabulary is known): the
-    arrays cross the process boundary and reach the writer already in the stored dtypes."""
+    """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
     count_dtype: str = "int32"
-    """dtype of the stored loss_token_num."""
+    """dtype of the staged loss_token_num."""
 
     def __post_init__(self) -> None:
         self._tokenizer: Optional[DialogTokenizer] = None
@@ -96,38 +104,78 @@ class RecordProcessor:
     def process(self, batch: List[Tuple[int, RawRecord]]) -> List[Outcome]:
         return [self._one(number, record) for number, record in batch]
 
-    def _ok(self, number: int, rendered: RenderedConversation, removed: int) -> Outcome:
+    def stage(self, batch: List[Tuple[int, RawRecord]], shard: ShardWriter) -> List[Outcome]:
+        """``process``, with kept conversations appended to ``shard`` (flushed before returning)
+        and their outcomes reduced to ``("ok", number, offset, length, turns_removed, turns,
+        loss_tokens)``."""
+        outcomes = []
+        for number, record in batch:
+            failure, rendered, removed = self._attempt(number, record)
+            if rendered is not None:
+                offset = shard.append(rendered.input_ids, rendered.loss_token_num)
+                failure = ("ok", number, offset, rendered.num_tokens, removed,
+                           rendered.turn_num, rendered.num_loss_tokens)
+            outcomes.append(failure)
+        shard.flush()
+        return outcomes
+
+    def _one(self, number: int, record: RawRecord) -> Outcome:
+        failure, rendered, removed = self._attempt(number, record)
+        if rendered is None:
+            return failure
         return ("ok", number, rendered.input_ids.astype(self.token_dtype, copy=False),
                 rendered.loss_token_num.astype(self.count_dtype, copy=False), removed)
 
-    def _one(self, number: int, record: RawRecord) -> Outcome:
+    def _attempt(self, number: int, record: RawRecord) -> Tuple[
+            Optional[Outcome], Optional[RenderedConversation], int]:
+        """``(failure outcome, None, 0)``, or ``(None, the kept conversation, turns removed)``.
+        Every kept turn carries loss tokens (its end-of-turn at least), so ``turn_num`` is the
+        number of trained turns."""
         if record.error is not None:  # a problem with the file itself (e.g. empty)
-            return ("error", number, record.error.reason, f"{record.where}: {record.error.message}")
+            return ("error", number, record.error.reason,
+                    f"{record.where}: {record.error.message}"), None, 0
         where = f"{record.where}: conversation {number}"
         try:
             value = decode_json_line(record.raw) if record.raw is not None else record.value
             rendered = self.render(parse_record(value, self.input_format))
         except RecordError as exc:
-            return ("error", number, exc.reason, f"{where}: {exc.message}")
+            return ("error", number, exc.reason, f"{where}: {exc.message}"), None, 0
         if rendered.num_tokens <= self.seq_length:
-            return self._ok(number, rendered, 0)
+            return None, rendered, 0
         too_long = (
             f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"
         )
         if self.overlong == "truncate":
             kept = truncate_to_turns(rendered, self.seq_length)
             if kept is not None:
-                removed = rendered.turn_num - kept.turn_num
-                return self._ok(number, kept, removed)
+                return None, kept, rendered.turn_num - kept.turn_num
             return ("dropped", number, "overlong_no_turn_fits",
-                    f"{too_long} and even its first turn does not fit; it was dropped")
+                    f"{too_long} and even its first turn does not fit; it was dropped"), None, 0
         if self.overlong == "drop":
-            return ("dropped", number, "overlong", f"{too_long}; it was dropped")
+            return ("dropped", number, "overlong", f"{too_long}; it was dropped"), None, 0
         return ("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
-                "--overlong drop, or a longer --seq-length")
+                "--overlong drop, or a longer --seq-length"), None, 0
 
 
-def run_batch(processor: RecordProcessor, batch) -> List[Outcome]:
-    """Module-level entry point for pool workers."""
-    return processor.process(batch)
+_WORKER: Dict[str, Any] = {}
+
+
+def init_worker(processor: RecordProcessor, stage_folder: str) -> None:
+    """Pool initializer: keep the processor for the life of the worker (its tokenizer is then
+    loaded once per worker, not once per batch). Nothing here can fail; ``run_batch`` sets up.
+    Ctrl-C is left to the main process, which stops the pool (no traceback per worker)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER.clear()
+    _WORKER.update(processor=processor, folder=stage_folder)
+
+
+def run_batch(batch) -> Tuple[str, List[Outcome]]:
+    """Pool task: stage one batch into this worker's own shard; returns (shard name, outcomes)."""
+    shard = _WORKER.get("shard")
+    if shard is None:
+        processor = _WORKER["processor"]
+        shard = ShardWriter(_WORKER["folder"], f"shard-{os.getpid()}", processor.token_dtype,
+                            processor.count_dtype)
+        _WORKER["shard"] = shard
+    return shard.name, _WORKER["processor"].stage(batch, shard)
