@@ -4,9 +4,11 @@ grows, to show that inputs are streamed (RAM is O(conversations), not O(bytes of
 
 Each size of the ShareGPT-like corpus (``synthetic_corpus.py``) is preprocessed in a subprocess
 (``--workers 2``); every 0.1 s the resident anonymous memory (``RssAnon`` in /proc, page cache of
-memory-mapped files excluded) of the main process and of its worker processes is sampled. The
-baseline is a process that only imports what the tool imports (torch, megatron-core,
-sentencepiece). Growth per conversation = (peak - baseline) / conversations.
+memory-mapped files excluded) of the main process and of its child processes (2 tokenizer
+workers, the writer process) is sampled. The baseline is a process that only imports what the
+main process imports (mt_dialog's preprocessing, sentencepiece, numpy; torch and megatron-core
+are imported by the writer process only). Growth per conversation = (peak main - baseline) /
+conversations.
 
     python benchmarks/bench_memory.py           # full run (~4 min)
     python benchmarks/bench_memory.py --quick   # smoke run
@@ -28,9 +30,8 @@ import synthetic_corpus  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORK = os.path.join(ROOT, "benchmarks", "work", "memory")
-BASELINE = ("import sys; sys.path.insert(0, %r); from mt_dialog.data.storage import "
-            "indexed_dataset_module; indexed_dataset_module(); import sentencepiece, time; "
-            "time.sleep(1.5)" % ROOT)
+BASELINE = ("import sys; sys.path.insert(0, %r); import mt_dialog.data.preprocess; "
+            "import sentencepiece, time; time.sleep(1.5)" % ROOT)
 
 
 def _rss_anon_kb(pid: int) -> int:
@@ -88,7 +89,7 @@ def plot(rows: List[Dict[str, float]], baseline: float, path: str, info) -> None
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = [r["input_mib"] for r in rows]
     ax.plot(sizes, [r["main_mib"] for r in rows], "o-", label="main process")
-    ax.plot(sizes, [r["total_mib"] for r in rows], "s-", label="main + 2 workers")
+    ax.plot(sizes, [r["total_mib"] for r in rows], "s-", label="main + 2 workers + writer")
     ax.plot(sizes, sizes, ":", color="gray", label="input size (for scale)")
     ax.axhline(baseline, color="black", lw=0.8, label="baseline: imports only")
     ax.set_xlabel("input JSONL (MiB)")
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
               f"{r['total_mib']:.0f}", f"{1024 * (r['main_mib'] - baseline) / r['conversations']:.2f}",
               common.fmt_seconds(r["seconds"])] for r in rows]
     print(f"baseline (imports only): {baseline:.0f} MiB")
-    print(common.format_table(["conversations", "input MiB", "peak main MiB", "peak +workers MiB",
+    print(common.format_table(["conversations", "input MiB", "peak main MiB", "peak + children MiB",
                                "main KiB/conversation over baseline", "wall"], table))
     paths = common.result_paths("memory", args.quick)
     common.write_json(paths["json"], {"benchmark": "memory", "quick": args.quick, "machine": info,

@@ -29,8 +29,13 @@ staging shards (``mt_dialog/data/writer.py``). Columns:
 ``sp.EncodeAsIds(text)`` over them in one process. tokens/s counts the tokens each produced (the
 pipeline's include the template's, minus turns removed by ``--overlong truncate``).
 
-    python benchmarks/bench_preprocess.py           # full run (~4-6 min on 2 cores)
+Each input gets ``--repeats`` interleaved rounds (tokenize only, then the pipeline with each worker
+count), so that the machine's slow spells hit every mode alike; the table shows each mode's median
+run and the JSON keeps every run's seconds (``all_seconds``).
+
+    python benchmarks/bench_preprocess.py           # full run (~6-7 min on 2 cores)
     python benchmarks/bench_preprocess.py --quick   # smoke run
+    python benchmarks/bench_preprocess.py --breakdown  # only: the Firefly cost, stage by stage
     python benchmarks/bench_preprocess.py --profile # + where the 1-worker pipeline spends its time
                                                     #   (in-process, megatron-core imported first,
                                                     #   so the packed files are written inline)
@@ -126,6 +131,35 @@ def tool_main(argv) -> int:
     return code
 
 
+def _median(runs):
+    """The run of median ``seconds`` (the lower middle one for an even count), with every
+    run's seconds attached."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["all_seconds"] = [r["seconds"] for r in runs]
+    return chosen
+
+
+def measure_input(name, path, model, template, workers_list, rounds, work):
+    """``rounds`` interleaved rounds of (tokenize only, pipeline with each worker count), so that
+    a slow spell of the machine hits every mode alike; one record per mode: its median run."""
+    conversations = sum(1 for _ in open(path, encoding="utf-8"))
+    runs = {mode: [] for mode in ["tokenize only"] + list(workers_list)}
+    texts = 0
+    for round_index in range(rounds):
+        print(f"{name}: round {round_index + 1}/{rounds}: tokenize only, pipeline with "
+              f"{', '.join(map(str, workers_list))} worker(s) ...", flush=True)
+        seconds, tokens, texts = tokenize_only(path, model, 1)
+        runs["tokenize only"].append({"mode": "tokenize only", "workers": 1, "seconds": seconds,
+                                      "wall_seconds": seconds, "tokens": tokens})
+        for workers in workers_list:
+            result = run_tool(path, model, template, workers, os.path.join(work, "out"))
+            runs[workers].append({"mode": "pipeline", **result})
+    base = {"input": name, "path": path, "tokenizer": model, "template": template,
+            "conversations": conversations, "messages": texts}
+    return [{**base, **_median(group)} for group in runs.values()]
+
+
 def import_cost(repeats: int = 2) -> float:
     """Seconds a fresh interpreter needs to import what the writer process imports first:
     megatron-core's ``indexed_dataset`` (torch + megatron.core), via
@@ -185,6 +219,90 @@ def profile_pipeline(path, model, template, work) -> list:
              "share": r[0] / total} for r in rows[:20]], total
 
 
+def cost_breakdown(path: str, model: str, template_name: str, rounds: int = 3):
+    """Where the 1-worker pipeline's time goes beyond tokenizing, in one process: the same
+    records through cumulative stages (interleaved rounds, median seconds of each):
+
+      tokenize only        sp.EncodeAsIds over every message text (texts already in memory)
+      + read, JSON, parse  each JSONL line decoded and parsed into messages, then encoded
+      + ids to array       the conversation's ids collected and converted to one numpy array
+      + render, stage      render_conversation (template, loss_token_num) and the staging write
+    The pipeline adds to the last one its batching and accounting, packing, and copying the
+    staged tokens into megatron-core's .bin/.idx after packing."""
+    import numpy as np
+
+    from mt_dialog.data.formats import parse_record
+    from mt_dialog.data.records import decode_json_line
+    from mt_dialog.data.render import render_conversation, resolve_template
+    from mt_dialog.data.templates import get_template
+    from mt_dialog.data.tokenizers import SentencePieceTokenizer
+
+    with open(path, "rb") as handle:
+        lines = handle.read().splitlines()
+    tokenizer = SentencePieceTokenizer(model)
+    template = resolve_template(get_template(template_name), tokenizer)
+    encode, sp = tokenizer.encode, tokenizer._sp
+    texts = [m.content for line in lines for m in parse_record(decode_json_line(line), None)]
+    stage = open(os.devnull, "wb")
+
+    def messages():
+        return (parse_record(decode_json_line(line), None) for line in lines)
+
+    def to_array():
+        for conversation in messages():
+            ids = []
+            for message in conversation:
+                ids.extend(encode(message.content))
+            np.fromiter(ids, dtype=np.int64, count=len(ids))
+
+    def rendered():
+        for conversation in messages():
+            r = render_conversation(conversation, template, encode)
+            stage.write(r.input_ids.astype(np.uint16).data)
+            stage.write(r.loss_token_num.astype(np.uint16).data)
+
+    def tokenize_texts():
+        for text in texts:
+            sp.EncodeAsIds(text)
+
+    def parsed():
+        for conversation in messages():
+            for message in conversation:
+                encode(message.content)
+
+    stages = [("tokenize only", tokenize_texts), ("+ read, JSON, parse", parsed),
+              ("+ ids to array", to_array), ("+ render, stage", rendered)]
+    times = {name: [] for name, _ in stages}
+    for _ in range(rounds):
+        for name, run in stages:
+            start = common.wall()
+            run()
+            times[name].append(common.wall() - start)
+    stage.close()
+    medians = {name: sorted(v)[(len(v) - 1) // 2] for name, v in times.items()}
+    base = medians["tokenize only"]
+    return [{"stage": name, "seconds": sec, "vs_tokenize_only": sec / base}
+            for name, sec in medians.items()]
+
+
+def run_breakdown(inputs, skipped, info, argv) -> int:
+    if skipped:
+        print(f"--breakdown needs the Firefly input: {skipped}")
+        return 0
+    name, path, model, template = inputs[-1]
+    breakdown = cost_breakdown(path, model, template)
+    table = common.format_table(["stage", "time", "vs tokenize-only"], [
+        [b["stage"], common.fmt_seconds(b["seconds"]), f"{b['vs_tokenize_only']:.2f}x"]
+        for b in breakdown])
+    print(f"cost breakdown, {name}, one process, median of 3 interleaved rounds:\n{table}")
+    path = os.path.join(common.RESULTS_DIR, "preprocess-breakdown.json")
+    common.write_json(path, {"benchmark": "preprocess-breakdown", "machine": info,
+                             "command": " ".join(["python benchmarks/bench_preprocess.py", *argv]),
+                             "input": name, "stages": breakdown, "table": table})
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--run-tool"]:
@@ -199,6 +317,10 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile a 1-worker run "
                         "of the synthetic corpus in-process (cProfile) and print the top functions")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--breakdown", action="store_true", help="instead: break the 1-worker "
+                        "pipeline's cost on the Firefly input into stages, in one process")
+    parser.add_argument("--repeats", type=int, help="interleaved rounds of every mode; the "
+                        "median run of each is reported (default 3; quick 1)")
     args = parser.parse_args(argv)
     n = args.conversations or (1000 if args.quick else 20000)
     repeat = args.firefly_repeat or (3 if args.quick else 300)
@@ -219,19 +341,12 @@ def main(argv=None) -> int:
         inputs += [("synthetic+llama2", corpus, common.LLAMA2_MODEL, "llama2"),
                    (f"firefly+llama2 (x{repeat})", firefly, common.LLAMA2_MODEL, "firefly")]
 
+    if args.breakdown:
+        return run_breakdown(inputs, skipped, info, argv)
     records, rows = [], []
+    rounds = args.repeats or (1 if args.quick else 3)
     for name, path, model, template in inputs:
-        print(f"{name}: tokenize only ...", flush=True)
-        seconds, tokens, texts = tokenize_only(path, model, 2 if args.quick else 1)
-        conversations = sum(1 for _ in open(path, encoding="utf-8"))
-        base = {"input": name, "path": path, "tokenizer": model, "template": template,
-                "conversations": conversations, "messages": texts}
-        records.append({**base, "mode": "tokenize only", "workers": 1, "seconds": seconds,
-                        "wall_seconds": seconds, "tokens": tokens})
-        for workers in args.workers:
-            print(f"{name}: pipeline, {workers} worker(s) ...", flush=True)
-            result = run_tool(path, model, template, workers, os.path.join(work, "out"))
-            records.append({**base, "mode": "pipeline", **result})
+        records += measure_input(name, path, model, template, args.workers, rounds, work)
     print("import cost of megatron-core's indexed_dataset in a fresh interpreter ...", flush=True)
     imports = import_cost()
     by_input = {}
@@ -299,7 +414,7 @@ def main(argv=None) -> int:
     paths = common.result_paths("preprocess", args.quick)
     common.write_json(paths["json"], {
         "benchmark": "preprocess", "quick": args.quick, "machine": info,
-        "command": "python benchmarks/bench_preprocess.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/bench_preprocess.py", *argv]),
         "skipped": skipped, "import_seconds": imports, "results": records, "targets": lines, "profile": profile,
         "table": table})
     plot(by_input, paths["png"], info)

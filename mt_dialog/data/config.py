@@ -121,7 +121,8 @@ class OutputConfig:
     output_prefix: str = option(help="prefix of the output files (PREFIX.meta.json, "
                                 "PREFIX.train.tokens.bin, ...)", metavar="PREFIX")
     overwrite: bool = option(False, help="replace an existing dataset at --output-prefix")
-    workers: int = option(1, help="tokenizer processes")
+    workers: int = option(1, help="processes that render and tokenize (1: the main process "
+                          "does it; more: worker processes, the main one reads and packs)")
     progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
