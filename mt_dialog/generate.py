@@ -125,39 +125,54 @@ def dataset_template(data: Dict[str, Any]) -> Optional[str]:
     return None
 
 
-def inference_config(saved: Dict[str, Any]):
-    """The run's ``DialogTrainingConfig`` with every parallel size 1 (and the vocabulary padded
-    as in training: the padding multiple absorbs the training TP size)."""
+def single_process_config(model, optim=None):
+    """A complete ``DialogTrainingConfig`` around ``model`` for one process without data
+    (generation, conversion): every parallel size 1; data and training are placeholders."""
     from mt_dialog.training.config import (
         DataConfig,
         DialogTrainingConfig,
-        ModelConfig,
         OptimConfig,
         ParallelConfig,
         TrainConfig,
     )
+
+    return DialogTrainingConfig(model=model, parallel=ParallelConfig(),
+                                data=DataConfig(data_path=["-"]), optim=optim or OptimConfig(),
+                                train=TrainConfig(train_iters=1))
+
+
+def inference_config(saved: Dict[str, Any]):
+    """The run's model (and optimizer precision) in a ``single_process_config``; the model gets
+    exactly the checkpoint's vocabulary rows (see ``vocab_rows``)."""
+    import dataclasses
+
+    from mt_dialog.training.config import ModelConfig, OptimConfig
     from mt_dialog.training.model import transformer_engine_usable
 
     def build(cls, values):
-        import dataclasses
-
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
     model = dict(saved["model"])
-    # the model gets exactly the checkpoint's vocabulary rows (see ``vocab_rows``)
     model["make_vocab_size_divisible_by"] = 1
     model["recompute_activations"] = False
     if model.get("transformer_impl") == "transformer_engine" and not transformer_engine_usable():
         model["transformer_impl"] = "local"  # same sharded keys; TE needs CUDA
-    return DialogTrainingConfig(
-        model=build(ModelConfig, model),
-        parallel=ParallelConfig(),  # TP = PP = 1, no virtual pipeline, no sequence parallel
-        # a converted checkpoint has no data, optimizer or training sections: defaults
-        data=build(DataConfig, saved.get("data") or {"data_path": ["-"]}),
-        optim=build(OptimConfig, saved.get("optim", {})),
-        train=build(TrainConfig, saved.get("train") or {"train_iters": 1}),
-    )
+    # a converted checkpoint has no optimizer section: defaults
+    return single_process_config(build(ModelConfig, model),
+                                 build(OptimConfig, saved.get("optim", {})))
+
+
+def single_process_model(config, rows: int, seq_length: int, dtype: Optional[torch.dtype] = None,
+                         initialize: bool = True, seed: int = 1234) -> torch.nn.Module:
+    """The GPTModel of ``config`` (a ``single_process_config``) in this process, with ``rows``
+    vocabulary rows (``transformer_config`` says what ``dtype`` and ``initialize`` do)."""
+    from mt_dialog.training.model import build_model_chunks, transformer_config
+
+    ensure_single_process(seed)
+    tconfig = transformer_config(config, dtype=dtype, initialize=initialize)
+    (model,) = build_model_chunks(config, tconfig, rows, seq_length)
+    return model
 
 
 def vocab_rows(root: str, iteration: int, default: int) -> int:
@@ -268,7 +283,7 @@ def to_messages(messages: Sequence[MessageLike]) -> List[Message]:
     return out
 
 
-def _run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Optional[str]):
+def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Optional[str]):
     """The tokenizer the run trained with (from ``tokenizer_path`` when it moved; an imported
     checkpoint's copy in ``CKPT/tokenizer`` when the recorded path is gone)."""
     from mt_dialog.data.inspect import tokenizer_from_metadata
@@ -348,11 +363,10 @@ class Generator:
         """Load the newest (or ``iteration``) checkpoint under ``path`` (a ``--save`` folder).
         ``tokenizer_path``/``template`` override what the run recorded (moved files)."""
         from mt_dialog.training.checkpoint import load_weights_for_inference
-        from mt_dialog.training.model import build_model_chunks, transformer_config
 
         info = read_run_info(path, iteration)
         data = info["data"]
-        tokenizer = _run_tokenizer(path, data, tokenizer_path)
+        tokenizer = run_tokenizer(path, data, tokenizer_path)
         name = template or dataset_template(data)
         if name is None:
             raise GenerationError(
@@ -360,11 +374,9 @@ class Generator:
                 "which cannot be read; pass it (--template / template=)")
         resolved, end_of_turn = _run_template(name, tokenizer, data["special_ids"])
 
-        config = inference_config(info["config"])
-        ensure_single_process(seed)
-        tconfig = transformer_config(config)
         rows = vocab_rows(path, info["iteration"], int(data["vocab_size"]))
-        (model,) = build_model_chunks(config, tconfig, rows, int(data["seq_length"]))
+        model = single_process_model(inference_config(info["config"]), rows,
+                                     int(data["seq_length"]), seed=seed)
         try:
             load_weights_for_inference(path, [model], info["iteration"])
         except Exception as exc:  # dist_checkpointing raises several kinds

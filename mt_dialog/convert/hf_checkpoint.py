@@ -40,15 +40,17 @@ from mt_dialog.convert.hf_weights import (
     hf_to_mcore_layer,
     hf_to_mcore_outer,
 )
-from mt_dialog.training.checkpoint import source_info
-from mt_dialog.training.config import (
-    DataConfig,
-    DialogTrainingConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-    TrainConfig,
+from mt_dialog.generate import (
+    GenerationError,
+    dataset_template,
+    inference_config,
+    read_run_info,
+    run_tokenizer,
+    single_process_config,
+    single_process_model,
 )
+from mt_dialog.training.checkpoint import source_info
+from mt_dialog.training.config import ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -111,25 +113,13 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, file=sys.stderr)
 
 
-def run_config(model: ModelConfig) -> DialogTrainingConfig:
-    """A complete config around ``model`` (single process; data/optim/train are placeholders)."""
-    return DialogTrainingConfig(model=model, parallel=ParallelConfig(),
-                                data=DataConfig(data_path=["-"]), optim=OptimConfig(),
-                                train=TrainConfig(train_iters=1))
-
-
-def single_process_model(model: ModelConfig, rows: int, seq_length: int, dtype: torch.dtype):
-    """GPTModel at TP = PP = 1 with exactly ``rows`` vocabulary rows, weights uninitialized."""
-    from mt_dialog.generate import ensure_single_process
-    from mt_dialog.training.model import build_model_chunks, transformer_config
-
+def conversion_model(model: ModelConfig, rows: int, seq_length: int, dtype: torch.dtype):
+    """GPTModel at TP = PP = 1 on megatron-core's local layers (the state-dict names the weight
+    maps use), with exactly ``rows`` vocabulary rows, weights uninitialized."""
     model = dataclasses.replace(model, make_vocab_size_divisible_by=1, transformer_impl="local",
                                 recompute_activations=False)
-    config = run_config(model)
-    ensure_single_process(1234)
-    tconfig = transformer_config(config, dtype=dtype, initialize=False)
-    (chunk,) = build_model_chunks(config, tconfig, rows, seq_length)
-    return chunk
+    return single_process_model(single_process_config(model), rows, seq_length, dtype=dtype,
+                                initialize=False)
 
 
 def weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -268,7 +258,7 @@ def _save_imported(tmp: str, model: torch.nn.Module, mc: ModelConfig,
     with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
         warnings.simplefilter("ignore", FutureWarning)
         dist_checkpointing.save(state, path)
-    config = to_dict(run_config(mc))
+    config = to_dict(single_process_config(mc))
     _write_json(os.path.join(path, "mt_dialog_config.json"), config)
     _write_json(os.path.join(tmp, "config.json"), dict(run_info, config=config))
     with open(os.path.join(tmp, TRACKER), "w") as handle:
@@ -286,7 +276,7 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     tmp = _staging(cfg.save_dir)
     try:
         data = _import_tokenizer(cfg, tmp, seq_length, hf.vocab_size)
-        model = single_process_model(hf.model, hf.vocab_size, seq_length, TORCH_DTYPES[dtype])
+        model = conversion_model(hf.model, hf.vocab_size, seq_length, TORCH_DTYPES[dtype])
         _fill(model, folder, hf.model, cfg.progress)
         source = {"hf_dir": os.path.abspath(cfg.load_dir), "architecture": hf.architecture,
                   "vocab_size": hf.vocab_size, "dtype": dtype,
@@ -309,7 +299,6 @@ def _load_for_export(cfg: ExportConfig):
     """(model config, run info, TP=1 model with the checkpoint's weights, stored dtype name)."""
     from megatron.core import dist_checkpointing
 
-    from mt_dialog.generate import GenerationError, inference_config, read_run_info
     from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
 
     try:
@@ -321,8 +310,8 @@ def _load_for_export(cfg: ExportConfig):
     embedding = meta["embedding.word_embeddings.weight"]
     stored = DTYPE_NAMES.get(embedding.dtype, "fp32")
     seq_length = int((info.get("data") or {}).get("seq_length") or 4096)
-    model = single_process_model(mc, int(embedding.global_shape[0]), seq_length,
-                                 TORCH_DTYPES[stored])
+    model = conversion_model(mc, int(embedding.global_shape[0]), seq_length,
+                             TORCH_DTYPES[stored])
     load_weights_for_inference(cfg.load_dir, [model], info["iteration"])
     return mc, info, model, stored
 
@@ -345,47 +334,40 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: st
     what its chat template is)``."""
     from transformers import AutoTokenizer, LlamaTokenizer
 
-    from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
-
-    tok = (data or {}).get("tokenizer")
-    if not tok:
+    if not (data or {}).get("tokenizer"):
         print("warning: the checkpoint records no tokenizer; the folder gets none",
               file=sys.stderr)
         return None, "none (no tokenizer)"
-    path = cfg.tokenizer_path or tok["path"]
-    try:
-        if load_tokenizer(tok["type"], path).sha256 != tok["sha256"]:
-            raise ConversionError(f"tokenizer {path} is not the one the run trained with "
-                                  f"(sha256 {tok['sha256'][:12]}...)")
-    except TokenizerError as exc:
+    try:  # the run's tokenizer, where it was recorded, in CKPT/tokenizer or --tokenizer-path
+        tokenizer = run_tokenizer(cfg.load_dir, data, cfg.tokenizer_path)
+    except GenerationError as exc:
         raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
-    if tok["type"] == "sentencepiece":
-        shutil.copy2(path, os.path.join(out, "tokenizer.model"))
+    if tokenizer.sha256 != data["tokenizer"]["sha256"]:
+        raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
+                              f"(sha256 {data['tokenizer']['sha256'][:12]}...)")
+    if tokenizer.type_name == "sentencepiece":
+        shutil.copy2(tokenizer.path, os.path.join(out, "tokenizer.model"))
         # legacy: a word-start marker after special tokens, as SentencePiece encodes each piece
         hf_tokenizer = LlamaTokenizer.from_pretrained(out, legacy=True)
     else:
-        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    _add_appended(hf_tokenizer, dict(tok.get("added_tokens") or {}))
-    layout = _attach_chat_template(hf_tokenizer, data, path)
+        hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer.path, local_files_only=True)
+    _add_appended(hf_tokenizer, tokenizer.added_tokens)
+    layout = _attach_chat_template(hf_tokenizer, data, tokenizer)
     hf_tokenizer.save_pretrained(out)
     return hf_tokenizer, layout
 
 
-def _attach_chat_template(hf_tokenizer, data: Dict[str, Any], path: str) -> str:
+def _attach_chat_template(hf_tokenizer, data: Dict[str, Any], tokenizer) -> str:
     """Give the tokenizer the run's chat template as Jinja (a built-in one is translated; the
-    ``hf`` template is the tokenizer's own) and say whether it reproduces training's ids."""
+    ``hf`` template is the tokenizer's own) and say whether, with it, ``hf_tokenizer`` gives the
+    ids the run's ``tokenizer`` gave in training."""
     from mt_dialog.convert.chat_template import jinja_chat_template, layout_differences
     from mt_dialog.data.render import resolve_template
     from mt_dialog.data.templates import HF_TEMPLATE, get_template
-    from mt_dialog.data.tokenizers import load_tokenizer
-
-    from mt_dialog.generate import dataset_template
 
     name = dataset_template(data)
     if not name or name == HF_TEMPLATE:
         return f"{name or 'none recorded'} (the tokenizer's own)"
-    tokenizer = load_tokenizer(data["tokenizer"]["type"], path)
-    tokenizer.added_tokens = dict(data["tokenizer"].get("added_tokens") or {})
     template = resolve_template(get_template(name), tokenizer)
     differences = []
     for word_start in (False, True):  # see chat_template.jinja_chat_template

@@ -268,30 +268,31 @@ def stored_vocab_rows(path: str) -> Optional[int]:
     return None
 
 
-def _vocab_entries(state: Dict[str, Any]):
-    """(chunk key, name, ShardedTensor) of every vocabulary-sized tensor to load."""
+def _vocab_mismatches(state: Dict[str, Any], path: str):
+    """(chunk key, name, ShardedTensor to load, stored metadata) of every vocabulary-sized
+    tensor of ``state`` whose row count differs from the checkpoint's at ``path``."""
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    for chunk_key, chunk_state in state.items():
+    meta = dist_checkpointing.load_tensors_metadata(path)
+    for chunk_key, chunk_state in list(state.items()):
         if not isinstance(chunk_state, dict):
             continue
-        for name, value in chunk_state.items():
-            if isinstance(value, ShardedTensor) and value.key in VOCAB_KEYS:
-                yield chunk_key, name, value
+        for name, target in list(chunk_state.items()):
+            if not (isinstance(target, ShardedTensor) and target.key in VOCAB_KEYS):
+                continue
+            stored = meta.get(target.key)
+            if stored is not None and stored.global_shape[0] != target.global_shape[0]:
+                yield chunk_key, name, target, stored
 
 
 def _fit_vocabulary(state: Dict[str, Any], path: str) -> List[Tuple[str, str, Any]]:
     """Swap vocabulary tensors whose row count differs from the checkpoint's for a full
     (unsharded) read of the stored tensor; returns what ``_fitted_rows`` must cut back."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    meta = dist_checkpointing.load_tensors_metadata(path)
     fitted = []
-    for chunk_key, name, target in list(_vocab_entries(state)):
-        stored = meta.get(target.key)
-        if stored is None or tuple(stored.global_shape) == tuple(target.global_shape):
-            continue
+    for chunk_key, name, target, stored in _vocab_mismatches(state, path):
         full = torch.empty(tuple(stored.global_shape), dtype=target.data.dtype)
         state[chunk_key][name] = ShardedTensor.from_rank_offsets(target.key, full)
         fitted.append((chunk_key, name, target))
@@ -312,18 +313,13 @@ def _fitted_rows(loaded: Dict[str, Any], fitted) -> None:
 
 
 def _refuse_vocabulary_change(state: Dict[str, Any], path: str, root: str) -> None:
-    from megatron.core import dist_checkpointing
-
-    meta = dist_checkpointing.load_tensors_metadata(path)
-    for _, _, target in _vocab_entries(state):
-        stored = meta.get(target.key)
-        if stored is not None and stored.global_shape[0] != target.global_shape[0]:
-            raise CheckpointError(
-                f"--load {root}: the checkpoint's vocabulary has {stored.global_shape[0]} rows "
-                f"but this run's has {target.global_shape[0]} (the vocabulary is padded to a "
-                "multiple of --make-vocab-size-divisible-by x tensor-parallel size); resume "
-                "with a --make-vocab-size-divisible-by that gives the same rows, or start a new "
-                "run from its weights with --finetune")
+    for _, _, target, stored in _vocab_mismatches(state, path):
+        raise CheckpointError(
+            f"--load {root}: the checkpoint's vocabulary has {stored.global_shape[0]} rows "
+            f"but this run's has {target.global_shape[0]} (the vocabulary is padded to a "
+            "multiple of --make-vocab-size-divisible-by x tensor-parallel size); resume "
+            "with a --make-vocab-size-divisible-by that gives the same rows, or start a new "
+            "run from its weights with --finetune")
 
 
 def load_weights_for_inference(root: str, model: List[torch.nn.Module],

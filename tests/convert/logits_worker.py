@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from mt_dialog.convert.hf_checkpoint import run_config  # noqa: E402
+from mt_dialog.generate import single_process_config  # noqa: E402
 from mt_dialog.training import distributed  # noqa: E402
 from mt_dialog.training.checkpoint import checkpoint_args, load_weights_for_inference  # noqa: E402
 from mt_dialog.training.config import ModelConfig, ParallelConfig  # noqa: E402
@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     from megatron.core import parallel_state as ps
 
-    config = dataclasses.replace(run_config(ModelConfig(**checkpoint_args(args.load))),
+    config = dataclasses.replace(single_process_config(ModelConfig(**checkpoint_args(args.load))),
                                  parallel=ParallelConfig(tensor_model_parallel_size=args.tp))
     distributed.initialize(args.tp, 1, None, 1234)
     (model,) = build_model_chunks(config, transformer_config(config), args.vocab, 256)

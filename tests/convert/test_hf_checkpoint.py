@@ -147,6 +147,11 @@ def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_p
     rows = reference.shape[-1]
     assert rows == generator.vocab_size + (20 if name == "qwen" else 0)
     assert (ours[..., :rows] - reference).abs().max().item() <= TOLERANCE
+    # a full resume needs the same padded vocabulary (the optimizer state has its shape)
+    resume = _pretrain(["--load", save, "--use-checkpoint-args", "--data-path", data,
+                        "--train-iters", "17", "--make-vocab-size-divisible-by", "1"])
+    assert resume.returncode == 1 and "vocabulary has" in resume.stderr
+    assert "--make-vocab-size-divisible-by" in resume.stderr
 
 
 def test_existing_destination_is_refused(hf_models, imported):
