@@ -26,7 +26,6 @@ conversations longer than ``capacity`` keep their longest whole-turn prefix that
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -39,7 +38,6 @@ GENERATOR_VERSION = 1
 LEXICON_SEED = 20240501
 LEXICON_SIZE = 5000
 VOCAB_SIZE = 2000
-CONTROL_SYMBOLS = ("<|im_start|>", "<|im_end|>")
 ROLE_WORDS = ("system", "user", "assistant")
 
 # ChatML rendering overhead in tokens with the tokenizer below (measured with
@@ -131,25 +129,14 @@ def lexicon() -> Tuple[np.ndarray, np.ndarray]:
 
 def train_tokenizer(path: str, vocab_size: int = VOCAB_SIZE) -> str:
     """Train the benchmark's SentencePiece model (deterministic) and write it to ``path``."""
-    import sentencepiece
+    from mt_dialog.demo import train_sentencepiece
 
     words, probs = lexicon()
     rng = np.random.default_rng(LEXICON_SEED + 1)
     sentences = [" ".join(words[rng.choice(LEXICON_SIZE, int(rng.integers(5, 40)), p=probs)])
                  for _ in range(20000)]
     sentences += [f"{w} {w}" for w in ROLE_WORDS] * 200
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        control_symbols=list(CONTROL_SYMBOLS), bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2, num_threads=1,
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(model.getvalue())
-    return path
+    return train_sentencepiece(sentences, path, vocab_size, num_threads=1)
 
 
 class TextMaker:

@@ -75,24 +75,33 @@ def write_corpus(path: str, count: int, seed: int = 0) -> None:
             handle.write(json.dumps(make_conversation(rng)) + "\n")
 
 
-def train_tokenizer(corpus_path: str, model_path: str, vocab_size: int = 400) -> None:
-    """Train a small SentencePiece model on the text of a ``messages`` corpus."""
+def train_sentencepiece(sentences, model_path: str, vocab_size: int, **options) -> str:
+    """Train a byte-fallback BPE SentencePiece model with the ChatML control symbols (bos 1,
+    eos 2, unk 0, no pad; text kept as is) on ``sentences``; writes ``model_path``. ``options``
+    go to the trainer as well (e.g. ``num_threads``)."""
     import sentencepiece
 
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        control_symbols=list(CONTROL_SYMBOLS), bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+        minloglevel=2, **options,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    with open(model_path, "wb") as handle:
+        handle.write(model.getvalue())
+    return model_path
+
+
+def train_tokenizer(corpus_path: str, model_path: str, vocab_size: int = 400) -> None:
+    """Train a small SentencePiece model on the text of a ``messages`` corpus."""
     texts = []
     with open(corpus_path, encoding="utf-8") as handle:
         for line in handle:
             texts += [m["content"] for m in json.loads(line)["messages"]]
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        control_symbols=list(CONTROL_SYMBOLS), bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2,
-    )
-    with open(model_path, "wb") as handle:
-        handle.write(model.getvalue())
+    train_sentencepiece(texts, model_path, vocab_size)
 
 
 def main(argv=None) -> int:
