@@ -15,18 +15,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mt_dialog.config_utils import add_arguments, from_args  # noqa: E402
+from mt_dialog.config_utils import FlagParser, add_arguments, from_args  # noqa: E402
 from mt_dialog.training.config import (  # noqa: E402
     DataConfig,
     DialogTrainingConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
+    TokenizerConfig,
     TrainConfig,
 )
 
 GROUPS = (("model", ModelConfig), ("parallelism", ParallelConfig), ("data", DataConfig),
-          ("optimizer", OptimConfig), ("training", TrainConfig))
+          ("optimizer", OptimConfig), ("training", TrainConfig), ("tokenizer", TokenizerConfig))
 
 
 def make_forward_step(normalization: str):
@@ -44,8 +45,12 @@ def make_forward_step(normalization: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Every flag of the config dataclasses; a Megatron-LM flag mt_dialog has no field for gets
+    a one-line answer saying where the feature lives (``megatron_flags.answer``)."""
+    from mt_dialog.training.megatron_flags import answer
+
+    parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        unknown_flag_answer=answer)
     for title, cls in GROUPS:
         add_arguments(parser, cls, title)
     return parser

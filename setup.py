@@ -32,7 +32,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "safetensors"],
         "tensorboard": ["tensorboard>=2.14"],  # --tensorboard-dir
+        "wandb": ["wandb>=0.19"],  # --wandb-project
         "bench": ["matplotlib>=3.7"],  # benchmarks/ plots
-        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14"],
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", "wandb>=0.19"],
     },
 )

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import typing
-from typing import Any, Dict, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -60,6 +61,41 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> Non
         if not required and kind is not bool and kwargs["help"] and default not in (None, []):
             kwargs["help"] += f" (default: {default})"
         group.add_argument(flag, **kwargs)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr and exit code 2, never the usage
+    dump: ``error: MESSAGE; see PROG --help``. Flags are never abbreviated (as in Megatron-LM).
+    ``unknown_flag_answer(flag)`` may answer a flag the parser does not know with a sentence
+    (where the feature lives); other unknown flags are named, with the closest known flag."""
+
+    def __init__(self, *args, unknown_flag_answer: Optional[Callable[[str], Optional[str]]] = None,
+                 **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.unknown_flag_answer = unknown_flag_answer
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102 (argparse's signature)
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self._refuse(extras)
+        return parsed
+
+    def _refuse(self, extras: List[str]) -> NoReturn:
+        flags = [word.split("=", 1)[0] for word in extras if word.startswith("-")]
+        if not flags:
+            self.error(f"unexpected value {extras[0]!r}: no flag before it takes a value")
+        rest = flags[1:6] + ([f"{len(flags) - 6} more"] if len(flags) > 6 else [])
+        more = f" (also not accepted: {', '.join(rest)})" if rest else ""
+        answer = self.unknown_flag_answer(flags[0]) if self.unknown_flag_answer else None
+        if answer:
+            self.exit(2, f"error: {flags[0]}: {answer}{more}\n")
+        close = difflib.get_close_matches(flags[0], list(self._option_string_actions), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"unrecognized argument {flags[0]}{hint}{more}")
 
 
 def from_args(cls: Type[T], args: argparse.Namespace) -> T:

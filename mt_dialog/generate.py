@@ -21,8 +21,9 @@ How it works:
   as in training, ending with the reply opener. Each new token re-runs the full causal forward
   over the unpadded sequence (no KV cache, no packed params: one sequence is one segment, and
   RoPE positions start at 0 as they do for every conversation in training).
-* Decoding stops at the template's end-of-turn id (returned as the last generated id), at
-  ``max_new_tokens``, or when the sequence reaches the training sequence length.
+* Decoding stops at the template's end-of-turn id or the tokenizer's eos (returned as the last
+  generated id; the stops of the exported ``generation_config.json``), at ``max_new_tokens``,
+  or when the sequence reaches the training sequence length.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from mt_dialog.data.formats import Message
 
 MessageLike = Union[Message, Dict[str, str]]
-FINISH_REASONS = ("end_of_turn", "max_new_tokens", "seq_length")
+FINISH_REASONS = ("end_of_turn", "eos", "max_new_tokens", "seq_length")
 
 
 class GenerationError(ValueError):
@@ -155,7 +156,8 @@ def inference_config(saved: Dict[str, Any]):
 
     model = dict(saved["model"])
     model["make_vocab_size_divisible_by"] = 1
-    model["recompute_activations"] = False
+    model.update(recompute_activations=False, recompute_granularity=None,  # training only
+                 recompute_method=None, recompute_num_layers=None)
     if model.get("transformer_impl") == "transformer_engine" and not transformer_engine_usable():
         model["transformer_impl"] = "local"  # same sharded keys; TE needs CUDA
     # a converted checkpoint has no optimizer section: defaults
@@ -314,27 +316,27 @@ def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Opt
     return tokenizer
 
 
-def _run_template(name: str, tokenizer, special: Dict[str, Any]):
-    """(resolved template or None for the tokenizer's own, end-of-turn id), checked against
-    the end-of-turn id the run trained with."""
-    from mt_dialog.data.render import resolve_template
+def run_template(name: str, tokenizer, special: Dict[str, Any]):
+    """``(resolved template, or None for the tokenizer's own; end-of-turn id)`` of a run trained
+    with ``--template name``. The end-of-turn is ``render.end_of_turn_id``'s (as preprocessing
+    records it), checked against the id the run recorded. Raises ``GenerationError``."""
+    from mt_dialog.data.render import end_of_turn_id, resolve_template
     from mt_dialog.data.templates import HF_TEMPLATE, get_template
     from mt_dialog.data.tokenizers import TokenizerError
 
-    if name == HF_TEMPLATE:
-        if not getattr(tokenizer, "chat_template", None):
-            raise GenerationError("template hf needs a Hugging Face tokenizer with a chat "
-                                  "template")
-        return None, int(special["end_of_turn"])
     try:
-        resolved = resolve_template(get_template(name), tokenizer)
+        end_of_turn = end_of_turn_id(name, tokenizer)
+        resolved = None if name == HF_TEMPLATE else resolve_template(get_template(name), tokenizer)
     except (ValueError, TokenizerError) as exc:
         raise GenerationError(str(exc)) from None
-    if int(special.get("end_of_turn", resolved.end_of_turn)) != resolved.end_of_turn:
+    recorded = special.get("end_of_turn", end_of_turn)
+    # datasets made with --template hf before the end-of-turn was derived recorded eos instead
+    stale = name == HF_TEMPLATE and recorded == special.get("eos")
+    if int(recorded) != end_of_turn and not stale:
         raise GenerationError(
-            f"template {name}: end-of-turn id {resolved.end_of_turn} but the run trained with "
-            f"{special['end_of_turn']}; pass the template the dataset was built with")
-    return resolved, resolved.end_of_turn
+            f"template {name}: end-of-turn id {end_of_turn} but the run trained with "
+            f"{recorded}; pass the template the dataset was built with")
+    return resolved, end_of_turn
 
 
 # -- the generator -----------------------------------------------------------------------------
@@ -372,7 +374,7 @@ class Generator:
             raise GenerationError(
                 f"the chat template is recorded in the dataset metadata of {data.get('prefixes')}, "
                 "which cannot be read; pass it (--template / template=)")
-        resolved, end_of_turn = _run_template(name, tokenizer, data["special_ids"])
+        resolved, end_of_turn = run_template(name, tokenizer, data["special_ids"])
 
         rows = vocab_rows(path, info["iteration"], int(data["vocab_size"]))
         model = single_process_model(inference_config(info["config"]), rows,
@@ -389,14 +391,11 @@ class Generator:
     # -- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[MessageLike]) -> List[int]:
         """The generation prompt, exactly as conversations were laid out in training."""
-        from mt_dialog.data.render import render_prompt
+        from mt_dialog.data.render import render_prompt, render_prompt_with_chat_template
 
         checked = to_messages(messages)
         if self.template is None:  # the tokenizer's own Jinja template
-            hf = self.tokenizer.hf
-            text = hf.apply_chat_template([{"role": m.role, "content": m.content} for m in checked],
-                                          tokenize=False, add_generation_prompt=True)
-            return list(hf(text, add_special_tokens=False)["input_ids"])
+            return render_prompt_with_chat_template(checked, self.tokenizer.hf)
         return render_prompt(checked, self.template, self.tokenizer.encode)
 
     # -- decoding ----------------------------------------------------------------------------
@@ -417,8 +416,9 @@ class Generator:
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 128,
                      greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
                      seed: Optional[int] = None):
-        """``(generated ids, finish_reason)``; the ids end with the end-of-turn id when it was
-        produced. Sampling with the same ``seed`` gives the same reply."""
+        """``(generated ids, finish_reason)``; the ids end with the end-of-turn (or eos) id when
+        it was produced: decoding stops at both, as ``transformers`` does with the exported
+        ``generation_config.json``. Sampling with the same ``seed`` gives the same reply."""
         _check_sampling(max_new_tokens, temperature, top_p)
         ids = [int(i) for i in prompt_ids]
         if not ids:
@@ -437,6 +437,8 @@ class Generator:
             ids.append(token)
             if token == self.end_of_turn:
                 return new, "end_of_turn"
+            if token == self.tokenizer.eos_id:  # as the export's generation_config stops
+                return new, "eos"
             if len(new) >= max_new_tokens:
                 return new, "max_new_tokens"
             if len(ids) >= self.seq_length:
@@ -448,7 +450,7 @@ class Generator:
         """The assistant's next reply to ``messages`` (ending with a user message)."""
         prompt = self.prompt_ids(messages)
         new, reason = self.generate_ids(prompt, max_new_tokens, greedy, temperature, top_p, seed)
-        text_ids = new[:-1] if reason == "end_of_turn" else new
+        text_ids = new[:-1] if reason in ("end_of_turn", "eos") else new
         return GenerationResult(self.tokenizer.decode(text_ids), new, prompt, reason)
 
     def reply(self, messages: Sequence[MessageLike], max_new_tokens: int = 128,

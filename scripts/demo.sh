@@ -31,7 +31,7 @@ OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node 2 pretrain_di
   --data-path "$out/demo" --micro-batch-size 2 --global-batch-size 4 \
   --lr 3e-3 --min-lr 1e-4 --lr-warmup-iters 20 --train-iters 1400 \
   --log-interval 100 --eval-interval 700 --eval-iters 2 --seed 1234 \
-  --save "$out/ckpt" 2>&1 | grep --line-buffered -v -i "warn" | tee "$out/train.log"
+  --save "$out/ckpt" 2>&1 | tee "$out/train.log"
 train_seconds=$(( $(date +%s) - trained ))
 # Held-out conversations (the replies are the model's own, greedy, each stopped at <|im_end|>);
 # /reset starts a new conversation.

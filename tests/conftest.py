@@ -1,9 +1,11 @@
-"""Hermetic fixtures: a tiny SentencePiece model and a tiny Hugging Face tokenizer, trained here."""
+"""Hermetic fixtures: a tiny SentencePiece model, a tiny Hugging Face tokenizer, the demo corpus
+with its SentencePiece model, and base-model chat tokenizers, built here (nothing downloaded)."""
 
 import io
 import json
 import os
 import sys
+from typing import Dict
 
 import pytest
 
@@ -69,6 +71,23 @@ def hf_tokenizer_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("hf") / "tok"
     fast.save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(tmp_path_factory) -> Dict[str, str]:
+    """The demo corpus (300 conversations) and a SentencePiece tokenizer trained on it."""
+    from mt_dialog import demo
+
+    folder = tmp_path_factory.mktemp("demo")
+    corpus, model = str(folder / "corpus.jsonl"), str(folder / "tokenizer.model")
+    demo.write_corpus(corpus, 300, seed=0)
+    demo.train_tokenizer(corpus, model)
+    return {"dir": str(folder), "corpus": corpus, "tokenizer": model}
+
+
+# base-model chat tokenizers with realistic templates (--template hf), shared by tests/data and
+# tests/convert
+from tests.data.chat_tokenizers import hf_base_chatml_dir, hf_llama3_dir  # noqa: E402,F401
 
 
 def write_jsonl(path, records) -> str:

@@ -86,16 +86,16 @@ def test_prompt_is_the_training_layout(generator):
 
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
 def test_stops_at_end_of_turn_or_max_tokens(generator, index):
-    eot = generator.end_of_turn
+    eot, eos = generator.end_of_turn, generator.tokenizer.eos_id
     for max_new in (3, 40):
         result = generator.generate(PROMPTS[index], max_new_tokens=max_new)
         ids = result.token_ids
-        assert 1 <= len(ids) <= max_new and eot not in ids[:-1]
-        if result.finish_reason == "end_of_turn":
-            assert ids[-1] == eot
+        assert 1 <= len(ids) <= max_new and eot not in ids[:-1] and eos not in ids[:-1]
+        if result.finish_reason in ("end_of_turn", "eos"):
+            assert ids[-1] == (eot if result.finish_reason == "end_of_turn" else eos)
         else:
             assert result.finish_reason == "max_new_tokens" and len(ids) == max_new
-        assert result.text == generator.tokenizer.decode([i for i in ids if i != eot])
+        assert result.text == generator.tokenizer.decode([i for i in ids if i not in (eot, eos)])
 
 
 def test_greedy_is_deterministic_and_is_the_argmax_chain(generator):
@@ -157,7 +157,7 @@ def test_chat_one_shot_prints_the_reply(run, generator):
     expected = generator.generate(HISTORY + [{"role": "user", "content": "What is my name?"}],
                                   max_new_tokens=20)
     assert result["token_ids"] == expected.token_ids and result["text"] == expected.text
-    assert result["finish_reason"] in ("end_of_turn", "max_new_tokens")
+    assert result["finish_reason"] in ("end_of_turn", "eos", "max_new_tokens")
 
 
 def test_chat_interactive_transcript(run):
@@ -180,3 +180,17 @@ def test_chat_errors_cleanly(args, message):
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_chat_help_shows_the_printf_example_intact(capsys):
+    """The module docstring is the --help text: its printf example keeps its \\n escapes on one
+    line, and its continuation lines end with one backslash (as typed in a shell)."""
+    from tools.chat import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert ("    printf 'What is 2 plus 2?\\nCount from 3 to 7.\\n' | python tools/chat.py "
+            "--load ckpt --echo\n") in out, out
+    assert '--system "You are a helpful assistant." \\\n' in out

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Chat with a checkpoint: trained by pretrain_dialog.py or imported by tools/convert_checkpoint.py
+r"""Chat with a checkpoint: trained by pretrain_dialog.py or imported by tools/convert_checkpoint.py
 hf-to-mcore (single process, CPU or one GPU; any saved TP/PP layout).
 
 Examples:
     # one-shot: print the reply to one user message (greedy)
     python tools/chat.py --load ckpt --message "What is 3 plus 4?"
     # multi-turn history: --message alternates user, assistant, user, ... (ends with a user turn)
-    python tools/chat.py --load ckpt --system "You are a helpful assistant." \\
-        --message "My name is Mia and my favourite colour is green." \\
+    python tools/chat.py --load ckpt --system "You are a helpful assistant." \
+        --message "My name is Mia and my favourite colour is green." \
         --message "Nice to meet you, Mia!" --message "What is my favourite colour?"
     # sampling (any of --top-p / --temperature / --sample switches greedy off)
     python tools/chat.py --load ckpt --message "Repeat after me: river stone" --top-p 0.9 --seed 1

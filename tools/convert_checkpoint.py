@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls in COMMANDS.items():
-        sub = commands.add_parser(name, help=cls.__doc__.strip().splitlines()[0],
-                                  description=cls.__doc__)
-        add_arguments(sub, cls, "options")
+        # the group's description is the class's first line: not repeated as the parser's, and
+        # not titled "options", argparse's own group (-h)
+        sub = commands.add_parser(name, help=cls.__doc__.strip().splitlines()[0])
+        add_arguments(sub, cls, "arguments")
     return parser
 
 

@@ -7,9 +7,10 @@ resolved template (special tokens by their vocabulary text) as Jinja, e.g. for `
 
 Training encodes each template piece separately while a server tokenizes the rendered string
 as a whole; with byte-level BPE tokenizers the two agree; SentencePiece tokenizers start every
-encoding with a word-start marker, which a space between adjacent text pieces reproduces
-(``word_start``). ``layout_differences`` renders probe conversations both ways so that the export
-can say whether the layout is reproduced token for token.
+encoding with a word-start marker, which the exported tokenizer adds after every special token
+(``LlamaTokenizer`` with ``legacy: true``) and a space between adjacent text pieces reproduces
+(``word_start``). ``layout_differences`` compares training's ids with ``apply_chat_template``'s on
+probe conversations so that the export can say whether the layout is reproduced token for token.
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 from mt_dialog.data.formats import Message
-from mt_dialog.data.render import ResolvedTemplate, render_conversation, render_prompt
+from mt_dialog.data.render import (
+    ResolvedTemplate,
+    render_conversation,
+    render_prompt,
+    render_prompt_with_chat_template,
+    render_with_chat_template,
+)
 
 _PLACEHOLDER = re.compile(r"\{(content|system)\}")
 PROBES: Sequence[Sequence[Message]] = (
@@ -101,25 +108,51 @@ def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], 
     ])
 
 
-def layout_differences(hf_tokenizer, template: ResolvedTemplate,
-                       encode: Callable[[str], List[int]]) -> Optional[str]:
-    """None when the tokenizer's chat template gives exactly the training ids on the probe
-    conversations (prompt and full conversation); else where the first difference is."""
+TrainingIds = Callable[[Sequence[Message], bool], List[int]]
+
+
+def training_layout(template: Optional[ResolvedTemplate], tokenizer) -> TrainingIds:
+    """``ids(messages, add_generation_prompt)``: the ids training gave a conversation (the
+    generation prompt when ``add_generation_prompt``, as ``tools/chat.py`` builds it) with the
+    built-in ``template``, or with the Hugging Face ``tokenizer``'s own chat template when
+    ``template`` is None (``--template hf``)."""
+    def ids(messages: Sequence[Message], add_generation_prompt: bool) -> List[int]:
+        if template is None:
+            if add_generation_prompt:
+                return render_prompt_with_chat_template(messages, tokenizer.hf)
+            return render_with_chat_template(messages, tokenizer.hf).input_ids.tolist()
+        if add_generation_prompt:
+            return render_prompt(list(messages), template, tokenizer.encode)
+        return render_conversation(list(messages), template, tokenizer.encode).input_ids.tolist()
+
+    return ids
+
+
+def chat_template_ids(hf_tokenizer, messages: Sequence[Message],
+                      add_generation_prompt: bool) -> List[int]:
+    """``hf_tokenizer.apply_chat_template(messages, add_generation_prompt=...)``'s ids, called
+    as users call it (no other argument; transformers 5 returns a dict, 4 a list)."""
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    out = hf_tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def layout_differences(hf_tokenizer, training_ids: TrainingIds) -> Optional[str]:
+    """None when ``hf_tokenizer.apply_chat_template`` gives exactly ``training_ids`` (see
+    ``training_layout``) on the probe conversations, prompt and whole conversation (a system
+    message included); else where the first difference is, with the two tokens."""
     for number, probe in enumerate(PROBES):
-        dicts = [{"role": m.role, "content": m.content} for m in probe]
         full = list(probe) + [Message("assistant", "Sure.")]
-        cases = (
-            ("prompt", render_prompt(list(probe), template, encode),
-             hf_tokenizer.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True)),
-            ("conversation", render_conversation(full, template, encode).input_ids.tolist(),
-             hf_tokenizer.apply_chat_template(dicts + [{"role": "assistant", "content": "Sure."}],
-                                              tokenize=False)),
-        )
-        for kind, ours, text in cases:
-            theirs = hf_tokenizer(text, add_special_tokens=False)["input_ids"]
-            if list(ours) != list(theirs):
-                at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
-                          min(len(ours), len(theirs)))
-                return (f"probe {number} ({kind}): training ids and the chat template's ids "
-                        f"first differ at token {at} of {len(ours)}")
+        for kind, messages, prompt in (("prompt", probe, True), ("conversation", full, False)):
+            ours = list(training_ids(messages, prompt))
+            theirs = chat_template_ids(hf_tokenizer, messages, prompt)
+            if ours == theirs:
+                continue
+            at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                      min(len(ours), len(theirs)))
+            shown = [f"{hf_tokenizer.convert_ids_to_tokens(ids[at])!r} (id {ids[at]})"
+                     if at < len(ids) else "the end" for ids in (ours, theirs)]
+            return (f"probe {number} ({kind}): training ids and the chat template's ids first "
+                    f"differ at token {at} of {len(ours)}: {shown[0]} in training, {shown[1]} "
+                    "from the exported tokenizer")
     return None

@@ -8,13 +8,16 @@
         mt_dialog_config.json               same keys at any TP/PP), weights_only = True; the
                                             model flags (--use-checkpoint-args reads them)
       config.json                           model + tokenizer + chat template (tools/chat.py)
-      tokenizer/                            the Hugging Face tokenizer files, copied
+      tokenizer/                            the Hugging Face tokenizer files and the model's
+                                            config.json (the model type picks the tokenizer
+                                            class), copied
 
 so that ``pretrain_dialog.py --load CKPT --finetune --use-checkpoint-args`` starts from it at any
 tensor/pipeline layout (the vocabulary rows are fitted on load, see ``training.checkpoint``) and
 ``tools/chat.py --load CKPT`` talks to it. ``mcore-to-hf`` reads any checkpoint (training's or
 imported) into one process and writes config.json, generation_config.json, safetensors (sharded
-above --max-shard-size, with an index) and the run's tokenizer (appended special tokens added).
+above --max-shard-size, with an index) and the run's tokenizer (appended special tokens added)
+with its chat template, checked to give training's token ids when loaded as users load it.
 
 The conversion model is megatron-core's GPTModel at TP = PP = 1 built in one process, so
 conversion needs memory for the whole model once (use --dtype bf16 to halve it).
@@ -45,6 +48,7 @@ from mt_dialog.generate import (
     dataset_template,
     inference_config,
     read_run_info,
+    run_template,
     run_tokenizer,
     single_process_config,
     single_process_model,
@@ -174,23 +178,20 @@ def _write_json(path: str, value: Any) -> None:
 
 def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str, Any]:
     """The run-info ``data`` section tools/chat.py reads: tokenizer, template, special ids."""
-    from mt_dialog.data.render import resolve_template
-    from mt_dialog.data.templates import HF_TEMPLATE, get_template, template_names
+    from mt_dialog.data.render import end_of_turn_id
+    from mt_dialog.data.templates import HF_TEMPLATE, template_names
 
     if template is None:
         if not tokenizer.chat_template:
             raise ConversionError("the tokenizer has no chat template; pass --template (one of "
                                   f"{', '.join(template_names())})")
         template = HF_TEMPLATE
-    if template == HF_TEMPLATE:
-        if not tokenizer.chat_template:
-            raise ConversionError("--template hf: the tokenizer has no chat template")
-        end_of_turn = tokenizer.eos_id
-    else:
-        try:
-            end_of_turn = resolve_template(get_template(template), tokenizer).end_of_turn
-        except (KeyError, ValueError) as exc:
-            raise ConversionError(f"--template {template}: {exc}") from None
+    try:  # the template's end-of-turn (for hf the token its Jinja puts after every reply)
+        end_of_turn = end_of_turn_id(template, tokenizer)
+    except ValueError as exc:  # TokenizerError, unknown template
+        message = str(exc)
+        raise ConversionError(message if message.startswith("--template")
+                              else f"--template {template}: {message}") from None
     info = to_dict(tokenizer.info())
     return {"prefixes": [], "seq_length": seq_length, "vocab_size": tokenizer.vocab_size,
             "tokenizer": info, "template": template,
@@ -201,7 +202,8 @@ def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str,
 
 def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
                       model_rows: int) -> Optional[Dict[str, Any]]:
-    """Copy the tokenizer files into ``tmp/tokenizer``; the chat info, or None without them."""
+    """Copy the tokenizer files and config.json into ``tmp/tokenizer``; the chat info, or None
+    without tokenizer files."""
     from mt_dialog.data.tokenizers import HuggingFaceTokenizer, TokenizerError, tokenizer_files
 
     names = tokenizer_files(cfg.load_dir)
@@ -212,7 +214,10 @@ def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
         return None
     target = os.path.join(tmp, "tokenizer")
     os.makedirs(target)
-    for name in names:
+    # config.json too: AutoTokenizer picks the tokenizer class by the model type (transformers 5
+    # builds Qwen2's own whatever tokenizer_config.json says), so the copy must load as the
+    # model folder does, or fine-tuning data would be tokenized unlike the model's users do
+    for name in names + ["config.json"]:
         shutil.copy2(os.path.join(cfg.load_dir, name), target)
     try:
         tokenizer = HuggingFaceTokenizer(target)
@@ -329,15 +334,25 @@ def _add_appended(hf_tokenizer, added: Dict[str, int]) -> None:
                                   "tokenizer")
 
 
-def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: str):
-    """Write the run's tokenizer as Hugging Face files into ``out``; ``(HF tokenizer or None,
-    what its chat template is)``."""
-    from transformers import AutoTokenizer, LlamaTokenizer
+@dataclass
+class ExportedTokenizer:
+    """The run's tokenizer on its way into the exported folder."""
 
+    hf: Any  # the Hugging Face tokenizer written to the folder
+    run: Any  # the run's DialogTokenizer (training's ids)
+    template_name: Optional[str]  # the dataset's --template (None: not recorded)
+    template: Any  # its ResolvedTemplate; None for hf (the tokenizer's own) or unknown
+    end_of_turn: Optional[int]  # the id every trained reply ends with
+
+
+def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
+                      out: str) -> Optional[ExportedTokenizer]:
+    """The run's tokenizer as a Hugging Face tokenizer (a SentencePiece model's files already
+    written into ``out``), or None when the checkpoint records none."""
     if not (data or {}).get("tokenizer"):
         print("warning: the checkpoint records no tokenizer; the folder gets none",
               file=sys.stderr)
-        return None, "none (no tokenizer)"
+        return None
     try:  # the run's tokenizer, where it was recorded, in CKPT/tokenizer or --tokenizer-path
         tokenizer = run_tokenizer(cfg.load_dir, data, cfg.tokenizer_path)
     except GenerationError as exc:
@@ -345,41 +360,86 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]], out: st
     if tokenizer.sha256 != data["tokenizer"]["sha256"]:
         raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
                               f"(sha256 {data['tokenizer']['sha256'][:12]}...)")
-    if tokenizer.type_name == "sentencepiece":
-        shutil.copy2(tokenizer.path, os.path.join(out, "tokenizer.model"))
-        # legacy: a word-start marker after special tokens, as SentencePiece encodes each piece
-        hf_tokenizer = LlamaTokenizer.from_pretrained(out, legacy=True)
-    else:
-        hf_tokenizer = AutoTokenizer.from_pretrained(tokenizer.path, local_files_only=True)
-    _add_appended(hf_tokenizer, tokenizer.added_tokens)
-    layout = _attach_chat_template(hf_tokenizer, data, tokenizer)
-    hf_tokenizer.save_pretrained(out)
-    return hf_tokenizer, layout
-
-
-def _attach_chat_template(hf_tokenizer, data: Dict[str, Any], tokenizer) -> str:
-    """Give the tokenizer the run's chat template as Jinja (a built-in one is translated; the
-    ``hf`` template is the tokenizer's own) and say whether, with it, ``hf_tokenizer`` gives the
-    ids the run's ``tokenizer`` gave in training."""
-    from mt_dialog.convert.chat_template import jinja_chat_template, layout_differences
-    from mt_dialog.data.render import resolve_template
-    from mt_dialog.data.templates import HF_TEMPLATE, get_template
-
     name = dataset_template(data)
-    if not name or name == HF_TEMPLATE:
-        return f"{name or 'none recorded'} (the tokenizer's own)"
-    template = resolve_template(get_template(name), tokenizer)
-    differences = []
-    for word_start in (False, True):  # see chat_template.jinja_chat_template
-        hf_tokenizer.chat_template = jinja_chat_template(
-            template, lambda token: hf_tokenizer.convert_ids_to_tokens(int(token)), word_start)
-        differences.append(layout_differences(hf_tokenizer, template, tokenizer.encode))
-        if differences[-1] is None:
-            return f"{name} (as Jinja; reproduces the training token layout exactly)"
-    difference = differences[0]
-    print(f"warning: the exported chat template ({name}) renders the same text as training but "
-          f"this tokenizer splits it differently: {difference}", file=sys.stderr)
-    return f"{name} (as Jinja; token layout differs from training: {difference})"
+    template, end_of_turn = None, None
+    if name:
+        try:
+            template, end_of_turn = run_template(name, tokenizer, data.get("special_ids") or {})
+        except GenerationError as exc:
+            raise ConversionError(str(exc)) from None
+    return ExportedTokenizer(_hf_tokenizer(tokenizer, out), tokenizer, name, template,
+                             end_of_turn)
+
+
+def _hf_tokenizer(tokenizer, out: str):
+    """The run's ``tokenizer`` as a Hugging Face tokenizer, appended special tokens included; a
+    SentencePiece model is first written into ``out`` (``_write_sentencepiece_config``)."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer.path
+    if tokenizer.type_name == "sentencepiece":
+        _write_sentencepiece_config(tokenizer, out)
+        source = out
+    hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.type_name == "sentencepiece":
+        hf_tokenizer.init_kwargs["legacy"] = True  # so that save_pretrained writes it again
+    _add_appended(hf_tokenizer, tokenizer.added_tokens)
+    return hf_tokenizer
+
+
+def _write_sentencepiece_config(tokenizer, out: str) -> None:
+    """``tokenizer.model`` + a ``tokenizer_config.json`` from which ``AutoTokenizer`` builds a
+    ``LlamaTokenizer`` encoding like SentencePiece did in training: ``legacy: true`` puts a
+    word-start marker after every special token (its Metaspace ``prepend_scheme`` is "always"),
+    as SentencePiece starts each separately encoded text piece with one; transformers' default
+    (``legacy: false``, "first") drops it, which changes the ids."""
+    shutil.copy2(tokenizer.path, os.path.join(out, "tokenizer.model"))
+    piece = {name: tokenizer.id_to_piece(token) if token is not None else None
+             for name, token in (("bos_token", tokenizer.bos_id),
+                                 ("eos_token", tokenizer.eos_id),
+                                 ("unk_token", tokenizer.unk_id))}
+    _write_json(os.path.join(out, "tokenizer_config.json"),
+                {"tokenizer_class": "LlamaTokenizer", "legacy": True, **piece})
+
+
+def _attach_chat_template(exported: ExportedTokenizer, out: str) -> str:
+    """Save the tokenizer into ``out`` (its ``config.json`` already written: AutoTokenizer picks
+    the tokenizer class by the model type) with the run's chat template (a built-in template as
+    Jinja; for ``hf`` the tokenizer's own), load the folder back as users do
+    (``AutoTokenizer.from_pretrained(out)``) and check on probe conversations that its
+    ``apply_chat_template`` gives the ids training gave; returns what the chat template is. A
+    difference is a warning naming the first differing token."""
+    from transformers import AutoTokenizer
+
+    from mt_dialog.convert.chat_template import (
+        jinja_chat_template,
+        layout_differences,
+        training_layout,
+    )
+
+    hf_tokenizer, name = exported.hf, exported.template_name
+    if not name:
+        hf_tokenizer.save_pretrained(out)
+        return "none recorded (the tokenizer's own)"
+    if exported.template is None:
+        candidates, label = [hf_tokenizer.chat_template], f"{name} (the tokenizer's own"
+    else:  # see chat_template.jinja_chat_template for word_start
+        text_of = lambda token: hf_tokenizer.convert_ids_to_tokens(int(token))  # noqa: E731
+        candidates = [jinja_chat_template(exported.template, text_of, word_start)
+                      for word_start in (False, True)]
+        label = f"{name} (as Jinja"
+    expected = training_layout(exported.template, exported.run)
+    for candidate in candidates:
+        hf_tokenizer.chat_template = candidate
+        hf_tokenizer.save_pretrained(out)
+        difference = layout_differences(AutoTokenizer.from_pretrained(out), expected)
+        if difference is None:
+            return (f"{label}; AutoTokenizer.from_pretrained reproduces the training token "
+                    "layout exactly)")
+    print(f"warning: the exported tokenizer and chat template ({name}), loaded with "
+          f"AutoTokenizer.from_pretrained, do not give training's token ids: {difference}",
+          file=sys.stderr)
+    return f"{label}; token layout differs from training: {difference})"
 
 
 def _flush(out: str, shard: Dict[str, torch.Tensor], shards: List[Dict[str, Any]]) -> None:
@@ -436,18 +496,21 @@ def _architecture(cfg: ExportConfig, mc: ModelConfig, source: Dict[str, Any]) ->
 
 
 def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtype: str,
-                   hf_tokenizer, data: Optional[Dict[str, Any]], source: Dict[str, Any]) -> None:
+                   exported: Optional[ExportedTokenizer], data: Optional[Dict[str, Any]],
+                   source: Dict[str, Any]) -> None:
+    """config.json and generation_config.json, which stops at eos and the end-of-turn."""
     from transformers import GenerationConfig
 
     from mt_dialog.convert.hf_config import hf_config
 
+    hf_tokenizer = exported.hf if exported is not None else None
+    end_of_turn = exported.end_of_turn if exported is not None else None
     bos = hf_tokenizer.bos_token_id if hf_tokenizer is not None else source.get("bos_token_id")
     eos = hf_tokenizer.eos_token_id if hf_tokenizer is not None else source.get("eos_token_id")
     max_position = int(source.get("max_position_embeddings") or (data or {}).get("seq_length")
                        or 4096)
     hf_config(mc, architecture, rows, max_position, dtype, bos, eos).save_pretrained(out)
     stops = [eos] if isinstance(eos, int) else list(eos or [])
-    end_of_turn = ((data or {}).get("special_ids") or {}).get("end_of_turn")
     if end_of_turn is not None and end_of_turn not in stops:
         stops.append(int(end_of_turn))  # generate() stops at the template's end of turn
     GenerationConfig(bos_token_id=bos, eos_token_id=stops or None).save_pretrained(out)
@@ -468,8 +531,10 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     rows = int(cfg.vocab_size or min(max(known, default=stored_rows), stored_rows))
     tmp = _staging(cfg.save_dir)
     try:
-        hf_tokenizer, layout = _export_tokenizer(cfg, data, tmp)
-        _write_configs(tmp, mc, architecture, rows, dtype, hf_tokenizer, data, source)
+        exported = _export_tokenizer(cfg, data, tmp)
+        _write_configs(tmp, mc, architecture, rows, dtype, exported, data, source)
+        # after config.json: the model type decides which tokenizer class AutoTokenizer builds
+        layout = _attach_chat_template(exported, tmp) if exported else "none (no tokenizer)"
         from mt_dialog.convert.hf_weights import iter_mcore_to_hf
 
         bar = _bar(cfg.progress, mc.num_layers + 1, "mcore-to-hf")

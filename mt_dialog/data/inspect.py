@@ -34,10 +34,15 @@ def _segments(counts: np.ndarray):
     return [(a, b, bool(trained[a])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _special_ids(metadata: Dict) -> set:
+def _special_ids(metadata: Dict, tokenizer: Optional[DialogTokenizer]) -> set:
+    """Every special token id: the metadata's and the tokenizer's own (control tokens of the
+    base vocabulary, such as ``<|im_start|>`` in a SentencePiece model, included)."""
     ids = metadata["special_ids"]
     found = {ids.get("bos"), ids.get("eos"), ids.get("end_of_turn")}
-    return {int(i) for i in found | set(ids.get("added", {}).values()) if i is not None}
+    found |= set(ids.get("added", {}).values())
+    if tokenizer is not None:
+        found |= tokenizer.special_ids()
+    return {int(i) for i in found if i is not None}
 
 
 def _decode_visible(ids: List[int], tokenizer: Optional[DialogTokenizer], specials: set) -> str:
@@ -64,7 +69,7 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
     tokens, counts, lengths = dataset.raw_pack(index)
     lines = [f"pack {index} of {len(dataset)} ({dataset.split}): {len(lengths)} conversations, "
              f"{int(lengths.sum()):,}/{dataset.seq_length:,} tokens, {count_turns(counts)} turns"]
-    specials = _special_ids(dataset.metadata)
+    specials = _special_ids(dataset.metadata, tokenizer)
     start = 0
     for number, length in enumerate(lengths.tolist()):
         conv_tokens, conv_counts = tokens[start:start + length], counts[start:start + length]

@@ -37,10 +37,9 @@ from mt_dialog.data.packing import pack, packing_efficiency
 from mt_dialog.data.progress import progress_factory
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
 from mt_dialog.data.records import RecordProcessor, init_worker, run_batch
-from mt_dialog.data.render import resolve_template
+from mt_dialog.data.render import end_of_turn_id
 from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
 from mt_dialog.data.storage import FORMAT_VERSION, output_files, write_metadata
-from mt_dialog.data.templates import HF_TEMPLATE, get_template
 from mt_dialog.data.tokenizers import TokenizerError
 from mt_dialog.data.writer import SplitPlan, WriteJob, WriterError, open_writer
 
@@ -210,11 +209,10 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         raise PreprocessError(str(exc)) from None
     processor.token_dtype = staging_dtype(tokenizer.vocab_size - 1).name
     processor.count_dtype = staging_dtype(config.packing.seq_length).name
-    if tok.template == HF_TEMPLATE and not tokenizer.chat_template:
-        raise PreprocessError(
-            f"--template hf: the tokenizer in {tok.tokenizer_path} has no chat template; "
-            "choose a built-in --template"
-        )
+    try:  # --template hf: the chat template's end-of-turn, found (or refused) before reading
+        end_of_turn_id(tok.template, tokenizer)
+    except (TokenizerError, ValueError) as exc:
+        raise PreprocessError(str(exc)) from None
     return processor, tokenizer
 
 
@@ -267,9 +265,6 @@ def _summary(tally: Tally, splits: Dict[str, Dict], elapsed: float) -> Dict:
 
 def _metadata(config, tokenizer, processor, summary, argv) -> Dict:
     info = tokenizer.info()
-    template = None
-    if config.tokenizer.template != HF_TEMPLATE:
-        template = resolve_template(get_template(config.tokenizer.template), tokenizer)
     return {
         "format_version": FORMAT_VERSION,
         "mt_dialog_version": __version__,
@@ -281,7 +276,7 @@ def _metadata(config, tokenizer, processor, summary, argv) -> Dict:
         "seq_length": config.packing.seq_length,
         "special_ids": {
             "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
-            "end_of_turn": template.end_of_turn if template else tokenizer.eos_id,
+            "end_of_turn": end_of_turn_id(config.tokenizer.template, tokenizer),
             "added": info.added_tokens,
         },
         "packing": config.packing.packing,

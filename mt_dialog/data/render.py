@@ -17,13 +17,22 @@ pack never trains across a conversation boundary. ``loss_mask == (loss_token_num
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from mt_dialog.data.formats import Message, RecordError
-from mt_dialog.data.templates import BOS, EOS, ChatTemplate, Pieces, Special
+from mt_dialog.data.templates import (
+    BOS,
+    EOS,
+    HF_TEMPLATE,
+    ChatTemplate,
+    Pieces,
+    Special,
+    get_template,
+)
 from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
 
 Encode = Callable[[str], List[int]]
@@ -212,9 +221,30 @@ def render_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> Rend
     The template renders text, so the assistant spans are *derived by rendering*: for reply k,
     ``prompt_k`` = messages[:k] with the generation prompt and ``upto_k`` = messages[:k+1]; the
     full text must start with ``upto_k`` and ``upto_k`` with ``prompt_k``. The reply's tokens are
-    those starting inside the content, plus the first token after it, which must be a special
-    token (the end-of-turn). Anything else is refused rather than guessed.
+    those starting inside the content, plus the first token after it, which must be the chat
+    template's end-of-turn token (``chat_template_end_of_turn``). Anything else is refused
+    rather than guessed: ``RecordError`` with reason ``special_token_in_text``,
+    ``template_mismatch``, ``end_of_turn_mismatch`` or ``template_error`` (``TokenizerError``
+    when the template cannot be used at all).
     """
+    expected = chat_template_end_of_turn(hf_tokenizer)
+    rendered, enders = _render_replies(messages, hf_tokenizer)
+    for k, token in enders:
+        if token != expected:
+            piece, wanted = hf_tokenizer.convert_ids_to_tokens([token, expected])
+            raise RecordError(
+                "end_of_turn_mismatch",
+                f"message {k}: the chat template ends this reply with {piece!r} (id {token}) "
+                f"but replies end with {wanted!r} (id {expected}) elsewhere; training needs one "
+                "end-of-turn token (generation stops at it): fix the chat template or use a "
+                "built-in --template",
+            )
+    return rendered
+
+
+def _render_replies(messages: Sequence[Message], hf_tokenizer
+                    ) -> Tuple[RenderedConversation, List[Tuple[int, int]]]:
+    """The rendering and, per assistant message k, ``(k, id of the special token after it)``."""
     dicts = [{"role": m.role, "content": m.content} for m in messages]
     specials = [s for s in hf_tokenizer.all_special_tokens if s]
     for index, message in enumerate(messages):
@@ -225,13 +255,14 @@ def render_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> Rend
                 f"message {index} contains the special token text {hit!r}, which the chat "
                 "template would turn into a control token; remove it or use a built-in --template",
             )
-    full = hf_tokenizer.apply_chat_template(dicts, tokenize=False)
+    full = _apply_chat_template(hf_tokenizer, dicts)
     encoded = hf_tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
     starts = [span[0] for span in encoded["offset_mapping"]]
     special_ids = set(hf_tokenizer.all_special_ids)
     ltn = [0] * len(ids)
     turn_ends: List[int] = []
+    enders: List[Tuple[int, int]] = []
     for k, message in enumerate(messages):
         if message.role != "assistant":
             continue
@@ -246,19 +277,96 @@ def render_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> Rend
                 "special end-of-turn token; use a built-in --template for this tokenizer",
             )
         trained.append(after)
+        enders.append((k, ids[after]))
         for i in trained:
             ltn[i] = len(trained)
         upto_end = span[2]
         turn_ends.append(next((i for i, s in enumerate(starts) if s >= upto_end), len(ids)))
-    return RenderedConversation(
+    rendered = RenderedConversation(
         np.asarray(ids, dtype=np.int64), np.asarray(ltn, dtype=np.int32), tuple(turn_ends)
     )
+    return rendered, enders
+
+
+def _apply_chat_template(hf_tokenizer, dicts, add_generation_prompt: bool = False) -> str:
+    """The template's text; a template that refuses the conversation is a ``RecordError``."""
+    import jinja2
+
+    try:
+        return hf_tokenizer.apply_chat_template(dicts, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as exc:
+        raise RecordError("template_error",
+                          f"the chat template refuses this conversation ({exc})") from None
+
+
+def render_prompt_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> List[int]:
+    """Ids of the generation prompt (a conversation ending with a user message) laid out by the
+    tokenizer's chat template, tokenized as ``render_with_chat_template`` tokenizes training
+    conversations. Raises ``RecordError`` when the template refuses the conversation."""
+    dicts = [{"role": m.role, "content": m.content} for m in messages]
+    text = _apply_chat_template(hf_tokenizer, dicts, add_generation_prompt=True)
+    return list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_PROBE = (Message("user", "Hello!"), Message("assistant", "Hi."),
+          Message("user", "How are you?"), Message("assistant", "Fine, thanks."))
+_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def chat_template_end_of_turn(hf_tokenizer) -> int:
+    """Id of the special token a Hugging Face chat template puts right after every reply
+    (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3): the token training trains at the
+    end of each reply and generation stops at. It is not ``eos_token_id`` in general (a base
+    model's ChatML tokenizer has eos ``<|endoftext|>``). Found by rendering a probe conversation
+    of two replies (cached per tokenizer and template); ``render_with_chat_template`` then checks
+    every reply of every conversation against it.
+
+    Raises ``TokenizerError`` when the tokenizer has no chat template, the template cannot lay
+    out the probe, or ends its replies with different special tokens."""
+    template = getattr(hf_tokenizer, "chat_template", None)
+    if not template:
+        raise TokenizerError("--template hf: the tokenizer has no chat template; choose a "
+                             "built-in --template")
+    cached = _END_OF_TURN.get(hf_tokenizer)
+    if cached is not None and cached[0] == template:
+        return cached[1]
+    try:
+        _, enders = _render_replies(_PROBE, hf_tokenizer)
+    except RecordError as exc:
+        raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
+                             f"conversation {[m.content for m in _PROBE]}: {exc.message}") from None
+    tokens = sorted({token for _, token in enders})
+    if len(tokens) != 1:
+        pieces = ", ".join(f"{p!r} (id {t})" for p, t in
+                           zip(hf_tokenizer.convert_ids_to_tokens(tokens), tokens))
+        raise TokenizerError(
+            f"--template hf: the chat template ends replies with different special tokens "
+            f"({pieces}) on a probe conversation; training needs one end-of-turn token "
+            "(generation stops at it): fix the chat template or choose a built-in --template")
+    _END_OF_TURN[hf_tokenizer] = (template, tokens[0])
+    return tokens[0]
+
+
+def end_of_turn_id(template_name: str, tokenizer: DialogTokenizer) -> int:
+    """The id that ends every trained reply with ``--template template_name``: the built-in
+    template's ``end_of_turn`` (appended to the vocabulary if missing), or for ``hf`` the token
+    the tokenizer's own chat template puts after each reply (``chat_template_end_of_turn``).
+    The one way the end-of-turn is resolved: the dataset metadata records it and generation,
+    ``--verify`` and the Hugging Face export use it. Raises ``TokenizerError`` or ``ValueError``
+    (unknown template)."""
+    if template_name == HF_TEMPLATE:
+        if not getattr(tokenizer, "chat_template", None):
+            raise TokenizerError(f"--template hf: the tokenizer in {tokenizer.path} has no chat "
+                                 "template; choose a built-in --template")
+        return chat_template_end_of_turn(tokenizer.hf)
+    return resolve_template(get_template(template_name), tokenizer).end_of_turn
 
 
 def _assistant_span(dicts, k: int, full: str, hf_tokenizer) -> Tuple[int, int, int]:
     """(content start, content end, end of the rendered turn) in ``full``'s characters."""
-    prompt = hf_tokenizer.apply_chat_template(dicts[:k], tokenize=False, add_generation_prompt=True)
-    upto = hf_tokenizer.apply_chat_template(dicts[: k + 1], tokenize=False)
+    prompt = _apply_chat_template(hf_tokenizer, dicts[:k], add_generation_prompt=True)
+    upto = _apply_chat_template(hf_tokenizer, dicts[: k + 1])
     content = dicts[k]["content"]
     at = upto.find(content, len(prompt))
     if not (full.startswith(upto) and upto.startswith(prompt)) or at < 0:

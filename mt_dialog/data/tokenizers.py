@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 
 class TokenizerError(ValueError):
@@ -68,6 +68,11 @@ class DialogTokenizer:
 
     bos_id: Optional[int] = None
     eos_id: Optional[int] = None
+    unk_id: Optional[int] = None
+
+    def _special_ids(self) -> Set[int]:
+        """Ids of the back-end's own special (control) tokens."""
+        raise NotImplementedError
 
     @property
     def pad_id(self) -> int:
@@ -109,6 +114,12 @@ class DialogTokenizer:
 
     def _id_to_piece(self, token: int) -> str:
         return self._decode([token])
+
+    def special_ids(self) -> Set[int]:
+        """Ids of every special token: the vocabulary's own (control tokens, bos, eos, ...;
+        decoders usually hide them) and the appended ones."""
+        found = self._special_ids() | set(self.added_tokens.values())
+        return found | {t for t in (self.bos_id, self.eos_id, self.unk_id) if t is not None}
 
     def special_id(self, piece: str, allow_add: bool = True) -> int:
         """Id of a special token; appended to the vocabulary when missing and ``allow_add``."""
@@ -160,9 +171,13 @@ class SentencePieceTokenizer(DialogTokenizer):
         super().__init__(model_path, processor.GetPieceSize(), file_sha256(model_path))
         self.bos_id = processor.bos_id() if processor.bos_id() >= 0 else None
         self.eos_id = processor.eos_id() if processor.eos_id() >= 0 else None
+        self.unk_id = processor.unk_id() if processor.unk_id() >= 0 else None
 
     def _encode(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
+
+    def _special_ids(self) -> Set[int]:
+        return {i for i in range(self.base_vocab_size) if self._sp.IsControl(i)}
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
@@ -221,6 +236,11 @@ class HuggingFaceTokenizer(DialogTokenizer):
         super().__init__(path, len(self.hf), digest.hexdigest())
         self.bos_id = self.hf.bos_token_id
         self.eos_id = self.hf.eos_token_id
+        self.unk_id = self.hf.unk_token_id
+
+    def _special_ids(self) -> Set[int]:
+        added = self.hf.added_tokens_decoder
+        return set(self.hf.all_special_ids) | {i for i, t in added.items() if t.special}
 
     def _encode(self, text: str) -> List[int]:
         # split_special_tokens: text that looks like "<|im_end|>" stays text, never a control id

@@ -51,10 +51,43 @@ def iteration_dir(root: str, iteration: int) -> str:
 
 
 def latest_iteration(root: str) -> int:
+    """The newest complete iteration under ``root`` (its tracker file, written last).
+
+    Raises:
+        CheckpointError: no tracker file, or one that holds no iteration number.
+    """
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
-        raise CheckpointError(f"--load {root}: no {TRACKER}; is it a folder written by --save?")
-    return int(open(path).read().strip())
+        raise CheckpointError(f"--load {root}: no {TRACKER}; is it a folder written by --save? "
+                              "(a first launch may give the same folder to --load and --save)")
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"--load {root}: {path} holds {text[:40]!r}, not an iteration "
+                              "number; restore it or load another checkpoint")
+    return int(text)
+
+
+def has_checkpoint(train) -> bool:
+    """Whether ``train.load`` (a ``TrainConfig``'s --load) holds a checkpoint to load.
+
+    A --load folder without one is accepted only when it is also the --save folder and the run
+    is not --finetune: Megatron-LM users pass the same ``--load DIR --save DIR`` from the first
+    launch on (so that a restarted job resumes), and that first launch starts from scratch.
+
+    Raises:
+        CheckpointError: any other --load without a checkpoint (a typo must not silently train
+            from scratch).
+    """
+    if not train.load:
+        return False
+    if os.path.isfile(os.path.join(train.load, TRACKER)):
+        return True
+    same = train.save and os.path.abspath(train.save) == os.path.abspath(train.load)
+    if same and not train.finetune:
+        return False
+    latest_iteration(train.load)  # raises with the reason
+    return True
 
 
 # ModelConfig fields that change the function a checkpoint computes
@@ -76,11 +109,19 @@ VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 def saved_model_config(root: str) -> Dict[str, Any]:
     """The ``model`` section of the config saved with the newest checkpoint under ``root``."""
+    return dict(saved_config(root)["model"])
+
+
+def saved_config(root: str) -> Dict[str, Any]:
+    """The run config (model, parallel, data, optim, train sections) saved with the newest
+    checkpoint under ``root``. Raises CheckpointError when it cannot be read."""
     path = os.path.join(iteration_dir(root, latest_iteration(root)), "mt_dialog_config.json")
     try:
         with open(path, encoding="utf-8") as handle:
-            return dict(json.load(handle)["model"])
-    except (OSError, ValueError, KeyError) as exc:
+            config = json.load(handle)
+        config["model"]  # noqa: B018 - every saved config has it
+        return config
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"--load {root}: cannot read the model configuration {path} "
                               f"({exc}); is it a folder written by --save or "
                               "tools/convert_checkpoint.py?") from None
@@ -112,6 +153,31 @@ def check_model_matches(root: str, model_config) -> None:
                 f"--load {root}: the checkpoint has {name} = {theirs[name]} but this run has "
                 f"{ours[name]}; pass --{flag.replace('_', '-')} (and the checkpoint's other "
                 "model flags) or --use-checkpoint-args")
+
+
+def check_resume_matches(root: str, config) -> None:
+    """A full resume (not --finetune) needs the optimizer state the run would save: the same
+    precision and the same optimizer kind as the checkpoint (Megatron-LM fails deep inside the
+    load otherwise). Converted checkpoints hold weights only and are left to ``load_checkpoint``.
+
+    Raises:
+        CheckpointError: naming the flag that differs and the fix.
+    """
+    saved = saved_config(root)
+    optim, parallel = saved.get("optim") or {}, saved.get("parallel") or {}
+    if not optim:  # hf-to-mcore: weights only
+        return
+    ours = {"--bf16": config.optim.bf16, "--fp16": config.optim.fp16,
+            "--use-distributed-optimizer": config.parallel.use_distributed_optimizer}
+    theirs = {"--bf16": bool(optim.get("bf16")), "--fp16": bool(optim.get("fp16")),
+              "--use-distributed-optimizer": bool(parallel.get("use_distributed_optimizer"))}
+    for flag, value in ours.items():
+        if value != theirs[flag]:
+            given = "with" if theirs[flag] else "without"
+            raise CheckpointError(
+                f"--load {root}: the checkpoint was saved {given} {flag} and its optimizer "
+                f"state has that form; resume {given} {flag}, or start from its weights with "
+                "--finetune")
 
 
 def source_info(root: str) -> Dict[str, Any]:
@@ -152,6 +218,20 @@ def _rng_object():
     return ShardedObject("rng_state", state, _layout(), offset, replica_id=0)
 
 
+def _rng_device() -> str:
+    """Where the model-parallel RNG tracker's generators live: 'cuda', or 'cpu' (CPU shims)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rng_restorable(common: Dict[str, Any]) -> bool:
+    """RNG states are per rank: restored only at the same layout, and only on the device kind
+    that saved them (a CPU generator state in the CUDA RNG tracker, which TE forks on every
+    attention call, would be wrong). They never change results here (no dropout)."""
+    saved_device = common.get("rng_device", "cpu")  # older checkpoints: written on CPU
+    return (list(common.get("layout", [])) == list(_layout())
+            and saved_device == _rng_device())
+
+
 def _restore_rng(state: Dict[str, Any]) -> None:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
@@ -187,7 +267,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state.update(scheduler=scheduler.state_dict(), iteration=iteration,
                  consumed_samples=consumed_samples, layout=list(_layout()),
-                 rng_state=_rng_object())
+                 rng_device=_rng_device(), rng_state=_rng_object())
     dist_checkpointing.save(state, path)
     if rank == 0:
         with open(os.path.join(path, "mt_dialog_config.json"), "w") as handle:
@@ -200,30 +280,20 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
     return path
 
 
-def _initialize_adam_state(optimizer) -> None:
-    """Give every parameter an (empty) Adam state with a ``step`` before loading into it.
-
-    megatron-core 0.16.1's distributed optimizer reads ``step`` from every parameter state when
-    building the state dict to load into; with torch's Adam (no apex/TE) its own state
-    initializer creates ``exp_avg``/``exp_avg_sq`` but no ``step``, so a fresh optimizer fails.
-    """
-    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(chained, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if "step" not in state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.setdefault("exp_avg", torch.zeros_like(param.data))
-                    state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
-
-
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
                     finetune: bool = False) -> Tuple[int, int]:
-    """Load the newest checkpoint under ``root``. Returns ``(iteration, consumed_samples)``;
-    with ``finetune`` only the weights are read and ``(0, 0)`` is returned."""
+    """Load the newest checkpoint under ``root`` into the DDP-wrapped ``model`` chunks.
+
+    Returns ``(iteration, consumed_samples)``. With ``finetune`` only the weights are read,
+    ``(0, 0)`` is returned and, when an ``optimizer`` exists, its fp32 main parameters are
+    reloaded from the new weights (Megatron-LM's ``reload_model_params``: mixed-precision and
+    distributed optimizers copy the model parameters when they are built, and their first
+    ``step()`` would otherwise copy the stale copies back over the loaded weights).
+
+    Raises:
+        CheckpointError: no complete checkpoint, weights-only checkpoint without ``finetune``,
+            another padded vocabulary on a full resume, tensors missing from the checkpoint.
+    """
     from megatron.core import dist_checkpointing
 
     path = iteration_dir(root, latest_iteration(root))
@@ -236,25 +306,73 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     state = _model_state(model)
     fitted = _fit_vocabulary(state, path) if finetune else []
     if not finetune:
+        from mt_dialog.training.optimizer import prepare_adam_state_for_loading
+
         _refuse_vocabulary_change(state, path, root)
-    if not finetune:
-        _initialize_adam_state(optimizer)
+        prepare_adam_state_for_loading(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=OPTIMIZER_METADATA)
-        same_layout = list(common.get("layout", [])) == list(_layout())
-        if same_layout:
+        if _rng_restorable(common):
             state["rng_state"] = _rng_object()
-    loaded = dist_checkpointing.load(state, path, validate_access_integrity=not fitted)
-    _fitted_rows(loaded, fitted)
-    for key, chunk in zip(_model_keys(model), model):
-        chunk.module.load_state_dict(loaded[key], strict=True)
+    loaded = _load_model_states(state, path, root, [chunk.module for chunk in model],
+                                validate=not fitted, fitted=fitted)
     if finetune:
+        if optimizer is not None:
+            optimizer.reload_model_params()
         return 0, 0
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["scheduler"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return int(common["iteration"]), int(common["consumed_samples"])
+
+
+def _is_extra_state(key: str) -> bool:
+    """Transformer Engine modules' ``_extra_state`` (fp8 metadata; dist-checkpoint keys look like
+    ``decoder.final_layernorm._extra_state/shard_0_1``): present with TE, absent without."""
+    return key.split("/")[0].endswith("_extra_state")
+
+
+def _absent_message(root: str, path: str, keys: List[str]) -> str:
+    shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+    if all(key.startswith("optimizer.") for key in keys):
+        return (f"--load {root}: {path} has no optimizer state of this run's kind ({shown}): "
+                "it was saved with another precision or optimizer (--bf16 / --fp16 / "
+                "--use-distributed-optimizer); resume with the flags it was saved with, or start "
+                "from its weights with --finetune")
+    return (f"--load {root}: {path} lacks {len(keys)} tensors this model needs ({shown}); is it "
+            "a checkpoint of this model? (--use-checkpoint-args takes its model flags)")
+
+
+def _load_model_states(state: Dict[str, Any], path: str, root: str,
+                       modules: List[torch.nn.Module], validate: bool,
+                       fitted=()) -> Dict[str, Any]:
+    """``dist_checkpointing.load`` of ``state``, then each model chunk's tensors into
+    ``modules`` (in ``_model_keys`` order); returns the loaded dict.
+
+    Every real tensor is strict. ``_extra_state`` entries may be missing on either side: megatron
+    uses TE modules (which have them) wherever TE imports, even for the final norm of the local
+    spec, so a checkpoint written without TE must load with TE and the other way round."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded, _, absent = dist_checkpointing.load(
+            state, path, validate_access_integrity=validate,
+            strict=StrictHandling.RETURN_UNEXPECTED)
+    real = sorted(key for key in absent if not _is_extra_state(key))
+    if real:
+        raise CheckpointError(_absent_message(root, path, real))
+    _fitted_rows(loaded, fitted)
+    for key, module in zip(_model_keys(modules), modules):
+        result = module.load_state_dict(loaded[key], strict=False)
+        wrong = [k for k in (*result.missing_keys, *result.unexpected_keys)
+                 if not _is_extra_state(k)]
+        if wrong:
+            raise CheckpointError(f"--load {root}: tensors of {path} do not match the model: "
+                                  f"{', '.join(wrong[:4])}")
+    return loaded
 
 
 def stored_vocab_rows(path: str) -> Optional[int]:
@@ -324,18 +442,16 @@ def _refuse_vocabulary_change(state: Dict[str, Any], path: str, root: str) -> No
 
 def load_weights_for_inference(root: str, model: List[torch.nn.Module],
                                iteration: Optional[int] = None) -> int:
-    """Weights only, into unwrapped GPTModel chunk(s) (generation); returns the iteration."""
-    from megatron.core import dist_checkpointing
+    """Weights only, into unwrapped GPTModel chunk(s) (generation, export); returns the
+    iteration. Vocabulary rows are fitted and ``_extra_state`` tolerated as in
+    ``load_checkpoint``.
 
+    Raises:
+        CheckpointError: no complete checkpoint, or tensors missing from it.
+    """
     iteration = latest_iteration(root) if iteration is None else iteration
     path = iteration_dir(root, iteration)
-    keys = _model_keys(model)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(keys, model)}
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
     fitted = _fit_vocabulary(state, path)
-    with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
-        warnings.simplefilter("ignore", FutureWarning)
-        loaded = dist_checkpointing.load(state, path, validate_access_integrity=not fitted)
-    _fitted_rows(loaded, fitted)
-    for key, chunk in zip(keys, model):
-        chunk.load_state_dict(loaded[key], strict=True)
+    _load_model_states(state, path, root, model, validate=not fitted, fitted=fitted)
     return iteration

@@ -9,11 +9,15 @@ against the world size before any model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 from mt_dialog.config_utils import option
 from mt_dialog.training.loss import NORMALIZATIONS
+
+
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 def _positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
@@ -64,7 +68,18 @@ class ModelConfig:
                                    "other and positions restart; causal: one causal mask over "
                                    "the pack (for comparison)")
     recompute_activations: bool = option(False, help="recompute attention in backward "
-                                         "(selective) to save memory")
+                                         "(selective) to save memory; Megatron-LM's alias of "
+                                         "--recompute-granularity selective")
+    recompute_granularity: Optional[str] = option(
+        None, choices=RECOMPUTE_GRANULARITIES, help="activation recompute: full (whole "
+        "transformer layers, see --recompute-method) or selective (core attention only)")
+    recompute_method: Optional[str] = option(
+        None, choices=RECOMPUTE_METHODS, help="with --recompute-granularity full: uniform "
+        "recomputes every layer, --recompute-num-layers at a time; block recomputes only the "
+        "first --recompute-num-layers layers of each pipeline stage (default: uniform)")
+    recompute_num_layers: Optional[int] = option(
+        None, help="with --recompute-granularity full: layers per recompute chunk (uniform) or "
+        "recomputed layers per pipeline stage (block) (default: 1)")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
@@ -88,6 +103,34 @@ class ModelConfig:
         if groups <= 0 or self.num_attention_heads % groups:
             raise ValueError(f"num_query_groups: {groups} must divide num_attention_heads "
                              f"{self.num_attention_heads}")
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        _positive("recompute_num_layers", self.recompute_num_layers, allow_none=True)
+        for name, choices in (("recompute_granularity", RECOMPUTE_GRANULARITIES),
+                              ("recompute_method", RECOMPUTE_METHODS)):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+        if self.recompute_activations and self.recompute_granularity == "full":
+            raise ValueError("recompute_activations: --recompute-activations means "
+                             "--recompute-granularity selective; drop one of the two")
+        if self.recompute_granularity != "full":
+            for name in ("recompute_method", "recompute_num_layers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: --{name.replace('_', '-')} applies to "
+                                     "--recompute-granularity full only; add it or drop the flag")
+
+    def recompute_settings(self) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` fields of activation recompute:
+        ``recompute_granularity`` (None, "selective" or "full"), ``recompute_method`` and
+        ``recompute_num_layers`` (full only: default uniform, 1 layer at a time)."""
+        if self.recompute_granularity == "full":
+            return {"recompute_granularity": "full",
+                    "recompute_method": self.recompute_method or "uniform",
+                    "recompute_num_layers": self.recompute_num_layers or 1}
+        selective = self.recompute_activations or self.recompute_granularity == "selective"
+        return {"recompute_granularity": "selective" if selective else None}
 
     @property
     def query_groups(self) -> int:
@@ -194,16 +237,50 @@ class OptimConfig:
     adam_beta2: float = option(0.95, help="Adam beta2")
     adam_eps: float = option(1e-8, help="Adam epsilon")
     clip_grad: float = option(1.0, help="clip the global gradient norm to this (0: off)")
-    bf16: bool = option(False, help="bf16 mixed precision (GPU); CPU runs in fp32")
+    lr_warmup_init: float = option(0.0, help="learning rate the linear warmup starts from "
+                                   "(iteration 1 trains at lr_warmup_init + (lr - "
+                                   "lr_warmup_init) / --lr-warmup-iters)")
+    bf16: bool = option(False, help="bf16 mixed precision: bf16 parameters and activations, fp32 "
+                        "main parameters, gradients reduced in fp32 (GPU and CPU alike)")
+    fp16: bool = option(False, help="fp16 mixed precision with loss scaling (dynamic unless "
+                        "--loss-scale)")
+    loss_scale: Optional[float] = option(None, help="with --fp16: a constant loss scale "
+                                         "(default: dynamic)")
+    initial_loss_scale: float = option(2.0 ** 32, help="with --fp16: the first dynamic loss "
+                                       "scale")
+    min_loss_scale: float = option(1.0, help="with --fp16: the dynamic loss scale never goes "
+                                   "below this")
+    loss_scale_window: int = option(1000, help="with --fp16: iterations without overflow "
+                                    "before the dynamic loss scale doubles")
+    hysteresis: int = option(2, help="with --fp16: overflows tolerated before the dynamic loss "
+                             "scale halves")
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
+        if self.bf16 and self.fp16:
+            raise ValueError("fp16: --fp16 and --bf16 exclude each other; pick one (--bf16 is "
+                             "the usual choice on GPUs that have it)")
+        for name in ("initial_loss_scale", "min_loss_scale", "loss_scale_window",
+                     "hysteresis"):
+            _positive(name, getattr(self, name))
+        _positive("loss_scale", self.loss_scale, allow_none=True)
+        if not 0 <= self.lr_warmup_init <= self.lr:
+            raise ValueError(f"lr_warmup_init: must be in [0, lr={self.lr}], got "
+                             f"{self.lr_warmup_init}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr: must be in [0, lr={self.lr}], got {self.min_lr}")
         for name in ("lr_warmup_iters", "weight_decay", "clip_grad"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         _positive("lr_decay_iters", self.lr_decay_iters, allow_none=True)
+
+    @property
+    def params_dtype(self) -> "torch.dtype":
+        """dtype of the model's parameters and activations: bf16 / fp16 with --bf16 / --fp16,
+        else fp32. Main parameters, gradient reduction and the loss stay fp32."""
+        import torch
+
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
 @dataclass
@@ -216,8 +293,10 @@ class TrainConfig:
     seed: int = option(1234, help="seed of weights, data order and dropout")
     log_interval: int = option(10, help="iterations between log lines")
     eval_interval: Optional[int] = option(None, help="iterations between validation runs")
-    eval_iters: Optional[int] = option(None, help="validation steps per run (default: the "
-                                       "whole validation set)")
+    eval_iters: Optional[int] = option(None, help="validation steps (global batches) per run "
+                                       "(default: the whole validation set); without "
+                                       "--eval-interval: one validation at the end of the run; "
+                                       "0: no validation (as in Megatron-LM)")
     save: Optional[str] = option(None, help="checkpoint folder to save to")
     save_interval: Optional[int] = option(None, help="iterations between checkpoints (a final "
                                           "one is always saved with --save)")
@@ -226,20 +305,76 @@ class TrainConfig:
     finetune: bool = option(False, help="with --load: take the weights only, start at iteration 0")
     use_checkpoint_args: bool = option(False, help="with --load: take the model flags "
                                        "(layers, sizes, heads, RoPE, norm) from the checkpoint")
+    exit_interval: Optional[int] = option(None, help="stop after the first iteration that is "
+                                          "a multiple of this (Megatron-LM's rule), saving a "
+                                          "checkpoint with --save; rerun with --load to continue")
     tensorboard_dir: Optional[str] = option(None, help="write TensorBoard scalars here")
+    wandb_project: Optional[str] = option(None, help="log the TensorBoard scalars to this "
+                                          "Weights & Biases project too (pip install -e "
+                                          "'.[wandb]'; WANDB_MODE=offline runs without network)")
+    wandb_exp_name: Optional[str] = option(None, help="with --wandb-project: the W&B run name")
+    wandb_save_dir: Optional[str] = option(None, help="with --wandb-project: folder of the W&B "
+                                           "run files (default: SAVE/wandb with --save, else "
+                                           "./wandb)")
 
     def __post_init__(self) -> None:
+        if self.eval_iters == 0:  # Megatron-LM's way of turning validation off
+            self.eval_iters = self.eval_interval = None
         if (self.train_iters is None) == (self.train_epochs is None):
             raise ValueError("train_iters: give exactly one of --train-iters and --train-epochs")
         _positive("train_iters", self.train_iters, allow_none=True)
         _positive("train_epochs", self.train_epochs, allow_none=True)
         _positive("log_interval", self.log_interval)
-        for name in ("eval_interval", "eval_iters", "save_interval"):
+        for name in ("eval_interval", "eval_iters", "save_interval", "exit_interval"):
             _positive(name, getattr(self, name), allow_none=True)
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(self, name) and not self.wandb_project:
+                raise ValueError(f"{name}: --{name.replace('_', '-')} needs --wandb-project "
+                                 "NAME (W&B logging is on only with a project)")
         if self.finetune and not self.load:
             raise ValueError("finetune: --finetune needs --load CHECKPOINT")
         if self.use_checkpoint_args and not self.load:
             raise ValueError("use_checkpoint_args: --use-checkpoint-args needs --load CHECKPOINT")
+
+
+# --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends
+TOKENIZER_TYPES = {"sentencepiece": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
+                   "GPTSentencePieceTokenizer": "sentencepiece",
+                   "Llama2Tokenizer": "sentencepiece", "huggingface": "huggingface",
+                   "HuggingFaceTokenizer": "huggingface"}
+
+
+@dataclass
+class TokenizerConfig:
+    """Optional: the tokenizer the datasets must have been built with (checked by sha256).
+
+    Training takes the tokenizer from the datasets' metadata; these Megatron-LM flags, when
+    given, are compared with every dataset's before any model is built."""
+
+    tokenizer_type: Optional[str] = option(
+        None, help="sentencepiece (Megatron-LM: SentencePieceTokenizer, GPTSentencePieceTokenizer,"
+        " Llama2Tokenizer) or huggingface (HuggingFaceTokenizer)")
+    tokenizer_model: Optional[str] = option(
+        None, help="the SentencePiece .model file the datasets were built with (a Hugging Face "
+        "folder is accepted too, as in Megatron-LM)")
+    tokenizer_path: Optional[str] = option(
+        None, help="the Hugging Face tokenizer folder the datasets were built with")
+
+    def __post_init__(self) -> None:
+        if self.tokenizer_type is not None and self.tokenizer_type not in TOKENIZER_TYPES:
+            raise ValueError(
+                f"tokenizer_type: {self.tokenizer_type!r} is not supported: datasets are "
+                "tokenized at preprocessing with a SentencePiece or Hugging Face tokenizer; use "
+                f"one of {', '.join(TOKENIZER_TYPES)} or drop --tokenizer-type (training reads "
+                "the tokenizer from the dataset)")
+        if self.tokenizer_model and self.tokenizer_path:
+            raise ValueError("tokenizer_path: give --tokenizer-model FILE.model (SentencePiece) "
+                             "or --tokenizer-path DIR (Hugging Face), not both")
+
+    @property
+    def kind(self) -> Optional[str]:
+        """The back-end named by --tokenizer-type: "sentencepiece", "huggingface" or None."""
+        return TOKENIZER_TYPES.get(self.tokenizer_type) if self.tokenizer_type else None
 
 
 @dataclass
@@ -251,6 +386,7 @@ class DialogTrainingConfig:
     data: DataConfig
     optim: OptimConfig
     train: TrainConfig
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
@@ -279,4 +415,81 @@ def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
         raise ValueError(
             f"num_layers: {model.num_layers} layers cannot be split evenly over "
             f"{layers_per_stage} pipeline chunks")
+    _check_recompute_layers(model, model.num_layers // layers_per_stage)
     return dp
+
+
+def _check_recompute_layers(model: ModelConfig, chunk_layers: int) -> None:
+    """Full recompute works on each pipeline chunk's ``chunk_layers`` layers: uniform needs
+    --recompute-num-layers to divide them, block to be at most that many."""
+    settings = model.recompute_settings()
+    if settings["recompute_granularity"] != "full":
+        return
+    method, count = settings["recompute_method"], settings["recompute_num_layers"]
+    if count > chunk_layers or (method == "uniform" and chunk_layers % count):
+        need = "a divisor of" if method == "uniform" else "at most"
+        raise ValueError(
+            f"recompute_num_layers: {count} with --recompute-method {method} must be {need} "
+            f"the {chunk_layers} layers of each pipeline chunk (--num-layers / (pipeline x "
+            f"virtual pipeline size)); use --recompute-num-layers 1")
+
+
+def validate_schedule(config: DialogTrainingConfig, dp_size: int, seq_length: int,
+                      valid_packs: int) -> None:
+    """Checks that need the datasets' sequence length and validation size, before any model is
+    built (megatron-core would fail mid-run): sequence parallelism splits every micro-batch's
+    tokens over TP; the interleaved schedule (megatron-core 0.16.1
+    ``forward_backward_pipelining_with_interleaving``) needs the micro-batches of a step to be a
+    multiple of PP (at least PP, and no remainder group smaller than PP). Validation runs one pack
+    per micro-batch, data-parallel rank r taking packs r, r + DP, ... (see ``loop.evaluate``).
+
+    Raises:
+        ValueError: naming the flag, the numbers and the fix.
+    """
+    par, data = config.parallel, config.data
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if par.sequence_parallel:
+        tokens = data.micro_batch_size * seq_length
+        for what, count in (("a training micro-batch (micro-batch size x seq length)", tokens),
+                            ("a validation micro-batch (one pack)", seq_length)):
+            if count % tp:
+                raise ValueError(
+                    f"sequence_parallel: {what} has {count} tokens, not divisible by the "
+                    f"tensor-parallel size {tp}; rebuild the dataset with a --seq-length that is "
+                    f"a multiple of {tp}, or run without --sequence-parallel")
+    if not par.virtual_pipeline_model_parallel_size:
+        return
+    gbs = data.global_batch_size or data.micro_batch_size * dp_size
+    micro = gbs // (data.micro_batch_size * dp_size)
+    if micro % pp:
+        step = data.micro_batch_size * dp_size * pp
+        raise ValueError(
+            f"global_batch_size: the interleaved pipeline schedule needs the micro-batches per "
+            f"step (global batch {gbs} / (micro-batch size {data.micro_batch_size} x data "
+            f"parallel {dp_size}) = {micro}) to be a multiple of the pipeline-parallel size {pp}; "
+            f"use a --global-batch-size that is a multiple of {step}")
+    _validate_interleaved_validation(config, dp_size, gbs, valid_packs)
+
+
+def _validate_interleaved_validation(config: DialogTrainingConfig, dp_size: int, gbs: int,
+                                     valid_packs: int) -> None:
+    """Validation under the interleaved schedule: every data-parallel rank's pack count (one
+    pack per micro-batch) must be a multiple of PP."""
+    pp = config.parallel.pipeline_model_parallel_size
+    train = config.train
+    if not (train.eval_interval or train.eval_iters) or not valid_packs:
+        return
+    packs = min(valid_packs, train.eval_iters * gbs) if train.eval_iters else valid_packs
+    counts = {len(range(rank, packs, dp_size)) for rank in range(dp_size)}
+    if all(count % pp == 0 for count in counts):
+        return
+    fits = valid_packs // gbs
+    fix = (f"pass --eval-iters {fits} (validation then reads {fits} x global batch {gbs} = "
+           f"{fits * gbs} packs)" if fits else
+           f"give the validation set at least one global batch ({gbs} packs): a larger valid "
+           "share in preprocessing (--split) or --valid-data-path")
+    raise ValueError(
+        f"eval_iters: the interleaved pipeline schedule needs each data-parallel rank's "
+        f"validation micro-batches (one pack each) to be a multiple of the pipeline-parallel "
+        f"size {pp}, but {packs} validation packs over {dp_size} data-parallel ranks give "
+        f"{sorted(counts)}; {fix}")

@@ -38,8 +38,15 @@ Patch kinds
      setup_embeddings_and_output_layer`` calls ``weight.data.cuda()`` (a Tensor method) before the
      all-reduce that syncs tied embedding/output weights between the first and last pipeline
      stage (PP > 1 with ``share_embeddings_and_output_weights=True``). The method is wrapped so
-     that, only while it runs, ``torch.Tensor.cuda`` returns the tensor itself. This is the only
-     place where a ``torch`` attribute is touched, and it is restored in ``finally``.
+     that, only while it runs, ``torch.Tensor.cuda`` returns the tensor itself; likewise
+     ``optimizer/grad_scaler.py::DynamicGradScaler.load_state_dict`` (``scale.cuda()`` when an
+     ``--fp16`` run resumes).
+   d ``DistributedOptimizer.__init__`` and ``Float16OptimizerWithFloat16Params.__init__``
+     (``--bf16`` / ``--fp16``) sort parameters by ``param.type()`` strings
+     (``'torch.cuda.BFloat16Tensor'``...) and reject anything else; while they run, CPU tensors
+     report the CUDA name of their dtype.
+   These scoped ``torch.Tensor`` overrides (c, d) are the only places where a ``torch``
+   attribute is touched, each restored in ``finally``.
 
 Modules that get the ``torch`` view (``TORCH_VIEW_MODULES``), each seen failing on CPU and then
 used (``MT_DIALOG_CPU_SHIM_TRACE=1`` records the redirected calls) in the verified paths:
@@ -53,8 +60,9 @@ distributed optimizer; DDP + finalize_model_grads + get_megatron_optimizer (Adam
      ``CudaRNGStatesTracker.add`` and ``model_parallel_cuda_manual_seed``.
    - optimizer/clip_grads.py: ``device='cuda'`` tensors in ``get_grad_norm_fp32``
      (and ``count_zeros_fp32``).
-   - optimizer/optimizer.py: ``_dummy_overflow_buf``/``_scale_one`` (``device='cuda'``) in
-     ``MixedPrecisionOptimizer``/``FP32Optimizer.__init__``.
+   - optimizer/optimizer.py: ``_dummy_overflow_buf``/``_scale_one``/``found_inf``
+     (``device='cuda'``) in ``MixedPrecisionOptimizer``/``FP32Optimizer.__init__``.
+   - optimizer/grad_scaler.py: the loss scale tensors (``device='cuda'``; ``--fp16``).
    - utils.py: ``local_multi_tensor_l2_norm`` (``device="cuda"``; the no-apex/no-TE fallback used
      for the grad norm) and ``GlobalMemoryBuffer.get_tensor``.
    - distributed/param_and_grad_buffer.py: DDP grad (and param) buffers on
@@ -115,6 +123,8 @@ TORCH_VIEW_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     # the distributed optimizer: state buffers and checkpoint shards on torch.cuda.current_device()
     "megatron.core.optimizer.distrib_optimizer",
+    # --fp16: the loss scale tensors
+    "megatron.core.optimizer.grad_scaler",
 )
 
 # Tensor factories whose ``device=`` / ``pin_memory=`` keywords get mapped.
@@ -266,70 +276,51 @@ def _tensor_method(name: str, make_replacement):
         setattr(torch.Tensor, name, original)
 
 
-def _wrap_setup_embeddings(original):
+def _tensor_cuda_stays_on_cpu(original, site: str):
+    """``original`` with ``Tensor.cuda()`` returning the tensor itself while it runs (2c)."""
+
     @functools.wraps(original)
-    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+    def wrapped(*args, **kwargs):
         def _stay_on_cpu(cuda):
             def stay(t, *a, **k):
-                _note("language_module: setup_embeddings_and_output_layer weight.data.cuda()")
+                _note(f"{site}: Tensor.cuda()")
                 return t
             return stay
 
         with _tensor_method("cuda", _stay_on_cpu):
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
 
-    setup_embeddings_and_output_layer._mt_dialog_cpu_shim = True
-    return setup_embeddings_and_output_layer
+    wrapped._mt_dialog_cpu_shim = True
+    return wrapped
 
 
-def _wrap_distributed_optimizer_init(original):
-    """``DistributedOptimizer.__init__`` sorts parameters by ``param.type()`` strings
-    ('torch.cuda.FloatTensor', ...) and rejects anything else; during that call only, CPU tensors
-    report the CUDA name of their dtype."""
+def _cpu_tensors_report_cuda_types(original, site: str):
+    """``original`` with ``Tensor.type()`` of CPU tensors giving the CUDA type name of their
+    dtype ('torch.cuda.BFloat16Tensor'...) while it runs (2d)."""
 
     @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
+    def wrapped(*args, **kwargs):
         def _cuda_type_name(tensor_type):
             def type_name(t, *a, **k):
                 if not a and not k and t.device.type == "cpu":
-                    _note("distrib_optimizer: param.type() as torch.cuda.*")
+                    _note(f"{site}: param.type() as torch.cuda.*")
                     return tensor_type(t).replace("torch.", "torch.cuda.", 1)
                 return tensor_type(t, *a, **k)
             return type_name
 
         with _tensor_method("type", _cuda_type_name):
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
 
-    __init__._mt_dialog_cpu_shim = True
-    return __init__
+    wrapped._mt_dialog_cpu_shim = True
+    return wrapped
 
 
-def _wrap_set_main_param_states(original):
-    """Without apex/TE (always the case on CPU) the distributed optimizer wraps torch's Adam,
-    whose per-parameter state has a scalar ``step``. ``load_state_dict`` puts ``step`` into every
-    state and then ``_set_main_param_and_optimizer_states`` copies *every* state key from the
-    loaded tensors, which never include ``step`` (megatron-core 0.16.1: KeyError 'step' when
-    resuming). During that copy only, ``step`` is set aside; it was already loaded. It is put back
-    as a private copy: megatron gives every parameter the *same* step tensor, which torch's Adam
-    increments in place once per parameter (so after one step of P parameters it is off by P - 1
-    and the bias correction is wrong)."""
-
-    @functools.wraps(original)
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if "step" in tensors:
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state.get(main_param, {})
-        step = state.pop("step", None)
-        try:
-            return original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step.clone()
-
-    _set_main_param_and_optimizer_states._mt_dialog_cpu_shim = True
-    return _set_main_param_and_optimizer_states
+def _wrap_method(cls, name: str, make, site: str) -> None:
+    """Replace ``cls.name`` by ``make(original, site)`` once."""
+    original = getattr(cls, name)
+    if not getattr(original, "_mt_dialog_cpu_shim", False):
+        setattr(cls, name, make(original, site))
+        _PATCHED.append(f"{site} ({make.__name__})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,22 +371,23 @@ def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
             _PATCHED.append("optimizer.clip_grads.clip_grad_by_total_norm_fp32 (+ optimizer.py)")
 
         lm_mod = importlib.import_module("megatron.core.models.common.language_module.language_module")
-        lm_cls = lm_mod.LanguageModule
-        if not getattr(lm_cls.setup_embeddings_and_output_layer, "_mt_dialog_cpu_shim", False):
-            lm_cls.setup_embeddings_and_output_layer = _wrap_setup_embeddings(
-                lm_cls.setup_embeddings_and_output_layer
-            )
-            _PATCHED.append("LanguageModule.setup_embeddings_and_output_layer (Tensor.cuda scoped)")
-
+        _wrap_method(lm_mod.LanguageModule, "setup_embeddings_and_output_layer",
+                     _tensor_cuda_stays_on_cpu, "LanguageModule.setup_embeddings_and_output_layer")
+        scaler_mod = importlib.import_module("megatron.core.optimizer.grad_scaler")
+        _wrap_method(scaler_mod.DynamicGradScaler, "load_state_dict", _tensor_cuda_stays_on_cpu,
+                     "DynamicGradScaler.load_state_dict")
         dist_opt = importlib.import_module("megatron.core.optimizer.distrib_optimizer")
-        cls = dist_opt.DistributedOptimizer
-        if not getattr(cls.__init__, "_mt_dialog_cpu_shim", False):
-            cls.__init__ = _wrap_distributed_optimizer_init(cls.__init__)
-            _PATCHED.append("DistributedOptimizer.__init__ (Tensor.type scoped)")
-        setter = cls._set_main_param_and_optimizer_states
-        if not getattr(setter, "_mt_dialog_cpu_shim", False):
-            cls._set_main_param_and_optimizer_states = _wrap_set_main_param_states(setter)
-            _PATCHED.append("DistributedOptimizer._set_main_param_and_optimizer_states (Adam step)")
+        _wrap_method(dist_opt.DistributedOptimizer, "__init__", _cpu_tensors_report_cuda_types,
+                     "DistributedOptimizer.__init__")
+        _wrap_method(opt_mod.Float16OptimizerWithFloat16Params, "__init__",
+                     _cpu_tensors_report_cuda_types, "Float16OptimizerWithFloat16Params.__init__")
+
+        # megatron-core's tensor-parallel linears advise CUDA_DEVICE_MAX_CONNECTIONS=1 (CUDA
+        # stream scheduling) once per process when TP > 1; CPU runs have no CUDA streams, so
+        # that one-time advice is marked as given (tensor_parallel/layers.py, ``.warned``).
+        layers_mod = importlib.import_module("megatron.core.tensor_parallel.layers")
+        layers_mod.linear_with_grad_accumulation_and_async_allreduce.warned = True
+        _PATCHED.append("tensor_parallel.layers: CUDA_DEVICE_MAX_CONNECTIONS advice marked given")
 
         _APPLIED = True
         return True

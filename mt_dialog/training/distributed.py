@@ -40,7 +40,7 @@ def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: i
     """Start torch.distributed (from torchrun's environment, or as a single process) and
     megatron-core's parallel groups; seed every generator."""
     quiet_megatron_import_warnings()
-    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+    from megatron.core import parallel_state
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -64,6 +64,21 @@ def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: i
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
     )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG tracker with ``seed``
+    offset by ``100 x pipeline rank`` (Megatron-LM's rule: stages that build their layers from
+    the same seed would start with identical layers)."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel as mcore_tp
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     mcore_tp.model_parallel_cuda_manual_seed(seed)
 

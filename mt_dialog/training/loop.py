@@ -21,9 +21,18 @@ from mt_dialog.config_utils import to_dict
 from mt_dialog.data.dataset import PackedDialogDataset
 from mt_dialog.data.storage import read_metadata
 from mt_dialog.training import distributed
-from mt_dialog.training.checkpoint import check_model_matches, load_checkpoint, save_checkpoint
-from mt_dialog.training.config import DialogTrainingConfig, validate_world
+from mt_dialog.training.checkpoint import (
+    check_model_matches,
+    check_resume_matches,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, validate_world
 from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
+from mt_dialog.training.model import check_precision
+from mt_dialog.training.optimizer import build_optimizer
+from mt_dialog.training.tracking import open_tracker
 
 REPORT_KEYS = ("loss per turn", "loss per token", "loss per conversation")
 
@@ -44,6 +53,7 @@ class DataInfo:
     tokenizer: Dict
     special_ids: Dict
     template: Optional[str] = None  # the chat template of the (first) dataset
+    valid_packs: int = 0  # packs in the validation splits of valid_prefixes
 
 
 def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
@@ -66,9 +76,10 @@ def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
                          "rebuild the dataset")
     if not valid:
         valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
+    valid_packs = sum(int(metas[p]["splits"].get("valid", {}).get("packs", 0)) for p in valid)
     return DataInfo(prefixes, weights, valid, seq_length,
                     max(int(m["tokenizer"]["vocab_size"]) for m in metas.values()),
-                    first["tokenizer"], first["special_ids"], first.get("template"))
+                    first["tokenizer"], first["special_ids"], first.get("template"), valid_packs)
 
 
 @dataclass
@@ -90,31 +101,6 @@ class Run:
     consumed: int = 0
     writer: object = None
     history: List[Dict[str, float]] = field(default_factory=list)
-
-
-def _build_optimizer(config: DialogTrainingConfig, model, train_iters: int):
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    optim = config.optim
-    bf16 = optim.bf16 and torch.cuda.is_available()
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-        adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
-        clip_grad=optim.clip_grad, bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=config.parallel.use_distributed_optimizer), model)
-    decay = optim.lr_decay_iters or train_iters
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if optim.lr_warmup_iters else optim.lr, max_lr=optim.lr,
-        min_lr=optim.min_lr, lr_warmup_steps=optim.lr_warmup_iters,
-        lr_decay_steps=max(decay, optim.lr_warmup_iters + 1), lr_decay_style=optim.lr_decay_style,
-        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max(1, train_iters),
-        wd_incr_style="constant",
-        # on --load the schedule follows this run's flags (so --train-iters can extend a run);
-        # only the step count comes from the checkpoint
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
-    return optimizer, scheduler
 
 
 def _model_vocab(config: DialogTrainingConfig, info: DataInfo) -> int:
@@ -141,7 +127,8 @@ def _setup(config: DialogTrainingConfig, info: DataInfo, forward_step, dp_size: 
     global_batch = config.data.global_batch_size or config.data.micro_batch_size * dp_size
     train_iters = config.train.train_iters or max(
         1, math.ceil(config.train.train_epochs * len(stream) / global_batch))
-    optimizer, scheduler = _build_optimizer(config, model, train_iters)
+    optimizer, scheduler = build_optimizer(config, model, train_iters)
+    tconfig.grad_scale_func = optimizer.scale_loss  # the loss scale with --fp16, else 1
     valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
     return Run(config, info, model, optimizer, scheduler, stream, valid_sets, forward_step,
                dp_size, global_batch, train_iters)
@@ -218,16 +205,19 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
     run.optimizer.zero_grad()
     store = _run_schedule(run, batches, forward_only=False)
     lr = run.optimizer.param_groups[0]["lr"]
-    _, grad_norm, _ = run.optimizer.step()
+    updated, grad_norm, _ = run.optimizer.step()
     run.optimizer.zero_grad()  # param.grad aliases main_grad: clear it or the next step doubles
     run.iteration += 1
     run.consumed += run.global_batch
     metrics = _reduce_reports(store, batches) if _is_last_stage() else None
     _check_finite(run, metrics, grad_norm)
-    run.scheduler.step(increment=1)
+    if updated:  # an --fp16 step skipped for overflow leaves the schedule where it was
+        run.scheduler.step(increment=1)
     if metrics is not None:
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                       lr=lr)
+                       lr=lr, skipped=0.0 if updated else 1.0)
+        if run.config.optim.fp16:
+            metrics["loss_scale"] = float(run.optimizer.get_loss_scale())
     return metrics
 
 
@@ -260,31 +250,21 @@ def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
     real = sum(m["tokens"] for m in window)
     slots = sum(m["packs"] for m in window) * run.info.seq_length
     last = window[-1]
-    return (f"iter {run.iteration:>6}/{run.train_iters} | loss/turn {loss_turn:.4f} | "
+    line = (f"iter {run.iteration:>6}/{run.train_iters} | loss/turn {loss_turn:.4f} | "
             f"loss/token {loss_token:.4f} | lr {last['lr']:.3e} | grad norm {last['grad_norm']:.3f}"
             f" | turns {int(turns)} | tokens/s {real / max(seconds, 1e-9):,.0f} | "
             f"padding {1 - real / max(slots, 1):.1%}")
-
-
-def _tensorboard(config: DialogTrainingConfig):
-    if not (config.train.tensorboard_dir and distributed.is_logging_rank()):
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ValueError("tensorboard_dir: needs the tensorboard package (pip install "
-                         "tensorboard)") from None
-    return SummaryWriter(log_dir=config.train.tensorboard_dir)
+    if run.config.optim.fp16:
+        skipped = int(sum(m["skipped"] for m in window))
+        line += f" | loss scale {last['loss_scale']:.1f} | skipped (overflow) {skipped}"
+    return line
 
 
 def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
     row = {"iteration": run.iteration, "split": prefix, **metrics}
     run.history.append(row)
-    if run.writer is not None:
-        for key in ("loss per turn", "loss per token", "lr", "grad_norm"):
-            if key in metrics and math.isfinite(metrics[key]):
-                run.writer.add_scalar(f"{prefix}/{key.replace(' ', '_')}", metrics[key],
-                                      run.iteration)
+    if run.writer is not None:  # a tracking.Tracker: TensorBoard and/or W&B
+        run.writer.log(prefix, metrics, run.iteration)
 
 
 def _save(run: Run) -> None:
@@ -302,45 +282,95 @@ def _evaluate_and_log(run: Run) -> None:
               flush=True)
 
 
+def _exiting(run: Run) -> bool:
+    """--exit-interval N: stop after an iteration that is a multiple of N (Megatron-LM's rule,
+    so a resumed run stops at the next multiple)."""
+    interval = run.config.train.exit_interval
+    return bool(interval) and run.iteration % interval == 0 and run.iteration < run.train_iters
+
+
+def _validation_due(run: Run, last: bool) -> bool:
+    """Every --eval-interval iterations; with --eval-iters alone, once at the end of the run
+    (``last``: --train-iters reached or --exit-interval stopping)."""
+    cfg = run.config.train
+    if not run.valid_sets:
+        return False
+    if cfg.eval_interval:
+        return run.iteration % cfg.eval_interval == 0
+    return bool(cfg.eval_iters) and last
+
+
 def train(run: Run) -> None:
-    """The loop: step, log each interval, evaluate, save."""
+    """The loop: step, log each interval, evaluate, save; stop at --train-iters or
+    --exit-interval (a checkpoint is saved at the stop with --save)."""
     cfg = run.config.train
     window, start = [], time.time()
     while run.iteration < run.train_iters:
         metrics = train_step(run)
+        exiting = _exiting(run)
+        last = exiting or run.iteration == run.train_iters
         if metrics is not None and distributed.is_logging_rank():
             _record(run, "train", metrics)
             window.append(metrics)
-        if run.iteration % cfg.log_interval == 0 or run.iteration == run.train_iters:
+        if run.iteration % cfg.log_interval == 0 or last:
             if window:
                 print(_log_line(run, window, time.time() - start), flush=True)
             window, start = [], time.time()
-        if cfg.eval_interval and run.valid_sets and run.iteration % cfg.eval_interval == 0:
+        if _validation_due(run, last):
             _evaluate_and_log(run)
         if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
             _save(run)
+        if exiting:
+            break
     if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
         _save(run)
+    if run.iteration < run.train_iters:  # stopped by --exit-interval
+        distributed.log(f"exiting at iteration {run.iteration} of {run.train_iters} "
+                        f"(--exit-interval {cfg.exit_interval}); " + (
+                            f"continue with --load {cfg.save}" if cfg.save
+                            else "nothing saved (no --save)"))
+
+
+def check_before_build(config: DialogTrainingConfig, world_size: int):
+    """Every check that needs no model, so that a bad set-up fails in seconds with one line:
+    the parallel layout, the datasets, the schedule, the precision, the tokenizer flags, the
+    validation data, the tracking packages and the checkpoint's architecture. Returns
+    ``(data-parallel size, DataInfo)``; raises ValueError (CheckpointError included)."""
+    from mt_dialog.training.megatron_flags import check_tokenizer, check_validation_data
+    from mt_dialog.training.tracking import check_available
+
+    dp_size = validate_world(config, world_size)
+    info = inspect_datasets(config)
+    validate_schedule(config, dp_size, info.seq_length, info.valid_packs)
+    check_precision(config)
+    check_tokenizer(config)
+    check_validation_data(config)
+    check_available(config.train)
+    if has_checkpoint(config.train):
+        check_model_matches(config.train.load, config.model)
+        if not config.train.finetune:
+            check_resume_matches(config.train.load, config)
+    return dp_size, info
 
 
 def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) -> Run:
     """Check, build, (load), train; returns the finished run (its ``history`` on the logging
     rank holds every logged metric)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size = validate_world(config, world_size)
-    info = inspect_datasets(config)
-    if config.train.load:
-        check_model_matches(config.train.load, config.model)
+    dp_size, info = check_before_build(config, world_size)
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                            par.virtual_pipeline_model_parallel_size, config.train.seed)
     run = _setup(config, info, forward_step, dp_size)
-    if config.train.load:
+    if config.train.load and not has_checkpoint(config.train):
+        distributed.log(f"--load {config.train.load}: no checkpoint there yet (it is the --save "
+                        "folder); starting from scratch")
+    elif config.train.load:
         run.iteration, run.consumed = load_checkpoint(
             config.train.load, run.model, run.optimizer, run.scheduler, config.train.finetune)
         distributed.log(f"loaded {config.train.load} at iteration {run.iteration}"
                         + (" (weights only)" if config.train.finetune else ""))
-    run.writer = _tensorboard(config)
+    run.writer = open_tracker(config)
     distributed.log(_banner(run, argv))
     train(run)
     if config.train.save and distributed.is_logging_rank():

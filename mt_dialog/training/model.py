@@ -33,6 +33,39 @@ def use_transformer_engine(impl: str) -> bool:
     return impl == "transformer_engine" or (impl == "auto" and transformer_engine_usable())
 
 
+# Transformer Engine gained an fp32 attention backend for packed (THD) sequences in 2.12
+TE_FP32_THD_VERSION = "2.12"
+
+
+def te_thd_precision_problem(te_version: str, dtype: torch.dtype) -> Optional[str]:
+    """Why TE ``te_version`` cannot run packed-sequence (THD) attention in ``dtype``, or None.
+    Before TE 2.12 only the fused / flash backends take THD input, and they need fp16/bf16."""
+    from packaging.version import Version
+
+    if dtype in (torch.bfloat16, torch.float16):
+        return None
+    if Version(te_version).release >= Version(TE_FP32_THD_VERSION).release:
+        return None
+    return (f"Transformer Engine {te_version} has no fp32 attention backend for packed "
+            f"conversations (THD layout; it arrives in TE {TE_FP32_THD_VERSION}); train with "
+            "--bf16 (the usual choice on GPUs), or use --transformer-impl local")
+
+
+def check_precision(config: DialogTrainingConfig) -> None:
+    """Refuse, before any model is built, a precision the chosen layers cannot run.
+
+    Raises:
+        ValueError: fp32 with Transformer Engine older than 2.12 (see ``te_thd_precision_problem``).
+    """
+    if not use_transformer_engine(config.model.transformer_impl):
+        return
+    import transformer_engine
+
+    problem = te_thd_precision_problem(transformer_engine.__version__, config.optim.params_dtype)
+    if problem:
+        raise ValueError(f"transformer_impl: {problem}")
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     multiple = divisible_by * tensor_parallel
     return -(-vocab_size // multiple) * multiple
@@ -41,14 +74,15 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
 def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype] = None,
                        initialize: bool = True):
     """megatron-core's TransformerConfig of the run. ``dtype`` overrides the parameter dtype
-    (default: bf16 with --bf16 on CUDA, else fp32); ``initialize=False`` leaves the weights
-    uninitialized (they are about to be overwritten, e.g. by a checkpoint conversion)."""
+    (default: ``OptimConfig.params_dtype``: bf16 / fp16 with --bf16 / --fp16, else fp32, on GPU
+    and CPU alike); ``initialize=False`` leaves the weights uninitialized (they are about to be
+    overwritten, e.g. by a checkpoint conversion)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     model, par, optim = config.model, config.parallel, config.optim
     cuda = torch.cuda.is_available()
     if dtype is None:
-        dtype = torch.bfloat16 if (optim.bf16 and cuda) else torch.float32
+        dtype = optim.params_dtype
     te = use_transformer_engine(model.transformer_impl)
     if par.sequence_parallel and not te:
         raise ValueError("sequence_parallel: needs the Transformer Engine layers (CUDA + "
@@ -70,7 +104,7 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
         gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
         rotary_interleaved=False,
-        recompute_granularity="selective" if model.recompute_activations else None,
+        **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
     )
 
 
@@ -113,8 +147,21 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
         if config.model.use_rope_scaling:
             rotary = model.rotary_pos_emb
             rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
-        chunks.append(model.to(device()))
+        chunks.append(_to_params_dtype(model.to(device()), tconfig.params_dtype))
     return chunks
+
+
+def _to_params_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every parameter in ``dtype``, as Megatron-LM's ``Float16Module`` makes them
+    (``module.bfloat16()`` / ``.half()``): megatron-core's local torch norms are created in fp32
+    whatever ``params_dtype`` says. The RoPE frequencies (a plain attribute) stay fp32. The
+    wrapper's other work is a no-op here: inputs are integer ids and megatron's cross entropy
+    computes the loss from ``logits.float()``."""
+    if dtype == torch.bfloat16:
+        return model.bfloat16()
+    if dtype == torch.float16:
+        return model.half()
+    return model
 
 
 def llama3_scaled_inv_freq(inv_freq: torch.Tensor, model) -> torch.Tensor:

@@ -6,8 +6,18 @@ import shutil
 
 import pytest
 
-from mt_dialog.convert.chat_template import PROBES, jinja_chat_template, layout_differences
-from mt_dialog.convert.hf_checkpoint import _add_appended
+from mt_dialog.convert.chat_template import (
+    PROBES,
+    jinja_chat_template,
+    layout_differences,
+    training_layout,
+)
+from mt_dialog.convert.hf_checkpoint import (
+    ExportedTokenizer,
+    _add_appended,
+    _attach_chat_template,
+    _hf_tokenizer,
+)
 from mt_dialog.data.render import render_prompt, resolve_template
 from mt_dialog.data.templates import get_template
 from mt_dialog.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
@@ -59,7 +69,7 @@ def test_byte_level_tokenizer_reproduces_training_ids(name, hf_tokenizer_dir, tm
     _add_appended(hf, tokenizer.added_tokens)
     hf.chat_template = jinja_chat_template(
         template, lambda token: hf.convert_ids_to_tokens(int(token)))
-    assert layout_differences(hf, template, tokenizer.encode) is None
+    assert layout_differences(hf, training_layout(template, tokenizer)) is None
 
 
 def test_differences_are_reported(hf_tokenizer_dir):
@@ -70,19 +80,68 @@ def test_differences_are_reported(hf_tokenizer_dir):
     hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
     hf.chat_template = jinja_chat_template(
         template, lambda token: hf.convert_ids_to_tokens(int(token))).replace("user", "User")
-    assert "probe 0 (prompt)" in layout_differences(hf, template, tokenizer.encode)
+    difference = layout_differences(hf, training_layout(template, tokenizer))
+    assert difference.startswith("probe 0 (prompt): training ids and the chat template's ids")
+    user = tokenizer.encode("user\nHello!")[0]
+    assert f"'{hf.convert_ids_to_tokens(user)}' (id {user}) in training" in difference
+
+
+def _exported_sentencepiece(model_path: str, name: str, out: str):
+    """(run's tokenizer, resolved template, the export's label) of the export's tokenizer
+    steps for a SentencePiece run with the built-in template ``name``."""
+    tokenizer = SentencePieceTokenizer(model_path)
+    template = resolve_template(get_template(name), tokenizer)
+    exported = ExportedTokenizer(_hf_tokenizer(tokenizer, out), tokenizer, name, template,
+                                 template.end_of_turn)
+    label = _attach_chat_template(exported, out)
+    return tokenizer, template, label
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
-def test_sentencepiece_layout_reproduced_with_word_starts(name, sp_pair):
-    """Each piece encoded alone starts with a word-start marker; a space between adjacent text
-    pieces (word_start) reproduces it in the whole-string tokenization (legacy LlamaTokenizer)."""
-    from transformers import LlamaTokenizer
+def test_sentencepiece_export_loads_with_training_ids(name, sp_model_path, tmp_path):
+    """The folder the export writes, loaded as users load it (AutoTokenizer, no argument),
+    gives training's ids: LlamaTokenizer with legacy: true adds the word-start marker
+    SentencePiece put at the start of every separately encoded piece after each special token,
+    and the template's spaces between adjacent text pieces the others."""
+    from transformers import AutoTokenizer
 
-    tokenizer = SentencePieceTokenizer(sp_pair[0])
-    template = resolve_template(get_template(name), tokenizer)
-    hf = LlamaTokenizer.from_pretrained(sp_pair[1], legacy=True)
-    _add_appended(hf, tokenizer.added_tokens)
-    text_of = lambda token: hf.convert_ids_to_tokens(int(token))  # noqa: E731
-    hf.chat_template = jinja_chat_template(template, text_of, word_start=True)
-    assert layout_differences(hf, template, tokenizer.encode) is None
+    tokenizer, template, label = _exported_sentencepiece(sp_model_path, name, str(tmp_path))
+    assert label.endswith("reproduces the training token layout exactly)")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert type(loaded).__name__ == "LlamaTokenizer"
+    assert layout_differences(loaded, training_layout(template, tokenizer)) is None
+
+
+def test_transformers_default_sentencepiece_layout_differs(sp_model_path, tmp_path):
+    """Why the export writes legacy: true: without it AutoTokenizer's LlamaTokenizer drops the
+    word-start marker after special tokens, and the ids differ from training's."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tokenizer, template, _ = _exported_sentencepiece(sp_model_path, "chatml", str(tmp_path))
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["legacy"] = False
+    config_path.write_text(json.dumps(config))
+    difference = layout_differences(AutoTokenizer.from_pretrained(str(tmp_path)),
+                                    training_layout(template, tokenizer))
+    assert difference is not None and "'▁'" in difference
+
+
+def test_export_says_when_the_layout_cannot_be_reproduced(tmp_path, capsys):
+    """A SentencePiece model without the word-start prefix (add_dummy_prefix false) cannot be
+    reproduced by LlamaTokenizer: the export warns with the first difference and never claims
+    exactness."""
+    from mt_dialog.demo import train_sentencepiece
+    from tests.conftest import SAMPLE_TEXT
+
+    model = train_sentencepiece(SAMPLE_TEXT * 20, str(tmp_path / "sp.model"), 400,
+                                add_dummy_prefix=False)
+    out = tmp_path / "export"
+    out.mkdir()
+    _, _, label = _exported_sentencepiece(model, "chatml", str(out))
+    err = capsys.readouterr().err
+    assert "exactly" not in label and "token layout differs from training: probe 0" in label
+    assert err.startswith("warning: the exported tokenizer and chat template (chatml)")
+    assert "first differ at token 1 of" in err

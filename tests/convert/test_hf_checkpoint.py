@@ -132,13 +132,13 @@ def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_p
     assert chat.returncode == 0, chat.stderr
     reply = json.loads(chat.stdout)
     assert reply["prompt_tokens"] > 0 and reply["token_ids"]
-    assert reply["finish_reason"] in ("end_of_turn", "max_new_tokens")
+    assert reply["finish_reason"] in ("end_of_turn", "eos", "max_new_tokens")
     # the fine-tuned checkpoint (saved at TP=2 / PP=2, vocabulary padded) exports to a model
     # whose logits are the checkpoint's
     out = tmp_path / "hf"
     exported = convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
-    assert "chat template: chatml (as Jinja; reproduces the training token layout exactly)" \
-        in exported.stdout
+    assert ("chat template: chatml (as Jinja; AutoTokenizer.from_pretrained reproduces the "
+            "training token layout exactly)") in exported.stdout
     generator = single_process.Generator.from_checkpoint(save)
     ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Hello!"}])])
     reference = hf_logits(str(out), ids)
@@ -192,3 +192,14 @@ def test_training_refuses_misuse_of_an_import(imported, tmp_path):
     assert "--use-checkpoint-args" in wrong.stderr
     alone = _pretrain(["--data-path", data, "--train-iters", "1", "--use-checkpoint-args"])
     assert alone.returncode == 1 and "needs --load" in alone.stderr
+
+
+@pytest.mark.parametrize("command", ["hf-to-mcore", "mcore-to-hf"])
+def test_help_lists_options_once(command, capsys):
+    from tools.convert_checkpoint import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.count("options:") == 1, out
+    assert out.count(f"{command}: ") == 1 and "--load-dir" in out and "--save-dir" in out

@@ -41,3 +41,23 @@ def test_verify_exit_codes(tmp_path, sp_model_path, capsys):
 def test_errors_are_messages(tmp_path, capsys):
     assert inspect_main([str(tmp_path / "missing")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_pack_shows_every_special_token(tmp_path, sp_model_path, capsys):
+    """<|im_start|> and <|im_end|> are control symbols of the SentencePiece vocabulary (not
+    appended): each one in the pack is shown, as in the stored ids."""
+    from mt_dialog.data.dataset import PackedDialogDataset
+    from mt_dialog.data.tokenizers import SentencePieceTokenizer
+
+    write_corpus(str(tmp_path / "in.jsonl"), 10, seed=5)
+    prefix = str(tmp_path / "out")
+    assert preprocess_main(preprocess_args(str(tmp_path / "in.jsonl"), sp_model_path, prefix,
+                                           "--seq-length", "1024")) == 0
+    capsys.readouterr()
+    assert inspect_main([prefix, "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    tokens, _, _ = PackedDialogDataset(prefix, "train").raw_pack(0)
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    for piece in ("<|im_start|>", "<|im_end|>"):
+        stored = int((tokens == tokenizer.special_id(piece, allow_add=False)).sum())
+        assert stored > 0 and out.count(piece) == stored, (piece, stored, out)

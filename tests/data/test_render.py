@@ -168,13 +168,50 @@ def test_hf_chat_template_refuses_special_text_in_content(hf_tokenizer_dir):
 
 
 def test_hf_template_mismatch_is_refused(hf_tokenizer_dir):
-    """A template that rewrites history (drops earlier replies) cannot be masked by rendering."""
+    """A template that rewrites history (drops earlier replies) cannot be masked by rendering:
+    refused at once on the probe conversation that finds its end-of-turn."""
+    from mt_dialog.data.tokenizers import TokenizerError
+
     tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
     tokenizer.hf.chat_template = (
         "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
         "{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    with pytest.raises(RecordError) as info:
+    with pytest.raises(TokenizerError, match="does not render prefixes of the conversation"):
         render_with_chat_template(parse_record(CONVERSATIONS[0]), tokenizer.hf)
-    assert info.value.reason == "template_mismatch"
+
+
+@pytest.mark.parametrize("fixture, end_piece", [("hf_tokenizer_dir", "<|im_end|>"),
+                                                ("hf_base_chatml_dir", "<|im_end|>"),
+                                                ("hf_llama3_dir", "<|eot_id|>")])
+def test_hf_end_of_turn_is_the_token_after_every_reply(fixture, end_piece, request):
+    """The chat template's end-of-turn is derived from its rendering, not the tokenizer's eos,
+    and it is the last trained token of every reply."""
+    from mt_dialog.data.render import end_of_turn_id
+
+    tokenizer = HuggingFaceTokenizer(request.getfixturevalue(fixture))
+    end = end_of_turn_id("hf", tokenizer)
+    assert end == tokenizer.special_id(end_piece, allow_add=False)
+    for record in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
+        messages = parse_record(record)
+        check_rendering(render_with_chat_template(messages, tokenizer.hf), messages,
+                        tokenizer.decode, end)
+
+
+def test_hf_template_ending_replies_differently_is_refused(hf_tokenizer_dir):
+    """Replies that end with different special tokens (here the second and later ones with
+    <|endoftext|>) leave no single end-of-turn to train and stop at: refused before any record,
+    naming both."""
+    from mt_dialog.data.render import end_of_turn_id
+    from mt_dialog.data.tokenizers import TokenizerError
+
+    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
+    tokenizer.hf.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+        "{{ '<|endoftext|>' if loop.index > 2 and m['role'] == 'assistant' else '<|im_end|>' }}"
+        "{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    with pytest.raises(TokenizerError) as info:
+        end_of_turn_id("hf", tokenizer)
+    assert "'<|endoftext|>'" in str(info.value) and "'<|im_end|>'" in str(info.value)

@@ -1,7 +1,8 @@
 """Fixtures and helpers of the end-to-end training tests (pretrain_dialog.py under torchrun).
 
 ``packed_data`` builds, once per session, a small packed dataset from the built-in demo corpus
-(300 conversations, SentencePiece tokenizer from ``mt_dialog.demo``, ChatML, --seq-length 256);
+(``demo_tokenizer`` of tests/conftest.py: 300 conversations and the SentencePiece tokenizer of
+``mt_dialog.demo``; ChatML, --seq-length 256);
 ``second_data`` a smaller one with the same tokenizer (for blending). ``launch`` runs
 pretrain_dialog.py (torchrun for several processes, plain python for one) and captures its output;
 ``parse_iters`` / ``parse_validation`` read the log lines; ``read_checkpoint`` loads every tensor
@@ -163,18 +164,6 @@ def _preprocess(corpus: str, tokenizer: str, prefix: str, seq_length: int = SEQ_
                        "--no-progress", "--overlong", "drop"])
     assert code == 0, f"preprocess_dialog failed for {prefix}"
     return prefix
-
-
-@pytest.fixture(scope="session")
-def demo_tokenizer(tmp_path_factory) -> Dict[str, str]:
-    """The demo corpus (300 conversations) and a SentencePiece tokenizer trained on it."""
-    from mt_dialog import demo
-
-    folder = tmp_path_factory.mktemp("demo")
-    corpus, model = str(folder / "corpus.jsonl"), str(folder / "tokenizer.model")
-    demo.write_corpus(corpus, 300, seed=0)
-    demo.train_tokenizer(corpus, model)
-    return {"dir": str(folder), "corpus": corpus, "tokenizer": model}
 
 
 @pytest.fixture(scope="session")

@@ -132,12 +132,14 @@ def test_tp2_checkpoint_finetunes_in_one_process(straight, finetuned_single):
     assert open(f"{finetuned_single['save']}/latest_checkpointed_iteration.txt").read() == str(K)
 
 
-DISTOPT = ["--use-distributed-optimizer"]  # DP=2: optimizer state sharded over the two ranks
+# DP=2: optimizer state sharded over the two ranks; in bf16 as users run it (bf16 parameters,
+# fp32 main-parameter shards)
+DISTOPT = ["--use-distributed-optimizer", "--bf16"]
 
 
 @pytest.fixture(scope="module")
 def distopt_runs(packed_data, tmp_path_factory):
-    """2k straight, and k + save + resume k, with the distributed optimizer at DP=2."""
+    """2k straight, and k + save + resume k, with the distributed optimizer at DP=2, bf16."""
     straight = _run(2, packed_data, tmp_path_factory.mktemp("do_straight"), *DISTOPT, iters=2 * K)
     half = _run(2, packed_data, tmp_path_factory.mktemp("do_half"), *DISTOPT, iters=K)
     resumed = _run(2, packed_data, tmp_path_factory.mktemp("do_resumed"), *DISTOPT,

@@ -63,6 +63,64 @@ def test_validate_world_returns_data_parallel_size(world, extra, dp):
     assert validate_world(_config(*extra), world) == dp
 
 
+VPP = ["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2",
+       "--num-layers", "4", "--micro-batch-size", "1"]
+SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+
+
+@pytest.mark.parametrize("extra, seq, valid, message", [
+    (SP + ["--micro-batch-size", "1"], 255, 0,
+     "sequence_parallel: a training micro-batch (micro-batch size x seq length) has 255 tokens, "
+     "not divisible by the tensor-parallel size 2; rebuild the dataset with a --seq-length that "
+     "is a multiple of 2"),
+    (SP + ["--micro-batch-size", "2"], 255, 0,
+     "sequence_parallel: a validation micro-batch (one pack) has 255 tokens"),
+    (VPP + ["--global-batch-size", "3"], 256, 0,
+     "global_batch_size: the interleaved pipeline schedule needs the micro-batches per step "
+     "(global batch 3 / (micro-batch size 1 x data parallel 1) = 3) to be a multiple of the "
+     "pipeline-parallel size 2; use a --global-batch-size that is a multiple of 2"),
+    (VPP + ["--global-batch-size", "4", "--eval-interval", "2"], 256, 7,
+     "eval_iters: the interleaved pipeline schedule needs each data-parallel rank's validation "
+     "micro-batches (one pack each) to be a multiple of the pipeline-parallel size 2, but 7 "
+     "validation packs over 1 data-parallel ranks give [7]; pass --eval-iters 1 (validation "
+     "then reads 1 x global batch 4 = 4 packs)"),
+    (VPP + ["--global-batch-size", "4", "--eval-interval", "2"], 256, 3,
+     "give the validation set at least one global batch (4 packs)"),
+])
+def test_validate_schedule_refuses(extra, seq, valid, message):
+    from mt_dialog.training.config import validate_schedule
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate_schedule(_config(*extra), 1, seq, valid)
+
+
+@pytest.mark.parametrize("extra, seq, valid", [
+    (SP + ["--micro-batch-size", "2"], 256, 0),
+    (VPP + ["--global-batch-size", "4", "--eval-interval", "2", "--eval-iters", "1"], 256, 7),
+    (VPP + ["--global-batch-size", "4", "--eval-interval", "2"], 256, 8),
+    (VPP + ["--global-batch-size", "4"], 256, 7),  # no validation asked for
+])
+def test_validate_schedule_accepts(extra, seq, valid):
+    from mt_dialog.training.config import validate_schedule
+
+    validate_schedule(_config(*extra), 1, seq, valid)
+
+
+@pytest.mark.parametrize("version, dtype, refused", [
+    ("2.8.0", "float32", True), ("2.11.0+abc", "float32", True), ("2.12.0", "float32", False),
+    ("2.8.0", "bfloat16", False), ("2.8.0", "float16", False)])
+def test_fp32_thd_attention_needs_te_2_12(version, dtype, refused):
+    import torch
+
+    from mt_dialog.training.model import te_thd_precision_problem
+
+    problem = te_thd_precision_problem(version, getattr(torch, dtype))
+    assert (problem is not None) == refused
+    if refused:
+        assert f"Transformer Engine {version} has no fp32 attention backend" in problem
+        assert "--bf16" in problem and "--transformer-impl local" in problem
+
+
 def test_dataset_refuses_a_smaller_model_vocabulary(packed_data):
     """The model's vocabulary is taken from the datasets (so the command line cannot make it
     smaller); the dataset reader itself refuses a model vocabulary that does not cover it."""
@@ -107,6 +165,11 @@ CASES = {
                          "needs each turn counted once"),
     "finetune_without_load": (lambda d: _argv(d["main"], "--finetune"),
                               "finetune: --finetune needs --load CHECKPOINT"),
+    # --load without a checkpoint starts from scratch only when it is the --save folder
+    "load_without_checkpoint": (lambda d: _argv(d["main"], "--load", d["main"] + "_ckpt",
+                                                "--save", d["main"] + "_other"),
+                                "--load {main}_ckpt: no latest_checkpointed_iteration.txt; is it "
+                                "a folder written by --save?"),
 }
 
 
@@ -133,6 +196,18 @@ def test_torchrun_world_not_divisible(packed_data):
                "launch a multiple of 4 processes or change the parallel sizes")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count(message) == 2, proc.stderr  # each rank, before any group exists
+    assert not our_traceback_frames(proc.stderr + proc.stdout), proc.stderr
+    assert "mt_dialog: TP=" not in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_torchrun_interleaved_schedule_micro_batches(packed_data):
+    """megatron-core would raise mid-run; refused on every rank before any model is built."""
+    proc = launch(2, _argv(packed_data, *VPP, "--global-batch-size", "3"), expect_ok=False,
+                  timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("error: global_batch_size: the interleaved pipeline schedule "
+                             "needs the micro-batches per step") == 2, proc.stderr
     assert not our_traceback_frames(proc.stderr + proc.stdout), proc.stderr
     assert "mt_dialog: TP=" not in proc.stdout
 

@@ -23,10 +23,11 @@ HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 def expected_lr(iteration: int) -> float:
     """lr of step ``iteration`` (1-based; the scheduler has taken iteration - 1 steps):
-    linear warmup from 0 over WARMUP steps, cosine to MIN_LR at DECAY steps, then MIN_LR."""
+    linear warmup reaching LR / WARMUP at iteration 1 and LR at iteration WARMUP, cosine to
+    MIN_LR at DECAY steps, then MIN_LR."""
     steps = iteration - 1
-    if steps <= WARMUP:
-        return LR * steps / WARMUP
+    if steps < WARMUP:
+        return LR * iteration / WARMUP
     if steps > DECAY:
         return MIN_LR
     ratio = (steps - WARMUP) / (DECAY - WARMUP)
@@ -81,7 +82,7 @@ def test_lr_warmup_then_cosine_to_min_lr(blended_run):
     for r in lines:  # logged with 4 significant digits
         assert r["lr"] == pytest.approx(expected_lr(r["iter"]), rel=1e-3, abs=1e-12), r
     lrs = {r["iter"]: r["lr"] for r in lines}
-    assert lrs[2] < lrs[4] == pytest.approx(LR)  # warming up, peak at the end of warmup
+    assert 0 < lrs[2] < lrs[4] == pytest.approx(LR)  # warming up, peak at the end of warmup
     assert lrs[4] > lrs[6] > lrs[8] > lrs[10]  # decaying
     assert lrs[10] == lrs[11] == pytest.approx(MIN_LR)  # and held at --min-lr
 

@@ -1,0 +1,807 @@
+#!/usr/bin/env python
+"""The GPU path of mt_dialog, checked on one GPU in under 8 minutes (issue 9).
+
+    bash scripts/gpu_check.sh                     # every check (sets up .venv first)
+    bash scripts/gpu_check.sh --python python3    # an interpreter that has the packages already
+    bash scripts/gpu_check.sh --only thd,chat     # some checks (their prerequisites run too)
+
+Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 when one failed.
+
+  1 versions        torch, CUDA, megatron-core, transformer-engine (TE), and whether TE is usable
+                    (a bf16 TE Linear runs on the GPU); always runs first
+  2 thd             2 packs flattened as training does (``flatten_micro_batch``: conversations and
+                    a padding segment, 'thd' cu_seqlens) vs each conversation run alone, with the
+                    local spec (fp32, bf16) and the TE spec (bf16); the weights of check 5's
+                    checkpoint (written with the local spec) loaded into the TE model give the
+                    local model's logits
+  3 resume          bf16 + --use-distributed-optimizer (torchrun, 1 process): 30 iterations, save,
+                    resume for 5 more; the resumed losses equal an uninterrupted 35-iteration run's
+  4 finetune        --finetune --bf16 at lr 1e-8 from check 3's checkpoint: the validation loss
+                    after each step equals the checkpoint's, and the first logged loss is the
+                    loaded model's, not a random model's
+  5 cpu-checkpoint  a checkpoint written on CPU (CUDA_VISIBLE_DEVICES="") resumed on the GPU: its
+                    losses follow a CPU resume of the same checkpoint; tools/chat.py answers from it
+  6 chat            tools/chat.py on check 3's checkpoint; its greedy tokens are the argmax of the
+                    training forward (packed 'thd' parameters) at every step
+
+Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
+makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
+(chat's tokens: the chosen logit within that of the best). Losses of a resumed run: 2 x the
+difference of two identical runs, at least 1e-3. Validation after fine-tuning at lr 1e-8: 1e-3 x
+the loss. GPU vs CPU training: 2% of the loss.
+
+Without CUDA the GPU-only parts print "SKIP (no CUDA)" and the rest runs on CPU with a smaller model
+(its plumbing, tested by tests/test_gpu_check.py). Without transformer-engine the TE parts print
+"SKIP (no TE)" with the reason and the rest runs. Work files and each step's log (command and
+output) go to --work-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat")
+MARKER = ".mt_dialog_gpu_check"
+REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
+            ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
+CHAT_MESSAGE = "What is 3 plus 4?"
+STEP_TIMEOUT = 400  # seconds for one subprocess
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Data, model and run lengths of one mode (the GPU's, or the reduced CPU mode's)."""
+
+    conversations: int
+    hidden: int
+    global_batch: int
+    iters: int  # the uninterrupted run of check 3
+    resume_at: int  # check 3 saves here and resumes
+    cpu_iters: int  # check 5's CPU run saves here
+    cpu_total: int  # and both resumes go on to here
+    eval_iters: int
+    seq_length: int = 512
+    layers: int = 2
+    heads: int = 4
+    micro_batch: int = 2
+
+
+GPU_SIZES = Sizes(conversations=2000, hidden=128, global_batch=8, iters=35, resume_at=30,
+                  cpu_iters=8, cpu_total=12, eval_iters=2)
+CPU_SIZES = Sizes(conversations=400, hidden=64, global_batch=4, iters=8, resume_at=6,
+                  cpu_iters=4, cpu_total=6, eval_iters=1)
+
+
+class StepFailed(RuntimeError):
+    """A subprocess of a check failed; the message holds the end of its output."""
+
+
+@dataclass
+class Line:
+    """One printed result: ``status`` is PASS, FAIL, INFO or 'SKIP (reason)'."""
+
+    status: str
+    label: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.status:<14} {self.label:<24} {self.detail}"
+
+
+# -- arguments -----------------------------------------------------------------------------------
+
+def parse_checks(text: str) -> List[str]:
+    """``--only`` value -> check names in run order (``versions`` always first).
+
+    Raises:
+        ValueError: a name that is not a check (the message lists them).
+    """
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in CHECKS]
+    if unknown or not names:
+        raise ValueError(f"--only {text!r}: unknown check {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {','.join(CHECKS)} (comma-separated)")
+    return [name for name in CHECKS if name == "versions" or name in names]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bash scripts/gpu_check.sh", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="scripts/gpu_check.sh also takes --python PY: run with the interpreter PY as it "
+        "is (default: .venv, set up by scripts/setup.sh).")
+    parser.add_argument("--only", default=",".join(CHECKS), metavar="CHECK[,CHECK...]",
+                        help=f"checks to run, of {','.join(CHECKS)} (default: all)")
+    parser.add_argument("--work-dir", default=os.path.join("runs", "gpu_check"), metavar="DIR",
+                        help="folder for data, checkpoints and logs, emptied first (default: "
+                        "runs/gpu_check)")
+    parser.add_argument("--worker", choices=("versions", "thd", "greedy"), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)  # the worker's JSON input
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.worker is None:
+        try:
+            args.checks = parse_checks(args.only)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return args
+
+
+def missing_packages() -> List[str]:
+    """The pip names of the required packages this interpreter cannot import."""
+    missing = []
+    for module, package in REQUIRED:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def prepare_work_dir(path: str) -> str:
+    """Empty ``path`` (only if this script made it) and return it absolute.
+
+    Raises:
+        ValueError: ``path`` exists, is not empty and holds no marker of this script.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.exists(os.path.join(path, MARKER)):
+            raise ValueError(f"--work-dir {path}: exists and was not made by gpu_check (no "
+                             f"{MARKER}); pass an empty or new folder")
+        shutil.rmtree(path)
+    elif os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--work-dir {path}: is a file; pass a folder")
+    os.makedirs(os.path.join(path, "logs"), exist_ok=True)
+    open(os.path.join(path, MARKER), "w").close()
+    return path
+
+
+# -- logs ----------------------------------------------------------------------------------------
+
+_NUM = r"([-+0-9.eE]+|nan|inf)"
+ITER_RE = re.compile(rf"^iter\s+(\d+)/\d+ \| loss/turn {_NUM} \| loss/token {_NUM}", re.M)
+VALID_RE = re.compile(rf"^validation at iter (\d+) \| loss/turn {_NUM}", re.M)
+
+
+@dataclass
+class TrainLog:
+    """Losses a pretrain_dialog.py run logged: iteration -> (loss/turn, loss/token), and
+    iteration -> validation loss/turn."""
+
+    iters: Dict[int, tuple] = field(default_factory=dict)
+    valid: Dict[int, float] = field(default_factory=dict)
+
+
+def parse_train_log(text: str) -> TrainLog:
+    log = TrainLog()
+    for match in ITER_RE.finditer(text):
+        log.iters[int(match.group(1))] = (float(match.group(2)), float(match.group(3)))
+    for match in VALID_RE.finditer(text):
+        log.valid[int(match.group(1))] = float(match.group(2))
+    return log
+
+
+def max_loss_diff(first: TrainLog, second: TrainLog, iterations: Sequence[int]) -> float:
+    """Largest |difference| of loss/turn and loss/token over ``iterations`` (nan when one run
+    did not log one of them)."""
+    worst = 0.0
+    for it in iterations:
+        if it not in first.iters or it not in second.iters:
+            return float("nan")
+        for a, b in zip(first.iters[it], second.iters[it]):
+            worst = max(worst, abs(a - b))
+    return worst
+
+
+def bf16_tolerance(yardstick: float, scale: float) -> float:
+    """3 x the difference bf16 makes on the same batch, at least 1e-2 x the largest |logit|."""
+    return max(3.0 * yardstick, 1e-2 * scale)
+
+
+def fp32_tolerance(scale: float) -> float:
+    return 1e-4 * max(scale, 1.0)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# -- running the project's CLIs ------------------------------------------------------------------
+
+class Context:
+    """The run's settings, its work folder, and what checks share (computed once, on demand)."""
+
+    def __init__(self, work: str) -> None:
+        self.work = work
+        self.versions: Dict = {}  # what the versions worker found (check 1)
+        self._memo: Dict[str, object] = {}
+        self.seconds: Dict[str, float] = {}  # check -> seconds it took
+
+    @property
+    def cuda(self) -> bool:
+        return bool(self.versions.get("cuda_available"))
+
+    @property
+    def sizes(self) -> Sizes:
+        return GPU_SIZES if self.cuda else CPU_SIZES
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.work, *parts)
+
+    @property
+    def te_skip(self) -> Optional[str]:
+        """None when the TE parts can run, else their SKIP status."""
+        if not self.cuda:
+            return "SKIP (no CUDA)"
+        return None if self.versions.get("te_usable") else "SKIP (no TE)"
+
+    def memo(self, key: str, make):
+        """``make()`` once; a StepFailed it raised is raised again, not retried."""
+        if key not in self._memo:
+            try:
+                self._memo[key] = make()
+            except StepFailed as exc:
+                self._memo[key] = exc
+        if isinstance(self._memo[key], StepFailed):
+            raise self._memo[key]
+        return self._memo[key]
+
+
+def subprocess_env(cpu: bool) -> Dict[str, str]:
+    """The environment of a step: the repository importable, no launcher layout inherited,
+    deterministic cuBLAS / TE kernels; ``cpu`` hides the GPUs."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, min(8, (os.cpu_count() or 2) // 2))))
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    env["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    if cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_step(ctx: Context, name: str, cmd: List[str], cpu: bool = False) -> str:
+    """Run one command from the repository root; its command and output go to logs/NAME.log.
+    Returns stdout.
+
+    Raises:
+        StepFailed: non-zero exit or timeout (the message names the log and its last lines).
+    """
+    log, started = ctx.path("logs", f"{name}.log"), time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(cpu), capture_output=True,
+                              text=True, timeout=STEP_TIMEOUT)
+        out, err, code = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        out, err, code = _text(exc.stdout), _text(exc.stderr), f"timeout {STEP_TIMEOUT} s"
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(f"$ {' '.join(cmd)}\n# exit: {code} after {time.time() - started:.1f} s\n"
+                     f"--- stdout\n{out}\n--- stderr\n{err}\n")
+    if code != 0:
+        tail = [line for line in (err or out).strip().splitlines() if line.strip()][-3:]
+        raise StepFailed(f"{name} exited with {code}: {' | '.join(tail)} (see {log})")
+    return out
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def worker(ctx: Context, name: str, kind: str, spec: Dict, cpu: bool = False) -> Dict:
+    """Run this script's ``--worker KIND`` on ``spec``; returns the JSON it printed last."""
+    spec_path = ctx.path(f"{name}.json")
+    with open(spec_path, "w", encoding="utf-8") as handle:
+        json.dump(spec, handle)
+    out = run_step(ctx, name, [sys.executable, os.path.abspath(__file__), "--worker", kind,
+                               "--spec", spec_path], cpu=cpu)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def prepare_data(ctx: Context) -> str:
+    """The demo corpus and tokenizer, packed as scripts/demo.sh does; returns the prefix."""
+    folder, sizes = ctx.path("data"), ctx.sizes
+    run_step(ctx, "data-corpus", [sys.executable, "-m", "mt_dialog.demo", "--output-dir", folder,
+                                  "--conversations", str(sizes.conversations)])
+    prefix = os.path.join(folder, "demo")
+    run_step(ctx, "data-preprocess", [
+        sys.executable, "tools/preprocess_dialog.py", "--input", os.path.join(folder, "corpus.jsonl"),
+        "--tokenizer-model", os.path.join(folder, "tokenizer.model"), "--template", "chatml",
+        "--seq-length", str(sizes.seq_length), "--output-prefix", prefix,
+        "--workers", "2" if ctx.cuda else "1", "--no-progress"])
+    return prefix
+
+
+def data_prefix(ctx: Context) -> str:
+    return ctx.memo("data", lambda: prepare_data(ctx))
+
+
+def train_args(ctx: Context, iters: int, *extra: str) -> List[str]:
+    """pretrain_dialog.py flags shared by every run of the check (bf16 throughout)."""
+    s = ctx.sizes
+    return ["--data-path", data_prefix(ctx),
+            "--num-layers", str(s.layers), "--hidden-size", str(s.hidden),
+            "--num-attention-heads", str(s.heads), "--micro-batch-size", str(s.micro_batch),
+            "--global-batch-size", str(s.global_batch), "--train-iters", str(iters),
+            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "3",
+            "--lr-decay-iters", str(s.iters + 5), "--log-interval", "1", "--seed", "1234",
+            "--eval-iters", str(s.eval_iters), "--bf16", *extra]
+
+
+def pretrain(ctx: Context, name: str, args: List[str], torchrun: bool = False,
+             cpu: bool = False) -> TrainLog:
+    """pretrain_dialog.py ``args`` (under torchrun with 1 process if ``torchrun``)."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", "1"] if torchrun else [sys.executable])
+    return parse_train_log(run_step(ctx, name, [*launcher, "pretrain_dialog.py", *args], cpu=cpu))
+
+
+def chat(ctx: Context, name: str, checkpoint: str, cpu: bool = False) -> Dict:
+    """tools/chat.py --json on CHAT_MESSAGE (greedy); its JSON answer."""
+    out = run_step(ctx, name, [sys.executable, "tools/chat.py", "--load", checkpoint, "--message",
+                               CHAT_MESSAGE, "--max-new-tokens", "16", "--json"], cpu=cpu)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- runs shared by several checks ---------------------------------------------------------------
+
+def cpu_checkpoint(ctx: Context):
+    """(folder, log) of a short bf16 run on CPU (GPUs hidden) with the local spec, saved."""
+    def make():
+        folder = ctx.path("ckpt_cpu")
+        log = pretrain(ctx, "cpu-checkpoint-write",
+                       train_args(ctx, ctx.sizes.cpu_iters, "--save", folder), cpu=True)
+        return folder, log
+    return ctx.memo("cpu-checkpoint", make)
+
+
+def distributed_optimizer_runs(ctx: Context, saved_only: bool = False):
+    """Check 3's runs (bf16, distributed optimizer, torchrun with 1 process), each evaluated
+    at the resume point: ``(uninterrupted, saved, checkpoint folder)``; with ``saved_only``
+    the uninterrupted run is None unless it ran already."""
+    s, folder = ctx.sizes, ctx.path("ckpt_gpu")
+    common = ("--use-distributed-optimizer", "--eval-interval", str(s.resume_at))
+    saved = ctx.memo("saved", lambda: pretrain(
+        ctx, "resume-first-part", train_args(ctx, s.resume_at, *common, "--save", folder),
+        torchrun=True))
+    if saved_only and "uninterrupted" not in ctx._memo:
+        return None, saved, folder
+    whole = ctx.memo("uninterrupted", lambda: pretrain(
+        ctx, "resume-uninterrupted", train_args(ctx, s.iters, *common), torchrun=True))
+    return whole, saved, folder
+
+
+def greedy_line(ctx: Context, name: str, label: str, checkpoint: str) -> Line:
+    """tools/chat.py's reply from ``checkpoint``, its greedy tokens checked against the argmax
+    of the training forward (packed 'thd' parameters) by the greedy worker."""
+    answer = chat(ctx, name, checkpoint)
+    spec = {"load": checkpoint, "messages": [{"role": "user", "content": CHAT_MESSAGE}],
+            "token_ids": answer["token_ids"]}
+    result = worker(ctx, f"{name}-greedy", "greedy", spec)
+    scale = result["scale"]
+    tol = fp32_tolerance(scale) if result["dtype"] == "float32" else bf16_tolerance(0.0, scale)
+    ok = result["steps"] > 0 and result["margin"] <= tol
+    return Line(verdict(ok), label,
+                f"{CHAT_MESSAGE!r} -> {answer['text']!r} ({answer['finish_reason']}, "
+                f"{result['steps']} tokens, {result['device']} {result['dtype']}); as training's "
+                f"argmax: {result['argmax_equal']}/{result['steps']}, worst margin "
+                f"{result['margin']:.1e} (tol {tol:.1e})")
+
+
+# -- the checks ----------------------------------------------------------------------------------
+
+def check_versions(ctx: Context) -> List[Line]:
+    v = ctx.versions
+    lines = [Line("PASS", "1 versions",
+                  f"python {v['python']}, torch {v['torch']} (CUDA {v['cuda_build'] or 'none'}), "
+                  f"megatron-core {v['megatron_core']}, transformer-engine "
+                  f"{v['te_version'] or 'not importable'}; device {v['device']}")]
+    if not ctx.cuda:
+        lines.append(Line("SKIP (no CUDA)", "1 cuda", "torch.cuda.is_available() is False: the "
+                          "GPU-only parts are skipped, the rest runs on CPU with a smaller model"))
+        return lines
+    if v["te_usable"]:
+        lines.append(Line("PASS", "1 transformer-engine", f"{v['te_version']} usable: "
+                          f"{v['te_detail']}; --transformer-impl auto picks {v['auto_impl']}"))
+    elif v["te_version"]:
+        lines.append(Line("FAIL", "1 transformer-engine", f"{v['te_version']} imports but "
+                          f"{v['te_detail']}; the TE parts below are skipped"))
+    else:
+        lines.append(Line("SKIP (no TE)", "1 transformer-engine", f"not importable "
+                          f"({v['te_detail']}): the TE parts below are skipped and the rest runs; "
+                          "install it with pip install -e '.[gpu]'"))
+    return lines
+
+
+def check_thd(ctx: Context) -> List[Line]:
+    folder, _ = cpu_checkpoint(ctx)
+    result = worker(ctx, "thd", "thd", {"load": folder, "data": data_prefix(ctx),
+                                        "te": ctx.te_skip is None})
+    variants, where = result["variants"], f"{result['conversations']} conversations + " \
+        f"{result['padding']} padding segments in 2 packs, {result['device']}"
+    fp32 = variants["local/fp32"]
+    scale, lines = fp32["scale"], []
+    tol = fp32_tolerance(scale)
+    lines.append(Line(verdict(fp32["packed_vs_alone"] <= tol and not fp32["load_error"]),
+                      "2 thd local fp32", f"packed vs alone max |dlogit| "
+                      f"{fp32['packed_vs_alone']:.1e} (tol {tol:.1e}, max |logit| {scale:.2f}); "
+                      f"{where}" + _load_note(fp32)))
+    bf16 = variants["local/bf16"]
+    tol = bf16_tolerance(bf16["vs_local_fp32"], scale)
+    lines.append(Line(verdict(bf16["packed_vs_alone"] <= tol and not bf16["load_error"]),
+                      "2 thd local bf16", f"packed vs alone {bf16['packed_vs_alone']:.1e} (bf16 "
+                      f"tol {tol:.1e}; bf16 vs fp32 differ by {bf16['vs_local_fp32']:.1e})"
+                      + _load_note(bf16)))
+    if ctx.te_skip:
+        reason = "needs CUDA" if not ctx.cuda else "transformer-engine is not usable (check 1)"
+        return lines + [Line(ctx.te_skip, "2 thd TE bf16", reason),
+                        Line(ctx.te_skip, "2 local weights -> TE", reason)]
+    te = variants["transformer_engine/bf16"]
+    lines.append(Line(verdict(te["packed_vs_alone"] <= tol), "2 thd TE bf16",
+                      f"packed vs alone {te['packed_vs_alone']:.1e} (tol {tol:.1e})"))
+    lines.append(Line(verdict(not te["load_error"] and te["vs_local_fp32"] <= tol),
+                      "2 local weights -> TE", te["load_error"] or
+                      f"checkpoint written with the local spec on CPU, TE bf16 vs local fp32 "
+                      f"max |dlogit| {te['vs_local_fp32']:.1e} (tol {tol:.1e})"))
+    return lines
+
+
+def _load_note(variant: Dict) -> str:
+    return f"; loading the checkpoint failed: {variant['load_error']}" if variant["load_error"] \
+        else ""
+
+
+def check_resume(ctx: Context) -> List[Line]:
+    s = ctx.sizes
+    whole, saved, folder = distributed_optimizer_runs(ctx)
+    resumed = pretrain(ctx, "resume-second-part", train_args(
+        ctx, s.iters, "--use-distributed-optimizer", "--load", folder), torchrun=True)
+    noise = max_loss_diff(whole, saved, range(1, s.resume_at + 1))
+    diff = max_loss_diff(whole, resumed, range(s.resume_at + 1, s.iters + 1))
+    tol = max(1e-3, 2 * noise) if math.isfinite(noise) else 1e-3
+    first, last = whole.iters.get(1, (math.nan,))[0], whole.iters.get(s.iters, (math.nan,))[0]
+    return [Line(verdict(diff <= tol), "3 resume bf16 distopt",
+                 f"iters {s.resume_at + 1}-{s.iters} resumed from iter {s.resume_at} vs "
+                 f"uninterrupted: max |dloss| {diff:.1e} (tol {tol:.0e}; two identical runs "
+                 f"differ by {noise:.1e} over iters 1-{s.resume_at}); loss/turn {first:.3f} -> "
+                 f"{last:.3f}")]
+
+
+def check_finetune(ctx: Context) -> List[Line]:
+    s = ctx.sizes
+    whole, saved, folder = distributed_optimizer_runs(ctx)
+    tuned = pretrain(ctx, "finetune", train_args(
+        ctx, 3, "--use-distributed-optimizer", "--load", folder, "--finetune", "--lr", "1e-8",
+        "--min-lr", "1e-8", "--lr-warmup-iters", "0", "--eval-interval", "1"), torchrun=True)
+    loaded = saved.valid.get(s.resume_at, math.nan)
+    after = [tuned.valid.get(it, math.nan) for it in (1, 2, 3)]
+    diff = max(abs(value - loaded) for value in after)
+    tol = max(1e-3, 1e-3 * loaded)
+    first = tuned.iters.get(1, (math.nan,))[0]
+    trained, random = saved.iters[s.resume_at][0], whole.iters[1][0]
+    continues = abs(first - trained) < abs(first - random)
+    return [Line(verdict(diff <= tol and continues), "4 finetune bf16 lr 1e-8",
+                 f"validation after steps 1-3: {', '.join(f'{v:.4f}' for v in after)} vs the "
+                 f"checkpoint's {loaded:.4f} (max |d| {diff:.1e}, tol {tol:.0e}); first logged "
+                 f"loss/turn {first:.3f}: checkpoint's last {trained:.3f}, a random model's on the "
+                 f"same batch {random:.3f}")]
+
+
+def check_cpu_checkpoint(ctx: Context) -> List[Line]:
+    s = ctx.sizes
+    folder, written = cpu_checkpoint(ctx)
+    lines = [Line("PASS", "5 cpu-ckpt written", f"{s.cpu_iters} bf16 iterations with "
+                  f"CUDA_VISIBLE_DEVICES='', loss/turn {written.iters[1][0]:.3f} -> "
+                  f"{written.iters[s.cpu_iters][0]:.3f}, saved to {folder}")]
+    if not ctx.cuda:
+        return lines + [Line("SKIP (no CUDA)", "5 cpu-ckpt GPU training", "needs CUDA"),
+                        Line("SKIP (no CUDA)", "5 cpu-ckpt GPU chat", "needs CUDA")]
+    lines += attempt("5 cpu-ckpt GPU training", lambda: [cpu_checkpoint_on_gpu(ctx, folder)])
+    return lines + attempt("5 cpu-ckpt GPU chat", lambda: [
+        greedy_line(ctx, "cpu-checkpoint-chat", "5 cpu-ckpt GPU chat", folder)])
+
+
+def cpu_checkpoint_on_gpu(ctx: Context, folder: str) -> Line:
+    """The CPU-written checkpoint resumed on the GPU vs resumed on CPU, same iterations."""
+    s = ctx.sizes
+    more = train_args(ctx, s.cpu_total, "--load", folder)
+    on_cpu = pretrain(ctx, "cpu-checkpoint-resume-cpu", more, cpu=True)
+    on_gpu = pretrain(ctx, "cpu-checkpoint-resume-gpu", more + ["--save", ctx.path("ckpt_cpu_gpu")])
+    its = range(s.cpu_iters + 1, s.cpu_total + 1)
+    diff = max_loss_diff(on_cpu, on_gpu, its)
+    tol = 0.02 * max((on_cpu.iters.get(it, (0.0,))[0] for it in its), default=0.0)
+    return Line(verdict(diff <= tol), "5 cpu-ckpt GPU training",
+                f"iters {its[0]}-{its[-1]} resumed on the GPU vs on CPU: max |dloss| {diff:.1e} "
+                f"(tol {tol:.1e}); loss/turn on the GPU "
+                f"{', '.join(f'{on_gpu.iters[it][0]:.3f}' for it in its if it in on_gpu.iters)}")
+
+
+def attempt(label: str, make) -> List[Line]:
+    """``make()``'s lines, or one FAIL line for ``label`` when a step of it failed (so the
+    check's other parts still run)."""
+    try:
+        return make()
+    except StepFailed as exc:
+        return [Line("FAIL", label, str(exc))]
+
+
+def check_chat(ctx: Context) -> List[Line]:
+    _, _, folder = distributed_optimizer_runs(ctx, saved_only=True)
+    return [greedy_line(ctx, "chat", "6 chat", folder)]
+
+
+CHECK_FUNCTIONS = {"versions": check_versions, "thd": check_thd, "resume": check_resume,
+                   "finetune": check_finetune, "cpu-checkpoint": check_cpu_checkpoint,
+                   "chat": check_chat}
+
+
+# -- workers (subprocesses of this script; they print one JSON line) -----------------------------
+
+def worker_versions(spec: Dict) -> Dict:
+    """Versions, CUDA, transformer-engine's usability and what ``--transformer-impl auto`` picks."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    from mt_dialog.training.model import use_transformer_engine
+
+    cuda = torch.cuda.is_available()
+    try:
+        mcore = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:
+        from megatron.core.package_info import __version__ as mcore
+    out = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda_build": torch.version.cuda, "cuda_available": cuda,
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu", "megatron_core": mcore}
+    out.update(probe_transformer_engine(cuda))
+    out["auto_impl"] = "transformer_engine" if use_transformer_engine("auto") else "local"
+    return out
+
+
+def probe_transformer_engine(cuda: bool) -> Dict:
+    """``te_version`` (None when not importable), ``te_usable`` (a bf16 ``te.Linear`` ran on the
+    GPU and matched torch) and ``te_detail`` (what happened)."""
+    try:
+        import transformer_engine
+        from importlib import metadata
+
+        version = getattr(transformer_engine, "__version__", None) or \
+            metadata.version("transformer-engine")
+    except Exception as exc:  # ImportError, or OSError when a CUDA library is missing
+        return {"te_version": None, "te_usable": False, "te_detail": f"{type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"}
+    if not cuda:
+        return {"te_version": version, "te_usable": False, "te_detail": "needs CUDA"}
+    try:
+        import torch
+        import transformer_engine.pytorch as te
+
+        layer = te.Linear(64, 64, params_dtype=torch.bfloat16).cuda()
+        x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            diff = (layer(x) - torch.nn.functional.linear(x, layer.weight, layer.bias)).abs().max()
+        torch.cuda.synchronize()
+    except Exception as exc:
+        return {"te_version": version, "te_usable": False,
+                "te_detail": f"a bf16 te.Linear failed ({type(exc).__name__}: {exc})"}
+    return {"te_version": version, "te_usable": True,
+            "te_detail": f"a bf16 te.Linear ran on the GPU (max |d| vs torch {float(diff):.1e})"}
+
+
+def model_from_checkpoint(load: str, impl: str, dtype):
+    """The checkpoint's model with layer implementation ``impl`` in ``dtype`` (one process),
+    and the error loading its weights raised (None when they loaded)."""
+    import dataclasses
+
+    from mt_dialog.generate import inference_config, read_run_info, single_process_model, \
+        vocab_rows
+    from mt_dialog.training.checkpoint import load_weights_for_inference
+
+    info = read_run_info(load)
+    config = inference_config(info["config"])
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   transformer_impl=impl))
+    rows = vocab_rows(load, info["iteration"], int(info["data"]["vocab_size"]))
+    model = single_process_model(config, rows, int(info["data"]["seq_length"]), dtype=dtype)
+    try:
+        load_weights_for_inference(load, [model], info["iteration"])
+        error = None
+    except Exception as exc:  # what the user would see; reported, the numerics still run
+        error = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return model.eval(), error
+
+
+def packed_samples(prefix: str):
+    """The first two training packs with 2+ conversations and padding, and the (start, end) of
+    every conversation once they are flattened into one sequence (padding excluded)."""
+    from mt_dialog.data.dataset import PackedDialogDataset
+
+    dataset = PackedDialogDataset(prefix, "train")
+    samples = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        if int(sample["num_tokens"]) < len(sample["tokens"]) and len(sample["cu_seqlens"]) > 3:
+            samples.append(sample)
+        if len(samples) == 2:
+            break
+    if len(samples) < 2:
+        raise RuntimeError(f"{prefix}: fewer than 2 packs with 2+ conversations and padding")
+    segments, seq = [], len(samples[0]["tokens"])
+    for pack, sample in enumerate(samples):
+        bounds = [int(b) for b in sample["cu_seqlens"]]
+        segments += [(pack * seq + a, pack * seq + b) for a, b in zip(bounds, bounds[1:])
+                     if b <= int(sample["num_tokens"])]
+    return samples, segments
+
+
+def packed_and_alone_logits(model, batch, segments):
+    """fp32 logits of the conversations' tokens: the flattened micro-batch in one forward, and
+    each conversation in a forward of its own (no packed parameters, as generation does)."""
+    import torch
+
+    with torch.no_grad():
+        packed = model(batch["tokens"], batch["position_ids"], None,
+                       packed_seq_params=batch["packed_seq_params"])[0]
+        alone = []
+        for start, end in segments:
+            tokens = batch["tokens"][:, start:end]
+            positions = torch.arange(end - start, device=tokens.device)[None, :]
+            alone.append(model(tokens, positions, None)[0])
+    packed = torch.cat([packed[start:end] for start, end in segments]).float().cpu()
+    return packed, torch.cat(alone).float().cpu()
+
+
+def worker_thd(spec: Dict) -> Dict:
+    """Packed vs alone logits for the local spec in fp32 and bf16 and (``spec['te']``) the TE
+    spec in bf16, each loading ``spec['load']``; every variant also against local fp32."""
+    import torch
+
+    from mt_dialog.generate import ensure_single_process
+    from mt_dialog.training.data import flatten_micro_batch
+    from mt_dialog.training.distributed import device
+
+    ensure_single_process(1234)
+    samples, segments = packed_samples(spec["data"])
+    batch = flatten_micro_batch(samples, True, device())  # as training flattens a micro-batch
+    padding = len(batch["cu_seqlens"]) - 1 - len(segments)
+    variants = [("local", torch.float32), ("local", torch.bfloat16)]
+    if spec["te"]:
+        variants.append(("transformer_engine", torch.bfloat16))
+    out = {"conversations": len(segments), "padding": padding, "device": str(device()),
+           "variants": {}}
+    reference = None
+    for impl, dtype in variants:
+        model, error = model_from_checkpoint(spec["load"], impl, dtype)
+        packed, alone = packed_and_alone_logits(model, batch, segments)
+        reference = packed if reference is None else reference
+        out["variants"][f"{impl}/{'fp32' if dtype == torch.float32 else 'bf16'}"] = {
+            "load_error": error, "scale": float(packed.abs().max()),
+            "packed_vs_alone": float((packed - alone).abs().max()),
+            "vs_local_fp32": float((packed - reference).abs().max())}
+        del model
+    return out
+
+
+def worker_greedy(spec: Dict) -> Dict:
+    """For chat's greedy reply ``spec['token_ids']`` to ``spec['messages']``: one forward of the
+    prompt + reply with the packed 'thd' parameters training uses, and at each generated
+    position the margin between the best logit and the chosen token's."""
+    import torch
+
+    from mt_dialog.generate import Generator
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+
+    generator = Generator.from_checkpoint(spec["load"])
+    prompt = generator.prompt_ids(spec["messages"])
+    chosen = [int(i) for i in spec["token_ids"]]
+    ids = prompt + chosen[:-1]
+    dev = generator.device
+    tokens = torch.tensor([ids], dtype=torch.int64, device=dev)
+    params = packed_seq_params_from_cu_seqlens(
+        torch.tensor([0, len(ids)], dtype=torch.int32, device=dev))
+    with torch.no_grad():
+        logits = generator.model(tokens, torch.arange(len(ids), device=dev)[None, :], None,
+                                 packed_seq_params=params)[0]
+    logits = logits[len(prompt) - 1:, : generator.vocab_size].float().cpu()
+    picked = logits.gather(1, torch.tensor(chosen)[:, None])[:, 0]
+    margins = logits.max(dim=1).values - picked
+    return {"steps": len(chosen), "margin": float(margins.max()) if chosen else math.nan,
+            "argmax_equal": int((logits.argmax(dim=1) == torch.tensor(chosen)).sum()),
+            "scale": float(logits.abs().max()), "device": str(dev),
+            "dtype": str(next(generator.model.parameters()).dtype).replace("torch.", "")}
+
+
+WORKERS = {"versions": worker_versions, "thd": worker_thd, "greedy": worker_greedy}
+
+
+def run_worker(kind: str, spec_path: Optional[str]) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron-core's import-time notices
+    spec = {}
+    if spec_path:
+        with open(spec_path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    result = WORKERS[kind](spec)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def run_checks(ctx: Context, checks: Sequence[str]) -> List[Line]:
+    """Run ``checks`` in order, printing their lines as they come; a failed step fails its
+    check only."""
+    results = []
+    for name in checks:
+        started = time.time()
+        try:
+            lines = CHECK_FUNCTIONS[name](ctx)
+        except StepFailed as exc:
+            lines = [Line("FAIL", f"{CHECKS.index(name) + 1} {name}", str(exc))]
+        for line in lines:
+            print(line, flush=True)
+        ctx.seconds[name] = ctx.seconds.get(name, 0.0) + time.time() - started
+        results += lines
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args.worker, args.spec)
+    missing = missing_packages()
+    if missing:
+        print(f"FAIL 1 versions: {', '.join(missing)} not importable by {sys.executable}; run "
+              "bash scripts/gpu_check.sh without --python (it sets up .venv with "
+              "scripts/setup.sh), or pip install -e . into that interpreter", file=sys.stderr)
+        return 1
+    try:
+        ctx = Context(prepare_work_dir(args.work_dir))
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    started = time.time()
+    try:
+        ctx.versions = worker(ctx, "versions", "versions", {})
+        ctx.seconds["versions"] = time.time() - started
+    except StepFailed as exc:
+        print(Line("FAIL", "1 versions", str(exc)), flush=True)
+        return 1
+    mode = f"GPU ({ctx.versions['device']})" if ctx.cuda else "CPU mode (no CUDA)"
+    print(f"== mt_dialog GPU check: {mode}; checks {','.join(args.checks)}; work dir {ctx.work}",
+          flush=True)
+    results = run_checks(ctx, args.checks)
+    counts = {s: sum(line.status.startswith(s) for line in results)
+              for s in ("PASS", "FAIL", "SKIP")}
+    took = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in ctx.seconds.items())
+    print(f"== {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in "
+          f"{time.time() - started:.0f} s" + (" (budget: 480 s on one GPU)" if ctx.cuda else "")
+          + f"; {took}", flush=True)
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

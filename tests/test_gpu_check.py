@@ -1,0 +1,127 @@
+"""scripts/gpu_check.sh on a machine without CUDA, run as users run it: its refusals of bad input,
+and the CPU mode of its cheap parts (versions, the demo dataset, a CPU-written checkpoint and the
+packed-vs-alone 'thd' check); plus proof that the 'thd' comparison fails when conversations of a
+pack attend to each other. The GPU-only parts run on a GPU machine (README: GPU check)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def gpu_check(*args, timeout=300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/gpu_check.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check_script", os.path.join(REPO, "scripts", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def result_lines(stdout: str) -> dict:
+    """label -> (status, detail) of the PASS / FAIL / SKIP lines."""
+    out = {}
+    for line in stdout.splitlines():
+        for status in ("PASS", "FAIL", "SKIP (no CUDA)", "SKIP (no TE)"):
+            if line.startswith(status):
+                label, detail = line[14:40].strip(), line[40:].strip()
+                out[label] = (status, detail)
+    return out
+
+
+def test_bad_input_is_refused_with_the_fix(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    cases = [(("--only", "thd,bogus"), ["--only 'thd,bogus'", "unknown check bogus",
+                                        "versions,thd,resume,finetune,cpu-checkpoint,chat"]),
+             (("--python", tmp_path / "no-python"), [str(tmp_path / "no-python"),
+                                                     "no such interpreter"]),
+             (("--python",), ["--python needs an interpreter"]),
+             (("--work-dir", foreign), [str(foreign), "not made by gpu_check",
+                                        "pass an empty or new folder"])]
+    for args, expected in cases:
+        proc = gpu_check(*args, timeout=120)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        for text in expected:
+            assert text in proc.stderr, (args, proc.stderr)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """``bash scripts/gpu_check.sh --only thd`` without CUDA: (process, work dir)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    work = tmp_path_factory.mktemp("gpu_check") / "work"
+    proc = gpu_check("--only", "thd", "--work-dir", work)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, str(work)
+
+
+def test_cpu_mode_reports_versions_and_skips_gpu_parts(cpu_run):
+    proc, _ = cpu_run
+    lines = result_lines(proc.stdout)
+    status, detail = lines["1 versions"]
+    assert status == "PASS"
+    assert f"torch {torch.__version__}" in detail
+    assert f"megatron-core {metadata.version('megatron-core')}" in detail
+    for label in ("1 cuda", "2 thd TE bf16", "2 local weights -> TE"):
+        assert lines[label][0] == "SKIP (no CUDA)", lines
+    assert lines["2 thd local fp32"][0] == "PASS" and lines["2 thd local bf16"][0] == "PASS"
+    assert "3 PASS, 0 FAIL, 3 SKIP" in proc.stdout.splitlines()[-1]
+
+
+def test_cpu_mode_reads_the_training_logs_it_made(cpu_run, script):
+    """The log parser reads every iteration line pretrain_dialog.py wrote (the resume and
+    finetune checks compare these numbers on the GPU)."""
+    _, work = cpu_run
+    with open(os.path.join(work, "logs", "cpu-checkpoint-write.log"), encoding="utf-8") as handle:
+        text = handle.read()
+    log = script.parse_train_log(text)
+    iters = script.CPU_SIZES.cpu_iters
+    assert sorted(log.iters) == list(range(1, iters + 1))
+    assert len(log.iters) == sum(line.startswith("iter ") for line in text.splitlines())
+    assert script.max_loss_diff(log, log, range(1, iters + 1)) == 0.0
+
+
+def test_thd_check_fails_when_conversations_attend_to_each_other(cpu_run, script):
+    """The packed-vs-alone comparison the check makes, on its own batch and checkpoint: 0 with
+    training's isolated segments, far above the tolerance with one causal mask per pack."""
+    from mt_dialog import generate
+    from mt_dialog.training.data import flatten_micro_batch
+
+    _, work = cpu_run
+    samples, segments = script.packed_samples(os.path.join(work, "data", "demo"))
+    model, error = script.model_from_checkpoint(os.path.join(work, "ckpt_cpu"), "local",
+                                                torch.float32)
+    try:
+        assert error is None
+        diffs = {}
+        for isolated in (True, False):
+            batch = flatten_micro_batch(samples, isolated, torch.device("cpu"))
+            packed, alone = script.packed_and_alone_logits(model, batch, segments)
+            diffs[isolated] = float((packed - alone).abs().max())
+        tolerance = script.fp32_tolerance(float(alone.abs().max()))
+    finally:
+        generate.shutdown()
+    assert diffs[True] <= tolerance < diffs[False] / 10, diffs
