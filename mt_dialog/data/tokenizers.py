@@ -212,6 +212,15 @@ def tokenizer_files(folder: str) -> List[str]:
     return names
 
 
+def folder_sha256(folder: str) -> str:
+    """Hex SHA-256 identity of a Hugging Face tokenizer folder: over the names and contents of
+    its tokenizer files (``tokenizer_files``), so a re-saved model keeps its tokenizer's identity."""
+    digest = hashlib.sha256()
+    for name in tokenizer_files(folder):
+        digest.update(name.encode() + file_sha256(os.path.join(folder, name)).encode())
+    return digest.hexdigest()
+
+
 class HuggingFaceTokenizer(DialogTokenizer):
     """A Hugging Face tokenizer folder (``tokenizer.json`` / ``tokenizer_config.json``)."""
 
@@ -230,10 +239,7 @@ class HuggingFaceTokenizer(DialogTokenizer):
             self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"--tokenizer-path {path}: cannot load tokenizer ({exc})") from None
-        digest = hashlib.sha256()
-        for name in tokenizer_files(path):
-            digest.update(name.encode() + file_sha256(os.path.join(path, name)).encode())
-        super().__init__(path, len(self.hf), digest.hexdigest())
+        super().__init__(path, len(self.hf), folder_sha256(path))
         self.bos_id = self.hf.bos_token_id
         self.eos_id = self.hf.eos_token_id
         self.unk_id = self.hf.unk_token_id

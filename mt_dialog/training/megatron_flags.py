@@ -11,12 +11,11 @@ type and sha256, computed as ``mt_dialog.data.tokenizers`` does at preprocessing
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Dict, Optional, Tuple
 
 from mt_dialog.data.storage import read_metadata
-from mt_dialog.data.tokenizers import file_sha256, tokenizer_files
+from mt_dialog.data.tokenizers import file_sha256, folder_sha256
 
 PREPROCESS = "tools/preprocess_dialog.py"
 TOKENIZER = (f"the tokenizer is chosen at preprocessing ({PREPROCESS} --tokenizer-type, "
@@ -138,16 +137,6 @@ def answer(flag: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------- tokenizer
-
-def folder_sha256(folder: str) -> str:
-    """SHA-256 identity of a Hugging Face tokenizer folder: over its tokenizer files' names
-    and contents, as preprocessing records it (``HuggingFaceTokenizer`` in
-    ``mt_dialog.data.tokenizers``)."""
-    digest = hashlib.sha256()
-    for name in tokenizer_files(folder):
-        digest.update(name.encode() + file_sha256(os.path.join(folder, name)).encode())
-    return digest.hexdigest()
-
 
 def _given_tokenizer(tok) -> Tuple[Optional[str], Optional[str], str]:
     """(back-end, sha256 or None, description) of the tokenizer flags (``TokenizerConfig``)."""

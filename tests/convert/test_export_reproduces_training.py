@@ -138,8 +138,10 @@ def runs(tmp_path_factory, demo_tokenizer, hf_models, hf_base_chatml_dir):
         _tool(preprocess_main, ["--input", corpus, *tokenizer, "--template", name,
                                 "--seq-length", SEQ_LENGTH, "--split", "100,0",
                                 "--output-prefix", data, "--no-progress"])
-        start = (["--load", imported, "--finetune", "--use-checkpoint-args"] if name == "hf"
-                 else MODEL)
+        # hf: the README's path, a pretrained model fine-tuned in bf16 (exported in bf16,
+        # loaded by transformers in bf16)
+        start = (["--load", imported, "--finetune", "--use-checkpoint-args", "--bf16"]
+                 if name == "hf" else MODEL)
         jobs[name] = [*start, "--data-path", data, *TRAIN, "--save", ckpt]
         runs[name] = {"data": data, "ckpt": ckpt, "hf": str(root / f"{name}_hf"),
                       "imported": imported}
@@ -219,6 +221,8 @@ def test_greedy_generate_is_chat_reply(name, runs, generators):
     tokenizer = AutoTokenizer.from_pretrained(run["hf"])
     model = AutoModelForCausalLM.from_pretrained(run["hf"]).eval()
     assert generator.end_of_turn in model.generation_config.eos_token_id
+    dtype = torch.bfloat16 if name == "hf" else torch.float32  # hf: fine-tuned with --bf16
+    assert model.dtype == dtype and next(generator.model.parameters()).dtype == dtype
     if name == "hf":  # the base tokenizer's eos is not what ends a reply
         imported = json.load(open(os.path.join(run["imported"], "config.json")))
         assert imported["data"]["special_ids"]["end_of_turn"] == generator.end_of_turn

@@ -206,8 +206,7 @@ def test_tokenizer_hashes_match_preprocessing(packed_data, hf_data, demo_tokeniz
     """The right tokenizer, named the Megatron-LM way or mt_dialog's, is accepted: the hashes
     equal the ones preprocessing recorded."""
     from mt_dialog.data.storage import read_metadata
-    from mt_dialog.data.tokenizers import file_sha256
-    from mt_dialog.training.megatron_flags import folder_sha256
+    from mt_dialog.data.tokenizers import file_sha256, folder_sha256
 
     sp = demo_tokenizer["tokenizer"]
     assert file_sha256(sp) == read_metadata(packed_data)["tokenizer"]["sha256"]
