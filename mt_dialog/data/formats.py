@@ -16,7 +16,7 @@ message saying what is wrong and how to fix it; the caller prefixes ``file:line`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 FORMATS = ("openai", "sharegpt", "firefly", "alpaca")
 
@@ -39,10 +39,60 @@ class RecordError(ValueError):
         self.message = message
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call made by an assistant message (the OpenAI / Hugging Face layout
+    ``{"type": "function", "function": {"name", "arguments"}, "id"}``)."""
+
+    name: str
+    """The function's name."""
+    arguments: Any
+    """The arguments as a JSON value (a dict for every real API): a JSON *string* in the input
+    is decoded, because chat templates serialize the value themselves (``tojson``)."""
+    id: Optional[str] = None
+    """The call id a ``tool`` message answers with ``tool_call_id`` (may be absent)."""
+
+
 @dataclass(frozen=True)
 class Message:
-    role: str  # "system", "user" or "assistant"
+    """One message of a conversation, normalized from any input format."""
+
+    role: str
+    """One of ``ROLES``: "system", "user", "assistant" or "tool" (a tool's result)."""
     content: str
+    """The text ("" for an assistant message that only calls tools). For an assistant message
+    the reasoning is *not* in here (see ``reasoning``)."""
+    tool_calls: Tuple[ToolCall, ...] = ()
+    """Assistant only: the function calls of this message, in order."""
+    reasoning: Optional[str] = None
+    """Assistant only: the reasoning before the reply (``reasoning_content``, or a leading
+    ``<think>...</think>`` block of ``content``); None when there is none."""
+    train: Optional[bool] = None
+    """Per-message loss control from the input (``weight`` 0/1, ``loss`` false/true): False
+    never trains this message (context only), True asks for it, None leaves it to the run
+    (assistant messages are trained, unless ``--train-on last``). Only assistant messages can
+    be trained."""
+    name: Optional[str] = None
+    """Tool only: the name of the function whose result this is (may be absent)."""
+    tool_call_id: Optional[str] = None
+    """Tool only: the id of the call this result answers (may be absent)."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A parsed record: its messages and the tools offered to the assistant."""
+
+    messages: Tuple[Message, ...]
+    tools: Tuple[Dict[str, Any], ...] = ()
+    """Record-level ``tools``: JSON-schema function descriptions, passed to the chat template
+    (``{"type": "function", "function": {"name", "description", "parameters"}}``)."""
+    notes: Tuple[str, ...] = ()
+    """What parsing changed or left out without refusing the record, one counter name each
+    (e.g. an empty reply kept as context, an input field that was ignored); preprocessing
+    counts them in its summary so that nothing is silently dropped."""
 
 
 def detect_format(record: Dict[str, Any]) -> str:
