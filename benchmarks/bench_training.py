@@ -194,7 +194,8 @@ def worker(args) -> int:
         info = loop.inspect_datasets(config)
         torch.manual_seed(config.train.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
-        runs[key] = loop._setup(config, info, pretrain_dialog.make_forward_step("turn"), 1)
+        runs[key] = loop._setup(config, info, loop.open_datasets(config, info),
+                                pretrain_dialog.make_forward_step("turn"), 1)
         state[key] = {"times": [], "losses": [], "measured": 0.0, "done": False}
     while not all(s["done"] for s in state.values()):
         for key, run in runs.items():

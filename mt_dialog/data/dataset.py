@@ -24,10 +24,14 @@ import torch
 
 from mt_dialog.data.storage import (
     DatasetFormatError,
+    check_recorded_files,
+    count_dtype,
     count_turns,
     field_prefix,
     open_indexed,
     read_metadata,
+    rebuild_hint,
+    token_dtype,
 )
 
 
@@ -56,15 +60,11 @@ class PackedDialogDataset(torch.utils.data.Dataset):
         _check_metadata(self.metadata, prefix, split, seq_length, vocab_size, tokenizer_sha256)
         self.seq_length = int(self.metadata["seq_length"])
         self.pad_id = int(self.metadata["special_ids"]["pad"])
+        check_recorded_files(prefix, self.metadata, split)
         self.tokens = open_indexed(field_prefix(prefix, split, "tokens"))
         self.loss_token_num = open_indexed(field_prefix(prefix, split, "loss_token_num"))
         self.documents = self.tokens.document_indices
-        if not np.array_equal(self.documents, self.loss_token_num.document_indices) or not (
-            np.array_equal(self.tokens.sequence_lengths, self.loss_token_num.sequence_lengths)
-        ):
-            raise DatasetFormatError(
-                f"{prefix}.{split}: tokens and loss_token_num indexes differ; rebuild the dataset"
-            )
+        _check_layout(self, prefix, split)
 
     def __len__(self) -> int:
         return int(self.documents.shape[0]) - 1
@@ -109,6 +109,35 @@ def build_sample(
         "turn_num": np.int64(count_turns(counts)),
         "num_tokens": np.int64(used),
     }
+
+
+def _check_layout(dataset: PackedDialogDataset, prefix: str, split: str) -> None:
+    """Cheap checks at open (no data read): tokens and loss_token_num have one index structure,
+    the dtypes the vocabulary and sequence length imply, and the counts the metadata records."""
+    tokens, counts = dataset.tokens, dataset.loss_token_num
+    where = f"{prefix}.{split}"
+    if not np.array_equal(dataset.documents, counts.document_indices) or not (
+            np.array_equal(tokens.sequence_lengths, counts.sequence_lengths)):
+        raise DatasetFormatError(f"{where}: the tokens and loss_token_num indexes describe "
+                                 f"different packs; {rebuild_hint(prefix)}")
+    meta = dataset.metadata
+    wanted = {"tokens": token_dtype(int(meta["tokenizer"]["vocab_size"])),
+              "loss_token_num": count_dtype(int(meta["seq_length"]))}
+    for name, data in (("tokens", tokens), ("loss_token_num", counts)):
+        if np.dtype(data.index.dtype) != np.dtype(wanted[name]):
+            raise DatasetFormatError(
+                f"{where}.{name}.idx stores {np.dtype(data.index.dtype).name} but this dataset's "
+                f"metadata implies {np.dtype(wanted[name]).name} (a file of another dataset?); "
+                f"{rebuild_hint(prefix)}")
+    stats = meta["splits"][split]
+    found = {"packs": len(dataset), "conversations": int(tokens.sequence_lengths.shape[0]),
+             "tokens": int(tokens.sequence_lengths.sum(dtype=np.int64))}
+    for key, value in found.items():
+        if key in stats and int(stats[key]) != value:
+            raise DatasetFormatError(
+                f"{where}: the files hold {value:,} {key} but the metadata {prefix}.meta.json "
+                f"records {int(stats[key]):,} (files of another dataset, or edited metadata?); "
+                f"{rebuild_hint(prefix)}")
 
 
 def _check_metadata(metadata, prefix, split, seq_length, vocab_size, tokenizer_sha256) -> None:

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.data.storage import count_turns
+from mt_dialog.data.storage import check_recorded_files, count_turns
 from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError, load_tokenizer
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -152,6 +152,10 @@ def verify_dataset(prefix: str) -> List[str]:
                 continue
             return [str(exc)]
         metadata = dataset.metadata
+        try:  # every byte against the checksums recorded at preprocessing
+            check_recorded_files(prefix, metadata, split, checksums=True)
+        except ValueError as exc:
+            problems.append(str(exc))  # and go on: the invariants say what changed
         problems += verify_split(dataset)
     summary = metadata["summary"]
     accounted = (summary["conversations_kept"] + sum(summary["skipped"].values())

@@ -20,9 +20,11 @@ prefix and moved into place only when everything succeeded, metadata last.
 
 from __future__ import annotations
 
+import glob
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -39,7 +41,13 @@ from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_re
 from mt_dialog.data.records import RecordProcessor, init_worker, run_batch
 from mt_dialog.data.render import end_of_turn_id
 from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
-from mt_dialog.data.storage import FORMAT_VERSION, output_files, write_metadata
+from mt_dialog.data.storage import (
+    FORMAT_VERSION,
+    file_records,
+    metadata_path,
+    output_files,
+    write_metadata,
+)
 from mt_dialog.data.tokenizers import TokenizerError
 from mt_dialog.data.writer import SplitPlan, WriteJob, WriterError, open_writer
 
@@ -184,13 +192,42 @@ def _plan_split(name: str, indices: np.ndarray, index: StageIndex,
 
 def _check_destination(config: PreprocessConfig) -> None:
     prefix = config.output.output_prefix
+    _clear_leftovers(prefix)
     existing = [p for p in output_files(prefix, ("train", "valid")) if os.path.exists(p)]
     if existing and not config.output.overwrite:
+        partial = "" if os.path.exists(metadata_path(prefix)) else (
+            " (without its metadata: files of a run stopped while it published them)")
         raise PreprocessError(
-            f"{existing[0]} already exists; pass --overwrite to replace the dataset at "
+            f"{existing[0]} already exists{partial}; pass --overwrite to replace the dataset at "
             f"--output-prefix {prefix}, or choose another prefix"
         )
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+
+
+def _clear_leftovers(prefix: str) -> None:
+    """Temporary folders ``PREFIX.tmp-PID`` of runs that were killed (SIGKILL, a lost node) are
+    removed, and named; one whose process is still running is another run writing this prefix
+    now, which is refused."""
+    for folder in sorted(glob.glob(glob.escape(prefix) + ".tmp-*")):
+        pid = folder.rsplit(".tmp-", 1)[1]
+        if not (pid.isdigit() and os.path.isdir(folder)) or int(pid) == os.getpid():
+            continue
+        if _process_alive(int(pid)):
+            raise PreprocessError(
+                f"{folder} belongs to a preprocessing run that is still running (pid {pid}) "
+                f"and writes --output-prefix {prefix}; wait for it, or stop it and run again")
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"removed {folder}, left by an interrupted run (pid {pid})", file=sys.stderr)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
@@ -345,6 +382,7 @@ def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = Non
         splits = {name: stats for name, (_, stats) in planned.items()}
         summary = _summary(tally, splits, time.time() - start)
         metadata = _metadata(config, tokenizer, processor, summary, argv)
+        metadata["files"] = file_records(tmp_prefix, list(splits))  # sizes and sha256
         write_metadata(tmp_prefix, metadata)
         _publish(tmp_prefix, prefix, list(splits))
     finally:

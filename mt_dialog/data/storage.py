@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from typing import Any, Dict, Sequence
 
@@ -66,8 +67,112 @@ def indexed_dataset_module():
 
 
 def open_indexed(prefix: str):
-    """A memory-mapped megatron ``IndexedDataset`` at ``prefix``."""
-    return indexed_dataset_module().IndexedDataset(prefix)
+    """A memory-mapped megatron ``IndexedDataset`` at ``prefix``, checked to be whole: the
+    ``.idx`` readable and of the size its header implies, the ``.bin`` exactly the bytes the index
+    points into (a copy cut short or padded is caught here, not mid-training).
+
+    Raises:
+        DatasetFormatError: naming the file, the expected and found sizes, and the fix.
+    """
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_):
+        if not os.path.isfile(path):
+            raise DatasetFormatError(f"{path} is missing; {rebuild_hint(prefix)}")
+    _check_index_header(idx)  # megatron's reader would fail with an assert (and a noisy __del__)
+    dataset = indexed_dataset_module().IndexedDataset(prefix)
+    index = dataset.index
+    end = (int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+           if index.sequence_count else 0)
+    _expect_size(bin_, end, f"its index {os.path.basename(idx)}")
+    return dataset
+
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core indexed_dataset: magic, version 1, dtype code,
+INDEX_HEADER = struct.Struct("<9sQBQQ")  # sequence count, document count (then the arrays)
+
+
+def _check_index_header(idx: str) -> None:
+    """The ``.idx`` header is megatron's (magic, version 1, a known dtype) and the file is as long
+    as the arrays it announces (int32 lengths + int64 pointers per sequence, int64 per document).
+
+    Raises:
+        DatasetFormatError: naming the file, what is wrong, and the fix.
+    """
+    with open(idx, "rb") as handle:
+        header = handle.read(INDEX_HEADER.size)
+    if len(header) < INDEX_HEADER.size:
+        raise DatasetFormatError(f"{idx} is damaged (only {len(header)} bytes, shorter than an "
+                                 f"index header); {rebuild_hint(idx)}")
+    magic, version, code, sequences, documents = INDEX_HEADER.unpack(header)
+    codes = {member.value for member in indexed_dataset_module().DType}
+    if magic != INDEX_MAGIC or version != 1 or code not in codes:
+        raise DatasetFormatError(f"{idx} is damaged (not a megatron-core version-1 index: "
+                                 f"header {magic!r}, version {version}, dtype code {code}); "
+                                 f"{rebuild_hint(idx)}")
+    _expect_size(idx, INDEX_HEADER.size + sequences * 12 + documents * 8, "its header")
+
+
+def rebuild_hint(path: str) -> str:
+    """The fix for a damaged file of the dataset that ``path`` (a dataset, split-field or file
+    prefix) belongs to."""
+    prefix = path
+    for suffix in (".bin", ".idx"):
+        prefix = prefix[: -len(suffix)] if prefix.endswith(suffix) else prefix
+    for split in SPLITS:
+        for field in FIELDS:
+            prefix = prefix.split(f".{split}.{field}")[0]
+    return (f"check it with tools/inspect_dialog_dataset.py {prefix} --verify, then copy it "
+            "again or rebuild it with tools/preprocess_dialog.py")
+
+
+def _expect_size(path: str, expected: int, source: str) -> None:
+    found = os.path.getsize(path)
+    if found != expected:
+        how = "cut short" if found < expected else "too long"
+        raise DatasetFormatError(f"{path} has {found:,} bytes but {source} says {expected:,} "
+                                 f"({how}: a damaged, partial or swapped copy?); "
+                                 f"{rebuild_hint(path)}")
+
+
+def file_records(prefix: str, splits: Sequence[str], checksums: bool = True) -> Dict[str, Dict]:
+    """``{file name: {"bytes", "sha256"}}`` of a dataset's data files (recorded in the metadata
+    at preprocessing, so that a damaged, swapped or edited file is told from a good one)."""
+    from mt_dialog.data.tokenizers import file_sha256
+
+    records = {}
+    for path in output_files(prefix, splits)[:-1]:
+        entry = {"bytes": os.path.getsize(path)}
+        if checksums:
+            entry["sha256"] = file_sha256(path)
+        records[os.path.basename(path)[len(os.path.basename(prefix)):].lstrip(".")] = entry
+    return records
+
+
+def check_recorded_files(prefix: str, metadata: Dict[str, Any], split: str,
+                         checksums: bool = False) -> None:
+    """Compare one split's files with the sizes (and, with ``checksums``, the SHA-256) the
+    metadata recorded; datasets written before the record existed are not checked.
+
+    Raises:
+        DatasetFormatError: the first file that differs, with both values and the fix.
+    """
+    recorded = metadata.get("files") or {}
+    for field in FIELDS:
+        for suffix in (".bin", ".idx"):
+            name = f"{split}.{field}{suffix}"
+            if name not in recorded:
+                continue
+            path = field_prefix(prefix, split, field) + suffix
+            _expect_size(path, int(recorded[name]["bytes"]), "the dataset's metadata")
+            if checksums and recorded[name].get("sha256"):
+                from mt_dialog.data.tokenizers import file_sha256
+
+                found = file_sha256(path)
+                if found != recorded[name]["sha256"]:
+                    raise DatasetFormatError(
+                        f"{path}: sha256 {found[:12]}... but preprocessing recorded "
+                        f"{recorded[name]['sha256'][:12]}... (same size: a swapped or edited "
+                        f"file); {rebuild_hint(path)}")
 
 
 def token_dtype(vocab_size: int) -> type:

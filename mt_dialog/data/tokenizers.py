@@ -25,12 +25,10 @@ class TokenizerError(ValueError):
 
 
 def file_sha256(path: str) -> str:
-    """Hex SHA-256 of a file (tokenizer identity in the metadata)."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file (tokenizer identity, dataset file checksums), read through one
+    fixed buffer (``hashlib.file_digest``): memory does not grow with the file."""
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 @dataclass

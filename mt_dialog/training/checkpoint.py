@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -88,6 +89,27 @@ def has_checkpoint(train) -> bool:
         return False
     latest_iteration(train.load)  # raises with the reason
     return True
+
+
+def check_save_folder(train) -> None:
+    """``--save DIR`` that already holds checkpoints is accepted only when this run continues
+    them (``--load DIR``, not ``--finetune``): otherwise the two runs' iterations would mix and
+    the tracker would jump back to the new run's.
+
+    Raises:
+        CheckpointError: naming the newest iteration there and both ways out.
+    """
+    if not train.save:
+        return
+    newest = _tracked_iteration(train.save)
+    if newest is None:
+        return
+    same = train.load and os.path.abspath(train.load) == os.path.abspath(train.save)
+    if not same or train.finetune:
+        raise CheckpointError(
+            f"--save {train.save} already holds checkpoints of a run (newest: iteration "
+            f"{newest}); continue that run with --load {train.save} (without --finetune), or "
+            "save this run to a new folder")
 
 
 # ModelConfig fields that change the function a checkpoint computes
@@ -255,29 +277,101 @@ def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
                     scheduler, config_dict: Dict[str, Any]) -> str:
-    """Save everything needed to resume; returns the iteration folder."""
+    """Save everything needed to resume into ``root/iter_N``; returns that folder.
+
+    The tracker file (what ``--load`` reads) is replaced atomically by rank 0 only after every
+    rank wrote its part, so a checkpoint becomes visible to ``--load`` only when complete. When
+    any rank fails (disk full, a lost file system...), every rank learns it, the partial folder is
+    removed and the previous checkpoint stays the one ``--load`` finds.
+
+    Raises:
+        CheckpointError: on every rank, with the first failure's reason and what to do.
+    """
+    path = iteration_dir(root, iteration)
+    previous = _tracked_iteration(root)
+    rank = torch.distributed.get_rank()
+    steps = (  # (ranks that run it, step); every rank agrees on the outcome after each
+        (rank == 0, lambda: os.makedirs(path, exist_ok=True)),
+        (True, lambda: _save_state(path, iteration, consumed_samples, model, optimizer,
+                                   scheduler)),
+        (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict)),
+    )
+    for runs_here, step in steps:
+        reason = _agree_on_failure(_attempt(step) if runs_here else None)
+        if reason is not None:
+            break
+    else:
+        return path
+    if rank == 0 and previous != iteration:
+        shutil.rmtree(path, ignore_errors=True)
+    kept = (f"the previous checkpoint (iteration {previous}) is untouched and --load {root} "
+            "resumes from it" if previous is not None else "no checkpoint was written before")
+    raise CheckpointError(f"saving iteration {iteration} to {root} failed ({reason}); {kept}; "
+                          "free space or fix the folder, then resume")
+
+
+def _save_state(path, iteration, consumed_samples, model, optimizer, scheduler) -> None:
     from megatron.core import dist_checkpointing
 
-    path = iteration_dir(root, iteration)
-    rank = torch.distributed.get_rank()
-    if rank == 0:
-        os.makedirs(path, exist_ok=True)
-    torch.distributed.barrier()
     state = _model_state(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state.update(scheduler=scheduler.state_dict(), iteration=iteration,
                  consumed_samples=consumed_samples, layout=list(_layout()),
                  rng_device=_rng_device(), rng_state=_rng_object())
     dist_checkpointing.save(state, path)
-    if rank == 0:
-        with open(os.path.join(path, "mt_dialog_config.json"), "w") as handle:
-            json.dump(config_dict, handle, indent=2)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as handle:
-            handle.write(str(iteration))
-        os.replace(tmp, os.path.join(root, TRACKER))
-    torch.distributed.barrier()
-    return path
+
+
+def _publish_checkpoint(root: str, path: str, iteration: int,
+                        config_dict: Dict[str, Any]) -> None:
+    """Rank 0, after every rank saved: the run config, then the tracker (atomic replace)."""
+    with open(os.path.join(path, "mt_dialog_config.json"), "w") as handle:
+        json.dump(config_dict, handle, indent=2)
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(str(iteration))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def _attempt(step) -> Optional[str]:
+    """Run ``step``; the failure as one line (None when it succeeded)."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    try:
+        step()
+    except (Exception, CheckpointException) as exc:  # every failure must reach every rank
+        return _one_line(exc)
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The useful line of an exception; for a checkpoint write failure, the root cause that
+    megatron-core and torch bury in a multi-line CheckpointException (e.g. 'No space left')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if line.startswith(("OSError", "RuntimeError: Worker"))
+              or "Errno" in line]
+    return f"{type(exc).__name__}: {(causes or lines or [''])[-1]}"
+
+
+def _agree_on_failure(failure: Optional[str]) -> Optional[str]:
+    """Every rank's verdict, gathered: the most telling failure of any rank (the root cause, e.g.
+    'No space left on device', rather than a rank's 'CheckpointException ranks: ...'), the same
+    on every rank; None when every rank succeeded."""
+    reasons: List[Optional[str]] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(reasons, failure)
+    failures = [reason for reason in reasons if reason]
+    if not failures:
+        return None
+    telling = [reason for reason in failures if "Errno" in reason or "Error:" in reason]
+    return (telling or failures)[0]
+
+
+def _tracked_iteration(root: str) -> Optional[int]:
+    try:
+        return latest_iteration(root)
+    except CheckpointError:
+        return None
 
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,

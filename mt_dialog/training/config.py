@@ -308,6 +308,12 @@ class TrainConfig:
     exit_interval: Optional[int] = option(None, help="stop after the first iteration that is "
                                           "a multiple of this (Megatron-LM's rule), saving a "
                                           "checkpoint with --save; rerun with --load to continue")
+    exit_duration_in_mins: Optional[float] = option(
+        None, help="stop after the first iteration that ends this many minutes after the start "
+        "(inside a job's time limit), saving a checkpoint with --save")
+    exit_signal_handler: bool = option(False, help="on SIGTERM (sent by SLURM and Kubernetes "
+                                       "before they kill a job; torchrun forwards it) finish the "
+                                       "iteration, save a checkpoint with --save and exit 0")
     tensorboard_dir: Optional[str] = option(None, help="write TensorBoard scalars here")
     wandb_project: Optional[str] = option(None, help="log the TensorBoard scalars to this "
                                           "Weights & Biases project too (pip install -e "
@@ -325,7 +331,8 @@ class TrainConfig:
         _positive("train_iters", self.train_iters, allow_none=True)
         _positive("train_epochs", self.train_epochs, allow_none=True)
         _positive("log_interval", self.log_interval)
-        for name in ("eval_interval", "eval_iters", "save_interval", "exit_interval"):
+        for name in ("eval_interval", "eval_iters", "save_interval", "exit_interval",
+                     "exit_duration_in_mins"):
             _positive(name, getattr(self, name), allow_none=True)
         for name in ("wandb_exp_name", "wandb_save_dir"):
             if getattr(self, name) and not self.wandb_project:

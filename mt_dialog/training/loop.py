@@ -24,6 +24,7 @@ from mt_dialog.training import distributed
 from mt_dialog.training.checkpoint import (
     check_model_matches,
     check_resume_matches,
+    check_save_folder,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -32,6 +33,7 @@ from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, v
 from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
 from mt_dialog.training.model import check_precision
 from mt_dialog.training.optimizer import build_optimizer
+from mt_dialog.training.stopping import StopConditions
 from mt_dialog.training.tracking import open_tracker
 
 REPORT_KEYS = ("loss per turn", "loss per token", "loss per conversation")
@@ -112,7 +114,18 @@ def _model_vocab(config: DialogTrainingConfig, info: DataInfo) -> int:
     return max(info.vocab_size, int(source.get("vocab_size") or 0))
 
 
-def _setup(config: DialogTrainingConfig, info: DataInfo, forward_step, dp_size: int) -> Run:
+def open_datasets(config: DialogTrainingConfig, info: DataInfo):
+    """``(training SampleStream, validation datasets)``: every split opened and checked
+    (files whole, indexes consistent, metadata matching: ``PackedDialogDataset``) before any
+    model is built."""
+    train_sets = [PackedDialogDataset(p, "train", info.seq_length, None) for p in info.prefixes]
+    stream = SampleStream(train_sets, info.weights, config.train.seed)
+    valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
+    return stream, valid_sets
+
+
+def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, forward_step,
+           dp_size: int) -> Run:
     from megatron.core.distributed import finalize_model_grads
 
     from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp
@@ -122,14 +135,12 @@ def _setup(config: DialogTrainingConfig, info: DataInfo, forward_step, dp_size: 
     model = wrap_ddp(chunks, tconfig, config)
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
-    train_sets = [PackedDialogDataset(p, "train", info.seq_length, None) for p in info.prefixes]
-    stream = SampleStream(train_sets, info.weights, config.train.seed)
+    stream, valid_sets = datasets
     global_batch = config.data.global_batch_size or config.data.micro_batch_size * dp_size
     train_iters = config.train.train_iters or max(
         1, math.ceil(config.train.train_epochs * len(stream) / global_batch))
     optimizer, scheduler = build_optimizer(config, model, train_iters)
     tconfig.grad_scale_func = optimizer.scale_loss  # the loss scale with --fp16, else 1
-    valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
     return Run(config, info, model, optimizer, scheduler, stream, valid_sets, forward_step,
                dp_size, global_batch, train_iters)
 
@@ -282,16 +293,9 @@ def _evaluate_and_log(run: Run) -> None:
               flush=True)
 
 
-def _exiting(run: Run) -> bool:
-    """--exit-interval N: stop after an iteration that is a multiple of N (Megatron-LM's rule,
-    so a resumed run stops at the next multiple)."""
-    interval = run.config.train.exit_interval
-    return bool(interval) and run.iteration % interval == 0 and run.iteration < run.train_iters
-
-
 def _validation_due(run: Run, last: bool) -> bool:
     """Every --eval-interval iterations; with --eval-iters alone, once at the end of the run
-    (``last``: --train-iters reached or --exit-interval stopping)."""
+    (``last``: --train-iters reached, or stopping early: ``stopping.StopConditions``)."""
     cfg = run.config.train
     if not run.valid_sets:
         return False
@@ -300,15 +304,15 @@ def _validation_due(run: Run, last: bool) -> bool:
     return bool(cfg.eval_iters) and last
 
 
-def train(run: Run) -> None:
-    """The loop: step, log each interval, evaluate, save; stop at --train-iters or
-    --exit-interval (a checkpoint is saved at the stop with --save)."""
+def train(run: Run, stops: StopConditions) -> None:
+    """The loop: step, log each interval, evaluate, save; stop at --train-iters or when
+    ``stops`` says so (a checkpoint is saved at the stop with --save)."""
     cfg = run.config.train
     window, start = [], time.time()
     while run.iteration < run.train_iters:
         metrics = train_step(run)
-        exiting = _exiting(run)
-        last = exiting or run.iteration == run.train_iters
+        stop = stops.reason(run.iteration) if run.iteration < run.train_iters else None
+        last = stop is not None or run.iteration == run.train_iters
         if metrics is not None and distributed.is_logging_rank():
             _record(run, "train", metrics)
             window.append(metrics)
@@ -320,22 +324,22 @@ def train(run: Run) -> None:
             _evaluate_and_log(run)
         if cfg.save and cfg.save_interval and run.iteration % cfg.save_interval == 0:
             _save(run)
-        if exiting:
+        if stop:
             break
     if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
         _save(run)
-    if run.iteration < run.train_iters:  # stopped by --exit-interval
-        distributed.log(f"exiting at iteration {run.iteration} of {run.train_iters} "
-                        f"(--exit-interval {cfg.exit_interval}); " + (
-                            f"continue with --load {cfg.save}" if cfg.save
-                            else "nothing saved (no --save)"))
+    if run.iteration < run.train_iters:
+        distributed.log(f"exiting at iteration {run.iteration} of {run.train_iters} ({stop}); "
+                        + (f"continue with --load {cfg.save}" if cfg.save
+                           else "nothing saved (no --save)"))
 
 
 def check_before_build(config: DialogTrainingConfig, world_size: int):
     """Every check that needs no model, so that a bad set-up fails in seconds with one line:
     the parallel layout, the datasets, the schedule, the precision, the tokenizer flags, the
-    validation data, the tracking packages and the checkpoint's architecture. Returns
-    ``(data-parallel size, DataInfo)``; raises ValueError (CheckpointError included)."""
+    validation data, the tracking packages, the checkpoint's architecture, and every dataset
+    file (``open_datasets``). Returns ``(data-parallel size, DataInfo, datasets)``; raises
+    ValueError (CheckpointError and DatasetFormatError included)."""
     from mt_dialog.training.megatron_flags import check_tokenizer, check_validation_data
     from mt_dialog.training.tracking import check_available
 
@@ -346,22 +350,39 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     check_tokenizer(config)
     check_validation_data(config)
     check_available(config.train)
+    check_save_folder(config.train)
     if has_checkpoint(config.train):
         check_model_matches(config.train.load, config.model)
         if not config.train.finetune:
             check_resume_matches(config.train.load, config)
-    return dp_size, info
+    return dp_size, info, open_datasets(config, info)
 
 
 def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) -> Run:
     """Check, build, (load), train; returns the finished run (its ``history`` on the logging
-    rank holds every logged metric)."""
+    rank holds every logged metric). A SIGTERM under --exit-signal-handler is held from the
+    moment the checks passed: the run stops after its first (or current) iteration."""
+    started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size, info = check_before_build(config, world_size)
+    dp_size, info, datasets = check_before_build(config, world_size)
+    with StopConditions(config.train, started) as stops:
+        run = _build_and_load(config, info, datasets, forward_step, dp_size)
+        run.writer = open_tracker(config)
+        distributed.log(_banner(run, argv))
+        train(run, stops)
+    if config.train.save and distributed.is_logging_rank():
+        _write_config(run, argv)
+    if run.writer is not None:
+        run.writer.close()
+    return run
+
+
+def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets, forward_step,
+                    dp_size: int) -> Run:
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                            par.virtual_pipeline_model_parallel_size, config.train.seed)
-    run = _setup(config, info, forward_step, dp_size)
+    run = _setup(config, info, datasets, forward_step, dp_size)
     if config.train.load and not has_checkpoint(config.train):
         distributed.log(f"--load {config.train.load}: no checkpoint there yet (it is the --save "
                         "folder); starting from scratch")
@@ -370,13 +391,6 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) ->
             config.train.load, run.model, run.optimizer, run.scheduler, config.train.finetune)
         distributed.log(f"loaded {config.train.load} at iteration {run.iteration}"
                         + (" (weights only)" if config.train.finetune else ""))
-    run.writer = open_tracker(config)
-    distributed.log(_banner(run, argv))
-    train(run)
-    if config.train.save and distributed.is_logging_rank():
-        _write_config(run, argv)
-    if run.writer is not None:
-        run.writer.close()
     return run
 
 

@@ -30,8 +30,6 @@ CHECKPOINTS = ("checkpoints are always megatron-core distributed checkpoints (to
                "saved whole; tools/convert_checkpoint.py converts from and to Hugging Face")
 LOGGING = ("each log line, --tensorboard-dir and --wandb-project record loss per turn and per "
            "token, lr and grad norm every iteration; tokens/s and padding are in the log line")
-STOP = ("not supported: stop with --exit-interval N (a checkpoint is saved with --save) and "
-        "resume with --load")
 NOT_SUPPORTED = "not supported by mt_dialog (dense Llama-style GPT, bf16/fp16/fp32)"
 
 
@@ -108,7 +106,6 @@ _SHARED = (
     (CHECKPOINTS, ("--use-dist-ckpt", "--auto-detect-ckpt-format", "--async-save",
                    "--no-save-optim", "--no-save-rng", "--dist-ckpt-strictness",
                    "--non-persistent-save-interval")),
-    (STOP, ("--exit-duration-in-mins", "--exit-signal-handler")),
     (NOT_SUPPORTED, ("--expert-model-parallel-size", "--num-experts", "--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
                      "--tp-comm-overlap", "--qk-layernorm", "--apply-layernorm-1p",

@@ -1,0 +1,176 @@
+"""Damaged datasets are refused when opened, naming the file, the expected and found values and
+the fix; ``--verify`` tells a damaged or swapped file from a good one by the checksums recorded
+at preprocessing; preprocessing killed at any point leaves no dataset at its prefix, and the
+next run removes (and names) what it left."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mt_dialog.data.dataset import PackedDialogDataset
+from mt_dialog.data.inspect import verify_dataset
+from mt_dialog.data.storage import DatasetFormatError, metadata_path, output_files
+from tests.conftest import ROOT, openai, preprocess_args, write_jsonl
+from tools.preprocess_dialog import main as preprocess
+
+SPLITS = ("train", "valid")
+
+
+def _records(count, seed=0):
+    return [openai((f"Question {seed}-{i}: what is {i} plus {i}?", f"It is {2 * i}."),
+                   (f"And {i} times {seed + 1}?", f"{i * (seed + 1)}."))
+            for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def built(sp_model_path, tmp_path_factory):
+    """Two small datasets with the same tokenizer and layout but other conversations."""
+    root = tmp_path_factory.mktemp("damage")
+    prefixes = {}
+    for name, count in (("a", 60), ("b", 45)):
+        data = write_jsonl(root / f"{name}.jsonl", _records(count, seed=len(prefixes)))
+        prefixes[name] = str(root / name)
+        assert preprocess(preprocess_args(data, sp_model_path, prefixes[name],
+                                          "--split", "90,10")) == 0
+    return prefixes
+
+
+@pytest.fixture
+def copy(built, tmp_path):
+    """A fresh copy of dataset a, to damage."""
+    target = str(tmp_path / "copy")
+    for source, destination in zip(output_files(built["a"], SPLITS),
+                                   output_files(target, SPLITS)):
+        shutil.copy2(source, destination)
+    return target
+
+
+def _refused(prefix, *fragments):
+    with pytest.raises(DatasetFormatError) as caught:
+        PackedDialogDataset(prefix, "train")
+    message = str(caught.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    assert f"tools/inspect_dialog_dataset.py {prefix} --verify" in message
+    return message
+
+
+def test_metadata_records_every_file(built):
+    metadata = json.load(open(metadata_path(built["a"])))
+    assert sorted(metadata["files"]) == sorted(
+        os.path.basename(p)[2:] for p in output_files(built["a"], SPLITS)[:-1])
+    for name, entry in metadata["files"].items():
+        assert entry["bytes"] == os.path.getsize(f"{built['a']}.{name}")
+        assert len(entry["sha256"]) == 64
+    assert verify_dataset(built["a"]) == []
+
+
+@pytest.mark.parametrize("change, words", [(-1024, "cut short"), (-1, "cut short"),
+                                           (512, "too long")])
+def test_a_bin_of_another_size_is_refused_at_open(copy, change, words):
+    path = f"{copy}.train.tokens.bin"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size + change)
+    _refused(copy, path, f"has {size + change:,} bytes", f"says {size:,}", words)
+
+
+def test_a_bin_cut_short_without_metadata_record_is_refused_by_its_index(copy):
+    """Datasets written before the metadata recorded file sizes: the .idx still tells."""
+    metadata = json.load(open(metadata_path(copy)))
+    del metadata["files"]
+    json.dump(metadata, open(metadata_path(copy), "w"))
+    path = f"{copy}.train.loss_token_num.bin"
+    size = os.path.getsize(path)
+    with open(path, "r+b") as handle:
+        handle.truncate(size - 100)
+    _refused(copy, path, "its index copy.train.loss_token_num.idx says", "cut short")
+
+
+def test_a_swapped_index_is_refused(copy, built):
+    shutil.copy2(f"{built['b']}.train.tokens.idx", f"{copy}.train.tokens.idx")
+    _refused(copy, f"{copy}.train.tokens.idx", "the dataset's metadata says")
+
+
+def test_a_swapped_index_is_refused_without_metadata_record(copy, built):
+    metadata = json.load(open(metadata_path(copy)))
+    del metadata["files"]
+    json.dump(metadata, open(metadata_path(copy), "w"))
+    shutil.copy2(f"{built['b']}.train.tokens.idx", f"{copy}.train.tokens.idx")
+    _refused(copy, "train.tokens")
+
+
+def test_a_damaged_index_header_is_refused(copy):
+    path = f"{copy}.train.tokens.idx"
+    with open(path, "r+b") as handle:
+        handle.write(b"NOTANIDX!")
+    _refused(copy, f"{path} is damaged")
+
+
+def test_edited_metadata_counts_are_refused(copy):
+    metadata = json.load(open(metadata_path(copy)))
+    metadata["splits"]["train"]["packs"] += 1
+    json.dump(metadata, open(metadata_path(copy), "w"))
+    _refused(copy, "packs but the metadata", "records")
+
+
+def test_verify_tells_an_edited_file_of_the_same_size(copy):
+    """Opening checks sizes only (cheap); --verify reads every byte against the checksums."""
+    path = f"{copy}.train.tokens.bin"
+    with open(path, "r+b") as handle:
+        handle.seek(10)
+        byte = handle.read(1)
+        handle.seek(10)
+        handle.write(bytes([byte[0] ^ 1]))
+    assert len(PackedDialogDataset(copy, "train")) > 0
+    (problem,) = verify_dataset(copy)
+    assert path in problem and "sha256" in problem and "swapped or edited" in problem
+
+
+# ------------------------------------------------------------------ preprocessing interrupted
+
+KILL_WORKER = os.path.join(ROOT, "tests", "data", "kill_worker.py")
+
+
+@pytest.mark.parametrize("point, workers", [("tokenizing", "1"), ("tokenizing", "2"),
+                                            ("writing", "1"), ("publishing", "1")])
+def test_preprocessing_killed_leaves_no_dataset_and_the_next_run_cleans_up(
+        point, workers, sp_model_path, tmp_path):
+    data = write_jsonl(tmp_path / "in.jsonl", _records(200))
+    prefix = str(tmp_path / "out")
+    argv = preprocess_args(data, sp_model_path, prefix, "--workers", workers)
+    killed = subprocess.run([sys.executable, KILL_WORKER, point, *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    leftovers = sorted(p for p in os.listdir(tmp_path) if ".tmp-" in p)
+    assert leftovers, "the killed run should have left its temporary folder"
+    assert not os.path.exists(metadata_path(prefix))  # no dataset at the prefix
+    with pytest.raises(DatasetFormatError):
+        PackedDialogDataset(prefix, "train")
+    again = subprocess.run([sys.executable, "tools/preprocess_dialog.py", *argv, "--overwrite"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    for name in leftovers:
+        assert f"removed {tmp_path / name}, left by an interrupted run" in again.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert verify_dataset(prefix) == []
+
+
+def test_a_running_preprocessing_of_the_same_prefix_is_refused(sp_model_path, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "in.jsonl", _records(5))
+    prefix = str(tmp_path / "out")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(f"{prefix}.tmp-{other.pid}")
+        assert preprocess(preprocess_args(data, sp_model_path, prefix)) == 1
+    finally:
+        other.kill()
+        other.wait()
+    assert (f"{prefix}.tmp-{other.pid} belongs to a preprocessing run that is still running "
+            f"(pid {other.pid})") in capsys.readouterr().err
+    assert os.path.isdir(f"{prefix}.tmp-{other.pid}")  # another run's folder is not touched
