@@ -10,6 +10,7 @@ This file supplies the dialog-specific ``forward_step``; the loop is ``mt_dialog
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -47,29 +48,60 @@ def make_forward_step(normalization: str):
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the config dataclasses; a Megatron-LM flag mt_dialog has no field for gets
     a one-line answer saying where the feature lives (``megatron_flags.answer``)."""
-    from mt_dialog.training.megatron_flags import answer
+    from mt_dialog.training.megatron_flags import add_compatible_flags, answer
 
     parser = FlagParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                         unknown_flag_answer=answer)
     for title, cls in GROUPS:
         add_arguments(parser, cls, title)
+    add_compatible_flags(parser)
     return parser
 
 
 def parse_config(argv) -> DialogTrainingConfig:
-    args = build_parser().parse_args(argv)
-    if args.use_checkpoint_args and args.load:
-        from mt_dialog.training.checkpoint import checkpoint_args
-
-        vars(args).update(checkpoint_args(args.load))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.use_checkpoint_args and (args.load or args.pretrained_checkpoint):
+        _take_checkpoint_args(parser, args)  # (without either: TrainConfig refuses it)
     return DialogTrainingConfig(*(from_args(cls, args) for _, cls in GROUPS))
 
 
-def _error(exc: Exception) -> int:
-    """One line per rank, written in one call so that ranks' lines never interleave."""
-    sys.stderr.write(f"error: {exc}\n")
+def _take_checkpoint_args(parser, args) -> None:
+    """--use-checkpoint-args: the model flags of the checkpoint the run starts from (--load when
+    it holds one, else --pretrained-checkpoint). A model flag given on the command line with
+    another value is refused, never silently overridden."""
+    from mt_dialog.training.checkpoint import TRACKER, checkpoint_args
+
+    source = args.load if args.load and os.path.isfile(os.path.join(args.load, TRACKER)) \
+        else (args.pretrained_checkpoint or args.load)
+    saved = checkpoint_args(source)
+    for name, value in saved.items():
+        given = getattr(args, name)
+        if given != parser.get_default(name) and given != value:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"use_checkpoint_args: {flag} {given} but the checkpoint {source} "
+                             f"has {value}; drop {flag} (the checkpoint's value is used) or "
+                             "--use-checkpoint-args")
+    vars(args).update(saved)
+
+
+def _error(exc: Exception, code: int = 1) -> int:
+    """One line per rank, written in one call so that ranks' lines never interleave; a message
+    about a config field names its flag (``lr: ...`` -> ``--lr: ...``). Returns ``code``: 2 for
+    a command line that is wrong in itself (as argparse), 1 for a run refused or stopped."""
+    sys.stderr.write(f"error: {flag_message(str(exc))}\n")
     sys.stderr.flush()
-    return 1
+    return code
+
+
+def flag_message(message: str) -> str:
+    """``field: text`` -> ``--field: text``, or just ``text`` when it names the flag already."""
+    head, sep, rest = message.partition(": ")
+    fields = {f.name for _, cls in GROUPS for f in dataclasses.fields(cls)}
+    if not sep or head not in fields:
+        return message
+    flag = "--" + head.replace("_", "-")
+    return rest if rest.startswith(flag) else f"{flag}: {rest}"
 
 
 def main(argv=None) -> int:
@@ -78,7 +110,10 @@ def main(argv=None) -> int:
 
     quiet_megatron_import_warnings()
     try:
-        config = parse_config(argv)
+        try:
+            config = parse_config(argv)
+        except ValueError as exc:
+            return _error(exc, code=2)
         from mt_dialog.training.loop import TrainingError, pretrain
 
         try:

@@ -31,9 +31,10 @@ setup(
         # apex is not on PyPI and is never required; install it yourself if you want it.
         "gpu": ["transformer-engine[pytorch]"],
         "hf": ["transformers>=4.45", "tokenizers>=0.20", "safetensors"],
+        "parquet": ["pyarrow>=14"],  # --input *.parquet (Hugging Face dataset downloads)
         "tensorboard": ["tensorboard>=2.14"],  # --tensorboard-dir
         "wandb": ["wandb>=0.19"],  # --wandb-project
         "bench": ["matplotlib>=3.7"],  # benchmarks/ plots
-        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", "wandb>=0.19"],
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", "wandb>=0.19", "pyarrow>=14"],
     },
 )

@@ -242,11 +242,12 @@ def cost_breakdown(path: str, model: str, template_name: str, rounds: int = 3):
     tokenizer = SentencePieceTokenizer(model)
     template = resolve_template(get_template(template_name), tokenizer)
     encode, sp = tokenizer.encode, tokenizer._sp
-    texts = [m.content for line in lines for m in parse_record(decode_json_line(line), None)]
+    texts = [m.content for line in lines
+             for m in parse_record(decode_json_line(line), None).messages]
     stage = open(os.devnull, "wb")
 
     def messages():
-        return (parse_record(decode_json_line(line), None) for line in lines)
+        return (parse_record(decode_json_line(line), None).messages for line in lines)
 
     def to_array():
         for conversation in messages():
@@ -257,9 +258,9 @@ def cost_breakdown(path: str, model: str, template_name: str, rounds: int = 3):
 
     def rendered():
         for conversation in messages():
-            r = render_conversation(conversation, template, encode)
-            stage.write(r.input_ids.astype(np.uint16).data)
-            stage.write(r.loss_token_num.astype(np.uint16).data)
+            for r in render_conversation(conversation, template, encode):
+                stage.write(r.input_ids.astype(np.uint16).data)
+                stage.write(r.loss_token_num.astype(np.uint16).data)
 
     def tokenize_texts():
         for text in texts:

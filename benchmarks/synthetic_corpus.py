@@ -250,7 +250,8 @@ def calibrate_overhead(corpus: str, tokenizer_model: str, limit: int = 2000) -> 
             if number >= limit:
                 break
             record = json.loads(line)
-            rendered = render_conversation(parse_record(record, None), template, tokenizer.encode)
+            (rendered,) = render_conversation(parse_record(record, None), template,
+                                              tokenizer.encode)
             counts = {r: 0 for r in ROLE_WORDS}
             content = 0
             for message in record["messages"]:

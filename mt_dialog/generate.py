@@ -46,6 +46,11 @@ class GenerationError(ValueError):
     """A checkpoint, tokenizer or request cannot be used; the message says what to do."""
 
 
+class TokenizerMissing(GenerationError):
+    """The run's tokenizer is neither where it was recorded nor copied into the checkpoint;
+    the caller says how to pass its location (``tools/chat.py --tokenizer-model``...)."""
+
+
 @dataclass
 class GenerationResult:
     """One generated reply."""
@@ -260,28 +265,24 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> No
 
 
 def to_messages(messages: Sequence[MessageLike]) -> List[Message]:
-    """Messages from ``Message`` objects or ``{"role", "content"}`` dicts, checked to be
-    ``[system] user (assistant user)*``."""
-    out = []
-    for index, message in enumerate(messages):
-        if isinstance(message, Message):
-            out.append(message)
-            continue
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise GenerationError(f"message {index}: expected {{'role': ..., 'content': ...}} "
-                                  f"with string values, got {message!r}")
-        out.append(Message(message["role"], message["content"]))
-    body = out[1:] if out and out[0].role == "system" else out
-    for index, message in enumerate(body):
-        expected = "user" if index % 2 == 0 else "assistant"
-        if message.role != expected:
-            raise GenerationError(
-                f"message {index + len(out) - len(body)} is {message.role!r} but {expected!r} was "
-                "expected: an optional system message, then user and assistant alternating, "
-                "ending with a user message")
-    if not body or body[-1].role != "user":
-        raise GenerationError("the conversation must end with a user message to reply to")
+    """Messages from ``Message`` objects or OpenAI / Hugging Face message dicts (``{"role",
+    "content"}``, ``tool_calls``, ...), checked by the training data's role rules
+    (``formats.validate_prompt``: ending with a user message or a tool result to reply to).
+    A null system message is left out. Raises ``GenerationError`` naming the message."""
+    from mt_dialog.data.formats import RecordError, message_from_dict, validate_prompt
+
+    out, names = [], []
+    try:
+        for index, message in enumerate(messages):
+            name = f"message {index}"
+            if not isinstance(message, Message):
+                message = message_from_dict(message, name)
+            if message is not None:
+                out.append(message)
+                names.append(name)
+        validate_prompt(out, names)
+    except RecordError as exc:
+        raise GenerationError(exc.message) from None
     return out
 
 
@@ -290,20 +291,21 @@ def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Opt
     checkpoint's copy in ``CKPT/tokenizer`` when the recorded path is gone)."""
     from mt_dialog.data.inspect import tokenizer_from_metadata
     from mt_dialog.data.tokenizers import TokenizerError, load_tokenizer
+    from mt_dialog.training.checkpoint import bundled_tokenizer
 
     if not data or not data.get("tokenizer"):
         raise GenerationError(f"checkpoint {path} records no tokenizer (converted from a "
                               "folder without tokenizer files); fine-tune it on a dataset "
                               "first, or convert a folder that has the tokenizer")
     tok_info = dict(data["tokenizer"])
-    bundled = os.path.join(path, "tokenizer")  # hf-to-mcore copies the tokenizer here
-    if not tokenizer_path and not os.path.exists(tok_info["path"]) and os.path.isdir(bundled):
+    bundled = bundled_tokenizer(path, tok_info)  # training and hf-to-mcore copy it into CKPT
+    if not tokenizer_path and not os.path.exists(tok_info["path"]) and bundled:
         tokenizer_path = bundled
     if not tokenizer_path:
         tokenizer = tokenizer_from_metadata({"tokenizer": tok_info})
         if tokenizer is None:
-            raise GenerationError(f"the run's tokenizer {tok_info['path']} cannot be loaded; "
-                                  "pass its new location (--tokenizer-model / tokenizer_path=)")
+            raise TokenizerMissing(f"the run's tokenizer {tok_info['path']} cannot be loaded "
+                                   f"and {path} holds no copy of it (CKPT/tokenizer)")
         return tokenizer
     try:
         tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
@@ -391,7 +393,8 @@ class Generator:
     # -- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[MessageLike]) -> List[int]:
         """The generation prompt, exactly as conversations were laid out in training."""
-        from mt_dialog.data.render import render_prompt, render_prompt_with_chat_template
+        from mt_dialog.data.render import render_prompt
+        from mt_dialog.data.render_hf import render_prompt_with_chat_template
 
         checked = to_messages(messages)
         if self.template is None:  # the tokenizer's own Jinja template

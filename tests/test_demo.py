@@ -13,7 +13,7 @@ def test_conversations_are_valid_and_varied():
     records = [make_conversation(rng) for _ in range(300)]
     reply_lengths = []
     for record in records:
-        messages = parse_record(record)  # validates roles and non-empty replies
+        messages = parse_record(record).messages  # validates roles and non-empty replies
         replies = [m.content for m in messages if m.role == "assistant"]
         reply_lengths += [len(r.split()) for r in replies]
         name = messages[1 if messages[0].role == "system" else 0].content.split()[3]

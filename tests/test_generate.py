@@ -54,8 +54,8 @@ def test_tp2_checkpoint_loads_into_one_process(run, generator):
     with open(run["corpus"]) as handle:
         records = [json.loads(next(handle)) for _ in range(8)]
     for record in records:
-        rendered = render_conversation(parse_record(record), generator.template,
-                                       generator.tokenizer.encode)
+        (rendered,) = render_conversation(parse_record(record), generator.template,
+                                          generator.tokenizer.encode)
         ids = torch.tensor(rendered.input_ids[None, :])
         with torch.no_grad():
             logits = generator.model(ids, torch.arange(ids.shape[1])[None, :], None)[0]
@@ -75,8 +75,8 @@ def test_prompt_is_the_training_layout(generator):
     from mt_dialog.data.render import render_conversation
 
     messages = PROMPTS[3] + [{"role": "assistant", "content": "4 5 6 7 8 9"}]
-    full = render_conversation([Message(**m) for m in messages], generator.template,
-                               generator.tokenizer.encode)
+    (full,) = render_conversation([Message(**m) for m in messages], generator.template,
+                                  generator.tokenizer.encode)
     prompt = generator.prompt_ids(PROMPTS[3])
     assert list(full.input_ids[: len(prompt)]) == prompt
     assert full.loss_token_num[len(prompt) - 1] == 0 and full.loss_token_num[len(prompt)] > 0

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         _check_args(args)
         warnings.filterwarnings("ignore")  # megatron-core's import-time notices (no TE/apex, ...)
         from mt_dialog.data.tokenizers import TokenizerError
-        from mt_dialog.generate import GenerationError, Generator
+        from mt_dialog.generate import GenerationError, Generator, TokenizerMissing
 
         try:
             generator = Generator.from_checkpoint(
@@ -158,6 +158,10 @@ def main(argv=None) -> int:
                     return 0
                 messages.append({"role": "assistant", "content": result.text})
             _interactive(generator, messages, sampling, args.echo)
+        except TokenizerMissing as exc:
+            print(f"error: {exc}; pass its location with --tokenizer-model PATH",
+                  file=sys.stderr, flush=True)
+            return 1
         except (GenerationError, TokenizerError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1

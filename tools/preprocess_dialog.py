@@ -1,6 +1,11 @@
 #!/usr/bin/env python
 """Tokenize, mask and pack multi-turn conversations into Megatron indexed datasets.
 
+Input: JSONL, JSON-array or Parquet files of openai / Hugging Face messages (tool calls, tool
+results, reasoning, per-message "weight" 0/1 or "loss" false/true), sharegpt, firefly or alpaca
+records. A bad record stops the run with file:line and the fix, or is counted (--on-error skip);
+what was dropped or ignored inside kept records is counted too (README: "Input formats").
+
 Example:
     python tools/preprocess_dialog.py --input data/*.jsonl --tokenizer-model tok.model \\
         --template chatml --seq-length 4096 --output-prefix data/chat --workers 8

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from mt_dialog.config_utils import option
-from mt_dialog.data.formats import FORMATS
+from mt_dialog.data.formats import EMPTY_REPLY, FORMATS
 from mt_dialog.data.packing import ALGORITHMS
+from mt_dialog.data.render import REASONING_MODES, TRAIN_ON, RenderOptions
 from mt_dialog.data.templates import HF_TEMPLATE, template_names
 
 TOKENIZER_TYPES = ("sentencepiece", "huggingface")
@@ -19,8 +20,8 @@ ON_ERROR = ("raise", "skip")
 class InputConfig:
     """Where conversations come from and how they are read."""
 
-    input: List[str] = option(help="JSONL files, JSON-array files, folders or globs to read",
-                              metavar="PATH")
+    input: List[str] = option(help="JSONL files, JSON-array files, Parquet files (.parquet), "
+                              "folders or globs to read", metavar="PATH")
     valid_input: List[str] = option([], help="separate validation inputs (then --split is not "
                                     "used)", metavar="PATH")
     input_format: str = option("auto", choices=("auto",) + FORMATS,
@@ -28,6 +29,11 @@ class InputConfig:
     on_error: str = option("raise", choices=ON_ERROR,
                            help="bad record: raise stops with file:line and the fix; skip counts "
                            "it by reason in the summary")
+    empty_reply: str = option("context", choices=EMPTY_REPLY,
+                              help="an empty assistant reply (no content, no tool calls) is never "
+                              "trained: context keeps it and the rest of its conversation as "
+                              "untrained context (counted in the summary); error refuses the "
+                              "record (reason empty_reply)")
 
     def __post_init__(self) -> None:
         if not self.input:
@@ -37,6 +43,9 @@ class InputConfig:
                              f"{', '.join(FORMATS)}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"on_error: {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
+        if self.empty_reply not in EMPTY_REPLY:
+            raise ValueError(f"empty_reply: {self.empty_reply!r} is not one of "
+                             f"{', '.join(EMPTY_REPLY)}")
 
 
 @dataclass
@@ -52,6 +61,14 @@ class TokenizerConfig:
     template: str = option("chatml", choices=template_names(),
                            help="chat template; 'hf' uses the Hugging Face tokenizer's own Jinja "
                            "chat template")
+    train_on: str = option("all", choices=TRAIN_ON,
+                           help="assistant replies trained: all, or only each conversation's "
+                           "last one (a message's own weight / loss field overrides both)")
+    reasoning: str = option("template", choices=REASONING_MODES,
+                            help="reasoning in multi-turn data: template (the template's own "
+                            "history: qwen3 leaves out earlier turns' reasoning), keep (every "
+                            "turn's), per-turn (one sample per user turn with reasoning, each "
+                            "trained in the view the model has at inference)")
 
     def __post_init__(self) -> None:
         if self.tokenizer_type not in TOKENIZER_TYPES:
@@ -68,6 +85,7 @@ class TokenizerConfig:
                              f"{', '.join(template_names())}")
         if self.template == HF_TEMPLATE and self.tokenizer_type != "huggingface":
             raise ValueError("template: 'hf' needs --tokenizer-type huggingface")
+        RenderOptions(self.train_on, self.reasoning)  # ValueError naming a wrong value
 
     @property
     def tokenizer_location(self) -> str:

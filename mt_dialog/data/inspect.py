@@ -27,11 +27,19 @@ def tokenizer_from_metadata(metadata: Dict) -> Optional[DialogTokenizer]:
 
 
 def _segments(counts: np.ndarray):
-    """(start, stop, trained) runs of equal trained-ness."""
+    """(start, stop, trained) runs of equal trained-ness, a trained run cut into its turns (a
+    turn of n tokens carries n on each: two replies can be adjacent, e.g. consecutive assistant
+    messages with the firefly template)."""
     trained = counts > 0
     edges = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), counts.shape[0]]
-    return [(a, b, bool(trained[a])) for a, b in zip(bounds[:-1], bounds[1:])]
+    segments = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        while trained[a] and a + int(counts[a]) < b:  # a turn, then more trained tokens
+            segments.append((a, a + int(counts[a]), True))
+            a += int(counts[a])
+        segments.append((a, b, bool(trained[a])))
+    return segments
 
 
 def _special_ids(metadata: Dict, tokenizer: Optional[DialogTokenizer]) -> set:
@@ -163,8 +171,8 @@ def verify_dataset(prefix: str) -> List[str]:
     if accounted != summary["conversations_read"]:
         problems.append(f"accounting: {summary['conversations_read']} read but {accounted} "
                         "kept + skipped + dropped")
-    kept = sum(s["conversations"] for s in metadata["splits"].values())
-    if kept != summary["conversations_kept"]:
-        problems.append(f"accounting: {summary['conversations_kept']} kept but the splits hold "
-                        f"{kept}")
+    stored = sum(s["conversations"] for s in metadata["splits"].values())
+    samples = summary.get("samples_kept", summary["conversations_kept"])  # per-turn: several
+    if stored != samples:
+        problems.append(f"accounting: {samples} samples kept but the splits hold {stored}")
     return problems

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -71,6 +72,11 @@ class Tally:
     skipped: Counter = field(default_factory=Counter)
     dropped: Counter = field(default_factory=Counter)
     examples: Dict[str, str] = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)
+    """Kept records per note of ``Conversation.notes`` (what parsing changed or ignored)."""
+    record_of_sample: array = field(default_factory=lambda: array("q"))
+    """Per staged sample, the number of its record among the kept ones (a record gives several
+    samples with --reasoning per-turn; they go to the same split)."""
 
 
 def _numbered(files: Sequence[Tuple[str, bool]]) -> Iterator[Tuple[int, RawRecord, bool]]:
@@ -130,12 +136,15 @@ def _account(outcome, record: RawRecord, valid: bool, tally: Tally, index: Stage
         return
     tally.read += 1
     if status == "ok":
-        _, _, offset, length, removed, turns, loss_tokens = outcome
+        _, _, samples, removed, notes = outcome
         tally.kept += 1
+        tally.notes.update(notes)
         if removed:
             tally.truncated += 1
             tally.turns_removed += removed
-        index.add(shard, offset, length, turns, loss_tokens, valid)
+        for offset, length, turns, loss_tokens in samples:  # several: --reasoning per-turn
+            index.add(shard, offset, length, turns, loss_tokens, valid)
+            tally.record_of_sample.append(tally.kept - 1)
         return
     reason, message = outcome[2], outcome[3]
     if status == "error" and reason == "overlong":
@@ -146,18 +155,21 @@ def _account(outcome, record: RawRecord, valid: bool, tally: Tally, index: Stage
     tally.examples.setdefault(reason, message)
 
 
-def _assign_splits(index: StageIndex, config: PreprocessConfig) -> Dict[str, np.ndarray]:
-    """Staging indices of each split (seeded random split unless --valid-input was given)."""
+def _assign_splits(index: StageIndex, config: PreprocessConfig,
+                   record_of_sample: np.ndarray) -> Dict[str, np.ndarray]:
+    """Staging indices of each split (seeded random split of the kept records unless
+    --valid-input was given; all samples of a record, ``record_of_sample``, go to its split)."""
     if config.inputs.valid_input:
         flags = index.column("is_valid")
         return {"train": np.flatnonzero(flags == 0), "valid": np.flatnonzero(flags == 1)}
-    count = len(index)
+    count = int(record_of_sample[-1]) + 1 if record_of_sample.size else 0
     _, valid_fraction = config.packing.split_fractions()
     n_valid = int(round(count * valid_fraction))
     if valid_fraction > 0 and n_valid == 0 and count >= 2:
         n_valid = 1  # a requested validation split is never silently empty
     order = np.random.default_rng(config.packing.seed).permutation(count)
-    return {"train": np.sort(order[n_valid:]), "valid": np.sort(order[:n_valid])}
+    valid = np.isin(record_of_sample, order[:n_valid])
+    return {"train": np.flatnonzero(~valid), "valid": np.flatnonzero(valid)}
 
 
 def to_stage_indices(indices: np.ndarray, packs: List[List[int]]) -> List[List[int]]:
@@ -239,6 +251,9 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         input_format=None if config.inputs.input_format == "auto" else config.inputs.input_format,
         seq_length=config.packing.seq_length,
         overlong=config.packing.overlong,
+        empty_reply=config.inputs.empty_reply,
+        train_on=config.tokenizer.train_on,
+        reasoning=config.tokenizer.reasoning,
     )
     try:
         tokenizer = processor.setup()  # appends missing special tokens once, here
@@ -288,8 +303,10 @@ def _summary(tally: Tally, splits: Dict[str, Dict], elapsed: float) -> Dict:
     return {
         "conversations_read": tally.read,
         "conversations_kept": tally.kept,
+        "samples_kept": len(tally.record_of_sample),
         "skipped": dict(sorted(tally.skipped.items())),
         "dropped": dict(sorted(tally.dropped.items())),
+        "notes": dict(sorted(tally.notes.items())),
         "truncated": tally.truncated,
         "turns_removed_by_truncation": tally.turns_removed,
         "empty_files": tally.empty_files,
@@ -375,8 +392,10 @@ def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = Non
                 f"dropped: {dict(tally.dropped)}); nothing to write"
             )
         tmp_prefix = os.path.join(tmp_dir, os.path.basename(prefix))
+        records = np.frombuffer(tally.record_of_sample, dtype=np.int64)
         planned = {name: _plan_split(name, indices, index, config)
-                   for name, indices in _assign_splits(index, config).items() if indices.size}
+                   for name, indices in _assign_splits(index, config, records).items()
+                   if indices.size}
         _write(writer, index, [plan for plan, _ in planned.values()], tmp_dir, tmp_prefix,
                processor, tokenizer.vocab_size, config)
         splits = {name: stats for name, (_, stats) in planned.items()}
@@ -396,8 +415,12 @@ def format_summary(summary: Dict) -> str:
     """The final summary table, as printed by the tool."""
     rows = [("conversations read", f"{summary['conversations_read']:,}"),
             ("  kept", f"{summary['conversations_kept']:,}")]
+    samples = summary.get("samples_kept", summary["conversations_kept"])
+    if samples != summary["conversations_kept"]:
+        rows.append(("  samples kept (--reasoning per-turn)", f"{samples:,}"))
     rows += [(f"  skipped: {k}", f"{v:,}") for k, v in summary["skipped"].items()]
     rows += [(f"  dropped: {k}", f"{v:,}") for k, v in summary["dropped"].items()]
+    rows += [(f"  kept, note: {k}", f"{v:,} records") for k, v in summary.get("notes", {}).items()]
     rows.append(("  truncated (kept, whole turns removed)",
                  f"{summary['truncated']:,} ({summary['turns_removed_by_truncation']:,} turns)"))
     if summary["empty_files"]:

@@ -1,10 +1,16 @@
-"""Stream raw records from JSONL files and JSON arrays, never holding a whole file in memory.
+"""Stream raw records from JSONL files, JSON arrays and Parquet files, never holding a whole file
+in memory.
 
 ``expand_inputs`` turns ``--input`` items (files, folders, globs) into a sorted file list.
 ``iter_records`` yields ``RawRecord``\\ s in file order. A JSONL record is handed on as undecoded
 bytes (parsing happens in the worker processes); a JSON-array element is decoded here, because
 finding where it ends needs the parser. Whether a file is JSONL or a JSON array is decided by its
-first non-blank byte (``[`` means array), not by its name.
+first non-blank byte (``[`` means array), not by its name. A Parquet file (a Hugging Face dataset
+download: ``.parquet``, or any file starting with the Parquet magic ``PAR1``) is streamed one
+batch of rows at a time with ``pyarrow``; each row is a record, its nested list/struct columns
+the lists and dicts JSON would give (struct fields that are null, which Parquet stores for every
+field of the column's schema, are left out as JSON leaves out absent keys), and errors name
+``file:row N`` (counted from 0, as ``datasets`` and pandas index rows).
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Any, Iterator, List, Optional, Sequence
 
 from mt_dialog.data.formats import RecordError
 
-INPUT_SUFFIXES = (".jsonl", ".json")
+INPUT_SUFFIXES = (".jsonl", ".json", ".parquet")
+PARQUET_SUFFIX = ".parquet"
+_PARQUET_MAGIC = b"PAR1"
+_PARQUET_BATCH = 1024
 _CHUNK = 1 << 20
 _MAX_RECORD_CHARS = 64 << 20
 
@@ -37,14 +46,16 @@ class RawRecord:
     value: Any = None
     error: Optional[RecordError] = None  # a problem found while reading (e.g. empty file)
     nbytes: int = 0  # bytes of input this record advanced the file (for the progress bar)
+    row: bool = False  # ``line`` is a Parquet row number (from 0), not a line number
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.line}"
+        return f"{self.path}:row {self.line}" if self.row else f"{self.path}:{self.line}"
 
 
 def expand_inputs(items: Sequence[str]) -> List[str]:
-    """Files named by ``items``: a file, a folder (its *.jsonl / *.json, recursively) or a glob."""
+    """Files named by ``items``: a file, a folder (its *.jsonl / *.json / *.parquet, recursively)
+    or a glob. Raises ``InputError`` for a path that names nothing."""
     files: List[str] = []
     for item in items:
         if os.path.isdir(item):
@@ -55,7 +66,8 @@ def expand_inputs(items: Sequence[str]) -> List[str]:
                 if name.endswith(INPUT_SUFFIXES)
             )
             if not found:
-                raise InputError(f"--input {item}: folder has no .jsonl or .json files")
+                raise InputError(f"--input {item}: folder has no .jsonl, .json or .parquet "
+                                 "files")
             files.extend(found)
         elif glob.has_magic(item):
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
@@ -83,7 +95,11 @@ def _first_byte(path: str) -> Optional[bytes]:
 
 
 def iter_records(path: str) -> Iterator[RawRecord]:
-    """All records of one file, in order. An empty file yields one record carrying an error."""
+    """All records of one file, in order. An empty file yields one record carrying an error.
+    Raises ``InputError`` when the file cannot be read at all."""
+    if _is_parquet(path):
+        yield from _iter_parquet(path)
+        return
     first = _first_byte(path)
     if first is None:
         yield RawRecord(
@@ -219,3 +235,58 @@ def _iter_json_array(path: str) -> Iterator[RawRecord]:
             )
     finally:
         stream.handle.close()
+
+
+def _is_parquet(path: str) -> bool:
+    if path.endswith(PARQUET_SUFFIX):
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
+
+
+def _without_nulls(value: Any) -> Any:
+    """A Parquet row as JSON would have it: null struct fields left out, recursively."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _open_parquet(path: str):
+    try:
+        import pyarrow
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise InputError(f"{path}: reading Parquet files needs pyarrow: pip install -e "
+                         "'.[parquet]' (or pip install pyarrow)") from None
+    try:
+        return parquet.ParquetFile(path), pyarrow.ArrowException
+    except (OSError, pyarrow.ArrowException) as exc:
+        raise InputError(f"{path}: not a readable Parquet file ({exc}); re-download it, or "
+                         "convert it to JSONL") from None
+
+
+def _iter_parquet(path: str) -> Iterator[RawRecord]:
+    """Rows of a Parquet file, one batch in memory at a time; ``nbytes`` spreads the file's
+    size over its rows."""
+    handle, arrow_error = _open_parquet(path)
+    size, rows = os.path.getsize(path), handle.metadata.num_rows
+    if rows == 0:
+        handle.close()
+        yield RawRecord(path, 1, error=RecordError(
+            "empty_file", "the Parquet file has no rows; remove it from --input"), nbytes=size)
+        return
+    row = done = 0
+    try:
+        for batch in handle.iter_batches(batch_size=_PARQUET_BATCH):
+            for value in batch.to_pylist():
+                consumed = size * (row + 1) // rows
+                yield RawRecord(path, row, value=_without_nulls(value), nbytes=consumed - done,
+                                row=True)
+                row, done = row + 1, consumed
+    except arrow_error as exc:
+        raise InputError(f"{path}:row {row}: the Parquet data cannot be read ({exc}); "
+                         "re-download the file, or convert it to JSONL") from None
+    finally:
+        handle.close()

@@ -6,16 +6,20 @@ set up there (tokenizer loaded, the main process's appended special tokens resto
 resolved), so all processes produce identical ids. ``process`` maps a batch of
 ``(number, RawRecord)`` to outcomes:
 
-- ``("ok", number, input_ids, loss_token_num, turns_removed)`` for a kept conversation;
+- ``("ok", number, ((input_ids, loss_token_num), ...), turns_removed, notes)`` for a kept
+  record: its samples (one, or with ``--reasoning per-turn`` one per user turn with reasoning;
+  ``render.render_conversation``) and ``notes``, the record's ``Conversation.notes``, counted
+  in the summary;
 - ``("error", number, reason, message)`` for a record that cannot be used (the message starts with
   ``file:line``), an overlong one included under ``--overlong error``;
 - ``("dropped", number, reason, message)`` for an overlong conversation under ``--overlong drop``
   (reason ``overlong``) or ``truncate`` when not even its first turn fits
   (``overlong_no_turn_fits``).
 
-``stage`` does the same but appends each kept conversation to a staging shard
-(``staging.ShardWriter``) and returns ``("ok", number, offset, length, turns_removed, turns,
-loss_tokens)`` in its place, so only a few numbers per conversation cross the process boundary.
+``stage`` does the same but appends each kept sample to a staging shard
+(``staging.ShardWriter``) and returns ``("ok", number, ((offset, length, turns, loss_tokens),
+...), turns_removed, notes)`` in its place, so only a few numbers per sample cross the process
+boundary.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from mt_dialog.data.formats import RecordError, parse_record
 from mt_dialog.data.readers import RawRecord
 from mt_dialog.data.render import (
     RenderedConversation,
+    RenderOptions,
     render_conversation,
-    render_with_chat_template,
     resolve_template,
     truncate_to_turns,
 )
+from mt_dialog.data.render_hf import render_with_chat_template
 from mt_dialog.data.staging import ShardWriter
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
 from mt_dialog.data.tokenizers import DialogTokenizer, load_tokenizer
@@ -74,6 +79,12 @@ class RecordProcessor:
     """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
     count_dtype: str = "int32"
     """dtype of the staged loss_token_num."""
+    empty_reply: str = "context"
+    """``--empty-reply``: an empty assistant reply is kept as untrained context, or refused."""
+    train_on: str = "all"
+    """``--train-on``: every assistant reply is trained, or only the last one."""
+    reasoning: str = "template"
+    """``--reasoning``: template, keep or per-turn (``render.RenderOptions``)."""
 
     def __post_init__(self) -> None:
         self._tokenizer: Optional[DialogTokenizer] = None
@@ -95,51 +106,86 @@ class RecordProcessor:
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def render(self, messages) -> RenderedConversation:
+    @property
+    def options(self) -> RenderOptions:
+        return RenderOptions(train_on=self.train_on, reasoning=self.reasoning)
+
+    def render(self, conversation) -> Tuple[RenderedConversation, ...]:
+        """The samples of one parsed record (several only with ``--reasoning per-turn``)."""
         tokenizer = self.setup()
         if self.template_name == HF_TEMPLATE:
-            return render_with_chat_template(messages, tokenizer.hf)
-        return render_conversation(messages, self._template, tokenizer.encode)
+            return render_with_chat_template(conversation, tokenizer.hf, self.options)
+        return render_conversation(conversation, self._template, tokenizer.encode, self.options)
 
     def process(self, batch: List[Tuple[int, RawRecord]]) -> List[Outcome]:
         return [self._one(number, record) for number, record in batch]
 
     def stage(self, batch: List[Tuple[int, RawRecord]], shard: ShardWriter) -> List[Outcome]:
-        """``process``, with kept conversations appended to ``shard`` (flushed before returning)
-        and their outcomes reduced to ``("ok", number, offset, length, turns_removed, turns,
-        loss_tokens)``."""
+        """``process``, with kept samples appended to ``shard`` (flushed before returning) and
+        their outcomes reduced to ``("ok", number, ((offset, length, turns, loss_tokens), ...),
+        turns_removed, notes)``."""
         outcomes = []
         for number, record in batch:
-            failure, rendered, removed = self._attempt(number, record)
-            if rendered is not None:
-                offset = shard.append(rendered.input_ids, rendered.loss_token_num)
-                failure = ("ok", number, offset, rendered.num_tokens, removed,
-                           rendered.turn_num, rendered.num_loss_tokens)
+            failure, samples, removed, notes = self._attempt(number, record)
+            if samples is not None:
+                staged = tuple((shard.append(s.input_ids, s.loss_token_num), s.num_tokens,
+                                s.turn_num, s.num_loss_tokens) for s in samples)
+                failure = ("ok", number, staged, removed, notes)
             outcomes.append(failure)
         shard.flush()
         return outcomes
 
     def _one(self, number: int, record: RawRecord) -> Outcome:
-        failure, rendered, removed = self._attempt(number, record)
-        if rendered is None:
+        failure, samples, removed, notes = self._attempt(number, record)
+        if samples is None:
             return failure
-        return ("ok", number, rendered.input_ids.astype(self.token_dtype, copy=False),
-                rendered.loss_token_num.astype(self.count_dtype, copy=False), removed)
+        arrays = tuple((s.input_ids.astype(self.token_dtype, copy=False),
+                        s.loss_token_num.astype(self.count_dtype, copy=False)) for s in samples)
+        return ("ok", number, arrays, removed, notes)
 
     def _attempt(self, number: int, record: RawRecord) -> Tuple[
-            Optional[Outcome], Optional[RenderedConversation], int]:
-        """``(failure outcome, None, 0)``, or ``(None, the kept conversation, turns removed)``.
-        Every kept turn carries loss tokens (its end-of-turn at least), so ``turn_num`` is the
-        number of trained turns."""
+            Optional[Outcome], Optional[Tuple[RenderedConversation, ...]], int, Tuple[str, ...]]:
+        """``(failure outcome, None, 0, ())``, or ``(None, the kept samples, turns removed,
+        the record's notes)``. Every kept turn carries loss tokens (its end-of-turn at least), so
+        ``turn_num`` is the number of trained turns."""
         if record.error is not None:  # a problem with the file itself (e.g. empty)
             return ("error", number, record.error.reason,
-                    f"{record.where}: {record.error.message}"), None, 0
+                    f"{record.where}: {record.error.message}"), None, 0, ()
         where = f"{record.where}: conversation {number}"
         try:
             value = decode_json_line(record.raw) if record.raw is not None else record.value
-            rendered = self.render(parse_record(value, self.input_format))
+            conversation = parse_record(value, self.input_format, self.empty_reply)
+            samples = self.render(conversation)
         except RecordError as exc:
-            return ("error", number, exc.reason, f"{where}: {exc.message}"), None, 0
+            return ("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
+        except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
+            return ("error", number, "invalid_unicode", f"{where}: text the tokenizer cannot "
+                    f"encode ({exc}); repair or remove it"), None, 0, ()
+        return (*self._fit_samples(number, where, samples), conversation.notes)
+
+    def _fit_samples(self, number: int, where: str, samples) -> Tuple[
+            Optional[Outcome], Optional[Tuple[RenderedConversation, ...]], int]:
+        """``_fit`` on each sample of a record: ``(None, the samples kept, turns removed)``, or
+        the first failure. Under ``--overlong truncate`` a sample none of whose turns fits is
+        left out (its turns counted as removed) as long as another sample is kept."""
+        kept, removed, dropped = [], 0, None
+        for sample in samples:
+            failure, fitted, lost = self._fit(number, where, sample)
+            if fitted is not None:
+                kept.append(fitted)
+                removed += lost
+            elif failure[0] == "dropped" and self.overlong == "truncate":
+                dropped, removed = failure, removed + sample.turn_num
+            else:
+                return failure, None, 0
+        if not kept:
+            return dropped, None, 0
+        return None, tuple(kept), removed
+
+    def _fit(self, number: int, where: str, rendered: RenderedConversation) -> Tuple[
+            Optional[Outcome], Optional[RenderedConversation], int]:
+        """``--overlong``: ``(None, the conversation or its longest whole-turn prefix that fits,
+        turns removed)``, or ``(failure outcome, None, 0)``."""
         if rendered.num_tokens <= self.seq_length:
             return None, rendered, 0
         too_long = (

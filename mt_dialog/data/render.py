@@ -1,7 +1,11 @@
 """Render one conversation into token ids and per-token loss fields.
 
-``render_conversation`` is the single place where a conversation becomes training data. For the
-``firefly`` template and a two-turn conversation (ids shortened)::
+``render_conversation`` is the single place where a conversation becomes training data with a
+built-in template, and ``render_prompt`` (the generation prompt) is built from the same renderer
+(``_render``). A *turn* is one trained assistant message: its reply (reasoning where shown,
+content, tool calls as the template writes them) and its end-of-turn token. System, user and
+tool-result text and untrained assistant messages are context (loss_token_num 0, not turns).
+For the ``firefly`` template and a two-turn conversation (ids shortened)::
 
     text      <s> Hi </s> Hello! </s> 2+2? </s>  4  </s>
     input_ids  1  306  2   15043 2   29906  2  29946  2
@@ -16,21 +20,24 @@ pack never trains across a conversation boundary. ``loss_mask == (loss_token_num
 
 from __future__ import annotations
 
+import json
 import re
-import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mt_dialog.data.formats import Message, RecordError
+from mt_dialog.data.formats import Conversation, Message, RecordError
 from mt_dialog.data.templates import (
     BOS,
     EOS,
     HF_TEMPLATE,
+    TEMPLATES,
     ChatTemplate,
     Pieces,
+    ReasoningLayout,
     Special,
+    ToolLayout,
     get_template,
 )
 from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
@@ -39,6 +46,39 @@ Encode = Callable[[str], List[int]]
 ResolvedPieces = Tuple[Union[str, int], ...]
 _PLACEHOLDER = re.compile(r"\{(content|system)\}")
 
+TRAIN_ON = ("all", "last")
+REASONING_MODES = ("template", "keep", "per-turn")
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What is trained (``--train-on``) and how reasoning is kept (``--reasoning``).
+
+    ``train_on``: "all" trains every assistant message, "last" only the conversation's last one;
+    a message's own ``train`` (``weight`` / ``loss`` in the input) overrides both. ``reasoning``:
+    "template" renders the history as the template does (Qwen3 leaves out the reasoning of
+    assistant messages before the last user message; one sample), "keep" keeps every message's
+    reasoning (one sample), "per-turn" gives one sample per user turn whose trained replies have
+    reasoning, each in the view the model has when it writes that turn (history reasoning left
+    out), so that every trained message is trained exactly once, in its inference view.
+
+    Raises ``ValueError`` naming the value and the choices."""
+
+    train_on: str = "all"
+    reasoning: str = "template"
+
+    def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise ValueError(f"--train-on {self.train_on!r} is not one of {', '.join(TRAIN_ON)}")
+        if self.reasoning not in REASONING_MODES:
+            raise ValueError(f"--reasoning {self.reasoning!r} is not one of "
+                             f"{', '.join(REASONING_MODES)}")
+
+
+def as_conversation(value: Union[Conversation, Sequence[Message]]) -> Conversation:
+    """``value`` if it is a ``Conversation``, else its messages as one (no tools)."""
+    return value if isinstance(value, Conversation) else Conversation(tuple(value))
+
 
 @dataclass(frozen=True)
 class RenderedConversation:
@@ -46,7 +86,7 @@ class RenderedConversation:
 
     input_ids: np.ndarray  # int64 token ids
     loss_token_num: np.ndarray  # int32: length of the token's turn on trained tokens, else 0
-    turn_ends: Tuple[int, ...]  # token offset just after each assistant turn (close included)
+    turn_ends: Tuple[int, ...]  # token offset just after each trained turn (close included)
 
     @property
     def loss_mask(self) -> np.ndarray:
@@ -78,6 +118,9 @@ class ResolvedTemplate:
     end_of_turn: int
     assistant_close: ResolvedPieces
     default_system: Optional[str]
+    tools: Optional[ToolLayout] = None
+    """The template's tool layout, its ``results`` pieces resolved to ids."""
+    reasoning: Optional[ReasoningLayout] = None
 
 
 def _special_id(special: Special, tokenizer: DialogTokenizer) -> int:
@@ -112,6 +155,9 @@ def resolve_template(template: ChatTemplate, tokenizer: DialogTokenizer) -> Reso
         end_of_turn=_special_id(template.end_of_turn, tokenizer),
         assistant_close=resolve(template.assistant_close),
         default_system=template.default_system,
+        tools=(replace(template.tools, results=resolve(template.tools.results))
+               if template.tools is not None else None),
+        reasoning=template.reasoning,
     )
 
 
@@ -123,51 +169,199 @@ def _emit(out: List[int], pieces: ResolvedPieces, encode: Encode, **values: str)
             out.extend(encode(_PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), piece)))
 
 
-def _render_context(
-    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
-) -> Tuple[List[int], Sequence[Message], Optional[ResolvedPieces], str]:
-    """Prefix and system block; returns ids, the remaining messages, first-user pieces."""
+def _layout_names(kind: str) -> str:
+    names = [name for name, t in TEMPLATES.items() if getattr(t, kind) is not None]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def _check_layouts(conversation: Conversation, template: ResolvedTemplate) -> None:
+    """Refuse tools or reasoning that ``template`` has no layout for (``RecordError``)."""
+    messages = conversation.messages
+    if template.tools is None:
+        index = next((i for i, m in enumerate(messages) if m.role == "tool" or m.tool_calls),
+                     None)
+        if index is not None or conversation.tools:
+            what = ("the record offers tools" if index is None else f"message {index} is a tool "
+                    + ("result" if messages[index].role == "tool" else "call"))
+            raise RecordError(
+                "template_no_tools",
+                f"{what}, but --template {template.name} has no layout for tools; use --template "
+                f"{_layout_names('tools')} (or hf with a chat template that lays out tools)")
+    if template.reasoning is None:
+        index = next((i for i, m in enumerate(messages) if (m.reasoning or "").strip()), None)
+        if index is not None:
+            raise RecordError(
+                "template_no_reasoning",
+                f"message {index} has reasoning, but --template {template.name} has no place "
+                f"for it; use --template {_layout_names('reasoning')} (or hf with a chat "
+                "template that lays out reasoning)")
+
+
+def _system_text(conversation: Conversation, template: ResolvedTemplate) -> Tuple[str, int]:
+    """(the system text, the tools described in it; index of the first message after the
+    system message)."""
+    messages = conversation.messages
+    leading = bool(messages) and messages[0].role == "system"
+    system = messages[0].content if leading else (template.default_system or "")
+    if conversation.tools:
+        layout = template.tools
+        described = layout.tool_separator.join(
+            json.dumps(tool, ensure_ascii=False, indent=layout.tool_indent)
+            for tool in conversation.tools)
+        tools = layout.tools[0] + described + layout.tools[1]
+        system = f"{system}\n\n{tools}" if system else tools
+    return system, int(leading)
+
+
+def _reply_text(message: Message, template: ResolvedTemplate, keep_reasoning: bool) -> str:
+    """The text of an assistant message as trained: [reasoning] content [tool calls]."""
+    text = message.content
+    for call in message.tool_calls:
+        layout = template.tools
+        body = json.dumps({"name": call.name, layout.arguments_key: call.arguments},
+                          ensure_ascii=False)
+        text += ("\n" if text else "") + layout.call[0] + body + layout.call[1]
+    if keep_reasoning and message.reasoning is not None and template.reasoning is not None:
+        before, after = template.reasoning.wrap
+        text = before + message.reasoning + after + text
+    return text
+
+
+def _has_reply(message: Message, keep_reasoning: bool) -> bool:
+    """An assistant message with nothing to say (empty reply, no call, no reasoning shown) is
+    never trained."""
+    shown = keep_reasoning and (message.reasoning or "").strip()
+    return bool(message.content.strip() or message.tool_calls or shown)
+
+
+def _render(conversation: Conversation, template: ResolvedTemplate, encode: Encode,
+            trained: Sequence[bool], keep: Sequence[bool]
+            ) -> Tuple[List[int], List[Tuple[int, int]], List[int]]:
+    """The one renderer: ids of every message of ``conversation``, ``(start, length)`` of each
+    reply with ``trained[i]`` (its end-of-turn included), the token offset after each of those
+    turns. ``keep[i]``: message i's reasoning is shown."""
+    messages = conversation.messages
     ids: List[int] = []
     _emit(ids, template.prefix, encode)
-    system = template.default_system
-    body = messages
-    if messages and messages[0].role == "system":
-        system, body = messages[0].content, messages[1:]
-    first_user = None
-    if system and template.first_user_with_system is not None:
-        first_user = template.first_user_with_system
-    elif system:
+    system, start = _system_text(conversation, template)
+    fold = bool(system) and template.first_user_with_system is not None
+    if system and not fold:
         _emit(ids, template.system, encode, content=system)
-    return ids, body, first_user, system or ""
+    replies: List[Tuple[int, int]] = []
+    turn_ends: List[int] = []
+    results: List[str] = []
+    for index in range(start, len(messages)):
+        message = messages[index]
+        if message.role == "assistant":
+            _emit(ids, template.assistant_open, encode)
+            if trained[index] and not ids:  # packing relies on untrained first tokens
+                raise RecordError("role_order", f"message {index}: --template {template.name} "
+                                  "has nothing before a reply that opens the conversation, so "
+                                  "it cannot be trained; start with a user message or give "
+                                  "this reply weight 0")
+            reply = encode(_reply_text(message, template, keep[index]))
+            reply.append(template.end_of_turn)
+            if trained[index]:
+                replies.append((len(ids), len(reply)))
+            ids.extend(reply)
+            _emit(ids, template.assistant_close, encode)
+            if trained[index]:
+                turn_ends.append(len(ids))
+        elif message.role == "tool":
+            layout = template.tools
+            results.append(layout.result[0] + message.content + layout.result[1])
+            following = messages[index + 1].role if index + 1 < len(messages) else None
+            if following != "tool" or not layout.join_results:
+                _emit(ids, layout.results, encode, content="".join(results))
+                results = []
+        elif message.role == "user":
+            pieces = template.first_user_with_system if fold else template.user
+            _emit(ids, pieces, encode, content=message.content, system=system)
+            fold = False
+        else:
+            raise RecordError("role_order", f"message {index} is a system message after the "
+                              "start; only the first message can be a system message")
+    if fold:
+        raise RecordError("role_order", f"--template {template.name} puts the system message "
+                          "into the first user message, and this conversation has none")
+    return ids, replies, turn_ends
+
+
+def _trained(messages: Sequence[Message], options: RenderOptions) -> List[bool]:
+    """Per message: an assistant message the run trains (before emptiness is looked at)."""
+    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
+    return [m.role == "assistant" and (m.train if m.train is not None
+                                       else options.train_on == "all" or i == last)
+            for i, m in enumerate(messages)]
+
+
+def _views(messages: Sequence[Message], template: ResolvedTemplate, options: RenderOptions,
+           trained: List[bool]) -> List[Tuple[List[bool], List[bool]]]:
+    """Per sample of the conversation: (trained, reasoning shown) per message.
+
+    A *user turn* is a user message and the messages after it up to the next user message
+    (tool calls, results and replies included). Templates that leave earlier reasoning out show
+    only the last user turn's reasoning ("template"); "keep" shows all; "per-turn" closes a
+    sample after every user turn with reasoning and trained replies, showing that turn's
+    reasoning only, training the replies of the user turns since the previous sample."""
+    count = len(messages)
+    layout = template.reasoning
+    if layout is None or not layout.drops_earlier or options.reasoning == "keep":
+        return [(trained, [True] * count)]
+    turn, users = [], 0
+    for message in messages:
+        users += message.role == "user"
+        turn.append(users)
+    if options.reasoning == "template":
+        return [(trained, [t == turn[-1] for t in turn])]
+    thinking = {turn[i] for i, m in enumerate(messages) if m.reasoning is not None}
+    closing = sorted({turn[i] for i in range(count) if trained[i]} & thinking | {turn[-1]})
+    views, done = [], -1
+    for last in closing:
+        views.append(([trained[i] and done < turn[i] <= last for i in range(count)],
+                      [t == last for t in turn]))
+        done = last
+    return views
 
 
 def render_conversation(
-    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
-) -> RenderedConversation:
-    """Token ids, per-token turn lengths and turn ends of a validated conversation.
+    conversation: Union[Conversation, Sequence[Message]], template: ResolvedTemplate,
+    encode: Encode, options: Optional[RenderOptions] = None,
+) -> Tuple[RenderedConversation, ...]:
+    """The training samples of one conversation: token ids, per-token turn lengths, turn ends.
 
-    ``messages`` must follow ``[system] user assistant (user assistant)*`` (see
-    ``formats.validate_roles``); ``encode`` turns text into ids without adding special tokens.
+    One sample, or with ``options.reasoning == "per-turn"`` one per user turn with reasoning
+    (see ``RenderOptions``, ``_views``). A trained assistant message's reply (reasoning where
+    shown, content, tool calls) and its end-of-turn are trained; everything else (system, user,
+    tool results, untrained or empty replies) is context with loss_token_num 0. A sample ends
+    with its last trained turn (what follows would train nothing). ``conversation``: a
+    ``Conversation`` or a sequence of ``Message``; ``encode`` turns text into ids without
+    adding special tokens.
+
+    Raises ``RecordError``: ``template_no_tools`` / ``template_no_reasoning`` (the template has
+    no layout for them), ``no_trained_turn`` (nothing would be trained), ``role_order``.
     """
-    ids, body, first_user, system = _render_context(messages, template, encode)
-    replies: List[Tuple[int, int]] = []  # (start, length) of each trained reply
-    turn_ends: List[int] = []
-    for index, message in enumerate(body):
-        if message.role == "user":
-            pieces = first_user if (index == 0 and first_user is not None) else template.user
-            _emit(ids, pieces, encode, content=message.content, system=system)
+    conversation = as_conversation(conversation)
+    options = options or RenderOptions()
+    _check_layouts(conversation, template)
+    messages = conversation.messages
+    samples = []
+    for trained, keep in _views(messages, template, options, _trained(messages, options)):
+        shown = [t and _has_reply(m, k) for m, t, k in zip(messages, trained, keep)]
+        if not any(shown):
             continue
-        _emit(ids, template.assistant_open, encode)
-        reply = encode(message.content)
-        reply.append(template.end_of_turn)
-        replies.append((len(ids), len(reply)))
-        ids.extend(reply)
-        _emit(ids, template.assistant_close, encode)
-        turn_ends.append(len(ids))
-    return RenderedConversation(
-        np.fromiter(ids, dtype=np.int64, count=len(ids)),
-        _turn_lengths(replies, len(ids)), tuple(turn_ends)
-    )
+        stop = max(i for i, t in enumerate(shown) if t) + 1
+        view = replace(conversation, messages=tuple(messages[:stop]))
+        ids, replies, turn_ends = _render(view, template, encode, shown, keep)
+        samples.append(RenderedConversation(np.fromiter(ids, dtype=np.int64, count=len(ids)),
+                                            _turn_lengths(replies, len(ids)), tuple(turn_ends)))
+    if not samples:
+        last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
+        raise RecordError(
+            "no_trained_turn",
+            f"no assistant message is trained (each one is marked weight 0 / loss false, is "
+            f"empty{last}); nothing would be trained")
+    return tuple(samples)
 
 
 def _turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
@@ -183,21 +377,24 @@ def _turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
 
 
 def render_prompt(
-    messages: Sequence[Message], template: ResolvedTemplate, encode: Encode
+    conversation: Union[Conversation, Sequence[Message]], template: ResolvedTemplate,
+    encode: Encode, options: Optional[RenderOptions] = None,
 ) -> List[int]:
-    """Ids of a conversation that ends with a user message, plus the reply opener: the
-    generation prompt, laid out exactly as in training."""
-    if not messages or messages[-1].role != "user":
-        raise ValueError("a generation prompt must end with a user message")
-    ids, body, first_user, system = _render_context(messages, template, encode)
-    for index, message in enumerate(body):
-        if message.role == "user":
-            pieces = first_user if (index == 0 and first_user is not None) else template.user
-            _emit(ids, pieces, encode, content=message.content, system=system)
-        else:
-            _emit(ids, template.assistant_open, encode)
-            ids.extend(encode(message.content) + [template.end_of_turn])
-            _emit(ids, template.assistant_close, encode)
+    """Ids of a conversation that ends with a user message or a tool result, plus the reply
+    opener: the generation prompt, laid out by the one renderer exactly as training laid out
+    the history of the next reply (reasoning shown as ``options.reasoning`` shows it; "per-turn"
+    as "template", the view it trains each turn in). Raises ``ValueError`` (``RecordError`` for
+    what the template cannot lay out)."""
+    conversation = as_conversation(conversation)
+    messages = conversation.messages
+    if not messages or messages[-1].role not in ("user", "tool"):
+        raise ValueError("a generation prompt must end with a user message or a tool result")
+    _check_layouts(conversation, template)
+    untrained = [False] * len(messages)
+    kept = options is not None and options.reasoning == "keep"
+    view = RenderOptions(reasoning="keep" if kept else "template")
+    [(_, keep)] = _views(messages, template, view, untrained)
+    ids, _, _ = _render(conversation, template, encode, untrained, keep)
     _emit(ids, template.assistant_open, encode)
     return ids
 
@@ -215,164 +412,15 @@ def truncate_to_turns(
     )
 
 
-def render_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> RenderedConversation:
-    """Render with a Hugging Face tokenizer's own Jinja chat template.
-
-    The template renders text, so the assistant spans are *derived by rendering*: for reply k,
-    ``prompt_k`` = messages[:k] with the generation prompt and ``upto_k`` = messages[:k+1]; the
-    full text must start with ``upto_k`` and ``upto_k`` with ``prompt_k``. The reply's tokens are
-    those starting inside the content, plus the first token after it, which must be the chat
-    template's end-of-turn token (``chat_template_end_of_turn``). Anything else is refused
-    rather than guessed: ``RecordError`` with reason ``special_token_in_text``,
-    ``template_mismatch``, ``end_of_turn_mismatch`` or ``template_error`` (``TokenizerError``
-    when the template cannot be used at all).
-    """
-    expected = chat_template_end_of_turn(hf_tokenizer)
-    rendered, enders = _render_replies(messages, hf_tokenizer)
-    for k, token in enders:
-        if token != expected:
-            piece, wanted = hf_tokenizer.convert_ids_to_tokens([token, expected])
-            raise RecordError(
-                "end_of_turn_mismatch",
-                f"message {k}: the chat template ends this reply with {piece!r} (id {token}) "
-                f"but replies end with {wanted!r} (id {expected}) elsewhere; training needs one "
-                "end-of-turn token (generation stops at it): fix the chat template or use a "
-                "built-in --template",
-            )
-    return rendered
-
-
-def _render_replies(messages: Sequence[Message], hf_tokenizer
-                    ) -> Tuple[RenderedConversation, List[Tuple[int, int]]]:
-    """The rendering and, per assistant message k, ``(k, id of the special token after it)``."""
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    specials = [s for s in hf_tokenizer.all_special_tokens if s]
-    for index, message in enumerate(messages):
-        hit = next((s for s in specials if s in message.content), None)
-        if hit:
-            raise RecordError(
-                "special_token_in_text",
-                f"message {index} contains the special token text {hit!r}, which the chat "
-                "template would turn into a control token; remove it or use a built-in --template",
-            )
-    full = _apply_chat_template(hf_tokenizer, dicts)
-    encoded = hf_tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    starts = [span[0] for span in encoded["offset_mapping"]]
-    special_ids = set(hf_tokenizer.all_special_ids)
-    ltn = [0] * len(ids)
-    turn_ends: List[int] = []
-    enders: List[Tuple[int, int]] = []
-    for k, message in enumerate(messages):
-        if message.role != "assistant":
-            continue
-        span = _assistant_span(dicts, k, full, hf_tokenizer)
-        trained = [i for i, s in enumerate(starts) if span[0] <= s < span[1]]
-        after = next((i for i, s in enumerate(starts) if s >= span[1]), None)
-        aligned = bool(trained) and starts[trained[0]] == span[0]
-        if not aligned or after is None or ids[after] not in special_ids:
-            raise RecordError(
-                "template_mismatch",
-                f"message {k}: the chat template's rendering of this reply is not followed by a "
-                "special end-of-turn token; use a built-in --template for this tokenizer",
-            )
-        trained.append(after)
-        enders.append((k, ids[after]))
-        for i in trained:
-            ltn[i] = len(trained)
-        upto_end = span[2]
-        turn_ends.append(next((i for i, s in enumerate(starts) if s >= upto_end), len(ids)))
-    rendered = RenderedConversation(
-        np.asarray(ids, dtype=np.int64), np.asarray(ltn, dtype=np.int32), tuple(turn_ends)
-    )
-    return rendered, enders
-
-
-def _apply_chat_template(hf_tokenizer, dicts, add_generation_prompt: bool = False) -> str:
-    """The template's text; a template that refuses the conversation is a ``RecordError``."""
-    import jinja2
-
-    try:
-        return hf_tokenizer.apply_chat_template(dicts, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as exc:
-        raise RecordError("template_error",
-                          f"the chat template refuses this conversation ({exc})") from None
-
-
-def render_prompt_with_chat_template(messages: Sequence[Message], hf_tokenizer) -> List[int]:
-    """Ids of the generation prompt (a conversation ending with a user message) laid out by the
-    tokenizer's chat template, tokenized as ``render_with_chat_template`` tokenizes training
-    conversations. Raises ``RecordError`` when the template refuses the conversation."""
-    dicts = [{"role": m.role, "content": m.content} for m in messages]
-    text = _apply_chat_template(hf_tokenizer, dicts, add_generation_prompt=True)
-    return list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-_PROBE = (Message("user", "Hello!"), Message("assistant", "Hi."),
-          Message("user", "How are you?"), Message("assistant", "Fine, thanks."))
-_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def chat_template_end_of_turn(hf_tokenizer) -> int:
-    """Id of the special token a Hugging Face chat template puts right after every reply
-    (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3): the token training trains at the
-    end of each reply and generation stops at. It is not ``eos_token_id`` in general (a base
-    model's ChatML tokenizer has eos ``<|endoftext|>``). Found by rendering a probe conversation
-    of two replies (cached per tokenizer and template); ``render_with_chat_template`` then checks
-    every reply of every conversation against it.
-
-    Raises ``TokenizerError`` when the tokenizer has no chat template, the template cannot lay
-    out the probe, or ends its replies with different special tokens."""
-    template = getattr(hf_tokenizer, "chat_template", None)
-    if not template:
-        raise TokenizerError("--template hf: the tokenizer has no chat template; choose a "
-                             "built-in --template")
-    cached = _END_OF_TURN.get(hf_tokenizer)
-    if cached is not None and cached[0] == template:
-        return cached[1]
-    try:
-        _, enders = _render_replies(_PROBE, hf_tokenizer)
-    except RecordError as exc:
-        raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
-                             f"conversation {[m.content for m in _PROBE]}: {exc.message}") from None
-    tokens = sorted({token for _, token in enders})
-    if len(tokens) != 1:
-        pieces = ", ".join(f"{p!r} (id {t})" for p, t in
-                           zip(hf_tokenizer.convert_ids_to_tokens(tokens), tokens))
-        raise TokenizerError(
-            f"--template hf: the chat template ends replies with different special tokens "
-            f"({pieces}) on a probe conversation; training needs one end-of-turn token "
-            "(generation stops at it): fix the chat template or choose a built-in --template")
-    _END_OF_TURN[hf_tokenizer] = (template, tokens[0])
-    return tokens[0]
-
-
 def end_of_turn_id(template_name: str, tokenizer: DialogTokenizer) -> int:
     """The id that ends every trained reply with ``--template template_name``: the built-in
     template's ``end_of_turn`` (appended to the vocabulary if missing), or for ``hf`` the token
-    the tokenizer's own chat template puts after each reply (``chat_template_end_of_turn``).
-    The one way the end-of-turn is resolved: the dataset metadata records it and generation,
-    ``--verify`` and the Hugging Face export use it. Raises ``TokenizerError`` or ``ValueError``
-    (unknown template)."""
+    the tokenizer's own chat template puts after each reply
+    (``render_hf.chat_template_end_of_turn``). The one way the end-of-turn is resolved: the
+    dataset metadata records it and generation, ``--verify`` and the Hugging Face export use it.
+    Raises ``TokenizerError`` or ``ValueError`` (unknown template)."""
     if template_name == HF_TEMPLATE:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TokenizerError(f"--template hf: the tokenizer in {tokenizer.path} has no chat "
-                                 "template; choose a built-in --template")
-        return chat_template_end_of_turn(tokenizer.hf)
+        from mt_dialog.data.render_hf import hf_end_of_turn_id
+
+        return hf_end_of_turn_id(tokenizer)
     return resolve_template(get_template(template_name), tokenizer).end_of_turn
-
-
-def _assistant_span(dicts, k: int, full: str, hf_tokenizer) -> Tuple[int, int, int]:
-    """(content start, content end, end of the rendered turn) in ``full``'s characters."""
-    prompt = _apply_chat_template(hf_tokenizer, dicts[:k], add_generation_prompt=True)
-    upto = _apply_chat_template(hf_tokenizer, dicts[: k + 1])
-    content = dicts[k]["content"]
-    at = upto.find(content, len(prompt))
-    if not (full.startswith(upto) and upto.startswith(prompt)) or at < 0:
-        raise RecordError(
-            "template_mismatch",
-            f"message {k}: the chat template does not render prefixes of the conversation as "
-            "prefixes of the whole, so the reply cannot be located; use a built-in --template",
-        )
-    return at, at + len(content), len(upto)

@@ -12,11 +12,22 @@ so the end-of-turn token is trained (without it the model never learns to stop).
     <|im_start|>system\\n{sys}<|im_end|>\\n<|im_start|>user\\n{u}<|im_end|>\\n<|im_start|>assistant\\n
     {reply}<|im_end|>        <- trained
     \\n
+
+The reply is one text: the reasoning (``ReasoningLayout``, where the template has one and keeps
+it), the content, then the tool calls (``ToolLayout``), e.g. for ``qwen3``::
+
+    <think>\\n{reasoning}\\n</think>\\n\\n{content}\\n<tool_call>\\n{"name": ..., "arguments": ...}
+    \\n</tool_call>
+
+Tool results are never trained; the tools offered are described in the system block. The layouts
+are written from the model families' documented prompt formats (Hermes / Qwen2.5 function
+calling, Llama 3.1 JSON tool calling, Qwen3 thinking mode); templates without a layout for tools
+or reasoning refuse records that have them (``template_no_tools``, ``template_no_reasoning``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Tuple, Union
 
 
@@ -32,6 +43,43 @@ EOS = Special("<eos>")  # the tokenizer's own end-of-sequence id
 
 Piece = Union[str, Special]
 Pieces = Tuple[Piece, ...]
+Wrap = Tuple[str, str]
+"""Text written before and after a value."""
+
+
+@dataclass(frozen=True)
+class ToolLayout:
+    """Where a template puts the tools offered, the calls in a reply and the tools' results."""
+
+    tools: Wrap
+    """Around the tool descriptions; the whole text is added to the system message (after its
+    text and a blank line, or alone when there is none)."""
+    tool_separator: str
+    """Between two tool descriptions (each one ``json.dumps(tool, ensure_ascii=False)``)."""
+    tool_indent: Optional[int]
+    """JSON indent of a tool description (None: one line)."""
+    call: Wrap
+    """Around one call, the JSON object ``{"name": ..., <arguments_key>: ...}``. A reply's calls
+    follow its content, each on a new line."""
+    arguments_key: str
+    """"arguments" (Hermes / Qwen) or "parameters" (Llama 3.1)."""
+    result: Wrap
+    """Around one tool result."""
+    results: Pieces
+    """Pieces of a tool turn; ``{content}`` is its results, each wrapped in ``result``."""
+    join_results: bool
+    """Consecutive results share one tool turn (Hermes) or get one turn each (Llama 3.1)."""
+
+
+@dataclass(frozen=True)
+class ReasoningLayout:
+    """Where a template puts an assistant message's reasoning."""
+
+    wrap: Wrap
+    """Around the reasoning, before the content (inside the trained reply)."""
+    drops_earlier: bool
+    """The template's own history: reasoning of assistant messages before the last user message
+    is left out (Qwen3's documented multi-turn behaviour), the rest is kept."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +104,10 @@ class ChatTemplate:
     """System text used when a conversation has none (None: no system block)."""
     first_user_with_system: Optional[Pieces] = None
     """If set, the system message is folded into the first user message (Llama 2)."""
+    tools: Optional[ToolLayout] = None
+    """The tool layout; None: records with tools, tool calls or tool results are refused."""
+    reasoning: Optional[ReasoningLayout] = None
+    """The reasoning layout; None: records with reasoning are refused."""
     extra: Dict[str, str] = field(default_factory=dict)
 
 
@@ -77,16 +129,41 @@ _register(
         end_of_turn=EOS,
     )
 )
+HERMES_TOOLS = ToolLayout(
+    # Hermes function calling as Qwen2.5 / Qwen3 document it: the signatures in <tools></tools>
+    # with the instructions, calls in <tool_call></tool_call>, results as user turns
+    tools=("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+           "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n",
+           "\n</tools>\n\nFor each function call, return a json object with function name and "
+           "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+           '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'),
+    tool_separator="\n",
+    tool_indent=None,
+    call=("<tool_call>\n", "\n</tool_call>"),
+    arguments_key="arguments",
+    result=("\n<tool_response>\n", "\n</tool_response>"),
+    results=(Special("<|im_start|>"), "user{content}", Special("<|im_end|>"), "\n"),
+    join_results=True,
+)
+_CHATML = ChatTemplate(
+    name="chatml",
+    description="<|im_start|>role\\n...<|im_end|> (Qwen2.5, OpenAI ChatML; Hermes tool calls)",
+    prefix=(),
+    system=(Special("<|im_start|>"), "system\n{content}", Special("<|im_end|>"), "\n"),
+    user=(Special("<|im_start|>"), "user\n{content}", Special("<|im_end|>"), "\n"),
+    assistant_open=(Special("<|im_start|>"), "assistant\n"),
+    end_of_turn=Special("<|im_end|>"),
+    assistant_close=("\n",),
+    tools=HERMES_TOOLS,
+)
+_register(_CHATML)
 _register(
-    ChatTemplate(
-        name="chatml",
-        description="<|im_start|>role\\n...<|im_end|> (Qwen, OpenAI ChatML)",
-        prefix=(),
-        system=(Special("<|im_start|>"), "system\n{content}", Special("<|im_end|>"), "\n"),
-        user=(Special("<|im_start|>"), "user\n{content}", Special("<|im_end|>"), "\n"),
-        assistant_open=(Special("<|im_start|>"), "assistant\n"),
-        end_of_turn=Special("<|im_end|>"),
-        assistant_close=("\n",),
+    replace(
+        _CHATML,
+        name="qwen3",
+        description="ChatML + <think>\\n...\\n</think>\\n\\n before the reply; earlier turns' "
+        "reasoning left out of the history (Qwen3)",
+        reasoning=ReasoningLayout(wrap=("<think>\n", "\n</think>\n\n"), drops_earlier=True),
     )
 )
 _register(
@@ -116,6 +193,21 @@ _register(
         ),
         assistant_open=(Special("<|start_header_id|>"), "assistant", Special("<|end_header_id|>"), "\n\n"),
         end_of_turn=Special("<|eot_id|>"),
+        tools=ToolLayout(
+            # Llama 3.1 JSON tool calling: the functions as indented JSON in the system message,
+            # a call as {"name": ..., "parameters": ...}, each result in an ipython turn
+            tools=("You have access to the following functions. To call a function, respond "
+                   'with a JSON object of the form {"name": function name, "parameters": '
+                   "dictionary of argument name and its value}. Do not use variables.\n\n", ""),
+            tool_separator="\n\n",
+            tool_indent=4,
+            call=("", ""),
+            arguments_key="parameters",
+            result=("", ""),
+            results=(Special("<|start_header_id|>"), "ipython", Special("<|end_header_id|>"),
+                     "\n\n{content}", Special("<|eot_id|>")),
+            join_results=False,
+        ),
     )
 )
 _register(

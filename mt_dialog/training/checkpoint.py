@@ -31,6 +31,7 @@ import os
 import random
 import shutil
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -69,26 +70,54 @@ def latest_iteration(root: str) -> int:
     return int(text)
 
 
-def has_checkpoint(train) -> bool:
-    """Whether ``train.load`` (a ``TrainConfig``'s --load) holds a checkpoint to load.
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a training run starts (``start_point``)."""
 
-    A --load folder without one is accepted only when it is also the --save folder and the run
-    is not --finetune: Megatron-LM users pass the same ``--load DIR --save DIR`` from the first
-    launch on (so that a restarted job resumes), and that first launch starts from scratch.
+    path: Optional[str]
+    """The checkpoint folder to load; None: from scratch."""
+    weights_only: bool
+    """Load the weights only and start at iteration 0 (--finetune, --pretrained-checkpoint)."""
+    note: Optional[str] = None
+    """A line for the log when the choice was not the obvious one."""
+
+
+def start_point(train) -> StartPoint:
+    """The checkpoint a run (``TrainConfig``) starts from:
+
+    --load DIR holding a checkpoint        DIR (full resume; weights only with --finetune)
+    --pretrained-checkpoint BASE, and no   BASE, weights only (Megatron-LM's way to make a
+      checkpoint in --load (yet)             fine-tune relaunchable: --pretrained-checkpoint BASE
+                                             --load DIR --save DIR on every launch)
+    --load DIR = --save DIR, empty         from scratch (a restartable job's first launch)
 
     Raises:
         CheckpointError: any other --load without a checkpoint (a typo must not silently train
             from scratch).
     """
+    if train.load and os.path.isfile(os.path.join(train.load, TRACKER)):
+        return StartPoint(train.load, bool(train.finetune))
+    if train.pretrained_checkpoint:
+        latest_iteration(train.pretrained_checkpoint)  # raises with the reason
+        note = (f"--load {train.load}: no checkpoint there yet; starting from the weights of "
+                f"--pretrained-checkpoint {train.pretrained_checkpoint}") if train.load else None
+        return StartPoint(train.pretrained_checkpoint, True, note)
     if not train.load:
-        return False
-    if os.path.isfile(os.path.join(train.load, TRACKER)):
-        return True
+        return StartPoint(None, False)
     same = train.save and os.path.abspath(train.save) == os.path.abspath(train.load)
     if same and not train.finetune:
-        return False
+        return StartPoint(None, False, f"--load {train.load}: no checkpoint there yet (it is "
+                                       "the --save folder); starting from scratch")
     latest_iteration(train.load)  # raises with the reason
-    return True
+    return StartPoint(train.load, bool(train.finetune))
+
+
+def is_weights_only(root: str) -> bool:
+    """Whether the newest checkpoint under ``root`` holds weights only (hf-to-mcore's)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(iteration_dir(root, latest_iteration(root)))
+    return bool(common.get("weights_only"))
 
 
 def check_save_folder(train) -> None:
@@ -200,6 +229,44 @@ def check_resume_matches(root: str, config) -> None:
                 f"--load {root}: the checkpoint was saved {given} {flag} and its optimizer "
                 f"state has that form; resume {given} {flag}, or start from its weights with "
                 "--finetune")
+
+
+BUNDLED_TOKENIZER = "tokenizer"  # CKPT/tokenizer: a copy of the run's tokenizer files
+
+
+def bundle_tokenizer(root: str, tokenizer_info: Dict[str, Any]) -> Optional[str]:
+    """Copy the run's tokenizer (a SentencePiece ``.model`` file, or a Hugging Face folder's
+    tokenizer files) into ``root/tokenizer`` once, so that a checkpoint folder moved to another
+    machine still chats and exports; returns a warning when the tokenizer cannot be found."""
+    from mt_dialog.data.tokenizers import tokenizer_files
+
+    source, target = tokenizer_info.get("path") or "", os.path.join(root, BUNDLED_TOKENIZER)
+    if os.path.isdir(target):
+        return None
+    if not os.path.exists(source):
+        return (f"warning: the run's tokenizer {source} is gone; {target} is not written (chat "
+                "and export will need the tokenizer's location)")
+    tmp = f"{target}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    # a folder's config.json too: transformers picks the tokenizer class by the model type
+    names = [os.path.basename(source)] if os.path.isfile(source) else tokenizer_files(source) + [
+        name for name in ("config.json",) if os.path.isfile(os.path.join(source, name))]
+    for name in names:
+        origin = source if os.path.isfile(source) else os.path.join(source, name)
+        shutil.copy2(origin, os.path.join(tmp, name))
+    os.replace(tmp, target)
+    return None
+
+
+def bundled_tokenizer(root: str, tokenizer_info: Dict[str, Any]) -> Optional[str]:
+    """The copy of the run's tokenizer in ``root/tokenizer`` (training's ``bundle_tokenizer``,
+    or hf-to-mcore's), as a path ``load_tokenizer`` takes (the ``.model`` file for
+    SentencePiece); None when there is none."""
+    folder = os.path.join(root, BUNDLED_TOKENIZER)
+    if tokenizer_info.get("type") == "sentencepiece":
+        path = os.path.join(folder, os.path.basename(tokenizer_info.get("path") or ""))
+        return path if os.path.isfile(path) else None
+    return folder if os.path.isdir(folder) else None
 
 
 def source_info(root: str) -> Dict[str, Any]:

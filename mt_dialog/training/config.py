@@ -303,7 +303,12 @@ class TrainConfig:
     load: Optional[str] = option(None, help="checkpoint folder to resume from (model, "
                                  "optimizer, scheduler, data position, RNG)")
     finetune: bool = option(False, help="with --load: take the weights only, start at iteration 0")
-    use_checkpoint_args: bool = option(False, help="with --load: take the model flags "
+    pretrained_checkpoint: Optional[str] = option(
+        None, help="a checkpoint whose weights start the run while --load holds no checkpoint "
+        "(Megatron-LM's flag): --pretrained-checkpoint BASE --load DIR --save DIR is one "
+        "fine-tuning command to relaunch as often as needed")
+    use_checkpoint_args: bool = option(False, help="with --load / --pretrained-checkpoint: take "
+                                       "the model flags "
                                        "(layers, sizes, heads, RoPE, norm) from the checkpoint")
     exit_interval: Optional[int] = option(None, help="stop after the first iteration that is "
                                           "a multiple of this (Megatron-LM's rule), saving a "
@@ -319,9 +324,9 @@ class TrainConfig:
                                           "Weights & Biases project too (pip install -e "
                                           "'.[wandb]'; WANDB_MODE=offline runs without network)")
     wandb_exp_name: Optional[str] = option(None, help="with --wandb-project: the W&B run name")
-    wandb_save_dir: Optional[str] = option(None, help="with --wandb-project: folder of the W&B "
-                                           "run files (default: SAVE/wandb with --save, else "
-                                           "./wandb)")
+    wandb_save_dir: Optional[str] = option(None, help="with --wandb-project: W&B writes its "
+                                           "run files into DIR/wandb/ (default DIR: --save, else "
+                                           "the current folder)")
 
     def __post_init__(self) -> None:
         if self.eval_iters == 0:  # Megatron-LM's way of turning validation off
@@ -340,8 +345,13 @@ class TrainConfig:
                                  "NAME (W&B logging is on only with a project)")
         if self.finetune and not self.load:
             raise ValueError("finetune: --finetune needs --load CHECKPOINT")
-        if self.use_checkpoint_args and not self.load:
-            raise ValueError("use_checkpoint_args: --use-checkpoint-args needs --load CHECKPOINT")
+        if self.finetune and self.pretrained_checkpoint:
+            raise ValueError("pretrained_checkpoint: give either --load BASE --finetune or "
+                             "--pretrained-checkpoint BASE (with --load DIR --save DIR to make "
+                             "the fine-tune relaunchable), not both")
+        if self.use_checkpoint_args and not (self.load or self.pretrained_checkpoint):
+            raise ValueError("use_checkpoint_args: --use-checkpoint-args needs --load CHECKPOINT "
+                             "or --pretrained-checkpoint CHECKPOINT")
 
 
 # --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends
@@ -421,7 +431,8 @@ def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
     if model.num_layers % layers_per_stage:
         raise ValueError(
             f"num_layers: {model.num_layers} layers cannot be split evenly over "
-            f"{layers_per_stage} pipeline chunks")
+            f"{layers_per_stage} pipeline chunks (pipeline-parallel size x virtual stages); use "
+            f"a --num-layers that is a multiple of {layers_per_stage}, or fewer stages")
     _check_recompute_layers(model, model.num_layers // layers_per_stage)
     return dp
 

@@ -22,12 +22,17 @@ from mt_dialog.data.dataset import PackedDialogDataset
 from mt_dialog.data.storage import read_metadata
 from mt_dialog.training import distributed
 from mt_dialog.training.checkpoint import (
+    CheckpointError,
+    StartPoint,
+    bundle_tokenizer,
     check_model_matches,
     check_resume_matches,
     check_save_folder,
-    has_checkpoint,
+    is_weights_only,
     load_checkpoint,
     save_checkpoint,
+    source_info,
+    start_point,
 )
 from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, validate_world
 from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
@@ -99,18 +104,18 @@ class Run:
     dp_size: int
     global_batch: int
     train_iters: int
+    start: Optional[StartPoint] = None  # the checkpoint the run started from
     iteration: int = 0
+    start_iteration: int = 0  # the iteration this launch started at
     consumed: int = 0
     writer: object = None
     history: List[Dict[str, float]] = field(default_factory=list)
 
 
-def _model_vocab(config: DialogTrainingConfig, info: DataInfo) -> int:
+def _model_vocab(info: DataInfo, start: StartPoint) -> int:
     """The datasets' vocabulary, or the imported Hugging Face model's rows when it has more
     (Qwen2 models have spare rows; keeping them exports the same shape back)."""
-    from mt_dialog.training.checkpoint import source_info
-
-    source = source_info(config.train.load) if config.train.load else {}
+    source = source_info(start.path) if start.path else {}
     return max(info.vocab_size, int(source.get("vocab_size") or 0))
 
 
@@ -124,14 +129,14 @@ def open_datasets(config: DialogTrainingConfig, info: DataInfo):
     return stream, valid_sets
 
 
-def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, forward_step,
-           dp_size: int) -> Run:
+def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, start: StartPoint,
+           forward_step, dp_size: int) -> Run:
     from megatron.core.distributed import finalize_model_grads
 
     from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp
 
     tconfig = transformer_config(config)
-    chunks = build_model_chunks(config, tconfig, _model_vocab(config, info), info.seq_length)
+    chunks = build_model_chunks(config, tconfig, _model_vocab(info, start), info.seq_length)
     model = wrap_ddp(chunks, tconfig, config)
     tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
@@ -142,7 +147,7 @@ def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, forward_step,
     optimizer, scheduler = build_optimizer(config, model, train_iters)
     tconfig.grad_scale_func = optimizer.scale_loss  # the loss scale with --fp16, else 1
     return Run(config, info, model, optimizer, scheduler, stream, valid_sets, forward_step,
-               dp_size, global_batch, train_iters)
+               dp_size, global_batch, train_iters, start=start)
 
 
 def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
@@ -279,6 +284,10 @@ def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
 
 
 def _save(run: Run) -> None:
+    if distributed.is_logging_rank():
+        warning = bundle_tokenizer(run.config.train.save, run.info.tokenizer)
+        if warning:
+            print(warning, flush=True)
     path = save_checkpoint(run.config.train.save, run.iteration, run.consumed, run.model,
                            run.optimizer, run.scheduler, to_dict(run.config))
     distributed.log(f"saved checkpoint {path}")
@@ -338,8 +347,8 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     """Every check that needs no model, so that a bad set-up fails in seconds with one line:
     the parallel layout, the datasets, the schedule, the precision, the tokenizer flags, the
     validation data, the tracking packages, the checkpoint's architecture, and every dataset
-    file (``open_datasets``). Returns ``(data-parallel size, DataInfo, datasets)``; raises
-    ValueError (CheckpointError and DatasetFormatError included)."""
+    file (``open_datasets``). Returns ``(data-parallel size, DataInfo, datasets, StartPoint)``;
+    raises ValueError (CheckpointError and DatasetFormatError included)."""
     from mt_dialog.training.megatron_flags import check_tokenizer, check_validation_data
     from mt_dialog.training.tracking import check_available
 
@@ -351,11 +360,16 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     check_validation_data(config)
     check_available(config.train)
     check_save_folder(config.train)
-    if has_checkpoint(config.train):
-        check_model_matches(config.train.load, config.model)
-        if not config.train.finetune:
-            check_resume_matches(config.train.load, config)
-    return dp_size, info, open_datasets(config, info)
+    start = start_point(config.train)
+    if start.path:
+        check_model_matches(start.path, config.model)
+    if start.path and not start.weights_only:
+        if is_weights_only(start.path):
+            raise CheckpointError(f"--load {start.path}: the checkpoint holds weights only "
+                                  "(converted from Hugging Face, or exported); add --finetune "
+                                  "to start from it, or pass it as --pretrained-checkpoint")
+        check_resume_matches(start.path, config)
+    return dp_size, info, open_datasets(config, info), start
 
 
 def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) -> Run:
@@ -364,9 +378,14 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) ->
     moment the checks passed: the run stops after its first (or current) iteration."""
     started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dp_size, info, datasets = check_before_build(config, world_size)
+    dp_size, info, datasets, start = check_before_build(config, world_size)
     with StopConditions(config.train, started) as stops:
-        run = _build_and_load(config, info, datasets, forward_step, dp_size)
+        run = _build_and_load(config, info, datasets, start, forward_step, dp_size)
+        if run.iteration >= run.train_iters:
+            distributed.log(f"the run is finished: --load {start.path} is at iteration "
+                            f"{run.iteration} of --train-iters {run.train_iters}; nothing to do "
+                            "(raise --train-iters to train on)")
+            return run
         run.writer = open_tracker(config)
         distributed.log(_banner(run, argv))
         train(run, stops)
@@ -377,20 +396,20 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) ->
     return run
 
 
-def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets, forward_step,
-                    dp_size: int) -> Run:
+def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
+                    start: StartPoint, forward_step, dp_size: int) -> Run:
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                            par.virtual_pipeline_model_parallel_size, config.train.seed)
-    run = _setup(config, info, datasets, forward_step, dp_size)
-    if config.train.load and not has_checkpoint(config.train):
-        distributed.log(f"--load {config.train.load}: no checkpoint there yet (it is the --save "
-                        "folder); starting from scratch")
-    elif config.train.load:
+    run = _setup(config, info, datasets, start, forward_step, dp_size)
+    if start.note:
+        distributed.log(start.note)
+    if start.path:
         run.iteration, run.consumed = load_checkpoint(
-            config.train.load, run.model, run.optimizer, run.scheduler, config.train.finetune)
-        distributed.log(f"loaded {config.train.load} at iteration {run.iteration}"
-                        + (" (weights only)" if config.train.finetune else ""))
+            start.path, run.model, run.optimizer, run.scheduler, start.weights_only)
+        distributed.log(f"loaded {start.path} at iteration {run.iteration}"
+                        + (" (weights only)" if start.weights_only else ""))
+    run.start_iteration = run.iteration
     return run
 
 
@@ -405,10 +424,8 @@ def _banner(run: Run, argv) -> str:
 def _write_config(run: Run, argv) -> None:
     import json
 
-    from mt_dialog.training.checkpoint import source_info
-
     os.makedirs(run.config.train.save, exist_ok=True)
-    source = source_info(run.config.train.load) if run.config.train.load else {}
+    source = source_info(run.start.path) if run.start and run.start.path else {}
     with open(os.path.join(run.config.train.save, "config.json"), "w") as handle:
         json.dump({"command": list(argv) if argv else None, "config": to_dict(run.config),
                    "data": to_dict(run.info), "source": source or None}, handle, indent=2)

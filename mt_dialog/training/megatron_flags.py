@@ -11,7 +11,9 @@ type and sha256, computed as ``mt_dialog.data.tokenizers`` does at preprocessing
 
 from __future__ import annotations
 
+import argparse
 import os
+import textwrap
 from typing import Dict, Optional, Tuple
 
 from mt_dialog.data.storage import read_metadata
@@ -41,9 +43,6 @@ ELSEWHERE: Dict[str, str] = {
     "--test-data-path": "there is no test phase: validate on it with --valid-data-path",
     "--mock-data": f"build a small dataset with {PREPROCESS} (scripts/demo.sh does)",
     "--data-cache-path": "packs are indexed once, at preprocessing: there is no cache",
-    "--reset-position-ids": "always on: positions restart at every conversation of a pack",
-    "--reset-attention-mask": "always on: conversations of a pack never attend to each "
-                              "other (--packed-attention causal turns it off)",
     "--eod-mask-loss": "the loss covers assistant replies and their end-of-turn token only "
                        "(recorded at preprocessing); --loss-normalization weights them",
     "--sft": "pretrain_dialog.py is SFT: it trains on the packed conversations of "
@@ -61,49 +60,34 @@ ELSEWHERE: Dict[str, str] = {
                         "runs packed conversations through TE's THD (flash / fused) "
                         "attention on GPU; local runs scaled_dot_product_attention per "
                         "conversation",
-    "--use-mcore-models": "always on: the model is megatron-core's GPTModel",
     "--use-legacy-models": "not available: the model is megatron-core's GPTModel",
-    "--group-query-attention": "give --num-query-groups N (grouped-query attention when N "
-                               "< --num-attention-heads)",
-    "--hidden-dropout": "dropout is off (0.0, the usual fine-tuning choice); not settable",
-    "--optimizer": "the optimizer is Adam(W): --weight-decay, --adam-beta1, --adam-beta2, "
-                   "--adam-eps",
-    "--accumulate-allreduce-grads-in-fp32": "always on: gradients are reduced in fp32",
     "--ddp-average-in-collective": "off by design: gradients are summed and divided once by "
                                    "the global turn (or token) count",
     "--distributed-backend": "chosen for you: nccl with CUDA, gloo on CPU",
     "--use-cpu-initialization": "automatic: weights are initialized on CPU without a GPU",
     "--num-layers-per-virtual-pipeline-stage": "give --virtual-pipeline-model-parallel-size"
                                                " (model chunks per pipeline rank)",
-    "--check-for-nan-in-loss-and-grad": "always on: a NaN/Inf loss or gradient norm stops "
-                                        "the run naming the iteration",
     "--no-load-optim": "--load DIR --finetune takes the weights only (new optimizer, "
                        "iteration 0)",
-    "--pretrained-checkpoint": "give --load DIR --finetune",
     "--log-throughput": "tokens/s is in every log line",
     "--profile": "not built in: run under nsys or torch.profiler",
     "--recompute-modules": "selective recompute (--recompute-granularity selective) "
                            "recomputes core attention; other modules are not selectable",
     "--num-workers": "packs are memory-mapped and read in the training process: there are "
                      "no loader workers to set",
-    "--no-create-attention-mask-in-dataloader": "no attention mask is built: packed "
-                                                "conversations are delimited by cu_seqlens",
 }
 _SAME_AS = {"--dataloader-type": "--num-workers", "--no-mmap-bin-files": "--num-workers",
             "--num-dataset-builder-threads": "--data-cache-path",
-            "--attention-backend": "--use-flash-attn", "--attention-dropout": "--hidden-dropout",
-            "--no-load-rng": "--no-load-optim"}
+            "--attention-backend": "--use-flash-attn", "--no-load-rng": "--no-load-optim"}
 ELSEWHERE.update({flag: ELSEWHERE[same] for flag, same in _SAME_AS.items()})
 _SHARED = (
     (TOKENIZER, ("--vocab-file", "--merge-file", "--vocab-size", "--vocab-extra-ids",
                  "--legacy-tokenizer")),
-    (LLAMA, ("--swiglu", "--normalization", "--position-embedding-type", "--rotary-percent",
-             "--use-rotary-position-embeddings", "--no-position-embedding",
-             "--disable-bias-linear", "--add-bias-linear")),
+    (LLAMA, ("--no-position-embedding", "--add-bias-linear")),
     (FUSIONS, ("--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion",
                "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion",
                "--cross-entropy-loss-fusion", "--no-persist-layer-norm")),
-    (CHECKPOINTS, ("--use-dist-ckpt", "--auto-detect-ckpt-format", "--async-save",
+    (CHECKPOINTS, ("--auto-detect-ckpt-format", "--async-save",
                    "--no-save-optim", "--no-save-rng", "--dist-ckpt-strictness",
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--expert-model-parallel-size", "--num-experts", "--use-torch-fsdp2",
@@ -123,6 +107,52 @@ FAMILIES = {"--tokenizer-": TOKENIZER, "--tiktoken-": TOKENIZER, "--moe-": NOT_S
             "--wandb-save-dir", "--recompute-": "the recompute flags are "
             "--recompute-granularity, --recompute-method and --recompute-num-layers (and "
             "--recompute-activations)"}
+
+
+# Megatron-LM flags that state what mt_dialog always does: accepted, so that a Megatron-LM recipe
+# runs unchanged; a value that says otherwise is refused with what mt_dialog does.
+ALWAYS_ON = ("--swiglu", "--use-mcore-models", "--disable-bias-linear",
+             "--use-rotary-position-embeddings", "--reset-position-ids",
+             "--reset-attention-mask", "--accumulate-allreduce-grads-in-fp32",
+             "--check-for-nan-in-loss-and-grad", "--use-dist-ckpt", "--group-query-attention",
+             "--no-create-attention-mask-in-dataloader")
+STYLE = "the model is Llama-style: RMSNorm, SwiGLU, RoPE over the whole head"
+DROPOUT = "dropout is off, the usual fine-tuning choice"
+ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--position-embedding-type": ("rope", STYLE),
+                "--rotary-percent": ("1.0", STYLE), "--attention-dropout": ("0.0", DROPOUT),
+                "--hidden-dropout": ("0.0", DROPOUT),
+                "--ckpt-format": ("torch_dist", "checkpoints are megatron-core distributed ones"),
+                "--optimizer": ("adam", "the optimizer is Adam(W): --weight-decay, --adam-beta1, "
+                                        "--adam-beta2, --adam-eps")}
+
+
+def _same_as(expected: str, why: str):
+    """An argparse ``type`` accepting only ``expected`` (numbers compared as numbers)."""
+    def check(value: str) -> str:
+        try:
+            same = float(value) == float(expected)
+        except ValueError:
+            same = value == expected
+        if not same:
+            raise argparse.ArgumentTypeError(f"mt_dialog always uses {expected} ({why}); "
+                                             "drop the flag")
+        return value
+    return check
+
+
+def add_compatible_flags(parser: argparse.ArgumentParser) -> None:
+    """Accept ``ALWAYS_ON`` and ``ALWAYS_VALUE``: they change nothing (hidden from --help but
+    for the group's description)."""
+    flags = list(ALWAYS_ON) + [f"{flag} {value}" for flag, (value, _) in ALWAYS_VALUE.items()]
+    group = parser.add_argument_group(
+        "Megatron-LM flags that state what mt_dialog always does (accepted as no-ops; another "
+        "value is refused)", textwrap.fill(", ".join(flags), width=96, break_on_hyphens=False))
+    for flag in ALWAYS_ON:
+        group.add_argument(flag, action="store_true", help=argparse.SUPPRESS,
+                           dest="megatron" + flag.replace("-", "_"))
+    for flag, (value, why) in ALWAYS_VALUE.items():
+        group.add_argument(flag, type=_same_as(value, why), help=argparse.SUPPRESS,
+                           dest="megatron" + flag.replace("-", "_"))
 
 
 def answer(flag: str) -> Optional[str]:

@@ -67,8 +67,7 @@ class _WandB:
         import wandb
 
         train = config.train
-        folder = train.wandb_save_dir or (os.path.join(train.save, "wandb") if train.save
-                                          else None)
+        folder = train.wandb_save_dir or train.save  # W&B writes into FOLDER/wandb/
         if folder:
             os.makedirs(folder, exist_ok=True)
         self.run = wandb.init(project=train.wandb_project, name=train.wandb_exp_name,

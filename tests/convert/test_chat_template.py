@@ -8,8 +8,11 @@ import pytest
 
 from mt_dialog.convert.chat_template import (
     PROBES,
+    chat_template_ids,
+    hf_messages,
     jinja_chat_template,
     layout_differences,
+    probes_for,
     training_layout,
 )
 from mt_dialog.convert.hf_checkpoint import (
@@ -18,12 +21,18 @@ from mt_dialog.convert.hf_checkpoint import (
     _attach_chat_template,
     _hf_tokenizer,
 )
-from mt_dialog.data.render import render_prompt, resolve_template
+from mt_dialog.data.render import (
+    RenderOptions,
+    render_conversation,
+    render_prompt,
+    resolve_template,
+)
 from mt_dialog.data.templates import get_template
 from mt_dialog.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
 
 pytest.importorskip("transformers")
-BUILT_IN = ["chatml", "llama2", "llama3", "alpaca", "plain", "firefly"]
+BUILT_IN = ["chatml", "qwen3", "llama2", "llama3", "alpaca", "plain", "firefly"]
+WITH_TOOLS = ["chatml", "qwen3", "llama3"]
 
 
 def _symbolic_text(ids_with_text, token_text) -> str:
@@ -57,9 +66,14 @@ def test_jinja_renders_the_training_text(name, sp_pair):
         reply = ["Sure.", template.end_of_turn, *template.assistant_close]
         assert hf.apply_chat_template(dicts + [{"role": "assistant", "content": "Sure."}],
                                       tokenize=False) == expected + _symbolic_text(reply, text_of)
+    for probe, _ in probes_for(template):  # tools, calls, results, reasoning where laid out
+        expected = _symbolic_text(render_prompt(probe, template, as_text), text_of)
+        tools = {"tools": list(probe.tools)} if probe.tools else {}
+        assert hf.apply_chat_template(hf_messages(probe.messages), tokenize=False,
+                                      add_generation_prompt=True, **tools) == expected
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3"])
+@pytest.mark.parametrize("name", WITH_TOOLS)
 def test_byte_level_tokenizer_reproduces_training_ids(name, hf_tokenizer_dir, tmp_path):
     from transformers import AutoTokenizer
 
@@ -145,3 +159,53 @@ def test_export_says_when_the_layout_cannot_be_reproduced(tmp_path, capsys):
     assert "exactly" not in label and "token layout differs from training: probe 0" in label
     assert err.startswith("warning: the exported tokenizer and chat template (chatml)")
     assert "first differ at token 1 of" in err
+
+
+def _byte_level_export(name, hf_tokenizer_dir, keep_reasoning=False):
+    """(run's tokenizer, resolved template, AutoTokenizer with the template as Jinja)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
+    template = resolve_template(get_template(name), tokenizer)
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    _add_appended(hf, tokenizer.added_tokens)
+    hf.chat_template = jinja_chat_template(
+        template, lambda token: hf.convert_ids_to_tokens(int(token)), keep_reasoning=keep_reasoning)
+    return tokenizer, template, hf
+
+
+@pytest.mark.parametrize("name", WITH_TOOLS)
+def test_exported_template_gives_training_ids_for_every_kind(name, hf_tokenizer_dir):
+    """apply_chat_template(messages, tools=...) of the exported Jinja gives training's ids for
+    every message kind the template lays out (tool calls, results, reasoning, untrained and
+    empty replies), in each --reasoning mode: the export of a --reasoning keep run keeps the
+    history's reasoning; template and per-turn train (and serve) the template's own view."""
+    from tests.data.test_render import KINDS
+
+    for keep in (False, True):
+        tokenizer, template, hf = _byte_level_export(name, hf_tokenizer_dir, keep)
+        modes = ("keep",) if keep else ("template", "per-turn")
+        for options in (RenderOptions(reasoning=mode) for mode in modes):
+            assert layout_differences(hf, training_layout(template, tokenizer, options)) is None
+            for kind, conversation in KINDS.items():
+                if any(m.reasoning for m in conversation.messages) and template.reasoning is None:
+                    continue
+                if conversation.messages[0].role == "assistant":
+                    continue  # an opening greeting: checked by the layout test above
+                ours = render_conversation(conversation, template, tokenizer.encode, options)
+                theirs = chat_template_ids(hf, conversation, False)
+                assert ours[-1].input_ids.tolist() == theirs, (name, kind, options)
+
+
+def test_template_without_tool_layout_refuses_tools_when_served(sp_model_path, tmp_path):
+    """Training refuses tools with such a template; so does the exported one, naming why."""
+    import jinja2
+    from transformers import AutoTokenizer
+
+    from tests.data.test_render import KINDS
+
+    _exported_sentencepiece(sp_model_path, "plain", str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    with pytest.raises(jinja2.TemplateError, match="plain chat template, which has no layout "
+                                                   "for tools"):
+        chat_template_ids(hf, KINDS["tool calls"], True)

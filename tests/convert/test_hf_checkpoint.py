@@ -183,15 +183,23 @@ def _pretrain(args):
 def test_training_refuses_misuse_of_an_import(imported, tmp_path):
     data = _dataset(tmp_path, os.path.join(imported["llama"], "tokenizer"))
     common = ["--data-path", data, "--train-iters", "1", "--load", imported["llama"]]
-    resume = _pretrain(common + ["--use-checkpoint-args"])
-    assert resume.returncode == 1 and "weights only" in resume.stderr and "--finetune" in resume.stderr
+    for extra in ([], ["--bf16"]):  # weights only is the reason, whatever the precision
+        resume = _pretrain(common + ["--use-checkpoint-args", *extra])
+        assert resume.returncode == 1 and "holds weights only" in resume.stderr, resume.stderr
+        assert "add --finetune" in resume.stderr and "--pretrained-checkpoint" in resume.stderr
     wrong = _pretrain(common + ["--finetune", "--num-layers", "2", "--hidden-size", "32",
                                 "--num-attention-heads", "4"])
     assert wrong.returncode == 1
     assert "hidden_size = 64 but this run has 32" in wrong.stderr
     assert "--use-checkpoint-args" in wrong.stderr
     alone = _pretrain(["--data-path", data, "--train-iters", "1", "--use-checkpoint-args"])
-    assert alone.returncode == 1 and "needs --load" in alone.stderr
+    assert alone.returncode == 2 and "needs --load" in alone.stderr  # a command-line error
+    # a model flag that contradicts the checkpoint is refused, not silently overridden
+    both = _pretrain(common + ["--finetune", "--use-checkpoint-args", "--num-layers", "4"])
+    assert both.returncode == 2, both.stderr
+    assert (f"error: --use-checkpoint-args: --num-layers 4 but the checkpoint {imported['llama']} "
+            "has 2; drop --num-layers (the checkpoint's value is used) or --use-checkpoint-args"
+            ) in both.stderr
 
 
 @pytest.mark.parametrize("command", ["hf-to-mcore", "mcore-to-hf"])

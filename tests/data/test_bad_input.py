@@ -35,6 +35,21 @@ GOOD = [
     {"conversations": [{"from": "human", "value": "Count from 1 to 10."},
                        {"from": "gpt", "value": "1 2 3 4 5 6 7 8 9 10"}]},
     {"instruction": "Translate 'good morning' to Chinese.", "input": "", "output": "早上好"},
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": None, "tool_calls": [
+                      {"type": "function", "id": "c1",
+                       "function": {"name": "lookup", "arguments": '{"q": "France"}'}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "Paris"},
+                  {"role": "assistant", "content": "Paris.", "weight": 0},
+                  {"role": "user", "content": "Thanks!"},
+                  {"role": "assistant", "content": "You're welcome."}]},
+    {"conversations": [{"from": "human", "value": "Count from 1 to 10."},
+                       {"from": "function_call",
+                        "value": '{"name": "count", "arguments": {"to": 10}}'},
+                       {"from": "observation", "value": "1 2 3 4 5 6 7 8 9 10"},
+                       {"from": "gpt", "value": "1 2 3 4 5 6 7 8 9 10", "loss": False},
+                       {"from": "human", "value": "Thanks!"},
+                       {"from": "gpt", "value": "You're welcome."}]},
 ]
 LONG_TEXT = "The capital of France is Paris. " * 30  # far more than SEQ tokens
 
@@ -51,11 +66,50 @@ BAD = {
                          "bad_field_type", ["messages[1]", "'content' must be a string, got int"]),
     "empty_reply": ({"messages": [{"role": "user", "content": "hi"},
                                   {"role": "assistant", "content": "  "}]},
-                    "empty_reply", ["message 1 (assistant) is empty", "fill the reply"]),
-    "role_order": ({"messages": [{"role": "assistant", "content": "hi"},
-                                 {"role": "user", "content": "hello"}]},
-                   "role_order", ["message 0 is 'assistant' but 'user' was expected",
-                                  "user and assistant alternating"]),
+                    "empty_reply", ["messages[1] (assistant) is empty", "fill the reply"]),
+    "role_order": ({"messages": [{"role": "user", "content": "hi"},
+                                 {"role": "tool", "content": "42"},
+                                 {"role": "assistant", "content": "hello"}]},
+                   "role_order", ["messages[1] (tool) follows messages[0] (user), which calls no "
+                                  "tool", "must follow the assistant message with the tool calls"]),
+    "invalid_unicode": ('{"messages": [{"role": "user", "content": "cut emoji \\ud83d here"}, '
+                        '{"role": "assistant", "content": "OK."}]}', "invalid_unicode",
+                        ["messages[0]: field 'content' holds a lone surrogate '\\ud83d'",
+                         "repair or remove that text"]),
+    "unsupported_loss_field": ({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo", "mask": 0}]},
+                               "unsupported_loss_field",
+                               ["messages[1]: field 'mask' looks like loss control",
+                                '"weight": 0|1 or "loss": false|true']),
+    "bad_loss_control": ({"messages": [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "yo", "weight": 0.5}]},
+                         "bad_loss_control", ["messages[1]: 'weight' must be 0 (not trained) or 1",
+                                              "got 0.5"]),
+    "train_not_assistant": ({"messages": [{"role": "user", "content": "hi", "loss": True},
+                                          {"role": "assistant", "content": "yo"}]},
+                            "train_not_assistant", ["messages[0]: this user message asks to be "
+                                                    "trained", "only assistant messages"]),
+    "no_trained_reply": ({"messages": [{"role": "user", "content": "hi"},
+                                       {"role": "assistant", "content": "yo", "weight": 0}]},
+                         "no_trained_reply", ["nothing would be trained"]),
+    "bad_tool_call": ({"messages": [{"role": "user", "content": "Weather?"},
+                                    {"role": "assistant", "content": None, "tool_calls": [
+                                        {"type": "function", "function": {
+                                            "name": "get_weather",
+                                            "arguments": "{city: Paris}"}}]}]},
+                      "bad_tool_call", ["messages[1].tool_calls[0]: 'arguments' is a string but "
+                                        "not valid JSON"]),
+    "bad_tools": ({"messages": [{"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "yo"}], "tools": "[{"},
+                  "bad_tools", ["field 'tools' is a string but not valid JSON"]),
+    "reasoning_conflict": ({"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "<think>a</think>yo",
+                                          "reasoning_content": "b"}]},
+                           "reasoning_conflict", ["messages[1]: 'reasoning_content' and the "
+                                                  "<think> block of the content differ"]),
+    "bad_reasoning": ({"messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "<think>yo"}]},
+                      "bad_reasoning", ["starts with <think> but has no </think>"]),
     "no_assistant": ({"messages": [{"role": "system", "content": "s"},
                                    {"role": "user", "content": "hi"}]},
                      "no_assistant", ["no assistant reply"]),
@@ -107,7 +161,8 @@ def processor(sp_model_path, seq_length=SEQ):
 
 
 def num_tokens(sp_model_path, record):
-    return processor(sp_model_path).render(parse_record(record)).num_tokens
+    (rendered,) = processor(sp_model_path).render(parse_record(record))
+    return rendered.num_tokens
 
 
 def check_accounting(summary):
@@ -391,7 +446,8 @@ def fitting_prefix_turns(sp_model_path, turns, system=None):
     """Largest k such that the first k turns render into at most SEQ tokens, and that rendering."""
     best = (0, None)
     for k in range(1, len(turns) + 1):
-        rendered = processor(sp_model_path).render(parse_record(openai(*turns[:k], system=system)))
+        (rendered,) = processor(sp_model_path).render(parse_record(openai(*turns[:k],
+                                                                         system=system)))
         if rendered.num_tokens <= SEQ:
             best = (k, rendered)
     return best
@@ -476,3 +532,102 @@ def test_overlong_truncate_when_everything_fits_changes_nothing(tmp_path, sp_mod
     summary = read_meta(prefix)["summary"]
     assert summary["truncated"] == 0 and summary["dropped"] == {}
     assert summary["conversations_kept"] == len(GOOD)
+
+
+# --------------------------------------------------------------------------- kept, with notes
+
+
+NOTED = [
+    {"messages": [{"role": "system", "content": None}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!"}], "lang": "en"},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+                  {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"},
+                  {"role": "user", "content": "Bye"}], "lang": "en"},
+    {"conversations": [{"from": "human", "value": "Thanks!"},
+                       {"from": "gpt", "value": "You're welcome.", "markdown": False}]},
+]
+
+
+def test_notes_are_counted_and_every_record_accounted_for(tmp_path, sp_model_path, capsys):
+    path = write_lines(tmp_path / "in.jsonl", GOOD + NOTED + [BAD["role_order"][0]])
+    prefix = tmp_path / "ds"
+    code, out, err = run(capsys, preprocess_args(path, sp_model_path, prefix, "--on-error", "skip",
+                                                 "--split", "100,0"))
+    assert code == 0, err
+    summary = read_meta(prefix)["summary"]
+    assert summary["conversations_kept"] == len(GOOD) + len(NOTED)
+    assert summary["skipped"] == {"role_order": 1}
+    check_accounting(summary)
+    assert summary["notes"] == {"ignored field 'lang'": 2, "null system message dropped": 1,
+                                "empty reply kept as context": 1,
+                                "messages after the last trainable reply dropped": 1,
+                                "ignored field 'conversations[].markdown'": 1}
+    table = format_summary(summary)
+    assert [line for line in table.splitlines() if "ignored field 'lang'" in line][0].split() == [
+        "kept,", "note:", "ignored", "field", "'lang'", "2", "records"]
+    assert table in out
+
+
+def test_empty_reply_error_refuses_what_context_keeps(tmp_path, sp_model_path, capsys):
+    path = write_lines(tmp_path / "in.jsonl", GOOD + NOTED)
+    prefix = tmp_path / "ds"
+    code, _, err = run(capsys, preprocess_args(path, sp_model_path, prefix, "--empty-reply",
+                                               "error"))
+    assert_clean_error(code, err)
+    assert err.startswith(f"error: {path}:{len(GOOD) + 2}: conversation {len(GOOD) + 2}: "
+                          "messages[1] (assistant) is empty")
+    assert "--empty-reply context" in err
+    code, _, err = run(capsys, preprocess_args(path, sp_model_path, prefix, "--empty-reply",
+                                               "error", "--on-error", "skip", "--split", "100,0"))
+    assert code == 0, err
+    summary = read_meta(prefix)["summary"]
+    assert summary["skipped"] == {"empty_reply": 1}
+    assert summary["conversations_kept"] == len(GOOD) + len(NOTED) - 1
+    assert "empty reply kept as context" not in summary["notes"]
+
+
+# --------------------------------------------------------------------------- Parquet input
+
+
+def write_parquet(path, records) -> str:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.Table.from_struct_array(pyarrow.array(records))
+    pyarrow.parquet.write_table(table, str(path), row_group_size=2)
+    return str(path)
+
+
+def test_parquet_gives_the_jsonl_dataset(tmp_path, sp_model_path, capsys):
+    records = [GOOD[0], GOOD[1], GOOD[4], NOTED[0], NOTED[1]]  # one schema: openai messages
+    jsonl = write_jsonl(tmp_path / "in.jsonl", records)
+    folder = tmp_path / "hf" / "data"
+    os.makedirs(folder)
+    write_parquet(folder / "train-00000-of-00001.parquet", records)
+    metas = []
+    for name, source in (("a", jsonl), ("b", str(tmp_path / "hf"))):  # a folder finds .parquet
+        code, _, err = run(capsys, preprocess_args(source, sp_model_path, tmp_path / name,
+                                                   "--split", "100,0"))
+        assert code == 0, err
+        metas.append(read_meta(tmp_path / name)["summary"])
+    for suffix in ("train.tokens.bin", "train.loss_token_num.bin", "train.tokens.idx"):
+        assert (tmp_path / f"a.{suffix}").read_bytes() == (tmp_path / f"b.{suffix}").read_bytes()
+    assert metas[0]["notes"] == metas[1]["notes"] and metas[1]["conversations_kept"] == 5
+
+
+def test_parquet_bad_row_names_file_and_row(tmp_path, sp_model_path, capsys):
+    bad = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42"},
+                        {"role": "assistant", "content": "hello"}]}
+    path = write_parquet(tmp_path / "in.parquet", [GOOD[0], GOOD[1], bad, GOOD[0]])
+    prefix = tmp_path / "ds"
+    code, _, err = run(capsys, preprocess_args(path, sp_model_path, prefix))
+    assert_clean_error(code, err)
+    assert err.startswith(f"error: {path}:row 2: conversation 3: messages[1] (tool) follows")
+    assert_nothing_written(prefix)
+    code, _, err = run(capsys, preprocess_args(path, sp_model_path, prefix, "--on-error", "skip",
+                                               "--split", "100,0"))
+    assert code == 0, err
+    summary = read_meta(prefix)["summary"]
+    assert (summary["conversations_read"], summary["conversations_kept"]) == (4, 3)
+    assert summary["skipped"] == {"role_order": 1}
+    assert summary["examples"]["role_order"].startswith(f"{path}:row 2: conversation 3: ")

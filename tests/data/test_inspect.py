@@ -61,3 +61,103 @@ def test_pack_shows_every_special_token(tmp_path, sp_model_path, capsys):
     for piece in ("<|im_start|>", "<|im_end|>"):
         stored = int((tokens == tokenizer.special_id(piece, allow_add=False)).sum())
         assert stored > 0 and out.count(piece) == stored, (piece, stored, out)
+
+
+AGENT = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "reasoning_content": "I need the tool.",
+     "tool_calls": [{"type": "function", "id": "c1", "function": {
+         "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "c1", "content": "22C"},
+    {"role": "assistant", "content": "<think>\nGot it.\n</think>\n\nIt is 22C."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "Welcome.", "weight": 0},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye!", "reasoning_content": "Say bye."}],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}
+
+
+def test_pack_shows_tool_calls_results_and_reasoning(tmp_path, sp_model_path, capsys):
+    """--reasoning per-turn: the record gives two samples (its first user turn, then the rest),
+    each trained turn once with its reasoning; --pack shows the calls, results and reasoning,
+    only replies highlighted; --verify accounts for the samples."""
+    from tests.conftest import write_jsonl
+
+    source = write_jsonl(tmp_path / "in.jsonl", [AGENT])
+    prefix = str(tmp_path / "out")
+    assert preprocess_main(preprocess_args(source, sp_model_path, prefix, "--template", "qwen3",
+                                           "--reasoning", "per-turn", "--seq-length", "1024",
+                                           "--split", "100,0", "--no-shuffle")) == 0
+    assert "samples kept (--reasoning per-turn)    2" in capsys.readouterr().out
+    shown = ""
+    for pack in (0, 1):
+        assert inspect_main([prefix, "--color", "never", "--pack", str(pack)]) == 0
+        shown += capsys.readouterr().out
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    trained = [f"<think>\nI need the tool.\n</think>\n\n<tool_call>\n{call}\n</tool_call>",
+               "<think>\nGot it.\n</think>\n\nIt is 22C.", "<think>\nSay bye.\n</think>\n\nBye!"]
+    for text in trained:  # each trained once, in its inference view
+        assert shown.count(f"[[{text}<|im_end|>]](n=") == 1, text
+    context = ("<|im_start|>user\n<tool_response>\n22C\n</tool_response><|im_end|>",
+               "<|im_start|>assistant\n Welcome.<|im_end|>", "<tools>\n{\"type\": \"function\"")
+    for text in context:  # tool results, untrained replies, tools: shown, never highlighted
+        assert text in shown and f"[[{text}" not in shown
+    assert inspect_main([prefix, "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+
+
+def test_adjacent_turns_are_told_apart(tmp_path, sp_model_path, capsys):
+    """Consecutive assistant messages with firefly: two trained turns side by side; --verify
+    checks each one and --pack highlights them separately."""
+    from tests.conftest import write_jsonl
+
+    record = {"messages": [{"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello!"},
+                           {"role": "assistant", "content": "How can I help?"}]}
+    prefix = str(tmp_path / "out")
+    assert preprocess_main(preprocess_args(write_jsonl(tmp_path / "in.jsonl", [record]),
+                                           sp_model_path, prefix, "--template", "firefly",
+                                           "--split", "100,0")) == 0
+    capsys.readouterr()
+    assert inspect_main([prefix, "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out
+    assert inspect_main([prefix, "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "[[Hello!</s>]](n=" in out and "[[How can I help?</s>]](n=" in out
+
+
+def test_per_turn_samples_of_a_record_share_its_split(tmp_path, sp_model_path, capsys):
+    """--reasoning per-turn with a 50/50 split: every record's two samples land in one split,
+    and --verify accounts for records and samples."""
+    from mt_dialog.data.dataset import PackedDialogDataset
+    from mt_dialog.data.tokenizers import SentencePieceTokenizer
+    from tests.conftest import write_jsonl
+
+    records = [{"messages": [
+        {"role": "user", "content": f"Record {n}: 2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Add."},
+        {"role": "user", "content": "Times 3?"},
+        {"role": "assistant", "content": "12", "reasoning_content": "Multiply."}]}
+        for n in range(8)]
+    prefix = str(tmp_path / "out")
+    assert preprocess_main(preprocess_args(write_jsonl(tmp_path / "in.jsonl", records),
+                                           sp_model_path, prefix, "--template", "qwen3",
+                                           "--reasoning", "per-turn", "--split", "50,50",
+                                           "--workers", "2")) == 0
+    capsys.readouterr()
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    where = {}
+    for split in ("train", "valid"):
+        dataset = PackedDialogDataset(prefix, split)
+        for index in range(len(dataset)):
+            tokens, _, lengths = dataset.raw_pack(index)
+            for end, length in zip(np.cumsum(lengths).tolist(), lengths.tolist()):
+                text = tokenizer.decode(tokens[end - length:end].tolist())
+                record = text.split("Record ")[1].split(":")[0]
+                where.setdefault(record, []).append(split)
+    assert sorted(where) == [str(n) for n in range(8)]
+    assert all(len(splits) == 2 and len(set(splits)) == 1 for splits in where.values()), where
+    assert {s for splits in where.values() for s in splits} == {"train", "valid"}
+    assert inspect_main([prefix, "--verify"]) == 0
+    assert "verify: OK" in capsys.readouterr().out

@@ -37,8 +37,8 @@ def rendered_multiset(records, sp_model_path, template="chatml"):
     resolved = resolve_template(get_template(template), tokenizer)
     out = Counter()
     for record in records:
-        r = render_conversation(parse_record(record), resolved, tokenizer.encode)
-        out[(tuple(r.input_ids.tolist()), tuple(r.loss_token_num.tolist()))] += 1
+        for r in render_conversation(parse_record(record), resolved, tokenizer.encode):
+            out[(tuple(r.input_ids.tolist()), tuple(r.loss_token_num.tolist()))] += 1
     return out
 
 

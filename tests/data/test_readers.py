@@ -1,5 +1,6 @@
 """expand_inputs and iter_records: file lists, JSONL and streamed JSON arrays with exact line
-numbers, empty files, and precise errors for malformed or non-UTF-8 arrays."""
+numbers, Parquet rows equal to the JSON records they hold, empty files, and precise errors for
+malformed or non-UTF-8 arrays and unreadable Parquet files."""
 
 import codecs
 import json
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from mt_dialog.data import readers
-from mt_dialog.data.formats import RecordError
+from mt_dialog.data.formats import RecordError, parse_record
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
 from tests.conftest import openai, write_jsonl
 
@@ -39,10 +40,10 @@ def test_expand_file_with_any_suffix_when_named_explicitly(tmp_path):
     assert expand_inputs([path]) == [path]
 
 
-def test_expand_folder_recursive_only_json_files(tmp_path):
+def test_expand_folder_recursive_only_input_files(tmp_path):
     root = tmp_path / "corpus"
     wanted = [touch(root / "b.jsonl"), touch(root / "a.json"), touch(root / "sub" / "c.jsonl"),
-              touch(root / "sub" / "deeper" / "d.json")]
+              touch(root / "sub" / "deeper" / "d.json"), touch(root / "train-0.parquet")]
     touch(root / "notes.txt")
     touch(root / "sub" / "e.jsonl.bak")
     touch(root / "sub" / "f.csv")
@@ -52,7 +53,7 @@ def test_expand_folder_recursive_only_json_files(tmp_path):
 def test_expand_folder_without_json_files(tmp_path):
     root = tmp_path / "empty"
     touch(root / "readme.md")
-    with pytest.raises(InputError, match=r"folder has no \.jsonl or \.json files"):
+    with pytest.raises(InputError, match=r"folder has no \.jsonl, \.json or \.parquet files"):
         expand_inputs([str(root)])
 
 
@@ -360,3 +361,93 @@ def test_empty_file_is_not_called_a_conversation(tmp_path):
     outcome = RecordProcessor("sentencepiece", "unused", "chatml", None, 8, "error")._one(0, record)
     assert outcome[:3] == ("error", 0, "empty_file")
     assert outcome[3].startswith(f"{path}:1: the file is empty") and "conversation" not in outcome[3]
+
+
+# --------------------------------------------------------------------------- Parquet
+
+CALL = {"type": "function", "id": "c1",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+PARQUET_RECORDS = [  # rows of one schema, as a Hugging Face dataset holds them
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                  {"role": "tool", "content": "18C", "tool_call_id": "c1"},
+                  {"role": "assistant", "content": "18C.", "reasoning_content": "Read it."}],
+     "tools": '[{"name": "get_weather", "parameters": {"type": "object"}}]', "source": "web"},
+    {"messages": [{"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello!", "weight": 0},
+                  {"role": "user", "content": "早上好"},
+                  {"role": "assistant", "content": "<think>Chinese.</think>Good morning!"}]},
+] + [openai((f"question {i}", f"answer {i}")) for i in range(5)]
+
+
+def write_parquet(path, records, row_group_size=3) -> str:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.Table.from_struct_array(pyarrow.array(records))  # schema of all the rows
+    pyarrow.parquet.write_table(table, str(path), row_group_size=row_group_size)
+    return str(path)
+
+
+def test_parquet_rows_are_the_json_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "_PARQUET_BATCH", 2)  # several batches over several row groups
+    path = write_parquet(tmp_path / "train-00000-of-00001.parquet", PARQUET_RECORDS)
+    records = list(iter_records(path))
+    # struct fields a row lacks are null in Parquet; they are left out as JSON leaves them out
+    assert [r.value for r in records] == PARQUET_RECORDS
+    assert [parse_record(r.value) for r in records] == [parse_record(v) for v in PARQUET_RECORDS]
+    assert [r.line for r in records] == list(range(len(PARQUET_RECORDS)))
+    assert [r.where for r in records][:2] == [f"{path}:row 0", f"{path}:row 1"]
+    assert all(r.row and r.raw is None and r.error is None for r in records)
+    assert sum(r.nbytes for r in records) == os.path.getsize(path)  # the progress bar ends full
+
+
+def test_parquet_sharegpt_rows(tmp_path):
+    values = [{"conversations": [{"from": "human", "value": "q"},
+                                 {"from": "function_call", "value": json.dumps(CALL["function"])},
+                                 {"from": "observation", "value": "18C"},
+                                 {"from": "gpt", "value": "a", "loss": False},
+                                 {"from": "human", "value": "q2"}, {"from": "gpt", "value": "b"}],
+               "tools": "[]"},
+              {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+               "system": "s"}]
+    path = write_parquet(tmp_path / "s.parquet", values)
+    assert [r.value for r in iter_records(path)] == values
+
+
+def test_parquet_is_recognized_by_its_magic_bytes(tmp_path):
+    path = write_parquet(tmp_path / "data.bin", PARQUET_RECORDS[:2])
+    assert [r.value for r in iter_records(path)] == PARQUET_RECORDS[:2]
+
+
+def test_parquet_found_in_folders_and_globs(tmp_path):
+    os.makedirs(tmp_path / "data")
+    first = write_parquet(tmp_path / "data" / "train-0.parquet", PARQUET_RECORDS[:1])
+    second = write_parquet(tmp_path / "data" / "train-1.parquet", PARQUET_RECORDS[1:2])
+    assert expand_inputs([str(tmp_path / "data")]) == [first, second]
+    assert expand_inputs([str(tmp_path / "data" / "*.parquet")]) == [first, second]
+
+
+def test_empty_parquet_file(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    path = str(tmp_path / "e.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"messages": pyarrow.array([], pyarrow.string())}),
+                                path)
+    (record,) = list(iter_records(path))
+    assert record.error.reason == "empty_file"
+    assert record.where == f"{path}:1" and "no rows" in record.error.message
+
+
+@pytest.mark.parametrize("damage", ["json", "truncated"])
+def test_unreadable_parquet_file(tmp_path, damage):
+    path = write_parquet(tmp_path / "bad.parquet", PARQUET_RECORDS)
+    data = open(path, "rb").read()
+    write_bytes(path, b'{"messages": []}\n' if damage == "json" else data[: len(data) // 2])
+    with pytest.raises(InputError) as info:
+        list(iter_records(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: not a readable Parquet file (")
+    assert "re-download it, or convert it to JSONL" in message

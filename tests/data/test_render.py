@@ -1,19 +1,22 @@
 """render_conversation: for every template, the trained tokens are exactly the replies plus their
 end-of-turn token, and loss_token_num is the turn's length on each of its tokens."""
 
+import json
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from mt_dialog.data.formats import Message, RecordError, parse_record
+from mt_dialog.data.formats import Conversation, Message, RecordError, ToolCall, parse_record
 from mt_dialog.data.render import (
+    RenderOptions,
     render_conversation,
     render_prompt,
-    render_with_chat_template,
     resolve_template,
     truncate_to_turns,
 )
 from mt_dialog.data.templates import TEMPLATES, get_template
-from mt_dialog.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
+from mt_dialog.data.tokenizers import SentencePieceTokenizer
 from tests.conftest import openai
 
 CONVERSATIONS = [
@@ -62,8 +65,8 @@ def check_rendering(rendered, messages, decode, end_of_turn):
 def test_masked_tokens_are_exactly_the_replies(sp_model_path, name, index):
     tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template(name), tokenizer)
-    messages = parse_record(CONVERSATIONS[index])
-    rendered = render_conversation(messages, template, tokenizer.encode)
+    messages = parse_record(CONVERSATIONS[index]).messages
+    (rendered,) = render_conversation(messages, template, tokenizer.encode)
     check_rendering(rendered, messages, tokenizer.decode, template.end_of_turn)
     # the reply text is tokenized as text: no special id ever comes out of message content
     specials = {tokenizer.bos_id, tokenizer.eos_id, *tokenizer.added_tokens.values()}
@@ -78,7 +81,7 @@ def test_exact_chatml_layout(sp_model_path):
     start, end = tokenizer.special_id("<|im_start|>"), tokenizer.special_id("<|im_end|>")
     assert (start, end) == (3, 4)  # control symbols of the fixture model, found, not appended
     messages = [Message("user", "Hi"), Message("assistant", "Yo")]
-    rendered = render_conversation(messages, template, tokenizer.encode)
+    (rendered,) = render_conversation(messages, template, tokenizer.encode)
     enc = tokenizer.encode
     expected = ([start] + enc("user\nHi") + [end] + enc("\n") + [start] + enc("assistant\n")
                 + enc("Yo") + [end] + enc("\n"))
@@ -97,7 +100,7 @@ def test_missing_special_tokens_are_appended_by_id(sp_model_path):
         "<|end_header_id|>": base + 2, "<|eot_id|>": base + 3}
     assert tokenizer.vocab_size == base + 4
     assert template.end_of_turn == base + 3
-    rendered = render_conversation(parse_record(CONVERSATIONS[0]), template, tokenizer.encode)
+    (rendered,) = render_conversation(parse_record(CONVERSATIONS[0]), template, tokenizer.encode)
     assert rendered.input_ids[0] == base and rendered.input_ids.max() == base + 3
     assert "<|eot_id|>" in tokenizer.decode(rendered.input_ids.tolist())
 
@@ -105,15 +108,16 @@ def test_missing_special_tokens_are_appended_by_id(sp_model_path):
 def test_llama2_folds_system_into_first_user(sp_model_path):
     tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template("llama2"), tokenizer)
-    messages = parse_record(CONVERSATIONS[1])
-    text = tokenizer.decode(render_conversation(messages, template, tokenizer.encode).input_ids)
+    messages = parse_record(CONVERSATIONS[1]).messages
+    text = tokenizer.decode(render_conversation(messages, template, tokenizer.encode)[0].input_ids)
     assert text.startswith("[INST] <<SYS>>\nAnswer in Chinese.\n<</SYS>>\n\n我该如何学习编程？ [/INST]")
 
 
 def test_default_system_is_used_when_absent(sp_model_path):
     tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template("plain"), tokenizer)
-    ids = render_conversation(parse_record(CONVERSATIONS[3]), template, tokenizer.encode).input_ids
+    (rendered,) = render_conversation(parse_record(CONVERSATIONS[3]), template, tokenizer.encode)
+    ids = rendered.input_ids
     assert tokenizer.decode(ids.tolist()).startswith(get_template("plain").default_system)
 
 
@@ -121,8 +125,8 @@ def test_default_system_is_used_when_absent(sp_model_path):
 def test_generation_prompt_is_the_training_prefix(sp_model_path, name):
     tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template(name), tokenizer)
-    messages = parse_record(CONVERSATIONS[0])
-    full = render_conversation(messages, template, tokenizer.encode)
+    messages = parse_record(CONVERSATIONS[0]).messages
+    (full,) = render_conversation(messages, template, tokenizer.encode)
     prompt = render_prompt(messages[:-1], template, tokenizer.encode)
     first_trained = trained_runs(full)[-1][0]
     assert full.input_ids[:first_trained].tolist() == prompt
@@ -131,7 +135,7 @@ def test_generation_prompt_is_the_training_prefix(sp_model_path, name):
 def test_truncate_keeps_whole_turns(sp_model_path):
     tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template("chatml"), tokenizer)
-    rendered = render_conversation(parse_record(CONVERSATIONS[0]), template, tokenizer.encode)
+    (rendered,) = render_conversation(parse_record(CONVERSATIONS[0]), template, tokenizer.encode)
     first, second, third = rendered.turn_ends
     kept = truncate_to_turns(rendered, second + 1)
     assert kept.turn_ends == (first, second) and kept.num_tokens == second
@@ -140,78 +144,248 @@ def test_truncate_keeps_whole_turns(sp_model_path):
     assert truncate_to_turns(rendered, third).turn_ends == rendered.turn_ends
 
 
-def test_hf_chat_template_mask_is_derived_and_checked(hf_tokenizer_dir):
-    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
-    end = tokenizer.special_id("<|im_end|>", allow_add=False)
-    for record in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
-        messages = parse_record(record)
-        rendered = render_with_chat_template(messages, tokenizer.hf)
-        check_rendering(rendered, messages, tokenizer.decode, end)
+# --------------------------------------------------------------------------- what is trained
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
-def test_hf_chat_template_same_as_builtin_chatml(hf_tokenizer_dir):
-    """The built-in chatml template and the tokenizer's Jinja template agree token for token."""
-    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
+def _calls(*cities):
+    return tuple(ToolCall("get_weather", {"city": city}, f"call_{i}")
+                 for i, city in enumerate(cities))
+
+
+def _user(text):
+    return Message("user", text)
+
+
+def _reply(text, calls=(), reasoning=None, train=None):
+    return Message("assistant", text, calls, reasoning, train)
+
+
+KINDS = {
+    "replies": Conversation((_user("Hi"), _reply("Hello!"), _user("2+2?"), _reply("4"))),
+    "greeting, consecutive users": Conversation((
+        _reply("Welcome! Ask me anything."), _user("Hi"), _user("Are you there?"),
+        _reply("Yes."))),
+    "untrained": Conversation((
+        Message("system", "Be brief."), _user("Capital of Spain?"), _reply("Madrid.", train=False),
+        _user("And Portugal?"), _reply("Lisbon."))),
+    "empty reply": Conversation((_user("Hi"), _reply(""), _user("Hello?"), _reply("Here."))),
+    "tool calls": Conversation((
+        _user("Weather in Paris and Zürich?"), _reply("", _calls("Paris", "Zürich")),
+        Message("tool", '{"temp": 22}', tool_call_id="call_0"),
+        Message("tool", '{"temp": 18}', tool_call_id="call_1"),
+        _reply("Paris 22°C, Zürich 18°C.")), (WEATHER,)),
+    "call after content": Conversation((
+        Message("system", "Be brief."), _user("Weather in Rome?"),
+        _reply("Let me check.", _calls("Rome")), Message("tool", "sunny", name="get_weather"),
+        _reply("Sunny."), _user("Thanks!"), _reply("You're welcome.")), (WEATHER,)),
+    "reasoning": Conversation((
+        _user("2+2?"), _reply("4", reasoning="Add two and two."), _user("Times 3?"),
+        _reply("12", reasoning="4 x 3 = 12.\nEasy."))),
+    "tools and reasoning": Conversation((
+        _user("Weather in Oslo?"), _reply("", _calls("Oslo"), "I need the tool."),
+        Message("tool", "-3C"), _reply("It is -3°C.", reasoning="The tool answered."),
+        _user("Thanks"), _reply("Anytime."), _user("And Bergen?"),
+        _reply("", _calls("Bergen"), "Call again."), Message("tool", "4C"),
+        _reply("4°C.", reasoning=""))),
+}
+MODES = [RenderOptions(reasoning=mode) for mode in ("template", "keep", "per-turn")]
+MODES.append(RenderOptions(train_on="last"))
+
+
+def documented_reply(name, message, shown):
+    """A trained reply as the template's documented layout writes it: Hermes <tool_call> JSON
+    (chatml, qwen3), Llama 3.1 JSON calls with "parameters" (llama3), Qwen3 <think> blocks."""
+    text = message.content
+    for call in message.tool_calls:
+        arguments = json.dumps(call.arguments, ensure_ascii=False)
+        one = (f'{{"name": "{call.name}", "parameters": {arguments}}}' if name == "llama3" else
+               f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>')
+        text = f"{text}\n{one}" if text else one
+    if shown and message.reasoning is not None:
+        text = f"<think>\n{message.reasoning}\n</think>\n\n{text}"
+    return text
+
+
+def expected_turns(name, conversation, options):
+    """(message index, trained text) of every message the run trains, in order."""
+    messages = conversation.messages
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    turns = []
+    for i, m in enumerate(messages):
+        run_trains = options.train_on == "all" or i == last
+        if m.role != "assistant" or not (m.train if m.train is not None else run_trains):
+            continue
+        shown = name == "qwen3" and (options.reasoning != "template" or i > last_user)
+        if m.content.strip() or m.tool_calls or (shown and (m.reasoning or "").strip()):
+            turns.append((i, documented_reply(name, m, shown)))
+    return turns
+
+
+def split_turns(rendered, end_of_turn):
+    """(start, stop) of each trained turn: trained tokens cut after each end-of-turn."""
+    turns, start = [], None
+    for i, (count, token) in enumerate(zip(rendered.loss_token_num.tolist(),
+                                           rendered.input_ids.tolist())):
+        if count and start is None:
+            start = i
+        if count and token == end_of_turn:
+            turns.append((start, i + 1))
+            start = None
+    return turns
+
+
+def check_trained(name, conversation, options, samples, template, tokenizer):
+    """Decoding each sample's trained tokens gives exactly the trained messages as documented
+    plus the end-of-turn; nothing else is trained or counted; each turn is trained once, after
+    the generation prompt of its history where the mode trains the inference view."""
+    expected = expected_turns(name, conversation, options)
+    found = []
+    for sample in samples:
+        turns = split_turns(sample, template.end_of_turn)
+        assert sample.turn_num == len(turns) and sample.turn_ends[-1] == sample.num_tokens
+        assert sample.loss_token_num[0] == 0
+        assert sample.num_loss_tokens == sum(stop - start for start, stop in turns)
+        for start, stop in turns:
+            assert set(sample.loss_token_num[start:stop].tolist()) == {stop - start}
+            found.append((sample, start, tokenizer.decode(sample.input_ids[start:stop - 1])))
+    assert [text for _, _, text in found] == [text for _, text in expected], (name, options)
+    messages = conversation.messages
+    last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+    for (sample, start, _), (k, _) in zip(found, expected):
+        inference_view = options.reasoning != "template" or k > last_user
+        if inference_view and k and messages[k - 1].role in ("user", "tool"):
+            history = Conversation(messages[:k], conversation.tools)
+            view = RenderOptions(reasoning="keep" if options.reasoning == "keep" else "template")
+            prompt = render_prompt(history, template, tokenizer.encode, view)
+            assert sample.input_ids[:start].tolist() == prompt, (name, options, k)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_kind_trains_exactly_its_replies(sp_model_path, name):
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    template = resolve_template(get_template(name), tokenizer)
+    for kind, conversation in KINDS.items():
+        uses_tools = any(m.role == "tool" or m.tool_calls for m in conversation.messages)
+        thinks = any(m.reasoning for m in conversation.messages)
+        # llama2 puts nothing before a reply that opens the conversation: it cannot be trained
+        opens = (conversation.messages[0].role == "assistant" and not template.prefix
+                 and not template.assistant_open)
+        for options in MODES:
+            refusal = ("template_no_tools" if uses_tools and template.tools is None else
+                       "template_no_reasoning" if thinks and template.reasoning is None else
+                       "role_order" if opens and options.train_on == "all" else None)
+            if refusal:
+                with pytest.raises(RecordError) as info:
+                    render_conversation(conversation, template, tokenizer.encode, options)
+                assert info.value.reason == refusal and f"--template {name}" in str(info.value)
+                if refusal != "role_order":
+                    assert "qwen3" in str(info.value)  # the template to use instead
+                continue
+            samples = render_conversation(conversation, template, tokenizer.encode, options)
+            check_trained(name, conversation, options, samples, template, tokenizer)
+
+
+def test_per_turn_gives_one_sample_per_user_turn_with_reasoning(sp_model_path):
+    """Turns 1 and 3 reason, turn 2 does not: two samples; turn 2 is trained in the second one
+    (its view has no reasoning to leave out); every turn is trained exactly once; "template"
+    and "keep" give one sample with the same turns."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    template = resolve_template(get_template("qwen3"), tokenizer)
+    conversation = Conversation((
+        _user("2+2?"), _reply("4", reasoning="Add."), _user("Thanks"), _reply("Welcome."),
+        _user("3+3?"), _reply("6", reasoning="Add again.")))
+    count = {}
+    for mode in ("template", "keep", "per-turn"):
+        samples = render_conversation(conversation, template, tokenizer.encode,
+                                      RenderOptions(reasoning=mode))
+        count[mode] = [s.turn_num for s in samples]
+    assert count == {"template": [3], "keep": [3], "per-turn": [1, 2]}
+
+
+def test_run_and_message_control_what_is_trained(sp_model_path):
+    """--train-on last trains the last reply only, a message's own train=True still trains it;
+    a conversation with nothing to train is refused, naming why; bad options name the choices."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
     template = resolve_template(get_template("chatml"), tokenizer)
-    messages = parse_record(CONVERSATIONS[0])
-    via_jinja = render_with_chat_template(messages, tokenizer.hf)
-    builtin = render_conversation(messages, template, tokenizer.encode)
-    assert builtin.loss_mask.sum() == via_jinja.loss_mask.sum()
-    assert tokenizer.decode(builtin.input_ids) == tokenizer.decode(via_jinja.input_ids)
-
-
-def test_hf_chat_template_refuses_special_text_in_content(hf_tokenizer_dir):
-    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
+    messages = (_user("a?"), _reply("A", train=True), _user("b?"), _reply("B"), _user("c?"),
+                _reply("C"))
+    (last,) = render_conversation(messages, template, tokenizer.encode,
+                                  RenderOptions(train_on="last"))
+    texts = [tokenizer.decode(last.input_ids[a:b - 1]) for a, b in split_turns(
+        last, template.end_of_turn)]
+    assert texts == ["A", "C"]
+    untrained = tuple(replace(m, train=False) if m.role == "assistant" else m for m in messages)
     with pytest.raises(RecordError) as info:
-        render_with_chat_template(parse_record(CONVERSATIONS[2]), tokenizer.hf)
-    assert info.value.reason == "special_token_in_text" and "message 0" in str(info.value)
+        render_conversation(untrained, template, tokenizer.encode)
+    assert info.value.reason == "no_trained_turn" and "weight 0" in str(info.value)
+    with pytest.raises(RecordError, match="not the last one"):
+        render_conversation((_user("a?"), _reply("A"), _user("b?"), _reply("")), template,
+                            tokenizer.encode, RenderOptions(train_on="last"))
+    with pytest.raises(ValueError, match="--reasoning 'all' is not one of template, keep, "
+                                         "per-turn"):
+        RenderOptions(reasoning="all")
+    with pytest.raises(ValueError, match="--train-on 'first' is not one of all, last"):
+        RenderOptions(train_on="first")
 
 
-def test_hf_template_mismatch_is_refused(hf_tokenizer_dir):
-    """A template that rewrites history (drops earlier replies) cannot be masked by rendering:
-    refused at once on the probe conversation that finds its end-of-turn."""
-    from mt_dialog.data.tokenizers import TokenizerError
+def _text_with_specials(ids, tokenizer):
+    """Decoded ids, special tokens shown by their pieces (SentencePiece hides control tokens)."""
+    from mt_dialog.data.inspect import _decode_visible
 
-    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
-    tokenizer.hf.chat_template = (
-        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-        "{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    with pytest.raises(TokenizerError, match="does not render prefixes of the conversation"):
-        render_with_chat_template(parse_record(CONVERSATIONS[0]), tokenizer.hf)
+    return _decode_visible(list(ids), tokenizer, tokenizer.special_ids()
+                           | set(tokenizer.added_tokens.values()))
 
 
-@pytest.mark.parametrize("fixture, end_piece", [("hf_tokenizer_dir", "<|im_end|>"),
-                                                ("hf_base_chatml_dir", "<|im_end|>"),
-                                                ("hf_llama3_dir", "<|eot_id|>")])
-def test_hf_end_of_turn_is_the_token_after_every_reply(fixture, end_piece, request):
-    """The chat template's end-of-turn is derived from its rendering, not the tokenizer's eos,
-    and it is the last trained token of every reply."""
-    from mt_dialog.data.render import end_of_turn_id
+def test_tool_layouts_as_documented(sp_model_path):
+    """Hermes (chatml): the tools as JSON lines in <tools></tools> after the system text with
+    the instructions, consecutive results in one user turn; Llama 3.1 (llama3): the tools as
+    indented JSON in the system message, one ipython turn per result."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    conversation = KINDS["tool calls"]
+    tools_json = json.dumps(WEATHER, ensure_ascii=False)
+    hermes = resolve_template(get_template("chatml"), tokenizer)
+    (sample,) = render_conversation(conversation, hermes, tokenizer.encode)
+    text = _text_with_specials(sample.input_ids, tokenizer)
+    assert text.startswith(
+        "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the "
+        "user query.\n\nYou are provided with function signatures within <tools></tools> XML "
+        f"tags:\n<tools>\n{tools_json}\n</tools>\n\nFor each function call, return a json object "
+        "with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>"
+        '\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\nWeather in Paris and Zürich?<|im_end|>\n")
+    assert ('</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n{"temp": 22}\n'
+            '</tool_response>\n<tool_response>\n{"temp": 18}\n</tool_response><|im_end|>\n'
+            "<|im_start|>assistant\n") in text
+    llama3 = resolve_template(get_template("llama3"), tokenizer)
+    with_system = replace(conversation,
+                          messages=(Message("system", "Be brief."),) + conversation.messages)
+    (sample,) = render_conversation(with_system, llama3, tokenizer.encode)
+    text = _text_with_specials(sample.input_ids, tokenizer)
+    indented = json.dumps(WEATHER, ensure_ascii=False, indent=4)
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                           "Be brief.\n\nYou have access to the following functions.")
+    assert f"Do not use variables.\n\n{indented}<|eot_id|>" in text
+    assert ("<|start_header_id|>ipython<|end_header_id|>\n\n{\"temp\": 22}<|eot_id|>"
+            "<|start_header_id|>ipython<|end_header_id|>\n\n{\"temp\": 18}<|eot_id|>") in text
 
-    tokenizer = HuggingFaceTokenizer(request.getfixturevalue(fixture))
-    end = end_of_turn_id("hf", tokenizer)
-    assert end == tokenizer.special_id(end_piece, allow_add=False)
-    for record in CONVERSATIONS[:2] + CONVERSATIONS[3:]:
-        messages = parse_record(record)
-        check_rendering(render_with_chat_template(messages, tokenizer.hf), messages,
-                        tokenizer.decode, end)
 
-
-def test_hf_template_ending_replies_differently_is_refused(hf_tokenizer_dir):
-    """Replies that end with different special tokens (here the second and later ones with
-    <|endoftext|>) leave no single end-of-turn to train and stop at: refused before any record,
-    naming both."""
-    from mt_dialog.data.render import end_of_turn_id
-    from mt_dialog.data.tokenizers import TokenizerError
-
-    tokenizer = HuggingFaceTokenizer(hf_tokenizer_dir)
-    tokenizer.hf.chat_template = (
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
-        "{{ '<|endoftext|>' if loop.index > 2 and m['role'] == 'assistant' else '<|im_end|>' }}"
-        "{{ '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-    with pytest.raises(TokenizerError) as info:
-        end_of_turn_id("hf", tokenizer)
-    assert "'<|endoftext|>'" in str(info.value) and "'<|im_end|>'" in str(info.value)
+def test_prompt_after_tool_results_is_the_training_prefix(sp_model_path):
+    """An agent's next step: the prompt after tool results is the training layout up to the
+    reply that follows them (the qwen3 reasoning of the same user turn kept, as trained)."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    for name in ("chatml", "qwen3", "llama3"):
+        template = resolve_template(get_template(name), tokenizer)
+        conversation = KINDS["tools and reasoning" if name == "qwen3" else "tool calls"]
+        full = render_conversation(conversation, template, tokenizer.encode)[-1]
+        last_tool = max(i for i, m in enumerate(conversation.messages) if m.role == "tool")
+        history = replace(conversation, messages=conversation.messages[:last_tool + 1])
+        prompt = render_prompt(history, template, tokenizer.encode)
+        start = split_turns(full, template.end_of_turn)[-1][0]
+        assert full.input_ids[:start].tolist() == prompt, name
+    with pytest.raises(ValueError, match="must end with a user message or a tool result"):
+        render_prompt(KINDS["replies"], template, tokenizer.encode)

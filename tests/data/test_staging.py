@@ -93,14 +93,16 @@ def test_stage_matches_process(tmp_path, sp_model_path):
     staged = processor.stage(batch, shard)
     reader = ShardReader(str(tmp_path), ["s"], "uint16", "uint16")
     assert [o[0] for o in staged] == [o[0] for o in expected] and staged[5] == expected[5]
-    assert any(o[0] == "ok" and o[4] > 0 for o in staged)  # some were truncated
+    assert any(o[0] == "ok" and o[3] > 0 for o in staged)  # some were truncated
     for want, got in zip(expected, staged):
         if want[0] == "ok":
-            _, number, offset, length, removed, turns, loss_tokens = got
-            tokens, counts = reader.conversation(0, offset, length)
-            assert np.array_equal(tokens, want[2]) and np.array_equal(counts, want[3])
-            assert (number, removed) == (want[1], want[4])
-            assert turns == count_turns(want[3]) and loss_tokens == np.count_nonzero(want[3])
+            _, number, samples, removed, notes = got
+            assert (number, removed, notes) == (want[1], want[3], want[4])
+            assert len(samples) == len(want[2])
+            for (offset, length, turns, loss_tokens), (ids, ltn) in zip(samples, want[2]):
+                tokens, counts = reader.conversation(0, offset, length)
+                assert np.array_equal(tokens, ids) and np.array_equal(counts, ltn)
+                assert turns == count_turns(ltn) and loss_tokens == np.count_nonzero(ltn)
 
 
 # --------------------------------------------------------------------------- the writer

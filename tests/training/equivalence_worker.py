@@ -15,6 +15,10 @@ For each number of micro-batches per step (``--micro``), on the same packs and w
          mean over the reply's tokens; step = mean over all samples of the global batch)
   token  vs its own token-mean reference, and vs the turn baseline (must differ)
   the logged 'loss per turn' / 'loss per token' vs the reference losses
+and once more ("context", 3 micro-batches) on packs of agent conversations rendered by the
+library's ``render_conversation`` (replies with weight 0, tool calls and results as context):
+the baseline's samples are rendered with only their one reply trained, so untrained replies and
+tool results must contribute nothing and count as no turn.
 Isolation: per-token losses of each conversation inside packed micro-batches vs the same
 conversation run alone through the same model (no packed params), vs the reference; and, as a
 control, with ``--packed-attention causal`` packing (must differ).
@@ -134,15 +138,22 @@ def main():
         dist.all_gather_object(vals, value)
         return vals
 
-    for M in args.micro:
+    # the synthetic packs with --micro M micro-batches per step, and "context": packs of agent
+    # conversations rendered by the library (weight-0 replies, tool calls and results), 3 micro
+    cases = [(str(M), M, 100 + M, ref.make_conversation) for M in args.micro]
+    cases.append(("context", 3, 300, ref.rendered_conversation))
+    for name, M, seed, make in cases:
         n_packs = dp * M * MBS
-        packs = ref.make_packs(seed=100 + M, n_packs=n_packs, seq=SEQ)
+        packs = ref.make_packs(seed=seed, n_packs=n_packs, seq=SEQ, make=make)
         # sample index i of the step = pack i; loop.train_step picks this rank's indices
         run.train_stream = [build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]
         run.global_batch = n_packs
         convs = [c for p in packs for c in p.conversations]
         res = {"packs": n_packs, "conversations": len(convs),
                "turns": sum(len(c.replies) for c in convs),
+               "split_samples": sum(len(c.samples()) for c in convs),
+               "untrained_replies": sum(c.untrained_replies for c in convs),
+               "tool_messages": sum(c.tool_messages for c in convs),
                "reply_lengths": sorted({e - a for c in convs for a, e in c.replies}),
                "padding_tokens": sum(SEQ - len(p) for p in packs)}
         read = []
@@ -192,7 +203,7 @@ def main():
                 res["packs_read_by_dp_rank"] = {str(r): v for r, v in sorted(by_dp.items())}
         loop._micro_batches = orig_micro_batches
         assert recorder.steps == 2 * (len(out["steps"]) + 1)
-        out["steps"][str(M)] = res
+        out["steps"][name] = res
 
     # ---------------- isolation ----------------
     t = time.time()

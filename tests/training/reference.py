@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from mt_dialog.data.formats import Message, ToolCall
 
 VOCAB = 100  # before padding to make_vocab_size_divisible_by x TP
 PAD, BOS, EOT = 0, 1, 2  # BOS starts every conversation (never trained); EOT ends every reply
@@ -38,6 +41,11 @@ REPLY_LENGTHS = (1, 2, 2, 3, 4, 7, 11, 13)  # trained tokens per reply, end-of-t
 class Conversation:
     tokens: List[int]
     replies: List[Tuple[int, int]] = field(default_factory=list)  # [a, e): content + EOT
+    split: List[Tuple[List[int], int, int]] = field(default_factory=list)
+    """The "split into n samples" baseline's samples (tokens, a, e), one per trained reply;
+    empty: ``tokens[:e]`` for each reply [a, e)."""
+    untrained_replies: int = 0
+    tool_messages: int = 0
 
     @property
     def counts(self) -> List[int]:
@@ -46,6 +54,10 @@ class Conversation:
         for a, e in self.replies:
             out[a:e] = [e - a] * (e - a)
         return out
+
+    def samples(self) -> List[Tuple[List[int], int, int]]:
+        """(tokens, a, e) of each sample of the split baseline: reply [a, e) trained alone."""
+        return self.split or [(self.tokens[:e], a, e) for a, e in self.replies]
 
 
 @dataclass
@@ -92,16 +104,16 @@ def exact_conversation(rng: random.Random, length: int) -> Conversation:
     return Conversation(toks, [_reply(rng, toks, reply)])
 
 
-def make_packs(seed: int, n_packs: int, seq: int) -> List[Pack]:
-    """Greedy packs of whole conversations. Even-numbered packs end in padding (unless the greedy
-    fill happens to be exact), odd-numbered ones are often filled to the last slot, so every
-    micro-batch of 2 packs has padding."""
+def make_packs(seed: int, n_packs: int, seq: int, make=make_conversation) -> List[Pack]:
+    """Greedy packs of whole conversations (``make(rng, max_len)``). Even-numbered packs end in
+    padding (unless the greedy fill happens to be exact), odd-numbered ones are often filled to
+    the last slot, so every micro-batch of 2 packs has padding."""
     rng = random.Random(seed)
     packs = []
     for i in range(n_packs):
         convs, used = [], 0
         while True:
-            conv = make_conversation(rng, seq)
+            conv = make(rng, seq)
             if used + len(conv.tokens) > seq:
                 break
             convs.append(conv)
@@ -112,6 +124,81 @@ def make_packs(seed: int, n_packs: int, seq: int) -> List[Pack]:
             convs.append(exact_conversation(rng, seq - used))
         packs.append(Pack(convs))
     return packs
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversations rendered by the library: untrained replies and tool messages
+# ---------------------------------------------------------------------------------------------
+
+
+class WordTokenizer:
+    """Just enough of a tokenizer for the library's renderer with ids below ``VOCAB``: each
+    whitespace-separated word is one id in 4..VOCAB-1; ``<|im_start|>`` is 3, ``<|im_end|>``
+    is EOT."""
+
+    bos_id, eos_id = BOS, EOT
+    SPECIALS = {"<|im_start|>": 3, "<|im_end|>": EOT}
+
+    def special_id(self, piece: str) -> int:
+        return self.SPECIALS[piece]
+
+    @staticmethod
+    def encode(text: str) -> List[int]:
+        return [4 + zlib.crc32(word.encode()) % (VOCAB - 4) for word in text.split()]
+
+
+def _agent_messages(rng: random.Random) -> Tuple[Message, ...]:
+    """1-3 user turns; each answered by a reply, a reply with weight 0, or tool calls (trained
+    or not), their results and a reply; the last reply is trained."""
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(1000)}" for _ in range(max(n, 1)))
+
+    messages: List[Message] = []
+    turns = rng.randint(1, 3)
+    for turn in range(turns):
+        messages.append(Message("user", words(rng.randint(1, 3))))
+        kind = rng.choice(("reply", "untrained", "tool", "tool"))
+        if kind == "tool":
+            calls = tuple(ToolCall("f", {"x": rng.randrange(9)}) for _ in range(rng.randint(1, 2)))
+            messages.append(Message("assistant", "", calls,
+                                    train=False if rng.random() < 0.3 else None))
+            messages += [Message("tool", words(rng.randint(1, 2))) for _ in calls]
+        untrained = kind == "untrained" and turn < turns - 1
+        messages.append(Message("assistant", words(rng.choice(REPLY_LENGTHS) - 1),
+                                train=False if untrained else None))
+    return tuple(messages)
+
+
+def rendered_conversation(rng: random.Random, max_len: int) -> Conversation:
+    """An agent conversation rendered by ``render_conversation`` with the chatml template (Hermes
+    tool calls and results), stored as preprocessing stores it; its split baseline: one sample
+    per trained reply, rendered by the library with only that reply trained."""
+    from mt_dialog.data.render import render_conversation, resolve_template
+    from mt_dialog.data.templates import get_template
+
+    template = resolve_template(get_template("chatml"), WordTokenizer())
+    while True:
+        messages = _agent_messages(rng)
+        (sample,) = render_conversation(messages, template, WordTokenizer.encode)
+        if sample.num_tokens <= max_len:
+            break
+    counts, replies, a = sample.loss_token_num.tolist(), [], 0
+    while a < len(counts):  # a trained turn of n tokens carries n on each
+        if counts[a]:
+            replies.append((a, a + counts[a]))
+        a += counts[a] or 1
+    split = []
+    for k, message in enumerate(messages):
+        if message.role != "assistant" or message.train is False:  # what the data trains
+            continue
+        alone = tuple(replace(m, train=False) if m.role == "assistant" and i != k else m
+                      for i, m in enumerate(messages[:k + 1]))
+        (one,) = render_conversation(alone, template, WordTokenizer.encode)
+        start = int(np.argmax(one.loss_mask))  # the sample ends with its one trained turn
+        split.append((one.input_ids.tolist(), start, one.num_tokens))
+    return Conversation(sample.input_ids.tolist(), replies, split,
+                        sum(m.role == "assistant" and m.train is False for m in messages),
+                        sum(m.role == "tool" for m in messages))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,8 +264,8 @@ def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], 
     if normalization == "turn":
         terms = []
         for conv in convs:
-            for a, e in conv.replies:
-                sample = torch.tensor(conv.tokens[:e])
+            for tokens, a, e in conv.samples():
+                sample = torch.tensor(tokens)
                 ce = F.cross_entropy(reference_logits(W, sample[:-1], mcfg, tied), sample[1:],
                                      reduction="none")
                 terms.append(ce[a - 1:e - 1].mean())

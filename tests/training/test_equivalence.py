@@ -102,3 +102,17 @@ def test_packed_conversations_are_isolated(name, tmp_path_factory):
     assert iso["max_abs_alone_vs_reference"] <= 1e-5, iso
     # control: one causal mask over the pack lets conversations see each other
     assert iso["max_abs_causal_pack_vs_alone"] > 1e-3, iso
+
+
+@layouts
+def test_untrained_replies_and_tool_messages_train_nothing(name, tmp_path_factory):
+    """Packs of rendered agent conversations holding replies with weight 0 and tool calls and
+    results: the gradient is the split baseline's over the trained replies only (each baseline
+    sample rendered with its one reply trained), and only trained replies count as turns."""
+    step = _result(name, tmp_path_factory)["steps"]["context"]
+    assert step["untrained_replies"] >= 3 and step["tool_messages"] >= 3, step
+    assert step["turns"] == step["split_samples"], step
+    assert step["turn_max_rel_err"] <= TOL, (step["turn_worst_param"], step)
+    assert step["turn_logged_turns"] == step["turns"]
+    assert step["turn_logged_loss_per_turn"] == pytest.approx(step["turn_loss_ref"], rel=TOL)
+    assert step["token_max_rel_err"] <= TOL, (step["token_worst_param"], step)

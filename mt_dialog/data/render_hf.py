@@ -1,0 +1,542 @@
+"""Render conversations with a Hugging Face tokenizer's own Jinja chat template (``--template hf``).
+
+The template renders *text*; what is trained is located in that text by rendering variants that
+differ only in one reply. For a sample (a conversation, or with ``--reasoning per-turn`` one view
+of it) and each trained assistant message k::
+
+    full      the template's rendering of the sample (messages, tools) - one render
+    blank_k   the same with message k emptied (no content, calls, reasoning) - one render each
+
+``full`` and ``blank_k`` agree before message k's text and after it, so their first difference
+lies in it. Reply k starts right after the generation prompt's opening (the text
+``add_generation_prompt`` adds, e.g. ``<|im_start|>assistant\\n``, found on a probe
+conversation) that precedes that difference, and ends at the template's end-of-turn token (the
+special token it puts after every reply, ``<|im_end|>``, also found on the probe). Its trained
+tokens are exactly what the template writes for it *in the whole conversation* - reasoning where
+the template keeps it, content as the template trims it, tool calls as it serializes them - and
+the end-of-turn, also for templates that are not prefix-consistent (Qwen3 leaves out earlier
+turns' reasoning; Llama 3 trims content). ``full`` is tokenized once, as
+``apply_chat_template(..., tokenize=True)`` tokenizes it, and each located span is checked to
+begin on a token boundary and to end right before the end-of-turn token. Cost: one render per
+sample, one per trained reply, one tokenization; the rendering is a small part of it.
+
+A record is refused (``RecordError``) only when its replies cannot be located, with the cause:
+``special_token_in_text`` (text that would become a control token), ``template_error`` (the
+template raises), ``template_no_tools`` / ``template_no_reasoning`` (the template ignores them,
+as found on probe conversations), ``reply_not_rendered`` (the template leaves a trained reply out
+of the history), ``reply_opening_not_found``, ``reply_token_boundary``, ``end_of_turn_mismatch``,
+``reasoning_dropped`` (``--reasoning keep`` with a template that drops it), ``no_trained_turn``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from mt_dialog.data.formats import Conversation, Message, RecordError, ToolCall
+from mt_dialog.data.render import (
+    RenderedConversation,
+    RenderOptions,
+    _has_reply,
+    _layout_names,
+    _trained,
+    _turn_lengths,
+    _views,
+    as_conversation,
+)
+from mt_dialog.data.templates import ReasoningLayout
+from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
+
+Dicts = List[Dict[str, Any]]
+Tools = Optional[List[Dict[str, Any]]]
+_BLANK = {"role": "assistant", "content": ""}
+# per-turn views as for a template that leaves earlier turns' reasoning out (the Jinja decides
+# what it shows in each view; the views are those of the built-in templates)
+_USER_TURN_VIEWS = SimpleNamespace(reasoning=ReasoningLayout(wrap=("", ""), drops_earlier=True))
+
+
+def hf_messages(messages: Sequence[Message]) -> Dicts:
+    """Messages as Hugging Face chat templates take them (``apply_chat_template(messages,
+    tools=...)``): ``{"role", "content"}``; an assistant's ``tool_calls`` as ``[{"type":
+    "function", "function": {"name", "arguments" (a dict)}, "id"}]`` and ``reasoning_content``;
+    a tool result's ``tool_call_id`` and ``name``. Absent values are left out (templates test
+    ``is defined``)."""
+    out = []
+    for m in messages:
+        entry: Dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            entry["tool_calls"] = [
+                {"type": "function", "function": {"name": c.name, "arguments": c.arguments},
+                 **({"id": c.id} if c.id is not None else {})} for c in m.tool_calls]
+        if m.reasoning is not None:
+            entry["reasoning_content"] = m.reasoning
+        if m.name is not None:
+            entry["name"] = m.name
+        if m.tool_call_id is not None:
+            entry["tool_call_id"] = m.tool_call_id
+        out.append(entry)
+    return out
+
+
+def _apply(hf_tokenizer, dicts: Dicts, tools: Tools, add_generation_prompt: bool = False) -> str:
+    """The template's text; a template that refuses the conversation is a ``RecordError``."""
+    import jinja2
+
+    try:
+        return hf_tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError, ValueError) as exc:
+        raise RecordError("template_error",
+                          f"the chat template refuses this conversation ({exc})") from None
+
+
+# -- what a chat template does, found once on probe conversations -------------------------------
+
+@dataclass(frozen=True)
+class ChatTemplateInfo:
+    """What ``--template hf`` needs to know about a tokenizer's chat template."""
+
+    template: str
+    """The Jinja source it was found for."""
+    end_of_turn: int
+    """Id of the special token the template puts right after every reply."""
+    end_text: str
+    """Its text."""
+    opening: str
+    """What ``add_generation_prompt`` adds (``<|im_start|>assistant\\n``); "" when nothing."""
+    opener: Optional[str]
+    """The special token ``opening`` starts with (``<|im_start|>``), which opens every message:
+    never inside a reply."""
+    specials: "re.Pattern[str]"
+    """Matches the text of any special token of the tokenizer (longest first)."""
+    renders: FrozenSet[str] = frozenset()
+    """Which of "tools", "tool_calls", "tool_results", "reasoning" the template renders."""
+
+
+_PROBE = (Message("user", "Hello!"), Message("assistant", "Hi."),
+          Message("user", "How are you?"), Message("assistant", "Fine, thanks."))
+_INFO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _special_pattern(hf_tokenizer) -> "re.Pattern[str]":
+    texts = {t for t in hf_tokenizer.all_special_tokens if t}
+    texts |= {t.content for t in hf_tokenizer.added_tokens_decoder.values()
+              if t.special and t.content}
+    ordered = sorted(texts, key=len, reverse=True)
+    return re.compile("|".join(re.escape(t) for t in ordered) or "(?!)")
+
+
+def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
+    """Find (once per tokenizer and template; cached) the end-of-turn token, the generation
+    prompt's opening and what the chat template renders, on probe conversations, and check that
+    the probe's last reply can be located.
+
+    Raises ``TokenizerError`` when the tokenizer has no chat template, the template cannot lay
+    out the probe, or ends its replies with different special tokens."""
+    template = getattr(hf_tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        raise TokenizerError("--template hf: the tokenizer has no chat template; choose a "
+                             "built-in --template")
+    cached = _INFO.get(hf_tokenizer)
+    if cached is not None and cached.template == template:
+        return cached
+    specials = _special_pattern(hf_tokenizer)
+    try:
+        end_text = _probe_end_of_turn(hf_tokenizer, specials)
+        dicts = hf_messages(_PROBE[:3])
+        prompt = _apply(hf_tokenizer, dicts, None, add_generation_prompt=True)
+        plain = _apply(hf_tokenizer, dicts, None)
+        opening = prompt[len(plain):] if prompt.startswith(plain) else ""
+        opener = specials.match(opening)
+        info = ChatTemplateInfo(template, hf_tokenizer.convert_tokens_to_ids(end_text), end_text,
+                                opening, opener.group() if opener else None, specials)
+        _render(Conversation(_PROBE), hf_tokenizer, RenderOptions(train_on="last"), info)
+    except RecordError as exc:
+        raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
+                             f"conversation {[m.content for m in _PROBE]}: {exc.message}") from None
+    info = replace(info, renders=_probe_renders(hf_tokenizer))
+    _INFO[hf_tokenizer] = info
+    return info
+
+
+def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]") -> str:
+    """The text of the special token the template puts after each reply of ``_PROBE`` (the
+    first special token where the rendering with that reply emptied stops differing)."""
+    dicts = hf_messages(_PROBE)
+    full = _apply(hf_tokenizer, dicts, None)
+    found = []
+    for k in (1, 3):
+        other = _apply(hf_tokenizer, _blanked(dicts, k), None)
+        if other != full:  # a template may leave earlier replies out: use the others
+            closing = _closing_special(full, _differing(full, other)[1], specials)
+            found.append(closing.group() if closing else None)
+    texts = sorted(set(found), key=str)
+    if texts == [None] or not texts:
+        raise TokenizerError("--template hf: the chat template puts no special token after the "
+                             "replies of a probe conversation; training needs an end-of-turn "
+                             "token (generation stops at it): choose a built-in --template")
+    if len(texts) != 1 or None in texts:
+        ids = [hf_tokenizer.convert_tokens_to_ids(t) if t else None for t in texts]
+        pieces = ", ".join(f"{t!r} (id {i})" if t else "no special token"
+                           for t, i in zip(texts, ids))
+        raise TokenizerError(
+            f"--template hf: the chat template ends replies with different special tokens "
+            f"({pieces}) on a probe conversation; training needs one end-of-turn token "
+            "(generation stops at it): fix the chat template or choose a built-in --template")
+    return texts[0]
+
+
+_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+def _probe_renders(hf_tokenizer) -> FrozenSet[str]:
+    """Which inputs the template renders: each probed by two conversations that differ only
+    in it (a template that ignores it, or refuses it, renders them alike)."""
+    def call(city="Paris", result="22", reasoning="Look it up."):
+        return Conversation((Message("user", "Weather in Paris?"),
+                             Message("assistant", "", (ToolCall("get_weather", {"city": city},
+                                                                "call_1"),)),
+                             Message("tool", result, name="get_weather", tool_call_id="call_1"),
+                             Message("assistant", "22 degrees.", reasoning=reasoning)),
+                            (_WEATHER,))
+
+    other_tool = {"type": "function", "function": dict(_WEATHER["function"], name="get_time")}
+    pairs = {
+        "tools": (Conversation(_PROBE[:2], (_WEATHER,)), Conversation(_PROBE[:2], (other_tool,))),
+        "tool_calls": (call(), call(city="Rome")),
+        "tool_results": (call(), call(result="18")),
+        "reasoning": (Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Greet back."))),
+                      Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Be polite.")))),
+    }
+    renders = set()
+    for what, (one, two) in pairs.items():
+        try:
+            texts = [_apply(hf_tokenizer, hf_messages(c.messages), list(c.tools) or None)
+                     for c in (one, two)]
+        except RecordError:
+            continue
+        if texts[0] != texts[1]:
+            renders.add(what)
+    return frozenset(renders)
+
+
+# -- locating a reply ---------------------------------------------------------------------------
+
+def _blanked(dicts: Dicts, k: int) -> Dicts:
+    return dicts[:k] + [_BLANK] + dicts[k + 1:]
+
+
+def _common_prefix(x: str, y: str) -> int:
+    """Length of the common prefix (binary search on slices: C-speed comparisons)."""
+    low, high = 0, min(len(x), len(y))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if x[low:mid] == y[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _differing(full: str, other: str) -> Tuple[int, int]:
+    """``(first, last)``: ``full[:first]`` and ``full[last:]`` are also ``other``'s prefix and
+    suffix (the longest such), so ``full[first:last]`` holds everything that differs."""
+    first = _common_prefix(full, other)
+    limit = min(len(full), len(other)) - first
+    suffix = _common_prefix(full[::-1][:limit], other[::-1][:limit])
+    return first, len(full) - suffix
+
+
+def _closing_special(full: str, last: int, specials: "re.Pattern[str]"):
+    """The special token occurrence that contains position ``last`` of ``full``, else the
+    first one after it (None when there is none)."""
+    match = specials.search(full, max(0, last - 64))
+    while match is not None and match.end() <= last:
+        match = specials.search(full, match.end())
+    return match
+
+
+def _reply_start(full: str, first: int, low: int, k: int, dicts: Dicts, tools: Tools,
+                 hf_tokenizer, info: ChatTemplateInfo) -> int:
+    """Where reply k starts in ``full``: after the generation prompt's opening, matched from
+    the message opener (``<|im_start|>``) closest before ``first`` (the reply's first differing
+    character; after ``low``) as far as the history writes it (DeepSeek-R1-style templates open
+    the prompt with ``<think>\\n`` but not the history); without an opener special token, after
+    the last whole opening; for templates whose generation prompt adds no text, after the
+    generation prompt of messages[:k] when ``full`` starts with it.
+    Raises ``RecordError("reply_opening_not_found")``."""
+    if info.opener:
+        at = full.rfind(info.opener, low, first)
+        if at >= 0:
+            return at + _common_prefix(full[at:first], info.opening)
+    elif info.opening:
+        at = full.rfind(info.opening, low, first)
+        if at >= 0:
+            return at + len(info.opening)
+    prompt = _apply(hf_tokenizer, dicts[:k], tools, add_generation_prompt=True)
+    if full.startswith(prompt) and low <= len(prompt) <= first:
+        return len(prompt)
+    shown = repr(info.opening) if info.opening else "the generation prompt of the history"
+    raise RecordError(
+        "reply_opening_not_found",
+        f"message {k}: the chat template does not open this reply with {shown} in the whole "
+        "conversation (it writes the history differently from the generation prompt), so where "
+        "the reply starts cannot be told; use a built-in --template")
+
+
+def _locate(full: str, dicts: Dicts, tools: Tools, k: int, low: int, hf_tokenizer,
+            info: ChatTemplateInfo) -> Optional[Tuple[int, int]]:
+    """``(start, end)``: the characters of ``full`` the template writes for reply k, up to its
+    end-of-turn token (at ``end``); None when it writes the same as for an empty reply."""
+    other = _apply(hf_tokenizer, _blanked(dicts, k), tools)
+    if other == full:
+        return None
+    first, last = _differing(full, other)
+    start = _reply_start(full, first, low, k, dicts, tools, hf_tokenizer, info)
+    closing = _closing_special(full, last, info.specials)
+    straddles = closing is not None and closing.start() < last
+    end = full.find(info.end_text, max(start, last - len(info.end_text) + 1))
+    if (straddles and closing.group() != info.end_text) or end < 0:
+        raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
+    if info.opener and full.find(info.opener, start, end) >= 0:
+        # the next message opens before this end-of-turn: the reply ended with another token
+        raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
+    return start, end
+
+
+def _end_mismatch(k: int, piece: Optional[str], hf_tokenizer, info: ChatTemplateInfo
+                  ) -> RecordError:
+    wanted = f"{info.end_text!r} (id {info.end_of_turn})"
+    found = (f"{piece!r} (id {hf_tokenizer.convert_tokens_to_ids(piece)})" if piece
+             else "no special token")
+    return RecordError(
+        "end_of_turn_mismatch",
+        f"message {k}: the chat template ends this reply with {found} but replies end with "
+        f"{wanted} elsewhere; training needs one end-of-turn token (generation stops at it): "
+        "fix the chat template or use a built-in --template")
+
+
+# -- checks of the input ------------------------------------------------------------------------
+
+_NEEDS = {"tools": ("template_no_tools", "tools"),
+          "tool_calls": ("template_no_tools", "tool calls"),
+          "tool_results": ("template_no_tools", "tool results"),
+          "reasoning": ("template_no_reasoning", "reasoning")}
+
+
+def _check_inputs(conversation: Conversation, info: ChatTemplateInfo) -> None:
+    """Refuse text holding a special token's text (the tokenizer would make it a control
+    token), and tools, tool calls, tool results or reasoning the template does not render
+    (they would be silently left out of training). Raises ``RecordError``."""
+    found = []  # (what the template must render, message index or None, text to search)
+    if conversation.tools:
+        found.append(("tools", None, json.dumps(list(conversation.tools), ensure_ascii=False,
+                                                default=str)))
+    for index, m in enumerate(conversation.messages):
+        found.append((None, index, m.content))
+        if m.tool_calls:
+            found.append(("tool_calls", index, json.dumps(
+                [[c.name, c.arguments] for c in m.tool_calls], ensure_ascii=False, default=str)))
+        if m.role == "tool":
+            found.append(("tool_results", index, m.name or ""))
+        if m.reasoning is not None:
+            found.append(("reasoning" if m.reasoning.strip() else None, index, m.reasoning))
+    for what, index, text in found:
+        where = "the record's tools" if index is None else f"message {index}"
+        hit = info.specials.search(text)
+        if hit:
+            raise RecordError(
+                "special_token_in_text",
+                f"{where} contains the special token text {hit.group()!r}, which the tokenizer "
+                "would turn into a control token inside the chat template's text; remove it or "
+                "use a built-in --template")
+        if what is not None and what not in info.renders:
+            reason, label = _NEEDS[what]
+            raise RecordError(
+                reason,
+                f"{where} has {label}, but the tokenizer's chat template does not render "
+                f"{label} (checked on a probe conversation): training would silently leave "
+                f"out what the record holds; use a chat template that lays out {label}, or "
+                f"--template {_layout_names(what if what == 'reasoning' else 'tools')}")
+
+
+def _check_reasoning_kept(full: str, dicts: Dicts, tools: Tools, messages: Sequence[Message],
+                          hf_tokenizer) -> None:
+    """``--reasoning keep``: every message's reasoning must be in the rendering (a variant
+    without it renders differently). Raises ``RecordError("reasoning_dropped")``."""
+    for k, message in enumerate(messages):
+        if message.role != "assistant" or not (message.reasoning or "").strip():
+            continue
+        without = dict(dicts[k])
+        del without["reasoning_content"]
+        if _apply(hf_tokenizer, dicts[:k] + [without] + dicts[k + 1:], tools) == full:
+            raise RecordError(
+                "reasoning_dropped",
+                f"message {k}: --reasoning keep, but the chat template leaves this message's "
+                "reasoning out of the conversation (templates such as Qwen3's keep only the "
+                "reasoning after the last user message); use --reasoning template (train what "
+                "the template renders) or per-turn (one sample per user turn with reasoning, "
+                "each in the view the model has when it writes that turn)")
+
+
+# -- samples ------------------------------------------------------------------------------------
+
+def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
+            info: ChatTemplateInfo) -> Tuple[RenderedConversation, ...]:
+    """The samples of a checked conversation: the views of ``render._views`` (one, or one per
+    user turn with reasoning under "per-turn"), each cut after its last trained reply and
+    rendered whole by the template."""
+    messages = conversation.messages
+    samples = []
+    for trained, _ in _views(messages, _USER_TURN_VIEWS, options, _trained(messages, options)):
+        shown = [t and _has_reply(m, True) for m, t in zip(messages, trained)]
+        if not any(shown):
+            continue
+        stop = max(i for i, t in enumerate(shown) if t) + 1
+        view = replace(conversation, messages=messages[:stop])
+        sample = _render_sample(view, shown[:stop], hf_tokenizer, info,
+                                options.reasoning == "keep")
+        if sample is not None:
+            samples.append(sample)
+    if not samples:
+        last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
+        raise RecordError(
+            "no_trained_turn",
+            f"no assistant message is trained (each one is marked weight 0 / loss false, is "
+            f"empty{last}, or is left out by the chat template); nothing would be trained")
+    return tuple(samples)
+
+
+def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_tokenizer,
+                   info: ChatTemplateInfo, keep: bool) -> Optional[RenderedConversation]:
+    """One sample: the template's rendering of ``conversation``, tokenized, with the replies
+    ``trained[k]`` located and trained; None when the template writes none of them."""
+    messages = conversation.messages
+    dicts = hf_messages(messages)
+    tools = list(conversation.tools) or None
+    full = _apply(hf_tokenizer, dicts, tools)
+    if keep:
+        _check_reasoning_kept(full, dicts, tools, messages, hf_tokenizer)
+    spans, low = [], 0
+    for k in (i for i, t in enumerate(trained) if t):
+        span = _locate(full, dicts, tools, k, low, hf_tokenizer, info)
+        if span is None:
+            if messages[k].content.strip() or messages[k].tool_calls:
+                raise RecordError(
+                    "reply_not_rendered",
+                    f"message {k}: the chat template writes nothing for this reply in the whole "
+                    "conversation (it leaves earlier replies out of the history), so it cannot "
+                    "be trained; use --train-on last, mark the reply \"weight\": 0, or use a "
+                    "built-in --template")
+            continue  # reasoning alone, left out of this view: context
+        spans.append((k,) + span)
+        low = span[1] + len(info.end_text)
+    return _tokenize(full, spans, hf_tokenizer, info) if spans else None
+
+
+def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
+              info: ChatTemplateInfo) -> RenderedConversation:
+    """Tokenize ``full`` (as ``apply_chat_template(..., tokenize=True)`` does) and train each
+    ``(k, start, end)`` span plus the end-of-turn token at ``end``, checking that the span
+    starts on a token boundary and that ``end`` is the end-of-turn token."""
+    encoded = hf_tokenizer(full, add_special_tokens=False)
+    ids = encoded["input_ids"]
+    encoding = encoded.encodings[0] if getattr(encoded, "encodings", None) else None
+    if encoding is None:
+        raise TokenizerError("--template hf needs a fast tokenizer (a tokenizer.json) to map the "
+                             "chat template's text to tokens")
+    replies, turn_ends = [], []
+    for k, start, end in spans:
+        first, closing = encoding.char_to_token(start), encoding.char_to_token(end)
+        if closing is None or ids[closing] != info.end_of_turn \
+                or encoding.token_to_chars(closing)[0] != end:
+            raise RecordError("end_of_turn_mismatch", f"message {k}: the end-of-turn text "
+                              f"{info.end_text!r} after this reply is not tokenized as the "
+                              f"end-of-turn token (id {info.end_of_turn}); fix the tokenizer")
+        if first is None or encoding.token_to_chars(first)[0] != start:
+            raise _boundary_error(k, full, start, first, encoding, ids, hf_tokenizer)
+        replies.append((first, closing + 1 - first))
+        after = info.specials.search(full, end + len(info.end_text))
+        turn_ends.append(encoding.char_to_token(after.start()) if after else len(ids))
+    return RenderedConversation(np.asarray(ids, dtype=np.int64),
+                                _turn_lengths(replies, len(ids)), tuple(turn_ends))
+
+
+def _boundary_error(k: int, full: str, start: int, token: Optional[int], encoding, ids,
+                    hf_tokenizer) -> RecordError:
+    shown = (f" into one token {hf_tokenizer.convert_ids_to_tokens(ids[token])!r}"
+             if token is not None else "")
+    return RecordError(
+        "reply_token_boundary",
+        f"message {k}: the tokenizer joins the end of the reply's opening "
+        f"({full[max(0, start - 12):start]!r}) and the start of the reply "
+        f"({full[start:start + 12]!r}){shown}, so the reply does not start on a token boundary "
+        "(the prompt at inference ends inside that token); remove the reply's leading "
+        "whitespace or use a built-in --template")
+
+
+# -- public entry points ------------------------------------------------------------------------
+
+def render_with_chat_template(conversation: Union[Conversation, Sequence[Message]], hf_tokenizer,
+                              options: Optional[RenderOptions] = None
+                              ) -> Tuple[RenderedConversation, ...]:
+    """The training samples of one conversation rendered by ``hf_tokenizer``'s own Jinja chat
+    template (``--template hf``), with the same ``options`` as built-in templates
+    (``--train-on``, ``--reasoning``: "template" trains what the Jinja renders, "keep" refuses
+    a template that drops some reasoning, "per-turn" renders one view per user turn with
+    reasoning, as ``render.render_conversation``).
+
+    Each sample: ``input_ids`` int64 [n] are the template's text tokenized as
+    ``apply_chat_template(messages, tools=..., tokenize=True)`` tokenizes it;
+    ``loss_token_num`` int32 [n] is, on each trained reply's tokens (what the template writes
+    for it in that sample, then its end-of-turn token), the reply's token count, 0 elsewhere;
+    ``turn_ends`` the token offset after each trained reply (up to the next message).
+    ``conversation``: a ``Conversation`` (messages, tools) or a sequence of ``Message``.
+
+    Raises ``RecordError`` (reasons in the module docstring) for a record that cannot be
+    trained as rendered; ``TokenizerError`` when the template cannot be used at all."""
+    conversation = as_conversation(conversation)
+    info = chat_template_info(hf_tokenizer)
+    _check_inputs(conversation, info)
+    return _render(conversation, hf_tokenizer, options or RenderOptions(), info)
+
+
+def render_prompt_with_chat_template(conversation: Union[Conversation, Sequence[Message]],
+                                     hf_tokenizer) -> List[int]:
+    """Ids of the generation prompt (a conversation ending with a user message or tool results,
+    then ``add_generation_prompt``) laid out by the tokenizer's chat template and tokenized as
+    ``render_with_chat_template`` tokenizes training samples. Raises ``RecordError`` (the
+    template refuses the conversation, special-token text) or ``TokenizerError``."""
+    conversation = as_conversation(conversation)
+    _check_inputs(conversation, chat_template_info(hf_tokenizer))
+    text = _apply(hf_tokenizer, hf_messages(conversation.messages),
+                  list(conversation.tools) or None, add_generation_prompt=True)
+    return list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_template_end_of_turn(hf_tokenizer) -> int:
+    """Id of the special token a Hugging Face chat template puts right after every reply
+    (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3): the token training trains at the
+    end of each reply and generation stops at. It is not ``eos_token_id`` in general (a base
+    model's ChatML tokenizer has eos ``<|endoftext|>``). Found on a probe conversation (cached
+    per tokenizer and template, ``chat_template_info``); ``render_with_chat_template`` then
+    checks every trained reply against it. Raises ``TokenizerError``."""
+    return chat_template_info(hf_tokenizer).end_of_turn
+
+
+def hf_end_of_turn_id(tokenizer: DialogTokenizer) -> int:
+    """``render.end_of_turn_id`` for ``--template hf``: the end-of-turn of the tokenizer's own
+    chat template (``chat_template_end_of_turn``). Raises ``TokenizerError`` when it has none."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerError(f"--template hf: the tokenizer in {tokenizer.path} has no chat "
+                             "template; choose a built-in --template")
+    return chat_template_end_of_turn(tokenizer.hf)
