@@ -100,7 +100,7 @@ def read_run_info(root: str, iteration: Optional[int] = None) -> Dict[str, Any]:
 
 def _data_info_from_datasets(config: Dict[str, Any]) -> Dict[str, Any]:
     """The data info training would compute, from the metadata of the first dataset."""
-    from mt_dialog.data.storage import DatasetFormatError, read_metadata
+    from mt_dialog.data.storage import DatasetFormatError, read_metadata, render_options_of
 
     items = list(config["data"]["data_path"])
     try:
@@ -114,6 +114,7 @@ def _data_info_from_datasets(config: Dict[str, Any]) -> Dict[str, Any]:
         raise GenerationError(f"the checkpoint has no config.json and its dataset cannot be read "
                               f"({exc})") from None
     return {"prefixes": [prefix], "seq_length": int(meta["seq_length"]),
+            "render_options": render_options_of(meta),
             "vocab_size": int(meta["tokenizer"]["vocab_size"]), "tokenizer": meta["tokenizer"],
             "special_ids": meta["special_ids"], "template": meta["template"]}
 
@@ -318,6 +319,14 @@ def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Opt
     return tokenizer
 
 
+def run_render_options(data: Optional[Dict[str, Any]]):
+    """The ``RenderOptions`` (--train-on, --reasoning) the run's dataset was built with (the
+    defaults for runs that recorded none: imports, older datasets)."""
+    from mt_dialog.data.render import RenderOptions
+
+    return RenderOptions(**((data or {}).get("render_options") or {}))
+
+
 def run_template(name: str, tokenizer, special: Dict[str, Any]):
     """``(resolved template, or None for the tokenizer's own; end-of-turn id)`` of a run trained
     with ``--template name``. The end-of-turn is ``render.end_of_turn_id``'s (as preprocessing
@@ -348,8 +357,11 @@ class Generator:
 
     def __init__(self, model: torch.nn.Module, tokenizer, template, end_of_turn: int,
                  vocab_size: int, seq_length: int, template_name: str = "",
-                 iteration: Optional[int] = None, seed: int = 1234) -> None:
+                 iteration: Optional[int] = None, seed: int = 1234, options=None) -> None:
+        from mt_dialog.data.render import RenderOptions
+
         self.model = model
+        self.options = options or RenderOptions()  # the run's --train-on / --reasoning
         self.seed = seed
         self.tokenizer = tokenizer
         self.template = template  # ResolvedTemplate, or None for the tokenizer's own ("hf")
@@ -388,7 +400,8 @@ class Generator:
                                   f"single-process model ({type(exc).__name__}: {exc})") from None
         model.eval()
         return cls(model, tokenizer, resolved, end_of_turn, int(data["vocab_size"]),
-                   int(data["seq_length"]), name, info["iteration"], seed)
+                   int(data["seq_length"]), name, info["iteration"], seed,
+                   run_render_options(data))
 
     # -- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[MessageLike]) -> List[int]:
@@ -399,7 +412,7 @@ class Generator:
         checked = to_messages(messages)
         if self.template is None:  # the tokenizer's own Jinja template
             return render_prompt_with_chat_template(checked, self.tokenizer.hf)
-        return render_prompt(checked, self.template, self.tokenizer.encode)
+        return render_prompt(checked, self.template, self.tokenizer.encode, self.options)
 
     # -- decoding ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -43,3 +43,40 @@ def test_split_and_valid_input_exclude_each_other(tmp_path, capsys):
     code = main(["--input", "a.jsonl", "--valid-input", "b.jsonl", "--split", "90,10",
                  "--tokenizer-model", "m", "--output-prefix", str(tmp_path / "o")])
     assert code == 1 and "exclude each other" in capsys.readouterr().err
+
+
+def test_tokenizer_type_follows_the_tokenizer_flag_given():
+    assert TokenizerConfig(tokenizer_path="dir", template="hf").tokenizer_type == "huggingface"
+    assert TokenizerConfig(tokenizer_model="m.model").tokenizer_type == "sentencepiece"
+    assert TokenizerConfig(tokenizer_type="sentencepiece", tokenizer_model="m.model",
+                           tokenizer_path="dir").tokenizer_type == "sentencepiece"
+
+
+def test_a_reader_that_goes_away_stops_a_tool_quietly(monkeypatch):
+    """``tool | head``: writing into a pipe whose reader is gone raises BrokenPipeError;
+    ``mt_dialog.cli.run`` ends the tool quietly (exit 1, no traceback)."""
+    import os
+
+    from mt_dialog import cli
+
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr("sys.stdout", os.fdopen(write, "w", buffering=1))
+
+    def main():
+        for _ in range(1000):
+            print("a line of a long listing")
+        return 0
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(main)
+    assert stopped.value.code == 1
+
+
+@pytest.mark.parametrize("tool", ["tools/preprocess_dialog.py", "tools/inspect_dialog_dataset.py",
+                                  "tools/chat.py", "tools/convert_checkpoint.py"])
+def test_every_tool_runs_through_cli_run(tool):
+    from tests.conftest import ROOT
+
+    source = open(f"{ROOT}/{tool}", encoding="utf-8").read()
+    assert source.rstrip().endswith("run(main)"), tool

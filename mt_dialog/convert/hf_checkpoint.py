@@ -48,6 +48,7 @@ from mt_dialog.generate import (
     dataset_template,
     inference_config,
     read_run_info,
+    run_render_options,
     run_template,
     run_tokenizer,
     single_process_config,
@@ -183,8 +184,9 @@ def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str,
 
     if template is None:
         if not tokenizer.chat_template:
+            built_in = [name for name in template_names() if name != HF_TEMPLATE]
             raise ConversionError("the tokenizer has no chat template; pass --template (one of "
-                                  f"{', '.join(template_names())})")
+                                  f"{', '.join(built_in)})")
         template = HF_TEMPLATE
     try:  # the template's end-of-turn (for hf the token its Jinja puts after every reply)
         end_of_turn = end_of_turn_id(template, tokenizer)
@@ -286,7 +288,8 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
         source = {"hf_dir": os.path.abspath(cfg.load_dir), "architecture": hf.architecture,
                   "vocab_size": hf.vocab_size, "dtype": dtype,
                   "max_position_embeddings": hf.max_position_embeddings,
-                  "bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id}
+                  "bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id,
+                  "pad_token_id": hf.pad_token_id}
         _save_imported(tmp, model, hf.model, {"command": argv, "data": data, "source": source})
         _publish(tmp, cfg.save_dir)
     finally:
@@ -343,6 +346,7 @@ class ExportedTokenizer:
     template_name: Optional[str]  # the dataset's --template (None: not recorded)
     template: Any  # its ResolvedTemplate; None for hf (the tokenizer's own) or unknown
     end_of_turn: Optional[int]  # the id every trained reply ends with
+    options: Any = None  # the run's RenderOptions (--train-on, --reasoning)
 
 
 def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
@@ -368,7 +372,7 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
         except GenerationError as exc:
             raise ConversionError(str(exc)) from None
     return ExportedTokenizer(_hf_tokenizer(tokenizer, out), tokenizer, name, template,
-                             end_of_turn)
+                             end_of_turn, run_render_options(data))
 
 
 def _hf_tokenizer(tokenizer, out: str):
@@ -425,10 +429,11 @@ def _attach_chat_template(exported: ExportedTokenizer, out: str) -> str:
         candidates, label = [hf_tokenizer.chat_template], f"{name} (the tokenizer's own"
     else:  # see chat_template.jinja_chat_template for word_start
         text_of = lambda token: hf_tokenizer.convert_ids_to_tokens(int(token))  # noqa: E731
-        candidates = [jinja_chat_template(exported.template, text_of, word_start)
+        keep = exported.options.reasoning == "keep"  # history reasoning as training kept it
+        candidates = [jinja_chat_template(exported.template, text_of, word_start, keep)
                       for word_start in (False, True)]
         label = f"{name} (as Jinja"
-    expected = training_layout(exported.template, exported.run)
+    expected = training_layout(exported.template, exported.run, exported.options)
     for candidate in candidates:
         hf_tokenizer.chat_template = candidate
         hf_tokenizer.save_pretrained(out)
@@ -507,13 +512,18 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
     end_of_turn = exported.end_of_turn if exported is not None else None
     bos = hf_tokenizer.bos_token_id if hf_tokenizer is not None else source.get("bos_token_id")
     eos = hf_tokenizer.eos_token_id if hf_tokenizer is not None else source.get("eos_token_id")
+    # the imported model's pad id when it had one, else the tokenizer's
+    pad = source.get("pad_token_id")
+    if pad is None and hf_tokenizer is not None:
+        pad = hf_tokenizer.pad_token_id
     max_position = int(source.get("max_position_embeddings") or (data or {}).get("seq_length")
                        or 4096)
-    hf_config(mc, architecture, rows, max_position, dtype, bos, eos).save_pretrained(out)
+    hf_config(mc, architecture, rows, max_position, dtype, bos, eos, pad).save_pretrained(out)
     stops = [eos] if isinstance(eos, int) else list(eos or [])
     if end_of_turn is not None and end_of_turn not in stops:
         stops.append(int(end_of_turn))  # generate() stops at the template's end of turn
-    GenerationConfig(bos_token_id=bos, eos_token_id=stops or None).save_pretrained(out)
+    GenerationConfig(bos_token_id=bos, eos_token_id=stops or None,
+                     pad_token_id=pad).save_pretrained(out)
 
 
 def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:

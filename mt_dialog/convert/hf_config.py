@@ -40,6 +40,7 @@ class HFModel:
     dtype: str  # fp32 / bf16 / fp16
     bos_token_id: Optional[int] = None
     eos_token_id: Any = None
+    pad_token_id: Optional[int] = None
 
 
 def _load(folder: str):
@@ -137,7 +138,8 @@ def read_hf_config(folder: str) -> HFModel:
                 or "float32").replace("torch.", "")
     return HFModel(architecture, model, int(config.vocab_size),
                    int(getattr(config, "max_position_embeddings", 4096)), DTYPES.get(dtype, "fp32"),
-                   getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None))
+                   getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None),
+                   getattr(config, "pad_token_id", None))
 
 
 def guess_architecture(model: ModelConfig) -> str:
@@ -157,7 +159,8 @@ def _rope_for_hf(model: ModelConfig) -> Optional[Dict[str, Any]]:
 
 
 def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_position: int,
-              dtype: str, bos_token_id: Optional[int], eos_token_id: Any):
+              dtype: str, bos_token_id: Optional[int], eos_token_id: Any,
+              pad_token_id: Optional[int] = None):
     """A transformers config object for ``model`` (``save_pretrained`` writes config.json)."""
     import torch
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
@@ -182,7 +185,8 @@ def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_positi
                  rope_theta=model.rotary_base, rope_scaling=_rope_for_hf(model),
                  tie_word_embeddings=not model.untie_embeddings_and_output_weights,
                  initializer_range=model.init_method_std, hidden_act="silu",
-                 bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+                 bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                 pad_token_id=pad_token_id)
     config.architectures = [architecture]
     config.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return config

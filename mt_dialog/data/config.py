@@ -52,8 +52,9 @@ class InputConfig:
 class TokenizerConfig:
     """Which tokenizer and chat template render conversations into tokens."""
 
-    tokenizer_type: str = option("sentencepiece", choices=TOKENIZER_TYPES,
-                                 help="tokenizer back-end")
+    tokenizer_type: Optional[str] = option(None, choices=TOKENIZER_TYPES,
+                                           help="tokenizer back-end (default: huggingface with "
+                                           "--tokenizer-path, else sentencepiece)")
     tokenizer_model: Optional[str] = option(None, help="SentencePiece .model file "
                                             "(--tokenizer-type sentencepiece)")
     tokenizer_path: Optional[str] = option(None, help="Hugging Face tokenizer folder "
@@ -71,6 +72,9 @@ class TokenizerConfig:
                             "trained in the view the model has at inference)")
 
     def __post_init__(self) -> None:
+        if self.tokenizer_type is None:
+            self.tokenizer_type = ("huggingface" if self.tokenizer_path and not self.tokenizer_model
+                                   else "sentencepiece")
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"tokenizer_type: {self.tokenizer_type!r} is not one of "
                              f"{', '.join(TOKENIZER_TYPES)}")

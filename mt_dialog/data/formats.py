@@ -52,7 +52,7 @@ Then, in ``parse_record``: an empty reply (no content, no tool calls) is never t
 as untrained context (``--empty-reply context``, noted) or refused (``--empty-reply error``, reason
 ``empty_reply``). Messages after the last trainable reply would be untrained context that nothing
 learns from: they are dropped (noted). A conversation needs a trainable reply: ``no_assistant``
-(none at all), ``empty_reply`` (the only ones are empty) or ``no_trained_reply`` (all weight 0).
+(none at all), ``empty_reply`` (the only ones are empty) or ``no_trained_turn`` (all weight 0).
 
 Every problem raises ``RecordError`` with a short ``reason`` (what ``--on-error skip`` counts) and a
 message saying what is wrong and how to fix it; the caller prefixes ``file:line``.
@@ -714,7 +714,7 @@ def _nothing_to_train(messages: Sequence[Message], first_empty: Optional[str]) -
         return RecordError("empty_reply", f"{first_empty} (assistant) is empty (no content, no "
                            "tool calls) and no other reply can be trained; fill the reply or "
                            "remove the record")
-    return RecordError("no_trained_reply", "every assistant message has \"weight\": 0 or "
+    return RecordError("no_trained_turn", "every assistant message has \"weight\": 0 or "
                        "\"loss\": false, so nothing would be trained; remove the record or let "
                        "one of its replies be trained")
 

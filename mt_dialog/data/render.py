@@ -169,7 +169,8 @@ def _emit(out: List[int], pieces: ResolvedPieces, encode: Encode, **values: str)
             out.extend(encode(_PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), piece)))
 
 
-def _layout_names(kind: str) -> str:
+def layout_names(kind: str) -> str:
+    """The built-in templates that have a ``kind`` layout ("tools" or "reasoning"), in words."""
     names = [name for name, t in TEMPLATES.items() if getattr(t, kind) is not None]
     return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
@@ -186,14 +187,14 @@ def _check_layouts(conversation: Conversation, template: ResolvedTemplate) -> No
             raise RecordError(
                 "template_no_tools",
                 f"{what}, but --template {template.name} has no layout for tools; use --template "
-                f"{_layout_names('tools')} (or hf with a chat template that lays out tools)")
+                f"{layout_names('tools')} (or hf with a chat template that lays out tools)")
     if template.reasoning is None:
         index = next((i for i, m in enumerate(messages) if (m.reasoning or "").strip()), None)
         if index is not None:
             raise RecordError(
                 "template_no_reasoning",
                 f"message {index} has reasoning, but --template {template.name} has no place "
-                f"for it; use --template {_layout_names('reasoning')} (or hf with a chat "
+                f"for it; use --template {layout_names('reasoning')} (or hf with a chat "
                 "template that lays out reasoning)")
 
 
@@ -227,7 +228,7 @@ def _reply_text(message: Message, template: ResolvedTemplate, keep_reasoning: bo
     return text
 
 
-def _has_reply(message: Message, keep_reasoning: bool) -> bool:
+def has_reply(message: Message, keep_reasoning: bool) -> bool:
     """An assistant message with nothing to say (empty reply, no call, no reasoning shown) is
     never trained."""
     shown = keep_reasoning and (message.reasoning or "").strip()
@@ -287,7 +288,7 @@ def _render(conversation: Conversation, template: ResolvedTemplate, encode: Enco
     return ids, replies, turn_ends
 
 
-def _trained(messages: Sequence[Message], options: RenderOptions) -> List[bool]:
+def trained_messages(messages: Sequence[Message], options: RenderOptions) -> List[bool]:
     """Per message: an assistant message the run trains (before emptiness is looked at)."""
     last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=-1)
     return [m.role == "assistant" and (m.train if m.train is not None
@@ -295,8 +296,9 @@ def _trained(messages: Sequence[Message], options: RenderOptions) -> List[bool]:
             for i, m in enumerate(messages)]
 
 
-def _views(messages: Sequence[Message], template: ResolvedTemplate, options: RenderOptions,
-           trained: List[bool]) -> List[Tuple[List[bool], List[bool]]]:
+def sample_views(messages: Sequence[Message], template: ResolvedTemplate,
+                 options: RenderOptions, trained: List[bool]
+                 ) -> List[Tuple[List[bool], List[bool]]]:
     """Per sample of the conversation: (trained, reasoning shown) per message.
 
     A *user turn* is a user message and the messages after it up to the next user message
@@ -331,7 +333,7 @@ def render_conversation(
     """The training samples of one conversation: token ids, per-token turn lengths, turn ends.
 
     One sample, or with ``options.reasoning == "per-turn"`` one per user turn with reasoning
-    (see ``RenderOptions``, ``_views``). A trained assistant message's reply (reasoning where
+    (see ``RenderOptions``, ``sample_views``). A trained assistant message's reply (reasoning where
     shown, content, tool calls) and its end-of-turn are trained; everything else (system, user,
     tool results, untrained or empty replies) is context with loss_token_num 0. A sample ends
     with its last trained turn (what follows would train nothing). ``conversation``: a
@@ -346,15 +348,16 @@ def render_conversation(
     _check_layouts(conversation, template)
     messages = conversation.messages
     samples = []
-    for trained, keep in _views(messages, template, options, _trained(messages, options)):
-        shown = [t and _has_reply(m, k) for m, t, k in zip(messages, trained, keep)]
+    trained_here = trained_messages(messages, options)
+    for trained, keep in sample_views(messages, template, options, trained_here):
+        shown = [t and has_reply(m, k) for m, t, k in zip(messages, trained, keep)]
         if not any(shown):
             continue
         stop = max(i for i, t in enumerate(shown) if t) + 1
         view = replace(conversation, messages=tuple(messages[:stop]))
         ids, replies, turn_ends = _render(view, template, encode, shown, keep)
         samples.append(RenderedConversation(np.fromiter(ids, dtype=np.int64, count=len(ids)),
-                                            _turn_lengths(replies, len(ids)), tuple(turn_ends)))
+                                            turn_lengths(replies, len(ids)), tuple(turn_ends)))
     if not samples:
         last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
         raise RecordError(
@@ -364,7 +367,7 @@ def render_conversation(
     return tuple(samples)
 
 
-def _turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
+def turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
     """loss_token_num: each reply's length on its tokens, 0 elsewhere (one np.repeat)."""
     values, runs, position = [], [], 0
     for start, length in replies:
@@ -393,7 +396,7 @@ def render_prompt(
     untrained = [False] * len(messages)
     kept = options is not None and options.reasoning == "keep"
     view = RenderOptions(reasoning="keep" if kept else "template")
-    [(_, keep)] = _views(messages, template, view, untrained)
+    [(_, keep)] = sample_views(messages, template, view, untrained)
     ids, _, _ = _render(conversation, template, encode, untrained, keep)
     _emit(ids, template.assistant_open, encode)
     return ids

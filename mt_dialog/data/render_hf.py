@@ -43,11 +43,11 @@ from mt_dialog.data.formats import Conversation, Message, RecordError, ToolCall
 from mt_dialog.data.render import (
     RenderedConversation,
     RenderOptions,
-    _has_reply,
-    _layout_names,
-    _trained,
-    _turn_lengths,
-    _views,
+    has_reply,
+    layout_names,
+    trained_messages,
+    turn_lengths,
+    sample_views,
     as_conversation,
 )
 from mt_dialog.data.templates import ReasoningLayout
@@ -366,7 +366,7 @@ def _check_inputs(conversation: Conversation, info: ChatTemplateInfo) -> None:
                 f"{where} has {label}, but the tokenizer's chat template does not render "
                 f"{label} (checked on a probe conversation): training would silently leave "
                 f"out what the record holds; use a chat template that lays out {label}, or "
-                f"--template {_layout_names(what if what == 'reasoning' else 'tools')}")
+                f"--template {layout_names(what if what == 'reasoning' else 'tools')}")
 
 
 def _check_reasoning_kept(full: str, dicts: Dicts, tools: Tools, messages: Sequence[Message],
@@ -392,13 +392,14 @@ def _check_reasoning_kept(full: str, dicts: Dicts, tools: Tools, messages: Seque
 
 def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
             info: ChatTemplateInfo) -> Tuple[RenderedConversation, ...]:
-    """The samples of a checked conversation: the views of ``render._views`` (one, or one per
-    user turn with reasoning under "per-turn"), each cut after its last trained reply and
+    """The samples of a checked conversation: the views of ``render.sample_views`` (one, or one
+    per user turn with reasoning under "per-turn"), each cut after its last trained reply and
     rendered whole by the template."""
     messages = conversation.messages
     samples = []
-    for trained, _ in _views(messages, _USER_TURN_VIEWS, options, _trained(messages, options)):
-        shown = [t and _has_reply(m, True) for m, t in zip(messages, trained)]
+    trained_here = trained_messages(messages, options)
+    for trained, _ in sample_views(messages, _USER_TURN_VIEWS, options, trained_here):
+        shown = [t and has_reply(m, True) for m, t in zip(messages, trained)]
         if not any(shown):
             continue
         stop = max(i for i, t in enumerate(shown) if t) + 1
@@ -468,7 +469,7 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
         after = info.specials.search(full, end + len(info.end_text))
         turn_ends.append(encoding.char_to_token(after.start()) if after else len(ids))
     return RenderedConversation(np.asarray(ids, dtype=np.int64),
-                                _turn_lengths(replies, len(ids)), tuple(turn_ends))
+                                turn_lengths(replies, len(ids)), tuple(turn_ends))
 
 
 def _boundary_error(k: int, full: str, start: int, token: Optional[int], encoding, ids,

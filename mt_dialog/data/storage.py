@@ -216,6 +216,13 @@ def write_metadata(prefix: str, metadata: Dict[str, Any]) -> None:
         handle.write("\n")
 
 
+def render_options_of(metadata: Dict[str, Any]) -> Dict[str, str]:
+    """The ``--train-on`` / ``--reasoning`` a dataset was built with (its recorded preprocessing
+    config), as ``RenderOptions`` keywords; empty for datasets that predate them."""
+    tokenizer = (metadata.get("config") or {}).get("tokenizer") or {}
+    return {key: tokenizer[key] for key in ("train_on", "reasoning") if key in tokenizer}
+
+
 def read_metadata(prefix: str) -> Dict[str, Any]:
     """The metadata of the dataset at ``prefix``; refuses a missing file or another version."""
     path = metadata_path(prefix)

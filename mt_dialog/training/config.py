@@ -246,8 +246,11 @@ class OptimConfig:
                         "--loss-scale)")
     loss_scale: Optional[float] = option(None, help="with --fp16: a constant loss scale "
                                          "(default: dynamic)")
-    initial_loss_scale: float = option(2.0 ** 32, help="with --fp16: the first dynamic loss "
-                                       "scale")
+    initial_loss_scale: float = option(2.0 ** 16, help="with --fp16: the first dynamic loss "
+                                       "scale (Megatron-LM starts at 2^32; mt_dialog's loss is "
+                                       "a sum over the micro-batch's turns, divided once per "
+                                       "step, so its gradients are larger and 2^32 would skip "
+                                       "the first ~30 iterations)")
     min_loss_scale: float = option(1.0, help="with --fp16: the dynamic loss scale never goes "
                                    "below this")
     loss_scale_window: int = option(1000, help="with --fp16: iterations without overflow "

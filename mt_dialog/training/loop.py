@@ -19,7 +19,7 @@ import torch
 
 from mt_dialog.config_utils import to_dict
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.data.storage import read_metadata
+from mt_dialog.data.storage import read_metadata, render_options_of
 from mt_dialog.training import distributed
 from mt_dialog.training.checkpoint import (
     CheckpointError,
@@ -61,6 +61,7 @@ class DataInfo:
     special_ids: Dict
     template: Optional[str] = None  # the chat template of the (first) dataset
     valid_packs: int = 0  # packs in the validation splits of valid_prefixes
+    render_options: Dict = field(default_factory=dict)  # --train-on / --reasoning of the data
 
 
 def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
@@ -86,7 +87,8 @@ def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
     valid_packs = sum(int(metas[p]["splits"].get("valid", {}).get("packs", 0)) for p in valid)
     return DataInfo(prefixes, weights, valid, seq_length,
                     max(int(m["tokenizer"]["vocab_size"]) for m in metas.values()),
-                    first["tokenizer"], first["special_ids"], first.get("template"), valid_packs)
+                    first["tokenizer"], first["special_ids"], first.get("template"), valid_packs,
+                    render_options_of(first))
 
 
 @dataclass

@@ -36,7 +36,7 @@ def _llama(vocab: int):
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=500000.0, pad_token_id=0,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     return LlamaForCausalLM(config)
@@ -48,7 +48,7 @@ def _qwen(vocab: int):
     config = Qwen2Config(
         vocab_size=vocab + 20, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-        rope_theta=1000000.0, tie_word_embeddings=True)
+        rope_theta=1000000.0, tie_word_embeddings=True, pad_token_id=0)
     model = Qwen2ForCausalLM(config)
     for layer in model.model.layers:  # random biases (they start at zero)
         for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

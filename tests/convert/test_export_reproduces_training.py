@@ -11,7 +11,9 @@ process), ``tools/convert_checkpoint.py mcore-to-hf``; then, with nothing but
 (b) greedy ``model.generate`` gives ``tools/chat.py``'s greedy reply (``Generator``) token for
     token, stopping at the end-of-turn through the exported ``generation_config.json``.
 
-The built-in templates use the demo SentencePiece tokenizer and train from scratch; ``hf`` is a
+The built-in templates use the demo SentencePiece tokenizer and train from scratch (``qwen3_keep``:
+qwen3 with ``--reasoning keep`` on replies that reason first, so the history's reasoning must be
+kept by chat's prompt and by the exported Jinja as training kept it); ``hf`` is a
 Qwen2 model whose tokenizer is a base model's (eos ``<|endoftext|>``, ChatML replies ending with
 ``<|im_end|>``), imported with ``hf-to-mcore`` and fine-tuned (the README's path). The corpus's
 replies are short set phrases, so that 40 iterations make every reply end with the end-of-turn
@@ -39,7 +41,9 @@ pytestmark = pytest.mark.multiprocess
 pytest.importorskip("transformers")
 
 BUILT_IN = ["firefly", "chatml", "llama2", "llama3", "alpaca", "plain"]
-CASES = BUILT_IN + ["hf"]
+# qwen3_keep: the qwen3 template with --reasoning keep, on a corpus whose replies reason first:
+# chat's prompt and the exported Jinja must keep the history's reasoning as training did
+CASES = BUILT_IN + ["hf", "qwen3_keep"]
 SYSTEMS = ["You are a helpful assistant.", "Answer briefly."]
 SEQ_LENGTH = 192
 TRAIN = ["--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", "80",
@@ -63,9 +67,16 @@ def _conversation(rng: random.Random) -> dict:
     return {"messages": messages}
 
 
-def _write_corpus(path: str, count: int) -> list:
+def _reasoned(record: dict) -> dict:
+    """The record with a short reasoning before every reply (``reasoning_content``)."""
+    return {"messages": [dict(m, reasoning_content="Easy.") if m["role"] == "assistant" else m
+                         for m in record["messages"]]}
+
+
+def _write_corpus(path: str, count: int, reasoning: bool = False) -> list:
     rng = random.Random(0)
     records = [_conversation(rng) for _ in range(count)]
+    records = [_reasoned(r) for r in records] if reasoning else records
     with open(path, "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
     return records
@@ -126,8 +137,9 @@ def runs(tmp_path_factory, demo_tokenizer, hf_models, hf_base_chatml_dir):
 
     indexed_dataset_module()  # preprocessing then writes inline, not in a writer process
     root = tmp_path_factory.mktemp("export_runs")
-    corpus = str(root / "corpus.jsonl")
-    _write_corpus(corpus, 160)
+    corpora = {"plain": str(root / "corpus.jsonl"), "reasoning": str(root / "reasoning.jsonl")}
+    _write_corpus(corpora["plain"], 160)
+    _write_corpus(corpora["reasoning"], 160, reasoning=True)
     imported = _import_base_qwen(root, hf_models, hf_base_chatml_dir)
     runs, jobs = {}, {}
     for name in CASES:
@@ -135,7 +147,10 @@ def runs(tmp_path_factory, demo_tokenizer, hf_models, hf_base_chatml_dir):
         tokenizer = (["--tokenizer-type", "huggingface", "--tokenizer-path",
                       os.path.join(imported, "tokenizer")] if name == "hf"
                      else ["--tokenizer-model", demo_tokenizer["tokenizer"]])
-        _tool(preprocess_main, ["--input", corpus, *tokenizer, "--template", name,
+        corpus = corpora["reasoning" if name == "qwen3_keep" else "plain"]
+        template = ["--template", "qwen3", "--reasoning", "keep"] if name == "qwen3_keep" \
+            else ["--template", name]
+        _tool(preprocess_main, ["--input", corpus, *tokenizer, *template,
                                 "--seq-length", SEQ_LENGTH, "--split", "100,0",
                                 "--output-prefix", data, "--no-progress"])
         # hf: the README's path, a pretrained model fine-tuned in bf16 (exported in bf16,
@@ -144,7 +159,7 @@ def runs(tmp_path_factory, demo_tokenizer, hf_models, hf_base_chatml_dir):
                  if name == "hf" else MODEL)
         jobs[name] = [*start, "--data-path", data, *TRAIN, "--save", ckpt]
         runs[name] = {"data": data, "ckpt": ckpt, "hf": str(root / f"{name}_hf"),
-                      "imported": imported}
+                      "imported": imported, "corpus": corpus}
     _train_all(jobs)
     for run in runs.values():
         run["report"] = _tool(convert_main, ["mcore-to-hf", "--load-dir", run["ckpt"],
@@ -174,8 +189,8 @@ def _stored_conversations(prefix: str) -> dict:
     return stored
 
 
-def _corpus_records(runs) -> list:
-    with open(os.path.join(os.path.dirname(runs["chatml"]["data"]), "corpus.jsonl")) as handle:
+def _corpus_records(run) -> list:
+    with open(run["corpus"]) as handle:
         return [json.loads(line) for line in handle][:CHECKED]
 
 
@@ -188,7 +203,7 @@ def test_auto_tokenizer_gives_training_ids(name, runs, generators):
     assert "warning" not in run["report"]
     tokenizer = AutoTokenizer.from_pretrained(run["hf"])
     stored = _stored_conversations(run["data"])
-    records = _corpus_records(runs)
+    records = _corpus_records(run)
     assert any(r["messages"][0]["role"] == "system" for r in records)
     for record in records:
         messages = record["messages"]
@@ -228,12 +243,12 @@ def test_greedy_generate_is_chat_reply(name, runs, generators):
         assert imported["data"]["special_ids"]["end_of_turn"] == generator.end_of_turn
         assert generator.end_of_turn == tokenizer.convert_tokens_to_ids("<|im_end|>")
         assert tokenizer.eos_token_id != generator.end_of_turn
-    for messages in _prompts(_corpus_records(runs)):
-        ours = generator.generate(messages, max_new_tokens=24)
+    for messages in _prompts(_corpus_records(run)):
+        ours = generator.generate(messages, max_new_tokens=48)
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                return_dict=True, return_tensors="pt")
         with torch.no_grad():
-            output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=48, do_sample=False)
         theirs = output[0, inputs["input_ids"].shape[1]:].tolist()
         assert ours.finish_reason == "end_of_turn", (name, messages, ours)
         assert theirs == ours.token_ids, (name, messages, ours.text,

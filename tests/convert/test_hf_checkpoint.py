@@ -61,7 +61,7 @@ def _tensors(folder):
 
 @pytest.mark.parametrize("name,shard", [("llama", "0.0001"), ("qwen", "5")])
 def test_export_gives_back_identical_tensors(name, shard, hf_models, imported, tmp_path):
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     out = tmp_path / "hf"
     convert("mcore-to-hf", "--load-dir", imported[name], "--save-dir", out,
@@ -74,8 +74,10 @@ def test_export_gives_back_identical_tensors(name, shard, hf_models, imported, t
         assert torch.equal(tensor, exported[key]), key
     a, b = AutoConfig.from_pretrained(hf_models[name]), AutoConfig.from_pretrained(out)
     for field in ("architectures", "vocab_size", "num_key_value_heads", "tie_word_embeddings",
-                  "rope_parameters", "max_position_embeddings", "rms_norm_eps", "hidden_act"):
+                  "rope_parameters", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                  "pad_token_id"):
         assert getattr(a, field) == getattr(b, field), field
+    assert a.pad_token_id == 0 and GenerationConfig.from_pretrained(out).pad_token_id == 0
     head_dim = [getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
                 for c in (a, b)]
     assert head_dim[0] == head_dim[1]

@@ -89,9 +89,9 @@ BAD = {
                                           {"role": "assistant", "content": "yo"}]},
                             "train_not_assistant", ["messages[0]: this user message asks to be "
                                                     "trained", "only assistant messages"]),
-    "no_trained_reply": ({"messages": [{"role": "user", "content": "hi"},
+    "no_trained_turn": ({"messages": [{"role": "user", "content": "hi"},
                                        {"role": "assistant", "content": "yo", "weight": 0}]},
-                         "no_trained_reply", ["nothing would be trained"]),
+                         "no_trained_turn", ["nothing would be trained"]),
     "bad_tool_call": ({"messages": [{"role": "user", "content": "Weather?"},
                                     {"role": "assistant", "content": None, "tool_calls": [
                                         {"type": "function", "function": {

@@ -534,12 +534,12 @@ def test_no_assistant(record):
     assert "no assistant reply" in err.message
 
 
-def test_no_trained_reply():
+def test_no_trained_turn():
     record = {"messages": [{"role": U, "content": "q"}, {"role": A, "content": "a", "weight": 0},
                            {"role": U, "content": "q2"},
                            {"role": A, "content": "a2", "loss": False}]}
     err = reason_of(record)
-    assert err.reason == "no_trained_reply"
+    assert err.reason == "no_trained_turn"
     assert "\"weight\": 0 or \"loss\": false" in err.message
 
 
