@@ -359,12 +359,18 @@ def render_conversation(
         samples.append(RenderedConversation(np.fromiter(ids, dtype=np.int64, count=len(ids)),
                                             turn_lengths(replies, len(ids)), tuple(turn_ends)))
     if not samples:
-        last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
-        raise RecordError(
-            "no_trained_turn",
-            f"no assistant message is trained (each one is marked weight 0 / loss false, is "
-            f"empty{last}); nothing would be trained")
+        raise no_trained_turn(options)
     return tuple(samples)
+
+
+def no_trained_turn(options: RenderOptions, also: str = "") -> RecordError:
+    """The refusal of a conversation in which nothing would be trained (reason
+    ``no_trained_turn``); ``also`` names a renderer's own further cause."""
+    last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
+    return RecordError(
+        "no_trained_turn",
+        f"no assistant message is trained (each one is marked weight 0 / loss false, is "
+        f"empty{last}{also}); nothing would be trained")
 
 
 def turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:

@@ -43,12 +43,13 @@ from mt_dialog.data.formats import Conversation, Message, RecordError, ToolCall
 from mt_dialog.data.render import (
     RenderedConversation,
     RenderOptions,
+    as_conversation,
     has_reply,
     layout_names,
+    no_trained_turn,
+    sample_views,
     trained_messages,
     turn_lengths,
-    sample_views,
-    as_conversation,
 )
 from mt_dialog.data.templates import ReasoningLayout
 from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
@@ -409,11 +410,7 @@ def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
         if sample is not None:
             samples.append(sample)
     if not samples:
-        last = ", or is not the last one (--train-on last)" if options.train_on == "last" else ""
-        raise RecordError(
-            "no_trained_turn",
-            f"no assistant message is trained (each one is marked weight 0 / loss false, is "
-            f"empty{last}, or is left out by the chat template); nothing would be trained")
+        raise no_trained_turn(options, ", or is left out by the chat template")
     return tuple(samples)
 
 
