@@ -184,6 +184,8 @@ def worker(args) -> int:
 
     import pretrain_dialog
     from mt_dialog.training import distributed, loop
+    from mt_dialog.training.checkpoint import StartPoint
+    from mt_dialog.training.data import inspect_datasets, open_datasets
 
     with open(args.plan, encoding="utf-8") as handle:
         plan = json.load(handle)  # [[key, data prefix, attention], ...]
@@ -191,10 +193,10 @@ def worker(args) -> int:
     runs, state = {}, {}
     for key, data, attention in plan:
         config = _config(data, attention, args)
-        info = loop.inspect_datasets(config)
+        info = inspect_datasets(config)
         torch.manual_seed(config.train.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(config.train.seed)
-        runs[key] = loop._setup(config, info, loop.open_datasets(config, info),
+        runs[key] = loop._setup(config, info, open_datasets(config, info), StartPoint(None, False),
                                 pretrain_dialog.make_forward_step("turn"), 1)
         state[key] = {"times": [], "losses": [], "measured": 0.0, "done": False}
     while not all(s["done"] for s in state.values()):
@@ -308,7 +310,7 @@ def main(argv=None) -> int:
 
     vocab = int(read_metadata(prefixes["packed"])["tokenizer"]["vocab_size"])
     model = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads,
-             "ffn": ModelConfig(hidden_size=args.hidden, num_attention_heads=args.heads).ffn_size,
+             "ffn": ModelConfig(hidden_size=args.hidden, num_attention_heads=args.heads).ffn_hidden_size,
              "vocab": vocab, "vocab_padded": padded_vocab_size(vocab, 128, 1)}
     figures = {k: dataset_figures(prefixes[v["data"]], v["attention"], model)
                for k, v in VARIANTS.items()}

@@ -221,6 +221,71 @@ def prepare(work_dir: str, n: int, seed: int = 0) -> Tuple[str, str]:
     return corpus, tokenizer
 
 
+# -- a Hugging Face tokenizer for the same corpus ------------------------------------------------
+
+HF_VOCAB_SIZE = 6000
+HF_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# ChatML as a Jinja chat template (for --template hf): every message as
+# <|im_start|>role\n content <|im_end|>\n, and the assistant opening as the generation prompt
+HF_CHATML_JINJA = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def _corpus_texts(corpus: str):
+    with open(corpus, encoding="utf-8") as handle:
+        for line in handle:
+            for message in json.loads(line)["messages"]:
+                yield message["content"]
+
+
+def train_hf_tokenizer(folder: str, corpus: str, vocab_size: int = HF_VOCAB_SIZE) -> str:
+    """Train a byte-level BPE tokenizer (GPT-2 style: ``tokenizers`` ``ByteLevel`` pre-tokenizer
+    and decoder) of ``vocab_size`` pieces on the message texts of ``corpus`` and save it as a
+    Hugging Face tokenizer folder: eos ``<|im_end|>``, pad ``<|endoftext|>``, ``<|im_start|>``
+    special, the ChatML chat template above. Needs the ``hf`` extra (transformers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(HF_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(_corpus_texts(corpus), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = HF_CHATML_JINJA
+    fast.save_pretrained(folder)
+    return folder
+
+
+def prepare_hf(work_dir: str, n: int, seed: int = 0) -> Tuple[str, str]:
+    """(corpus.jsonl, Hugging Face tokenizer folder) under ``work_dir``: the corpus of
+    ``prepare`` and a byte-level BPE tokenizer trained on it (``train_hf_tokenizer``), reused
+    when already made from the same corpus parameters."""
+    corpus, _ = prepare(work_dir, n, seed)
+    folder = os.path.join(work_dir, f"hf_bpe{HF_VOCAB_SIZE}_n{n}_seed{seed}")
+    sidecar = folder + ".params.json"
+    params = {"version": GENERATOR_VERSION, "n": n, "seed": seed, "vocab_size": HF_VOCAB_SIZE,
+              "template": HF_CHATML_JINJA}
+    try:
+        with open(sidecar, encoding="utf-8") as handle:
+            cached = json.load(handle) == params
+    except (OSError, ValueError):
+        cached = False
+    if not (cached and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+        train_hf_tokenizer(folder, corpus)
+        with open(sidecar, "w", encoding="utf-8") as handle:
+            json.dump(params, handle)
+    return corpus, folder
+
+
 # -- checks ------------------------------------------------------------------------------------
 
 

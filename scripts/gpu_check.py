@@ -615,9 +615,9 @@ def model_from_checkpoint(load: str, impl: str, dtype):
     and the error loading its weights raised (None when they loaded)."""
     import dataclasses
 
-    from mt_dialog.generate import inference_config, read_run_info, single_process_model, \
-        vocab_rows
     from mt_dialog.training.checkpoint import load_weights_for_inference
+    from mt_dialog.training.saved_run import inference_config, read_run_info, \
+        single_process_model, vocab_rows
 
     info = read_run_info(load)
     config = inference_config(info["config"])
@@ -678,11 +678,10 @@ def worker_thd(spec: Dict) -> Dict:
     spec in bf16, each loading ``spec['load']``; every variant also against local fp32."""
     import torch
 
-    from mt_dialog.generate import ensure_single_process
     from mt_dialog.training.data import flatten_micro_batch
-    from mt_dialog.training.distributed import device
+    from mt_dialog.training.distributed import device, initialize_single_process
 
-    ensure_single_process(1234)
+    initialize_single_process(1234)
     samples, segments = packed_samples(spec["data"])
     batch = flatten_micro_batch(samples, True, device())  # as training flattens a micro-batch
     padding = len(batch["cu_seqlens"]) - 1 - len(segments)

@@ -21,6 +21,17 @@ def test_megatron_style_flags():
             "--input-format", "--valid-input", "--seed", "--no-shuffle", "--no-progress"} <= flags
 
 
+@pytest.mark.parametrize("command", ["hf-to-mcore", "mcore-to-hf"])
+def test_convert_help_lists_options_once(command, capsys):
+    from tools.convert_checkpoint import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.count("options:") == 1, out
+    assert out.count(f"{command}: ") == 1 and "--load-dir" in out and "--save-dir" in out
+
+
 @pytest.mark.parametrize("make, field", [
     (lambda: PackingConfig(seq_length=1), "seq_length"),
     (lambda: PackingConfig(split="98"), "split"),

@@ -103,7 +103,7 @@ def test_llama2_7b_layout():
     config = pretrain_dialog.parse_config(args)
     assert world == 8 and validate_world(config, world) == 2
     model, par = config.model, config.parallel
-    assert (model.num_layers, model.hidden_size, model.ffn_size, model.num_attention_heads) == \
+    assert (model.num_layers, model.hidden_size, model.ffn_hidden_size, model.num_attention_heads) == \
         (32, 4096, 11008, 32)
     assert model.untie_embeddings_and_output_weights and config.optim.bf16
     assert (par.tensor_model_parallel_size, par.pipeline_model_parallel_size) == (2, 2)

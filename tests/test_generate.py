@@ -1,4 +1,6 @@
-"""Generation from a checkpoint trained in the test session (TP=2, loaded into one process)."""
+"""Generation from a checkpoint trained in the test session (TP=2, loaded into one process; the
+tests that need it are marked multiprocess), and what needs no checkpoint: sampling, chat's
+refusals and help."""
 
 import json
 import math
@@ -10,8 +12,6 @@ import pytest
 import torch
 
 from tests.test_learning import ROOT, trained_demo_run
-
-pytestmark = pytest.mark.multiprocess
 
 INTRO = "My name is Zoe and my favourite colour is purple."
 HISTORY = [{"role": "user", "content": INTRO},
@@ -33,12 +33,14 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def generator(run):
     from mt_dialog import generate
+    from mt_dialog.training.distributed import destroy_single_process
 
     loaded = generate.Generator.from_checkpoint(run["save"])
     yield loaded
-    generate.shutdown()  # leave no process group behind for other tests in this session
+    destroy_single_process()  # leave no process group behind for other tests in this session
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_tp2_checkpoint_loads_into_one_process(run, generator):
     """Resharded TP=2 -> TP=1 weights predict the training data far better than chance."""
     from megatron.core import parallel_state as ps
@@ -70,6 +72,7 @@ def test_tp2_checkpoint_loads_into_one_process(run, generator):
         loss, run["losses"])
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_prompt_is_the_training_layout(generator):
     from mt_dialog.data.formats import Message
     from mt_dialog.data.render import render_conversation
@@ -84,6 +87,7 @@ def test_prompt_is_the_training_layout(generator):
         generator.prompt_ids(messages)
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
 def test_stops_at_end_of_turn_or_max_tokens(generator, index):
     eot, eos = generator.end_of_turn, generator.tokenizer.eos_id
@@ -98,6 +102,7 @@ def test_stops_at_end_of_turn_or_max_tokens(generator, index):
         assert result.text == generator.tokenizer.decode([i for i in ids if i not in (eot, eos)])
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_greedy_is_deterministic_and_is_the_argmax_chain(generator):
     first = generator.generate(PROMPTS[1], max_new_tokens=12)
     assert generator.generate(PROMPTS[1], max_new_tokens=12).token_ids == first.token_ids
@@ -109,6 +114,7 @@ def test_greedy_is_deterministic_and_is_the_argmax_chain(generator):
     assert generator.reply(PROMPTS[1], max_new_tokens=12) == first.text
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_top_p_sampling_with_a_seed_is_reproducible(generator):
     kwargs = dict(max_new_tokens=16, greedy=False, top_p=0.95, temperature=1.5)
     runs = {seed: generator.generate(PROMPTS[3], seed=seed, **kwargs).token_ids
@@ -133,6 +139,7 @@ def test_next_token_nucleus():
     assert next_token(logits, True) == 0 and next_token(logits, False, 0.0, 1.0, rng) == 0
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_bad_requests_are_refused(generator):
     from mt_dialog.generate import GenerationError
 
@@ -149,6 +156,7 @@ def _chat(*args, stdin=None):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_chat_one_shot_prints_the_reply(run, generator):
     out = _chat("--load", run["save"], "--message", INTRO, "--message", "Nice to meet you, Zoe!",
                 "--message", "What is my name?", "--max-new-tokens", "20", "--json")
@@ -160,6 +168,7 @@ def test_chat_one_shot_prints_the_reply(run, generator):
     assert result["finish_reason"] in ("end_of_turn", "eos", "max_new_tokens")
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
 def test_chat_interactive_transcript(run):
     out = _chat("--load", run["save"], "--max-new-tokens", "8", "--top-p", "0.9", "--seed", "1",
                 "--echo", stdin=f"{INTRO}\n\n/reset\nWhat is 3 plus 4?\n/quit\nnot read\n")

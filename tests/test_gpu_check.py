@@ -78,6 +78,7 @@ def cpu_run(tmp_path_factory):
     return proc, str(work)
 
 
+@pytest.mark.multiprocess  # cpu_run: gpu_check.sh trains under torchrun
 def test_cpu_mode_reports_versions_and_skips_gpu_parts(cpu_run):
     proc, _ = cpu_run
     lines = result_lines(proc.stdout)
@@ -91,6 +92,7 @@ def test_cpu_mode_reports_versions_and_skips_gpu_parts(cpu_run):
     assert "3 PASS, 0 FAIL, 3 SKIP" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.multiprocess  # cpu_run: gpu_check.sh trains under torchrun
 def test_cpu_mode_reads_the_training_logs_it_made(cpu_run, script):
     """The log parser reads every iteration line pretrain_dialog.py wrote (the resume and
     finetune checks compare these numbers on the GPU)."""
@@ -104,11 +106,12 @@ def test_cpu_mode_reads_the_training_logs_it_made(cpu_run, script):
     assert script.max_loss_diff(log, log, range(1, iters + 1)) == 0.0
 
 
+@pytest.mark.multiprocess  # cpu_run: gpu_check.sh trains under torchrun
 def test_thd_check_fails_when_conversations_attend_to_each_other(cpu_run, script):
     """The packed-vs-alone comparison the check makes, on its own batch and checkpoint: 0 with
     training's isolated segments, far above the tolerance with one causal mask per pack."""
-    from mt_dialog import generate
     from mt_dialog.training.data import flatten_micro_batch
+    from mt_dialog.training.distributed import destroy_single_process
 
     _, work = cpu_run
     samples, segments = script.packed_samples(os.path.join(work, "data", "demo"))
@@ -123,5 +126,5 @@ def test_thd_check_fails_when_conversations_attend_to_each_other(cpu_run, script
             diffs[isolated] = float((packed - alone).abs().max())
         tolerance = script.fp32_tolerance(float(alone.abs().max()))
     finally:
-        generate.shutdown()
+        destroy_single_process()
     assert diffs[True] <= tolerance < diffs[False] / 10, diffs

@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         _check_args(args)
         warnings.filterwarnings("ignore")  # megatron-core's import-time notices (no TE/apex, ...)
         from mt_dialog.data.tokenizers import TokenizerError
-        from mt_dialog.generate import GenerationError, Generator, TokenizerMissing
+        from mt_dialog.generate import GenerationError, Generator
+        from mt_dialog.training.saved_run import SavedRunError, TokenizerMissing
 
         try:
             generator = Generator.from_checkpoint(
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
             print(f"error: {exc}; pass its location with --tokenizer-model PATH",
                   file=sys.stderr, flush=True)
             return 1
-        except (GenerationError, TokenizerError) as exc:
+        except (GenerationError, SavedRunError, TokenizerError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return 1
     except ValueError as exc:

@@ -14,12 +14,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mt_dialog.data.dataset import PackedDialogDataset  # noqa: E402
-from mt_dialog.data.inspect import (  # noqa: E402
-    render_pack,
-    tokenizer_from_metadata,
-    verify_dataset,
-)
+from mt_dialog.data.inspect import render_pack, verify_dataset  # noqa: E402
 from mt_dialog.data.preprocess import format_summary  # noqa: E402
+from mt_dialog.data.tokenizers import tokenizer_from_metadata  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,10 @@ as a whole; with byte-level BPE tokenizers the two agree; SentencePiece tokenize
 encoding with a word-start marker, which the exported tokenizer adds after every special token
 (``LlamaTokenizer`` with ``legacy: true``) and a space between adjacent text pieces reproduces
 (``word_start``). ``layout_differences`` compares training's ids with ``apply_chat_template``'s on
-probe conversations so that the export can say whether the layout is reproduced token for token.
+probe conversations so that the export can say whether the layout is reproduced token for token;
+training's side reads the probe messages as training and chat read what users pass
+(``as_read``: a ``<think>`` block of the content split off, bare tools wrapped), so a template
+that lays out such input differently can never be called exact.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from mt_dialog.data.formats import Conversation, Message, ToolCall
+from mt_dialog.data.formats import (
+    Conversation,
+    Message,
+    ToolCall,
+    message_from_dict,
+    parse_tools,
+)
 from mt_dialog.data.render import (
     RenderOptions,
     ResolvedTemplate,
@@ -89,16 +98,20 @@ def _jinja_system(template: ResolvedTemplate) -> str:
     default = _literal(template.default_system) if template.default_system else "''"
     out = ["{%- set system = " + default + " -%}{%- set body = messages -%}",
            "{%- if messages and messages[0]['role'] == 'system' -%}",
-           "{%- set system = messages[0]['content'] -%}{%- set body = messages[1:] -%}",
+           "{%- set system = message_text(messages[0]) -%}{%- set body = messages[1:] -%}",
            "{%- endif -%}"]
     layout = template.tools
     if layout is None:
         return "".join(out + ["{%- if tools -%}", _no_tools(template), "{%- endif -%}"])
     indent = "none" if layout.tool_indent is None else str(layout.tool_indent)
     return "".join(out + [
+        # a bare function description is wrapped, as formats.parse_tools wraps it
         "{%- if tools -%}{%- set ns.described = '' -%}{%- for tool in tools -%}",
+        "{%- set function_tool = tool if tool['function'] is defined else "
+        "{'type': 'function', 'function': tool} -%}",
         "{%- set ns.described = ns.described + ('' if loop.first else "
-        + _literal(layout.tool_separator) + ") + (tool | tojson(indent=" + indent + ")) -%}",
+        + _literal(layout.tool_separator) + ") + (function_tool | tojson(indent=" + indent
+        + ")) -%}",
         "{%- endfor -%}",
         "{%- set described = " + _literal(layout.tools[0]) + " + ns.described + "
         + _literal(layout.tools[1]) + " -%}",
@@ -106,29 +119,82 @@ def _jinja_system(template: ResolvedTemplate) -> str:
         "{%- endif -%}"])
 
 
+_CONTENT = "".join([
+    # a message's text as formats reads it (macro message_text): a string; text parts joined
+    # with a space; a tool result's JSON object or list serialized (tojson: json.dumps with
+    # ensure_ascii=False)
+    "{%- macro message_text(message) -%}{%- set raw = message['content'] -%}",
+    "{%- if raw is string -%}{{- raw -}}{%- elif raw is none or raw is not defined -%}",
+    "{%- else -%}{%- set m = namespace(parts=raw is sequence and raw is not mapping) -%}",
+    "{%- for part in (raw if m.parts else []) -%}",
+    "{%- if not (part is mapping and part['type'] is defined) -%}{%- set m.parts = false -%}",
+    "{%- endif -%}{%- endfor -%}",
+    "{%- if m.parts -%}{%- for part in raw -%}",
+    "{%- if part['type'] not in ('text', 'input_text', 'output_text') -%}",
+    "{{- raise_exception('only text content parts can be laid out, not ' + part['type']) -}}",
+    "{%- endif -%}{{- ('' if loop.first else ' ') + part['text'] -}}{%- endfor -%}",
+    "{%- elif message['role'] in ('tool', 'function') -%}{{- raw | tojson -}}",
+    "{%- else -%}{{- raise_exception('content must be a string or a list of text parts') -}}",
+    "{%- endif -%}{%- endif -%}{%- endmacro -%}",
+])
+_SPLIT_REASONING = "".join([
+    # the reasoning as formats.split_reasoning reads it: reasoning_content without its newlines
+    # at the ends, or a leading <think>...</think> block of the content (the content after it
+    # without leading newlines); both given must agree
+    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string "
+    "else none -%}",
+    "{%- if reasoning is not none -%}{%- set reasoning = reasoning.strip('\\n') -%}{%- endif -%}",
+    "{%- set opened = content.lstrip() -%}{%- if opened.startswith('<think>') -%}",
+    "{%- if '</think>' not in opened -%}{{ raise_exception('the content starts with <think> but "
+    "has no </think>') }}{%- endif -%}",
+    "{%- set inline = opened[7:].split('</think>')[0].strip('\\n') -%}",
+    "{%- if reasoning is not none and reasoning != inline -%}{{ raise_exception("
+    "'reasoning_content and the <think> block of the content differ') }}{%- endif -%}",
+    "{%- set reasoning = inline -%}{%- set content = opened.split('</think>', 1)[1].lstrip('\\n')"
+    " -%}{%- endif -%}",
+])
+
+
+def _jinja_reasoning(template: ResolvedTemplate, keep_reasoning: bool) -> str:
+    """Sets ``block`` (the message is written with its reasoning block: ``render.shows_block``);
+    a template without a reasoning layout refuses reasoning, as training does."""
+    layout = template.reasoning
+    if layout is None:
+        return ("{%- set block = false -%}{%- if reasoning and reasoning.strip() -%}"
+                "{{ raise_exception('this model was trained with the " + template.name
+                + " chat template, which has no layout for reasoning') }}{%- endif -%}")
+    shown = "true" if keep_reasoning or not layout.drops_earlier else "index > ns.last_user"
+    final = "loop.last" if layout.empty_final else "false"
+    return "{%- set block = (" + shown + ") and (reasoning or " + final + ") -%}"
+
+
 def _jinja_reply(template: ResolvedTemplate, keep_reasoning: bool) -> str:
     """Sets ``ns.reply`` to an assistant message's text, as ``render._reply_text``."""
-    out = ["{%- set ns.reply = content -%}"]
+    out = [_SPLIT_REASONING, _jinja_reasoning(template, keep_reasoning),
+           "{%- set ns.reply = content.lstrip('\\n') if block else content -%}",
+           # tool_calls, or the legacy function_call as one call (formats._assistant_calls)
+           "{%- set calls = message['tool_calls'] or ([message['function_call']] if "
+           "message['function_call'] else []) -%}"]
     layout = template.tools
-    if layout is not None:
+    if layout is None:
+        out.append("{%- if calls -%}" + _no_tools(template) + "{%- endif -%}")
+    else:
         key = _literal(layout.arguments_key)
         out += [
-            "{%- for call in (message['tool_calls'] or []) -%}",
+            "{%- for call in calls -%}",
             "{%- set function = call['function'] if call['function'] is defined else call -%}",
             "{%- if function['arguments'] is string -%}",
             "{%- set call_json = '{\"name\": ' + (function['name'] | tojson) + ', ' + (" + key
-            + " | tojson) + ': ' + function['arguments'] + '}' -%}",
+            + " | tojson) + ': ' + (function['arguments'] if function['arguments'].strip() "
+            "else '{}') + '}' -%}",
             "{%- else -%}{%- set call_json = {'name': function['name'], " + key
             + ": function['arguments']} | tojson -%}{%- endif -%}",
-            "{%- set ns.reply = ns.reply + ('\\n' if ns.reply else '') + "
+            "{%- set ns.reply = ns.reply + ('\\n' if content or not loop.first else '') + "
             + _literal(layout.call[0]) + " + call_json + " + _literal(layout.call[1]) + " -%}",
             "{%- endfor -%}"]
     if template.reasoning is not None:
-        shown = "true" if keep_reasoning or not template.reasoning.drops_earlier \
-            else "index > ns.last_user"
-        out += ["{%- if message['reasoning_content'] is string and (" + shown + ") -%}",
-                "{%- set ns.reply = " + _literal(template.reasoning.wrap[0])
-                + " + message['reasoning_content'] + " + _literal(template.reasoning.wrap[1])
+        out += ["{%- if block -%}{%- set ns.reply = " + _literal(template.reasoning.wrap[0])
+                + " + (reasoning or '') + " + _literal(template.reasoning.wrap[1])
                 + " + ns.reply -%}{%- endif -%}"]
     return "".join(out)
 
@@ -137,7 +203,8 @@ def _jinja_tool_result(template: ResolvedTemplate, token_text) -> str:
     layout = template.tools
     if layout is None:
         return _no_tools(template)
-    last = ("loop.last or body[index + 1]['role'] != 'tool'" if layout.join_results else "true")
+    last = ("loop.last or body[index + 1]['role'] not in ('tool', 'function')"
+            if layout.join_results else "true")
     return ("{%- set ns.results = ns.results + " + _literal(layout.result[0]) + " + content + "
             + _literal(layout.result[1]) + " -%}{%- if " + last + " -%}"
             + _emit(layout.results, token_text, content="ns.results")
@@ -148,7 +215,10 @@ def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], 
                         word_start: bool = False, keep_reasoning: bool = False) -> str:
     """The Jinja equivalent of ``render_prompt`` / ``render_conversation`` for ``template``
     (Hugging Face messages: ``tool_calls``, ``reasoning_content``, ``tool`` results, and
-    ``tools`` passed to ``apply_chat_template``); ``token_text(id)`` is a special token's text in
+    ``tools`` passed to ``apply_chat_template``), reading messages as ``formats`` does (a leading
+    ``<think>`` block of the content is the reasoning, bare tools are wrapped, the legacy
+    ``function_call`` / ``function`` messages, content parts, JSON tool results) and taking
+    Qwen3's ``enable_thinking``; ``token_text(id)`` is a special token's text in
     the tokenizer. ``word_start``: training encoded each text piece separately with a
     SentencePiece tokenizer that starts every encoding with a word-start marker; a space
     between two adjacent text pieces reproduces it. ``keep_reasoning``: the history keeps every
@@ -167,7 +237,7 @@ def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], 
              + _text("ns.reply") + _emit((template.end_of_turn,), token_text)
              + _emit(template.assistant_close, token_text))
     return "".join([
-        "{%- set word_start = " + ("' '" if word_start else "''") + " -%}",
+        _CONTENT, "{%- set word_start = " + ("' '" if word_start else "''") + " -%}",
         "{%- set ns = namespace(text=false, fold=false, results='', reply='', described='', "
         "last_user=-1) -%}",
         _jinja_system(template),
@@ -176,14 +246,24 @@ def jinja_chat_template(template: ResolvedTemplate, token_text: Callable[[int], 
         "{%- for message in body -%}{%- if message['role'] == 'user' -%}",
         "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}",
         "{%- for message in body -%}{%- set index = loop.index0 -%}",
-        "{%- set content = message['content'] if message['content'] is string else '' -%}",
+        "{%- set content = message_text(message) -%}",
         "{%- if message['role'] == 'user' -%}", user,
-        "{%- elif message['role'] == 'tool' -%}", _jinja_tool_result(template, token_text),
+        "{%- elif message['role'] in ('tool', 'function') -%}",
+        _jinja_tool_result(template, token_text),
         "{%- else -%}", reply, "{%- endif -%}",
         "{%- endfor -%}",
         "{%- if add_generation_prompt -%}", _emit(template.assistant_open, token_text),
-        "{%- endif -%}",
+        _no_thinking(template), "{%- endif -%}",
     ])
+
+
+def _no_thinking(template: ResolvedTemplate) -> str:
+    """``enable_thinking=False`` (Qwen3's switch): the prompt ends with an empty reasoning
+    block, as ``render.render_prompt(..., enable_thinking=False)``."""
+    if template.reasoning is None:
+        return ""
+    return ("{%- if enable_thinking is defined and enable_thinking is false -%}"
+            + _text(_literal("".join(template.reasoning.wrap))) + "{%- endif -%}")
 
 
 Probe = Tuple[Conversation, Message]
@@ -196,9 +276,12 @@ PROBE_TOOLS = ({"type": "function", "function": {
 
 def probes_for(template: Optional[ResolvedTemplate]) -> List[Probe]:
     """The probe conversations a chat template is checked on: ``PROBES`` for every template;
-    for a built-in one with a reasoning layout, earlier turns' reasoning too; with a tool
-    layout, tools (with and without a system message), parallel calls, joined results and a
-    call after results."""
+    for a built-in one, a ``<think>`` block in the content (an empty one for every template);
+    with a reasoning layout, earlier turns' reasoning and reasoning written as ``<think>``
+    blocks in the content (split by training, ``as_read``); with a tool layout, tools (wrapped
+    and bare, with and without a system message), parallel calls, joined results and a call
+    after results. ``layout_differences`` also checks the prompts with ``enable_thinking``
+    false for a reasoning layout."""
     probes = [(Conversation(tuple(p)), Message("assistant", "Sure.")) for p in PROBES]
     if template is None:
         return probes
@@ -207,10 +290,23 @@ def probes_for(template: Optional[ResolvedTemplate]) -> List[Probe]:
     def said(content, calls=(), reasoning=None):
         return Message("assistant", content, tuple(calls), reasoning if think else None)
 
+    # reasoning as users also write it: a leading <think> block of the content, split as
+    # training splits it (formats.split_reasoning: newlines and leading spaces removed)
+    probes.append((Conversation((Message("user", "Hi"),
+                                 Message("assistant", "<think>\n</think>\n\nHello!"),
+                                 Message("user", "Count to 3"))), Message("assistant", "1 2 3")))
     if think:
-        probes.append((Conversation((Message("user", "2 plus 2?"), said("4", (), "Add them."),
+        probes.append((Conversation((Message("user", "2 plus 2?"),
+                                     said("4", (), "\nAdd them.\n"),
                                      Message("user", "And 3 plus 3?"))),
                        said("6", (), "Same again:\n3 + 3.")))
+        probes.append((Conversation((Message("user", "Hi"),
+                                     said("<think>Greet back.</think>Hello!"),
+                                     Message("user", "Count to 3"))),
+                       said(" \n<think>\nCount.\n</think>\n\n\n1 2 3")))
+        probes.append((Conversation((Message("user", "Hi"),
+                                     said("<think>Greet.</think>\nHello!", (), "Greet."),
+                                     Message("user", "Count to 2"))), said("\n1 2")))
     if template.tools is not None:
         calls = (ToolCall("get_weather", {"city": "Paris"}, "call_1"),
                  ToolCall("get_weather", {"city": "Zürich"}, "call_2"))
@@ -222,6 +318,8 @@ def probes_for(template: Optional[ResolvedTemplate]) -> List[Probe]:
         later = said("Let me check.", (ToolCall("get_weather", {"city": "Paris", "day": 1}),),
                      "One more call.")
         probes.append((Conversation(asked, PROBE_TOOLS), answer))
+        bare = tuple(tool["function"] for tool in PROBE_TOOLS)  # wrapped as training wraps them
+        probes.append((Conversation(asked, bare), answer))
         probes.append((Conversation((Message("system", "You are terse."),) + asked
                                     + (answer, Message("user", "And tomorrow?")), PROBE_TOOLS),
                        later))
@@ -243,7 +341,8 @@ class TrainingLayout:
     def probes(self) -> List[Probe]:
         return probes_for(self.template)
 
-    def __call__(self, conversation, add_generation_prompt: bool) -> List[int]:
+    def __call__(self, conversation, add_generation_prompt: bool,
+                 enable_thinking: bool = True) -> List[int]:
         conversation = as_conversation(conversation)
         if self.template is None:
             hf = self.tokenizer.hf
@@ -251,14 +350,30 @@ class TrainingLayout:
                 return render_prompt_with_chat_template(conversation, hf)
             return render_with_chat_template(conversation, hf, self.options)[-1].input_ids.tolist()
         encode = self.tokenizer.encode
+        conversation = as_read(conversation)
         if add_generation_prompt:
-            return render_prompt(conversation, self.template, encode, self.options)
+            return render_prompt(conversation, self.template, encode, self.options,
+                                 enable_thinking)
         # the whole conversation: its last sample (the only one unless --reasoning per-turn)
         samples = render_conversation(conversation, self.template, encode, self.options)
         return samples[-1].input_ids.tolist()
 
 
-TrainingIds = Callable[[Conversation, bool], List[int]]
+TrainingIds = Callable[..., List[int]]
+
+
+def as_read(conversation: Conversation) -> Conversation:
+    """The conversation as training and ``tools/chat.py`` read the messages a user passes to
+    ``apply_chat_template`` (``hf_messages``): each through ``formats.message_from_dict`` (a
+    leading ``<think>`` block of the content split off, ...), the tools through
+    ``formats.parse_tools`` (bare functions wrapped); each message keeps its ``train``.
+    Raises ``RecordError``."""
+    dicts = hf_messages(conversation.messages)
+    read = [message_from_dict(d, f"messages[{i}]") for i, d in enumerate(dicts)]
+    messages = tuple(replace(m, train=o.train) for m, o in zip(read, conversation.messages)
+                     if m is not None)
+    return replace(conversation, messages=messages,
+                   tools=parse_tools(list(conversation.tools) or None))
 
 
 def training_layout(template: Optional[ResolvedTemplate], tokenizer,
@@ -267,14 +382,17 @@ def training_layout(template: Optional[ResolvedTemplate], tokenizer,
     return TrainingLayout(template, tokenizer, options or RenderOptions())
 
 
-def chat_template_ids(hf_tokenizer, conversation, add_generation_prompt: bool) -> List[int]:
+def chat_template_ids(hf_tokenizer, conversation, add_generation_prompt: bool,
+                      **template_kwargs) -> List[int]:
     """``hf_tokenizer.apply_chat_template(messages, tools=..., add_generation_prompt=...)``'s
     ids, called as users call it (``tools`` only when the conversation has some; transformers 5
-    returns a dict, 4 a list). ``conversation``: a ``Conversation`` or messages."""
+    returns a dict, 4 a list; ``template_kwargs`` such as ``enable_thinking`` passed on).
+    ``conversation``: a ``Conversation`` or messages."""
     conversation = as_conversation(conversation)
     extra = {"tools": list(conversation.tools)} if conversation.tools else {}
     out = hf_tokenizer.apply_chat_template(hf_messages(conversation.messages),
-                                           add_generation_prompt=add_generation_prompt, **extra)
+                                           add_generation_prompt=add_generation_prompt, **extra,
+                                           **template_kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
@@ -287,11 +405,17 @@ def layout_differences(hf_tokenizer, training_ids: TrainingIds,
     is, with the two tokens."""
     if probes is None:
         probes = getattr(training_ids, "probes", probes_for(None))
+    template = getattr(training_ids, "template", None)
+    switch = template is not None and template.reasoning is not None  # Qwen3's enable_thinking
     for number, (probe, reply) in enumerate(probes):
         full = replace(probe, messages=probe.messages + (reply,))
-        for kind, messages, prompt in (("prompt", probe, True), ("conversation", full, False)):
-            ours = list(training_ids(messages, prompt))
-            theirs = chat_template_ids(hf_tokenizer, messages, prompt)
+        checks = [("prompt", probe, True, {}), ("conversation", full, False, {})]
+        if switch:
+            checks.append(("prompt, enable_thinking=False", probe, True,
+                           {"enable_thinking": False}))
+        for kind, messages, prompt, extra in checks:
+            ours = list(training_ids(messages, prompt, **extra))
+            theirs = chat_template_ids(hf_tokenizer, messages, prompt, **extra)
             if ours == theirs:
                 continue
             at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),

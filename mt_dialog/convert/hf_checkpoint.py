@@ -43,8 +43,9 @@ from mt_dialog.convert.hf_weights import (
     hf_to_mcore_layer,
     hf_to_mcore_outer,
 )
-from mt_dialog.generate import (
-    GenerationError,
+from mt_dialog.training.config import ModelConfig
+from mt_dialog.training.saved_run import (
+    SavedRunError,
     dataset_template,
     inference_config,
     read_run_info,
@@ -53,9 +54,9 @@ from mt_dialog.generate import (
     run_tokenizer,
     single_process_config,
     single_process_model,
+    source_info,
+    write_run_record,
 )
-from mt_dialog.training.checkpoint import source_info
-from mt_dialog.training.config import ModelConfig
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
@@ -178,9 +179,11 @@ def _write_json(path: str, value: Any) -> None:
 # -- hf-to-mcore -------------------------------------------------------------------------------
 
 def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str, Any]:
-    """The run-info ``data`` section tools/chat.py reads: tokenizer, template, special ids."""
+    """The run's data record (``training.data.data_info``, as a dict) of an import, as a dataset
+    of ``tokenizer`` and ``template`` would give it: what tools/chat.py and the export read."""
     from mt_dialog.data.render import end_of_turn_id
     from mt_dialog.data.templates import HF_TEMPLATE, template_names
+    from mt_dialog.training.data import data_info
 
     if template is None:
         if not tokenizer.chat_template:
@@ -195,11 +198,10 @@ def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str,
         raise ConversionError(message if message.startswith("--template")
                               else f"--template {template}: {message}") from None
     info = to_dict(tokenizer.info())
-    return {"prefixes": [], "seq_length": seq_length, "vocab_size": tokenizer.vocab_size,
-            "tokenizer": info, "template": template,
-            "special_ids": {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-                            "pad": tokenizer.pad_id, "end_of_turn": end_of_turn,
-                            "added": info["added_tokens"]}}
+    special_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
+                   "end_of_turn": end_of_turn, "added": info["added_tokens"]}
+    return to_dict(data_info({"seq_length": seq_length, "tokenizer": info, "template": template,
+                              "special_ids": special_ids}))
 
 
 def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
@@ -267,7 +269,7 @@ def _save_imported(tmp: str, model: torch.nn.Module, mc: ModelConfig,
         dist_checkpointing.save(state, path)
     config = to_dict(single_process_config(mc))
     _write_json(os.path.join(path, "mt_dialog_config.json"), config)
-    _write_json(os.path.join(tmp, "config.json"), dict(run_info, config=config))
+    write_run_record(tmp, run_info["command"], config, run_info["data"], run_info["source"])
     with open(os.path.join(tmp, TRACKER), "w") as handle:
         handle.write("0")
 
@@ -309,10 +311,7 @@ def _load_for_export(cfg: ExportConfig):
 
     from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
 
-    try:
-        info = read_run_info(cfg.load_dir, cfg.iteration)
-    except GenerationError as exc:
-        raise ConversionError(str(exc)) from None
+    info = read_run_info(cfg.load_dir, cfg.iteration)  # SavedRunError: a ValueError, as ours
     mc = inference_config(info["config"]).model
     meta = dist_checkpointing.load_tensors_metadata(iteration_dir(cfg.load_dir, info["iteration"]))
     embedding = meta["embedding.word_embeddings.weight"]
@@ -346,7 +345,11 @@ class ExportedTokenizer:
     template_name: Optional[str]  # the dataset's --template (None: not recorded)
     template: Any  # its ResolvedTemplate; None for hf (the tokenizer's own) or unknown
     end_of_turn: Optional[int]  # the id every trained reply ends with
-    options: Any = None  # the run's RenderOptions (--train-on, --reasoning)
+    options: Any = None  # the run's RenderOptions (--train-on, --reasoning); None: defaults
+
+    def __post_init__(self) -> None:
+        if self.options is None:  # a run that recorded none: the defaults it was built with
+            self.options = run_render_options(None)
 
 
 def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
@@ -359,7 +362,7 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
         return None
     try:  # the run's tokenizer, where it was recorded, in CKPT/tokenizer or --tokenizer-path
         tokenizer = run_tokenizer(cfg.load_dir, data, cfg.tokenizer_path)
-    except GenerationError as exc:
+    except SavedRunError as exc:
         raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
     if tokenizer.sha256 != data["tokenizer"]["sha256"]:
         raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
@@ -367,10 +370,7 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
     name = dataset_template(data)
     template, end_of_turn = None, None
     if name:
-        try:
-            template, end_of_turn = run_template(name, tokenizer, data.get("special_ids") or {})
-        except GenerationError as exc:
-            raise ConversionError(str(exc)) from None
+        template, end_of_turn = run_template(name, tokenizer, data.get("special_ids") or {})
     return ExportedTokenizer(_hf_tokenizer(tokenizer, out), tokenizer, name, template,
                              end_of_turn, run_render_options(data))
 

@@ -125,8 +125,7 @@ def read_hf_config(folder: str) -> HFModel:
             num_layers=int(config.num_hidden_layers), hidden_size=int(config.hidden_size),
             ffn_hidden_size=int(config.intermediate_size), num_attention_heads=heads,
             num_query_groups=int(groups),
-            kv_channels=int(head_dim) if head_dim and head_dim * heads != config.hidden_size
-            else None,
+            kv_channels=int(head_dim) if head_dim else None,  # None: hidden / heads
             norm_epsilon=float(config.rms_norm_eps),
             untie_embeddings_and_output_weights=not getattr(config, "tie_word_embeddings", False),
             add_qkv_bias=architecture == "Qwen2ForCausalLM",
@@ -176,11 +175,10 @@ def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_positi
                               "model lacks (--add-qkv-bias); use LlamaForCausalLM")
     cls = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig,
            "Qwen2ForCausalLM": Qwen2Config}[architecture]
-    head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
     config = cls(vocab_size=vocab_size, hidden_size=model.hidden_size,
-                 intermediate_size=model.ffn_size, num_hidden_layers=model.num_layers,
+                 intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
                  num_attention_heads=model.num_attention_heads,
-                 num_key_value_heads=model.query_groups, head_dim=head_dim,
+                 num_key_value_heads=model.num_query_groups, head_dim=model.kv_channels,
                  max_position_embeddings=max_position, rms_norm_eps=model.norm_epsilon,
                  rope_theta=model.rotary_base, rope_scaling=_rope_for_hf(model),
                  tie_word_embeddings=not model.untie_embeddings_and_output_weights,

@@ -47,8 +47,8 @@ class Shapes:
 
     @classmethod
     def of(cls, model: ModelConfig) -> "Shapes":
-        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
-        return cls(model.query_groups, model.num_attention_heads // model.query_groups, head_dim)
+        groups = model.num_query_groups
+        return cls(groups, model.num_attention_heads // groups, model.kv_channels)
 
 
 class SafetensorsFolder:

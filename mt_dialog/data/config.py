@@ -31,9 +31,9 @@ class InputConfig:
                            "it by reason in the summary")
     empty_reply: str = option("context", choices=EMPTY_REPLY,
                               help="an empty assistant reply (no content, no tool calls) is never "
-                              "trained: context keeps it and the rest of its conversation as "
-                              "untrained context (counted in the summary); error refuses the "
-                              "record (reason empty_reply)")
+                              "trained: context keeps the record with that reply as untrained "
+                              "context and its other replies trained as usual (counted in the "
+                              "summary); error refuses the record (reason empty_reply)")
 
     def __post_init__(self) -> None:
         if not self.input:

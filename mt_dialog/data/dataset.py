@@ -44,6 +44,12 @@ class PackedDialogDataset(torch.utils.data.Dataset):
         seq_length: if given, must equal the dataset's sequence length.
         vocab_size: if given (the model's vocabulary), must cover the dataset's vocabulary.
         tokenizer_sha256: if given, must equal the hash of the tokenizer the dataset was built with.
+        probe_files: compare each file's size and first/last bytes with the metadata's record
+            (``storage.check_recorded_files``); ``--verify`` turns it off to report them itself.
+
+    Raises:
+        DatasetFormatError: a missing, damaged, swapped or edited file or metadata, or a dataset
+            that does not match the arguments; the message names the file and the fix.
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class PackedDialogDataset(torch.utils.data.Dataset):
         seq_length: Optional[int] = None,
         vocab_size: Optional[int] = None,
         tokenizer_sha256: Optional[str] = None,
+        probe_files: bool = True,
     ) -> None:
         self.prefix = prefix
         self.split = split
@@ -60,7 +67,8 @@ class PackedDialogDataset(torch.utils.data.Dataset):
         _check_metadata(self.metadata, prefix, split, seq_length, vocab_size, tokenizer_sha256)
         self.seq_length = int(self.metadata["seq_length"])
         self.pad_id = int(self.metadata["special_ids"]["pad"])
-        check_recorded_files(prefix, self.metadata, split)
+        if probe_files:  # (``--verify`` reads every byte itself, then checks the invariants)
+            check_recorded_files(prefix, self.metadata, split)
         self.tokens = open_indexed(field_prefix(prefix, split, "tokens"))
         self.loss_token_num = open_indexed(field_prefix(prefix, split, "loss_token_num"))
         self.documents = self.tokens.document_indices

@@ -6,17 +6,27 @@ Accepted (auto-detected per record from its keys, or forced with ``--input-forma
 openai       ``{"messages": [{"role": "system|user|assistant|tool", "content": "..."}],
              "tools": [...]}`` (also Hugging Face's layout). An assistant message may carry
              ``tool_calls`` (``[{"type": "function", "function": {"name", "arguments"}, "id"}]``,
-             ``arguments`` a JSON object or a string of one; then ``content`` may be null) and
-             ``reasoning_content``; a tool message ``tool_call_id`` and ``name``
+             ``arguments`` a JSON object or a string of one, ``""`` for none; then ``content``
+             may be null) or the legacy ``function_call`` (``{"name", "arguments"}``: one call),
+             and ``reasoning_content``; a tool message ``tool_call_id`` and ``name``; the legacy
+             ``{"role": "function", "name", "content"}`` is a tool result
 sharegpt     ``{"conversations": [{"from": "...", "value": "..."}], "system": "...", "tools": ...}``
              with ``from`` one of ``SHAREGPT_ROLES`` (``human``, ``gpt``, ``function_call`` whose
-             value is the call JSON, ``observation`` a tool result, ...); an item may also be a
-             ``{"role", "content"}`` message as in openai
+             value is the call JSON, ``observation`` a tool result, ...); a ``function_call``
+             right after an assistant item joins that message (one reply: content, then calls);
+             an item may also be a ``{"role", "content"}`` message as in openai
 firefly      ``{"conversation": [{"human": "...", "assistant": "..."}], "system": "..."}``
 alpaca       ``{"instruction": "...", "input": "...", "output": "...", "system": "..."}``
 ===========  ====================================================================================
 
 Besides the text:
+
+- **Content** (``content``, ``value``): a string, or a list of content parts (the current OpenAI /
+  Hugging Face layout): text parts (``TEXT_PARTS``) are joined with a space, as ``transformers
+  serve`` joins them for text-only models; any other part (image, audio, ...) is refused
+  (``non_text_content``). A tool result given as a JSON object or a list that is not content
+  parts is serialized with ``json.dumps(value, ensure_ascii=False)`` (``tool_result_text``),
+  the serialization chat templates give tool-call arguments (``tojson``).
 
 - **tools** (record level): a list of function descriptions, or a JSON string of one; a bare
   ``{"name", "description", "parameters"}`` is wrapped as ``{"type": "function", "function": ...}``,
@@ -27,9 +37,14 @@ Besides the text:
 - **Loss control**, per message: ``"weight": 0|1`` or ``"loss": false|true`` set ``Message.train``
   (any other value: ``bad_loss_control``). Only assistant messages are trained, so asking to train
   another message is refused (``train_not_assistant``). A field that looks like loss control under
-  another name (``LOSS_LOOKALIKES``: ``mask``, ``train``, ``label``, ...; at record level also
+  another name (``looks_like_loss_control``: a word of the name, in any case and separator
+  style, is train / loss / mask / ignore / weight or a form of one, such as ``no_train``,
+  ``ignoreLoss``, ``is-trainable``, ``masked``; or ``label``, ``labels``; at record level also
   ``weight`` and ``loss``) is refused naming the supported spelling (``unsupported_loss_field``):
   ignoring it would train what the data meant to mask.
+- **Reply text under another name** on an assistant message (``UNREAD_REPLY_FIELDS``: OpenAI's
+  ``refusal``, vLLM's ``reasoning``, ``thinking``) is refused (``unsupported_reply_field``),
+  naming the field it is read from: ignored, the reply would be trained without it.
 - **Other fields** are ignored and named in ``Conversation.notes`` (``ignored field 'lang'``,
   ``ignored field 'messages[].name'``). A null value is the same as an absent field (Parquet rows
   carry every column of the file).
@@ -42,9 +57,10 @@ Role structure (``validate_roles``; errors name the message, reason ``role_order
    (Llama 2 folds it into the first user message), so a later one has no faithful layout.
 2. A tool result follows the assistant message that called tools, or another tool result; its
    ``tool_call_id``, when both sides have ids, is one of that message's call ids.
-3. An assistant message with tool calls is followed by their results, unless it is the last
-   message (a conversation may end with a call): without the results the next reply would be
-   trained as if the model had seen them.
+3. An assistant message with tool calls is followed by the results of all its calls (matched
+   by ``tool_call_id`` when every call and result has an id, else counted) before the next
+   user or assistant message, unless it is the last message (a conversation may end with a
+   call): without the results the next reply would be trained as if the model had seen them.
 4. Everything else is valid: consecutive user messages, consecutive assistant messages (each one
    a turn), a conversation that opens with an assistant greeting, empty user or tool messages.
 
@@ -89,6 +105,9 @@ SHAREGPT_ROLES = {
 """ShareGPT ``from`` spellings (FastChat's dumps, LLaMA-Factory, Axolotl) and their roles."""
 SHAREGPT_CALL = "function_call"
 """The ShareGPT speaker whose value is an assistant's tool call JSON (one call or a list)."""
+_SHAREGPT_MESSAGE_ROLES = {**{k: v for k, v in SHAREGPT_ROLES.items() if k != SHAREGPT_CALL},
+                           "function": "tool"}
+"""Roles of ShareGPT items written as ``{"role", "content"}`` messages (read as in openai)."""
 
 LOSS_CONTROL = ("weight", "loss")
 LOSS_LOOKALIKES = frozenset({
@@ -96,7 +115,24 @@ LOSS_LOOKALIKES = frozenset({
     "train_on", "do_train", "ignore", "ignored", "no_loss", "label", "labels", "loss_weight",
     "weights",
 })
-"""Field names that look like loss control but are not read: refused, never silently ignored."""
+"""Field names that look like loss control but are not read: refused, never silently ignored
+(examples; ``looks_like_loss_control`` is the rule)."""
+_NAME_WORDS = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+_LOSS_WORD = re.compile(r"(?:no|not|dont|do|is|should|to|un)?(?:train|loss|mask|ignore|weight)"
+                        r"[a-z]*")
+TEXT_PARTS = ("text", "input_text", "output_text")
+"""Content part types read as text (chat completions' and the Responses API's spellings)."""
+
+
+def looks_like_loss_control(key: str) -> bool:
+    """Whether a field name reads as loss control: one of ``LOSS_LOOKALIKES``, or a word of it
+    (split at separators and case changes: ``no_train``, ``ignoreLoss``, ``IS-TRAINABLE``) that
+    is train / loss / mask / ignore / weight or a form of one (``trained``, ``masking``,
+    ``weights``), alone or after a negation or auxiliary (``notrain``, ``shouldtrain``).
+    Words that merely contain the letters (``constraints``, ``gloss``) do not count."""
+    return key.lower() in LOSS_LOOKALIKES or any(
+        _LOSS_WORD.fullmatch(word.lower()) for word in _NAME_WORDS.findall(key))
+
 
 NOTE_NULL_SYSTEM = "null system message dropped"
 NOTE_EMPTY_REPLY = "empty reply kept as context"
@@ -273,19 +309,16 @@ def _items(record: Dict[str, Any], key: str) -> List[Dict[str, Any]]:
     return items
 
 
-_NOT_MESSAGE_LOSS = LOSS_LOOKALIKES | frozenset(LOSS_CONTROL)
-"""Refused on a record (and a firefly pair): loss control is read on messages only."""
-
-
 def _other_fields(obj: Dict[str, Any], known: Iterable[str], label: str, where: str,
-                  notes: Notes, refused: frozenset = LOSS_LOOKALIKES) -> None:
-    """Fields of ``obj`` outside ``known``: refused when in ``refused`` (loss control under a
-    name that is not read there), else noted as ``ignored field '{label}{key}'``. Null values
-    count as absent."""
+                  notes: Notes) -> None:
+    """Fields of ``obj`` outside ``known``: refused when the name looks like loss control
+    (``looks_like_loss_control``; ``weight`` and ``loss`` too where they are not ``known``:
+    they are read on messages only), else noted as ``ignored field '{label}{key}'``. Null
+    values count as absent."""
     for key, value in obj.items():
         if key in known or value is None:
             continue
-        if key.lower() in refused:
+        if looks_like_loss_control(key):
             raise RecordError(
                 "unsupported_loss_field",
                 f"{where}: field '{key}' looks like loss control, which is only read as "
@@ -294,6 +327,11 @@ def _other_fields(obj: Dict[str, Any], known: Iterable[str], label: str, where: 
                 "rename or remove it",
             )
         notes[f"ignored field '{label}{key}'"] = None
+
+
+def _as_json(value: Any) -> str:
+    """A value as the input spells it (JSON: ``false``, ``"0"``, ``[0, 1]``), for messages."""
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _loss_control(item: Dict[str, Any], where: str, role: str) -> Optional[bool]:
@@ -305,19 +343,21 @@ def _loss_control(item: Dict[str, Any], where: str, role: str) -> Optional[bool]
                                or weight not in (0, 1)):
         raise RecordError(
             "bad_loss_control",
-            f"{where}: 'weight' must be 0 (not trained) or 1 (trained), got {weight!r}; "
+            f"{where}: 'weight' must be 0 (not trained) or 1 (trained), got {_as_json(weight)}; "
             "fractional or per-token weights are not supported",
         )
     if loss is not None and not isinstance(loss, bool):
         raise RecordError(
             "bad_loss_control",
-            f"{where}: 'loss' must be true (trained) or false (not trained), got {loss!r}",
+            f"{where}: 'loss' must be true (trained) or false (not trained), got "
+            f"{_as_json(loss)}",
         )
     values = {bool(v) for v in (weight, loss) if v is not None}
     if len(values) > 1:
         raise RecordError(
             "bad_loss_control",
-            f"{where}: 'weight' {weight!r} and 'loss' {loss!r} disagree; keep one of them",
+            f"{where}: 'weight' {_as_json(weight)} and 'loss' {_as_json(loss)} disagree; keep "
+            "one of them",
         )
     train = values.pop() if values else None
     if train and role != "assistant":
@@ -366,8 +406,9 @@ def _tool_call(call: Any, where: str) -> ToolCall:
     if arguments is None:
         raise RecordError("bad_tool_call", f"{where}: 'arguments' is missing; write {{}} for a "
                           "call without arguments")
-    if isinstance(arguments, str):
-        arguments = _decode_json(arguments, f"{where}: 'arguments'", "bad_tool_call")
+    if isinstance(arguments, str):  # "" (or blank): a call without arguments
+        arguments = (_decode_json(arguments, f"{where}: 'arguments'", "bad_tool_call")
+                     if arguments.strip() else {})
     if not isinstance(arguments, dict):
         raise RecordError("bad_tool_call", f"{where}: 'arguments' must be a JSON object (or a "
                           f"string of one), got {type(arguments).__name__}")
@@ -388,9 +429,10 @@ def _tool_calls(value: Any, where: str) -> Tuple[ToolCall, ...]:
     return tuple(_tool_call(call, f"{where}.tool_calls[{i}]") for i, call in enumerate(value))
 
 
-def _tools(record: Dict[str, Any]) -> Tuple[Dict[str, Any], ...]:
-    """Record-level ``tools``: a list of function descriptions or a JSON string of one."""
-    value = record.get("tools")
+def parse_tools(value: Any) -> Tuple[Dict[str, Any], ...]:
+    """Record-level ``tools`` (a list of function descriptions, or a JSON string of one; None
+    for none) as chat templates take them: a bare function ``{"name", ...}`` wrapped as
+    ``{"type": "function", "function": {...}}``. Raises ``RecordError("bad_tools")``."""
     if isinstance(value, str):
         value = _decode_json(value, "field 'tools'", "bad_tools") if value.strip() else None
     if value is None:
@@ -444,9 +486,85 @@ def split_reasoning(content: str, reasoning: Optional[str], where: str
 _ROLE_FIELDS = {
     "system": (),
     "user": (),
-    "assistant": ("tool_calls", "reasoning_content"),
+    "assistant": ("tool_calls", "function_call", "reasoning_content"),
     "tool": ("name", "tool_call_id"),
 }
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+                "function": "tool"}
+"""OpenAI ``role`` spellings and their roles: the legacy ``function`` is a tool result."""
+
+
+def tool_result_text(value: Any) -> str:
+    """A tool result given as a JSON object or list, as text: ``json.dumps(value,
+    ensure_ascii=False)``, the one serialization of JSON values in messages (chat templates'
+    ``tojson``, as they write tool-call arguments)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _text_parts(parts: List[Dict[str, Any]], where: str) -> str:
+    """Content parts as text: the text parts joined with a space (what ``transformers serve``
+    does for text-only models); any other part is refused (``non_text_content``)."""
+    texts = []
+    for index, part in enumerate(parts):
+        kind, text = part.get("type"), part.get("text")
+        if kind not in TEXT_PARTS:
+            raise RecordError(
+                "non_text_content",
+                f"{where}[{index}] is a {_as_json(kind)} part, but only text parts (type "
+                f"{', '.join(TEXT_PARTS)}) can be trained with a text model; remove that part "
+                "or the record")
+        if not isinstance(text, str):
+            raise RecordError("bad_field_type", f"{where}[{index}]: 'text' must be a string, "
+                              f"got {type(text).__name__}")
+        texts.append(check_text(text, f"{where}[{index}]"))
+    return " ".join(texts)
+
+
+def _content(item: Dict[str, Any], key: str, where: str, role: str,
+             required: bool = True) -> str:
+    """A message's text at ``key``: a string; a list of content parts (``_text_parts``); for a
+    tool result a JSON object or list serialized (``tool_result_text``). Raises
+    ``RecordError``."""
+    value = item.get(key)
+    if value is None or isinstance(value, str):
+        return _string_field(item, key, where, required)
+    if isinstance(value, list) and all(isinstance(p, dict) and "type" in p for p in value):
+        return _text_parts(value, f"{where}.{key}")
+    if role == "tool" and isinstance(value, (dict, list)):
+        return check_text(tool_result_text(value), f"{where}: field '{key}'")
+    also = ", or for a tool result a JSON object" if role == "tool" else ""
+    raise RecordError("bad_field_type", f"{where}: field '{key}' must be a string, got "
+                      f"{type(value).__name__} (or a list of text parts [{{\"type\": \"text\", "
+                      f"\"text\": \"...\"}}]{also})")
+
+
+UNREAD_REPLY_FIELDS = {"refusal": "content", "reasoning": "reasoning_content",
+                       "thinking": "reasoning_content"}
+"""Assistant fields other APIs put reply text or reasoning in, and where it is read from."""
+
+
+def _unread_reply_fields(item: Dict[str, Any], where: str) -> None:
+    """Refuse (``unsupported_reply_field``) an assistant field that holds text of the reply under
+    a name that is not read (OpenAI's ``refusal``, vLLM's ``reasoning``, ``thinking``): noting it
+    as ignored would train the reply without it."""
+    for key, instead in UNREAD_REPLY_FIELDS.items():
+        if item.get(key) is not None:
+            raise RecordError(
+                "unsupported_reply_field",
+                f"{where}: field '{key}' holds text of the reply, which is only read from "
+                f"'{instead}'; move it there (or remove it)")
+
+
+def _assistant_calls(item: Dict[str, Any], where: str) -> Tuple[ToolCall, ...]:
+    """``tool_calls``, or the legacy ``function_call`` (``{"name", "arguments"}``) as one call."""
+    calls = _tool_calls(item.get("tool_calls"), where)
+    legacy = item.get("function_call")
+    if legacy is None:
+        return calls
+    if calls:
+        raise RecordError("bad_tool_call", f"{where} has both 'tool_calls' and the legacy "
+                          "'function_call'; keep one of them")
+    return (_tool_call(legacy, f"{where}.function_call"),)
 
 
 @functools.lru_cache(maxsize=None)
@@ -459,19 +577,21 @@ def _message(item: Dict[str, Any], where: str, role: str, text_key: str,
     """One message whose role is known; ``text_key`` holds its text (``content``/``value``)."""
     known = _message_fields(layout_keys, text_key, role)
     if not known.issuperset(item):
+        if role == "assistant":
+            _unread_reply_fields(item, where)
         _other_fields(item, known, label, where, notes)
     train = _loss_control(item, where, role) if "weight" in item or "loss" in item else None
     if role == "tool":
-        return Message("tool", _string_field(item, text_key, where), train=train,
+        return Message("tool", _content(item, text_key, where, role), train=train,
                        name=_optional_string(item, "name", where),
                        tool_call_id=_optional_string(item, "tool_call_id", where))
     if role != "assistant":
-        return Message(role, _string_field(item, text_key, where), train=train)
-    calls = _tool_calls(item.get("tool_calls"), where)
+        return Message(role, _content(item, text_key, where, role), train=train)
+    calls = _assistant_calls(item, where)
     if text_key not in item and not calls:
         raise RecordError("missing_field", f"{where}: field '{text_key}' is missing")
     content, reasoning = split_reasoning(
-        _string_field(item, text_key, where, required=False),
+        _content(item, text_key, where, role, required=False),
         _optional_string(item, "reasoning_content", where), where)
     return Message("assistant", content, calls, reasoning, train)
 
@@ -487,6 +607,9 @@ def _role_message(item: Dict[str, Any], where: str, label: str, notes: Notes,
     if role == "system" and item.get("content") is None:
         notes[NOTE_NULL_SYSTEM] = None
         return None
+    if name == "function" and item.get("name") is None:
+        raise RecordError("missing_field", f"{where}: field 'name' is missing: a legacy "
+                          "'function' message is the result of the function it names")
     return _message(item, where, role, "content", ("role",), label, notes)
 
 
@@ -496,7 +619,7 @@ def message_from_dict(item: Any, where: str) -> Optional[Message]:
     if not isinstance(item, dict):
         raise RecordError("bad_field_type", f"{where} must be an object like "
                           f"{{'role': 'user', 'content': '...'}}, got {type(item).__name__}")
-    return _role_message(item, where, "", {}, {r: r for r in ROLES})
+    return _role_message(item, where, "", {}, OPENAI_ROLES)
 
 
 def _assistant_text(text: str, where: str) -> Message:
@@ -513,13 +636,11 @@ def _system_field(record: Dict[str, Any]) -> Entries:
 
 
 def _parse_openai(record: Dict[str, Any], notes: Notes) -> Entries:
-    _other_fields(record, ("messages", "tools"), "", "record", notes,
-                  refused=_NOT_MESSAGE_LOSS)
-    roles = {r: r for r in ROLES}
+    _other_fields(record, ("messages", "tools"), "", "record", notes)
     entries = []
     for index, item in enumerate(_items(record, "messages")):
         where = f"messages[{index}]"
-        message = _role_message(item, where, "messages[].", notes, roles)
+        message = _role_message(item, where, "messages[].", notes, OPENAI_ROLES)
         if message is not None:
             entries.append((where, message))
     return entries
@@ -528,8 +649,7 @@ def _parse_openai(record: Dict[str, Any], notes: Notes) -> Entries:
 def _sharegpt_item(item: Dict[str, Any], where: str, notes: Notes) -> Optional[Message]:
     label = "conversations[]."
     if "from" not in item and "role" in item:  # a {"role", "content"} message
-        roles = {k: v for k, v in SHAREGPT_ROLES.items() if k != SHAREGPT_CALL}
-        return _role_message(item, where, label, notes, roles)
+        return _role_message(item, where, label, notes, _SHAREGPT_MESSAGE_ROLES)
     speaker = _string_field(item, "from", where)
     role = SHAREGPT_ROLES.get(speaker)
     if role is None:
@@ -552,26 +672,47 @@ def _sharegpt_item(item: Dict[str, Any], where: str, notes: Notes) -> Optional[M
     return Message("assistant", "", tool_calls, train=_loss_control(item, where, "assistant"))
 
 
+def _joined_call(entries: Entries, call: Message, where: str) -> Optional[Message]:
+    """A ``function_call`` item right after an assistant message joins it, as OpenAI's layout
+    has one message (content, then its calls): the reply and its calls are one turn, not a
+    reply ended before calling. None when no assistant message precedes it. Their loss
+    control must agree (``bad_loss_control``)."""
+    if not entries or entries[-1][1].role != "assistant":
+        return None
+    before, reply = entries[-1]
+    trains = {m.train for m in (reply, call)} - {None}
+    if len(trains) > 1:
+        raise RecordError(
+            "bad_loss_control",
+            f"{where} (function_call) continues the assistant message {before}, but their "
+            "'weight' / 'loss' disagree: they are one reply; keep one setting")
+    return dataclasses.replace(reply, tool_calls=reply.tool_calls + call.tool_calls,
+                               train=trains.pop() if trains else None)
+
+
 def _parse_sharegpt(record: Dict[str, Any], notes: Notes) -> Entries:
-    _other_fields(record, ("conversations", "system", "tools"), "", "record", notes,
-                  refused=_NOT_MESSAGE_LOSS)
+    _other_fields(record, ("conversations", "system", "tools"), "", "record", notes)
     entries = _system_field(record)
     for index, item in enumerate(_items(record, "conversations")):
         where = f"conversations[{index}]"
         message = _sharegpt_item(item, where, notes)
-        if message is not None:
+        if message is None:
+            continue
+        joined = _joined_call(entries, message, where) \
+            if item.get("from") == SHAREGPT_CALL else None
+        if joined is not None:
+            entries[-1] = (entries[-1][0], joined)
+        else:
             entries.append((where, message))
     return entries
 
 
 def _parse_firefly(record: Dict[str, Any], notes: Notes) -> Entries:
-    _other_fields(record, ("conversation", "system"), "", "record", notes,
-                  refused=_NOT_MESSAGE_LOSS)
+    _other_fields(record, ("conversation", "system"), "", "record", notes)
     entries = _system_field(record)
     for index, item in enumerate(_items(record, "conversation")):
         where = f"conversation[{index}]"
-        _other_fields(item, ("human", "assistant"), "conversation[].", where, notes,
-                      refused=_NOT_MESSAGE_LOSS)
+        _other_fields(item, ("human", "assistant"), "conversation[].", where, notes)
         entries.append((f"{where}.human", Message("user", _string_field(item, "human", where))))
         entries.append((f"{where}.assistant",
                         _assistant_text(_string_field(item, "assistant", where), where)))
@@ -579,8 +720,7 @@ def _parse_firefly(record: Dict[str, Any], notes: Notes) -> Entries:
 
 
 def _parse_alpaca(record: Dict[str, Any], notes: Notes) -> Entries:
-    _other_fields(record, ("instruction", "input", "output", "system"), "", "record", notes,
-                  refused=_NOT_MESSAGE_LOSS)
+    _other_fields(record, ("instruction", "input", "output", "system"), "", "record", notes)
     entries = _system_field(record)
     instruction = _string_field(record, "instruction", "record")
     extra = _string_field(record, "input", "record", required=False)
@@ -627,13 +767,43 @@ def _check_tool_result(messages: Sequence[Message], names: Sequence[str], index:
         )
 
 
+def _check_results(messages: Sequence[Message], names: Sequence[str], caller: int,
+                   end: int) -> None:
+    """Rule 3: the tool results ``messages[caller + 1:end]`` answer every call of
+    ``messages[caller]``, by ``tool_call_id`` when every call and result has an id, else by
+    count; ``end`` is the index of the message that follows them (``len(messages)``: the reply
+    to generate). Raises ``RecordError("role_order")`` naming the calls left unanswered."""
+    calls, results = messages[caller].tool_calls, messages[caller + 1:end]
+    if all(c.id for c in calls) and all(r.tool_call_id for r in results):
+        answered = {r.tool_call_id for r in results}
+        missing = [c for c in calls if c.id not in answered]
+    else:
+        missing = list(calls[len(results):])
+    if not missing:
+        return
+    shown = ", ".join(c.name + (f" (id {c.id!r})" if c.id else "") for c in missing)
+    following = (f"{names[end]} ({messages[end].role})" if end < len(messages)
+                 else "the reply to generate")
+    raise RecordError(
+        "role_order",
+        f"{names[caller]} (assistant) makes {len(calls)} tool call(s) but the result of "
+        f"{shown} is missing before {following}: the results of all calls must follow them "
+        "before the next user or assistant message (a conversation may end with the calls)")
+
+
+def _names(messages: Sequence[Message], names: Optional[Sequence[str]]) -> List[str]:
+    """Where each message came from; by default ``messages[i]``, the one way messages are named
+    in errors of formats, render and render_hf."""
+    return list(names) if names is not None else [f"messages[{i}]" for i in range(len(messages))]
+
+
 def validate_roles(messages: Sequence[Message], names: Optional[Sequence[str]] = None) -> None:
     """Check the role structure rules of the module docstring: a system message only first, tool
-    results right after the tool calls they answer, tool calls followed by their results unless
-    last. ``names`` says where each message came from (default ``message {index}``). Raises
-    ``RecordError`` (``unknown_role``, ``bad_tool_call``, ``role_order``) for the first message
-    that breaks a rule."""
-    names = list(names) if names is not None else [f"message {i}" for i in range(len(messages))]
+    results right after the tool calls they answer, tool calls followed by the results of all
+    of them unless last. ``names`` says where each message came from (default
+    ``messages[index]``). Raises ``RecordError`` (``unknown_role``, ``bad_tool_call``,
+    ``role_order``) for the first message that breaks a rule."""
+    names = _names(messages, names)
     for index, message in enumerate(messages):
         role, name = message.role, names[index]
         if role not in ROLES:
@@ -659,17 +829,28 @@ def validate_roles(messages: Sequence[Message], names: Optional[Sequence[str]] =
                 f"({messages[index + 1].role}) follows instead of their results: the results "
                 "('tool' messages) must follow the calls (a conversation may end with a call)",
             )
+        if role != "tool" and index and messages[index - 1].role == "tool":
+            caller = index - 1
+            while messages[caller].role == "tool":
+                caller -= 1
+            _check_results(messages, names, caller, index)
 
 
 def validate_prompt(messages: Sequence[Message], names: Optional[Sequence[str]] = None) -> None:
     """The conversation a reply is generated for: ``validate_roles``' rules, ending with a user
-    message or a tool result. Raises ``RecordError`` (reason ``role_order``)."""
-    names = list(names) if names is not None else [f"message {i}" for i in range(len(messages))]
+    message or tool results that answer all the calls before them. Raises ``RecordError``
+    (reason ``role_order``)."""
+    names = _names(messages, names)
     validate_roles(messages, names)
     if not messages or messages[-1].role not in ("user", "tool"):
         last = f"{names[-1]} ({messages[-1].role}) is last" if messages else "it is empty"
         raise RecordError("role_order", "the conversation must end with a user message (or a "
                           f"tool result) to reply to, but {last}")
+    caller = len(messages) - 1
+    while messages[caller].role == "tool":
+        caller -= 1
+    if caller < len(messages) - 1:
+        _check_results(messages, names, caller, len(messages))
 
 
 def is_empty_reply(message: Message) -> bool:
@@ -689,8 +870,8 @@ def _trainable(entries: Entries, empty_reply: str, notes: Notes) -> List[Message
                 raise RecordError(
                     "empty_reply",
                     f"{where} (assistant) is empty (no content, no tool calls); fill the reply "
-                    "or remove the turn, or pass --empty-reply context to keep the rest of the "
-                    "conversation",
+                    "or remove the turn, or pass --empty-reply context to keep the record with "
+                    "this reply as untrained context",
                 )
             first_empty = first_empty or where
             message = dataclasses.replace(message, train=False)
@@ -733,7 +914,7 @@ def parse_record(record: Any, input_format: Optional[str] = None,
     notes: Notes = {}
     name = input_format or detect_format(record)
     entries = _PARSERS[name](record, notes)
-    tools = _tools(record) if name in ("openai", "sharegpt") else ()
+    tools = parse_tools(record.get("tools")) if name in ("openai", "sharegpt") else ()
     validate_roles([m for _, m in entries], [where for where, _ in entries])
     messages = _trainable(entries, empty_reply, notes)
     return Conversation(tuple(messages), tools, tuple(notes))

@@ -9,21 +9,10 @@ import numpy as np
 
 from mt_dialog.data.dataset import PackedDialogDataset
 from mt_dialog.data.storage import check_recorded_files, count_turns
-from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError, load_tokenizer
+from mt_dialog.data.tokenizers import DialogTokenizer
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
 MAX_PROBLEMS = 20
-
-
-def tokenizer_from_metadata(metadata: Dict) -> Optional[DialogTokenizer]:
-    """The tokenizer the dataset was built with, if it is still where it was (else None)."""
-    info = metadata["tokenizer"]
-    try:
-        tokenizer = load_tokenizer(info["type"], info["path"])
-    except (TokenizerError, OSError):
-        return None
-    tokenizer.added_tokens = dict(info.get("added_tokens", {}))
-    return tokenizer
 
 
 def _segments(counts: np.ndarray):
@@ -154,14 +143,15 @@ def verify_dataset(prefix: str) -> List[str]:
     metadata = None
     for split in ("train", "valid"):
         try:
-            dataset = PackedDialogDataset(prefix, split)
+            dataset = PackedDialogDataset(prefix, split, probe_files=False)
         except ValueError as exc:
             if "has no" in str(exc) and split == "valid":
                 continue
             return [str(exc)]
         metadata = dataset.metadata
         try:  # every byte against the checksums recorded at preprocessing
-            check_recorded_files(prefix, metadata, split, checksums=True)
+            check_recorded_files(prefix, metadata, split, checksums=True,
+                                 hint="copy it again or rebuild it with tools/preprocess_dialog.py")
         except ValueError as exc:
             problems.append(str(exc))  # and go on: the invariants say what changed
         problems += verify_split(dataset)

@@ -41,6 +41,20 @@ def _decreasing(array: np.ndarray) -> List[int]:
 
 
 def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> Packs:
+    """Best-fit decreasing: conversations longest first (ties in input order), each into the
+    pack with the least room that still holds it, else a new pack. O(n log n).
+
+    Args:
+        lengths: tokens of each conversation (n ints, each in 1..capacity).
+        capacity: tokens per pack (the sequence length).
+
+    Returns:
+        The packs in the order they were opened, each a list of indices into ``lengths`` (in
+        the order placed) whose lengths sum to at most ``capacity``; every index once.
+
+    Raises:
+        ValueError: ``capacity`` not positive, or a length outside 1..capacity (named by index).
+    """
     array = _check(lengths, capacity)
     sizes = array.tolist()
     packs: Packs = []
@@ -73,6 +87,8 @@ def pack_best_fit_decreasing(lengths: Sequence[int], capacity: int) -> Packs:
 
 
 def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> Packs:
+    """First-fit decreasing: longest first, each into the earliest opened pack that holds it.
+    Arguments, result and errors as ``pack_best_fit_decreasing``'s."""
     array = _check(lengths, capacity)
     sizes = array.tolist()
     leaves = 1
@@ -98,6 +114,8 @@ def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> Packs:
 
 
 def pack_sequential(lengths: Sequence[int], capacity: int) -> Packs:
+    """Next-fit in input order: a pack closes when the next conversation does not fit.
+    Arguments, result and errors as ``pack_best_fit_decreasing``'s."""
     array = _check(lengths, capacity)
     packs: Packs = []
     used = capacity + 1
@@ -111,6 +129,7 @@ def pack_sequential(lengths: Sequence[int], capacity: int) -> Packs:
 
 
 def pack_none(lengths: Sequence[int], capacity: int) -> Packs:
+    """One conversation per pack (the padded baseline). Errors as ``pack_best_fit_decreasing``'s."""
     array = _check(lengths, capacity)
     return [[item] for item in range(array.shape[0])]
 
@@ -124,7 +143,11 @@ PACKERS: Dict[str, Callable[[Sequence[int], int], Packs]] = {
 
 
 def pack(lengths: Sequence[int], capacity: int, algorithm: str = "bfd") -> Packs:
-    """Pack with the named algorithm (see module docstring)."""
+    """Pack with the named algorithm (see module docstring and ``pack_best_fit_decreasing``).
+
+    Raises:
+        ValueError: an unknown ``algorithm`` (naming the choices), or bad lengths / capacity.
+    """
     if algorithm not in PACKERS:
         raise ValueError(f"--packing {algorithm!r} is unknown; choose one of {', '.join(PACKERS)}")
     return PACKERS[algorithm](lengths, capacity)

@@ -261,6 +261,8 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         raise PreprocessError(str(exc)) from None
     processor.token_dtype = staging_dtype(tokenizer.vocab_size - 1).name
     processor.count_dtype = staging_dtype(config.packing.seq_length).name
+    if config.output.workers > 1:
+        processor.share_encoder()  # workers of a built-in template then skip transformers
     try:  # --template hf: the chat template's end-of-turn, found (or refused) before reading
         end_of_turn_id(tok.template, tokenizer)
     except (TokenizerError, ValueError) as exc:

@@ -28,13 +28,14 @@ import json
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from mt_dialog.data.formats import RecordError, parse_record
+from mt_dialog.data.formats import Conversation, RecordError, parse_record
 from mt_dialog.data.readers import RawRecord
 from mt_dialog.data.render import (
     RenderedConversation,
     RenderOptions,
+    ResolvedTemplate,
     render_conversation,
     resolve_template,
     truncate_to_turns,
@@ -42,7 +43,7 @@ from mt_dialog.data.render import (
 from mt_dialog.data.render_hf import render_with_chat_template
 from mt_dialog.data.staging import ShardWriter
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
-from mt_dialog.data.tokenizers import DialogTokenizer, load_tokenizer
+from mt_dialog.data.tokenizers import BackendEncoder, DialogTokenizer, load_tokenizer
 
 Outcome = Tuple
 
@@ -85,6 +86,12 @@ class RecordProcessor:
     """``--train-on``: every assistant reply is trained, or only the last one."""
     reasoning: str = "template"
     """``--reasoning``: template, keep or per-turn (``render.RenderOptions``)."""
+    encoder: Optional[BackendEncoder] = None
+    """Set by the main process (``share_encoder``) for a built-in template and a Hugging Face
+    tokenizer: its ``tokenizers.BackendEncoder``, with which worker processes encode without
+    loading transformers."""
+    resolved: Optional[ResolvedTemplate] = None
+    """The template as the main process resolved it (sent with ``encoder``)."""
 
     def __post_init__(self) -> None:
         self._tokenizer: Optional[DialogTokenizer] = None
@@ -95,8 +102,13 @@ class RecordProcessor:
         state["_tokenizer"] = state["_template"] = None
         return state
 
-    def setup(self) -> DialogTokenizer:
-        """Load the tokenizer and resolve the template (once per process)."""
+    def setup(self) -> Union[DialogTokenizer, BackendEncoder]:
+        """Load the tokenizer and resolve the template (once per process); returns the
+        tokenizer. In a worker given the main process's ``encoder`` (when it gives the ids that
+        transformers gave on the probe texts): that encoder and ``resolved`` instead (all that
+        rendering with a built-in template needs: ``encode``, ``encode_many``)."""
+        if self._tokenizer is None and self.encoder is not None and self.encoder.matches_probe():
+            self._tokenizer, self._template = self.encoder, self.resolved
         if self._tokenizer is None:
             tokenizer = load_tokenizer(self.tokenizer_type, self.tokenizer_location)
             tokenizer.added_tokens = dict(self.added_tokens)
@@ -110,12 +122,49 @@ class RecordProcessor:
     def options(self) -> RenderOptions:
         return RenderOptions(train_on=self.train_on, reasoning=self.reasoning)
 
-    def render(self, conversation) -> Tuple[RenderedConversation, ...]:
-        """The samples of one parsed record (several only with ``--reasoning per-turn``)."""
+    def share_encoder(self) -> None:
+        """In the main process, after ``setup``: let worker processes encode with the
+        tokenizer's ``BackendEncoder`` (a Hugging Face tokenizer and a built-in template)."""
+        encoder = getattr(self.setup(), "backend_encoder", None)
+        if encoder is not None and self.template_name != HF_TEMPLATE:
+            self.encoder, self.resolved = encoder, self._template
+
+    def render(self, conversation, encode: Optional[Callable[[str], List[int]]] = None
+               ) -> Tuple[RenderedConversation, ...]:
+        """The samples of one parsed record (several only with ``--reasoning per-turn``);
+        ``encode``: the tokenizer's (default) or ``batch_encode``'s."""
         tokenizer = self.setup()
         if self.template_name == HF_TEMPLATE:
             return render_with_chat_template(conversation, tokenizer.hf, self.options)
-        return render_conversation(conversation, self._template, tokenizer.encode, self.options)
+        return render_conversation(conversation, self._template, encode or tokenizer.encode,
+                                   self.options)
+
+    def batch_encode(self, conversations: Sequence[Conversation]) -> Callable[[str], List[int]]:
+        """An ``encode`` for rendering ``conversations`` with a built-in template that returns
+        the ids of ``tokenizer.encode``, looked up: the texts the renderer will encode (found by
+        rendering once without encoding) are encoded in one ``encode_many`` call. A text not
+        looked up is encoded then. The tokenizer's own ``encode`` when batching gains nothing
+        (``batch_encoding`` False: SentencePiece) or when the batch call refuses a text (each
+        record then meets its own error)."""
+        tokenizer = self.setup()
+        if not tokenizer.batch_encoding or self.template_name == HF_TEMPLATE:
+            return tokenizer.encode
+        wanted: Dict[str, None] = {}
+        for conversation in conversations:
+            try:
+                render_conversation(conversation, self._template,
+                                    lambda text: wanted.setdefault(text) or [], self.options)
+            except RecordError:
+                pass  # raised again when it is rendered
+        try:
+            found = dict(zip(wanted, tokenizer.encode_many(list(wanted))))
+        except UnicodeError:
+            return tokenizer.encode
+
+        def encode(text: str) -> List[int]:
+            ids = found.get(text)  # copied: the renderer appends to what it gets
+            return list(ids) if ids is not None else tokenizer.encode(text)
+        return encode
 
     def process(self, batch: List[Tuple[int, RawRecord]]) -> List[Outcome]:
         return [self._one(number, record) for number, record in batch]
@@ -123,10 +172,13 @@ class RecordProcessor:
     def stage(self, batch: List[Tuple[int, RawRecord]], shard: ShardWriter) -> List[Outcome]:
         """``process``, with kept samples appended to ``shard`` (flushed before returning) and
         their outcomes reduced to ``("ok", number, ((offset, length, turns, loss_tokens), ...),
-        turns_removed, notes)``."""
+        turns_removed, notes)``. The batch's texts are encoded together (``batch_encode``)."""
+        parsed = [self._parse(number, record) for number, record in batch]
+        encode = self.batch_encode([p for p in parsed if isinstance(p, Conversation)])
         outcomes = []
-        for number, record in batch:
-            failure, samples, removed, notes = self._attempt(number, record)
+        for (number, record), conversation in zip(batch, parsed):
+            failure, samples, removed, notes = self._attempt(number, record, conversation,
+                                                             encode)
             if samples is not None:
                 staged = tuple((shard.append(s.input_ids, s.loss_token_num), s.num_tokens,
                                 s.turn_num, s.num_loss_tokens) for s in samples)
@@ -143,24 +195,37 @@ class RecordProcessor:
                         s.loss_token_num.astype(self.count_dtype, copy=False)) for s in samples)
         return ("ok", number, arrays, removed, notes)
 
-    def _attempt(self, number: int, record: RawRecord) -> Tuple[
+    def _parse(self, number: int, record: RawRecord) -> Union[Conversation, Outcome]:
+        """The record's conversation, or its failure outcome."""
+        if record.error is not None:  # a problem with the file itself (e.g. empty)
+            return ("error", number, record.error.reason, f"{record.where}: {record.error.message}")
+        try:
+            value = decode_json_line(record.raw) if record.raw is not None else record.value
+            return parse_record(value, self.input_format, self.empty_reply)
+        except RecordError as exc:
+            return ("error", number, exc.reason,
+                    f"{record.where}: conversation {number}: {exc.message}")
+        except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
+            return _unicode_error(number, f"{record.where}: conversation {number}", exc)
+
+    def _attempt(self, number: int, record: RawRecord,
+                 parsed: Union[Conversation, Outcome, None] = None,
+                 encode: Optional[Callable[[str], List[int]]] = None) -> Tuple[
             Optional[Outcome], Optional[Tuple[RenderedConversation, ...]], int, Tuple[str, ...]]:
         """``(failure outcome, None, 0, ())``, or ``(None, the kept samples, turns removed,
         the record's notes)``. Every kept turn carries loss tokens (its end-of-turn at least), so
-        ``turn_num`` is the number of trained turns."""
-        if record.error is not None:  # a problem with the file itself (e.g. empty)
-            return ("error", number, record.error.reason,
-                    f"{record.where}: {record.error.message}"), None, 0, ()
+        ``turn_num`` is the number of trained turns. ``parsed``: ``_parse``'s answer, when
+        already known; ``encode``: see ``render``."""
+        conversation = self._parse(number, record) if parsed is None else parsed
+        if not isinstance(conversation, Conversation):
+            return conversation, None, 0, ()
         where = f"{record.where}: conversation {number}"
         try:
-            value = decode_json_line(record.raw) if record.raw is not None else record.value
-            conversation = parse_record(value, self.input_format, self.empty_reply)
-            samples = self.render(conversation)
+            samples = self.render(conversation, encode)
         except RecordError as exc:
             return ("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
-            return ("error", number, "invalid_unicode", f"{where}: text the tokenizer cannot "
-                    f"encode ({exc}); repair or remove it"), None, 0, ()
+            return _unicode_error(number, where, exc), None, 0, ()
         return (*self._fit_samples(number, where, samples), conversation.notes)
 
     def _fit_samples(self, number: int, where: str, samples) -> Tuple[
@@ -202,6 +267,11 @@ class RecordProcessor:
         return ("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
+
+
+def _unicode_error(number: int, where: str, exc: UnicodeError) -> Outcome:
+    return ("error", number, "invalid_unicode", f"{where}: text the tokenizer cannot encode "
+            f"({exc}); repair or remove it")
 
 
 _WORKER: Dict[str, Any] = {}

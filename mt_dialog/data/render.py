@@ -182,8 +182,8 @@ def _check_layouts(conversation: Conversation, template: ResolvedTemplate) -> No
         index = next((i for i, m in enumerate(messages) if m.role == "tool" or m.tool_calls),
                      None)
         if index is not None or conversation.tools:
-            what = ("the record offers tools" if index is None else f"message {index} is a tool "
-                    + ("result" if messages[index].role == "tool" else "call"))
+            what = ("the record offers tools" if index is None else f"messages[{index}] is a "
+                    "tool " + ("result" if messages[index].role == "tool" else "call"))
             raise RecordError(
                 "template_no_tools",
                 f"{what}, but --template {template.name} has no layout for tools; use --template "
@@ -193,7 +193,7 @@ def _check_layouts(conversation: Conversation, template: ResolvedTemplate) -> No
         if index is not None:
             raise RecordError(
                 "template_no_reasoning",
-                f"message {index} has reasoning, but --template {template.name} has no place "
+                f"messages[{index}] has reasoning, but --template {template.name} has no place "
                 f"for it; use --template {layout_names('reasoning')} (or hf with a chat "
                 "template that lays out reasoning)")
 
@@ -214,17 +214,29 @@ def _system_text(conversation: Conversation, template: ResolvedTemplate) -> Tupl
     return system, int(leading)
 
 
-def _reply_text(message: Message, template: ResolvedTemplate, keep_reasoning: bool) -> str:
-    """The text of an assistant message as trained: [reasoning] content [tool calls]."""
-    text = message.content
-    for call in message.tool_calls:
+def shows_block(message: Message, layout: Optional[ReasoningLayout], keep_reasoning: bool,
+                final: bool) -> bool:
+    """Whether an assistant message is written with its reasoning block: where the view keeps
+    its reasoning (``keep_reasoning``), when it has some, or when it is the conversation's
+    ``final`` message and the layout writes an empty block there (Qwen3)."""
+    if layout is None or not keep_reasoning:
+        return False
+    return bool((message.reasoning or "").strip("\n")) or (final and layout.empty_final)
+
+
+def _reply_text(message: Message, template: ResolvedTemplate, block: bool) -> str:
+    """The text of an assistant message as trained: [reasoning block] content [tool calls]; with
+    the block, the reasoning and the content lose their newlines at the joins (Qwen3)."""
+    content = message.content
+    text = content.lstrip("\n") if block else content
+    for number, call in enumerate(message.tool_calls):
         layout = template.tools
         body = json.dumps({"name": call.name, layout.arguments_key: call.arguments},
                           ensure_ascii=False)
-        text += ("\n" if text else "") + layout.call[0] + body + layout.call[1]
-    if keep_reasoning and message.reasoning is not None and template.reasoning is not None:
+        text += ("\n" if content or number else "") + layout.call[0] + body + layout.call[1]
+    if block:
         before, after = template.reasoning.wrap
-        text = before + message.reasoning + after + text
+        text = before + (message.reasoning or "").strip("\n") + after + text
     return text
 
 
@@ -256,11 +268,13 @@ def _render(conversation: Conversation, template: ResolvedTemplate, encode: Enco
         if message.role == "assistant":
             _emit(ids, template.assistant_open, encode)
             if trained[index] and not ids:  # packing relies on untrained first tokens
-                raise RecordError("role_order", f"message {index}: --template {template.name} "
+                raise RecordError("role_order", f"messages[{index}]: --template {template.name} "
                                   "has nothing before a reply that opens the conversation, so "
                                   "it cannot be trained; start with a user message or give "
                                   "this reply weight 0")
-            reply = encode(_reply_text(message, template, keep[index]))
+            block = shows_block(message, template.reasoning, keep[index],
+                                final=index == len(messages) - 1)
+            reply = encode(_reply_text(message, template, block))
             reply.append(template.end_of_turn)
             if trained[index]:
                 replies.append((len(ids), len(reply)))
@@ -280,7 +294,7 @@ def _render(conversation: Conversation, template: ResolvedTemplate, encode: Enco
             _emit(ids, pieces, encode, content=message.content, system=system)
             fold = False
         else:
-            raise RecordError("role_order", f"message {index} is a system message after the "
+            raise RecordError("role_order", f"messages[{index}] is a system message after the "
                               "start; only the first message can be a system message")
     if fold:
         raise RecordError("role_order", f"--template {template.name} puts the system message "
@@ -387,13 +401,15 @@ def turn_lengths(replies: List[Tuple[int, int]], total: int) -> np.ndarray:
 
 def render_prompt(
     conversation: Union[Conversation, Sequence[Message]], template: ResolvedTemplate,
-    encode: Encode, options: Optional[RenderOptions] = None,
+    encode: Encode, options: Optional[RenderOptions] = None, enable_thinking: bool = True,
 ) -> List[int]:
     """Ids of a conversation that ends with a user message or a tool result, plus the reply
     opener: the generation prompt, laid out by the one renderer exactly as training laid out
     the history of the next reply (reasoning shown as ``options.reasoning`` shows it; "per-turn"
-    as "template", the view it trains each turn in). Raises ``ValueError`` (``RecordError`` for
-    what the template cannot lay out)."""
+    as "template", the view it trains each turn in). ``enable_thinking`` False (Qwen3's switch,
+    for a template with a reasoning layout) ends the prompt with an empty reasoning block, so
+    that the model replies without thinking. Raises ``ValueError`` (``RecordError`` for what
+    the template cannot lay out)."""
     conversation = as_conversation(conversation)
     messages = conversation.messages
     if not messages or messages[-1].role not in ("user", "tool"):
@@ -405,6 +421,8 @@ def render_prompt(
     [(_, keep)] = sample_views(messages, template, view, untrained)
     ids, _, _ = _render(conversation, template, encode, untrained, keep)
     _emit(ids, template.assistant_open, encode)
+    if not enable_thinking and template.reasoning is not None:
+        ids.extend(encode("".join(template.reasoning.wrap)))
     return ids
 
 

@@ -289,7 +289,7 @@ def _reply_start(full: str, first: int, low: int, k: int, dicts: Dicts, tools: T
     shown = repr(info.opening) if info.opening else "the generation prompt of the history"
     raise RecordError(
         "reply_opening_not_found",
-        f"message {k}: the chat template does not open this reply with {shown} in the whole "
+        f"messages[{k}]: the chat template does not open this reply with {shown} in the whole "
         "conversation (it writes the history differently from the generation prompt), so where "
         "the reply starts cannot be told; use a built-in --template")
 
@@ -321,7 +321,7 @@ def _end_mismatch(k: int, piece: Optional[str], hf_tokenizer, info: ChatTemplate
              else "no special token")
     return RecordError(
         "end_of_turn_mismatch",
-        f"message {k}: the chat template ends this reply with {found} but replies end with "
+        f"messages[{k}]: the chat template ends this reply with {found} but replies end with "
         f"{wanted} elsewhere; training needs one end-of-turn token (generation stops at it): "
         "fix the chat template or use a built-in --template")
 
@@ -352,7 +352,7 @@ def _check_inputs(conversation: Conversation, info: ChatTemplateInfo) -> None:
         if m.reasoning is not None:
             found.append(("reasoning" if m.reasoning.strip() else None, index, m.reasoning))
     for what, index, text in found:
-        where = "the record's tools" if index is None else f"message {index}"
+        where = "the record's tools" if index is None else f"messages[{index}]"
         hit = info.specials.search(text)
         if hit:
             raise RecordError(
@@ -382,7 +382,7 @@ def _check_reasoning_kept(full: str, dicts: Dicts, tools: Tools, messages: Seque
         if _apply(hf_tokenizer, dicts[:k] + [without] + dicts[k + 1:], tools) == full:
             raise RecordError(
                 "reasoning_dropped",
-                f"message {k}: --reasoning keep, but the chat template leaves this message's "
+                f"messages[{k}]: --reasoning keep, but the chat template leaves this message's "
                 "reasoning out of the conversation (templates such as Qwen3's keep only the "
                 "reasoning after the last user message); use --reasoning template (train what "
                 "the template renders) or per-turn (one sample per user turn with reasoning, "
@@ -431,7 +431,7 @@ def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_token
             if messages[k].content.strip() or messages[k].tool_calls:
                 raise RecordError(
                     "reply_not_rendered",
-                    f"message {k}: the chat template writes nothing for this reply in the whole "
+                    f"messages[{k}]: the chat template writes nothing for this reply in the whole "
                     "conversation (it leaves earlier replies out of the history), so it cannot "
                     "be trained; use --train-on last, mark the reply \"weight\": 0, or use a "
                     "built-in --template")
@@ -457,7 +457,7 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
         first, closing = encoding.char_to_token(start), encoding.char_to_token(end)
         if closing is None or ids[closing] != info.end_of_turn \
                 or encoding.token_to_chars(closing)[0] != end:
-            raise RecordError("end_of_turn_mismatch", f"message {k}: the end-of-turn text "
+            raise RecordError("end_of_turn_mismatch", f"messages[{k}]: the end-of-turn text "
                               f"{info.end_text!r} after this reply is not tokenized as the "
                               f"end-of-turn token (id {info.end_of_turn}); fix the tokenizer")
         if first is None or encoding.token_to_chars(first)[0] != start:
@@ -475,7 +475,7 @@ def _boundary_error(k: int, full: str, start: int, token: Optional[int], encodin
              if token is not None else "")
     return RecordError(
         "reply_token_boundary",
-        f"message {k}: the tokenizer joins the end of the reply's opening "
+        f"messages[{k}]: the tokenizer joins the end of the reply's opening "
         f"({full[max(0, start - 12):start]!r}) and the start of the reply "
         f"({full[start:start + 12]!r}){shown}, so the reply does not start on a token boundary "
         "(the prompt at inference ends inside that token); remove the reply's leading "

@@ -21,11 +21,12 @@ dataset pads each pack to the sequence length when reading.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 import warnings
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -125,37 +126,57 @@ def rebuild_hint(path: str) -> str:
             "again or rebuild it with tools/preprocess_dialog.py")
 
 
-def _expect_size(path: str, expected: int, source: str) -> None:
+def _expect_size(path: str, expected: int, source: str, hint: Optional[str] = None) -> None:
     found = os.path.getsize(path)
     if found != expected:
         how = "cut short" if found < expected else "too long"
         raise DatasetFormatError(f"{path} has {found:,} bytes but {source} says {expected:,} "
                                  f"({how}: a damaged, partial or swapped copy?); "
-                                 f"{rebuild_hint(path)}")
+                                 f"{hint or rebuild_hint(path)}")
 
 
-def file_records(prefix: str, splits: Sequence[str], checksums: bool = True) -> Dict[str, Dict]:
-    """``{file name: {"bytes", "sha256"}}`` of a dataset's data files (recorded in the metadata
-    at preprocessing, so that a damaged, swapped or edited file is told from a good one)."""
+PROBE_BYTES = 1 << 16  # read from each end of a file for its cheap identity (``probe_sha256``)
+
+
+def probe_sha256(path: str) -> str:
+    """SHA-256 of a file's first and last ``PROBE_BYTES`` (its size is checked beside it): cheap
+    enough for every open, and a file swapped in from another build of the same size (other
+    packing, shuffle, split) differs there."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        digest.update(handle.read(PROBE_BYTES))
+        if size > PROBE_BYTES:
+            handle.seek(max(PROBE_BYTES, size - PROBE_BYTES))
+            digest.update(handle.read(PROBE_BYTES))
+    return digest.hexdigest()
+
+
+def file_records(prefix: str, splits: Sequence[str]) -> Dict[str, Dict]:
+    """``{file name: {"bytes", "probe_sha256", "sha256"}}`` of a dataset's data files, recorded
+    in the metadata at preprocessing so that a damaged, swapped or edited file is told from a
+    good one: size and probe when the dataset is opened, every byte by ``--verify``."""
     from mt_dialog.data.tokenizers import file_sha256
 
     records = {}
     for path in output_files(prefix, splits)[:-1]:
-        entry = {"bytes": os.path.getsize(path)}
-        if checksums:
-            entry["sha256"] = file_sha256(path)
-        records[os.path.basename(path)[len(os.path.basename(prefix)):].lstrip(".")] = entry
+        records[os.path.basename(path)[len(os.path.basename(prefix)):].lstrip(".")] = {
+            "bytes": os.path.getsize(path), "probe_sha256": probe_sha256(path),
+            "sha256": file_sha256(path)}
     return records
 
 
 def check_recorded_files(prefix: str, metadata: Dict[str, Any], split: str,
-                         checksums: bool = False) -> None:
-    """Compare one split's files with the sizes (and, with ``checksums``, the SHA-256) the
-    metadata recorded; datasets written before the record existed are not checked.
+                         checksums: bool = False, hint: Optional[str] = None) -> None:
+    """Compare one split's files with what the metadata recorded: size and probe (cheap, at
+    every open) and, with ``checksums``, the SHA-256 of every byte; datasets written before the
+    records existed are not checked. ``hint``: the fix to name (default ``rebuild_hint``).
 
     Raises:
         DatasetFormatError: the first file that differs, with both values and the fix.
     """
+    from mt_dialog.data.tokenizers import file_sha256
+
     recorded = metadata.get("files") or {}
     for field in FIELDS:
         for suffix in (".bin", ".idx"):
@@ -163,16 +184,18 @@ def check_recorded_files(prefix: str, metadata: Dict[str, Any], split: str,
             if name not in recorded:
                 continue
             path = field_prefix(prefix, split, field) + suffix
-            _expect_size(path, int(recorded[name]["bytes"]), "the dataset's metadata")
-            if checksums and recorded[name].get("sha256"):
-                from mt_dialog.data.tokenizers import file_sha256
-
-                found = file_sha256(path)
-                if found != recorded[name]["sha256"]:
+            fix = hint or rebuild_hint(path)
+            _expect_size(path, int(recorded[name]["bytes"]), "the dataset's metadata", fix)
+            for key, digest, what in (("probe_sha256", probe_sha256, "its first and last bytes"),
+                                      ("sha256", file_sha256 if checksums else None, "its bytes")):
+                if digest is None or not recorded[name].get(key):
+                    continue
+                found = digest(path)
+                if found != recorded[name][key]:
                     raise DatasetFormatError(
-                        f"{path}: sha256 {found[:12]}... but preprocessing recorded "
-                        f"{recorded[name]['sha256'][:12]}... (same size: a swapped or edited "
-                        f"file); {rebuild_hint(path)}")
+                        f"{path}: {what} differ from what preprocessing recorded (sha256 "
+                        f"{found[:12]}... instead of {recorded[name][key][:12]}...; same size: "
+                        f"a swapped or edited file); {fix}")
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -210,7 +233,21 @@ def count_turns(counts: np.ndarray) -> int:
     return int(round(float(np.sum(1.0 / trained)))) if trained.size else 0
 
 
+METADATA_CHECKSUM = "metadata_sha256"
+
+
+def _metadata_digest(metadata: Dict[str, Any]) -> str:
+    """SHA-256 of the metadata's canonical JSON (sorted keys), its own checksum left out."""
+    body = {key: value for key, value in metadata.items() if key != METADATA_CHECKSUM}
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_metadata(prefix: str, metadata: Dict[str, Any]) -> None:
+    """Write ``PREFIX.meta.json`` with a checksum of its own content (``metadata_sha256``), so
+    that a metadata edited after preprocessing (vocabulary, sequence length, template...) is
+    refused when read instead of training on data it no longer describes."""
+    metadata = dict(metadata, **{METADATA_CHECKSUM: _metadata_digest(metadata)})
     with open(metadata_path(prefix), "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2, ensure_ascii=False)
         handle.write("\n")
@@ -242,4 +279,10 @@ def read_metadata(prefix: str) -> Dict[str, Any]:
             f"{path}: format version {version} but this mt_dialog reads version {FORMAT_VERSION}; "
             "rebuild the dataset with this version's tools/preprocess_dialog.py"
         )
+    recorded = metadata.get(METADATA_CHECKSUM)
+    if recorded is not None and recorded != _metadata_digest(metadata):
+        raise DatasetFormatError(
+            f"{path} was edited after preprocessing (its content no longer matches its "
+            f"{METADATA_CHECKSUM}); the files it describes were built with the original: "
+            "restore it, or rebuild the dataset with tools/preprocess_dialog.py")
     return metadata

@@ -19,6 +19,9 @@ it), the content, then the tool calls (``ToolLayout``), e.g. for ``qwen3``::
     <think>\\n{reasoning}\\n</think>\\n\\n{content}\\n<tool_call>\\n{"name": ..., "arguments": ...}
     \\n</tool_call>
 
+(Qwen3 writes the block for a message that has reasoning, and an empty one for the final reply
+of a conversation without reasoning, as its documented template does.)
+
 Tool results are never trained; the tools offered are described in the system block. The layouts
 are written from the model families' documented prompt formats (Hermes / Qwen2.5 function
 calling, Llama 3.1 JSON tool calling, Qwen3 thinking mode); templates without a layout for tools
@@ -80,6 +83,11 @@ class ReasoningLayout:
     drops_earlier: bool
     """The template's own history: reasoning of assistant messages before the last user message
     is left out (Qwen3's documented multi-turn behaviour), the rest is kept."""
+    empty_final: bool = False
+    """Qwen3's documented layout: the conversation's final message (an assistant message after
+    the last user message) is written with the block even without reasoning, an empty one
+    (``<think>\\n\\n</think>\\n\\n``); other messages only with reasoning. A generation prompt
+    with ``enable_thinking`` false ends with that empty block."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +169,10 @@ _register(
     replace(
         _CHATML,
         name="qwen3",
-        description="ChatML + <think>\\n...\\n</think>\\n\\n before the reply; earlier turns' "
-        "reasoning left out of the history (Qwen3)",
-        reasoning=ReasoningLayout(wrap=("<think>\n", "\n</think>\n\n"), drops_earlier=True),
+        description="ChatML + <think>\\n...\\n</think>\\n\\n before the reply (empty before the "
+        "final reply without reasoning); earlier turns' reasoning left out of the history (Qwen3)",
+        reasoning=ReasoningLayout(wrap=("<think>\n", "\n</think>\n\n"), drops_earlier=True,
+                                  empty_final=True),
     )
 )
 _register(

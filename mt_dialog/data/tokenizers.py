@@ -14,10 +14,11 @@ Special tokens a template needs but the vocabulary lacks (``<|im_start|>`` on a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, Iterator, List, Optional, Sequence, Set
 
 
 class TokenizerError(ValueError):
@@ -86,6 +87,14 @@ class DialogTokenizer:
     def encode(self, text: str) -> List[int]:
         """Token ids of ``text``; never adds BOS/EOS."""
         return self._encode(text) if text else []
+
+    batch_encoding = False
+    """True when ``encode_many`` is faster than ``encode`` text by text (the renderers then
+    encode the texts of a whole batch of records in one call)."""
+
+    def encode_many(self, texts: Sequence[str]) -> List[List[int]]:
+        """``[encode(text) for text in texts]``, in one call where the back-end allows it."""
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; appended special tokens decode to their piece."""
@@ -193,6 +202,89 @@ class SentencePieceTokenizer(DialogTokenizer):
         return token
 
 
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
+# texts on which BackendEncoder must give the ids of transformers' encode: spaces, newlines,
+# special-token text (split as text), byte-level and multi-byte characters
+_PROBE_TEXTS = ("Hello, world!", " leading and trailing ", "two\n\nlines\tand a tab",
+                "<|im_end|> <s></s> [INST] <|endoftext|>", "ünï cödé 中文 😀", "  ", "\n")
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Hugging Face ``tokenizers`` batch calls made inside run on the calling thread (it reads
+    TOKENIZERS_PARALLELISM at each call): preprocessing's parallelism is its worker processes,
+    one tokenizing thread each, and a 1-worker run uses one core."""
+    previous = os.environ.get(_PARALLELISM)
+    os.environ[_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_PARALLELISM, None)
+        else:
+            os.environ[_PARALLELISM] = previous
+
+
+class BackendEncoder:
+    """``HuggingFaceTokenizer.encode`` done by the ``tokenizers`` back-end alone, for many texts
+    in one call: the ids of ``encode(text, add_special_tokens=False, split_special_tokens=True)``
+    of a transformers fast tokenizer (whose ``encode`` is one ``encode_batch`` call of its
+    back-end with special-token text split, no truncation, no padding), without the Python cost
+    of each transformers call, without offsets (``encode_batch_fast``), on one thread.
+
+    Picklable without transformers (the back-end travels as its JSON): tokenizer worker
+    processes of a built-in template encode with it and never import transformers.
+    ``matches_probe`` checks it against ids that transformers gave on probe texts."""
+
+    batch_encoding = True
+
+    def __init__(self, backend, probe_ids: List[List[int]]) -> None:
+        self.backend = backend
+        self.probe_ids = probe_ids
+
+    @classmethod
+    def of(cls, hf) -> Optional["BackendEncoder"]:
+        """The encoder of ``hf`` (a transformers tokenizer), or None unless ``hf`` is a fast
+        tokenizer that encodes through the unmodified transformers methods and the encoder gives
+        its ids on the probe texts."""
+        import tokenizers
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+        chain = ("encode", "encode_plus", "_encode_plus", "_batch_encode_plus",
+                 "set_truncation_and_padding", "_get_padding_truncation_strategies")
+        backend = getattr(hf, "_tokenizer", None)
+        standard = all(getattr(type(hf), name, None) is getattr(PreTrainedTokenizerFast, name, None)
+                       for name in chain)
+        if not (standard and isinstance(hf, PreTrainedTokenizerFast)
+                and isinstance(backend, tokenizers.Tokenizer)
+                and PreTrainedTokenizerFast.encode is PreTrainedTokenizerBase.encode):
+            return None
+        encoder = cls(backend, [hf.encode(text, add_special_tokens=False,
+                                          split_special_tokens=True) for text in _PROBE_TEXTS])
+        return encoder if encoder.matches_probe() else None
+
+    def matches_probe(self) -> bool:
+        return self.encode_many(_PROBE_TEXTS) == self.probe_ids
+
+    def encode(self, text: str) -> List[int]:
+        return self.encode_many((text,))[0] if text else []
+
+    def encode_many(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text (``[]`` for an empty one). Raises what the back-end raises."""
+        backend = self.backend
+        if backend.truncation is not None:  # as transformers' encode does
+            backend.no_truncation()
+        if backend.padding is not None:
+            backend.no_padding()
+        if not backend.encode_special_tokens:
+            backend.encode_special_tokens = True
+        wanted = [text for text in texts if text]
+        encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        with _one_thread():
+            encoded = iter(encode_batch(wanted, add_special_tokens=False))
+        return [next(encoded).ids if text else [] for text in texts]
+
+
 TOKENIZER_FILE_NAMES = ("special_tokens_map.json", "added_tokens.json", "merges.txt",
                         "chat_template.jinja", "chat_template.json")
 
@@ -241,12 +333,26 @@ class HuggingFaceTokenizer(DialogTokenizer):
         self.bos_id = self.hf.bos_token_id
         self.eos_id = self.hf.eos_token_id
         self.unk_id = self.hf.unk_token_id
+        self.backend_encoder: Optional[BackendEncoder] = BackendEncoder.of(self.hf)
+        """Encodes as ``encode`` does, many texts at once (None: not a transformers fast
+        tokenizer with the standard encode methods; ``encode`` then calls transformers)."""
+
+    @property
+    def batch_encoding(self) -> bool:
+        return self.backend_encoder is not None
+
+    def encode_many(self, texts: Sequence[str]) -> List[List[int]]:
+        if self.backend_encoder is None:
+            return super().encode_many(texts)
+        return self.backend_encoder.encode_many(texts)
 
     def _special_ids(self) -> Set[int]:
         added = self.hf.added_tokens_decoder
         return set(self.hf.all_special_ids) | {i for i, t in added.items() if t.special}
 
     def _encode(self, text: str) -> List[int]:
+        if self.backend_encoder is not None:  # the same ids, without transformers' call cost
+            return self.backend_encoder.encode(text)
         # split_special_tokens: text that looks like "<|im_end|>" stays text, never a control id
         return self.hf.encode(text, add_special_tokens=False, split_special_tokens=True)
 
@@ -276,3 +382,16 @@ def load_tokenizer(tokenizer_type: str, path: str) -> DialogTokenizer:
     raise TokenizerError(
         f"--tokenizer-type {tokenizer_type!r} is not supported; use sentencepiece or huggingface"
     )
+
+
+def tokenizer_from_metadata(metadata: Dict) -> Optional[DialogTokenizer]:
+    """The tokenizer a dataset (or a run) recorded in ``metadata["tokenizer"]`` (``type``,
+    ``path``, ``added_tokens``: ``TokenizerInfo``), loaded from where it was, with the special
+    tokens the template appended; None when it cannot be loaded there (moved or deleted)."""
+    info = metadata["tokenizer"]
+    try:
+        tokenizer = load_tokenizer(info["type"], info["path"])
+    except (TokenizerError, OSError):
+        return None
+    tokenizer.added_tokens = dict(info.get("added_tokens", {}))
+    return tokenizer

@@ -49,11 +49,14 @@ class CheckpointError(ValueError):
 
 
 def iteration_dir(root: str, iteration: int) -> str:
+    """``root/iter_0000200``: the folder of ``iteration``'s checkpoint (Megatron-LM's name)."""
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
 def latest_iteration(root: str) -> int:
-    """The newest complete iteration under ``root`` (its tracker file, written last).
+    """The newest complete iteration under ``root``: the number its tracker file
+    ``latest_checkpointed_iteration.txt`` holds (written last by ``save_checkpoint``; read and
+    closed here).
 
     Raises:
         CheckpointError: no tracker file, or one that holds no iteration number.
@@ -141,20 +144,14 @@ def check_save_folder(train) -> None:
             "save this run to a new folder")
 
 
-# ModelConfig fields that change the function a checkpoint computes
-ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_size", "num_attention_heads",
-                       "query_groups", "head_size", "add_qkv_bias",
+# ModelConfig fields that change the function a checkpoint computes: a load refuses another value
+# of any, and --use-checkpoint-args takes them from the checkpoint
+ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                       "num_query_groups", "kv_channels", "add_qkv_bias",
                        "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
                        "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
                        "rope_scaling_high_freq_factor", "rope_scaling_original_max_position",
                        "rotary_seq_len_interpolation_factor")
-# the fields --use-checkpoint-args takes from the checkpoint (the dataclass fields behind the above)
-CHECKPOINT_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                   "num_query_groups", "kv_channels", "add_qkv_bias",
-                   "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
-                   "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
-                   "rope_scaling_high_freq_factor", "rope_scaling_original_max_position",
-                   "rotary_seq_len_interpolation_factor")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -178,16 +175,13 @@ def saved_config(root: str) -> Dict[str, Any]:
                               "tools/convert_checkpoint.py?") from None
 
 
-def _architecture(model_config) -> Dict[str, Any]:
-    values = {name: getattr(model_config, name, None) for name in ARCHITECTURE_FIELDS
-              if name != "head_size"}
-    values["head_size"] = (model_config.kv_channels
-                           or model_config.hidden_size // model_config.num_attention_heads)
-    return values
-
-
 def check_model_matches(root: str, model_config) -> None:
-    """Refuse to load a checkpoint of another architecture, naming the first differing flag."""
+    """Refuse to load a checkpoint of another architecture (``ARCHITECTURE_FIELDS``; derived
+    sizes compared as derived, so an older checkpoint's saved null equals its value).
+
+    Raises:
+        CheckpointError: naming the first differing flag, both values and the fix.
+    """
     import dataclasses
 
     from mt_dialog.training.config import ModelConfig
@@ -195,14 +189,12 @@ def check_model_matches(root: str, model_config) -> None:
     saved = saved_model_config(root)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     stored = ModelConfig(**{k: v for k, v in saved.items() if k in names})
-    theirs, ours = _architecture(stored), _architecture(model_config)
     for name in ARCHITECTURE_FIELDS:
-        if theirs[name] != ours[name]:
-            flag = {"ffn_size": "ffn_hidden_size", "query_groups": "num_query_groups",
-                    "head_size": "kv_channels"}.get(name, name)
+        theirs, ours = getattr(stored, name), getattr(model_config, name)
+        if theirs != ours:
             raise CheckpointError(
-                f"--load {root}: the checkpoint has {name} = {theirs[name]} but this run has "
-                f"{ours[name]}; pass --{flag.replace('_', '-')} (and the checkpoint's other "
+                f"--load {root}: the checkpoint has {name} = {theirs} but this run has "
+                f"{ours}; pass --{name.replace('_', '-')} (and the checkpoint's other "
                 "model flags) or --use-checkpoint-args")
 
 
@@ -231,59 +223,15 @@ def check_resume_matches(root: str, config) -> None:
                 "--finetune")
 
 
-BUNDLED_TOKENIZER = "tokenizer"  # CKPT/tokenizer: a copy of the run's tokenizer files
-
-
-def bundle_tokenizer(root: str, tokenizer_info: Dict[str, Any]) -> Optional[str]:
-    """Copy the run's tokenizer (a SentencePiece ``.model`` file, or a Hugging Face folder's
-    tokenizer files) into ``root/tokenizer`` once, so that a checkpoint folder moved to another
-    machine still chats and exports; returns a warning when the tokenizer cannot be found."""
-    from mt_dialog.data.tokenizers import tokenizer_files
-
-    source, target = tokenizer_info.get("path") or "", os.path.join(root, BUNDLED_TOKENIZER)
-    if os.path.isdir(target):
-        return None
-    if not os.path.exists(source):
-        return (f"warning: the run's tokenizer {source} is gone; {target} is not written (chat "
-                "and export will need the tokenizer's location)")
-    tmp = f"{target}.tmp-{os.getpid()}"
-    os.makedirs(tmp, exist_ok=True)
-    # a folder's config.json too: transformers picks the tokenizer class by the model type
-    names = [os.path.basename(source)] if os.path.isfile(source) else tokenizer_files(source) + [
-        name for name in ("config.json",) if os.path.isfile(os.path.join(source, name))]
-    for name in names:
-        origin = source if os.path.isfile(source) else os.path.join(source, name)
-        shutil.copy2(origin, os.path.join(tmp, name))
-    os.replace(tmp, target)
-    return None
-
-
-def bundled_tokenizer(root: str, tokenizer_info: Dict[str, Any]) -> Optional[str]:
-    """The copy of the run's tokenizer in ``root/tokenizer`` (training's ``bundle_tokenizer``,
-    or hf-to-mcore's), as a path ``load_tokenizer`` takes (the ``.model`` file for
-    SentencePiece); None when there is none."""
-    folder = os.path.join(root, BUNDLED_TOKENIZER)
-    if tokenizer_info.get("type") == "sentencepiece":
-        path = os.path.join(folder, os.path.basename(tokenizer_info.get("path") or ""))
-        return path if os.path.isfile(path) else None
-    return folder if os.path.isdir(folder) else None
-
-
-def source_info(root: str) -> Dict[str, Any]:
-    """What ``CKPT/config.json`` says about the Hugging Face model the run descends from
-    (architecture, vocabulary rows, max positions...; written by hf-to-mcore and carried on by
-    every run that loads it); empty when there is none."""
-    try:
-        with open(os.path.join(root, "config.json"), encoding="utf-8") as handle:
-            return dict(json.load(handle).get("source") or {})
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def checkpoint_args(root: str) -> Dict[str, Any]:
-    """Model flags of the checkpoint (--use-checkpoint-args)."""
+    """Model flags of the newest checkpoint under ``root`` (--use-checkpoint-args): its
+    ``ARCHITECTURE_FIELDS`` as saved (None, in an older checkpoint, for a derived size).
+
+    Raises:
+        CheckpointError: no checkpoint, or its config cannot be read.
+    """
     saved = saved_model_config(root)
-    return {name: saved[name] for name in CHECKPOINT_ARGS if name in saved}
+    return {name: saved[name] for name in ARCHITECTURE_FIELDS if name in saved}
 
 
 def _layout() -> Tuple[int, int, int]:
@@ -344,7 +292,10 @@ def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
                     scheduler, config_dict: Dict[str, Any]) -> str:
-    """Save everything needed to resume into ``root/iter_N``; returns that folder.
+    """Save everything needed to resume into ``root/iter_N``; returns that folder. Every rank
+    calls it with its ``model`` chunks (DDP-wrapped), ``optimizer`` and ``scheduler``;
+    ``consumed_samples`` is the packs read so far, ``config_dict`` the run config (``to_dict``)
+    written beside as ``mt_dialog_config.json``.
 
     The tracker file (what ``--load`` reads) is replaced atomically by rank 0 only after every
     rank wrote its part, so a checkpoint becomes visible to ``--load`` only when complete. When
@@ -443,9 +394,12 @@ def _tracked_iteration(root: str) -> Optional[int]:
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
                     finetune: bool = False) -> Tuple[int, int]:
-    """Load the newest checkpoint under ``root`` into the DDP-wrapped ``model`` chunks.
+    """Load the newest checkpoint under ``root`` into the DDP-wrapped ``model`` chunks (this
+    rank's, any TP/PP layout: tensors are resharded), its ``optimizer`` (megatron-core's) and
+    LR ``scheduler``, and the RNG states where they were saved (``_rng_restorable``).
 
-    Returns ``(iteration, consumed_samples)``. With ``finetune`` only the weights are read,
+    Returns ``(iteration, consumed_samples)``: the optimizer steps done and the packs read (the
+    next sample index). With ``finetune`` only the weights are read (vocabulary rows fitted),
     ``(0, 0)`` is returned and, when an ``optimizer`` exists, its fp32 main parameters are
     reloaded from the new weights (Megatron-LM's ``reload_model_params``: mixed-precision and
     distributed optimizers copy the model parameters when they are built, and their first
@@ -537,7 +491,9 @@ def _load_model_states(state: Dict[str, Any], path: str, root: str,
 
 
 def stored_vocab_rows(path: str) -> Optional[int]:
-    """Rows of the word embedding in the checkpoint folder ``path`` (an ``iter_*`` folder)."""
+    """Rows of the word embedding (or, untied, the output layer) stored in the checkpoint folder
+    ``path`` (an ``iter_*`` folder); None when it holds neither. Reads the metadata only;
+    megatron-core's errors on an unreadable folder pass through."""
     from megatron.core import dist_checkpointing
 
     meta = dist_checkpointing.load_tensors_metadata(path)

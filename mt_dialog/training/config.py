@@ -29,7 +29,12 @@ def _positive(name: str, value: Optional[float], allow_none: bool = False) -> No
 
 @dataclass
 class ModelConfig:
-    """Llama-style GPT (RMSNorm, SwiGLU, RoPE, grouped-query attention) on megatron-core."""
+    """Llama-style GPT (RMSNorm, SwiGLU, RoPE, grouped-query attention) on megatron-core.
+
+    ``ffn_hidden_size``, ``num_query_groups`` and ``kv_channels`` left None are derived in
+    ``__post_init__`` (as megatron-core's ``TransformerConfig`` does), so every reader sees the
+    sizes the model has; a saved config with null there (older checkpoints) loads the same way.
+    """
 
     num_layers: int = option(2, help="transformer layers")
     hidden_size: int = option(64, help="hidden size")
@@ -99,11 +104,22 @@ class ModelConfig:
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
-        groups = self.query_groups
+        self._derive_sizes()
+        groups = self.num_query_groups
         if groups <= 0 or self.num_attention_heads % groups:
             raise ValueError(f"num_query_groups: {groups} must divide num_attention_heads "
                              f"{self.num_attention_heads}")
         self._check_recompute()
+
+    def _derive_sizes(self) -> None:
+        """Fill the sizes left None: the Llama rule for the SwiGLU inner size (8/3 x hidden,
+        rounded up to a multiple of 64), one key/value group per head, hidden / heads."""
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = -(-int(8 * self.hidden_size / 3) // 64) * 64
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
 
     def _check_recompute(self) -> None:
         _positive("recompute_num_layers", self.recompute_num_layers, allow_none=True)
@@ -131,16 +147,6 @@ class ModelConfig:
                     "recompute_num_layers": self.recompute_num_layers or 1}
         selective = self.recompute_activations or self.recompute_granularity == "selective"
         return {"recompute_granularity": "selective" if selective else None}
-
-    @property
-    def query_groups(self) -> int:
-        return self.num_query_groups or self.num_attention_heads
-
-    @property
-    def ffn_size(self) -> int:
-        if self.ffn_hidden_size:
-            return self.ffn_hidden_size
-        return -(-int(8 * self.hidden_size / 3) // 64) * 64
 
 
 @dataclass
@@ -425,11 +431,12 @@ def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
             f"global_batch_size: {gbs} is not divisible by micro-batch size x data-parallel size "
             f"= {data.micro_batch_size} x {dp}; use a multiple of {data.micro_batch_size * dp}")
     if model.num_attention_heads % par.tensor_model_parallel_size or (
-            model.query_groups % par.tensor_model_parallel_size
-            and par.tensor_model_parallel_size % model.query_groups):
+            model.num_query_groups % par.tensor_model_parallel_size
+            and par.tensor_model_parallel_size % model.num_query_groups):
         raise ValueError(
             f"tensor_model_parallel_size: {par.tensor_model_parallel_size} must divide the "
-            f"{model.num_attention_heads} attention heads and the {model.query_groups} query groups")
+            f"{model.num_attention_heads} attention heads and the {model.num_query_groups} "
+            "query groups")
     layers_per_stage = par.pipeline_model_parallel_size * (par.virtual_pipeline_model_parallel_size or 1)
     if model.num_layers % layers_per_stage:
         raise ValueError(

@@ -1,5 +1,15 @@
-"""Training batches: which packs each data-parallel rank reads at each step, and how a
-micro-batch of packs becomes the flattened 'thd' layout the model takes.
+"""The run's datasets: their record (``DataInfo``, checked across datasets before any model is
+built), which packs each data-parallel rank reads at each step, and how a micro-batch of packs
+becomes the flattened 'thd' layout the model takes.
+
+The record. ``data_info`` builds it from a dataset's metadata (``OUT.meta.json``); training saves
+it as ``data`` in ``CKPT/config.json`` and everything that loads a finished run reads it back
+(``saved_run``: tokenizer, template, special ids, sequence length, vocabulary size)::
+
+    prefixes, weights        --data-path (blend)             tokenizer      type, path, sha256...
+    valid_prefixes, packs    validation datasets             special_ids    bos, eos, pad,
+    seq_length, vocab_size   of the datasets                                end_of_turn, added
+    template                 the chat template (--template)  render_options --train-on, --reasoning
 
 Sample order. All datasets (``--data-path 0.7 A 0.3 B``) form one endless stream of packs. One
 *round* has ``sum(len(dataset))`` samples; megatron-core's ``build_blending_indices`` decides which
@@ -24,13 +34,93 @@ With ``--packed-attention causal`` the segments are whole packs instead: ``[0, 6
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from mt_dialog.data.dataset import PackedDialogDataset
+from mt_dialog.data.storage import read_metadata, render_options_of
+
+
+@dataclass
+class DataInfo:
+    """The run's data record (see the module docstring); built by ``data_info``."""
+
+    prefixes: List[str]
+    weights: List[float]
+    valid_prefixes: List[str]
+    seq_length: int
+    vocab_size: int
+    tokenizer: Dict
+    special_ids: Dict
+    template: Optional[str] = None  # the chat template of the (first) dataset
+    valid_packs: int = 0  # packs in the validation splits of valid_prefixes
+    render_options: Dict = field(default_factory=dict)  # --train-on / --reasoning of the data
+
+
+def data_info(metadata: Dict[str, Any], prefixes: Sequence[str] = (),
+              weights: Optional[Sequence[float]] = None, valid_prefixes: Sequence[str] = (),
+              valid_packs: int = 0, vocab_size: Optional[int] = None) -> DataInfo:
+    """The run's data record from a dataset's ``metadata`` (``read_metadata``; an import builds
+    the same keys from its tokenizer: ``tokenizer``, ``special_ids``, ``template``,
+    ``seq_length``, optionally the preprocessing ``config``). ``weights`` default to equal;
+    ``vocab_size`` to the metadata tokenizer's (a blend takes the largest)."""
+    prefixes = list(prefixes)
+    return DataInfo(
+        prefixes=prefixes, weights=list(weights) if weights is not None else [1.0] * len(prefixes),
+        valid_prefixes=list(valid_prefixes), seq_length=int(metadata["seq_length"]),
+        vocab_size=int(vocab_size or metadata["tokenizer"]["vocab_size"]),
+        tokenizer=dict(metadata["tokenizer"]), special_ids=dict(metadata["special_ids"]),
+        template=metadata.get("template"), valid_packs=int(valid_packs),
+        render_options=render_options_of(metadata))
+
+
+def inspect_datasets(config) -> DataInfo:
+    """Read every dataset's metadata (``DialogTrainingConfig.data``) into the run's record.
+
+    Raises:
+        ValueError: datasets of different sequence lengths or tokenizers, or a --seq-length
+            other than theirs (the fix in the message); ``DatasetFormatError`` (a ValueError)
+            for a missing or unreadable metadata file.
+    """
+    prefixes, weights = config.data.blend()
+    valid = list(config.data.valid_data_path)
+    metas = {p: read_metadata(p) for p in prefixes + valid}
+    first = metas[prefixes[0]]
+    for prefix, meta in metas.items():
+        if meta["seq_length"] != first["seq_length"]:
+            raise ValueError(f"data_path: {prefix} has seq length {meta['seq_length']} but "
+                             f"{prefixes[0]} has {first['seq_length']}; rebuild them alike")
+        if meta["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
+            raise ValueError(f"data_path: {prefix} and {prefixes[0]} were built with different "
+                             "tokenizers; blend only datasets of one tokenizer")
+    seq_length = config.data.seq_length or int(first["seq_length"])
+    if seq_length != first["seq_length"]:
+        raise ValueError(f"seq_length: --seq-length {seq_length} but {prefixes[0]} was packed "
+                         f"for {first['seq_length']}; use --seq-length {first['seq_length']} or "
+                         "rebuild the dataset")
+    if not valid:
+        valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
+    valid_packs = sum(int(metas[p]["splits"].get("valid", {}).get("packs", 0)) for p in valid)
+    vocab_size = max(int(m["tokenizer"]["vocab_size"]) for m in metas.values())
+    return data_info(first, prefixes, weights, valid, valid_packs, vocab_size)
+
+
+def open_datasets(config, info: DataInfo) -> Tuple["SampleStream", List[PackedDialogDataset]]:
+    """``(training SampleStream, validation datasets)``: every split opened and checked
+    (files whole, indexes consistent, metadata matching: ``PackedDialogDataset``) before any
+    model is built.
+
+    Raises:
+        DatasetFormatError: a damaged or mismatching dataset, named with the fix.
+    """
+    train_sets = [PackedDialogDataset(p, "train", info.seq_length, None) for p in info.prefixes]
+    stream = SampleStream(train_sets, info.weights, config.train.seed)
+    valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
+    return stream, valid_sets
 
 
 class SampleStream:
@@ -87,7 +177,16 @@ def step_sample_indices(consumed: int, global_batch: int, micro_batch: int, dp_s
 
 def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool,
                         device: torch.device) -> Dict[str, object]:
-    """b packs -> one ``[1, b*s]`` sequence with ``cu_seqlens`` and ``PackedSeqParams``."""
+    """b packs (``PackedDialogDataset`` samples of s tokens) -> one micro-batch on ``device``:
+
+        tokens, labels, position_ids   int64 [1, b*s]
+        loss_mask, loss_token_num      float32 [1, b*s]
+        cu_seqlens                     int32 [segments + 1]: attention segments (conversations
+                                       and each pack's padding if ``isolated``, else whole packs)
+        conversation_cu_seqlens        int32: the conversation segments (the loss's)
+        packed_seq_params              megatron-core ``PackedSeqParams`` ('thd') of cu_seqlens
+        num_tokens, turn_num, packs    ints: real (non-padding) tokens, trained turns, packs
+    """
     from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
 
     seq = int(samples[0]["tokens"].shape[0])
@@ -113,7 +212,7 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         "packed_seq_params": packed_seq_params_from_cu_seqlens(
             cu, max_seqlen=int(np.max(np.diff(attention)))),
         "num_tokens": int(sum(int(s["num_tokens"]) for s in samples)),
-        "turns": int(sum(int(s["turn_num"]) for s in samples)),
+        "turn_num": int(sum(int(s["turn_num"]) for s in samples)),
         "packs": len(samples),
     }
 

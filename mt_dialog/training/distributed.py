@@ -1,7 +1,10 @@
-"""Device, backend and parallel groups, chosen in one place.
+"""Device, backend and parallel groups, chosen in one place: ``initialize`` / ``destroy`` for a
+training run (torchrun's ranks), ``initialize_single_process`` / ``destroy_single_process`` for a
+checkpoint loaded into one process (generation, conversion).
 
     CUDA available  -> NCCL, one GPU per process (LOCAL_RANK), no shims
-    otherwise       -> gloo on CPU, with mt_dialog.training.cuda_compat's shims
+    otherwise       -> gloo on CPU, with mt_dialog.training.cpu_shims (megatron-core's CUDA-only
+                       calls redirected to the CPU)
 
 Parallel groups for world size 8, TP=2, PP=2 (megatron-core's default order tp-cp-ep-dp-pp)::
 
@@ -46,7 +49,7 @@ def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: i
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        from mt_dialog.training.cuda_compat import apply_cpu_shims
+        from mt_dialog.training.cpu_shims import apply_cpu_shims
 
         apply_cpu_shims()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
@@ -84,11 +87,59 @@ def seed_everything(seed: int) -> None:
 
 
 def destroy() -> None:
+    """Tear down megatron-core's groups and the process group (the end of a training run)."""
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+# what initialize_single_process set up itself: destroy_single_process tears down only that
+_SINGLE_PROCESS_OWNS = {"process_group": False, "model_parallel": False}
+
+
+def initialize_single_process(seed: int = 1234) -> None:
+    """torch.distributed with one rank and megatron-core groups of size 1 in this process, for a
+    model loaded outside training (generation, conversion, checks). Idempotent; groups of
+    another layout (a process that trained at TP=2) are rebuilt at TP = PP = 1.
+
+    Raises:
+        ValueError: this process is one rank of several (launched by torchrun).
+    """
+    from megatron.core import parallel_state as ps
+
+    quiet_megatron_import_warnings()
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world != 1:
+            raise ValueError(f"a checkpoint is loaded into one process here; this one is part "
+                             f"of a world of {world} (run it without torchrun)")
+        if ps.model_parallel_is_initialized():
+            if (ps.get_tensor_model_parallel_world_size() == 1
+                    and ps.get_pipeline_model_parallel_world_size() == 1):
+                return
+            ps.destroy_model_parallel()
+    else:
+        # one rank, whatever a surrounding launcher put in the environment
+        torch.distributed.init_process_group(
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+            store=torch.distributed.HashStore(), rank=0, world_size=1)
+        _SINGLE_PROCESS_OWNS["process_group"] = True
+    initialize(1, 1, None, seed)
+    _SINGLE_PROCESS_OWNS["model_parallel"] = True
+
+
+def destroy_single_process() -> None:
+    """Tear down what ``initialize_single_process`` set up (for a process that goes on to train
+    or to build another layout); a loaded model used again afterwards sets it up again."""
+    from megatron.core import parallel_state as ps
+
+    if _SINGLE_PROCESS_OWNS["model_parallel"] and ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if _SINGLE_PROCESS_OWNS["process_group"] and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _SINGLE_PROCESS_OWNS.update(process_group=False, model_parallel=False)
 
 
 def _free_port() -> int:

@@ -1,9 +1,24 @@
-"""A generic megatron-core training loop (what ``pretrain_dialog.py`` calls).
+"""The dialogue SFT loop over packed datasets, on megatron-core (what ``pretrain_dialog.py``
+calls). It is not a generic loop: it reads the run's packed dialogue datasets
+(``training.data``: ``--data-path`` blends, each data-parallel rank its own packs), flattens each
+micro-batch of packs into one 'thd' sequence, and logs the dialogue loss reports
+(``loss.dialog_loss``: loss per turn, per token, per conversation). ``pretrain_dialog.py``
+supplies the ``forward_step`` (model call + ``loss.make_loss_func``).
 
 ``pretrain(config, forward_step)`` checks the datasets and the parallel layout *before* building
 anything, then: initialize groups -> build the model chunks + DDP + optimizer + LR schedule ->
 optionally load a checkpoint -> for each step run megatron's forward-backward schedule over this
 rank's micro-batches, step the optimizer, log one line per interval from one rank, evaluate, save.
+
+A step's metrics (``train_step``, ``evaluate``) are exact global means: each loss report's sum
+and count are added over the micro-batches and all-reduced over data-parallel ranks before
+dividing (``_reduce_reports``), never averaged per micro-batch::
+
+    loss per turn / per token / per conversation   the report's sum / count
+    turn_num                                       turns (the count of "loss per turn")
+    num_loss_tokens                                trained tokens (the count of "loss per token")
+    num_tokens, packs                              real (non-padding) tokens and packs read
+    lr, grad_norm, skipped (, loss_scale)          training steps only
 """
 
 from __future__ import annotations
@@ -14,81 +29,46 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from mt_dialog.config_utils import to_dict
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.data.storage import read_metadata, render_options_of
 from mt_dialog.training import distributed
 from mt_dialog.training.checkpoint import (
     CheckpointError,
     StartPoint,
-    bundle_tokenizer,
     check_model_matches,
     check_resume_matches,
     check_save_folder,
     is_weights_only,
     load_checkpoint,
     save_checkpoint,
-    source_info,
     start_point,
 )
 from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, validate_world
-from mt_dialog.training.data import SampleStream, flatten_micro_batch, step_sample_indices
+from mt_dialog.training.data import (
+    DataInfo,
+    SampleStream,
+    flatten_micro_batch,
+    inspect_datasets,
+    open_datasets,
+    step_sample_indices,
+)
 from mt_dialog.training.model import check_precision
 from mt_dialog.training.optimizer import build_optimizer
+from mt_dialog.training.saved_run import bundle_tokenizer, source_info, write_run_record
 from mt_dialog.training.stopping import StopConditions
 from mt_dialog.training.tracking import open_tracker
 
-REPORT_KEYS = ("loss per turn", "loss per token", "loss per conversation")
+LOSS_REPORTS = ("loss per turn", "loss per token", "loss per conversation")  # dialog_loss's
+# what a step adds up over its micro-batches and data-parallel ranks, by name: each loss report's
+# sum and count, and the packs read with their real tokens
+STEP_TOTALS = (*(f"{name} {part}" for name in LOSS_REPORTS for part in ("sum", "count")),
+               "num_tokens", "packs")
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (NaN, bad data); the message names the iteration and the fix."""
-
-
-@dataclass
-class DataInfo:
-    """What the datasets say, read before any model is built."""
-
-    prefixes: List[str]
-    weights: List[float]
-    valid_prefixes: List[str]
-    seq_length: int
-    vocab_size: int
-    tokenizer: Dict
-    special_ids: Dict
-    template: Optional[str] = None  # the chat template of the (first) dataset
-    valid_packs: int = 0  # packs in the validation splits of valid_prefixes
-    render_options: Dict = field(default_factory=dict)  # --train-on / --reasoning of the data
-
-
-def inspect_datasets(config: DialogTrainingConfig) -> DataInfo:
-    """Read every dataset's metadata; refuse mismatches with the fix in the message."""
-    prefixes, weights = config.data.blend()
-    valid = list(config.data.valid_data_path)
-    metas = {p: read_metadata(p) for p in prefixes + valid}
-    first = metas[prefixes[0]]
-    for prefix, meta in metas.items():
-        if meta["seq_length"] != first["seq_length"]:
-            raise ValueError(f"data_path: {prefix} has seq length {meta['seq_length']} but "
-                             f"{prefixes[0]} has {first['seq_length']}; rebuild them alike")
-        if meta["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
-            raise ValueError(f"data_path: {prefix} and {prefixes[0]} were built with different "
-                             "tokenizers; blend only datasets of one tokenizer")
-    seq_length = config.data.seq_length or int(first["seq_length"])
-    if seq_length != first["seq_length"]:
-        raise ValueError(f"seq_length: --seq-length {seq_length} but {prefixes[0]} was packed "
-                         f"for {first['seq_length']}; use --seq-length {first['seq_length']} or "
-                         "rebuild the dataset")
-    if not valid:
-        valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
-    valid_packs = sum(int(metas[p]["splits"].get("valid", {}).get("packs", 0)) for p in valid)
-    return DataInfo(prefixes, weights, valid, seq_length,
-                    max(int(m["tokenizer"]["vocab_size"]) for m in metas.values()),
-                    first["tokenizer"], first["special_ids"], first.get("template"), valid_packs,
-                    render_options_of(first))
 
 
 @dataclass
@@ -119,16 +99,6 @@ def _model_vocab(info: DataInfo, start: StartPoint) -> int:
     (Qwen2 models have spare rows; keeping them exports the same shape back)."""
     source = source_info(start.path) if start.path else {}
     return max(info.vocab_size, int(source.get("vocab_size") or 0))
-
-
-def open_datasets(config: DialogTrainingConfig, info: DataInfo):
-    """``(training SampleStream, validation datasets)``: every split opened and checked
-    (files whole, indexes consistent, metadata matching: ``PackedDialogDataset``) before any
-    model is built."""
-    train_sets = [PackedDialogDataset(p, "train", info.seq_length, None) for p in info.prefixes]
-    stream = SampleStream(train_sets, info.weights, config.train.seed)
-    valid_sets = [PackedDialogDataset(p, "valid", info.seq_length) for p in info.valid_prefixes]
-    return stream, valid_sets
 
 
 def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, start: StartPoint,
@@ -170,25 +140,35 @@ def _run_schedule(run: Run, batches: List[Dict], forward_only: bool):
 
 
 def _reduce_reports(store: List[Dict], batches: List[Dict]) -> Dict[str, float]:
-    """Sum/count pairs over micro-batches and data-parallel ranks (on the last stage)."""
+    """A step's metrics (module docstring) from the loss reports of this rank's micro-batches
+    (``store``, on the last pipeline stage) and the ``batches`` read: ``STEP_TOTALS`` summed
+    here, then over the data-parallel ranks; a report without a count is NaN."""
     from megatron.core import parallel_state as ps
 
-    vector = torch.zeros(len(REPORT_KEYS) * 2 + 3, dtype=torch.float64)
+    totals = dict.fromkeys(STEP_TOTALS, 0.0)
     for report in store:
-        for k, key in enumerate(REPORT_KEYS):
-            if key in report:
-                vector[2 * k: 2 * k + 2] += report[key].detach().double().cpu()
-    vector[-3] = sum(b["num_tokens"] for b in batches)
-    vector[-2] = sum(b["packs"] for b in batches)
-    vector[-1] = sum(b["turns"] for b in batches)
-    vector = vector.to(distributed.device())
-    torch.distributed.all_reduce(vector, group=ps.get_data_parallel_group())
-    vector = vector.cpu()
-    out = {key: float(vector[2 * k] / vector[2 * k + 1]) if vector[2 * k + 1] > 0 else float("nan")
-           for k, key in enumerate(REPORT_KEYS)}
-    out.update(turns=float(vector[1]), loss_tokens=float(vector[3]), tokens=float(vector[-3]),
-               packs=float(vector[-2]), data_turns=float(vector[-1]))
-    return out
+        for name in LOSS_REPORTS:
+            if name in report:
+                total, count = report[name].detach().double().cpu().tolist()
+                totals[f"{name} sum"] += total
+                totals[f"{name} count"] += count
+    totals["num_tokens"] = float(sum(b["num_tokens"] for b in batches))
+    totals["packs"] = float(sum(b["packs"] for b in batches))
+    totals = _all_reduce_sums(totals, ps.get_data_parallel_group())
+    metrics = {name: totals[f"{name} sum"] / totals[f"{name} count"]
+               if totals[f"{name} count"] > 0 else float("nan") for name in LOSS_REPORTS}
+    metrics.update(turn_num=totals["loss per turn count"],
+                   num_loss_tokens=totals["loss per token count"],
+                   num_tokens=totals["num_tokens"], packs=totals["packs"])
+    return metrics
+
+
+def _all_reduce_sums(values: Dict[str, float], group) -> Dict[str, float]:
+    """``values`` summed over the ranks of ``group``: one float64 all-reduce, the keys in the
+    order given (the same on every rank)."""
+    vector = torch.tensor(list(values.values()), dtype=torch.float64, device=distributed.device())
+    torch.distributed.all_reduce(vector, group=group)
+    return dict(zip(values, vector.cpu().tolist()))
 
 
 def _is_last_stage() -> bool:
@@ -261,16 +241,17 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
 
 
 def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
-    turns = sum(m["turns"] for m in window)
-    loss_turn = sum(m["loss per turn"] * m["turns"] for m in window) / max(turns, 1)
-    tokens = sum(m["loss_tokens"] for m in window)
-    loss_token = sum(m["loss per token"] * m["loss_tokens"] for m in window) / max(tokens, 1)
-    real = sum(m["tokens"] for m in window)
+    turn_num = sum(m["turn_num"] for m in window)
+    loss_turn = sum(m["loss per turn"] * m["turn_num"] for m in window) / max(turn_num, 1)
+    loss_tokens = sum(m["num_loss_tokens"] for m in window)
+    loss_token = (sum(m["loss per token"] * m["num_loss_tokens"] for m in window)
+                  / max(loss_tokens, 1))
+    real = sum(m["num_tokens"] for m in window)
     slots = sum(m["packs"] for m in window) * run.info.seq_length
     last = window[-1]
     line = (f"iter {run.iteration:>6}/{run.train_iters} | loss/turn {loss_turn:.4f} | "
             f"loss/token {loss_token:.4f} | lr {last['lr']:.3e} | grad norm {last['grad_norm']:.3f}"
-            f" | turns {int(turns)} | tokens/s {real / max(seconds, 1e-9):,.0f} | "
+            f" | turns {int(turn_num)} | tokens/s {real / max(seconds, 1e-9):,.0f} | "
             f"padding {1 - real / max(slots, 1):.1%}")
     if run.config.optim.fp16:
         skipped = int(sum(m["skipped"] for m in window))
@@ -300,7 +281,7 @@ def _evaluate_and_log(run: Run) -> None:
     if metrics is not None and distributed.is_logging_rank():
         _record(run, "valid", metrics)
         print(f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} | "
-              f"loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turns'])}",
+              f"loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}",
               flush=True)
 
 
@@ -390,6 +371,10 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) ->
             return run
         run.writer = open_tracker(config)
         distributed.log(_banner(run, argv))
+        if info.valid_packs and not (config.train.eval_interval or config.train.eval_iters):
+            distributed.log(f"note: no validation (the validation split has {info.valid_packs} "
+                            "packs): --eval-interval N validates every N iterations, "
+                            "--eval-iters N once at the end")
         train(run, stops)
     if config.train.save and distributed.is_logging_rank():
         _write_config(run, argv)
@@ -424,10 +409,5 @@ def _banner(run: Run, argv) -> str:
 
 
 def _write_config(run: Run, argv) -> None:
-    import json
-
-    os.makedirs(run.config.train.save, exist_ok=True)
     source = source_info(run.start.path) if run.start and run.start.path else {}
-    with open(os.path.join(run.config.train.save, "config.json"), "w") as handle:
-        json.dump({"command": list(argv) if argv else None, "config": to_dict(run.config),
-                   "data": to_dict(run.info), "source": source or None}, handle, indent=2)
+    write_run_record(run.config.train.save, argv, to_dict(run.config), to_dict(run.info), source)

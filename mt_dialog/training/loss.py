@@ -55,7 +55,9 @@ NORMALIZATIONS = ("turn", "token", "conversation")
 
 
 def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """Segment index of each of the ``total`` flattened positions ([1, total] int64)."""
+    """Segment index of each of the ``total`` flattened positions (``[1, total]`` int64, on
+    ``cu_seqlens``' device) from the segment boundaries ``cu_seqlens`` (``[segments + 1]``, any
+    integer dtype); positions after the last boundary get one more index."""
     cu = cu_seqlens.to(torch.int64)
     lengths = cu[1:] - cu[:-1]
     ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
@@ -73,7 +75,8 @@ def _turn_weights(loss_mask: Tensor, loss_token_num: Tensor) -> Tensor:
 def _conversation_terms(
     losses: Tensor, mask: Tensor, conversation_ids: Tensor
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sum over conversations of their token-mean [differentiable], n_conversations, per-conv n)"""
+    """(sum over conversations of their token-mean [differentiable], number of conversations
+    with a loss token [int64 scalar], loss tokens per conversation)"""
     ids = conversation_ids.reshape(-1).to(torch.int64)
     m = mask.reshape(-1)
     sel = m > 0
@@ -96,7 +99,15 @@ def dialog_loss(
     conversation_ids: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
-    """Return ``(loss_sum, count, report)`` for one micro-batch (see module docstring)."""
+    """``(loss_sum, count, report)`` for one micro-batch (module docstring): ``loss_sum`` a
+    differentiable fp32 scalar, ``count`` an int32 scalar on ``losses``' device, ``report``
+    float64 ``[sum, count]`` pairs by name. ``losses`` any shape (any float dtype, computed in
+    fp32); ``loss_mask`` and ``loss_token_num`` the same number of elements.
+
+    Raises:
+        ValueError: an unknown ``normalization``; 'turn' without ``loss_token_num``;
+            'conversation' without ``conversation_ids`` or ``cu_seqlens``.
+    """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     losses = losses.float()
@@ -106,17 +117,17 @@ def dialog_loss(
     device = losses.device
 
     token_sum = (losses * mask).sum()
-    num_tokens = mask.detach().sum().round().to(torch.int64)
+    num_loss_tokens = mask.detach().sum().round().to(torch.int64)
     report: Dict[str, Tensor] = {
-        "loss per token": torch.stack([token_sum.detach().double(), num_tokens.double()])
+        "loss per token": torch.stack([token_sum.detach().double(), num_loss_tokens.double()])
     }
 
-    turn_sum = num_turns = None
+    turn_sum = turn_num = None
     if loss_token_num is not None:
         w = _turn_weights(loss_mask.reshape(losses.shape), loss_token_num.reshape(losses.shape))
         turn_sum = (losses * w).sum()
-        num_turns = w.detach().double().sum().round().to(torch.int64)
-        report["loss per turn"] = torch.stack([turn_sum.detach().double(), num_turns.double()])
+        turn_num = w.detach().double().sum().round().to(torch.int64)
+        report["loss per turn"] = torch.stack([turn_sum.detach().double(), turn_num.double()])
 
     if conversation_ids is None and cu_seqlens is not None:
         conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
@@ -128,9 +139,9 @@ def dialog_loss(
     if normalization == "turn":
         if loss_token_num is None:
             raise ValueError("'turn' normalization needs loss_token_num")
-        loss_sum, count = turn_sum, num_turns
+        loss_sum, count = turn_sum, turn_num
     elif normalization == "token":
-        loss_sum, count = token_sum, num_tokens
+        loss_sum, count = token_sum, num_loss_tokens
     else:
         if conversation_ids is None:
             raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
@@ -156,7 +167,12 @@ def make_loss_func(
     conversation_ids: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
 ):
-    """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output."""
+    """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output: it
+    takes the per-token losses and returns ``dialog_loss``'s triple.
+
+    Raises:
+        ValueError: an unknown ``normalization`` (at once, not at the first step).
+    """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     return partial(_loss_func, loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens)

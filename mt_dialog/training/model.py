@@ -89,8 +89,9 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
                          "transformer-engine); megatron-core's torch norm refuses it")
     return TransformerConfig(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads, num_query_groups=model.query_groups,
-        ffn_hidden_size=model.ffn_size, kv_channels=model.kv_channels, normalization="RMSNorm",
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels, normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,

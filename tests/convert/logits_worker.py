@@ -18,11 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-from mt_dialog.generate import single_process_config  # noqa: E402
 from mt_dialog.training import distributed  # noqa: E402
 from mt_dialog.training.checkpoint import checkpoint_args, load_weights_for_inference  # noqa: E402
 from mt_dialog.training.config import ModelConfig, ParallelConfig  # noqa: E402
 from mt_dialog.training.model import build_model_chunks, transformer_config  # noqa: E402
+from mt_dialog.training.saved_run import single_process_config  # noqa: E402
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from mt_dialog.convert.chat_template import (
     PROBES,
+    as_read,
     chat_template_ids,
     hf_messages,
     jinja_chat_template,
@@ -28,6 +29,7 @@ from mt_dialog.data.render import (
     resolve_template,
 )
 from mt_dialog.data.templates import get_template
+from mt_dialog.data.formats import Conversation
 from mt_dialog.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
 
 pytest.importorskip("transformers")
@@ -62,12 +64,15 @@ def test_jinja_renders_the_training_text(name, sp_pair):
         dicts = [{"role": m.role, "content": m.content} for m in probe]
         expected = _symbolic_text(render_prompt(list(probe), template, as_text), text_of)
         assert hf.apply_chat_template(dicts, tokenize=False, add_generation_prompt=True) == expected
-        # the whole conversation: the prompt, the reply, end of turn, the closing pieces
-        reply = ["Sure.", template.end_of_turn, *template.assistant_close]
+        # the whole conversation: the prompt, the reply (after Qwen3's empty think block: the
+        # final reply, without reasoning), end of turn, the closing pieces
+        think = "<think>\n\n</think>\n\n" if name == "qwen3" else ""
+        reply = [think + "Sure.", template.end_of_turn, *template.assistant_close]
         assert hf.apply_chat_template(dicts + [{"role": "assistant", "content": "Sure."}],
                                       tokenize=False) == expected + _symbolic_text(reply, text_of)
     for probe, _ in probes_for(template):  # tools, calls, results, reasoning where laid out
-        expected = _symbolic_text(render_prompt(probe, template, as_text), text_of)
+        # training reads what users pass to apply_chat_template as chat does (as_read)
+        expected = _symbolic_text(render_prompt(as_read(probe), template, as_text), text_of)
         tools = {"tools": list(probe.tools)} if probe.tools else {}
         assert hf.apply_chat_template(hf_messages(probe.messages), tokenize=False,
                                       add_generation_prompt=True, **tools) == expected
@@ -209,3 +214,108 @@ def test_template_without_tool_layout_refuses_tools_when_served(sp_model_path, t
     with pytest.raises(jinja2.TemplateError, match="plain chat template, which has no layout "
                                                    "for tools"):
         chat_template_ids(hf, KINDS["tool calls"], True)
+
+
+WEATHER = {"name": "get_weather", "description": "Current weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+RAW = {  # records as users write them: training reads them with parse_record, a server passes
+    # the same messages and tools to apply_chat_template
+    "think in content": {"messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>Greet back.</think>Hello!"},
+        {"role": "user", "content": "Count to 3"},
+        {"role": "assistant", "content": " \n<think>\nCount.\n</think>\n\n1 2 3"}]},
+    "bare tools, legacy function calling": {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None,
+         "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"role": "function", "name": "get_weather", "content": "18C"},
+        {"role": "assistant", "content": "18C."}]},
+    "content parts, JSON results": {"tools": [{"type": "function", "function": WEATHER}],
+                                    "messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Weather"},
+                                     {"type": "input_text", "text": "in Oslo and Rome?"}]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "id": "a", "function": {
+             "name": "get_weather", "arguments": ""}},
+             {"type": "function", "id": "b", "function": {
+                 "name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "a", "content": {"temp": -3, "sky": "snow ❄"}},
+        {"role": "tool", "tool_call_id": "b", "content": [20, "sunny"]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Snow, then sun."}]}]},
+}
+
+
+def _served(hf, messages, tools, prompt, **kwargs):
+    out = hf.apply_chat_template(messages, tools=tools, add_generation_prompt=prompt, **kwargs)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("name", WITH_TOOLS)
+def test_exported_template_reads_messages_as_training_does(name, hf_tokenizer_dir):
+    """What users pass to the exported tokenizer's apply_chat_template (reasoning as a <think>
+    block in the content, bare function descriptions, legacy function_call / function
+    messages, content parts, JSON tool results, arguments "") gives the ids training gave the
+    same record (parse_record, as preprocessing reads it), and each generation prompt the ids
+    chat builds from the same messages (generate.to_messages); what training refuses (reasoning
+    without a layout for it) the exported template refuses too."""
+    import jinja2
+
+    from mt_dialog.data.formats import RecordError, parse_record, parse_tools
+    from mt_dialog.generate import to_messages
+
+    tokenizer, template, hf = _byte_level_export(name, hf_tokenizer_dir)
+    for kind, record in RAW.items():
+        messages, tools = record["messages"], record.get("tools")
+        if kind == "think in content" and template.reasoning is None:
+            with pytest.raises(RecordError, match="has no place for it"):
+                render_conversation(parse_record(record), template, tokenizer.encode)
+            with pytest.raises(jinja2.TemplateError, match="no layout for reasoning"):
+                _served(hf, messages, tools, False)
+            continue
+        (ours,) = render_conversation(parse_record(record), template, tokenizer.encode)
+        assert ours.input_ids.tolist() == _served(hf, messages, tools, False), (name, kind)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            history = Conversation(tuple(to_messages(messages[:k])), parse_tools(tools))
+            assert render_prompt(history, template, tokenizer.encode) == \
+                _served(hf, messages[:k], tools, True), (name, kind, k)
+
+
+def test_probes_catch_what_the_user_trial_found(hf_tokenizer_dir):
+    """The export's exactness check fails a template that copies a <think> block of the content
+    into the history (the user trial: 75 tokens where training had 52) or writes bare function
+    descriptions unwrapped, and the exported template does neither: the prompt of
+    [user "Hi", assistant "<think>Greet back.</think>Hello!", user "Count to 3"] is training's."""
+    tokenizer, template, hf = _byte_level_export("qwen3", hf_tokenizer_dir)
+    exported = hf.chat_template
+    layout = training_layout(template, tokenizer)
+    assert layout_differences(hf, layout) is None
+    from mt_dialog.generate import to_messages
+
+    messages = RAW["think in content"]["messages"][:3]  # chat's prompt: training's layout
+    ours = render_prompt(to_messages(messages), template, tokenizer.encode)
+    assert ours == _served(hf, messages, None, True)
+    for broken, probe in ((exported.replace("opened.startswith('<think>')", "false"), 2),
+                          (exported.replace("function_tool | tojson", "tool | tojson"), 7)):
+        hf.chat_template = broken
+        difference = layout_differences(hf, layout)
+        assert difference is not None and difference.startswith(f"probe {probe} (prompt)")
+
+
+def test_enable_thinking_false_ends_the_prompt_with_an_empty_block(hf_tokenizer_dir):
+    """Qwen3's switch: apply_chat_template(..., enable_thinking=False) of the exported qwen3
+    template is render_prompt(..., enable_thinking=False); the export checks it on every
+    probe; templates without a reasoning layout ignore it."""
+    for name in ("qwen3", "chatml"):
+        tokenizer, template, hf = _byte_level_export(name, hf_tokenizer_dir)
+        for probe, _ in probes_for(template):
+            probe = as_read(probe)
+            for thinking in (True, False):
+                ours = render_prompt(probe, template, tokenizer.encode, enable_thinking=thinking)
+                assert ours == chat_template_ids(hf, probe, True, enable_thinking=thinking)
+        text = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                      add_generation_prompt=True, enable_thinking=False)
+        assert text.endswith("<think>\n\n</think>\n\n") == (name == "qwen3")

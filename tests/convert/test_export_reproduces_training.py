@@ -29,13 +29,13 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from tests.convert.conftest import REPO
+from tests.training.launch import command, launch_env
 
 pytestmark = pytest.mark.multiprocess
 pytest.importorskip("transformers")
@@ -94,17 +94,12 @@ def _tool(main, argv) -> str:
 
 def _train_all(jobs: dict, parallel: int = 2) -> None:
     """``pretrain_dialog.py *args`` for every job, one process each, ``parallel`` at a time."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                  else []))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     pending, running = list(jobs.items()), []
     while pending or running:
         while pending and len(running) < parallel:
             name, args = pending.pop(0)
-            proc = subprocess.Popen([sys.executable, "pretrain_dialog.py", *map(str, args)],
-                                    cwd=REPO, env=env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(command("pretrain_dialog.py", 1, args), cwd=REPO,
+                                    env=launch_env(), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
             running.append((name, proc))
         name, proc = running.pop(0)
@@ -171,9 +166,10 @@ def runs(tmp_path_factory, demo_tokenizer, hf_models, hf_base_chatml_dir):
 def generators(runs):
     """{case: tools/chat.py's Generator for the trained checkpoint}."""
     from mt_dialog import generate
+    from mt_dialog.training.distributed import destroy_single_process
 
     yield {name: generate.Generator.from_checkpoint(run["ckpt"]) for name, run in runs.items()}
-    generate.shutdown()
+    destroy_single_process()
 
 
 def _stored_conversations(prefix: str) -> dict:

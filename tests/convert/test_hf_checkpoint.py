@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.convert.conftest import REPO, convert, hf_logits
-from tests.training.launch import run_torchrun
+from tests.training.launch import run, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
 TOLERANCE = 1e-4  # max abs logit difference in fp32 (issue 5)
@@ -26,9 +26,10 @@ def tokens():
 @pytest.fixture()
 def single_process():
     from mt_dialog import generate
+    from mt_dialog.training.distributed import destroy_single_process
 
     yield generate
-    generate.shutdown()
+    destroy_single_process()
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen"])
@@ -178,8 +179,7 @@ def test_folder_without_tokenizer_imports_but_chat_says_why(hf_models, tmp_path)
 
 
 def _pretrain(args):
-    return subprocess.run([sys.executable, "pretrain_dialog.py", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return run("pretrain_dialog.py", 1, args, expect_ok=False)
 
 
 def test_training_refuses_misuse_of_an_import(imported, tmp_path):
@@ -202,14 +202,3 @@ def test_training_refuses_misuse_of_an_import(imported, tmp_path):
     assert (f"error: --use-checkpoint-args: --num-layers 4 but the checkpoint {imported['llama']} "
             "has 2; drop --num-layers (the checkpoint's value is used) or --use-checkpoint-args"
             ) in both.stderr
-
-
-@pytest.mark.parametrize("command", ["hf-to-mcore", "mcore-to-hf"])
-def test_help_lists_options_once(command, capsys):
-    from tools.convert_checkpoint import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 0 and out.count("options:") == 1, out
-    assert out.count(f"{command}: ") == 1 and "--load-dir" in out and "--save-dir" in out

@@ -35,15 +35,15 @@ def test_llama_and_qwen_fields(hf_models):
     llama = read_hf_config(hf_models["llama"])
     assert llama.architecture == "LlamaForCausalLM"
     m = llama.model
-    assert (m.num_layers, m.hidden_size, m.ffn_size, m.num_attention_heads, m.query_groups) == (
-        2, 64, 96, 4, 2)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+            m.num_query_groups) == (2, 64, 96, 4, 2)
     assert m.untie_embeddings_and_output_weights and not m.add_qkv_bias
     assert m.use_rope_scaling and m.rope_scaling_original_max_position == 64
     assert m.rotary_base == 500000.0 and m.norm_epsilon == 1e-5
     qwen = read_hf_config(hf_models["qwen"])
     assert qwen.architecture == "Qwen2ForCausalLM" and qwen.model.add_qkv_bias
     assert not qwen.model.untie_embeddings_and_output_weights
-    assert qwen.model.query_groups == 1 and qwen.model.rotary_base == 1e6
+    assert qwen.model.num_query_groups == 1 and qwen.model.rotary_base == 1e6
     assert qwen.vocab_size == read_hf_config(hf_models["llama"]).vocab_size + 20
 
 

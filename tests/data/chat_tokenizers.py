@@ -142,30 +142,48 @@ QWEN25_TOOLS_JINJA = (
 )
 
 QWEN3_JINJA = (
-    # Qwen3: as Qwen2.5 without a default system message, plus thinking: the replies after the
-    # last user message show their reasoning as <think>...</think> (the last reply always, empty
-    # if it has none); earlier replies are rendered without it
-    "{%- if messages[0]['role'] == 'system' -%}"
-    "{%- set system = messages[0]['content'] -%}{%- set body = messages[1:] -%}"
-    "{%- else -%}{%- set system = '' -%}{%- set body = messages -%}{%- endif -%}"
-    "{%- if system or tools -%}{{- '<|im_start|>system\\n' + system -}}"
-    "{%- if tools -%}{%- if system -%}{{- '\\n\\n' -}}{%- endif -%}" + _HERMES_TOOLS +
-    "{%- endif -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- set ns = namespace(last_user=-1) -%}"
-    "{%- for message in body -%}{%- if message['role'] == 'user' -%}"
-    "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    # Qwen3, as its model card and chat template document it: ChatML with Hermes tool calling,
+    # no default system message (a system block when the first message is a system message or
+    # tools are given: its text, a blank line, the tools). Thinking: an assistant message after
+    # the last user query (a user message that is not a <tool_response> block) is written with
+    # <think>\n{reasoning}\n</think>\n\n before its content (leading newlines removed) when it has
+    # reasoning or is the last message (an empty block then); earlier ones without it. The
+    # reasoning is reasoning_content, else the text a </think> in the content closes (after the
+    # last <think> before it; the content is then what follows the last </think>). With
+    # enable_thinking false the generation prompt ends with an empty block.
+    "{%- set has_system = messages and messages[0]['role'] == 'system' -%}"
+    "{%- set body = messages[1:] if has_system else messages -%}"
+    "{%- if has_system or tools -%}{{- '<|im_start|>system\\n' -}}"
+    "{%- if has_system -%}{{- messages[0]['content'] -}}"
+    "{%- if tools -%}{{- '\\n\\n' -}}{%- endif -%}{%- endif -%}"
+    "{%- if tools -%}" + _HERMES_TOOLS + "{%- endif -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- set ns = namespace(query=body | length - 1, found=false) -%}"
+    "{%- for message in body | reverse -%}"
+    "{%- set text = message['content'] if message['content'] is string else '' -%}"
+    "{%- if not ns.found and message['role'] == 'user' and not (text.startswith("
+    "'<tool_response>') and text.endswith('</tool_response>')) -%}"
+    "{%- set ns.found = true -%}{%- set ns.query = body | length - 1 - loop.index0 -%}"
+    "{%- endif -%}{%- endfor -%}"
     "{%- for message in body -%}"
     "{%- set content = message['content'] if message['content'] is string else '' -%}"
     "{%- if message['role'] == 'user' -%}" + _CHATML_USER +
-    "{%- elif message['role'] == 'assistant' -%}{{- '<|im_start|>assistant\\n' -}}" + GENERATION +
-    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string"
-    " else '' -%}"
-    "{%- if loop.index0 > ns.last_user and (loop.last or reasoning) -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if message['reasoning_content'] is string -%}"
+    "{%- set reasoning = message['reasoning_content'] -%}"
+    "{%- elif '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}"
+    "{%- else -%}{%- set reasoning = '' -%}{%- endif -%}"
+    "{{- '<|im_start|>assistant\\n' -}}" + GENERATION +
+    "{%- if loop.index0 > ns.query and (loop.last or reasoning) -%}"
     "{{- '<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') -}}"
     "{%- else -%}{{- content -}}{%- endif -%}"
     + _HERMES_CALLS + "{{- '<|im_end|>' -}}" + END_GENERATION + "{{- '\\n' -}}"
     "{%- elif message['role'] == 'tool' -%}" + _HERMES_RESULTS +
-    "{%- endif -%}{%- endfor -%}" + _CHATML_PROMPT
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}"
 )
 QWEN_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>",
                "</think>"]

@@ -29,14 +29,16 @@ def _records(count, seed=0):
 
 @pytest.fixture(scope="module")
 def built(sp_model_path, tmp_path_factory):
-    """Two small datasets with the same tokenizer and layout but other conversations."""
+    """Two small datasets with the same tokenizer and layout but other conversations, and a
+    rebuild of the first one's conversations in another pack order (files of the same sizes)."""
     root = tmp_path_factory.mktemp("damage")
     prefixes = {}
-    for name, count in (("a", 60), ("b", 45)):
-        data = write_jsonl(root / f"{name}.jsonl", _records(count, seed=len(prefixes)))
+    for name, seed, count, extra in (("a", 0, 60, []), ("b", 1, 45, []),
+                                     ("a_unshuffled", 0, 60, ["--no-shuffle"])):
+        data = write_jsonl(root / f"{name}.jsonl", _records(count, seed=seed))
         prefixes[name] = str(root / name)
         assert preprocess(preprocess_args(data, sp_model_path, prefixes[name],
-                                          "--split", "90,10")) == 0
+                                          "--split", "90,10", *extra)) == 0
     return prefixes
 
 
@@ -56,8 +58,15 @@ def _refused(prefix, *fragments):
     message = str(caught.value)
     for fragment in fragments:
         assert fragment in message, message
-    assert f"tools/inspect_dialog_dataset.py {prefix} --verify" in message
     return message
+
+
+def _as_older_dataset(prefix, *keys):
+    """Remove metadata records (as datasets written before them lack them)."""
+    metadata = json.load(open(metadata_path(prefix)))
+    for key in ("metadata_sha256", *keys):
+        del metadata[key]
+    json.dump(metadata, open(metadata_path(prefix), "w"))
 
 
 def test_metadata_records_every_file(built):
@@ -66,7 +75,8 @@ def test_metadata_records_every_file(built):
         os.path.basename(p)[2:] for p in output_files(built["a"], SPLITS)[:-1])
     for name, entry in metadata["files"].items():
         assert entry["bytes"] == os.path.getsize(f"{built['a']}.{name}")
-        assert len(entry["sha256"]) == 64
+        assert len(entry["sha256"]) == len(entry["probe_sha256"]) == 64
+    assert len(metadata["metadata_sha256"]) == 64
     assert verify_dataset(built["a"]) == []
 
 
@@ -77,14 +87,13 @@ def test_a_bin_of_another_size_is_refused_at_open(copy, change, words):
     size = os.path.getsize(path)
     with open(path, "r+b") as handle:
         handle.truncate(size + change)
-    _refused(copy, path, f"has {size + change:,} bytes", f"says {size:,}", words)
+    _refused(copy, path, f"has {size + change:,} bytes", f"says {size:,}", words,
+             f"tools/inspect_dialog_dataset.py {copy} --verify")
 
 
 def test_a_bin_cut_short_without_metadata_record_is_refused_by_its_index(copy):
     """Datasets written before the metadata recorded file sizes: the .idx still tells."""
-    metadata = json.load(open(metadata_path(copy)))
-    del metadata["files"]
-    json.dump(metadata, open(metadata_path(copy), "w"))
+    _as_older_dataset(copy, "files")
     path = f"{copy}.train.loss_token_num.bin"
     size = os.path.getsize(path)
     with open(path, "r+b") as handle:
@@ -98,29 +107,56 @@ def test_a_swapped_index_is_refused(copy, built):
 
 
 def test_a_swapped_index_is_refused_without_metadata_record(copy, built):
-    metadata = json.load(open(metadata_path(copy)))
-    del metadata["files"]
-    json.dump(metadata, open(metadata_path(copy), "w"))
+    _as_older_dataset(copy, "files")
     shutil.copy2(f"{built['b']}.train.tokens.idx", f"{copy}.train.tokens.idx")
     _refused(copy, "train.tokens")
+
+
+@pytest.mark.parametrize("name", ["train.tokens.bin", "train.loss_token_num.idx"])
+def test_a_file_of_the_same_size_from_another_build_is_refused_at_open(copy, built, name):
+    """The same conversations packed in another order: every size equal, the bytes not."""
+    source, target = f"{built['a_unshuffled']}.{name}", f"{copy}.{name}"
+    assert os.path.getsize(source) == os.path.getsize(target)
+    shutil.copy2(source, target)
+    _refused(copy, target, "first and last bytes differ", "swapped or edited")
 
 
 def test_a_damaged_index_header_is_refused(copy):
     path = f"{copy}.train.tokens.idx"
     with open(path, "r+b") as handle:
         handle.write(b"NOTANIDX!")
-    _refused(copy, f"{path} is damaged")
+    _refused(copy, path)
 
 
-def test_edited_metadata_counts_are_refused(copy):
+@pytest.mark.parametrize("edit", [
+    lambda m: m["splits"]["train"].update(packs=m["splits"]["train"]["packs"] + 1),
+    lambda m: m["tokenizer"].update(vocab_size=300),
+    lambda m: m.update(seq_length=4096),
+    lambda m: m.update(template="llama2"),
+])
+def test_edited_metadata_is_refused(copy, edit):
+    metadata = json.load(open(metadata_path(copy)))
+    edit(metadata)
+    json.dump(metadata, open(metadata_path(copy), "w"))
+    _refused(copy, f"{copy}.meta.json was edited after preprocessing")
+
+
+def test_edited_counts_of_an_older_dataset_are_refused(copy):
+    _as_older_dataset(copy)
     metadata = json.load(open(metadata_path(copy)))
     metadata["splits"]["train"]["packs"] += 1
     json.dump(metadata, open(metadata_path(copy), "w"))
     _refused(copy, "packs but the metadata", "records")
 
 
-def test_verify_tells_an_edited_file_of_the_same_size(copy):
-    """Opening checks sizes only (cheap); --verify reads every byte against the checksums."""
+def test_verify_reads_every_byte(copy):
+    """Opening reads each file's size and ends; --verify reads every byte against the
+    checksums, and goes on to the invariants."""
+    _as_older_dataset(copy)  # no probe recorded: only --verify can tell
+    metadata = json.load(open(metadata_path(copy)))
+    for entry in metadata["files"].values():
+        del entry["probe_sha256"]
+    json.dump(metadata, open(metadata_path(copy), "w"))
     path = f"{copy}.train.tokens.bin"
     with open(path, "r+b") as handle:
         handle.seek(10)
@@ -128,8 +164,9 @@ def test_verify_tells_an_edited_file_of_the_same_size(copy):
         handle.seek(10)
         handle.write(bytes([byte[0] ^ 1]))
     assert len(PackedDialogDataset(copy, "train")) > 0
-    (problem,) = verify_dataset(copy)
-    assert path in problem and "sha256" in problem and "swapped or edited" in problem
+    problems = verify_dataset(copy)
+    assert path in problems[0] and "swapped or edited" in problems[0], problems
+    assert "--verify" not in problems[0] and "copy it again or rebuild it" in problems[0]
 
 
 # ------------------------------------------------------------------ preprocessing interrupted

@@ -249,18 +249,26 @@ def test_missing_field(record, field, where):
 
 # --------------------------------------------------------------------------- bad_field_type
 
+PARTS = ' (or a list of text parts [{"type": "text", "text": "..."}])'
+
 
 @pytest.mark.parametrize(
     "record, expected",
     [
         ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 42}]},
-         "messages[1]: field 'content' must be a string, got int"),
+         "messages[1]: field 'content' must be a string, got int" + PARTS),
         ({"messages": [{"role": "user", "content": ["q"]}]},
-         "messages[0]: field 'content' must be a string, got list"),
+         "messages[0]: field 'content' must be a string, got list" + PARTS),
+        ({"messages": [{"role": "user", "content": {"text": "q"}}]},
+         "messages[0]: field 'content' must be a string, got dict" + PARTS),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                       {"role": "tool", "content": 18}]},
+         "messages[2]: field 'content' must be a string, got int" + PARTS[:-1]
+         + ", or for a tool result a JSON object)"),
         ({"messages": [{"role": 1, "content": "q"}]},
          "messages[0]: field 'role' must be a string, got int"),
         ({"conversations": [{"from": "human", "value": {"text": "q"}}]},
-         "conversations[0]: field 'value' must be a string, got dict"),
+         "conversations[0]: field 'value' must be a string, got dict" + PARTS),
         ({"conversation": [{"human": "q", "assistant": 3.5}]},
          "conversation[0]: field 'assistant' must be a string, got float"),
         ({"instruction": "i", "input": 5, "output": "o"},
@@ -328,7 +336,7 @@ def test_unknown_role_openai():
     assert "'bot'" in err.message and "system, user, assistant" in err.message
 
 
-@pytest.mark.parametrize("role", ["human", "gpt", "function", "Assistant"])
+@pytest.mark.parametrize("role", ["human", "gpt", "Assistant"])
 def test_unknown_role_openai_rejects_sharegpt_names(role):
     record = {"messages": [{"role": "user", "content": "q"}, {"role": role, "content": "a"}]}
     err = reason_of(record)
@@ -640,6 +648,7 @@ def test_sharegpt_function_call_and_observation_equal_openai():
     assert parse_record(sharegpt) == parse_record(openai)
     parallel = json.loads(json.dumps(sharegpt))  # several calls in one function_call
     parallel["conversations"][1]["value"] = [CALL["function"], CALL["function"]]
+    parallel["conversations"].insert(3, {"from": "observation", "value": "17C"})
     assert len(parse_record(parallel).messages[2].tool_calls) == 2
 
 
@@ -649,6 +658,161 @@ def test_sharegpt_bad_function_call_value():
     err = reason_of(record)
     assert err.reason == "bad_tool_call"
     assert err.message.startswith("conversations[1]: 'value' is a string but not valid JSON")
+
+
+def test_sharegpt_reply_then_function_call_is_one_message():
+    """A gpt item right before its function_call is one assistant message (content + calls),
+    as OpenAI's layout has it, not a reply ended before calling; consecutive function_call items
+    are one message with parallel calls; one result each follows."""
+    other = {"name": "get_time", "arguments": {"zone": "CET"}}
+    sharegpt = {"conversations": [{"from": "human", "value": "Weather and time?"},
+                                  {"from": "gpt", "value": "Checking.", "weight": 0},
+                                  {"from": "function_call", "value": json.dumps(CALL["function"])},
+                                  {"from": "function_call", "value": other},
+                                  {"from": "observation", "value": "18C"},
+                                  {"from": "observation", "value": "10:00"},
+                                  {"from": "gpt", "value": "18C at 10:00."}]}
+    openai = {"messages": [{"role": U, "content": "Weather and time?"},
+                           {"role": A, "content": "Checking.", "weight": 0,
+                            "tool_calls": [{"function": CALL["function"]}, {"function": other}]},
+                           _tool("18C"), _tool("10:00"), {"role": A, "content": "18C at 10:00."}]}
+    assert parse_record(sharegpt) == parse_record(openai)
+    assert [m.role for m in parse_record(sharegpt).messages] == [U, A, T, T, A]
+    sharegpt["conversations"][2]["loss"] = True  # the reply says weight 0: one reply, two answers
+    err = reason_of(sharegpt)
+    assert err.reason == "bad_loss_control"
+    assert err.message.startswith("conversations[2] (function_call) continues the assistant "
+                                  "message conversations[1], but their 'weight' / 'loss' disagree")
+
+
+def test_legacy_openai_function_call_and_function_role():
+    """The legacy OpenAI function calling: an assistant's function_call is one tool call and a
+    "function" message (with its name) the tool's result, read the same as tool_calls / tool;
+    nothing of it is noted as ignored."""
+    legacy = [{"role": U, "content": "Weather?"},
+              {"role": A, "content": "Let me see.",
+               "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+              {"role": "function", "name": "get_weather", "content": "18C"},
+              {"role": A, "content": "18C."}]
+    current = [legacy[0], {"role": A, "content": "Let me see.",
+                           "tool_calls": [{"function": CALL["function"]}]},
+               _tool("18C", name="get_weather"), legacy[3]]
+    conversation = parse_record({"messages": legacy})
+    assert conversation == parse_record({"messages": current}) and conversation.notes == ()
+    assert conversation.messages[1].tool_calls == (ToolCall("get_weather", {"city": "Paris"}),)
+    assert parse_record({"conversations": legacy}) == conversation  # sharegpt role-keyed items
+    assert [message_from_dict(m, "m") for m in legacy] == list(conversation.messages)  # chat
+    both = [legacy[0], {**legacy[1], "tool_calls": current[1]["tool_calls"]}, *legacy[2:]]
+    err = reason_of({"messages": both})
+    assert err.reason == "bad_tool_call" and err.message.startswith(
+        "messages[1] has both 'tool_calls' and the legacy 'function_call'; keep one of them")
+    nameless = [*legacy[:2], {"role": "function", "content": "18C"}, legacy[3]]
+    err = reason_of({"messages": nameless})
+    assert err.reason == "missing_field" and err.message.startswith(
+        "messages[2]: field 'name' is missing: a legacy 'function' message is the result")
+
+
+@pytest.mark.parametrize("field, instead", [("refusal", "content"),
+                                            ("reasoning", "reasoning_content"),
+                                            ("thinking", "reasoning_content")])
+def test_reply_text_under_another_name_is_refused(field, instead):
+    """Other APIs' fields that hold reply text (OpenAI's refusal, vLLM's reasoning) change what
+    is trained: refused naming the field read instead, never only noted as ignored."""
+    for record, where in ((_controlled(**{field: "I cannot."}), "messages[1]"),
+                          ({"conversations": [{"from": "human", "value": "q"},
+                                              {"from": "gpt", "value": "a", field: "x"}]},
+                           "conversations[1]")):
+        err = reason_of(record)
+        assert err.reason == "unsupported_reply_field"
+        assert err.message == (f"{where}: field '{field}' holds text of the reply, which is "
+                               f"only read from '{instead}'; move it there (or remove it)")
+    assert parse_record(_controlled(**{field: None})).notes == ()  # null: absent
+
+
+def test_every_call_needs_its_result_before_the_next_message():
+    """Parallel calls: each call's result follows (by tool_call_id when ids are given, else by
+    count) before the next user or assistant message; a conversation may end with the calls;
+    the message and the call left unanswered are named."""
+    time = {"type": "function", "id": "call_2", "function": {"name": "get_time", "arguments": {}}}
+    head = [{"role": U, "content": "Weather and time?"}, _calling(calls=[CALL, time])]
+    for after in ({"role": A, "content": "18C."}, {"role": U, "content": "Well?"}):
+        err = reason_of({"messages": head + [_tool(tool_call_id="call_1"), after]})
+        assert err.reason == "role_order"
+        assert err.message.startswith(
+            "messages[1] (assistant) makes 2 tool call(s) but the result of get_time (id "
+            f"'call_2') is missing before messages[3] ({after['role']}): the results of all "
+            "calls must follow them")
+    answered_twice = head + [_tool(tool_call_id="call_1"), _tool(tool_call_id="call_1"),
+                             {"role": A, "content": "18C."}]
+    assert "the result of get_time (id 'call_2') is missing" in reason_of(
+        {"messages": answered_twice}).message
+    no_ids = [head[0], _calling(calls=[{"function": CALL["function"]},
+                                       {"function": time["function"]}]), _tool(),
+              {"role": A, "content": "18C."}]
+    assert reason_of({"messages": no_ids}).message.startswith(
+        "messages[1] (assistant) makes 2 tool call(s) but the result of get_time is missing")
+    in_any_order = head + [_tool("10:00", tool_call_id="call_2"), _tool(tool_call_id="call_1"),
+                           {"role": A, "content": "18C at 10:00."}]
+    assert len(parse_record({"messages": in_any_order}).messages) == 5
+    ends_with_calls = parse_record({"messages": head + [_tool(tool_call_id="call_1")]})
+    assert ends_with_calls.messages[-1].tool_calls and ends_with_calls.notes == (NOTE_TRAILING,)
+    prompt = [message_from_dict(m, "m") for m in head + [_tool(tool_call_id="call_1")]]
+    with pytest.raises(RecordError, match=r"the result of get_time \(id 'call_2'\) is missing "
+                                          "before the reply to generate"):
+        validate_prompt(prompt)
+
+
+@pytest.mark.parametrize("content, text", [
+    ([{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}],
+     "Weather in Paris?"),
+    ([{"type": "input_text", "text": "Hi"}], "Hi"), ([], ""),
+])
+def test_content_parts_are_joined_text(content, text):
+    """Content as a list of parts (the current OpenAI / Hugging Face layout): the text parts
+    joined with a space, as transformers serve joins them for text-only models."""
+    for role in (S, U, A):
+        parts = [{"role": U, "content": "q"}, {"role": A, "content": "a"}]
+        if role == S:
+            parts.insert(0, {"role": S, "content": content})
+        else:
+            parts[0 if role == U else 1]["content"] = content
+        plain = json.loads(json.dumps(parts).replace(json.dumps(content), json.dumps(text)))
+        if role == A and not text:
+            continue  # an empty reply: nothing to train (checked elsewhere)
+        assert parse_record({"messages": parts}) == parse_record({"messages": plain})
+
+
+def test_non_text_parts_are_refused():
+    image = {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}
+    record = {"messages": [{"role": U, "content": [{"type": "text", "text": "What is it?"},
+                                                   image]},
+                           {"role": A, "content": "A cat."}]}
+    err = reason_of(record)
+    assert err.reason == "non_text_content"
+    assert err.message.startswith('messages[0].content[1] is a "image_url" part, but only text '
+                                  "parts (type text, input_text, output_text) can be trained")
+
+
+@pytest.mark.parametrize("result", [{"temp": 18, "unit": "°C"}, [18, "°C"]])
+def test_tool_results_given_as_json_are_serialized(result):
+    """A tool result given as a JSON object or list is json.dumps(value, ensure_ascii=False),
+    in every format; arguments "" mean no arguments."""
+    from mt_dialog.data.formats import tool_result_text
+
+    call = {"type": "function", "function": {"name": "now", "arguments": ""}}
+    as_json = {"messages": [{"role": U, "content": "q"}, _calling(calls=[call]),
+                            _tool(result), {"role": A, "content": "a"}]}
+    as_text = json.loads(json.dumps(as_json))
+    as_text["messages"][2]["content"] = json.dumps(result, ensure_ascii=False)
+    as_text["messages"][1]["tool_calls"][0]["function"]["arguments"] = {}
+    conversation = parse_record(as_json)
+    assert conversation == parse_record(as_text)
+    assert conversation.messages[2].content == tool_result_text(result)
+    sharegpt = {"conversations": [{"from": "human", "value": "q"},
+                                  {"from": "function_call", "value": call["function"]},
+                                  {"from": "observation", "value": result},
+                                  {"from": "gpt", "value": "a"}]}
+    assert parse_record(sharegpt) == conversation
 
 
 # --------------------------------------------------------------------------- reasoning
@@ -722,14 +886,20 @@ def test_weight_and_loss_set_train(control, train):
 @pytest.mark.parametrize("control, text", [
     ({"weight": 2}, "'weight' must be 0 (not trained) or 1 (trained), got 2"),
     ({"weight": 0.5}, "got 0.5; fractional or per-token weights are not supported"),
-    ({"weight": "0"}, "got '0'"),
-    ({"weight": True}, "got True"),
+    ({"weight": "0"}, 'got "0"'),
+    ({"weight": True}, "got true;"),
+    ({"weight": False}, "got false;"),
     ({"weight": [0, 1]}, "got [0, 1]"),
     ({"loss": 0}, "'loss' must be true (trained) or false (not trained), got 0"),
-    ({"loss": "false"}, "got 'false'"),
-    ({"weight": 1, "loss": False}, "'weight' 1 and 'loss' False disagree; keep one of them"),
+    ({"loss": "false"}, 'got "false"'),
+    ({"loss": None, "weight": None, "mask": None}, None),
+    ({"weight": 1, "loss": False}, "'weight' 1 and 'loss' false disagree; keep one of them"),
 ])
 def test_bad_loss_control(control, text):
+    """Values are shown as the input spells them (JSON), never as Python's False / 'x'."""
+    if text is None:  # null values are absent fields
+        assert [m.train for m in parse_record(_controlled(**control)).messages] == [None] * 4
+        return
     err = reason_of(_controlled(**control))
     assert err.reason == "bad_loss_control"
     assert err.message.startswith("messages[1]: ") and text in err.message
@@ -761,6 +931,31 @@ def test_loss_lookalike_fields_are_refused(field):
         assert err.message.startswith(f"{where}: field '{field}' looks like loss control")
         assert "\"weight\": 0|1 or \"loss\": false|true on each message" in err.message
     assert parse_record(_controlled(**{field: None})).notes == ()  # null: absent
+
+
+LOOKALIKES = ["no_train", "ignore_loss", "is_train", "should_train", "train_loss", "noTrain",
+              "IgnoreLoss", "IS-TRAINABLE", "shouldtrain", "sample weight", "lossMask",
+              "masking", "weighted", "Label"]
+
+
+@pytest.mark.parametrize("field", LOOKALIKES)
+def test_every_spelling_of_loss_control_is_refused(field):
+    """Any field name with a word train / loss / mask / ignore / weight (any case, separator,
+    form) is refused on a message and on a record, naming the supported spelling; names that
+    only contain those letters are ignored and noted."""
+    for record, where in ((_controlled(**{field: False}), "messages[1]"),
+                          ({**_openai((U, "q"), (A, "a")), field: 0}, "record")):
+        err = reason_of(record)
+        assert err.reason == "unsupported_loss_field"
+        assert err.message.startswith(f"{where}: field '{field}' looks like loss control, which "
+                                      "is only read as \"weight\": 0|1 or \"loss\": false|true")
+
+
+def test_names_that_only_contain_the_letters_are_noted():
+    record = _controlled(constraints=["short"], gloss="x", strain="B1")
+    assert parse_record(record).notes == (
+        "ignored field 'messages[].constraints'", "ignored field 'messages[].gloss'",
+        "ignored field 'messages[].strain'")
 
 
 @pytest.mark.parametrize("record, where", [
@@ -852,14 +1047,14 @@ def test_validate_roles_accepts_valid_layouts():
 @pytest.mark.parametrize(
     "messages, reason, start",
     [
-        ([Message("bot", "x")], "unknown_role", "message 0: role 'bot' is not one of"),
-        ([Message(U, "q"), Message(S, "s")], "role_order", "message 1 (system) comes after"),
+        ([Message("bot", "x")], "unknown_role", "messages[0]: role 'bot' is not one of"),
+        ([Message(U, "q"), Message(S, "s")], "role_order", "messages[1] (system) comes after"),
         ([Message(U, "q", (ToolCall("f", {}),))], "bad_tool_call",
-         "message 0 (user) has tool calls"),
+         "messages[0] (user) has tool calls"),
         ([Message(A, "", (ToolCall("f", {}),)), Message(U, "q")], "role_order",
-         "message 0 (assistant) calls tools but message 1 (user) follows"),
+         "messages[0] (assistant) calls tools but messages[1] (user) follows"),
         # the first problem in message order is reported
-        ([Message(T, "r"), Message(U, "q"), Message(S, "s")], "role_order", "message 0 (tool)"),
+        ([Message(T, "r"), Message(U, "q"), Message(S, "s")], "role_order", "messages[0] (tool)"),
     ],
 )
 def test_validate_roles_errors(messages, reason, start):
@@ -874,12 +1069,12 @@ def test_validate_prompt_ends_with_a_user_message_or_tool_result():
     validate_prompt([Message(S, "s"), Message(A, "hi"), Message(U, "q")])
     validate_prompt([Message(U, "q"), Message(A, "", (ToolCall("f", {}),)), Message(T, "r")])
     for messages, last in (([], "it is empty"),
-                           ([Message(U, "q"), Message(A, "a")], "message 1 (assistant) is last")):
+                           ([Message(U, "q"), Message(A, "a")], "messages[1] (assistant) is last")):
         with pytest.raises(RecordError) as info:
             validate_prompt(messages)
         assert info.value.message == ("the conversation must end with a user message (or a tool "
                                       f"result) to reply to, but {last}")
-    with pytest.raises(RecordError, match="message 0 \\(tool\\) opens the conversation"):
+    with pytest.raises(RecordError, match="messages\\[0\\] \\(tool\\) opens the conversation"):
         validate_prompt([Message(T, "r")])
 
 

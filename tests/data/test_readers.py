@@ -94,8 +94,17 @@ def test_expand_several_items_keep_order_and_drop_duplicates(tmp_path):
     assert result == [z] + folder_files
 
 
-def test_input_error_is_a_value_error():
-    assert issubclass(InputError, ValueError)
+def test_input_errors_reach_the_user_as_one_line(tmp_path, sp_model_path, capsys):
+    """An ``InputError`` is a ValueError, which the tool reports as one line without a
+    traceback, nothing written (here a glob matching nothing; a missing file: test_bad_input)."""
+    from tests.conftest import preprocess_args
+    from tools.preprocess_dialog import main
+
+    pattern = str(tmp_path / "*.parquet")
+    code = main(preprocess_args(pattern, sp_model_path, tmp_path / "out"))
+    assert code == 1
+    assert capsys.readouterr().err == f"error: --input {pattern}: the pattern matches no file\n"
+    assert os.listdir(tmp_path) == []
 
 
 # --------------------------------------------------------------------------- JSONL

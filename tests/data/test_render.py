@@ -43,8 +43,12 @@ def trained_runs(rendered):
     return runs
 
 
-def check_rendering(rendered, messages, decode, end_of_turn):
-    replies = [m.content for m in messages if m.role == "assistant"]
+def check_rendering(rendered, messages, decode, end_of_turn, name=None):
+    """The trained runs decode to the replies (the final one as ``name``'s documented layout
+    writes it: Qwen3's empty <think> block before it)."""
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    replies = [documented_reply(name, m, True, i == last) if name else m.content
+               for i, m in enumerate(messages) if m.role == "assistant"]
     runs = trained_runs(rendered)
     assert len(runs) == len(replies) == rendered.turn_num
     for (start, stop), reply in zip(runs, replies):
@@ -67,7 +71,7 @@ def test_masked_tokens_are_exactly_the_replies(sp_model_path, name, index):
     template = resolve_template(get_template(name), tokenizer)
     messages = parse_record(CONVERSATIONS[index]).messages
     (rendered,) = render_conversation(messages, template, tokenizer.encode)
-    check_rendering(rendered, messages, tokenizer.decode, template.end_of_turn)
+    check_rendering(rendered, messages, tokenizer.decode, template.end_of_turn, name)
     # the reply text is tokenized as text: no special id ever comes out of message content
     specials = {tokenizer.bos_id, tokenizer.eos_id, *tokenizer.added_tokens.values()}
     specials |= {tokenizer.special_id(p) for p in ("<|im_start|>", "<|im_end|>")}
@@ -196,18 +200,31 @@ MODES = [RenderOptions(reasoning=mode) for mode in ("template", "keep", "per-tur
 MODES.append(RenderOptions(train_on="last"))
 
 
-def documented_reply(name, message, shown):
+def documented_reply(name, message, shown, final):
     """A trained reply as the template's documented layout writes it: Hermes <tool_call> JSON
-    (chatml, qwen3), Llama 3.1 JSON calls with "parameters" (llama3), Qwen3 <think> blocks."""
+    (chatml, qwen3), Llama 3.1 JSON calls with "parameters" (llama3), Qwen3 <think> blocks where
+    the reasoning is ``shown`` (its reasoning, or an empty block for the ``final`` message)."""
     text = message.content
     for call in message.tool_calls:
         arguments = json.dumps(call.arguments, ensure_ascii=False)
         one = (f'{{"name": "{call.name}", "parameters": {arguments}}}' if name == "llama3" else
                f'<tool_call>\n{{"name": "{call.name}", "arguments": {arguments}}}\n</tool_call>')
         text = f"{text}\n{one}" if text else one
-    if shown and message.reasoning is not None:
-        text = f"<think>\n{message.reasoning}\n</think>\n\n{text}"
+    if name == "qwen3" and shown and (message.reasoning or final):
+        text = f"<think>\n{message.reasoning or ''}\n</think>\n\n{text}"
     return text
+
+
+def sample_finals(messages, options, trained):
+    """The message each sample ends with (its final message): the last trained reply; with
+    --reasoning per-turn one per user turn whose trained replies reason (and the last turn),
+    each sample training the turns since the previous one."""
+    if options.reasoning != "per-turn":
+        return {max(trained)}
+    turn = np.cumsum([m.role == "user" for m in messages]).tolist()
+    thinking = {turn[i] for i, m in enumerate(messages) if m.reasoning is not None}
+    closing = {turn[i] for i in trained} & thinking | {turn[-1]}
+    return {max(i for i in trained if turn[i] <= c) for c in closing}
 
 
 def expected_turns(name, conversation, options):
@@ -215,15 +232,16 @@ def expected_turns(name, conversation, options):
     messages = conversation.messages
     last = max(i for i, m in enumerate(messages) if m.role == "assistant")
     last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
-    turns = []
+    trained = []
     for i, m in enumerate(messages):
         run_trains = options.train_on == "all" or i == last
         if m.role != "assistant" or not (m.train if m.train is not None else run_trains):
             continue
         shown = name == "qwen3" and (options.reasoning != "template" or i > last_user)
         if m.content.strip() or m.tool_calls or (shown and (m.reasoning or "").strip()):
-            turns.append((i, documented_reply(name, m, shown)))
-    return turns
+            trained.append((i, shown))
+    finals = sample_finals(messages, options, [i for i, _ in trained])
+    return [(i, documented_reply(name, messages[i], shown, i in finals)) for i, shown in trained]
 
 
 def split_turns(rendered, end_of_turn):
@@ -305,6 +323,21 @@ def test_per_turn_gives_one_sample_per_user_turn_with_reasoning(sp_model_path):
                                       RenderOptions(reasoning=mode))
         count[mode] = [s.turn_num for s in samples]
     assert count == {"template": [3], "keep": [3], "per-turn": [1, 2]}
+
+
+def test_errors_name_messages_as_formats_does(sp_model_path):
+    """Refusals name a message the one way formats.py and render_hf.py do: messages[i]."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    cases = [("plain", KINDS["tool calls"], "messages[1] is a tool call, but --template plain "
+                                            "has no layout for tools"),
+             ("chatml", KINDS["reasoning"], "messages[1] has reasoning, but --template chatml"),
+             ("llama2", KINDS["greeting, consecutive users"],
+              "messages[0]: --template llama2 has nothing before a reply")]
+    for name, conversation, start in cases:
+        template = resolve_template(get_template(name), tokenizer)
+        with pytest.raises(RecordError) as info:
+            render_conversation(conversation, template, tokenizer.encode)
+        assert info.value.message.startswith(start), info.value.message
 
 
 def test_run_and_message_control_what_is_trained(sp_model_path):

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 
 from mt_dialog.data.formats import Conversation, RecordError, parse_record
-from mt_dialog.data.render import RenderOptions, render_conversation, resolve_template
+from mt_dialog.data.render import (
+    RenderOptions,
+    render_conversation,
+    render_prompt,
+    resolve_template,
+)
 from mt_dialog.data.render_hf import (
     chat_template_end_of_turn,
     hf_messages,
@@ -218,7 +223,9 @@ def test_reasoning_modes(tokenizers):
     conversation = parse_record(RECORDS["reasoning"])
     with pytest.raises(RecordError) as info:
         render_with_chat_template(conversation, hf, RenderOptions(reasoning="keep"))
-    assert info.value.reason == "reasoning_dropped" and "message 1" in info.value.message
+    # named as every other error names a message (messages[1], as in formats.py)
+    assert info.value.reason == "reasoning_dropped"
+    assert info.value.message.startswith("messages[1]: --reasoning keep, but the chat template")
     single = parse_record({"messages": RECORDS["reasoning"]["messages"][2:6],
                            "tools": [WEATHER]})
     assert [s.input_ids.tolist() for s in render_with_chat_template(
@@ -260,25 +267,62 @@ def test_generation_prompt_is_the_training_prefix(tokenizers):
         assert sample.input_ids[:start].tolist() == prompt
 
 
+def test_builtin_qwen3_is_qwen3s_documented_layout(tokenizers):
+    """The built-in qwen3 template lays out every kind of conversation as the Qwen3-style Jinja
+    written from Qwen3's documentation (QWEN3_JINJA) does: the same ids and the same trained
+    tokens as --template hf with it (themselves checked against Hugging Face's generation marks
+    above), for --reasoning template and for each per-turn sample (the template's view of the
+    conversation up to that sample's last reply: an empty <think> block before a final reply
+    without reasoning); and the same generation prompts, with enable_thinking false too."""
+    from tests.data.test_render import KINDS
+
+    tokenizer, _ = tokenizers["qwen3"]
+    hf = tokenizer.hf
+    template = resolve_template(get_template("qwen3"), tokenizer)
+    for kind, conversation in KINDS.items():
+        for mode in ("template", "per-turn"):
+            options = RenderOptions(reasoning=mode)
+            ours = render_conversation(conversation, template, tokenizer.encode, options)
+            theirs = render_with_chat_template(conversation, hf, options)
+            assert [s.input_ids.tolist() for s in ours] == \
+                [s.input_ids.tolist() for s in theirs], (kind, mode)
+            assert [s.loss_token_num.tolist() for s in ours] == \
+                [s.loss_token_num.tolist() for s in theirs], (kind, mode)
+        messages = conversation.messages
+        for k in range(1, len(messages)):
+            if messages[k].role != "assistant" or messages[k - 1].role not in ("user", "tool"):
+                continue
+            history = Conversation(messages[:k], conversation.tools)
+            for thinking in (True, False):
+                prompt = hf.apply_chat_template(
+                    hf_messages(history.messages), tools=list(history.tools) or None,
+                    add_generation_prompt=True, enable_thinking=thinking, return_dict=True)
+                assert render_prompt(history, template, tokenizer.encode,
+                                     enable_thinking=thinking) == prompt["input_ids"], (kind, k)
+    no_thinking = render_prompt(KINDS["replies"].messages[:1], template, tokenizer.encode,
+                                enable_thinking=False)
+    assert tokenizer.decode(no_thinking).endswith("assistant\n<think>\n\n</think>\n\n")
+
+
 def test_refusals_name_the_cause(tokenizers, hf_tokenizer_dir, tmp_path):
     """A record is refused only when a reply cannot be located or trained as rendered, and the
     reason and message name the real cause."""
     qwen3 = tokenizers["qwen3"][0].hf
     cases = [
-        (openai(("Say <|im_end|> literally.", "No.")), "special_token_in_text", "message 0"),
+        (openai(("Say <|im_end|> literally.", "No.")), "special_token_in_text", "messages[0]"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi",
                         "reasoning_content": "Use <|im_start|> here."}]},
-         "special_token_in_text", "message 1"),
+         "special_token_in_text", "messages[1]"),
         ({"tools": [WEATHER], "messages": [
             {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "", "tool_calls": [_call("<|im_end|>", "c")]},
             {"role": "tool", "content": "1"}, {"role": "assistant", "content": "ok"}]},
-         "special_token_in_text", "message 1"),
+         "special_token_in_text", "messages[1]"),
     ]
     for record, reason, where in cases:
         with pytest.raises(RecordError) as info:
             render_with_chat_template(parse_record(record), qwen3)
-        assert info.value.reason == reason and where in info.value.message
+        assert info.value.reason == reason and info.value.message.startswith(where + " ")
     # a template that ignores tools: refused, never trained without them
     plain = HuggingFaceTokenizer(hf_tokenizer_dir).hf
     with pytest.raises(RecordError) as info:
@@ -306,7 +350,8 @@ def test_template_dropping_earlier_replies(hf_tokenizer_dir):
     conversation = parse_record(RECORDS["plain"])
     with pytest.raises(RecordError) as info:
         render_with_chat_template(conversation, tokenizer.hf)
-    assert info.value.reason == "reply_not_rendered" and "message 1" in info.value.message
+    assert info.value.reason == "reply_not_rendered"
+    assert info.value.message.startswith("messages[1]: ")
     assert "--train-on last" in info.value.message
     (sample,) = render_with_chat_template(conversation, tokenizer.hf,
                                           RenderOptions(train_on="last"))
@@ -475,7 +520,7 @@ def test_hf_reply_with_another_end_token_is_refused_with_its_line(tmp_path, hf_t
     code, _ = preprocess(tmp_path, [openai(("Hi", "Hello.")),
                                     openai(("Hi", "Hello."), ("Go", "bye now"))], folder)
     err = capsys.readouterr().err
-    assert code == 1 and f"{tmp_path / 'in.jsonl'}:2: conversation 2: message 3:" in err, err
+    assert code == 1 and f"{tmp_path / 'in.jsonl'}:2: conversation 2: messages[3]:" in err, err
     assert "'<|endoftext|>'" in err and "'<|im_end|>'" in err and "Traceback" not in err
     assert not list(tmp_path.glob("out*"))
 

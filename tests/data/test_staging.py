@@ -4,6 +4,7 @@ same bytes whichever process renders or writes, clean failures, memory per conve
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tracemalloc
@@ -160,7 +161,7 @@ def test_writer_process_failures_are_reported(tmp_path):
     with pytest.raises(WriterError, match=r"^writing the dataset failed: .*w2\.tokens"):
         process.write(job)
     process.close()
-    assert process._process.returncode is not None
+    assert_gone(process)
     killed = WriterProcess()
     killed._process.kill()
     killed._process.wait()
@@ -169,10 +170,19 @@ def test_writer_process_failures_are_reported(tmp_path):
     killed.close()
 
 
+def assert_gone(process: WriterProcess) -> None:
+    """No process is left behind: the writer exited or was killed, and was reaped."""
+    with pytest.raises(ProcessLookupError):
+        os.kill(process._process.pid, 0)
+    assert process._process.stdin.closed and process._process.stdout.closed
+
+
 def test_writer_process_is_stopped_at_once_when_the_run_fails(tmp_path):
     process = WriterProcess()  # still importing megatron-core
     process.close()
-    assert process._process.returncode is not None
+    # killed, not left to finish its import (a writer that gets no job then exits with 0)
+    assert process._process.returncode == -signal.SIGKILL
+    assert_gone(process)
 
 
 # --------------------------------------------------------------------------- whole pipeline
@@ -206,7 +216,8 @@ def test_failed_run_stops_the_writer_and_writes_nothing(tmp_path, sp_model_path,
     config = config_of(preprocess_args(path, sp_model_path, prefix, "--on-error", "skip"))
     with pytest.raises(PreprocessError, match="no conversation was kept"):
         run_preprocess(config)
-    assert opened[0]._process.returncode is not None
+    assert opened[0]._process.returncode == -signal.SIGKILL  # stopped, never given a job
+    assert_gone(opened[0])
     assert os.listdir(tmp_path) == ["in.jsonl"]
 
 

@@ -4,7 +4,8 @@
 (``demo_tokenizer`` of tests/conftest.py: 300 conversations and the SentencePiece tokenizer of
 ``mt_dialog.demo``; ChatML, --seq-length 256);
 ``second_data`` a smaller one with the same tokenizer (for blending). ``launch`` runs
-pretrain_dialog.py (torchrun for several processes, plain python for one) and captures its output;
+pretrain_dialog.py (``launch.run``: torchrun for several processes, plain python for one) and
+captures its output;
 ``parse_iters`` / ``parse_validation`` read the log lines; ``read_checkpoint`` loads every tensor
 of a dist_checkpointing folder in this (non-distributed) process.
 """
@@ -13,83 +14,28 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
-import sys
 import warnings
 from typing import Dict, List, Sequence
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.training.launch import REPO, run
+
 SCRIPT = "pretrain_dialog.py"
 SEQ_LENGTH = 256
 MODEL_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"]
-_TAIL = 20000
-
-try:  # a colleague's shared launcher; a private fallback keeps these tests self-contained
-    from tests.training.launch import run_torchrun as _shared_run_torchrun
-except ImportError:  # pragma: no cover - depends on the checkout
-    _shared_run_torchrun = None
 
 
 # ----------------------------------------------------------------------------------- launching
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                  else []))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)  # a single-process run must not inherit a launcher's layout
-    return env
-
-
-def _command(nproc: int, args: Sequence[str]) -> List[str]:
-    args = [str(a) for a in args]
-    if nproc == 1:
-        return [sys.executable, SCRIPT, *args]
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    runner = [torchrun] if os.path.exists(torchrun) else [sys.executable, "-m",
-                                                          "torch.distributed.run"]
-    return [*runner, "--nnodes", "1", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(_free_port()), SCRIPT, *args]
-
-
-def describe(proc: subprocess.CompletedProcess, what: str = "") -> str:
-    """The command and its captured output, for assertion messages."""
-    cmd = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
-    return (f"{what}\ncommand: {cmd}\nexit code: {proc.returncode}\n"
-            f"--- stdout ---\n{(proc.stdout or '')[-_TAIL:]}\n"
-            f"--- stderr ---\n{(proc.stderr or '')[-_TAIL:]}")
-
-
 def launch(nproc: int, args: Sequence[str], expect_ok: bool = True,
            timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run pretrain_dialog.py with ``args``: under torchrun with ``nproc`` processes, or as one
-    plain process when ``nproc == 1`` (WORLD_SIZE defaults to 1). With ``expect_ok`` a non-zero
-    exit fails the test showing the whole output; otherwise the result is returned as is."""
-    args = [str(a) for a in args]
-    if nproc > 1 and expect_ok and _shared_run_torchrun is not None:
-        return _shared_run_torchrun(SCRIPT, nproc, args, timeout=timeout)
-    cmd = _command(nproc, args)
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
-        pytest.fail(describe(subprocess.CompletedProcess(cmd, -1, out or "", err or ""),
-                             f"timed out after {timeout} s"))
-    if expect_ok and proc.returncode != 0:
-        pytest.fail(describe(proc, "training run failed"))
-    return proc
+    """Run pretrain_dialog.py with ``args`` (``launch.run``): under torchrun with ``nproc``
+    processes, or as one plain process when ``nproc == 1`` (WORLD_SIZE defaults to 1). With
+    ``expect_ok`` a non-zero exit fails the test showing the whole output; otherwise the result
+    is returned as is."""
+    return run(SCRIPT, nproc, args, timeout=timeout, expect_ok=expect_ok)
 
 
 def train_args(prefix, *extra, iters: int = 6, lr: float = 1e-2) -> List[str]:
@@ -173,23 +119,24 @@ def packed_data(demo_tokenizer) -> str:
                        os.path.join(demo_tokenizer["dir"], "chat"))
 
 
+def _other_demo_data(demo_tokenizer, name: str, conversations: int, seed: int,
+                     seq_length: int = SEQ_LENGTH) -> str:
+    """Other demo conversations (``seed``), packed with the same tokenizer into ``name``."""
+    from mt_dialog import demo
+
+    corpus = os.path.join(demo_tokenizer["dir"], f"corpus_{name}.jsonl")
+    demo.write_corpus(corpus, conversations, seed=seed)
+    return _preprocess(corpus, demo_tokenizer["tokenizer"],
+                       os.path.join(demo_tokenizer["dir"], name), seq_length=seq_length)
+
+
 @pytest.fixture(scope="session")
 def second_data(demo_tokenizer) -> str:
     """A second, smaller dataset (other conversations, same tokenizer) for blending."""
-    from mt_dialog import demo
-
-    corpus = os.path.join(demo_tokenizer["dir"], "corpus_b.jsonl")
-    demo.write_corpus(corpus, 80, seed=1)
-    return _preprocess(corpus, demo_tokenizer["tokenizer"],
-                       os.path.join(demo_tokenizer["dir"], "chat_b"))
+    return _other_demo_data(demo_tokenizer, "chat_b", 80, seed=1)
 
 
 @pytest.fixture(scope="session")
 def short_data(demo_tokenizer) -> str:
     """A tiny dataset packed for --seq-length 128 (same tokenizer): the seq-length mismatches."""
-    from mt_dialog import demo
-
-    corpus = os.path.join(demo_tokenizer["dir"], "corpus_short.jsonl")
-    demo.write_corpus(corpus, 40, seed=2)
-    return _preprocess(corpus, demo_tokenizer["tokenizer"],
-                       os.path.join(demo_tokenizer["dir"], "chat_128"), seq_length=128)
+    return _other_demo_data(demo_tokenizer, "chat_128", 40, seed=2, seq_length=128)

@@ -51,7 +51,7 @@ from mt_dialog.training.config import (  # noqa: E402
     DataConfig, DialogTrainingConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig,
     validate_world,
 )
-from mt_dialog.training.data import flatten_micro_batch  # noqa: E402
+from mt_dialog.training.data import DataInfo, flatten_micro_batch  # noqa: E402
 from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp  # noqa: E402
 from tests.training import reference as ref  # noqa: E402
 
@@ -122,8 +122,8 @@ def main():
             "the tied output-layer copy on the last stage differs from the first stage's embedding"
     Wref = {k: v for k, v in W.items() if not (tied and k == "output_layer.weight")}
 
-    info = loop.DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
-                         vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
+    info = DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
+                    vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
     recorder = GradRecorder(model)
     run = loop.Run(config=config, info=info, model=model, optimizer=recorder,
                    scheduler=types.SimpleNamespace(step=lambda increment=1: None),
@@ -188,7 +188,7 @@ def main():
                 res[f"{norm}_loss_ref"] = ref_loss
                 res[f"{norm}_logged_loss_per_turn"] = m["loss per turn"]
                 res[f"{norm}_logged_loss_per_token"] = m["loss per token"]
-                res[f"{norm}_logged_turns"] = m["turns"]
+                res[f"{norm}_logged_turns"] = m["turn_num"]
                 if tied and args.pp > 1:  # the last stage's copy must get the same reduced grad
                     res[f"{norm}_tied_copy_rel_err"] = ref.max_rel_err(
                         {"w": G["output_layer.weight"]},

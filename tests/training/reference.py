@@ -224,7 +224,7 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
 
     ``mcfg`` is a ``mt_dialog.training.config.ModelConfig``."""
     L = tokens.numel()
-    heads, groups = mcfg.num_attention_heads, mcfg.query_groups
+    heads, groups = mcfg.num_attention_heads, mcfg.num_query_groups
     hn = mcfg.hidden_size // heads
     qpg = heads // groups
     eps, base = mcfg.norm_epsilon, mcfg.rotary_base

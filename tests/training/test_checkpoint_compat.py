@@ -10,32 +10,18 @@ seeded apart, and RNG states are restored only where they were saved (same layou
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.training.conftest import (
-    MODEL_ARGS,
-    REPO,
-    _env,
-    describe,
-    iteration_dir,
-    launch,
-    parse_iters,
-    read_checkpoint,
-    train_args,
-)
+from tests.training.conftest import iteration_dir, launch, parse_iters, train_args
+from tests.training.launch import run
 
 WORKER = os.path.join("tests", "training", "te_like_worker.py")
 
 
 def _te_like(script, *args):
-    proc = subprocess.run([sys.executable, WORKER, script, *map(str, args)], cwd=REPO,
-                          env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, describe(proc, f"{script} with TE-like norms failed")
-    return proc
+    return run(WORKER, 1, [script, *args])  # fails the test, with the output, on an error
 
 
 def _extra_state_keys(folder, iteration):
@@ -71,14 +57,15 @@ def test_a_checkpoint_with_te_loads_without_te(plain_and_te, packed_data, tmp_pa
     finetuned = launch(1, train_args(packed_data, "--load", plain_and_te["te"], "--finetune",
                                      iters=1))
     assert "(weights only)" in finetuned.stdout
-    from mt_dialog.generate import Generator, shutdown
+    from mt_dialog.generate import Generator
+    from mt_dialog.training.distributed import destroy_single_process
 
     try:
         generator = Generator.from_checkpoint(str(plain_and_te["te"]))
         reply = generator.generate([{"role": "user", "content": "What is 2 plus 3?"}],
                                    max_new_tokens=4)
     finally:
-        shutdown()
+        destroy_single_process()
     assert len(reply.token_ids) >= 1
 
 
@@ -90,12 +77,14 @@ def test_chat_with_te_loads_a_checkpoint_written_without_te(plain_and_te):
     assert reply["token_ids"] and reply["finish_reason"] in ("end_of_turn", "eos", "max_new_tokens")
 
 
+@pytest.mark.multiprocess  # plain_and_te trains
 def test_missing_real_tensors_are_still_refused(plain_and_te):
     """A model with QKV biases asks for tensors the checkpoint does not have."""
     import dataclasses
 
-    from mt_dialog.generate import inference_config, read_run_info, shutdown, single_process_model
     from mt_dialog.training.checkpoint import CheckpointError, load_weights_for_inference
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import inference_config, read_run_info, single_process_model
 
     info = read_run_info(str(plain_and_te["plain"]))
     config = inference_config(info["config"])
@@ -106,7 +95,7 @@ def test_missing_real_tensors_are_still_refused(plain_and_te):
                            r"\(decoder.layers.self_attention.linear_qkv.bias\)"):
             load_weights_for_inference(str(plain_and_te["plain"]), [model])
     finally:
-        shutdown()
+        destroy_single_process()
 
 
 @pytest.mark.parametrize("pipeline_rank", [0, 1, 3])
@@ -145,3 +134,33 @@ def test_rng_states_restore_only_where_they_were_saved(monkeypatch):
     assert not checkpoint._rng_restorable({"layout": [2, 1, 1], "rng_device": "cuda"})
     monkeypatch.setattr(checkpoint, "_rng_device", lambda: "cpu")
     assert checkpoint._rng_restorable({"layout": [1, 2, 1]})
+
+
+def test_an_older_checkpoints_null_sizes_are_the_derived_ones(tmp_path):
+    """Checkpoints saved before the derived sizes were filled in hold null for
+    ffn_hidden_size / num_query_groups / kv_channels: --use-checkpoint-args, the architecture
+    check of --load and chat's model read them as the sizes a run without the flags gets."""
+    import dataclasses
+
+    from mt_dialog.config_utils import to_dict
+    from mt_dialog.training.checkpoint import CheckpointError, check_model_matches
+    from mt_dialog.training.config import ModelConfig
+    from mt_dialog.training.saved_run import inference_config
+    from pretrain_dialog import parse_config
+
+    fresh = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    older = dict(to_dict(fresh), ffn_hidden_size=None, num_query_groups=None, kv_channels=None)
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "iter_0000003" / "mt_dialog_config.json").write_text(json.dumps({"model": older}))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    sizes = ("ffn_hidden_size", "num_query_groups", "kv_channels")
+    assert None not in [getattr(fresh, name) for name in sizes]  # every reader sees the sizes
+    ported = parse_config(["--data-path", "unused", "--train-iters", "1", "--load", str(tmp_path),
+                           "--finetune", "--use-checkpoint-args"]).model
+    chat = inference_config({"model": older}).model
+    for model in (ported, chat):
+        assert [getattr(model, name) for name in sizes] == [getattr(fresh, name) for name in sizes]
+    check_model_matches(str(tmp_path), fresh)
+    with pytest.raises(CheckpointError, match=r"the checkpoint has num_query_groups = 4 but this "
+                       r"run has 2; pass --num-query-groups"):
+        check_model_matches(str(tmp_path), dataclasses.replace(fresh, num_query_groups=2))

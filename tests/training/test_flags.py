@@ -32,7 +32,7 @@ from tests.training.conftest import (
     parse_validation,
     train_args,
 )
-from tests.training.launch import run_torchrun
+from tests.training.launch import launch_env, run_torchrun
 
 ITERS, EXIT = 6, 3
 COMMON = ["--lr-decay-iters", str(ITERS), "--eval-iters", "1"]
@@ -106,7 +106,7 @@ def test_a_megatron_lm_recipes_flags_that_state_what_mt_dialog_does_are_accepted
     plain = parse_config(_base())
     ported = parse_config(_base() + recipe)
     assert ported.model.num_query_groups == 2
-    ported.model.num_query_groups = None
+    ported.model.num_query_groups = plain.model.num_query_groups  # derived: one per head
     assert ported == plain  # nothing else changed
 
 
@@ -126,6 +126,7 @@ def test_every_answer_is_for_a_flag_mt_dialog_lacks(capsys):
         assert _one_error_line(capsys.readouterr().err) == f"error: {flag}: {answer}"
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 def test_cli_answers_in_one_line_without_usage(packed_data):
     """The path users take: python pretrain_dialog.py with a Megatron-LM flag."""
     proc = launch(1, train_args(packed_data, "--use-flash-attn", "--split", "949,50,1"),
@@ -278,6 +279,7 @@ def test_tokenizer_mismatch_is_refused_by_name(packed_data, hf_data, demo_tokeni
         assert line.startswith(parts[0]) and all(p in line for p in parts), (line, parts)
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 def test_cli_refuses_another_tokenizer_before_the_model(packed_data, sp_model_path):
     proc = launch(1, train_args(packed_data, "--tokenizer-type", "Llama2Tokenizer",
                                 "--tokenizer-model", sp_model_path), expect_ok=False,
@@ -326,11 +328,13 @@ def interrupted(packed_data, tmp_path_factory):
     return first, second, files_after_first, save
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 def test_eval_iters_alone_validates_once_at_the_end(straight):
     assert [r["iter"] for r in straight["iters"]] == list(range(1, ITERS + 1)), straight["stdout"]
     assert [v["iter"] for v in straight["valid"]] == [ITERS], straight["stdout"]
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 def test_exit_interval_stops_saves_and_resumes_exactly(straight, interrupted):
     first, second, files_after_first, save = interrupted
     assert [r["iter"] for r in first["iters"]] == list(range(1, EXIT + 1)), first["stdout"]
@@ -451,14 +455,14 @@ def test_wandb_logs_the_tensorboard_scalars_from_the_logging_rank(tracked, strai
         assert got["loss_turn"] == pytest.approx(want["loss_turn"], abs=2e-3), (got, want)
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 def test_wandb_flag_without_wandb_is_one_line(packed_data, tmp_path):
     """A machine without wandb (hidden from the import system): refused before the build."""
     args = train_args(packed_data, "--wandb-project", "p")
     code = ("import runpy, sys; sys.modules['wandb'] = None; "
             f"sys.argv = [{SCRIPT!r}] + sys.argv[1:]; runpy.run_path({SCRIPT!r}, "
             "run_name='__main__')")
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=launch_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     line = _one_error_line(proc.stderr)

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -16,8 +15,7 @@ import torch
 
 from tests.training.conftest import (
     REPO,
-    _command,
-    _env,
+    SCRIPT,
     iteration_dir,
     launch,
     our_traceback_frames,
@@ -25,6 +23,7 @@ from tests.training.conftest import (
     read_checkpoint,
     train_args,
 )
+from tests.training.launch import command, launch_env, run
 
 pytestmark = pytest.mark.multiprocess
 
@@ -40,8 +39,8 @@ def _numbers(line):
 def _run_until_terminated(args, after_iteration: int) -> subprocess.CompletedProcess:
     """torchrun with 2 processes; SIGTERM to torchrun (which forwards it to the workers) once
     iteration ``after_iteration`` is logged."""
-    cmd = _command(2, args)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    cmd = command(SCRIPT, 2, args)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines, deadline = [], time.time() + 240
     for line in proc.stdout:
@@ -98,10 +97,8 @@ FAILING = os.path.join("tests", "training", "failing_save_worker.py")
 def test_a_failed_save_stops_every_rank_and_keeps_the_previous_checkpoint(packed_data, tmp_path):
     save = tmp_path / "ckpt"
     args = train_args(packed_data, *TP2, "--save", save, "--save-interval", "2", iters=6)
-    env = dict(_env(), MT_DIALOG_TEST_FAIL_SAVE="iter_0000004", MT_DIALOG_TEST_FAIL_RANK="1")
-    cmd = [*_command(2, [FAILING, *args])]
-    cmd.remove("pretrain_dialog.py")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run(FAILING, 2, args, expect_ok=False,
+               env={"MT_DIALOG_TEST_FAIL_SAVE": "iter_0000004", "MT_DIALOG_TEST_FAIL_RANK": "1"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, proc.stderr  # one line per rank

@@ -71,7 +71,8 @@ def test_relaunching_a_finished_run_changes_nothing(relaunched):
 def test_a_checkpoint_chats_without_the_datasets_tokenizer(relaunched, demo_tokenizer, tmp_path):
     """The run's tokenizer is copied into CKPT/tokenizer: move the checkpoint and delete the
     tokenizer it trained with (a checkpoint copied to another machine)."""
-    from mt_dialog.generate import Generator, shutdown
+    from mt_dialog.generate import Generator
+    from mt_dialog.training.distributed import destroy_single_process
 
     folder = relaunched["folder"]
     name = os.path.basename(demo_tokenizer["tokenizer"])
@@ -86,6 +87,6 @@ def test_a_checkpoint_chats_without_the_datasets_tokenizer(relaunched, demo_toke
                                    max_new_tokens=4)
     finally:
         os.rename(hidden, demo_tokenizer["tokenizer"])
-        shutdown()
+        destroy_single_process()
     assert generator.tokenizer.path == str(moved / "tokenizer" / name)
     assert reply.token_ids

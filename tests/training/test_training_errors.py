@@ -127,7 +127,7 @@ def test_dataset_refuses_a_smaller_model_vocabulary(packed_data):
     smaller); the dataset reader itself refuses a model vocabulary that does not cover it."""
     from pretrain_dialog import parse_config
 
-    from mt_dialog.training.loop import inspect_datasets
+    from mt_dialog.training.data import inspect_datasets
     from mt_dialog.training.model import padded_vocab_size
 
     info = inspect_datasets(parse_config(["--data-path", packed_data, "--train-iters", "1"]))
@@ -177,6 +177,7 @@ CASES = {
 USAGE_ERRORS = {"context_parallel", "finetune_without_load"}
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refused_before_the_model_is_built(case, packed_data, short_data):
     make_argv, expected = CASES[case]

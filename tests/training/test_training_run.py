@@ -66,6 +66,11 @@ def test_one_log_line_per_interval_from_one_rank(blended_run):
 
 
 @pytest.mark.multiprocess
+def test_no_validation_note_when_validating(blended_run):
+    assert "note: no validation" not in blended_run["stdout"]
+
+
+@pytest.mark.multiprocess
 def test_validation_lines(blended_run):
     out = blended_run["stdout"]
     valid = parse_validation(out)

@@ -1,0 +1,241 @@
+"""The dialogue loss on small tensors, through the path training takes: conversations rendered by
+the library (firefly, one id per word as in the README's table), packed by ``build_sample``,
+flattened by ``flatten_micro_batch``, then ``pretrain_dialog.make_forward_step``'s loss function
+on given per-token losses. Every normalization is compared with sums written out turn by turn and
+conversation by conversation from the rendering; the report pairs add up over micro-batches to
+the global batch (``loop._reduce_reports``), which a mean of micro-batch means would not."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from mt_dialog.data.dataset import build_sample
+from mt_dialog.data.formats import Message
+from mt_dialog.data.render import render_conversation, resolve_template
+from mt_dialog.data.templates import get_template
+from mt_dialog.data.tokenizers import SentencePieceTokenizer
+from mt_dialog.training.data import flatten_micro_batch
+from mt_dialog.training.loss import NORMALIZATIONS, conversation_ids_from_cu_seqlens, dialog_loss
+from pretrain_dialog import make_forward_step
+from tests.conftest import ROOT
+
+SEQ = 16
+CONVERSATIONS = {  # user / assistant texts; "A" is the README's two-turn example
+    "A": ["Hi", "Hello!", "2+2?", "4"],
+    "B": ["Count", "1 2 3 4 5", "Thanks", "Welcome"],
+    "C": ["Bye", "See you"],
+}
+PACKS = (("A", "C"), ("B",))  # two packs of SEQ tokens, each with padding
+
+
+def readme_table():
+    """The README's firefly table ("What is stored"): {row name: its cells}."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    rows = {}
+    for name in ("text", "loss_mask", "loss_token_num"):
+        match = re.search(rf"^{name} +(.+)$", text, re.M)
+        assert match, f"README.md has no '{name}' row"
+        rows[name] = match[1].split()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def firefly(sp_model_path):
+    """(the resolved firefly template, an encode giving one id per word, the word ids)."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    template = resolve_template(get_template("firefly"), tokenizer)
+    words = {"<s>": tokenizer.bos_id, "</s>": tokenizer.eos_id}
+
+    def encode(text):
+        return [words.setdefault(word, 1000 + len(words)) for word in text.split()]
+
+    return template, encode, words
+
+
+def render(name, firefly):
+    template, encode, _ = firefly
+    texts = CONVERSATIONS[name]
+    messages = [Message(role="user" if i % 2 == 0 else "assistant", content=t)
+                for i, t in enumerate(texts)]
+    (rendered,) = render_conversation(messages, template, encode)
+    return rendered
+
+
+def test_the_readme_table_is_what_training_stores(firefly):
+    rows = readme_table()
+    rendered = render("A", firefly)
+    words = firefly[2]
+    assert rendered.input_ids.tolist() == [words[w] for w in rows["text"]]
+    assert rendered.loss_mask.tolist() == [int(v) for v in rows["loss_mask"]]
+    assert rendered.loss_token_num.tolist() == [int(v) for v in rows["loss_token_num"]]
+    assert rendered.turn_num == 2
+
+
+# ------------------------------------------------------------------ references from the rendering
+
+def packed(firefly):
+    """(samples of PACKS, per conversation the flattened label positions of each of its turns)."""
+    samples, turns = [], {}
+    for index, names in enumerate(PACKS):
+        rendered = [render(name, firefly) for name in names]
+        tokens = np.concatenate([r.input_ids for r in rendered])
+        counts = np.concatenate([r.loss_token_num for r in rendered])
+        lengths = np.array([r.num_tokens for r in rendered])
+        samples.append(build_sample(tokens, counts, lengths, SEQ, pad_id=0))
+        offset = index * SEQ
+        for name, r in zip(names, rendered):
+            # token j of the conversation is the label at position offset + j - 1
+            turns[name] = [list(range(offset + end - int(r.loss_token_num[end - 1]) - 1,
+                                      offset + end - 1)) for end in r.turn_ends]
+            offset += r.num_tokens
+    return samples, turns
+
+
+def references(losses, turns):
+    """(loss_sum, count) of each normalization, summed turn by turn / conversation by
+    conversation as their definitions say (README: "The loss")."""
+    flat = losses.detach().double().view(-1)
+    every_turn = [t for conv in turns.values() for t in conv]
+    trained = [p for t in every_turn for p in t]
+    conversation_means = [flat[[p for t in conv for p in t]].mean() for conv in turns.values()]
+    return {"turn": (sum(flat[t].mean() for t in every_turn), len(every_turn)),
+            "token": (flat[trained].sum(), len(trained)),
+            "conversation": (sum(conversation_means), len(turns))}
+
+
+class PerTokenLosses(torch.nn.Module):
+    """Stands in for GPTModel(..., labels=...): returns the given per-token losses [1, b*s]."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.losses = losses
+
+    def forward(self, tokens, position_ids, attention_mask, labels=None, packed_seq_params=None):
+        assert labels.shape == tokens.shape == self.losses.shape
+        return self.losses
+
+
+def loss_of(batch, losses, normalization):
+    """What megatron's schedule gets from pretrain_dialog's forward_step for ``batch``."""
+    output, loss_func = make_forward_step(normalization)(iter([batch]), PerTokenLosses(losses))
+    return loss_func(output)
+
+
+@pytest.fixture(scope="module")
+def global_batch(firefly):
+    samples, turns = packed(firefly)
+    generator = torch.Generator().manual_seed(0)
+    losses = (torch.rand(1, len(samples) * SEQ, generator=generator, dtype=torch.float64) * 4)
+    return samples, turns, losses.float()
+
+
+@pytest.mark.parametrize("isolated", [True, False])  # --packed-attention isolated / causal
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_each_normalization_is_its_definition(global_batch, normalization, isolated):
+    samples, turns, values = global_batch
+    batch = flatten_micro_batch(samples, isolated, torch.device("cpu"))
+    losses = values.clone().requires_grad_(True)
+    loss_sum, count, report = loss_of(batch, losses, normalization)
+    want_sum, want_count = references(values, turns)[normalization]
+    assert count.dtype == torch.int32 and int(count) == want_count
+    assert float(loss_sum.detach()) == pytest.approx(float(want_sum), rel=1e-6)
+    # the step's gradient: loss_sum / count, divided once by finalize_model_grads
+    (loss_sum / count).backward()
+    weights = torch.zeros(losses.numel(), dtype=torch.float64)
+    spans = {"turn": [t for conv in turns.values() for t in conv],
+             "token": [[p for conv in turns.values() for t in conv for p in t]],
+             "conversation": [[p for t in conv for p in t] for conv in turns.values()]}
+    for span in spans[normalization]:  # each sample of the split baseline: its token mean
+        size = 1 if normalization == "token" else len(span)
+        weights[span] += 1.0 / (size * want_count)
+    assert torch.allclose(losses.grad.view(-1).double(), weights, rtol=1e-6, atol=0)
+
+
+def test_turns_count_equally_whatever_their_length(global_batch):
+    """Turn normalization is the mean of the turns' token means: a 6-token turn weighs as much as
+    a 2-token one (token normalization would weigh it 3 times more)."""
+    samples, turns, values = global_batch
+    batch = flatten_micro_batch(samples, True, torch.device("cpu"))
+    lengths = sorted(len(t) for conv in turns.values() for t in conv)
+    assert lengths[0] <= 2 and lengths[-1] >= 6  # the data has the spread
+    per_turn = loss_of(batch, values, "turn")
+    per_token = loss_of(batch, values, "token")
+    assert float(per_turn[0] / per_turn[1]) != pytest.approx(float(per_token[0] / per_token[1]),
+                                                             rel=1e-3)
+
+
+def test_report_pairs_are_every_normalization_at_once(global_batch):
+    samples, turns, values = global_batch
+    batch = flatten_micro_batch(samples, True, torch.device("cpu"))
+    want = references(values, turns)
+    for normalization in NORMALIZATIONS:  # the report does not depend on the normalization
+        _, _, report = loss_of(batch, values, normalization)
+        for key, name in (("loss per turn", "turn"), ("loss per token", "token"),
+                          ("loss per conversation", "conversation")):
+            total, count = report[key].tolist()
+            assert report[key].dtype == torch.float64 and count == want[name][1]
+            assert total == pytest.approx(float(want[name][0]), rel=1e-6)
+
+
+@pytest.fixture()
+def single_process():
+    from mt_dialog.training.distributed import destroy_single_process, initialize_single_process
+
+    initialize_single_process()
+    yield
+    destroy_single_process()
+
+
+def test_micro_batch_reports_add_up_to_the_global_batch(global_batch, single_process):
+    """One pack per micro-batch: the step's metrics (loop._reduce_reports) are the whole global
+    batch's, by name; a mean of the micro-batches' means is not."""
+    from mt_dialog.training.loop import _reduce_reports
+
+    samples, turns, values = global_batch
+    whole = flatten_micro_batch(samples, True, torch.device("cpu"))
+    batches = [flatten_micro_batch([s], True, torch.device("cpu")) for s in samples]
+    store = [loss_of(b, values[:, i * SEQ:(i + 1) * SEQ], "turn")[2] for i, b in enumerate(batches)]
+    metrics = _reduce_reports(store, batches)
+    _, _, report = loss_of(whole, values, "turn")
+    for name in ("loss per turn", "loss per token", "loss per conversation"):
+        total, count = report[name].tolist()
+        assert metrics[name] == pytest.approx(total / count, rel=1e-6)  # fp32 sums
+    want = references(values, turns)
+    assert metrics["turn_num"] == want["turn"][1] == 5
+    assert metrics["num_loss_tokens"] == want["token"][1]
+    assert metrics["num_tokens"] == sum(int(s["num_tokens"]) for s in samples)
+    assert metrics["packs"] == len(samples)
+    means = [pair[0] / pair[1] for pair in (r["loss per turn"].tolist() for r in store)]
+    assert metrics["loss per turn"] != pytest.approx(sum(means) / len(means), rel=1e-3)
+
+
+def test_conversation_ids_follow_the_segments():
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    ids = conversation_ids_from_cu_seqlens(cu, 7)
+    assert ids.dtype == torch.int64 and ids.tolist() == [[0, 0, 0, 1, 1, 2, 2]]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"normalization": "sample"}, "normalization must be one of turn, token, conversation|"
+                                  r"\('turn', 'token', 'conversation'\), got 'sample'"),
+    ({"normalization": "turn", "loss_token_num": None}, "'turn' normalization needs "
+                                                        "loss_token_num"),
+    ({"normalization": "conversation"}, "'conversation' normalization needs conversation_ids "
+                                        "or cu_seqlens"),
+])
+def test_missing_inputs_are_named(kwargs, message):
+    losses = torch.ones(1, 4)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    arguments = {"loss_token_num": torch.tensor([[0.0, 2.0, 2.0, 0.0]]), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        dialog_loss(losses, mask, **arguments)
+
+
+def test_an_unknown_normalization_is_refused_before_the_first_step():
+    from mt_dialog.training.loss import make_loss_func
+
+    with pytest.raises(ValueError, match="got 'mean'"):
+        make_loss_func(torch.ones(1, 2), normalization="mean")
