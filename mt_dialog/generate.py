@@ -47,10 +47,14 @@ class GenerationError(ValueError):
 class GenerationResult:
     """One generated reply."""
 
-    text: str  # the reply, without the end-of-turn token
+    text: str  # the reply, without the end-of-turn token and without its reasoning block
     token_ids: List[int]  # generated ids; the last one is the end-of-turn id if it stopped there
     prompt_ids: List[int]
     finish_reason: str  # one of FINISH_REASONS
+    reasoning: Optional[str] = None
+    """The text of the reply's leading ``<think>...</think>`` block (newlines around it removed),
+    for a template with a reasoning layout; None when the reply has none (or it was cut off
+    before ``</think>``: then ``text`` holds all of it)."""
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -153,15 +157,47 @@ class Generator:
                    saved_run.run_render_options(data))
 
     # -- prompt ------------------------------------------------------------------------------
-    def prompt_ids(self, messages: Sequence[MessageLike]) -> List[int]:
-        """The generation prompt, exactly as conversations were laid out in training."""
+    def prompt_ids(self, messages: Sequence[MessageLike], tools: Optional[Sequence] = None,
+                   enable_thinking: bool = True) -> List[int]:
+        """The generation prompt, exactly as conversations were laid out in training.
+
+        Args:
+            messages: ``Message`` objects or OpenAI / Hugging Face message dicts, ending with a
+                user message or tool results.
+            tools: the functions offered to the assistant, as a record's ``tools`` (a list of
+                ``{"type": "function", "function": {"name", "description", "parameters"}}`` or
+                bare function objects); a model trained on tool calls saw them in its prompt.
+            enable_thinking: False (Qwen3's switch) ends the prompt with an empty reasoning block
+                so that the reply has no reasoning; needs a template with a reasoning layout.
+
+        Raises ``GenerationError`` (bad messages or tools, a template that cannot lay them out).
+        """
+        from mt_dialog.data.formats import Conversation, RecordError, parse_tools
         from mt_dialog.data.render import render_prompt
         from mt_dialog.data.render_hf import render_prompt_with_chat_template
 
         checked = to_messages(messages)
-        if self.template is None:  # the tokenizer's own Jinja template
-            return render_prompt_with_chat_template(checked, self.tokenizer.hf)
-        return render_prompt(checked, self.template, self.tokenizer.encode, self.options)
+        if not enable_thinking and not self.has_reasoning_layout():
+            raise GenerationError(f"the chat template {self.template_name!r} has no reasoning "
+                                  "layout, so thinking cannot be switched off; leave "
+                                  "enable_thinking on (drop --no-thinking)")
+        try:
+            conversation = Conversation(tuple(checked), parse_tools(tools))
+            if self.template is None:  # the tokenizer's own Jinja template
+                return render_prompt_with_chat_template(conversation, self.tokenizer.hf,
+                                                        enable_thinking)
+            return render_prompt(conversation, self.template, self.tokenizer.encode,
+                                 self.options, enable_thinking)
+        except RecordError as exc:
+            raise GenerationError(exc.message) from None
+
+    def has_reasoning_layout(self) -> bool:
+        """Whether the chat template lays out reasoning (``<think>`` blocks) in replies."""
+        if self.template is not None:
+            return self.template.reasoning is not None
+        from mt_dialog.data.render_hf import chat_template_info
+
+        return "reasoning" in chat_template_info(self.tokenizer.hf).renders
 
     # -- decoding ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,15 +252,29 @@ class Generator:
 
     def generate(self, messages: Sequence[MessageLike], max_new_tokens: int = 128,
                  greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: Optional[int] = None) -> GenerationResult:
-        """The assistant's next reply to ``messages`` (ending with a user message)."""
-        prompt = self.prompt_ids(messages)
+                 seed: Optional[int] = None, tools: Optional[Sequence] = None,
+                 enable_thinking: bool = True) -> GenerationResult:
+        """The assistant's next reply to ``messages`` (ending with a user message or tool
+        results); ``tools`` and ``enable_thinking`` as in ``prompt_ids``. With a reasoning
+        layout the reply's leading ``<think>`` block is returned apart (``reasoning``), as a
+        message's ``reasoning_content`` is given back to the next prompt."""
+        from mt_dialog.data.formats import RecordError, split_reasoning
+
+        prompt = self.prompt_ids(messages, tools, enable_thinking)
         new, reason = self.generate_ids(prompt, max_new_tokens, greedy, temperature, top_p, seed)
-        text_ids = new[:-1] if reason in ("end_of_turn", "eos") else new
-        return GenerationResult(self.tokenizer.decode(text_ids), new, prompt, reason)
+        text = self.tokenizer.decode(new[:-1] if reason in ("end_of_turn", "eos") else new)
+        reasoning = None
+        if self.has_reasoning_layout():
+            try:
+                text, reasoning = split_reasoning(text, None, "the reply")
+            except RecordError:  # cut off inside the reasoning: all of it stays in text
+                pass
+        return GenerationResult(text, new, prompt, reason, reasoning)
 
     def reply(self, messages: Sequence[MessageLike], max_new_tokens: int = 128,
               greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
-              seed: Optional[int] = None) -> str:
-        """The text of the next reply (see ``generate``)."""
-        return self.generate(messages, max_new_tokens, greedy, temperature, top_p, seed).text
+              seed: Optional[int] = None, tools: Optional[Sequence] = None,
+              enable_thinking: bool = True) -> str:
+        """The text of the next reply, without its reasoning (see ``generate``)."""
+        return self.generate(messages, max_new_tokens, greedy, temperature, top_p, seed, tools,
+                             enable_thinking).text

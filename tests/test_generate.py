@@ -203,3 +203,136 @@ def test_chat_help_shows_the_printf_example_intact(capsys):
     assert ("    printf 'What is 2 plus 2?\\nCount from 3 to 7.\\n' | python tools/chat.py "
             "--load ckpt --echo\n") in out, out
     assert '--system "You are a helpful assistant." \\\n' in out
+
+
+# -- tools and reasoning in the prompt, reasoning apart in the reply (no checkpoint) --------------
+
+from tests.data.chat_tokenizers import hf_qwen3_dir  # noqa: E402,F401  (fixture)
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+class _ScriptedModel(torch.nn.Module):
+    """Stands for a model: its 'logits' pick the next id of a fixed script after the prompt."""
+
+    def __init__(self, script, vocab_size: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab_size, self.prompt_length = list(script), vocab_size, None
+
+    def forward(self, tokens, positions, mask):
+        if self.prompt_length is None:
+            self.prompt_length = tokens.shape[1]
+        logits = torch.zeros(1, tokens.shape[1], self.vocab_size)
+        logits[0, -1, self.script[tokens.shape[1] - self.prompt_length]] = 1.0
+        return logits
+
+
+def _built_in(sp_model_path, name, script_text=""):
+    from mt_dialog.data.render import end_of_turn_id, resolve_template
+    from mt_dialog.data.templates import get_template
+    from mt_dialog.data.tokenizers import SentencePieceTokenizer
+    from mt_dialog.generate import Generator
+
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    template = resolve_template(get_template(name), tokenizer)
+    eot = end_of_turn_id(name, tokenizer)
+    script = tokenizer.encode(script_text) + [eot]
+    vocab = tokenizer.vocab_size
+    return Generator(_ScriptedModel(script, vocab), tokenizer, template, eot, vocab, 512, name)
+
+
+@pytest.mark.parametrize("name", ["chatml", "qwen3", "llama3"])
+def test_prompt_with_tools_is_the_training_layout(sp_model_path, name):
+    """With ``tools`` the prompt is the training rendering of the same conversation with the same
+    tools, up to where the reply starts; without them it differs (the model saw them)."""
+    from mt_dialog.data.formats import parse_record
+    from mt_dialog.data.render import render_conversation
+
+    generator = _built_in(sp_model_path, name)
+    record = {"messages": ASK + [{"role": "assistant", "content": "Let me check."}],
+              "tools": WEATHER}
+    (rendered,) = render_conversation(parse_record(record), generator.template,
+                                      generator.tokenizer.encode)
+    prompt = generator.prompt_ids(ASK, tools=WEATHER)
+    assert list(rendered.input_ids[:len(prompt)]) == prompt
+    assert rendered.loss_token_num[len(prompt) - 1] == 0 and rendered.loss_token_num[len(prompt)]
+    assert generator.prompt_ids(ASK) != prompt
+    assert "get_weather" in generator.tokenizer.decode(prompt)
+
+
+def test_bad_tools_and_thinking_switch_refused(sp_model_path):
+    from mt_dialog.generate import GenerationError
+
+    generator = _built_in(sp_model_path, "chatml")
+    with pytest.raises(GenerationError, match=r"tools\[0\]"):
+        generator.prompt_ids(ASK, tools=[{"description": "no name"}])
+    with pytest.raises(GenerationError, match="no reasoning layout"):
+        generator.prompt_ids(ASK, enable_thinking=False)
+
+
+def test_no_thinking_prompt_and_reasoning_apart(sp_model_path):
+    """qwen3: ``enable_thinking=False`` ends the prompt with an empty ``<think>`` block; a reply
+    that thinks comes back with its reasoning apart, and the history given back with it as
+    ``reasoning_content`` gives the prompt training gave (earlier reasoning left out)."""
+    from mt_dialog.data.formats import parse_record
+    from mt_dialog.data.render import render_conversation
+
+    generator = _built_in(sp_model_path, "qwen3", "<think>\nParis is sunny.\n</think>\n\nSunny.")
+    prompt = generator.prompt_ids(ASK)
+    off = generator.prompt_ids(ASK, enable_thinking=False)
+    assert off[:len(prompt)] == prompt
+    assert generator.tokenizer.decode(off[len(prompt):]) == "<think>\n\n</think>\n\n"
+    result = generator.generate(ASK)
+    assert (result.text, result.reasoning, result.finish_reason) == (
+        "Sunny.", "Paris is sunny.", "end_of_turn")
+    history = ASK + [{"role": "assistant", "content": result.text,
+                      "reasoning_content": result.reasoning},
+                     {"role": "user", "content": "And tomorrow?"}]
+    (rendered,) = render_conversation(
+        parse_record({"messages": history + [{"role": "assistant", "content": "Rain."}]}),
+        generator.template, generator.tokenizer.encode)
+    next_prompt = generator.prompt_ids(history)
+    assert list(rendered.input_ids[:len(next_prompt)]) == next_prompt
+    assert "Paris is sunny" not in generator.tokenizer.decode(next_prompt)
+
+
+def test_reply_cut_inside_reasoning_keeps_all_text(sp_model_path):
+    generator = _built_in(sp_model_path, "qwen3", "<think>\nStill thinking about it")
+    result = generator.generate(ASK, max_new_tokens=4)
+    assert result.finish_reason == "max_new_tokens" and result.reasoning is None
+    assert result.text == generator.tokenizer.decode(result.token_ids)
+
+
+def test_hf_template_gets_tools_and_enable_thinking(hf_qwen3_dir):
+    """--template hf: the prompt is the tokenizer's own ``apply_chat_template`` with the tools
+    and ``enable_thinking`` passed, tokenized as training tokenizes."""
+    from mt_dialog.data.tokenizers import HuggingFaceTokenizer
+    from mt_dialog.data.render_hf import hf_end_of_turn_id
+    from mt_dialog.generate import Generator
+
+    tokenizer = HuggingFaceTokenizer(hf_qwen3_dir)
+    eot = hf_end_of_turn_id(tokenizer)
+    generator = Generator(_ScriptedModel([eot], tokenizer.vocab_size), tokenizer, None, eot,
+                          tokenizer.vocab_size, 512, "hf")
+    assert generator.has_reasoning_layout()
+    for thinking in (True, False):
+        text = tokenizer.hf.apply_chat_template(ASK, tools=WEATHER, tokenize=False,
+                                                add_generation_prompt=True,
+                                                enable_thinking=thinking)
+        expected = tokenizer.hf(text, add_special_tokens=False)["input_ids"]
+        assert generator.prompt_ids(ASK, WEATHER, enable_thinking=thinking) == expected
+    assert generator.prompt_ids(ASK, WEATHER) != generator.prompt_ids(ASK, WEATHER, False)
+
+
+def test_chat_tools_file_errors(tmp_path):
+    bad = tmp_path / "tools.json"
+    bad.write_text('[{"name": "f",}]\n')
+    out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(bad))
+    assert out.returncode == 1 and out.stderr.startswith(f"error: --tools {bad}:1: not JSON")
+    out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(tmp_path / "none"))
+    assert out.returncode == 1 and "cannot read it" in out.stderr

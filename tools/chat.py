@@ -14,6 +14,11 @@ Examples:
     # interactive: one user message per line on stdin; /reset clears the history, /quit exits
     python tools/chat.py --load ckpt
     printf 'What is 2 plus 2?\nCount from 3 to 7.\n' | python tools/chat.py --load ckpt --echo
+    # a model trained on tool calls: offer it the same functions (a JSON list, as a record's
+    # "tools"); a reasoning model (qwen3 template): answer without thinking, or show the thinking
+    python tools/chat.py --load ckpt --tools tools.json --message "Weather in Paris?" --json
+    python tools/chat.py --load ckpt --no-thinking --message "What is 3 plus 4?"
+    python tools/chat.py --load ckpt --show-reasoning --message "What is 3 plus 4?"
 
 The prompt is laid out with the chat template and tokenizer of the dataset the run trained on;
 generation stops at the template's end-of-turn token or after --max-new-tokens.
@@ -57,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run's tokenizer, if it moved (.model file or HF folder)")
     parser.add_argument("--template", default=None,
                         help="chat template, if the run's dataset metadata is gone")
+    parser.add_argument("--tools", default=None, metavar="FILE",
+                        help="JSON file with the functions offered to the assistant: a list of "
+                        "{\"type\": \"function\", \"function\": {\"name\", \"description\", "
+                        "\"parameters\"}} (or bare function objects), as a record's \"tools\"")
+    parser.add_argument("--no-thinking", action="store_true",
+                        help="reasoning templates (qwen3, or --template hf with a <think> layout): "
+                        "end the prompt with an empty reasoning block, so the model answers "
+                        "without thinking (Qwen3's enable_thinking=False)")
+    parser.add_argument("--show-reasoning", action="store_true",
+                        help="print the reply's reasoning (its <think> block) before the reply; "
+                        "--json always includes it as \"reasoning\"")
     parser.add_argument("--echo", action="store_true",
                         help="interactive: print the conversation as a transcript (user> and "
                         "assistant> lines), e.g. when the messages are piped in")
@@ -84,9 +100,38 @@ def _check_args(args) -> None:
     if args.message and len(args.message) % 2 == 0:
         raise ValueError(f"{len(args.message)} --message given: they alternate user, assistant, "
                          "user, ... so the last one must be a user message (give an odd number)")
+    args.tools = _tools(args.tools)  # read before the model loads
     if not os.path.isdir(args.load):
         raise ValueError(f"--load {args.load}: no such checkpoint folder (the --save folder of "
                          "pretrain_dialog.py)")
+
+
+def _tools(path):
+    """The functions in ``--tools FILE`` (checked when the prompt is built), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except OSError as exc:
+        raise ValueError(f"--tools {path}: cannot read it ({exc.strerror})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--tools {path}:{exc.lineno}: not JSON ({exc.msg}); give a JSON list "
+                         "of function descriptions") from None
+
+
+def _assistant(result) -> dict:
+    """The reply as the history keeps it: its reasoning apart, as training data gives it."""
+    message = {"role": "assistant", "content": result.text}
+    if result.reasoning is not None:
+        message["reasoning_content"] = result.reasoning
+    return message
+
+
+def _shown(result, show_reasoning: bool) -> str:
+    if show_reasoning and result.reasoning is not None:
+        return f"<think>\n{result.reasoning}\n</think>\n{result.text}"
+    return result.text
 
 
 def _history(args) -> list:
@@ -96,17 +141,20 @@ def _history(args) -> list:
     return messages
 
 
-def _fit(generator, messages: list, max_new_tokens: int) -> list:
+def _fit(generator, messages: list, options: dict) -> list:
     """Drop the oldest user/assistant pairs until prompt + reply fit the trained length."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(system):]
-    room = min(max_new_tokens, generator.seq_length // 2)
-    while len(body) > 1 and len(generator.prompt_ids(system + body)) + room > generator.seq_length:
+    room = min(options["max_new_tokens"], generator.seq_length // 2)
+    while len(body) > 1 and len(generator.prompt_ids(
+            system + body, options["tools"], options["enable_thinking"])) + room \
+            > generator.seq_length:
         body = body[2:]
     return system + body
 
 
-def _interactive(generator, messages: list, sampling: dict, echo: bool = False) -> None:
+def _interactive(generator, messages: list, options: dict, echo: bool = False,
+                 show_reasoning: bool = False) -> None:
     tty = sys.stdin.isatty()
     while True:
         if tty:
@@ -126,10 +174,10 @@ def _interactive(generator, messages: list, sampling: dict, echo: bool = False) 
         if echo and not tty:
             print(f"user> {text}", flush=True)
         messages.append({"role": "user", "content": text})
-        messages[:] = _fit(generator, messages, sampling["max_new_tokens"])
-        result = generator.generate(messages, **sampling)
-        messages.append({"role": "assistant", "content": result.text})
-        print(("assistant> " if tty or echo else "") + result.text, flush=True)
+        messages[:] = _fit(generator, messages, options)
+        result = generator.generate(messages, **options)
+        messages.append(_assistant(result))
+        print(("assistant> " if tty or echo else "") + _shown(result, show_reasoning), flush=True)
 
 
 def main(argv=None) -> int:
@@ -145,20 +193,22 @@ def main(argv=None) -> int:
             generator = Generator.from_checkpoint(
                 args.load, iteration=args.iteration, tokenizer_path=args.tokenizer_model,
                 template=args.template)
-            sampling = _sampling(args)
+            options = dict(_sampling(args), tools=args.tools,
+                           enable_thinking=not args.no_thinking)
             messages = _history(args)
             if args.message:
-                result = generator.generate(messages, **sampling)
+                result = generator.generate(messages, **options)
                 if args.json:
-                    print(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                    print(json.dumps({"text": result.text, "reasoning": result.reasoning,
+                                      "token_ids": result.token_ids,
                                       "finish_reason": result.finish_reason,
                                       "prompt_tokens": len(result.prompt_ids)}), flush=True)
                 else:
-                    print(result.text, flush=True)
+                    print(_shown(result, args.show_reasoning), flush=True)
                 if not args.interactive:
                     return 0
-                messages.append({"role": "assistant", "content": result.text})
-            _interactive(generator, messages, sampling, args.echo)
+                messages.append(_assistant(result))
+            _interactive(generator, messages, options, args.echo, args.show_reasoning)
         except TokenizerMissing as exc:
             print(f"error: {exc}; pass its location with --tokenizer-model PATH",
                   file=sys.stderr, flush=True)

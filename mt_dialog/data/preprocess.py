@@ -39,7 +39,7 @@ from mt_dialog.data.config import PreprocessConfig
 from mt_dialog.data.packing import pack, packing_efficiency
 from mt_dialog.data.progress import progress_factory
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
-from mt_dialog.data.records import RecordProcessor, init_worker, run_batch
+from mt_dialog.data.records import Kept, Outcome, RecordProcessor, init_worker, run_batch
 from mt_dialog.data.render import end_of_turn_id
 from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
 from mt_dialog.data.storage import (
@@ -125,34 +125,35 @@ def _bounded_map(processor: RecordProcessor, batches, workers: int, folder: str)
             yield (done, *job.get())
 
 
-def _account(outcome, record: RawRecord, valid: bool, tally: Tally, index: StageIndex,
-             shard: int, on_error: str) -> None:
-    status = outcome[0]
-    if status == "error" and outcome[2] == "empty_file":  # a file, not a conversation
+def _account(outcome: Outcome, record: RawRecord, valid: bool, tally: Tally,
+             index: StageIndex, shard: int, on_error: str) -> None:
+    """Count one record's outcome (``records.Kept`` / ``records.Refused``) and index its staged
+    samples; raises ``PreprocessError`` for a refusal that stops the run."""
+    if outcome.status == "error" and outcome.reason == "empty_file":  # a file, not a record
         if on_error == "raise":
-            raise PreprocessError(f"{outcome[3]}; or use --on-error skip to skip empty files")
+            raise PreprocessError(f"{outcome.message}; or use --on-error skip to skip empty files")
         tally.empty_files += 1
-        tally.examples.setdefault("empty_file", outcome[3])
+        tally.examples.setdefault("empty_file", outcome.message)
         return
     tally.read += 1
-    if status == "ok":
-        _, _, samples, removed, notes = outcome
+    if isinstance(outcome, Kept):
         tally.kept += 1
-        tally.notes.update(notes)
-        if removed:
+        tally.notes.update(outcome.notes)
+        if outcome.turns_removed:
             tally.truncated += 1
-            tally.turns_removed += removed
-        for offset, length, turns, loss_tokens in samples:  # several: --reasoning per-turn
-            index.add(shard, offset, length, turns, loss_tokens, valid)
+            tally.turns_removed += outcome.turns_removed
+        for sample in outcome.samples:  # several: --reasoning per-turn
+            index.add(shard, sample.offset, sample.length, sample.turn_num,
+                      sample.num_loss_tokens, valid)
             tally.record_of_sample.append(tally.kept - 1)
         return
-    reason, message = outcome[2], outcome[3]
-    if status == "error" and reason == "overlong":
-        raise PreprocessError(message)  # --overlong error: the message names the fixes
-    if status == "error" and on_error == "raise":
-        raise PreprocessError(f"{message}; or use --on-error skip to skip and count such records")
-    (tally.dropped if status == "dropped" else tally.skipped)[reason] += 1
-    tally.examples.setdefault(reason, message)
+    if outcome.status == "error" and outcome.reason == "overlong":
+        raise PreprocessError(outcome.message)  # --overlong error: the message names the fixes
+    if outcome.status == "error" and on_error == "raise":
+        raise PreprocessError(f"{outcome.message}; or use --on-error skip to skip and count "
+                              "such records")
+    (tally.dropped if outcome.status == "dropped" else tally.skipped)[outcome.reason] += 1
+    tally.examples.setdefault(outcome.reason, outcome.message)
 
 
 def _assign_splits(index: StageIndex, config: PreprocessConfig,

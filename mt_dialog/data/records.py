@@ -4,22 +4,21 @@ main process with ``--workers 1``).
 A ``RecordProcessor`` is built in the main process, sent to each worker once (``init_worker``) and
 set up there (tokenizer loaded, the main process's appended special tokens restored, template
 resolved), so all processes produce identical ids. ``process`` maps a batch of
-``(number, RawRecord)`` to outcomes:
+``(number, RawRecord)`` to outcomes, named tuples that say what happened to each record:
 
-- ``("ok", number, ((input_ids, loss_token_num), ...), turns_removed, notes)`` for a kept
-  record: its samples (one, or with ``--reasoning per-turn`` one per user turn with reasoning;
-  ``render.render_conversation``) and ``notes``, the record's ``Conversation.notes``, counted
-  in the summary;
-- ``("error", number, reason, message)`` for a record that cannot be used (the message starts with
-  ``file:line``), an overlong one included under ``--overlong error``;
-- ``("dropped", number, reason, message)`` for an overlong conversation under ``--overlong drop``
-  (reason ``overlong``) or ``truncate`` when not even its first turn fits
+- ``Kept("ok", number, samples, turns_removed, notes)``: ``samples`` are
+  ``((input_ids, loss_token_num), ...)``, one, or with ``--reasoning per-turn`` one per user turn
+  with reasoning (``render.render_conversation``); ``notes`` are the record's
+  ``Conversation.notes``, counted in the summary;
+- ``Refused("error", number, reason, message)`` for a record that cannot be used (the message
+  starts with ``file:line``), an overlong one included under ``--overlong error``;
+- ``Refused("dropped", number, reason, message)`` for an overlong conversation under
+  ``--overlong drop`` (reason ``overlong``) or ``truncate`` when not even its first turn fits
   (``overlong_no_turn_fits``).
 
 ``stage`` does the same but appends each kept sample to a staging shard
-(``staging.ShardWriter``) and returns ``("ok", number, ((offset, length, turns, loss_tokens),
-...), turns_removed, notes)`` in its place, so only a few numbers per sample cross the process
-boundary.
+(``staging.ShardWriter``) and gives ``Kept`` samples as ``StagedSample(offset, length, turn_num,
+num_loss_tokens)`` instead, so only a few numbers per sample cross the process boundary.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from mt_dialog.data.formats import Conversation, RecordError, parse_record
 from mt_dialog.data.readers import RawRecord
@@ -45,7 +44,50 @@ from mt_dialog.data.staging import ShardWriter
 from mt_dialog.data.templates import HF_TEMPLATE, get_template
 from mt_dialog.data.tokenizers import BackendEncoder, DialogTokenizer, load_tokenizer
 
-Outcome = Tuple
+class StagedSample(NamedTuple):
+    """A kept sample, appended to a staging shard (``staging.ShardWriter``)."""
+
+    offset: int
+    """Its first token's position in the shard."""
+    length: int
+    """Its tokens."""
+    turn_num: int
+    """Its trained turns."""
+    num_loss_tokens: int
+    """Its trained tokens."""
+
+
+class Kept(NamedTuple):
+    """A record whose conversation is kept (maybe truncated to whole turns)."""
+
+    status: str
+    """Always "ok"."""
+    number: int
+    """The record's number in the input (0-based)."""
+    samples: tuple
+    """``process``: ``((input_ids, loss_token_num), ...)`` arrays; ``stage``:
+    ``StagedSample``s."""
+    turns_removed: int
+    """Turns ``--overlong truncate`` removed (0: the whole conversation is kept)."""
+    notes: Tuple[str, ...]
+    """The record's ``Conversation.notes`` (counted in the summary)."""
+
+
+class Refused(NamedTuple):
+    """A record that is not kept."""
+
+    status: str
+    """"error" (skipped under ``--on-error skip``, else it stops the run) or "dropped"
+    (``--overlong drop`` / ``truncate``)."""
+    number: int
+    """The record's number in the input (0-based)."""
+    reason: str
+    """The counter it is counted under (``RecordError.reason``: ``malformed_json``, ...)."""
+    message: str
+    """What is wrong, starting with ``file:line``, and how to fix it."""
+
+
+Outcome = Union[Kept, Refused]
 
 
 def decode_json_line(raw: bytes):
@@ -171,8 +213,7 @@ class RecordProcessor:
 
     def stage(self, batch: List[Tuple[int, RawRecord]], shard: ShardWriter) -> List[Outcome]:
         """``process``, with kept samples appended to ``shard`` (flushed before returning) and
-        their outcomes reduced to ``("ok", number, ((offset, length, turns, loss_tokens), ...),
-        turns_removed, notes)``. The batch's texts are encoded together (``batch_encode``)."""
+        their ``Kept`` samples given as ``StagedSample``s. The batch's texts are encoded together (``batch_encode``)."""
         parsed = [self._parse(number, record) for number, record in batch]
         encode = self.batch_encode([p for p in parsed if isinstance(p, Conversation)])
         outcomes = []
@@ -180,9 +221,10 @@ class RecordProcessor:
             failure, samples, removed, notes = self._attempt(number, record, conversation,
                                                              encode)
             if samples is not None:
-                staged = tuple((shard.append(s.input_ids, s.loss_token_num), s.num_tokens,
-                                s.turn_num, s.num_loss_tokens) for s in samples)
-                failure = ("ok", number, staged, removed, notes)
+                staged = tuple(StagedSample(shard.append(s.input_ids, s.loss_token_num),
+                                            s.num_tokens, s.turn_num, s.num_loss_tokens)
+                               for s in samples)
+                failure = Kept("ok", number, staged, removed, notes)
             outcomes.append(failure)
         shard.flush()
         return outcomes
@@ -193,18 +235,19 @@ class RecordProcessor:
             return failure
         arrays = tuple((s.input_ids.astype(self.token_dtype, copy=False),
                         s.loss_token_num.astype(self.count_dtype, copy=False)) for s in samples)
-        return ("ok", number, arrays, removed, notes)
+        return Kept("ok", number, arrays, removed, notes)
 
     def _parse(self, number: int, record: RawRecord) -> Union[Conversation, Outcome]:
         """The record's conversation, or its failure outcome."""
         if record.error is not None:  # a problem with the file itself (e.g. empty)
-            return ("error", number, record.error.reason, f"{record.where}: {record.error.message}")
+            return Refused("error", number, record.error.reason,
+                           f"{record.where}: {record.error.message}")
         try:
             value = decode_json_line(record.raw) if record.raw is not None else record.value
             return parse_record(value, self.input_format, self.empty_reply)
         except RecordError as exc:
-            return ("error", number, exc.reason,
-                    f"{record.where}: conversation {number}: {exc.message}")
+            return Refused("error", number, exc.reason,
+                           f"{record.where}: conversation {number}: {exc.message}")
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, f"{record.where}: conversation {number}", exc)
 
@@ -223,7 +266,7 @@ class RecordProcessor:
         try:
             samples = self.render(conversation, encode)
         except RecordError as exc:
-            return ("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
+            return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, where, exc), None, 0, ()
         return (*self._fit_samples(number, where, samples), conversation.notes)
@@ -239,7 +282,7 @@ class RecordProcessor:
             if fitted is not None:
                 kept.append(fitted)
                 removed += lost
-            elif failure[0] == "dropped" and self.overlong == "truncate":
+            elif failure.status == "dropped" and self.overlong == "truncate":
                 dropped, removed = failure, removed + sample.turn_num
             else:
                 return failure, None, 0
@@ -260,17 +303,18 @@ class RecordProcessor:
             kept = truncate_to_turns(rendered, self.seq_length)
             if kept is not None:
                 return None, kept, rendered.turn_num - kept.turn_num
-            return ("dropped", number, "overlong_no_turn_fits",
-                    f"{too_long} and even its first turn does not fit; it was dropped"), None, 0
+            return Refused("dropped", number, "overlong_no_turn_fits",
+                           f"{too_long} and even its first turn does not fit; it was dropped"
+                           ), None, 0
         if self.overlong == "drop":
-            return ("dropped", number, "overlong", f"{too_long}; it was dropped"), None, 0
-        return ("error", number, "overlong",
+            return Refused("dropped", number, "overlong", f"{too_long}; it was dropped"), None, 0
+        return Refused("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
 
 
 def _unicode_error(number: int, where: str, exc: UnicodeError) -> Outcome:
-    return ("error", number, "invalid_unicode", f"{where}: text the tokenizer cannot encode "
+    return Refused("error", number, "invalid_unicode", f"{where}: text the tokenizer cannot encode "
             f"({exc}); repair or remove it")
 
 

@@ -85,13 +85,16 @@ def hf_messages(messages: Sequence[Message]) -> Dicts:
     return out
 
 
-def _apply(hf_tokenizer, dicts: Dicts, tools: Tools, add_generation_prompt: bool = False) -> str:
-    """The template's text; a template that refuses the conversation is a ``RecordError``."""
+def _apply(hf_tokenizer, dicts: Dicts, tools: Tools, add_generation_prompt: bool = False,
+           **template_kwargs) -> str:
+    """The template's text (``template_kwargs``: extra template variables, e.g.
+    ``enable_thinking``); a template that refuses the conversation is a ``RecordError``."""
     import jinja2
 
     try:
         return hf_tokenizer.apply_chat_template(dicts, tools=tools, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt)
+                                                add_generation_prompt=add_generation_prompt,
+                                                **template_kwargs)
     except (jinja2.TemplateError, TypeError, ValueError) as exc:
         raise RecordError("template_error",
                           f"the chat template refuses this conversation ({exc})") from None
@@ -509,15 +512,18 @@ def render_with_chat_template(conversation: Union[Conversation, Sequence[Message
 
 
 def render_prompt_with_chat_template(conversation: Union[Conversation, Sequence[Message]],
-                                     hf_tokenizer) -> List[int]:
+                                     hf_tokenizer, enable_thinking: bool = True) -> List[int]:
     """Ids of the generation prompt (a conversation ending with a user message or tool results,
     then ``add_generation_prompt``) laid out by the tokenizer's chat template and tokenized as
-    ``render_with_chat_template`` tokenizes training samples. Raises ``RecordError`` (the
-    template refuses the conversation, special-token text) or ``TokenizerError``."""
+    ``render_with_chat_template`` tokenizes training samples. ``enable_thinking`` False is
+    passed to the template (Qwen3's switch: an empty ``<think>`` block after the opener).
+    Raises ``RecordError`` (the template refuses the conversation, special-token text) or
+    ``TokenizerError``."""
     conversation = as_conversation(conversation)
     _check_inputs(conversation, chat_template_info(hf_tokenizer))
+    switch = {} if enable_thinking else {"enable_thinking": False}
     text = _apply(hf_tokenizer, hf_messages(conversation.messages),
-                  list(conversation.tools) or None, add_generation_prompt=True)
+                  list(conversation.tools) or None, add_generation_prompt=True, **switch)
     return list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

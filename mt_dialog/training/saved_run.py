@@ -94,7 +94,9 @@ def read_run_info(root: str, iteration: Optional[int] = None) -> Dict[str, Any]:
     try:
         iteration = latest_iteration(root) if iteration is None else int(iteration)
     except (CheckpointError, ValueError) as exc:
-        raise SavedRunError(str(exc).replace("--load ", "checkpoint ")) from None
+        message = str(exc)  # written for --load; here the folder may come from elsewhere
+        raise SavedRunError("checkpoint " + message[len("--load "):]
+                            if message.startswith("--load ") else message) from None
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise SavedRunError(f"checkpoint {root}: {path} is missing")
