@@ -45,6 +45,24 @@ def make_forward_step(normalization: str):
     return forward_step
 
 
+def make_eval_forward_step(normalization: str, edges):
+    """megatron ``forward_step_func`` of validation: the model's logits (no labels: the loss is
+    computed from them so that greedy accuracy can be too) and ``turn_metrics.validation_loss``
+    (the dialog loss plus loss and accuracy by reply length and turn index; ``edges``: the
+    reply-length bucket edges)."""
+    from functools import partial
+
+    from mt_dialog.training.turn_metrics import validation_loss
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None,
+                       packed_seq_params=batch["packed_seq_params"])
+        return output, partial(validation_loss, batch, normalization, tuple(edges))
+
+    return forward_step
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the config dataclasses; a Megatron-LM flag mt_dialog has no field for gets
     a one-line answer saying where the feature lives (``megatron_flags.answer``)."""
@@ -117,8 +135,10 @@ def main(argv=None) -> int:
         from mt_dialog.training.loop import TrainingError, pretrain
 
         try:
-            pretrain(config, make_forward_step(config.data.loss_normalization),
-                     argv=["pretrain_dialog.py", *argv])
+            normalization = config.data.loss_normalization
+            pretrain(config, make_forward_step(normalization), argv=["pretrain_dialog.py", *argv],
+                     eval_forward_step=make_eval_forward_step(
+                         normalization, config.train.eval_reply_length_buckets))
         except TrainingError as exc:
             return _error(exc)
     except ValueError as exc:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Inspect a packed dialogue dataset: summary, one pack with trained tokens highlighted, --verify.
+"""Inspect a packed dialogue dataset: summary, the distributions of reply lengths and turns per
+conversation, one pack with trained tokens highlighted, --verify.
 
 Examples:
     python tools/inspect_dialog_dataset.py data/chat                 # summary + pack 0
@@ -14,7 +15,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mt_dialog.data.dataset import PackedDialogDataset  # noqa: E402
-from mt_dialog.data.inspect import render_pack, verify_dataset  # noqa: E402
+from mt_dialog.data.inspect import (  # noqa: E402
+    format_turn_statistics,
+    render_pack,
+    turn_statistics,
+    verify_dataset,
+)
 from mt_dialog.data.preprocess import format_summary  # noqa: E402
 from mt_dialog.data.tokenizers import tokenizer_from_metadata  # noqa: E402
 
@@ -50,6 +56,7 @@ def main(argv=None) -> int:
               f"{meta['seq_length']}, tokenizer {meta['tokenizer']['path']} "
               f"(vocab {meta['tokenizer']['vocab_size']}), packing {meta['packing']}")
         print(format_summary(meta["summary"]))
+        print(f"{args.split} split: " + format_turn_statistics(*turn_statistics(dataset)))
         tokenizer = tokenizer_from_metadata(meta)
         if tokenizer is None:
             print("(tokenizer file not found: showing ids)")

@@ -3,7 +3,7 @@ and ``verify``, which re-checks every invariant the training loss relies on."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -166,3 +166,70 @@ def verify_dataset(prefix: str) -> List[str]:
     if stored != samples:
         problems.append(f"accounting: {samples} samples kept but the splits hold {stored}")
     return problems
+
+
+# -- how much the loss normalization matters for a dataset --------------------------------------
+
+REPLY_LENGTH_EDGES = (4, 16, 64, 256, 1024)
+TURN_COUNT_EDGES = (1, 2, 3, 4, 8)
+
+
+def turn_statistics(dataset: PackedDialogDataset, chunk: int = 1 << 16
+                    ) -> Tuple[np.ndarray, np.ndarray]:
+    """``(reply lengths, turns per conversation)`` of a split: the length in tokens (end-of-turn
+    included) of every trained turn ([turns] int64) and the number of trained turns of every
+    conversation ([conversations] int64), read from ``loss_token_num`` a chunk of conversations
+    at a time (each turn adds ``1 / loss_token_num`` per token: ``turn_metrics``' numbering)."""
+    field = dataset.loss_token_num
+    lengths = field.sequence_lengths.astype(np.int64)
+    pointers, dtype = field.index.sequence_pointers, field.index.dtype
+    replies, turns = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for first in range(0, len(lengths), chunk):
+        part = lengths[first:first + chunk]
+        flat = field.bin_reader.read(dtype, int(part.sum()), int(pointers[first]))
+        flat = flat.astype(np.int64)
+        weight = np.where(flat > 0, 1.0 / np.maximum(flat, 1), 0.0)
+        ends = np.cumsum(weight)
+        masked = np.flatnonzero(flat > 0)
+        number = np.floor(ends[masked] - weight[masked] + 1e-6)
+        starts = masked[np.r_[True, number[1:] != number[:-1]]] if masked.size else masked
+        replies.append(flat[starts])
+        totals = np.rint(ends[np.cumsum(part) - 1]) if part.size else np.zeros(0)
+        turns.append(np.diff(np.r_[0.0, totals]).astype(np.int64))
+    return np.concatenate(replies), np.concatenate(turns)
+
+
+def _histogram(values: np.ndarray, edges: Sequence[int], weights: Dict[str, np.ndarray],
+               width: int = 30) -> List[str]:
+    """Rows ``bucket  count  share  bar  (share of each weighting)``."""
+    bounds = [*edges, None]
+    rows, low = [], 1
+    total = max(int(values.size), 1)
+    for high in bounds:
+        inside = values >= low if high is None else (values >= low) & (values <= high)
+        name = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
+        count = int(inside.sum())
+        shares = "  ".join(f"{label} {w[inside].sum() / max(w.sum(), 1e-300):6.1%}"
+                           for label, w in weights.items())
+        bar = "#" * round(width * count / total)
+        rows.append(f"  {name:>9}  {count:>10,}  {count / total:6.1%}  {bar:<{width}}  "
+                    f"{shares}".rstrip())
+        low = (high or 0) + 1
+    return rows
+
+
+def format_turn_statistics(replies: np.ndarray, turns: np.ndarray) -> str:
+    """Text histograms of reply lengths (with the share of the loss each bucket gets under
+    ``--loss-normalization token`` and ``turn``) and of trained turns per conversation."""
+    if not replies.size:
+        return "no trained turns"
+    lengths = replies.astype(np.float64)
+    lines = [f"reply lengths: {replies.size:,} trained turns, median {np.median(replies):.0f} "
+             "tokens (end-of-turn included);\n  the share of the loss each bucket weighs under "
+             "--loss-normalization token (its tokens) and turn (its turns):"]
+    lines += _histogram(replies, REPLY_LENGTH_EDGES,
+                        {"token": lengths, "turn": np.ones_like(lengths)})
+    lines.append(f"trained turns per conversation: {turns.size:,} conversations, mean "
+                 f"{turns.mean():.2f}:" if turns.size else "trained turns per conversation: -")
+    lines += _histogram(turns, TURN_COUNT_EDGES, {}) if turns.size else []
+    return "\n".join(lines)

@@ -17,8 +17,10 @@ the template keeps it, content as the template trims it, tool calls as it serial
 the end-of-turn, also for templates that are not prefix-consistent (Qwen3 leaves out earlier
 turns' reasoning; Llama 3 trims content). ``full`` is tokenized once, as
 ``apply_chat_template(..., tokenize=True)`` tokenizes it, and each located span is checked to
-begin on a token boundary and to end right before the end-of-turn token. Cost: one render per
-sample, one per trained reply, one tokenization; the rendering is a small part of it.
+begin on a token boundary and to end right before the end-of-turn token: for a byte-level BPE
+(Llama 3, Qwen, GPT-2 style) by its tokens' byte lengths (``tokenizers.ByteLevelSpans``), for
+any other tokenizer, or to name a fault, by the back-end's character offsets. Cost: one render
+per sample, one per trained reply, one tokenization.
 
 A record is refused (``RecordError``) only when its replies cannot be located, with the cause:
 ``special_token_in_text`` (text that would become a control token), ``template_error`` (the
@@ -52,7 +54,7 @@ from mt_dialog.data.render import (
     turn_lengths,
 )
 from mt_dialog.data.templates import ReasoningLayout
-from mt_dialog.data.tokenizers import DialogTokenizer, TokenizerError
+from mt_dialog.data.tokenizers import ByteLevelSpans, DialogTokenizer, TokenizerError
 
 Dicts = List[Dict[str, Any]]
 Tools = Optional[List[Dict[str, Any]]]
@@ -444,11 +446,29 @@ def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_token
     return _tokenize(full, spans, hf_tokenizer, info) if spans else None
 
 
+_SPANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _byte_spans(hf_tokenizer) -> Optional[ByteLevelSpans]:
+    """``tokenizers.ByteLevelSpans`` of the tokenizer (found once; None when it has none)."""
+    if hf_tokenizer not in _SPANS:
+        _SPANS[hf_tokenizer] = (ByteLevelSpans.of(hf_tokenizer),)
+    return _SPANS[hf_tokenizer][0]
+
+
 def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
               info: ChatTemplateInfo) -> RenderedConversation:
     """Tokenize ``full`` (as ``apply_chat_template(..., tokenize=True)`` does) and train each
     ``(k, start, end)`` span plus the end-of-turn token at ``end``, checking that the span
-    starts on a token boundary and that ``end`` is the end-of-turn token."""
+    starts on a token boundary and that ``end`` is the end-of-turn token. A byte-level BPE
+    tokenizer maps characters to tokens by its tokens' byte lengths (``_tokenize_by_bytes``);
+    any other, or a check that fails there, by the back-end's offsets (which also name the
+    fault)."""
+    byte_spans = _byte_spans(hf_tokenizer)
+    if byte_spans is not None:
+        rendered = _tokenize_by_bytes(full, spans, byte_spans, info)
+        if rendered is not None:
+            return rendered
     encoded = hf_tokenizer(full, add_special_tokens=False)
     ids = encoded["input_ids"]
     encoding = encoded.encodings[0] if getattr(encoded, "encodings", None) else None
@@ -468,6 +488,37 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
         replies.append((first, closing + 1 - first))
         after = info.specials.search(full, end + len(info.end_text))
         turn_ends.append(encoding.char_to_token(after.start()) if after else len(ids))
+    return RenderedConversation(np.asarray(ids, dtype=np.int64),
+                                turn_lengths(replies, len(ids)), tuple(turn_ends))
+
+
+def _tokenize_by_bytes(full: str, spans: List[Tuple[int, int, int]], byte_spans: ByteLevelSpans,
+                       info: ChatTemplateInfo) -> Optional[RenderedConversation]:
+    """``_tokenize`` with token starts from byte lengths (no offsets); None when a span does
+    not start on a token boundary, an ``end`` is not the end-of-turn token, or the byte
+    lengths do not add up (``_tokenize``'s offsets then say what is wrong)."""
+    ids = byte_spans.encode(full)
+    starts = byte_spans.starts(ids, full) if ids else None
+    if starts is None:
+        return None
+    ascii_text = full.isascii()
+
+    def token_at(char: int) -> Optional[int]:  # the token that starts at this character
+        at = char if ascii_text else len(full[:char].encode("utf-8"))
+        index = int(np.searchsorted(starts, at))
+        return index if index < len(ids) and starts[index] == at else None
+
+    replies, turn_ends = [], []
+    for _, start, end in spans:
+        first, closing = token_at(start), token_at(end)
+        if first is None or closing is None or ids[closing] != info.end_of_turn:
+            return None
+        replies.append((first, closing + 1 - first))
+        after = info.specials.search(full, end + len(info.end_text))
+        turn_end = token_at(after.start()) if after else len(ids)
+        if turn_end is None:
+            return None
+        turn_ends.append(turn_end)
     return RenderedConversation(np.asarray(ids, dtype=np.int64),
                                 turn_lengths(replies, len(ids)), tuple(turn_ends))
 

@@ -306,6 +306,10 @@ class TrainConfig:
                                        "(default: the whole validation set); without "
                                        "--eval-interval: one validation at the end of the run; "
                                        "0: no validation (as in Megatron-LM)")
+    eval_reply_length_buckets: List[int] = option(
+        [4, 16, 64, 256], metavar="TOKENS",
+        help="validation reports loss and accuracy by reply length: the upper edges of the "
+        "length buckets in tokens (end-of-turn included), increasing; 4 16 gives 1-4, 5-16, 17+")
     save: Optional[str] = option(None, help="checkpoint folder to save to")
     save_interval: Optional[int] = option(None, help="iterations between checkpoints (a final "
                                           "one is always saved with --save)")
@@ -348,6 +352,10 @@ class TrainConfig:
         for name in ("eval_interval", "eval_iters", "save_interval", "exit_interval",
                      "exit_duration_in_mins"):
             _positive(name, getattr(self, name), allow_none=True)
+        edges = list(self.eval_reply_length_buckets)
+        if not edges or edges[0] < 1 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"eval_reply_length_buckets: {edges} must be increasing positive "
+                             "token counts (the upper edge of each bucket), e.g. 4 16 64 256")
         for name in ("wandb_exp_name", "wandb_save_dir"):
             if getattr(self, name) and not self.wandb_project:
                 raise ValueError(f"{name}: --{name.replace('_', '-')} needs --wandb-project "

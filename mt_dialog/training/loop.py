@@ -27,7 +27,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -59,6 +59,7 @@ from mt_dialog.training.optimizer import build_optimizer
 from mt_dialog.training.saved_run import bundle_tokenizer, source_info, write_run_record
 from mt_dialog.training.stopping import StopConditions
 from mt_dialog.training.tracking import open_tracker
+from mt_dialog.training.turn_metrics import metrics_table, report_names, write_metrics
 
 LOSS_REPORTS = ("loss per turn", "loss per token", "loss per conversation")  # dialog_loss's
 # what a step adds up over its micro-batches and data-parallel ranks, by name: each loss report's
@@ -92,6 +93,7 @@ class Run:
     consumed: int = 0
     writer: object = None
     history: List[Dict[str, float]] = field(default_factory=list)
+    eval_forward_step: Optional[Callable] = None  # validation's; None: forward_step's losses
 
 
 def _model_vocab(info: DataInfo, start: StartPoint) -> int:
@@ -128,26 +130,31 @@ def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
     return [flatten_micro_batch([stream[i] for i in micro], isolated, device) for micro in indices]
 
 
-def _run_schedule(run: Run, batches: List[Dict], forward_only: bool):
+def _run_schedule(run: Run, batches: List[Dict], forward_only: bool,
+                  forward_step: Optional[Callable] = None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     seq = batches[0]["tokens"].shape[1]  # b*s: the flattened micro-batch
     return get_forward_backward_func()(
-        forward_step_func=run.forward_step,
+        forward_step_func=forward_step or run.forward_step,
         data_iterator=[iter(batches) for _ in run.model] if len(run.model) > 1 else iter(batches),
         model=run.model, num_microbatches=len(batches), seq_length=int(seq), micro_batch_size=1,
         forward_only=forward_only)
 
 
-def _reduce_reports(store: List[Dict], batches: List[Dict]) -> Dict[str, float]:
+def _reduce_reports(store: List[Dict], batches: List[Dict], extra: Sequence[str] = ()
+                    ) -> Dict[str, float]:
     """A step's metrics (module docstring) from the loss reports of this rank's micro-batches
-    (``store``, on the last pipeline stage) and the ``batches`` read: ``STEP_TOTALS`` summed
-    here, then over the data-parallel ranks; a report without a count is NaN."""
+    (``store``, on the last pipeline stage) and the ``batches`` read: ``STEP_TOTALS`` (and the
+    sums and counts of the ``extra`` reports: ``turn_metrics``) summed here, then over the
+    data-parallel ranks; a report without a count is NaN."""
     from megatron.core import parallel_state as ps
 
     totals = dict.fromkeys(STEP_TOTALS, 0.0)
+    totals.update(dict.fromkeys((f"{name} {part}" for name in extra
+                                 for part in ("sum", "count")), 0.0))
     for report in store:
-        for name in LOSS_REPORTS:
+        for name in (*LOSS_REPORTS, *extra):
             if name in report:
                 total, count = report[name].detach().double().cpu().tolist()
                 totals[f"{name} sum"] += total
@@ -157,6 +164,11 @@ def _reduce_reports(store: List[Dict], batches: List[Dict]) -> Dict[str, float]:
     totals = _all_reduce_sums(totals, ps.get_data_parallel_group())
     metrics = {name: totals[f"{name} sum"] / totals[f"{name} count"]
                if totals[f"{name} count"] > 0 else float("nan") for name in LOSS_REPORTS}
+    for name in extra:
+        count = totals[f"{name} count"]
+        metrics[name] = totals[f"{name} sum"] / count if count > 0 else float("nan")
+        if name.endswith("exact turns"):  # its count is the group's turns
+            metrics[name[: -len("exact turns")] + "turns"] = count
     metrics.update(turn_num=totals["loss per turn count"],
                    num_loss_tokens=totals["loss per token count"],
                    num_tokens=totals["num_tokens"], packs=totals["packs"])
@@ -221,7 +233,9 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
 
 def evaluate(run: Run) -> Optional[Dict[str, float]]:
     """Loss over the validation packs (all of them, or --eval-iters x global batch), exact sums:
-    data-parallel rank r takes packs r, r + DP, ..., one pack per micro-batch."""
+    data-parallel rank r takes packs r, r + DP, ..., one pack per micro-batch. With
+    ``run.eval_forward_step`` also loss, greedy accuracy and exact turns by reply length and
+    turn index (``turn_metrics``)."""
     from megatron.core import parallel_state as ps
 
     packs = [(d, i) for d, dataset in enumerate(run.valid_sets) for i in range(len(dataset))]
@@ -233,11 +247,16 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     isolated = run.config.model.packed_attention == "isolated"
     batches = [flatten_micro_batch([run.valid_sets[d][i]], isolated, distributed.device())
                for d, i in mine]
+    for batch in batches:  # greedy accuracy chooses among the real ids only
+        batch["vocab_size"] = run.info.vocab_size
     with torch.no_grad():
-        store = _run_schedule(run, batches, forward_only=True) if batches else []
+        store = (_run_schedule(run, batches, True, run.eval_forward_step or run.forward_step)
+                 if batches else [])
     for chunk in run.model:
         chunk.train()
-    return _reduce_reports(store, batches) if _is_last_stage() else None
+    extra = report_names(run.config.train.eval_reply_length_buckets) \
+        if run.eval_forward_step else ()
+    return _reduce_reports(store, batches, extra) if _is_last_stage() else None
 
 
 def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
@@ -280,9 +299,15 @@ def _evaluate_and_log(run: Run) -> None:
     metrics = evaluate(run)
     if metrics is not None and distributed.is_logging_rank():
         _record(run, "valid", metrics)
-        print(f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} | "
-              f"loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}",
-              flush=True)
+        line = (f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} "
+                f"| loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}")
+        if "accuracy" in metrics:
+            line += f" | accuracy {metrics['accuracy']:.2%} | exact turns " \
+                    f"{metrics['exact turns']:.2%}\n" + metrics_table(
+                        metrics, run.config.train.eval_reply_length_buckets)
+            if run.config.train.save:
+                write_metrics(run.config.train.save, run.iteration, metrics)
+        print(line, flush=True)
 
 
 def _validation_due(run: Run, last: bool) -> bool:
@@ -355,15 +380,19 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     return dp_size, info, open_datasets(config, info), start
 
 
-def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None) -> Run:
+def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None,
+             eval_forward_step: Optional[Callable] = None) -> Run:
     """Check, build, (load), train; returns the finished run (its ``history`` on the logging
-    rank holds every logged metric). A SIGTERM under --exit-signal-handler is held from the
-    moment the checks passed: the run stops after its first (or current) iteration."""
+    rank holds every logged metric). ``forward_step``: megatron's ``forward_step_func`` of
+    training; ``eval_forward_step`` that of validation (None: ``forward_step``'s losses only).
+    A SIGTERM under --exit-signal-handler is held from the moment the checks passed: the run
+    stops after its first (or current) iteration."""
     started = time.time()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dp_size, info, datasets, start = check_before_build(config, world_size)
     with StopConditions(config.train, started) as stops:
         run = _build_and_load(config, info, datasets, start, forward_step, dp_size)
+        run.eval_forward_step = eval_forward_step
         if run.iteration >= run.train_iters:
             distributed.log(f"the run is finished: --load {start.path} is at iteration "
                             f"{run.iteration} of --train-iters {run.train_iters}; nothing to do "

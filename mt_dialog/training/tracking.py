@@ -5,9 +5,10 @@
 line on every rank). The loop then calls ``open_tracker(config)`` on every rank (the logging rank
 opens the back-ends, the others get None), ``tracker.log(split, metrics, iteration)`` after every
 training step (``"train"``) and validation (``"valid"``), and ``tracker.close()``. Every back-end
-receives the same scalars: ``SPLIT/loss_per_turn``, ``SPLIT/loss_per_token``, and on training
-steps ``train/lr``, ``train/grad_norm`` (and ``train/loss_scale`` with --fp16), with the iteration
-as the step. Non-finite values are left out.
+receives the same scalars: ``SPLIT/loss_per_turn``, ``SPLIT/loss_per_token``, on training
+steps ``train/lr``, ``train/grad_norm`` (and ``train/loss_scale`` with --fp16), on validation the
+per-turn metrics (``valid/accuracy``, ``valid/reply_length_5-16/loss_per_turn``, ...), with the
+iteration as the step. Non-finite values are left out.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from mt_dialog.config_utils import to_dict
 from mt_dialog.training import distributed
 
 SCALARS = ("loss per turn", "loss per token", "lr", "grad_norm", "loss_scale")
+TURN_SCALARS = ("accuracy", "exact turns")  # validation's, with their groups (turn_metrics)
 
 # TrainConfig field -> (module it needs, the setup.py extra that installs it)
 PACKAGES = {"tensorboard_dir": ("tensorboard", "tensorboard"), "wandb_project": ("wandb", "wandb")}
 
 
 def scalars(split: str, metrics: Dict[str, float]) -> Dict[str, float]:
-    """``{"SPLIT/loss_per_turn": value, ...}`` of the finite tracked values in ``metrics``."""
-    return {f"{split}/{key.replace(' ', '_')}": float(metrics[key]) for key in SCALARS
-            if key in metrics and math.isfinite(metrics[key])}
+    """``{"SPLIT/loss_per_turn": value, ...}`` of the finite tracked values in ``metrics``:
+    ``SCALARS`` and validation's ``turn_metrics`` (``valid/accuracy``,
+    ``valid/reply_length_1-4/accuracy``, ``valid/turn_2/loss_per_turn``, ...)."""
+    keys = [key for key in metrics if key in SCALARS or key in TURN_SCALARS
+            or (": " in key and not key.endswith(": turns"))]
+    return {f"{split}/{key.replace(': ', '/').replace(' ', '_')}": float(metrics[key])
+            for key in keys if math.isfinite(metrics[key])}
 
 
 def check_available(train) -> None:

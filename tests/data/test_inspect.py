@@ -161,3 +161,29 @@ def test_per_turn_samples_of_a_record_share_its_split(tmp_path, sp_model_path, c
     assert {s for splits in where.values() for s in splits} == {"train", "valid"}
     assert inspect_main([prefix, "--verify"]) == 0
     assert "verify: OK" in capsys.readouterr().out
+
+
+def test_turn_statistics_count_every_turn(tmp_path, sp_model_path, capsys):
+    """Reply lengths and turns per conversation read in chunks equal those of each pack's
+    conversations (``_segments``), add up to the summary's turns, and the summary prints both
+    histograms with the loss share of each reply-length bucket under token and turn."""
+    from mt_dialog.data.dataset import PackedDialogDataset
+    from mt_dialog.data.inspect import _segments, turn_statistics
+
+    prefix = build(tmp_path, sp_model_path)
+    dataset = PackedDialogDataset(prefix, "train")
+    replies, turns = turn_statistics(dataset, chunk=7)  # chunks cut between conversations
+    want_replies, want_turns = [], []
+    for index in range(len(dataset)):
+        _, counts, lengths = dataset.raw_pack(index)
+        for start, stop in zip(np.r_[0, np.cumsum(lengths)[:-1]], np.cumsum(lengths)):
+            spans = [(a, b) for a, b, trained in _segments(counts[start:stop]) if trained]
+            want_replies += [b - a for a, b in spans]
+            want_turns.append(len(spans))
+    assert replies.tolist() == want_replies and turns.tolist() == want_turns
+    summary = dataset.metadata["summary"]
+    assert int(turns.sum()) == replies.size == summary["splits"]["train"]["turns"]
+    assert inspect_main([prefix, "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert f"reply lengths: {replies.size:,} trained turns" in out
+    assert "trained turns per conversation:" in out and " token " in out and " turn " in out

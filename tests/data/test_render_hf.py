@@ -538,3 +538,55 @@ def test_hf_template_refusing_a_record_is_named_not_a_traceback(tmp_path, hf_tok
     assert code == 1 and f"{tmp_path / 'in.jsonl'}:2: conversation 2: the chat template " \
         "refuses" in err, err
     assert "System role not supported" in err and "Traceback" not in err
+
+
+def _outcome(render, *args):
+    try:
+        return [(s.input_ids.tolist(), s.loss_token_num.tolist(), s.turn_ends)
+                for s in render(*args)]
+    except RecordError as exc:
+        return ("refused", exc.reason, exc.message)
+
+
+def test_byte_lengths_give_the_offsets_answer(tokenizers, hf_tokenizer_dir, monkeypatch,
+                                              tmp_path):
+    """A byte-level BPE maps characters to tokens by its tokens' byte lengths instead of the
+    back-end's offsets (faster): same ids, masks and turn ends, same refusals, for every
+    template, record and reasoning mode here, and for replies that do not start on a token
+    boundary (the offsets path names that fault)."""
+    import mt_dialog.data.render_hf as render_hf
+    from mt_dialog.data.formats import Message
+    from mt_dialog.data.tokenizers import ByteLevelSpans
+
+    cases = [(parse_record(record), tokenizer.hf, RenderOptions(reasoning=mode))
+             for tokenizer, _ in tokenizers.values() for record in RECORDS.values()
+             for mode in ("template", "keep", "per-turn")]
+    chatml = HuggingFaceTokenizer(hf_tokenizer_dir).hf
+    joined = [Message("user", "Say hi"), Message("assistant", "\n\n hi there")]
+    cases += [(Conversation(tuple(joined)), chatml, RenderOptions())]
+    folder = build_tokenizer(hf_tokenizer_dir, str(tmp_path / "joined"), CHATML_JINJA,
+                             extra_tokens=["\n "], eos_token="<|im_end|>",
+                             additional_special_tokens=["<|im_start|>"])  # "\n " one token
+    cases += [(parse_record(openai(("Hi", " Hello."))), HuggingFaceTokenizer(folder).hf,
+               RenderOptions())]
+    assert all(ByteLevelSpans.of(hf) is not None for _, hf, _ in cases)  # the fast path is taken
+    fast = [_outcome(render_with_chat_template, *case) for case in cases]
+    monkeypatch.setattr(render_hf, "_byte_spans", lambda hf: None)
+    slow = [_outcome(render_with_chat_template, *case) for case in cases]
+    assert fast == slow
+    assert sum(isinstance(o, list) for o in fast) > 2 * len(RECORDS)
+    assert fast[-1][:2] == ("refused", "reply_token_boundary")
+
+
+def test_byte_lengths_refused_where_the_text_is_rewritten(hf_tokenizer_dir, tmp_path):
+    """A normalizer (or a prefix space) rewrites the text before tokens are cut, so byte lengths
+    would not locate characters: such tokenizers keep the offsets path."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from mt_dialog.data.tokenizers import ByteLevelSpans
+
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    assert ByteLevelSpans.of(hf) is not None
+    hf.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert ByteLevelSpans.of(hf) is None

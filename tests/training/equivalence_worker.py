@@ -58,6 +58,7 @@ from tests.training import reference as ref  # noqa: E402
 SEQ = 64  # tokens per pack
 MBS = 2  # packs per micro-batch: flattened to one [1, 128] sequence
 SEED = 1234
+EDGES = [2, 4, 8]  # reply-length buckets of the validation check: 1-2, 3-4, 5-8, 9+
 
 
 class GradRecorder:
@@ -97,7 +98,7 @@ def main():
                     untie_embeddings_and_output_weights=args.untie, transformer_impl="local"),
         ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
-        OptimConfig(), TrainConfig(train_iters=1, seed=SEED))
+        OptimConfig(), TrainConfig(train_iters=1, seed=SEED, eval_reply_length_buckets=EDGES))
     dp = validate_world(config, world)
     distributed.initialize(args.tp, args.pp, None, SEED)
     from megatron.core import parallel_state as ps
@@ -262,6 +263,7 @@ def main():
     iso = next(x for x in everyone(iso) if x is not None)
     iso["seconds"] = round(time.time() - t, 3)
     out["isolation"] = iso
+    out["validation"] = check_validation(run, Wref, dp, tied, everyone)
     out["total_s_in_process"] = round(time.time() - T0, 2)
     if rank == 0:
         with open(args.json, "w") as f:
@@ -269,6 +271,78 @@ def main():
         print(json.dumps(out), flush=True)
     dist.barrier()
     distributed.destroy()
+
+
+def reference_validation(Wref, convs, mcfg, tied) -> dict:
+    """The per-turn metrics of ``turn_metrics`` computed reply by reply in plain PyTorch: each
+    conversation run alone through the reference model, greedy over the real vocabulary."""
+    from mt_dialog.training.turn_metrics import TURN_INDEX_GROUPS, length_groups, report_names
+
+    sums = {}
+    for conv in convs:
+        t = torch.tensor(conv.tokens)
+        with torch.no_grad():
+            logits = ref.reference_logits(Wref, t[:-1], mcfg, tied)
+        ce = torch.nn.functional.cross_entropy(logits, t[1:], reduction="none").double()
+        right = (logits[:, :ref.VOCAB].argmax(-1) == t[1:]).double()
+        for number, (a, e) in enumerate(conv.replies, start=1):
+            n = e - a
+            values = {"loss per turn": (float(ce[a - 1:e - 1].mean()), 1),
+                      "accuracy": (float(right[a - 1:e - 1].sum()), n),
+                      "exact turns": (float(right[a - 1:e - 1].sum() == n), 1)}
+            length = next(g for g, edge in zip(length_groups(EDGES), [*EDGES, 10 ** 9])
+                          if n <= edge)
+            index = TURN_INDEX_GROUPS[min(number, len(TURN_INDEX_GROUPS)) - 1]
+            for prefix in ("", f"reply length {length}: ", f"turn {index}: "):
+                for part, (total, count) in values.items():
+                    name = prefix + part
+                    old = sums.get(name, (0.0, 0))
+                    sums[name] = (old[0] + total, old[1] + count)
+    return {name: (sums[name][0] / sums[name][1] if sums.get(name, (0, 0))[1] else None)
+            for name in report_names(EDGES)}
+
+
+def greedy_replies(Wref, packs, mcfg, tied) -> None:
+    """Rewrite the content of every other reply (and the last token of a few) with the
+    reference model's greedy next tokens, so that accuracy and exact turns are neither 0 nor
+    1 in every group."""
+    k = 0
+    for pack in packs:
+        for conv in pack.conversations:
+            for a, e in conv.replies:
+                k += 1
+                if k % 2:
+                    continue
+                for j in range(a, e - 1 if k % 3 else e):  # content (and EOT for some)
+                    with torch.no_grad():
+                        logits = ref.reference_logits(Wref, torch.tensor(conv.tokens[:j]),
+                                                      mcfg, tied)
+                    conv.tokens[j] = int(logits[-1, :ref.VOCAB].argmax())
+
+
+def check_validation(run, Wref, dp, tied, everyone) -> dict:
+    """``loop.evaluate`` with ``pretrain_dialog``'s validation forward step on packs of
+    conversations (3 per data-parallel rank) vs ``reference_validation``."""
+    from mt_dialog.training.turn_metrics import report_names
+
+    packs = ref.make_packs(seed=11, n_packs=3 * dp, seq=SEQ)
+    if dist.get_rank() == 0:  # every other reply: the reference's own greedy continuation
+        greedy_replies(Wref, packs, run.config.model, tied)
+    shared = [packs]
+    dist.broadcast_object_list(shared, src=0)
+    packs = shared[0]
+    run.valid_sets = [[build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]]
+    run.eval_forward_step = pretrain_dialog.make_eval_forward_step("turn", EDGES)
+    metrics = next((m for m in everyone(loop.evaluate(run)) if m is not None), None)
+    if dist.get_rank() != 0:
+        return None
+    convs = [c for p in packs for c in p.conversations]
+    want = reference_validation(Wref, convs, run.config.model, tied)
+    got = {name: (None if metrics[name] != metrics[name] else metrics[name])
+           for name in report_names(EDGES)}
+    return {"turns": sum(len(c.replies) for c in convs), "logged_turns": metrics["turn_num"],
+            "metrics": got, "reference": want,
+            "group_turns": {k: v for k, v in metrics.items() if k.endswith(": turns")}}
 
 
 if __name__ == "__main__":

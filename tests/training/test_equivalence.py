@@ -116,3 +116,24 @@ def test_untrained_replies_and_tool_messages_train_nothing(name, tmp_path_factor
     assert step["turn_logged_turns"] == step["turns"]
     assert step["turn_logged_loss_per_turn"] == pytest.approx(step["turn_loss_ref"], rel=TOL)
     assert step["token_max_rel_err"] <= TOL, (step["token_worst_param"], step)
+
+
+@layouts
+def test_validation_metrics_equal_the_reference(name, tmp_path_factory):
+    """Loss per turn, greedy accuracy and exact turns by reply length and turn index, from a
+    real validation (``loop.evaluate``, vocabulary-parallel argmax at TP=2, last stage at PP=2,
+    sums over DP=2), equal the plain-PyTorch model's reply by reply; every turn falls in one
+    length group and one index group."""
+    val = _result(name, tmp_path_factory)["validation"]
+    assert val["logged_turns"] == val["turns"] >= 10
+    for metric, want in val["reference"].items():
+        got = val["metrics"][metric]
+        if want is None:
+            assert got is None, metric
+        else:
+            assert got == pytest.approx(want, rel=TOL, abs=1e-9), (metric, got, want)
+    groups = val["group_turns"]
+    assert sum(v for k, v in groups.items() if k.startswith("reply length")) == val["turns"]
+    assert sum(v for k, v in groups.items() if k.startswith("turn ")) == val["turns"]
+    reference = val["reference"]
+    assert 0.2 < reference["accuracy"] < 0.9 and 0 < reference["exact turns"] < 1, reference
