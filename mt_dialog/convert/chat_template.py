@@ -315,8 +315,9 @@ def probes_for(template: Optional[ResolvedTemplate]) -> List[Probe]:
                  Message("tool", '{"temp": 22}', tool_call_id="call_1"),
                  Message("tool", '{"temp": 18}', tool_call_id="call_2"))
         answer = said("Paris 22°C, Zürich 18°C.", (), "Both results are in.")
-        later = said("Let me check.", (ToolCall("get_weather", {"city": "Paris", "day": 1}),),
-                     "One more call.")
+        later = said("Let me check.", (ToolCall("get_weather", {"city": "Paris", "day": 1},
+                                                None, '{"city":"Paris", "day":1}'),),
+                     "One more call.")  # arguments as a JSON string (OpenAI's API): verbatim
         probes.append((Conversation(asked, PROBE_TOOLS), answer))
         bare = tuple(tool["function"] for tool in PROBE_TOOLS)  # wrapped as training wraps them
         probes.append((Conversation(asked, bare), answer))

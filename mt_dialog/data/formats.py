@@ -161,10 +161,15 @@ class ToolCall:
     name: str
     """The function's name."""
     arguments: Any
-    """The arguments as a JSON value (a dict for every real API): a JSON *string* in the input
-    is decoded, because chat templates serialize the value themselves (``tojson``)."""
+    """The arguments as a JSON object (a dict; a JSON *string* in the input is decoded to check
+    it and for templates that need the value)."""
     id: Optional[str] = None
     """The call id a ``tool`` message answers with ``tool_call_id`` (may be absent)."""
+    arguments_text: Optional[str] = None
+    """The input's JSON string of the arguments, verbatim (OpenAI's API gives them so); None
+    when the input gave an object (or a blank string: no arguments). Chat templates write a
+    string as it is (Qwen's: ``arguments if arguments is string else arguments | tojson``), so
+    training and the exported template write this text, never a re-serialization of it."""
 
 
 @dataclass(frozen=True)
@@ -406,9 +411,10 @@ def _tool_call(call: Any, where: str) -> ToolCall:
     if arguments is None:
         raise RecordError("bad_tool_call", f"{where}: 'arguments' is missing; write {{}} for a "
                           "call without arguments")
+    text = arguments if isinstance(arguments, str) and arguments.strip() else None
     if isinstance(arguments, str):  # "" (or blank): a call without arguments
         arguments = (_decode_json(arguments, f"{where}: 'arguments'", "bad_tool_call")
-                     if arguments.strip() else {})
+                     if text is not None else {})
     if not isinstance(arguments, dict):
         raise RecordError("bad_tool_call", f"{where}: 'arguments' must be a JSON object (or a "
                           f"string of one), got {type(arguments).__name__}")
@@ -417,7 +423,7 @@ def _tool_call(call: Any, where: str) -> ToolCall:
         raise RecordError("bad_tool_call", f"{where}: 'id' must be a string, got "
                           f"{type(call_id).__name__}")
     _check_json_text([name, arguments, call_id or ""], where)
-    return ToolCall(name, arguments, call_id)
+    return ToolCall(name, arguments, call_id, text)
 
 
 def _tool_calls(value: Any, where: str) -> Tuple[ToolCall, ...]:

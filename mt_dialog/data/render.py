@@ -231,8 +231,12 @@ def _reply_text(message: Message, template: ResolvedTemplate, block: bool) -> st
     text = content.lstrip("\n") if block else content
     for number, call in enumerate(message.tool_calls):
         layout = template.tools
-        body = json.dumps({"name": call.name, layout.arguments_key: call.arguments},
-                          ensure_ascii=False)
+        if call.arguments_text is None:
+            body = json.dumps({"name": call.name, layout.arguments_key: call.arguments},
+                              ensure_ascii=False)
+        else:  # as given: what the exported Jinja template writes for a string too
+            body = (f"{{\"name\": {json.dumps(call.name, ensure_ascii=False)}, "
+                    f"{json.dumps(layout.arguments_key)}: {call.arguments_text}}}")
         text += ("\n" if content or number else "") + layout.call[0] + body + layout.call[1]
     if block:
         before, after = template.reasoning.wrap

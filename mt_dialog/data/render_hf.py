@@ -67,7 +67,8 @@ _USER_TURN_VIEWS = SimpleNamespace(reasoning=ReasoningLayout(wrap=("", ""), drop
 def hf_messages(messages: Sequence[Message]) -> Dicts:
     """Messages as Hugging Face chat templates take them (``apply_chat_template(messages,
     tools=...)``): ``{"role", "content"}``; an assistant's ``tool_calls`` as ``[{"type":
-    "function", "function": {"name", "arguments" (a dict)}, "id"}]`` and ``reasoning_content``;
+    "function", "function": {"name", "arguments"}, "id"}]`` (the arguments as the input gave
+    them: a dict, or its JSON string verbatim) and ``reasoning_content``;
     a tool result's ``tool_call_id`` and ``name``. Absent values are left out (templates test
     ``is defined``)."""
     out = []
@@ -75,7 +76,8 @@ def hf_messages(messages: Sequence[Message]) -> Dicts:
         entry: Dict[str, Any] = {"role": m.role, "content": m.content}
         if m.tool_calls:
             entry["tool_calls"] = [
-                {"type": "function", "function": {"name": c.name, "arguments": c.arguments},
+                {"type": "function", "function": {"name": c.name, "arguments": (
+                    c.arguments if c.arguments_text is None else c.arguments_text)},
                  **({"id": c.id} if c.id is not None else {})} for c in m.tool_calls]
         if m.reasoning is not None:
             entry["reasoning_content"] = m.reasoning

@@ -554,16 +554,23 @@ def test_no_trained_turn():
 # --------------------------------------------------------------------------- tool calls
 
 
-def test_tool_call_arguments_as_string_or_object_are_the_same():
+def test_tool_call_arguments_as_string_are_kept_verbatim():
+    """Arguments given as a JSON string (OpenAI's API) are checked by decoding them and kept as
+    written: chat templates write a string as it is, so training and serving write the same
+    text; given as an object, they are serialized by the template (``arguments_text`` None)."""
     as_object = {"messages": [{"role": U, "content": "Weather?"}, _calling(), _tool(),
                               {"role": A, "content": "18C."}]}
     as_string = json.loads(json.dumps(as_object))
-    as_string["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Paris"}'
+    as_string["messages"][1]["tool_calls"][0]["function"]["arguments"] = '{"city":"Paris"}'
     del as_string["messages"][1]["content"]  # content may be absent when there are calls
     first, second = parse_record(as_object), parse_record(as_string)
-    assert first == second
     assert first.messages[1] == Message(A, "", (ToolCall("get_weather", {"city": "Paris"},
                                                          "call_1"),))
+    assert second.messages[1] == Message(A, "", (ToolCall("get_weather", {"city": "Paris"},
+                                                          "call_1", '{"city":"Paris"}'),))
+    blank = json.loads(json.dumps(as_string))
+    blank["messages"][1]["tool_calls"][0]["function"]["arguments"] = " "
+    assert parse_record(blank).messages[1].tool_calls[0] == ToolCall("get_weather", {}, "call_1")
 
 
 @pytest.mark.parametrize("tools", [
@@ -695,11 +702,12 @@ def test_legacy_openai_function_call_and_function_role():
               {"role": "function", "name": "get_weather", "content": "18C"},
               {"role": A, "content": "18C."}]
     current = [legacy[0], {"role": A, "content": "Let me see.",
-                           "tool_calls": [{"function": CALL["function"]}]},
+                           "tool_calls": [{"function": legacy[1]["function_call"]}]},
                _tool("18C", name="get_weather"), legacy[3]]
     conversation = parse_record({"messages": legacy})
     assert conversation == parse_record({"messages": current}) and conversation.notes == ()
-    assert conversation.messages[1].tool_calls == (ToolCall("get_weather", {"city": "Paris"}),)
+    assert conversation.messages[1].tool_calls == (
+        ToolCall("get_weather", {"city": "Paris"}, None, '{"city": "Paris"}'),)
     assert parse_record({"conversations": legacy}) == conversation  # sharegpt role-keyed items
     assert [message_from_dict(m, "m") for m in legacy] == list(conversation.messages)  # chat
     both = [legacy[0], {**legacy[1], "tool_calls": current[1]["tool_calls"]}, *legacy[2:]]

@@ -422,3 +422,23 @@ def test_prompt_after_tool_results_is_the_training_prefix(sp_model_path):
         assert full.input_ids[:start].tolist() == prompt, name
     with pytest.raises(ValueError, match="must end with a user message or a tool result"):
         render_prompt(KINDS["replies"], template, tokenizer.encode)
+
+
+@pytest.mark.parametrize("name, key", [("chatml", "arguments"), ("qwen3", "arguments"),
+                                       ("llama3", "parameters")])
+def test_string_arguments_are_trained_as_written(sp_model_path, name, key):
+    """A call whose arguments came as a JSON string is trained with that text (the exported
+    Jinja template writes a string as it is too); an object is serialized as ``tojson`` does."""
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    template = resolve_template(get_template(name), tokenizer)
+    for arguments, written in (('{"city":"Paris"}', '{"city":"Paris"}'),
+                               ({"city": "Paris"}, '{"city": "Paris"}')):
+        record = {"tools": [WEATHER], "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather",
+                                                  "arguments": arguments}}]}]}
+        (rendered,) = render_conversation(parse_record(record), template, tokenizer.encode)
+        trained = rendered.input_ids[rendered.loss_token_num > 0]
+        text = tokenizer.decode(trained.tolist())
+        assert f'{{"name": "get_weather", "{key}": {written}}}' in text, text
