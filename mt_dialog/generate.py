@@ -94,7 +94,7 @@ def to_messages(messages: Sequence[MessageLike]) -> List[Message]:
     out, names = [], []
     try:
         for index, message in enumerate(messages):
-            name = f"message {index}"
+            name = f"messages[{index}]"
             if not isinstance(message, Message):
                 message = message_from_dict(message, name)
             if message is not None:

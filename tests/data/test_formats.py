@@ -1115,11 +1115,11 @@ def test_generation_requests_follow_the_same_rules():
         Message(A, "Hi!"), Message(U, "q")]
     for bad, text in (([{"role": A, "content": "hi"}],
                        "must end with a user message (or a tool result) to reply to, but "
-                       "message 0 (assistant) is last"),
-                      ([{"role": U, "content": 3}], "message 0: field 'content' must be a string"),
+                       "messages[0] (assistant) is last"),
+                      ([{"role": U, "content": 3}], "messages[0]: field 'content' must be a string"),
                       ([{"role": U, "content": "q"}, {"role": S, "content": "s"}],
-                       "message 1 (system) comes after message 0"),
-                      (["hi"], "message 0 must be an object like")):
+                       "messages[1] (system) comes after messages[0]"),
+                      (["hi"], "messages[0] must be an object like")):
         with pytest.raises(GenerationError) as info:
             to_messages(bad)
         assert text in str(info.value)
