@@ -149,6 +149,21 @@ def _json_default(value):
     return str(value)
 
 
+def made_with(sidecar: str, params: Dict[str, Any]) -> bool:
+    """Whether generated inputs are reusable: ``sidecar`` (JSON) records exactly ``params``."""
+    try:
+        with open(sidecar, encoding="utf-8") as handle:
+            return json.load(handle) == params
+    except (OSError, ValueError):
+        return False
+
+
+def record_made_with(sidecar: str, params: Dict[str, Any]) -> None:
+    """Write ``params`` to ``sidecar`` once the inputs they describe are complete."""
+    with open(sidecar, "w", encoding="utf-8") as handle:
+        json.dump(params, handle)
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table (readable in a terminal, pasteable into README.md)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]

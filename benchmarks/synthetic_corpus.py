@@ -34,6 +34,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import made_with, record_made_with  # noqa: E402
+
 GENERATOR_VERSION = 1
 LEXICON_SEED = 20240501
 LEXICON_SIZE = 5000
@@ -206,18 +209,12 @@ def prepare(work_dir: str, n: int, seed: int = 0) -> Tuple[str, str]:
     sidecar = corpus + ".params.json"
     params = {"version": GENERATOR_VERSION, "n": n, "seed": seed, "dist": asdict(ShareGPTLike()),
               "vocab_size": VOCAB_SIZE}
-    try:
-        with open(sidecar, encoding="utf-8") as handle:
-            cached = json.load(handle) == params
-    except (OSError, ValueError):
-        cached = False
-    if cached and os.path.isfile(corpus) and os.path.isfile(tokenizer):
+    if made_with(sidecar, params) and os.path.isfile(corpus) and os.path.isfile(tokenizer):
         return corpus, tokenizer
     train_tokenizer(tokenizer)
     write_corpus(corpus + ".tmp", n, seed, tokenizer)
     os.replace(corpus + ".tmp", corpus)
-    with open(sidecar, "w", encoding="utf-8") as handle:
-        json.dump(params, handle)
+    record_made_with(sidecar, params)
     return corpus, tokenizer
 
 
@@ -274,15 +271,9 @@ def prepare_hf(work_dir: str, n: int, seed: int = 0) -> Tuple[str, str]:
     sidecar = folder + ".params.json"
     params = {"version": GENERATOR_VERSION, "n": n, "seed": seed, "vocab_size": HF_VOCAB_SIZE,
               "template": HF_CHATML_JINJA}
-    try:
-        with open(sidecar, encoding="utf-8") as handle:
-            cached = json.load(handle) == params
-    except (OSError, ValueError):
-        cached = False
-    if not (cached and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+    if not (made_with(sidecar, params) and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
         train_hf_tokenizer(folder, corpus)
-        with open(sidecar, "w", encoding="utf-8") as handle:
-            json.dump(params, handle)
+        record_made_with(sidecar, params)
     return corpus, folder
 
 
