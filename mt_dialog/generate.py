@@ -179,8 +179,8 @@ class Generator:
         checked = to_messages(messages)
         if not enable_thinking and not self.has_reasoning_layout():
             raise GenerationError(f"the chat template {self.template_name!r} has no reasoning "
-                                  "layout, so thinking cannot be switched off; leave "
-                                  "enable_thinking on (drop --no-thinking)")
+                                  "layout, so thinking cannot be switched off (--no-thinking, "
+                                  "enable_thinking=False): the model was not trained to think")
         try:
             conversation = Conversation(tuple(checked), parse_tools(tools))
             if self.template is None:  # the tokenizer's own Jinja template

@@ -183,6 +183,7 @@ def test_chat_interactive_transcript(run):
     (["--load", ".", "--message", "hi"], "latest_checkpointed_iteration.txt"),
     (["--load", ".", "--message", "hi", "--message", "hello"], "odd number"),
     (["--load", ".", "--message", "hi", "--top-p", "1.5"], "--top-p"),
+    (["--load", ".", "--json"], "--json prints the reply to the --message history"),
 ])
 def test_chat_errors_cleanly(args, message):
     out = _chat(*args)
@@ -329,6 +330,15 @@ def test_hf_template_gets_tools_and_enable_thinking(hf_qwen3_dir):
     assert generator.prompt_ids(ASK, WEATHER) != generator.prompt_ids(ASK, WEATHER, False)
 
 
+@pytest.mark.multiprocess  # trains the demo run (TP=2, torchrun)
+def test_chat_reasoning_flags_need_a_reasoning_layout(run):
+    for flag in ("--no-thinking", "--show-reasoning"):
+        out = _chat("--load", run["save"], "--message", "Hi", flag)
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr.startswith(f"error: {flag}: the chat template 'chatml' has no "
+                                     "reasoning layout"), out.stderr
+
+
 def test_chat_tools_file_errors(tmp_path):
     bad = tmp_path / "tools.json"
     bad.write_text('[{"name": "f",}]\n')
@@ -336,3 +346,12 @@ def test_chat_tools_file_errors(tmp_path):
     assert out.returncode == 1 and out.stderr.startswith(f"error: --tools {bad}:1: not JSON")
     out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(tmp_path / "none"))
     assert out.returncode == 1 and "cannot read it" in out.stderr
+    single = tmp_path / "single.json"
+    single.write_text('{"name": "get_weather"}')
+    out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(single))
+    assert out.returncode == 1 and out.stderr.startswith(
+        f"error: --tools {single}: must be a JSON list of function descriptions"), out.stderr
+    nameless = tmp_path / "nameless.json"
+    nameless.write_text('[{"description": "no name"}]')
+    out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(nameless))
+    assert out.returncode == 1 and out.stderr.startswith(f"error: --tools {nameless}: tools[0]")

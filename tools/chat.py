@@ -97,6 +97,9 @@ def _check_args(args) -> None:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.temperature is not None and args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.json and not args.message:
+        raise ValueError("--json prints the reply to the --message history as one JSON object: "
+                         "give --message (interactive chat prints text)")
     if args.message and len(args.message) % 2 == 0:
         raise ValueError(f"{len(args.message)} --message given: they alternate user, assistant, "
                          "user, ... so the last one must be a user message (give an odd number)")
@@ -107,17 +110,46 @@ def _check_args(args) -> None:
 
 
 def _tools(path):
-    """The functions in ``--tools FILE`` (checked when the prompt is built), or None."""
+    """The functions in ``--tools FILE`` (checked as a record's ``tools``), or None."""
+    from mt_dialog.data.formats import RecordError, parse_tools
+
     if path is None:
         return None
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            tools = json.load(handle)
     except OSError as exc:
         raise ValueError(f"--tools {path}: cannot read it ({exc.strerror})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"--tools {path}:{exc.lineno}: not JSON ({exc.msg}); give a JSON list "
                          "of function descriptions") from None
+    if not isinstance(tools, list):
+        raise ValueError(f"--tools {path}: must be a JSON list of function descriptions "
+                         f"([{{\"type\": \"function\", \"function\": {{...}}}}, ...]), got a "
+                         f"{type(tools).__name__}; put the function in [ ]")
+    try:
+        return list(parse_tools(tools))
+    except RecordError as exc:
+        raise ValueError(f"--tools {path}: {exc.message}") from None
+
+
+def _check_reasoning_flags(generator, args) -> None:
+    """--no-thinking and --show-reasoning need a template that lays out reasoning."""
+    flags = [f for f, on in (("--no-thinking", args.no_thinking),
+                             ("--show-reasoning", args.show_reasoning)) if on]
+    if flags and not generator.has_reasoning_layout():
+        raise ValueError(f"{' and '.join(flags)}: the chat template "
+                         f"{generator.template_name!r} has no reasoning layout (no <think> "
+                         "block), so the model was not trained to think; drop "
+                         + " and ".join(flags))
+
+
+def _finish_note(result, generator) -> None:
+    """A reply cut by the model's sequence length says so on stderr (text output)."""
+    if result.finish_reason == "seq_length":
+        print(f"note: the reply stopped at the model's sequence length ({generator.seq_length} "
+              f"tokens; the prompt has {len(result.prompt_ids)}): shorten the conversation, the "
+              "system message or --tools", file=sys.stderr, flush=True)
 
 
 def _assistant(result) -> dict:
@@ -178,6 +210,7 @@ def _interactive(generator, messages: list, options: dict, echo: bool = False,
         result = generator.generate(messages, **options)
         messages.append(_assistant(result))
         print(("assistant> " if tty or echo else "") + _shown(result, show_reasoning), flush=True)
+        _finish_note(result, generator)
 
 
 def main(argv=None) -> int:
@@ -193,6 +226,7 @@ def main(argv=None) -> int:
             generator = Generator.from_checkpoint(
                 args.load, iteration=args.iteration, tokenizer_path=args.tokenizer_model,
                 template=args.template)
+            _check_reasoning_flags(generator, args)
             options = dict(_sampling(args), tools=args.tools,
                            enable_thinking=not args.no_thinking)
             messages = _history(args)
@@ -205,6 +239,7 @@ def main(argv=None) -> int:
                                       "prompt_tokens": len(result.prompt_ids)}), flush=True)
                 else:
                     print(_shown(result, args.show_reasoning), flush=True)
+                    _finish_note(result, generator)
                 if not args.interactive:
                     return 0
                 messages.append(_assistant(result))

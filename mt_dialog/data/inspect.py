@@ -170,7 +170,7 @@ def verify_dataset(prefix: str) -> List[str]:
 
 # -- how much the loss normalization matters for a dataset --------------------------------------
 
-REPLY_LENGTH_EDGES = (4, 16, 64, 256, 1024)
+REPLY_LENGTH_EDGES = (4, 16, 64, 256)  # validation's default buckets (--eval-reply-length-buckets)
 TURN_COUNT_EDGES = (1, 2, 3, 4, 8)
 
 

@@ -306,7 +306,8 @@ def _evaluate_and_log(run: Run) -> None:
                     f"{metrics['exact turns']:.2%}\n" + metrics_table(
                         metrics, run.config.train.eval_reply_length_buckets)
             if run.config.train.save:
-                write_metrics(run.config.train.save, run.iteration, metrics)
+                write_metrics(run.config.train.save, run.iteration, metrics,
+                              run.config.train.eval_reply_length_buckets)
         print(line, flush=True)
 
 
@@ -400,6 +401,11 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None,
             return run
         run.writer = open_tracker(config)
         distributed.log(_banner(run, argv))
+        edges = config.train.eval_reply_length_buckets
+        if eval_forward_step and edges[-1] >= info.seq_length:
+            distributed.log(f"note: --eval-reply-length-buckets {' '.join(map(str, edges))}: "
+                            f"replies are at most --seq-length {info.seq_length} tokens, so the "
+                            "buckets above it stay empty")
         if info.valid_packs and not (config.train.eval_interval or config.train.eval_iters):
             distributed.log(f"note: no validation (the validation split has {info.valid_packs} "
                             "packs): --eval-interval N validates every N iterations, "

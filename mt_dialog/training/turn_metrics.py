@@ -201,9 +201,12 @@ def metrics_table(metrics: Dict[str, float], edges: Sequence[int]) -> str:
                      for row in rows)
 
 
-def write_metrics(save: str, iteration: int, metrics: Dict[str, float]) -> str:
-    """Write ``SAVE/validation/iter_0000060.json`` (the iteration's validation metrics, NaN as
-    null: an empty group) beside the checkpoints; returns its path."""
+def write_metrics(save: str, iteration: int, metrics: Dict[str, float],
+                  edges: Sequence[int]) -> str:
+    """Write ``SAVE/validation/iter_0000060.json`` beside the checkpoints: ``{"iteration",
+    "eval_reply_length_buckets", "metrics"}``, the metrics under their log names (``"loss per
+    turn"``, ``"accuracy"``, ``"reply length 1-4: exact turns"``, ``"turn 2: turns"``, ...;
+    NaN as null: an empty group); returns its path."""
     import json
     import math
     import os
@@ -214,6 +217,7 @@ def write_metrics(save: str, iteration: int, metrics: Dict[str, float]) -> str:
     values = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
               for k, v in metrics.items()}
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({"iteration": iteration, "metrics": values}, handle, indent=1, sort_keys=True)
+        json.dump({"iteration": iteration, "eval_reply_length_buckets": list(edges),
+                   "metrics": values}, handle, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
     return path

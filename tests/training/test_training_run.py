@@ -129,6 +129,17 @@ def test_tensorboard_scalars(blended_run):
     for step, value in lrs.items():
         assert value == pytest.approx(expected_lr(step), rel=1e-5, abs=1e-12), step
     assert [e.step for e in events.Scalars("valid/loss_per_turn")] == [5, 10]
+    # the per-turn validation metrics, also in SAVE/validation/iter_*.json
+    assert {"valid/accuracy", "valid/exact_turns", "valid/reply_length_1-4/loss_per_turn",
+            "valid/reply_length_5-16/accuracy", "valid/turn_1/exact_turns",
+            "valid/turn_4+/accuracy"} <= tags, sorted(t for t in tags if t.startswith("valid"))
+    assert not any(t.endswith("/turns") for t in tags)
+    saved = os.path.join(str(blended_run["save"]), "validation", "iter_0000010.json")
+    with open(saved) as handle:
+        record = json.load(handle)
+    accuracy = events.Scalars("valid/accuracy")[-1]
+    assert record["iteration"] == accuracy.step == 10
+    assert record["metrics"]["accuracy"] == pytest.approx(accuracy.value, rel=1e-6)
     logged = {r["iter"]: r for r in parse_iters(blended_run["stdout"])}
     # the log line at iteration 11 covers iteration 11 alone: same loss as TensorBoard's
     tb_last = events.Scalars("train/loss_per_token")[-1]
