@@ -167,6 +167,10 @@ def _refuse_mismatch(model: ModelConfig, architecture: str) -> None:
                               f"{', '.join(ARCHITECTURES)}")
     if fits(model, architecture):
         return
+    if model.add_qkv_bias and model.qk_layernorm:
+        raise ConversionError("the model has both a QKV bias (--add-qkv-bias) and q/k layernorm "
+                              "(--qk-layernorm); no supported Hugging Face architecture has both "
+                              "(Qwen2ForCausalLM: the bias only, Qwen3ForCausalLM: the norms only)")
     bias, norm = SIGNATURES[architecture]
     has = lambda flag: "has" if flag else "lacks"  # noqa: E731
     raise ConversionError(

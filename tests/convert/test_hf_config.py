@@ -91,6 +91,9 @@ def test_export_architecture_must_fit_the_model():
         with pytest.raises(ConversionError, match=f"--architecture {architecture} .* use "
                            f"--architecture {guess_architecture(model)}"):
             hf_config(model, architecture, 128, 256, "fp32", None, None)
+    both = ModelConfig(add_qkv_bias=True, qk_layernorm=True)
+    with pytest.raises(ConversionError, match="no supported Hugging Face architecture has both"):
+        hf_config(both, guess_architecture(both), 128, 256, "fp32", None, None)
 
 
 @pytest.mark.parametrize("changes,named", [
