@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert checkpoints between Hugging Face and megatron-core (Llama, Mistral, Qwen2 families).
+"""Convert checkpoints between Hugging Face and megatron-core (Llama, Mistral, Qwen2, Qwen3).
 
 Start from a pretrained model, fine-tune at any TP/PP, export the result for serving:
 

@@ -64,7 +64,8 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 @dataclass
 class ImportConfig:
-    """hf-to-mcore: a Hugging Face Llama / Mistral / Qwen2 folder -> a megatron-core checkpoint."""
+    """hf-to-mcore: a Hugging Face Llama / Mistral / Qwen2 / Qwen3 folder -> a megatron-core
+    checkpoint."""
 
     load_dir: str = option(help="Hugging Face model folder (config.json, safetensors, "
                            "tokenizer files)", metavar="HF_DIR")
@@ -92,8 +93,9 @@ class ExportConfig:
     save_dir: str = option(help="Hugging Face folder to create", metavar="HF_DIR")
     iteration: Optional[int] = option(None, help="iteration to export (default: the newest)")
     architecture: str = option("auto", choices=("auto",) + ARCHITECTURES,
-                               help="auto: Qwen2ForCausalLM when the model has a QKV bias, else "
-                               "the imported one, else LlamaForCausalLM")
+                               help="auto: the imported one when it fits, else Qwen2ForCausalLM "
+                               "when the model has a QKV bias, Qwen3ForCausalLM with q/k "
+                               "layernorm, else LlamaForCausalLM")
     dtype: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="dtype of the written weights (auto: the checkpoint's)")
     vocab_size: Optional[int] = option(None, help="embedding rows to write (default: the "
@@ -490,12 +492,12 @@ def write_safetensors(out: str, groups: Iterable[Dict[str, torch.Tensor]], dtype
 
 
 def _architecture(cfg: ExportConfig, mc: ModelConfig, source: Dict[str, Any]) -> str:
-    from mt_dialog.convert.hf_config import guess_architecture
+    from mt_dialog.convert.hf_config import fits, guess_architecture
 
     if cfg.architecture != "auto":
         return cfg.architecture
     imported = source.get("architecture")
-    if imported and (imported == "Qwen2ForCausalLM") == mc.add_qkv_bias:
+    if imported in ARCHITECTURES and fits(mc, imported):
         return imported
     return guess_architecture(mc)
 

@@ -1,12 +1,14 @@
 """Hugging Face ``config.json`` <-> the library's ``ModelConfig``.
 
 Supported families (the Llama block: RMSNorm, SwiGLU MLP, RoPE without interleaving, grouped-query
-attention, no biases except Qwen2's on q/k/v):
+attention, no biases except Qwen2's on q/k/v; Qwen3 adds an RMSNorm on each query and key head):
 
-    architecture         bias            RoPE scaling (rope_type)        refused
-    LlamaForCausalLM     none            default, linear, llama3         attention_bias, mlp_bias
-    MistralForCausalLM   none            default, linear, llama3         sliding_window
-    Qwen2ForCausalLM     q, k, v         default, linear, llama3         use_sliding_window
+    architecture         bias     q/k norm   RoPE scaling (rope_type)   refused
+    LlamaForCausalLM     none     no         default, linear, llama3    attention_bias, mlp_bias
+    MistralForCausalLM   none     no         default, linear, llama3    sliding_window
+    Qwen2ForCausalLM     q, k, v  no         default, linear, llama3    use_sliding_window
+    Qwen3ForCausalLM     none     yes        default, linear, llama3    use_sliding_window,
+                                                                        attention_bias
 
 Anything else a config asks for (another architecture, activation, RoPE type, partial rotary,
 sliding windows) is refused by ``ConversionError`` naming the field and its value.
@@ -21,7 +23,10 @@ from typing import Any, Dict, Optional
 
 from mt_dialog.training.config import ModelConfig
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# what tells the families apart in a ModelConfig: (QKV bias, q/k layernorm); Mistral is Llama's
+SIGNATURES = {"LlamaForCausalLM": (False, False), "MistralForCausalLM": (False, False),
+              "Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True)}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -105,7 +110,7 @@ def _refuse_unsupported(architecture: str, config, path: str) -> None:
     if architecture == "MistralForCausalLM" and getattr(config, "sliding_window", None):
         raise ConversionError(f"{path}: sliding_window {config.sliding_window} (sliding-window "
                               "attention) is not supported; only full attention")
-    if architecture == "Qwen2ForCausalLM":
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if getattr(config, "use_sliding_window", False) or layer_types != {"full_attention"}:
             raise ConversionError(f"{path}: use_sliding_window / layer_types {sorted(layer_types)}"
@@ -129,6 +134,7 @@ def read_hf_config(folder: str) -> HFModel:
             norm_epsilon=float(config.rms_norm_eps),
             untie_embeddings_and_output_weights=not getattr(config, "tie_word_embeddings", False),
             add_qkv_bias=architecture == "Qwen2ForCausalLM",
+            qk_layernorm=architecture == "Qwen3ForCausalLM",
             init_method_std=float(getattr(config, "initializer_range", 0.02)),
             **rope_settings(config, path))
     except ValueError as exc:
@@ -142,8 +148,36 @@ def read_hf_config(folder: str) -> HFModel:
 
 
 def guess_architecture(model: ModelConfig) -> str:
-    """Qwen2 when the QKV projection has a bias, Llama otherwise."""
-    return "Qwen2ForCausalLM" if model.add_qkv_bias else "LlamaForCausalLM"
+    """Qwen2 when the QKV projection has a bias, Qwen3 with q/k layernorm, Llama otherwise."""
+    if model.add_qkv_bias:
+        return "Qwen2ForCausalLM"
+    return "Qwen3ForCausalLM" if model.qk_layernorm else "LlamaForCausalLM"
+
+
+def fits(model: ModelConfig, architecture: str) -> bool:
+    """Whether ``architecture`` has the QKV bias and q/k layernorm ``model`` has."""
+    return SIGNATURES[architecture] == (model.add_qkv_bias, model.qk_layernorm)
+
+
+def _refuse_mismatch(model: ModelConfig, architecture: str) -> None:
+    """``ConversionError`` when the architecture lacks (or needs) the model's QKV bias or q/k
+    layernorm, naming the one that fits."""
+    if architecture not in ARCHITECTURES:
+        raise ConversionError(f"--architecture {architecture} is not supported; supported: "
+                              f"{', '.join(ARCHITECTURES)}")
+    if fits(model, architecture):
+        return
+    if model.add_qkv_bias and model.qk_layernorm:
+        raise ConversionError("the model has both a QKV bias (--add-qkv-bias) and q/k layernorm "
+                              "(--qk-layernorm); no supported Hugging Face architecture has both "
+                              "(Qwen2ForCausalLM: the bias only, Qwen3ForCausalLM: the norms only)")
+    bias, norm = SIGNATURES[architecture]
+    has = lambda flag: "has" if flag else "lacks"  # noqa: E731
+    raise ConversionError(
+        f"--architecture {architecture} {has(bias)} a QKV bias and {has(norm)} q/k layernorm, "
+        f"but this model {has(model.add_qkv_bias)} a QKV bias (--add-qkv-bias) and "
+        f"{has(model.qk_layernorm)} q/k layernorm (--qk-layernorm); use --architecture "
+        f"{guess_architecture(model)}")
 
 
 def _rope_for_hf(model: ModelConfig) -> Optional[Dict[str, Any]]:
@@ -162,19 +196,11 @@ def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_positi
               pad_token_id: Optional[int] = None):
     """A transformers config object for ``model`` (``save_pretrained`` writes config.json)."""
     import torch
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    if architecture not in ARCHITECTURES:
-        raise ConversionError(f"--architecture {architecture} is not supported; supported: "
-                              f"{', '.join(ARCHITECTURES)}")
-    if model.add_qkv_bias and architecture != "Qwen2ForCausalLM":
-        raise ConversionError(f"--architecture {architecture}: the model has a QKV bias, which "
-                              "only Qwen2ForCausalLM has; use --architecture Qwen2ForCausalLM")
-    if not model.add_qkv_bias and architecture == "Qwen2ForCausalLM":
-        raise ConversionError("--architecture Qwen2ForCausalLM needs a QKV bias, which this "
-                              "model lacks (--add-qkv-bias); use LlamaForCausalLM")
+    _refuse_mismatch(model, architecture)
     cls = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig,
-           "Qwen2ForCausalLM": Qwen2Config}[architecture]
+           "Qwen2ForCausalLM": Qwen2Config, "Qwen3ForCausalLM": Qwen3Config}[architecture]
     config = cls(vocab_size=vocab_size, hidden_size=model.hidden_size,
                  intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
                  num_attention_heads=model.num_attention_heads,

@@ -1,4 +1,5 @@
-"""Tensor names and layouts: Hugging Face Llama/Qwen2 <-> megatron-core GPTModel (TP = PP = 1).
+"""Tensor names and layouts: Hugging Face Llama/Qwen2/Qwen3 <-> megatron-core GPTModel
+(TP = PP = 1).
 
 Per layer ``i`` (H hidden, G query groups, q = heads / G query heads per group, d head size)::
 
@@ -8,6 +9,8 @@ Per layer ``i`` (H hidden, G query groups, q = heads / G query heads per group, 
                                                      [ q heads of group 0 | k0 | v0 | q heads of
                                                        group 1 | k1 | v1 | ... ]
     model.layers.i.self_attn.{q,k,v}_proj.bias     ... .linear_qkv.bias (same grouping; Qwen2)
+    model.layers.i.self_attn.{q,k}_norm.weight     ... .self_attention.{q,k}_layernorm.weight
+      [d] (Qwen3: one RMSNorm per head)              [d], the same on every TP rank
     model.layers.i.self_attn.o_proj.weight         ... .self_attention.linear_proj.weight
     model.layers.i.post_attention_layernorm.weight ... .pre_mlp_layernorm.weight
     model.layers.i.mlp.{gate,up}_proj.weight       ... .mlp.linear_fc1.weight = [gate; up]
@@ -101,7 +104,8 @@ class SafetensorsFolder:
         return self._open[file].get_tensor(name)
 
 
-def hf_layer_names(i: int, qkv_bias: bool) -> List[str]:
+def hf_layer_names(i: int, qkv_bias: bool, qk_norm: bool = False) -> List[str]:
+    """The HF tensor names of layer ``i`` (with Qwen2's q/k/v biases, Qwen3's q/k norms)."""
     prefix = f"model.layers.{i}."
     names = [prefix + n for n in (
         "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -109,6 +113,8 @@ def hf_layer_names(i: int, qkv_bias: bool) -> List[str]:
         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
     if qkv_bias:
         names += [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"]
+    if qk_norm:
+        names += [prefix + f"self_attn.{p}_norm.weight" for p in "qk"]
     return names
 
 
@@ -117,7 +123,7 @@ def expected_hf_names(model: ModelConfig) -> List[str]:
     if model.untie_embeddings_and_output_weights:
         names.append("lm_head.weight")
     for i in range(model.num_layers):
-        names += hf_layer_names(i, model.add_qkv_bias)
+        names += hf_layer_names(i, model.add_qkv_bias, model.qk_layernorm)
     return names
 
 
@@ -133,7 +139,7 @@ def check_names(folder: SafetensorsFolder, model: ModelConfig) -> None:
     if unexpected:
         raise ConversionError(f"{folder.folder}: {len(unexpected)} tensor(s) this converter does "
                               f"not know, e.g. {', '.join(unexpected[:4])}; is it a plain "
-                              "Llama/Mistral/Qwen2 checkpoint?")
+                              "Llama/Mistral/Qwen2/Qwen3 checkpoint?")
 
 
 def group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes: Shapes) -> torch.Tensor:
@@ -171,6 +177,10 @@ def hf_to_mcore_layer(get, i: int, model: ModelConfig) -> Dict[str, torch.Tensor
     if model.add_qkv_bias:
         out[mc + "self_attention.linear_qkv.bias"] = group_qkv(
             *(get(hf + f"self_attn.{p}_proj.bias") for p in "qkv"), shapes)
+    if model.qk_layernorm:  # [head_dim], applied to every head: copied as it is
+        for p in "qk":
+            out[mc + f"self_attention.{p}_layernorm.weight"] = get(
+                hf + f"self_attn.{p}_norm.weight")
     return out
 
 
@@ -203,6 +213,10 @@ def mcore_to_hf_layer(state: Dict[str, torch.Tensor], i: int,
         for name, tensor in zip("qkv", split_qkv(state[mc + "self_attention.linear_qkv.bias"],
                                                  shapes)):
             out[hf + f"self_attn.{name}_proj.bias"] = tensor
+    if model.qk_layernorm:
+        for p in "qk":
+            out[hf + f"self_attn.{p}_norm.weight"] = state[
+                mc + f"self_attention.{p}_layernorm.weight"]
     return out
 
 

@@ -148,7 +148,8 @@ def check_save_folder(train) -> None:
 # of any, and --use-checkpoint-args takes them from the checkpoint
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                        "num_query_groups", "kv_channels", "add_qkv_bias",
-                       "untie_embeddings_and_output_weights", "rotary_base", "norm_epsilon",
+                       "qk_layernorm", "untie_embeddings_and_output_weights", "rotary_base",
+                       "norm_epsilon",
                        "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
                        "rope_scaling_high_freq_factor", "rope_scaling_original_max_position",
                        "rotary_seq_len_interpolation_factor")

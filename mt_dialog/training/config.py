@@ -62,6 +62,8 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = option(False, help="separate output layer "
                                                        "instead of the input embedding")
     add_qkv_bias: bool = option(False, help="bias on the QKV projection (Qwen2)")
+    qk_layernorm: bool = option(False, help="RMSNorm on each query and key head (weights of "
+                                "the head size, shared by all heads; Qwen3), before RoPE")
     init_method_std: float = option(0.02, help="std of the normal weight initialization")
     make_vocab_size_divisible_by: int = option(128, help="pad the vocabulary to a multiple of "
                                                "this times the tensor-parallel size")

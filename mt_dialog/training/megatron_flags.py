@@ -92,7 +92,7 @@ _SHARED = (
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--expert-model-parallel-size", "--num-experts", "--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
-                     "--tp-comm-overlap", "--qk-layernorm", "--apply-layernorm-1p",
+                     "--tp-comm-overlap", "--apply-layernorm-1p",
                      "--multi-latent-attention", "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})

@@ -93,7 +93,8 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.kv_channels, normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, hidden_dropout=0.0,
+        add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
+        hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,
         use_cpu_initialization=not cuda, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
@@ -110,15 +111,20 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
 
 
 def layer_spec(config: DialogTrainingConfig):
+    """megatron-core's layer spec: Transformer Engine's or the local one with packed attention.
+    ``--qk-layernorm`` gives ``self_attention.q_layernorm`` / ``k_layernorm`` (TE's norm or
+    ``torch.nn.RMSNorm`` of the head size, replicated over tensor-parallel ranks; megatron-core's
+    ``finalize_model_grads`` sums their gradients over the TP group)."""
+    qk_layernorm = config.model.qk_layernorm
     if use_transformer_engine(config.model.transformer_impl):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
     from mt_dialog.training.attention import get_packed_gpt_layer_local_spec
 
-    return get_packed_gpt_layer_local_spec(normalization="RMSNorm")
+    return get_packed_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
 
 
 def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,

@@ -5,7 +5,10 @@ embeddings, Llama 3.1 RoPE scaling with original_max_position_embeddings 64 (so 
 tokens reach the scaled frequencies), saved in 5 safetensors shards with an index.
 ``hf_models["qwen"]``: Qwen2ForCausalLM (QKV bias, tied embeddings, RoPE base 1e6), one
 safetensors file, 20 more embedding rows than the tokenizer has ids (as real Qwen2 models).
-Both carry the session's ChatML byte-level BPE tokenizer (``hf_tokenizer_dir``).
+``hf_models["qwen3"]`` / ``["qwen3_untied"]``: Qwen3ForCausalLM (random per-head q/k RMSNorm
+weights, head_dim 32 != hidden / heads = 16, grouped-query attention, no biases, RMS eps 1e-6,
+RoPE base 1e6), tied and untied embeddings.
+All carry the session's ChatML byte-level BPE tokenizer (``hf_tokenizer_dir``).
 """
 
 from __future__ import annotations
@@ -56,9 +59,28 @@ def _qwen(vocab: int):
     return model
 
 
+def _qwen3(vocab: int, tied: bool = True):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tied, pad_token_id=0)
+    model = Qwen3ForCausalLM(config)
+    for layer in model.model.layers:  # random q/k norm weights (they start at one)
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.data.uniform_(0.5, 2.0)
+    return model
+
+
+def _qwen3_untied(vocab: int):
+    return _qwen3(vocab, tied=False)
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory, hf_tokenizer_dir):
-    """{"llama": folder, "qwen": folder} of tiny random models with the test tokenizer."""
+    """{"llama": folder, "qwen": folder, "qwen3": folder, "qwen3_untied": folder} of tiny random
+    models with the test tokenizer."""
     pytest.importorskip("transformers")
     import torch
     from transformers import AutoTokenizer
@@ -66,7 +88,8 @@ def hf_models(tmp_path_factory, hf_tokenizer_dir):
     vocab = len(AutoTokenizer.from_pretrained(hf_tokenizer_dir))
     root = tmp_path_factory.mktemp("hf_models")
     folders = {}
-    for name, build, shard in (("llama", _llama, "100KB"), ("qwen", _qwen, "10GB")):
+    for name, build, shard in (("llama", _llama, "100KB"), ("qwen", _qwen, "10GB"),
+                               ("qwen3", _qwen3, "10GB"), ("qwen3_untied", _qwen3_untied, "10GB")):
         torch.manual_seed(0)
         folder = str(root / name)
         build(vocab).save_pretrained(folder, max_shard_size=shard)
@@ -78,7 +101,7 @@ def hf_models(tmp_path_factory, hf_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def imported(hf_models, tmp_path_factory):
-    """{"llama": CKPT, "qwen": CKPT}: the models converted by ``hf-to-mcore``."""
+    """{name: CKPT} for every ``hf_models`` folder: the models converted by ``hf-to-mcore``."""
     root = tmp_path_factory.mktemp("imported")
     out = {}
     for name, folder in hf_models.items():

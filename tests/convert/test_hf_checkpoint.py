@@ -1,5 +1,6 @@
-"""hf-to-mcore / mcore-to-hf end to end: logits equal Hugging Face's at TP=1 and TP=2, export gives
-back identical tensors, a fine-tune starts from the import at TP=2 and PP=2, chat answers."""
+"""hf-to-mcore / mcore-to-hf end to end: logits equal Hugging Face's at TP=1 and TP=2 (Llama,
+Qwen2, Qwen3 tied and untied), export gives back identical tensors, a fine-tune starts from the
+import at TP=2 and PP=2, chat answers, --use-checkpoint-args takes Qwen3's q/k layernorm."""
 
 import json
 import os
@@ -32,7 +33,10 @@ def single_process():
     destroy_single_process()
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen"])
+FAMILIES = ["llama", "qwen", "qwen3", "qwen3_untied"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_import_tp1_logits_equal_hf(name, hf_models, imported, tokens, single_process):
     generator = single_process.Generator.from_checkpoint(imported[name])
     reference = hf_logits(hf_models[name], tokens)
@@ -42,7 +46,7 @@ def test_import_tp1_logits_equal_hf(name, hf_models, imported, tokens, single_pr
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen"])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_import_tp2_logits_equal_hf(name, hf_models, imported, tokens, tmp_path):
     reference = hf_logits(hf_models[name], tokens)
     torch.save(tokens, tmp_path / "tokens.pt")
@@ -60,7 +64,8 @@ def _tensors(folder):
     return AutoModelForCausalLM.from_pretrained(folder).state_dict()
 
 
-@pytest.mark.parametrize("name,shard", [("llama", "0.0001"), ("qwen", "5")])
+@pytest.mark.parametrize("name,shard", [("llama", "0.0001"), ("qwen", "5"), ("qwen3", "5"),
+                                        ("qwen3_untied", "5")])
 def test_export_gives_back_identical_tensors(name, shard, hf_models, imported, tmp_path):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -74,7 +79,8 @@ def test_export_gives_back_identical_tensors(name, shard, hf_models, imported, t
     for key, tensor in original.items():
         assert torch.equal(tensor, exported[key]), key
     a, b = AutoConfig.from_pretrained(hf_models[name]), AutoConfig.from_pretrained(out)
-    for field in ("architectures", "vocab_size", "num_key_value_heads", "tie_word_embeddings",
+    for field in ("architectures", "model_type", "vocab_size", "num_key_value_heads",
+                  "tie_word_embeddings",
                   "rope_parameters", "max_position_embeddings", "rms_norm_eps", "hidden_act",
                   "pad_token_id"):
         assert getattr(a, field) == getattr(b, field), field
@@ -118,7 +124,8 @@ def _losses(stdout: str):
 
 
 @pytest.mark.parametrize("name,layout", [("llama", ["--tensor-model-parallel-size", "2"]),
-                                         ("qwen", ["--pipeline-model-parallel-size", "2"])])
+                                         ("qwen", ["--pipeline-model-parallel-size", "2"]),
+                                         ("qwen3", ["--tensor-model-parallel-size", "2"])])
 def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_path,
                                                    single_process):
     data = _dataset(tmp_path, os.path.join(imported[name], "tokenizer"))
@@ -202,3 +209,24 @@ def test_training_refuses_misuse_of_an_import(imported, tmp_path):
     assert (f"error: --use-checkpoint-args: --num-layers 4 but the checkpoint {imported['llama']} "
             "has 2; drop --num-layers (the checkpoint's value is used) or --use-checkpoint-args"
             ) in both.stderr
+
+
+def test_use_checkpoint_args_takes_qk_layernorm(imported):
+    """Qwen3's q/k layernorm is an architecture field: --use-checkpoint-args takes it, a load
+    with another value is refused naming --qk-layernorm, and so is a contradicting flag."""
+    import dataclasses
+
+    from mt_dialog.training.checkpoint import CheckpointError, check_model_matches
+    from pretrain_dialog import parse_config
+
+    common = ["--data-path", "unused", "--train-iters", "1", "--finetune",
+              "--use-checkpoint-args"]
+    qwen3 = parse_config(common + ["--load", imported["qwen3"]]).model
+    assert qwen3.qk_layernorm and qwen3.kv_channels == 32 and not qwen3.add_qkv_bias
+    assert not parse_config(common + ["--load", imported["llama"]]).model.qk_layernorm
+    check_model_matches(imported["qwen3"], qwen3)
+    with pytest.raises(CheckpointError, match=r"qk_layernorm = True but this run has False; "
+                       r"pass --qk-layernorm"):
+        check_model_matches(imported["qwen3"], dataclasses.replace(qwen3, qk_layernorm=False))
+    with pytest.raises(ValueError, match=r"--qk-layernorm True but the checkpoint .* has False"):
+        parse_config(common + ["--load", imported["llama"], "--qk-layernorm"])

@@ -8,8 +8,20 @@ import shutil
 import pytest
 import torch
 
-from mt_dialog.convert.hf_config import ConversionError, read_hf_config
-from mt_dialog.convert.hf_weights import SafetensorsFolder, Shapes, check_names, group_qkv, split_qkv
+from mt_dialog.convert.hf_config import (
+    ConversionError,
+    guess_architecture,
+    hf_config,
+    read_hf_config,
+)
+from mt_dialog.convert.hf_weights import (
+    SafetensorsFolder,
+    Shapes,
+    check_names,
+    expected_hf_names,
+    group_qkv,
+    split_qkv,
+)
 from mt_dialog.training.config import ModelConfig
 
 pytest.importorskip("transformers")
@@ -47,6 +59,43 @@ def test_llama_and_qwen_fields(hf_models):
     assert qwen.vocab_size == read_hf_config(hf_models["llama"]).vocab_size + 20
 
 
+def test_qwen3_fields(hf_models):
+    qwen3 = read_hf_config(hf_models["qwen3"])
+    assert qwen3.architecture == "Qwen3ForCausalLM"
+    m = qwen3.model
+    assert m.qk_layernorm and not m.add_qkv_bias and not m.untie_embeddings_and_output_weights
+    assert (m.num_attention_heads, m.num_query_groups, m.kv_channels) == (4, 2, 32)  # 32 != 64/4
+    assert m.norm_epsilon == 1e-6 and m.rotary_base == 1e6
+    assert read_hf_config(hf_models["qwen3_untied"]).model.untie_embeddings_and_output_weights
+    assert not read_hf_config(hf_models["qwen"]).model.qk_layernorm
+    names = expected_hf_names(m)
+    assert "model.layers.1.self_attn.k_norm.weight" in names
+    assert not any(n.endswith("_proj.bias") for n in names)
+
+
+def test_qwen3_attention_bias_refused(hf_models, tmp_path):
+    folder = _edit(hf_models["qwen3"], tmp_path / "m", attention_bias=True)
+    with pytest.raises(ConversionError, match="attention_bias"):
+        read_hf_config(folder)
+
+
+def test_export_architecture_must_fit_the_model():
+    """q/k layernorm exports as Qwen3 only; Qwen3 needs it; the error names the one that fits."""
+    qwen3 = ModelConfig(hidden_size=64, num_attention_heads=4, qk_layernorm=True)
+    assert guess_architecture(qwen3) == "Qwen3ForCausalLM"
+    assert guess_architecture(ModelConfig(add_qkv_bias=True)) == "Qwen2ForCausalLM"
+    config = hf_config(qwen3, "Qwen3ForCausalLM", 128, 256, "fp32", None, None)
+    assert config.model_type == "qwen3" and config.head_dim == 16
+    for model, architecture in ((qwen3, "LlamaForCausalLM"), (ModelConfig(), "Qwen3ForCausalLM"),
+                                (qwen3, "Qwen2ForCausalLM")):
+        with pytest.raises(ConversionError, match=f"--architecture {architecture} .* use "
+                           f"--architecture {guess_architecture(model)}"):
+            hf_config(model, architecture, 128, 256, "fp32", None, None)
+    both = ModelConfig(add_qkv_bias=True, qk_layernorm=True)
+    with pytest.raises(ConversionError, match="no supported Hugging Face architecture has both"):
+        hf_config(both, guess_architecture(both), 128, 256, "fp32", None, None)
+
+
 @pytest.mark.parametrize("changes,named", [
     ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
     ({"hidden_act": "gelu"}, "hidden_act"),
@@ -61,8 +110,9 @@ def test_unsupported_fields_are_named(hf_models, tmp_path, changes, named):
         read_hf_config(folder)
 
 
-def test_sliding_window_refused(hf_models, tmp_path):
-    folder = _edit(hf_models["qwen"], tmp_path / "m", use_sliding_window=True, sliding_window=16)
+@pytest.mark.parametrize("name", ["qwen", "qwen3"])
+def test_sliding_window_refused(name, hf_models, tmp_path):
+    folder = _edit(hf_models[name], tmp_path / "m", use_sliding_window=True, sliding_window=16)
     with pytest.raises(ConversionError, match="sliding"):
         read_hf_config(folder)
 
@@ -127,3 +177,16 @@ def test_llama3_rope_scaling_equals_transformers():
                         rope_scaling_factor=32.0, rope_scaling_original_max_position=8192)
     base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, dtype=torch.float32) / 128))
     assert torch.allclose(llama3_scaled_inv_freq(base, model), theirs, rtol=1e-6, atol=0)
+
+
+def test_missing_qk_norm_is_named(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / "m")
+    shutil.copytree(hf_models["qwen3"], folder)
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.0.self_attn.q_norm.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.self_attn\.q_norm\.weight"):
+        check_names(SafetensorsFolder(folder), read_hf_config(folder).model)
