@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import json
 import typing
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Type, TypeVar
 
 T = TypeVar("T")
 
@@ -35,6 +35,14 @@ def _base_type(hint: Any):
     if origin in (list, typing.List):
         return typing.get_args(hint)[0], True
     return hint, False
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """For a dataclass's ``__post_init__``: raise ``ValueError("name: 'value' is not one of
+    a, b, c")`` unless ``value`` is in ``choices`` (argparse checks the command line; this checks
+    configs built in code)."""
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from mt_dialog.config_utils import option
+from mt_dialog.config_utils import check_choice, option
 from mt_dialog.data.formats import EMPTY_REPLY, FORMATS
 from mt_dialog.data.packing import ALGORITHMS
 from mt_dialog.data.render import REASONING_MODES, TRAIN_ON, RenderOptions
@@ -38,14 +38,9 @@ class InputConfig:
     def __post_init__(self) -> None:
         if not self.input:
             raise ValueError("input: at least one --input path is needed")
-        if self.input_format not in ("auto",) + FORMATS:
-            raise ValueError(f"input_format: {self.input_format!r} is not one of auto, "
-                             f"{', '.join(FORMATS)}")
-        if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error: {self.on_error!r} is not one of {', '.join(ON_ERROR)}")
-        if self.empty_reply not in EMPTY_REPLY:
-            raise ValueError(f"empty_reply: {self.empty_reply!r} is not one of "
-                             f"{', '.join(EMPTY_REPLY)}")
+        check_choice("input_format", self.input_format, ("auto",) + FORMATS)
+        check_choice("on_error", self.on_error, ON_ERROR)
+        check_choice("empty_reply", self.empty_reply, EMPTY_REPLY)
 
 
 @dataclass
@@ -75,18 +70,14 @@ class TokenizerConfig:
         if self.tokenizer_type is None:
             self.tokenizer_type = ("huggingface" if self.tokenizer_path and not self.tokenizer_model
                                    else "sentencepiece")
-        if self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(f"tokenizer_type: {self.tokenizer_type!r} is not one of "
-                             f"{', '.join(TOKENIZER_TYPES)}")
+        check_choice("tokenizer_type", self.tokenizer_type, TOKENIZER_TYPES)
         if self.tokenizer_type == "sentencepiece" and not self.tokenizer_model:
             raise ValueError("tokenizer_model: --tokenizer-model PATH.model is needed with "
                              "--tokenizer-type sentencepiece")
         if self.tokenizer_type == "huggingface" and not self.tokenizer_path:
             raise ValueError("tokenizer_path: --tokenizer-path DIR is needed with "
                              "--tokenizer-type huggingface")
-        if self.template not in template_names():
-            raise ValueError(f"template: {self.template!r} is not one of "
-                             f"{', '.join(template_names())}")
+        check_choice("template", self.template, template_names())
         if self.template == HF_TEMPLATE and self.tokenizer_type != "huggingface":
             raise ValueError("template: 'hf' needs --tokenizer-type huggingface")
         RenderOptions(self.train_on, self.reasoning)  # ValueError naming a wrong value
@@ -117,10 +108,8 @@ class PackingConfig:
     def __post_init__(self) -> None:
         if self.seq_length < 2:
             raise ValueError(f"seq_length: must be at least 2, got {self.seq_length}")
-        if self.packing not in ALGORITHMS:
-            raise ValueError(f"packing: {self.packing!r} is not one of {', '.join(ALGORITHMS)}")
-        if self.overlong not in OVERLONG:
-            raise ValueError(f"overlong: {self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        check_choice("packing", self.packing, ALGORITHMS)
+        check_choice("overlong", self.overlong, OVERLONG)
         if self.split is not None:
             self.split_fractions()
 

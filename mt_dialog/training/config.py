@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from mt_dialog.config_utils import option
+from mt_dialog.config_utils import check_choice, option
+from mt_dialog.data.storage import REPLY_LENGTH_EDGES
 from mt_dialog.training.loss import NORMALIZATIONS
 
 
@@ -127,9 +128,8 @@ class ModelConfig:
         _positive("recompute_num_layers", self.recompute_num_layers, allow_none=True)
         for name, choices in (("recompute_granularity", RECOMPUTE_GRANULARITIES),
                               ("recompute_method", RECOMPUTE_METHODS)):
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+            if getattr(self, name) is not None:
+                check_choice(name, getattr(self, name), choices)
         if self.recompute_activations and self.recompute_granularity == "full":
             raise ValueError("recompute_activations: --recompute-activations means "
                              "--recompute-granularity selective; drop one of the two")
@@ -205,9 +205,7 @@ class DataConfig:
         _positive("micro_batch_size", self.micro_batch_size)
         _positive("global_batch_size", self.global_batch_size, allow_none=True)
         _positive("seq_length", self.seq_length, allow_none=True)
-        if self.loss_normalization not in NORMALIZATIONS:
-            raise ValueError(f"loss_normalization: {self.loss_normalization!r} is not one of "
-                             f"{', '.join(NORMALIZATIONS)}")
+        check_choice("loss_normalization", self.loss_normalization, NORMALIZATIONS)
 
     def blend(self) -> Tuple[List[str], List[float]]:
         """(prefixes, weights) of --data-path: ``A B`` (equal weights) or ``0.7 A 0.3 B``."""
@@ -309,7 +307,7 @@ class TrainConfig:
                                        "--eval-interval: one validation at the end of the run; "
                                        "0: no validation (as in Megatron-LM)")
     eval_reply_length_buckets: List[int] = option(
-        [4, 16, 64, 256], metavar="TOKENS",
+        list(REPLY_LENGTH_EDGES), metavar="TOKENS",
         help="validation reports loss and accuracy by reply length: the upper edges of the "
         "length buckets in tokens (end-of-turn included), increasing; 4 16 gives 1-4, 5-16, 17+")
     save: Optional[str] = option(None, help="checkpoint folder to save to")
