@@ -8,7 +8,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.data.storage import check_recorded_files, count_turns
+from mt_dialog.data.storage import (
+    REPLY_LENGTH_EDGES,
+    bucket_names,
+    check_recorded_files,
+    count_turns,
+)
 from mt_dialog.data.tokenizers import DialogTokenizer
 
 GREEN, RESET = "\033[1;32m", "\033[0m"
@@ -170,7 +175,6 @@ def verify_dataset(prefix: str) -> List[str]:
 
 # -- how much the loss normalization matters for a dataset --------------------------------------
 
-REPLY_LENGTH_EDGES = (4, 16, 64, 256)  # validation's default buckets (--eval-reply-length-buckets)
 TURN_COUNT_EDGES = (1, 2, 3, 4, 8)
 
 
@@ -202,19 +206,16 @@ def turn_statistics(dataset: PackedDialogDataset, chunk: int = 1 << 16
 def _histogram(values: np.ndarray, edges: Sequence[int], weights: Dict[str, np.ndarray],
                width: int = 30) -> List[str]:
     """Rows ``bucket  count  share  bar  (share of each weighting)``."""
-    bounds = [*edges, None]
-    rows, low = [], 1
-    total = max(int(values.size), 1)
-    for high in bounds:
-        inside = values >= low if high is None else (values >= low) & (values <= high)
-        name = f"{low}+" if high is None else (f"{low}" if low == high else f"{low}-{high}")
+    index = np.searchsorted(np.asarray(edges), values)  # bucket k: edges[k-1] < v <= edges[k]
+    rows, total = [], max(int(values.size), 1)
+    for k, name in enumerate(bucket_names(edges)):
+        inside = index == k
         count = int(inside.sum())
         shares = "  ".join(f"{label} {w[inside].sum() / max(w.sum(), 1e-300):6.1%}"
                            for label, w in weights.items())
         bar = "#" * round(width * count / total)
         rows.append(f"  {name:>9}  {count:>10,}  {count / total:6.1%}  {bar:<{width}}  "
                     f"{shares}".rstrip())
-        low = (high or 0) + 1
     return rows
 
 

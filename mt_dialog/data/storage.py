@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import warnings
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -231,6 +231,22 @@ def count_turns(counts: np.ndarray) -> int:
     """Turns with at least one loss token: each turn of n tokens carries n on n tokens."""
     trained = counts[counts > 0].astype(np.float64)
     return int(round(float(np.sum(1.0 / trained)))) if trained.size else 0
+
+
+REPLY_LENGTH_EDGES = (4, 16, 64, 256)
+"""Default upper edges (tokens, end-of-turn included) of the reply-length buckets of the
+per-turn validation (``--eval-reply-length-buckets``) and of inspect's reply-length histogram."""
+
+
+def bucket_names(edges: Sequence[int]) -> List[str]:
+    """Names of the buckets of increasing upper ``edges``: (4, 16) -> ["1-4", "5-16", "17+"];
+    a one-value bucket by its value ((1, 2) -> ["1", "2", "3+"]). Value v falls in bucket
+    ``searchsorted(edges, v)`` (the first edge >= v)."""
+    names, low = [], 1
+    for edge in edges:
+        names.append(f"{low}-{edge}" if edge > low else f"{edge}")
+        low = edge + 1
+    return names + [f"{low}+"]
 
 
 METADATA_CHECKSUM = "metadata_sha256"

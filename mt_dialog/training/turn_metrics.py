@@ -37,24 +37,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-DEFAULT_LENGTH_EDGES = (4, 16, 64, 256)
+from mt_dialog.data.storage import REPLY_LENGTH_EDGES, bucket_names
+
 TURN_INDEX_GROUPS = ("1", "2", "3", "4+")
 PARTS = ("loss per turn", "accuracy", "exact turns")
-
-
-def length_groups(edges: Sequence[int]) -> List[str]:
-    """Bucket names of reply lengths for upper ``edges`` (4, 16) -> ["1-4", "5-16", "17+"]."""
-    names, low = [], 1
-    for edge in edges:
-        names.append(f"{low}-{edge}" if edge > low else f"{edge}")
-        low = edge + 1
-    return names + [f"{low}+"]
 
 
 def report_names(edges: Sequence[int]) -> List[str]:
     """Every report name ``turn_reports`` gives for ``edges``, in a fixed order (every rank
     reduces the same list)."""
-    groups = ([""] + [f"reply length {g}" for g in length_groups(edges)]
+    groups = ([""] + [f"reply length {g}" for g in bucket_names(edges)]
               + [f"turn {g}" for g in TURN_INDEX_GROUPS])
     return [f"{group}: {part}" if group else part for group in groups for part in PARTS
             if group or part != "loss per turn"]  # the whole batch's is dialog_loss's
@@ -93,7 +85,7 @@ def _group_of_length(length: Tensor, edges: Sequence[int]) -> Tensor:
 
 
 def turn_reports(losses: Tensor, correct: Tensor, loss_mask: Tensor, loss_token_num: Tensor,
-                 conversation_ids: Tensor, edges: Sequence[int] = DEFAULT_LENGTH_EDGES
+                 conversation_ids: Tensor, edges: Sequence[int] = REPLY_LENGTH_EDGES
                  ) -> Dict[str, Tensor]:
     """The reports of ``report_names(edges)`` for one micro-batch: ``losses`` the per-token
     cross entropy and ``correct`` whether the argmax prediction is the label (bool), both with
@@ -111,7 +103,7 @@ def turn_reports(losses: Tensor, correct: Tensor, loss_mask: Tensor, loss_token_
     lengths = length.to(torch.float64)
     groups = {"": torch.ones(turns, dtype=torch.bool, device=device)}
     by_length = _group_of_length(length, edges)
-    for k, name in enumerate(length_groups(edges)):
+    for k, name in enumerate(bucket_names(edges)):
         groups[f"reply length {name}"] = by_length == k
     for k, name in enumerate(TURN_INDEX_GROUPS):
         groups[f"turn {name}"] = index == k + 1 if k + 1 < len(TURN_INDEX_GROUPS) \
@@ -174,10 +166,10 @@ def validation_loss(batch: Dict, normalization: str, edges: Sequence[int], logit
 
     labels = batch["labels"]
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-    loss_sum, count, report = dialog_loss(losses, batch["loss_mask"], batch["loss_token_num"],
-                                          normalization, cu_seqlens=batch["conversation_cu_seqlens"])
-    correct = greedy_correct(logits, labels, batch.get("vocab_size"))
     ids = conversation_ids_from_cu_seqlens(batch["conversation_cu_seqlens"], labels.numel())
+    loss_sum, count, report = dialog_loss(losses, batch["loss_mask"], batch["loss_token_num"],
+                                          normalization, conversation_ids=ids)
+    correct = greedy_correct(logits, labels, batch.get("vocab_size"))
     report.update(turn_reports(losses.detach(), correct, batch["loss_mask"],
                                batch["loss_token_num"], ids, edges))
     return loss_sum, count, report
@@ -187,7 +179,7 @@ def metrics_table(metrics: Dict[str, float], edges: Sequence[int]) -> str:
     """The validation block of the log: one row per reply-length and turn-index group (turns,
     loss per turn, accuracy, exact turns), from ``loop.evaluate``'s metrics."""
     rows = [("group", "turns", "loss/turn", "accuracy", "exact turns")]
-    groups = ([f"reply length {g}" for g in length_groups(edges)]
+    groups = ([f"reply length {g}" for g in bucket_names(edges)]
               + [f"turn {g}" for g in TURN_INDEX_GROUPS])
     for group in groups:
         turns = metrics.get(f"{group}: turns", 0.0)

@@ -276,7 +276,8 @@ def main():
 def reference_validation(Wref, convs, mcfg, tied) -> dict:
     """The per-turn metrics of ``turn_metrics`` computed reply by reply in plain PyTorch: each
     conversation run alone through the reference model, greedy over the real vocabulary."""
-    from mt_dialog.training.turn_metrics import TURN_INDEX_GROUPS, length_groups, report_names
+    from mt_dialog.data.storage import bucket_names
+    from mt_dialog.training.turn_metrics import TURN_INDEX_GROUPS, report_names
 
     sums = {}
     for conv in convs:
@@ -290,7 +291,7 @@ def reference_validation(Wref, convs, mcfg, tied) -> dict:
             values = {"loss per turn": (float(ce[a - 1:e - 1].mean()), 1),
                       "accuracy": (float(right[a - 1:e - 1].sum()), n),
                       "exact turns": (float(right[a - 1:e - 1].sum() == n), 1)}
-            length = next(g for g, edge in zip(length_groups(EDGES), [*EDGES, 10 ** 9])
+            length = next(g for g, edge in zip(bucket_names(EDGES), [*EDGES, 10 ** 9])
                           if n <= edge)
             index = TURN_INDEX_GROUPS[min(number, len(TURN_INDEX_GROUPS)) - 1]
             for prefix in ("", f"reply length {length}: ", f"turn {index}: "):

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
+from mt_dialog.data.storage import bucket_names
 from mt_dialog.training.turn_metrics import (
     TURN_INDEX_GROUPS,
-    length_groups,
     report_names,
     turn_reports,
     turn_structure,
@@ -44,8 +44,8 @@ def test_turns_numbered_from_the_masks_alone():
 
 
 def test_groups_and_names():
-    assert length_groups([4, 16, 64, 256]) == ["1-4", "5-16", "17-64", "65-256", "257+"]
-    assert length_groups([1, 2]) == ["1", "2", "3+"]
+    assert bucket_names([4, 16, 64, 256]) == ["1-4", "5-16", "17-64", "65-256", "257+"]
+    assert bucket_names([1, 2]) == ["1", "2", "3+"]
     names = report_names([4])
     assert names[:2] == ["accuracy", "exact turns"]
     assert "reply length 1-4: loss per turn" in names and "turn 4+: exact turns" in names
@@ -80,7 +80,7 @@ def test_reports_equal_a_per_reply_computation(seed):
             right = int(correct[span].sum())
             values = {"loss per turn": (float(losses[span].mean()), 1),
                       "accuracy": (right, length), "exact turns": (float(right == length), 1)}
-            group = next(g for g, edge in zip(length_groups(edges), [*edges, 10 ** 9])
+            group = next(g for g, edge in zip(bucket_names(edges), [*edges, 10 ** 9])
                          if length <= edge)
             index = TURN_INDEX_GROUPS[min(number, len(TURN_INDEX_GROUPS)) - 1]
             for prefix in ("", f"reply length {group}: ", f"turn {index}: "):
@@ -95,7 +95,7 @@ def test_reports_equal_a_per_reply_computation(seed):
         assert total == pytest.approx(want[0], rel=1e-12, abs=1e-12) and count == want[1], name
     assert reports["exact turns"][0] >= sum(len(c.replies) for c in conversations[:4])
     turns = sum(len(c.replies) for c in conversations)
-    assert sum(reports[f"reply length {g}: exact turns"][1] for g in length_groups(edges)) \
+    assert sum(reports[f"reply length {g}: exact turns"][1] for g in bucket_names(edges)) \
         == turns == sum(reports[f"turn {g}: exact turns"][1] for g in TURN_INDEX_GROUPS)
 
 
