@@ -3,8 +3,10 @@
 
 Input: JSONL, JSON-array or Parquet files of openai / Hugging Face messages (tool calls, tool
 results, reasoning, per-message "weight" 0/1 or "loss" false/true), sharegpt, firefly or alpaca
-records. A bad record stops the run with file:line and the fix, or is counted (--on-error skip);
-what was dropped or ignored inside kept records is counted too (README: "Input formats").
+records, or plain-text documents ({"text": ...}: continued pretraining, every token trained,
+long documents split into pieces). A bad record stops the run with file:line and the fix, or is
+counted (--on-error skip); what was dropped or ignored inside kept records is counted too
+(README: "Input formats", "Plain text").
 
 Example:
     python tools/preprocess_dialog.py --input data/*.jsonl --tokenizer-model tok.model \\

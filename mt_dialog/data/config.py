@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from mt_dialog.config_utils import check_choice, option
-from mt_dialog.data.formats import EMPTY_REPLY, FORMATS
+from mt_dialog.data.formats import DEFAULT_TEXT_KEY, EMPTY_REPLY, FORMATS
 from mt_dialog.data.packing import ALGORITHMS
 from mt_dialog.data.render import REASONING_MODES, TRAIN_ON, RenderOptions
 from mt_dialog.data.templates import HF_TEMPLATE, template_names
 
 TOKENIZER_TYPES = ("sentencepiece", "huggingface")
-OVERLONG = ("error", "drop", "truncate")
+OVERLONG = ("error", "drop", "truncate", "split")
 ON_ERROR = ("raise", "skip")
 
 
@@ -25,7 +25,10 @@ class InputConfig:
     valid_input: List[str] = option([], help="separate validation inputs (then --split is not "
                                     "used)", metavar="PATH")
     input_format: str = option("auto", choices=("auto",) + FORMATS,
-                               help="record format; auto detects it per record from its keys")
+                               help="record format; auto detects it per record from its keys "
+                               "(text: a record with --text-key and no conversation keys)")
+    text_key: str = option(DEFAULT_TEXT_KEY, help="the field holding a plain-text document "
+                           "(format text: continued pretraining, every token trained)")
     on_error: str = option("raise", choices=ON_ERROR,
                            help="bad record: raise stops with file:line and the fix; skip counts "
                            "it by reason in the summary")
@@ -41,6 +44,8 @@ class InputConfig:
         check_choice("input_format", self.input_format, ("auto",) + FORMATS)
         check_choice("on_error", self.on_error, ON_ERROR)
         check_choice("empty_reply", self.empty_reply, EMPTY_REPLY)
+        if not self.text_key:
+            raise ValueError("text_key: must be a field name, got ''")
 
 
 @dataclass
@@ -97,9 +102,13 @@ class PackingConfig:
     packing: str = option("bfd", choices=ALGORITHMS,
                           help="bfd best-fit decreasing, ffd first-fit decreasing, sequential "
                           "(keeps order), none (one conversation per pack, padded)")
-    overlong: str = option("error", choices=OVERLONG,
-                           help="a conversation longer than --seq-length: error stops, drop skips "
-                           "it, truncate keeps the longest prefix of whole turns that fits")
+    overlong: Optional[str] = option(None, choices=OVERLONG,
+                                     help="a record longer than --seq-length: error stops, drop "
+                                     "skips it, truncate keeps the longest prefix of whole turns "
+                                     "that fits (of a text document: its first --seq-length "
+                                     "tokens), split cuts a text document into pieces of at most "
+                                     "--seq-length tokens, each packed alone (default: split for "
+                                     "text documents, error for conversations)")
     split: Optional[str] = option(None, help="train,valid percentages of the conversations "
                                   "(default 98,2; not used with --valid-input)")
     seed: int = option(1234, help="seed of the split and of the pack shuffle")
@@ -109,7 +118,8 @@ class PackingConfig:
         if self.seq_length < 2:
             raise ValueError(f"seq_length: must be at least 2, got {self.seq_length}")
         check_choice("packing", self.packing, ALGORITHMS)
-        check_choice("overlong", self.overlong, OVERLONG)
+        if self.overlong is not None:
+            check_choice("overlong", self.overlong, OVERLONG)
         if self.split is not None:
             self.split_fractions()
 

@@ -17,6 +17,9 @@ sharegpt     ``{"conversations": [{"from": "...", "value": "..."}], "system": ".
              an item may also be a ``{"role", "content"}`` message as in openai
 firefly      ``{"conversation": [{"human": "...", "assistant": "..."}], "system": "..."}``
 alpaca       ``{"instruction": "...", "input": "...", "output": "...", "system": "..."}``
+text         ``{"text": "..."}`` (the key is ``--text-key``): a plain-text document for continued
+             pretraining, every token trained (``Document``); detected when the record has
+             the text key and none of the keys above
 ===========  ====================================================================================
 
 Besides the text:
@@ -81,9 +84,15 @@ import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-FORMATS = ("openai", "sharegpt", "firefly", "alpaca")
+FORMATS = ("openai", "sharegpt", "firefly", "alpaca", "text")
+TEXT_FORMAT = "text"
+"""The plain-text document format (``Document``); every other format is a conversation."""
+DEFAULT_TEXT_KEY = "text"
+"""``--text-key``: the record field holding a document's text."""
+CONVERSATION_KEYS = ("messages", "conversations", "conversation", "instruction")
+"""Keys that make a record a conversation even when it also has the text key."""
 EMPTY_REPLY = ("context", "error")
 """``--empty-reply``: keep an empty assistant reply as untrained context, or refuse the record."""
 
@@ -212,8 +221,23 @@ class Conversation:
     counts them in its summary so that nothing is silently dropped."""
 
 
-def detect_format(record: Dict[str, Any]) -> str:
-    """Name of the format of one record, from its keys."""
+@dataclass(frozen=True)
+class Document:
+    """A parsed plain-text record (format ``text``): a document of continued pretraining, whose
+    every token is trained (``render.render_document``)."""
+
+    text: str
+    """The document, as given (never empty)."""
+    notes: Tuple[str, ...] = ()
+    """Other fields of the record, ignored and named (``ignored field 'meta'``), as
+    ``Conversation.notes``."""
+
+
+def detect_format(record: Dict[str, Any], text_key: str = DEFAULT_TEXT_KEY) -> str:
+    """Name of the format of one record, from its keys: ``text`` when it has ``text_key`` and
+    none of ``CONVERSATION_KEYS``."""
+    if text_key in record and not any(key in record for key in CONVERSATION_KEYS):
+        return TEXT_FORMAT
     if "messages" in record:
         return "openai"
     if "conversations" in record:
@@ -226,8 +250,8 @@ def detect_format(record: Dict[str, Any]) -> str:
     raise RecordError(
         "unknown_format",
         f"unknown record format (keys: {keys}); expected a 'messages' (openai), 'conversations' "
-        "(sharegpt), 'conversation' (firefly) or 'instruction'+'output' (alpaca) record, or force "
-        "one with --input-format",
+        f"(sharegpt), 'conversation' (firefly), 'instruction'+'output' (alpaca) or '{text_key}' "
+        "(text; another field name with --text-key) record, or force one with --input-format",
     )
 
 
@@ -906,19 +930,37 @@ def _nothing_to_train(messages: Sequence[Message], first_empty: Optional[str]) -
                        "one of its replies be trained")
 
 
+def parse_document(record: Dict[str, Any], text_key: str = DEFAULT_TEXT_KEY) -> Document:
+    """A ``text`` record into a ``Document``: ``record[text_key]`` a non-empty string of
+    encodable text; other fields noted as ignored (a loss-control lookalike refused, as in every
+    format). Raises ``RecordError`` (``missing_field``, ``bad_field_type``, ``empty_text``,
+    ``invalid_unicode``, ``unsupported_loss_field``)."""
+    notes: Notes = {}
+    _other_fields(record, (text_key,), "", "record", notes)
+    text = _string_field(record, text_key, "record")
+    if not text:
+        raise RecordError("empty_text", f"record: field '{text_key}' is empty, so nothing would "
+                          "be trained; remove the record")
+    return Document(text, tuple(notes))
+
+
 def parse_record(record: Any, input_format: Optional[str] = None,
-                 empty_reply: str = "context") -> Conversation:
+                 empty_reply: str = "context", text_key: str = DEFAULT_TEXT_KEY
+                 ) -> Union[Conversation, Document]:
     """One JSON value (a decoded JSONL line, JSON-array element or Parquet row) into a validated
     ``Conversation``: messages that pass ``validate_roles``, end with a trainable assistant reply
     and hold only encodable text; record-level ``tools``; ``notes`` for what was changed or
-    ignored. ``input_format`` None detects the format; ``empty_reply`` is ``--empty-reply``
+    ignored. A ``text`` record (``text_key``) becomes a ``Document`` (``parse_document``).
+    ``input_format`` None detects the format; ``empty_reply`` is ``--empty-reply``
     (``EMPTY_REPLY``). Raises ``RecordError``."""
     if not isinstance(record, dict):
         raise RecordError(
             "bad_field_type", f"a record must be a JSON object, got {type(record).__name__}"
         )
     notes: Notes = {}
-    name = input_format or detect_format(record)
+    name = input_format or detect_format(record, text_key)
+    if name == TEXT_FORMAT:
+        return parse_document(record, text_key)
     entries = _PARSERS[name](record, notes)
     tools = parse_tools(record.get("tools")) if name in ("openai", "sharegpt") else ()
     validate_roles([m for _, m in entries], [where for where, _ in entries])

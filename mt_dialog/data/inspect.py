@@ -1,5 +1,11 @@
 """Look inside a packed dataset: summary, a pack rendered with its trained tokens highlighted,
-and ``verify``, which re-checks every invariant the training loss relies on."""
+and ``verify``, which re-checks every invariant the training loss relies on.
+
+A text dataset (``storage.dataset_kind``) holds document pieces instead of conversations; its
+invariants: every token of a piece trained but the first, each carrying the piece's trained
+tokens (one turn per piece); the eos only as a piece's last token; a piece that does not end
+with it is a cut one (``--overlong split``), which fills its pack (``seq_length`` or
+``seq_length - 1`` tokens); the pieces ending with eos are the split's documents."""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from mt_dialog.data.storage import (
     bucket_names,
     check_recorded_files,
     count_turns,
+    dataset_kind,
 )
 from mt_dialog.data.tokenizers import DialogTokenizer
 
@@ -69,15 +76,22 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
     """Pack ``index`` as text, conversation by conversation; trained spans are green (color) or
     wrapped in ``[[ ]]`` with their turn length."""
     tokens, counts, lengths = dataset.raw_pack(index)
-    lines = [f"pack {index} of {len(dataset)} ({dataset.split}): {len(lengths)} conversations, "
+    text = dataset_kind(dataset.metadata) == "text"
+    unit = "document pieces" if text else "conversations"
+    lines = [f"pack {index} of {len(dataset)} ({dataset.split}): {len(lengths)} {unit}, "
              f"{int(lengths.sum()):,}/{dataset.seq_length:,} tokens, {count_turns(counts)} turns"]
     specials = _special_ids(dataset.metadata, tokenizer)
+    eos = dataset.metadata["special_ids"].get("eos")
     start = 0
     for number, length in enumerate(lengths.tolist()):
         conv_tokens, conv_counts = tokens[start:start + length], counts[start:start + length]
         start += length
-        lines.append(f"--- conversation {number} ({length} tokens, "
-                     f"{count_turns(conv_counts)} turns) ---")
+        if text:
+            end = "document end" if int(conv_tokens[-1]) == eos else "cut: continues elsewhere"
+            lines.append(f"--- document piece {number} ({length} tokens, {end}) ---")
+        else:
+            lines.append(f"--- conversation {number} ({length} tokens, "
+                         f"{count_turns(conv_counts)} turns) ---")
         parts: List[str] = []
         for a, b, trained in _segments(conv_counts):
             ids = conv_tokens[a:b].tolist()
@@ -92,7 +106,9 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
     return "\n".join(lines)
 
 
-def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where) -> List[str]:
+def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where,
+                eos: Optional[int] = None) -> List[str]:
+    """The invariants of one pack; ``eos`` given: a text dataset's (``_check_pieces``)."""
     problems = []
     if int(lengths.sum()) > seq_length:
         problems.append(f"{where}: {int(lengths.sum())} tokens > seq length {seq_length}")
@@ -100,7 +116,10 @@ def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where) 
         problems.append(f"{where}: token id outside 0..{vocab - 1}")
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     if np.any(counts[starts] != 0):
-        problems.append(f"{where}: a conversation's first token is trained")
+        problems.append(f"{where}: a {'piece' if eos is not None else 'conversation'}'s first "
+                        "token is trained")
+    if eos is not None:
+        return problems + _check_pieces(tokens, counts, starts, lengths, seq_length, eos, where)
     for a, b, trained in _segments(counts):
         if not trained:
             continue
@@ -113,20 +132,45 @@ def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where) 
     return problems
 
 
+def _check_pieces(tokens, counts, starts, lengths, seq_length, eos, where) -> List[str]:
+    """A text pack's pieces (module docstring): all trained but the first token, each token
+    carrying the piece's trained tokens; eos only last; a piece without it fills the pack."""
+    problems = []
+    for a, length in zip(starts.tolist(), lengths.tolist()):
+        b = a + length
+        if np.any(counts[a + 1:b] != length - 1):
+            problems.append(f"{where}: piece at tokens {a}..{b - 1} does not train every token "
+                            f"but its first with loss_token_num {length - 1}")
+        if np.any(tokens[a:b - 1] == eos):
+            problems.append(f"{where}: piece at tokens {a}..{b - 1} holds the eos id {eos} "
+                            "before its end")
+        if int(tokens[b - 1]) != eos and length < seq_length - 1:
+            problems.append(f"{where}: piece at tokens {a}..{b - 1} neither ends with the eos "
+                            f"id {eos} nor fills the pack (a cut piece has {seq_length - 1} or "
+                            f"{seq_length} tokens)")
+    return problems
+
+
 def verify_split(dataset: PackedDialogDataset) -> List[str]:
     """Every invariant of one split, and its totals against the metadata."""
     meta = dataset.metadata
     vocab = int(meta["tokenizer"]["vocab_size"])
     end_of_turn = int(meta["special_ids"]["end_of_turn"])
+    text = dataset_kind(meta) == "text"
+    eos = int(meta["special_ids"]["eos"]) if text else None
     problems: List[str] = []
     totals = {"conversations": 0, "turns": 0, "tokens": 0, "loss_tokens": 0}
+    if text:
+        totals["documents"] = 0
     for index in range(len(dataset)):
         tokens, counts, lengths = dataset.raw_pack(index)
         if lengths.size == 0 or lengths.min() <= 0:
             problems.append(f"{dataset.split} pack {index}: empty pack or conversation")
             continue
         problems += _check_pack(tokens, counts, lengths, dataset.seq_length, vocab, end_of_turn,
-                                f"{dataset.split} pack {index}")
+                                f"{dataset.split} pack {index}", eos)
+        if text:
+            totals["documents"] += int(np.count_nonzero(tokens[np.cumsum(lengths) - 1] == eos))
         totals["conversations"] += int(lengths.size)
         totals["turns"] += count_turns(counts)
         totals["tokens"] += int(lengths.sum())

@@ -76,7 +76,14 @@ class Tally:
     """Kept records per note of ``Conversation.notes`` (what parsing changed or ignored)."""
     record_of_sample: array = field(default_factory=lambda: array("q"))
     """Per staged sample, the number of its record among the kept ones (a record gives several
-    samples with --reasoning per-turn; they go to the same split)."""
+    samples with --reasoning per-turn, a text document one per piece; they go to the same
+    split)."""
+    kind: Optional[str] = None
+    """``records.KINDS``: what the kept records are (one kind per dataset), and where the first
+    one is (``first``)."""
+    first: str = ""
+    documents_split: int = 0
+    """Text documents cut into several pieces (``--overlong split``)."""
 
 
 def _numbered(files: Sequence[Tuple[str, bool]]) -> Iterator[Tuple[int, RawRecord, bool]]:
@@ -137,7 +144,9 @@ def _account(outcome: Outcome, record: RawRecord, valid: bool, tally: Tally,
         return
     tally.read += 1
     if isinstance(outcome, Kept):
+        _check_kind(outcome, record, tally)
         tally.kept += 1
+        tally.documents_split += outcome.kind == "text" and len(outcome.samples) > 1
         tally.notes.update(outcome.notes)
         if outcome.turns_removed:
             tally.truncated += 1
@@ -154,6 +163,20 @@ def _account(outcome: Outcome, record: RawRecord, valid: bool, tally: Tally,
                               "such records")
     (tally.dropped if outcome.status == "dropped" else tally.skipped)[outcome.reason] += 1
     tally.examples.setdefault(outcome.reason, outcome.message)
+
+
+def _check_kind(outcome: Kept, record: RawRecord, tally: Tally) -> None:
+    """One dataset holds one kind of record (its metadata's ``kind``: ``inspect --verify`` checks
+    a text dataset's pieces and a conversation dataset's turns by different rules); raises
+    ``PreprocessError`` at the first record of the other kind."""
+    if tally.kind is None:
+        tally.kind, tally.first = outcome.kind, record.where
+    elif outcome.kind != tally.kind:
+        raise PreprocessError(
+            f"{record.where} is a {outcome.kind} record but {tally.first} is a {tally.kind} "
+            "record: a dataset holds one kind; preprocess the text documents and the "
+            "conversations into two datasets (two --output-prefix) and train on both with "
+            "--data-path W1 TEXT W2 CHAT (one loss normalization, each dataset's loss logged)")
 
 
 def _assign_splits(index: StageIndex, config: PreprocessConfig,
@@ -182,9 +205,11 @@ def to_stage_indices(indices: np.ndarray, packs: List[List[int]]) -> List[List[i
     return [part.tolist() for part in np.split(indices[flat], cuts)]
 
 
-def _plan_split(name: str, indices: np.ndarray, index: StageIndex,
-                config: PreprocessConfig) -> Tuple[SplitPlan, Dict[str, float]]:
-    """Pack one split: what the writer writes, in order, and the split's statistics."""
+def _plan_split(name: str, indices: np.ndarray, index: StageIndex, config: PreprocessConfig,
+                documents: Optional[np.ndarray] = None) -> Tuple[SplitPlan, Dict[str, float]]:
+    """Pack one split: what the writer writes, in order, and the split's statistics.
+    ``documents``: for a text dataset, per staged sample whether it ends its document (the
+    split's ``documents``)."""
     seq_length = config.packing.seq_length
     lengths = index.column("length")[indices]
     packs = to_stage_indices(indices, pack(lengths, seq_length, config.packing.packing))
@@ -194,13 +219,16 @@ def _plan_split(name: str, indices: np.ndarray, index: StageIndex,
     sizes = np.fromiter((len(p) for p in packs), dtype=np.int64, count=len(packs))
     members = np.fromiter((i for p in packs for i in p), dtype=np.int64, count=int(sizes.sum()))
     total = int(lengths.sum())
-    return SplitPlan(name, members, sizes), {
+    stats = {
         "conversations": int(indices.shape[0]),
         "turns": int(index.column("turns")[indices].sum()), "tokens": total,
         "loss_tokens": int(index.column("loss_tokens")[indices].sum()), "packs": len(packs),
         "packing_efficiency": round(packing_efficiency(lengths, packs, seq_length), 6),
         "padding_tokens": len(packs) * seq_length - total,
     }
+    if documents is not None:
+        stats["documents"] = int(documents[indices].sum())
+    return SplitPlan(name, members, sizes), stats
 
 
 def _check_destination(config: PreprocessConfig) -> None:
@@ -253,6 +281,7 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         seq_length=config.packing.seq_length,
         overlong=config.packing.overlong,
         empty_reply=config.inputs.empty_reply,
+        text_key=config.inputs.text_key,
         train_on=config.tokenizer.train_on,
         reasoning=config.tokenizer.reasoning,
     )
@@ -304,6 +333,8 @@ def _stage_all(files, processor, index: StageIndex, folder: str, config: Preproc
 def _summary(tally: Tally, splits: Dict[str, Dict], elapsed: float) -> Dict:
     tokens = sum(s["tokens"] for s in splits.values())
     return {
+        "kind": tally.kind,
+        "documents_split": tally.documents_split,
         "conversations_read": tally.read,
         "conversations_kept": tally.kept,
         "samples_kept": len(tally.record_of_sample),
@@ -330,6 +361,7 @@ def _metadata(config, tokenizer, processor, summary, argv) -> Dict:
         "config": to_dict(config),
         "tokenizer": to_dict(info),
         "template": config.tokenizer.template,
+        "kind": summary["kind"],
         "seq_length": config.packing.seq_length,
         "special_ids": {
             "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
@@ -396,7 +428,8 @@ def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = Non
             )
         tmp_prefix = os.path.join(tmp_dir, os.path.basename(prefix))
         records = np.frombuffer(tally.record_of_sample, dtype=np.int64)
-        planned = {name: _plan_split(name, indices, index, config)
+        ends = np.r_[records[1:] != records[:-1], True] if tally.kind == "text" else None
+        planned = {name: _plan_split(name, indices, index, config, ends)
                    for name, indices in _assign_splits(index, config, records).items()
                    if indices.size}
         _write(writer, index, [plan for plan, _ in planned.values()], tmp_dir, tmp_prefix,
@@ -415,22 +448,33 @@ def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = Non
 
 
 def format_summary(summary: Dict) -> str:
-    """The final summary table, as printed by the tool."""
-    rows = [("conversations read", f"{summary['conversations_read']:,}"),
+    """The final summary table, as printed by the tool (a text dataset's records are documents,
+    its samples their pieces)."""
+    text = summary.get("kind") == "text"
+    unit = "documents" if text else "conversations"
+    rows = [(f"{unit} read", f"{summary['conversations_read']:,}"),
             ("  kept", f"{summary['conversations_kept']:,}")]
     samples = summary.get("samples_kept", summary["conversations_kept"])
-    if samples != summary["conversations_kept"]:
+    if text:
+        rows.append(("  pieces kept (--overlong split: documents cut)",
+                     f"{samples:,} ({summary.get('documents_split', 0):,} documents cut)"))
+    elif samples != summary["conversations_kept"]:
         rows.append(("  samples kept (--reasoning per-turn)", f"{samples:,}"))
     rows += [(f"  skipped: {k}", f"{v:,}") for k, v in summary["skipped"].items()]
     rows += [(f"  dropped: {k}", f"{v:,}") for k, v in summary["dropped"].items()]
     rows += [(f"  kept, note: {k}", f"{v:,} records") for k, v in summary.get("notes", {}).items()]
-    rows.append(("  truncated (kept, whole turns removed)",
-                 f"{summary['truncated']:,} ({summary['turns_removed_by_truncation']:,} turns)"))
+    rows.append(("  truncated (kept, first piece only)" if text else
+                 "  truncated (kept, whole turns removed)",
+                 f"{summary['truncated']:,} ({summary['turns_removed_by_truncation']:,} "
+                 f"{'pieces' if text else 'turns'})"))
     if summary["empty_files"]:
         rows.append(("empty files skipped", f"{summary['empty_files']:,}"))
     for name, split in summary["splits"].items():
+        counted = (f"{name}: documents / pieces", f"{split.get('documents', 0):,} / "
+                   f"{split['conversations']:,}") if text else (
+            f"{name}: conversations / turns", f"{split['conversations']:,} / {split['turns']:,}")
         rows += [
-            (f"{name}: conversations / turns", f"{split['conversations']:,} / {split['turns']:,}"),
+            counted,
             (f"{name}: tokens / loss tokens", f"{split['tokens']:,} / {split['loss_tokens']:,}"),
             (f"{name}: packs / efficiency",
              f"{split['packs']:,} / {100 * split['packing_efficiency']:.2f}%"),

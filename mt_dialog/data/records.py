@@ -16,6 +16,10 @@ resolved), so all processes produce identical ids. ``process`` maps a batch of
   ``--overlong drop`` (reason ``overlong``) or ``truncate`` when not even its first turn fits
   (``overlong_no_turn_fits``).
 
+A plain-text record (``formats.Document``) is rendered by ``render.render_document`` and, longer
+than ``--seq-length``, cut into pieces (``--overlong split``, the default for text:
+``render.split_document``), each one sample; ``Kept.kind`` says which the record was.
+
 ``stage`` does the same but appends each kept sample to a staging shard
 (``staging.ShardWriter``) and gives ``Kept`` samples as ``StagedSample(offset, length, turn_num,
 num_loss_tokens)`` instead, so only a few numbers per sample cross the process boundary.
@@ -29,14 +33,22 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
-from mt_dialog.data.formats import Conversation, RecordError, parse_record
+from mt_dialog.data.formats import (
+    DEFAULT_TEXT_KEY,
+    Conversation,
+    Document,
+    RecordError,
+    parse_record,
+)
 from mt_dialog.data.readers import RawRecord
 from mt_dialog.data.render import (
     RenderedConversation,
     RenderOptions,
     ResolvedTemplate,
     render_conversation,
+    render_document,
     resolve_template,
+    split_document,
     truncate_to_turns,
 )
 from mt_dialog.data.render_hf import render_with_chat_template
@@ -71,6 +83,9 @@ class Kept(NamedTuple):
     """Turns ``--overlong truncate`` removed (0: the whole conversation is kept)."""
     notes: Tuple[str, ...]
     """The record's ``Conversation.notes`` (counted in the summary)."""
+    kind: str = "conversation"
+    """``KINDS``: "conversation", or "text" for a plain-text document (its samples are its
+    pieces)."""
 
 
 class Refused(NamedTuple):
@@ -88,6 +103,9 @@ class Refused(NamedTuple):
 
 
 Outcome = Union[Kept, Refused]
+KINDS = ("conversation", "text")
+"""What a kept record is: a conversation (replies trained) or a text document (all trained)."""
+Parsed = Union[Conversation, Document]
 
 
 def decode_json_line(raw: bytes):
@@ -116,7 +134,8 @@ class RecordProcessor:
     template_name: str
     input_format: Optional[str]
     seq_length: int
-    overlong: str
+    overlong: Optional[str]
+    """``--overlong``; None: ``split`` for text documents, ``error`` for conversations."""
     added_tokens: Dict[str, int] = field(default_factory=dict)
     token_dtype: str = "int64"
     """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
@@ -134,6 +153,11 @@ class RecordProcessor:
     loading transformers."""
     resolved: Optional[ResolvedTemplate] = None
     """The template as the main process resolved it (sent with ``encoder``)."""
+    text_key: str = DEFAULT_TEXT_KEY
+    """``--text-key``: the field of a plain-text record."""
+    document_ids: Optional[Tuple[Tuple[int, ...], Optional[int]]] = None
+    """``(prefix, eos)`` of text documents (``DialogTokenizer.document_prefix``, ``eos_id``),
+    set by ``setup`` from the tokenizer (sent to the workers with ``encoder``)."""
 
     def __post_init__(self) -> None:
         self._tokenizer: Optional[DialogTokenizer] = None
@@ -158,6 +182,7 @@ class RecordProcessor:
                 self._template = resolve_template(get_template(self.template_name), tokenizer)
             self.added_tokens = dict(tokenizer.added_tokens)
             self._tokenizer = tokenizer
+            self.document_ids = (tuple(tokenizer.document_prefix()), tokenizer.eos_id)
         return self._tokenizer
 
     @property
@@ -171,17 +196,22 @@ class RecordProcessor:
         if encoder is not None and self.template_name != HF_TEMPLATE:
             self.encoder, self.resolved = encoder, self._template
 
-    def render(self, conversation, encode: Optional[Callable[[str], List[int]]] = None
+    def render(self, conversation: Parsed,
+               encode: Optional[Callable[[str], List[int]]] = None
                ) -> Tuple[RenderedConversation, ...]:
-        """The samples of one parsed record (several only with ``--reasoning per-turn``);
-        ``encode``: the tokenizer's (default) or ``batch_encode``'s."""
+        """The samples of one parsed record (several only with ``--reasoning per-turn``; a
+        document whole, one sample, cut later by ``_fit``); ``encode``: the tokenizer's
+        (default) or ``batch_encode``'s."""
         tokenizer = self.setup()
+        if isinstance(conversation, Document):
+            prefix, eos = self.document_ids
+            return (render_document(conversation, encode or tokenizer.encode, prefix, eos),)
         if self.template_name == HF_TEMPLATE:
             return render_with_chat_template(conversation, tokenizer.hf, self.options)
         return render_conversation(conversation, self._template, encode or tokenizer.encode,
                                    self.options)
 
-    def batch_encode(self, conversations: Sequence[Conversation]) -> Callable[[str], List[int]]:
+    def batch_encode(self, conversations: Sequence[Parsed]) -> Callable[[str], List[int]]:
         """An ``encode`` for rendering ``conversations`` with a built-in template that returns
         the ids of ``tokenizer.encode``, looked up: the texts the renderer will encode (found by
         rendering once without encoding) are encoded in one ``encode_many`` call. A text not
@@ -193,6 +223,9 @@ class RecordProcessor:
             return tokenizer.encode
         wanted: Dict[str, None] = {}
         for conversation in conversations:
+            if isinstance(conversation, Document):
+                wanted.setdefault(conversation.text)
+                continue
             try:
                 render_conversation(conversation, self._template,
                                     lambda text: wanted.setdefault(text) or [], self.options)
@@ -215,7 +248,7 @@ class RecordProcessor:
         """``process``, with kept samples appended to ``shard`` (flushed before returning) and
         their ``Kept`` samples given as ``StagedSample``s. The batch's texts are encoded together (``batch_encode``)."""
         parsed = [self._parse(number, record) for number, record in batch]
-        encode = self.batch_encode([p for p in parsed if isinstance(p, Conversation)])
+        encode = self.batch_encode([p for p in parsed if isinstance(p, (Conversation, Document))])
         outcomes = []
         for (number, record), conversation in zip(batch, parsed):
             failure, samples, removed, notes = self._attempt(number, record, conversation,
@@ -224,27 +257,28 @@ class RecordProcessor:
                 staged = tuple(StagedSample(shard.append(s.input_ids, s.loss_token_num),
                                             s.num_tokens, s.turn_num, s.num_loss_tokens)
                                for s in samples)
-                failure = Kept("ok", number, staged, removed, notes)
+                failure = Kept("ok", number, staged, removed, notes, _kind(conversation))
             outcomes.append(failure)
         shard.flush()
         return outcomes
 
     def _one(self, number: int, record: RawRecord) -> Outcome:
-        failure, samples, removed, notes = self._attempt(number, record)
+        parsed = self._parse(number, record)
+        failure, samples, removed, notes = self._attempt(number, record, parsed)
         if samples is None:
             return failure
         arrays = tuple((s.input_ids.astype(self.token_dtype, copy=False),
                         s.loss_token_num.astype(self.count_dtype, copy=False)) for s in samples)
-        return Kept("ok", number, arrays, removed, notes)
+        return Kept("ok", number, arrays, removed, notes, _kind(parsed))
 
-    def _parse(self, number: int, record: RawRecord) -> Union[Conversation, Outcome]:
+    def _parse(self, number: int, record: RawRecord) -> Union[Parsed, Outcome]:
         """The record's conversation, or its failure outcome."""
         if record.error is not None:  # a problem with the file itself (e.g. empty)
             return Refused("error", number, record.error.reason,
                            f"{record.where}: {record.error.message}")
         try:
             value = decode_json_line(record.raw) if record.raw is not None else record.value
-            return parse_record(value, self.input_format, self.empty_reply)
+            return parse_record(value, self.input_format, self.empty_reply, self.text_key)
         except RecordError as exc:
             return Refused("error", number, exc.reason,
                            f"{record.where}: conversation {number}: {exc.message}")
@@ -252,7 +286,7 @@ class RecordProcessor:
             return _unicode_error(number, f"{record.where}: conversation {number}", exc)
 
     def _attempt(self, number: int, record: RawRecord,
-                 parsed: Union[Conversation, Outcome, None] = None,
+                 parsed: Union[Parsed, Outcome, None] = None,
                  encode: Optional[Callable[[str], List[int]]] = None) -> Tuple[
             Optional[Outcome], Optional[Tuple[RenderedConversation, ...]], int, Tuple[str, ...]]:
         """``(failure outcome, None, 0, ())``, or ``(None, the kept samples, turns removed,
@@ -260,16 +294,36 @@ class RecordProcessor:
         ``turn_num`` is the number of trained turns. ``parsed``: ``_parse``'s answer, when
         already known; ``encode``: see ``render``."""
         conversation = self._parse(number, record) if parsed is None else parsed
-        if not isinstance(conversation, Conversation):
+        if not isinstance(conversation, (Conversation, Document)):
             return conversation, None, 0, ()
-        where = f"{record.where}: conversation {number}"
+        text = isinstance(conversation, Document)
+        where = f"{record.where}: {'document' if text else 'conversation'} {number}"
         try:
             samples = self.render(conversation, encode)
         except RecordError as exc:
             return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, where, exc), None, 0, ()
+        if text:
+            return (*self._fit_document(number, where, samples[0]), conversation.notes)
         return (*self._fit_samples(number, where, samples), conversation.notes)
+
+    def _fit_document(self, number: int, where: str, rendered: RenderedConversation
+                      ) -> Tuple[Optional[Outcome], Optional[Tuple[RenderedConversation, ...]],
+                                 int]:
+        """``--overlong`` for a text document (default ``split``): ``(None, its pieces, pieces
+        left out)`` (``truncate`` keeps the first piece only), or ``(failure, None, 0)``."""
+        mode = self.overlong or "split"
+        if rendered.num_tokens <= self.seq_length or mode in ("split", "truncate"):
+            pieces = split_document(rendered, self.seq_length)
+            kept = pieces[:1] if mode == "truncate" else pieces
+            return None, kept, len(pieces) - len(kept)
+        too_long = f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"
+        if mode == "drop":
+            return Refused("dropped", number, "overlong", f"{too_long}; it was dropped"), None, 0
+        return Refused("error", number, "overlong", f"{too_long}; use --overlong split (cut it "
+                       "into pieces of --seq-length tokens, the default for text), --overlong "
+                       "drop, or a longer --seq-length"), None, 0
 
     def _fit_samples(self, number: int, where: str, samples) -> Tuple[
             Optional[Outcome], Optional[Tuple[RenderedConversation, ...]], int]:
@@ -299,6 +353,11 @@ class RecordProcessor:
         too_long = (
             f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"
         )
+        if self.overlong == "split":
+            return Refused("error", number, "overlong", f"{too_long}; --overlong split cuts only "
+                           "text documents (a piece of a conversation would lose the context of "
+                           "its replies): use --overlong truncate (keep the whole turns that "
+                           "fit), --overlong drop, or a longer --seq-length"), None, 0
         if self.overlong == "truncate":
             kept = truncate_to_turns(rendered, self.seq_length)
             if kept is not None:
@@ -311,6 +370,11 @@ class RecordProcessor:
         return Refused("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
+
+
+def _kind(parsed: Parsed) -> str:
+    """The ``Kept.kind`` of a parsed record."""
+    return "text" if isinstance(parsed, Document) else "conversation"
 
 
 def _unicode_error(number: int, where: str, exc: UnicodeError) -> Outcome:

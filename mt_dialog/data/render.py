@@ -16,6 +16,16 @@ For the ``firefly`` template and a two-turn conversation (ids shortened)::
 The fields are aligned with ``input_ids`` (the token itself is the target); the dataset applies
 the next-token shift. The first token of a conversation is never trained, so shifting a whole
 pack never trains across a conversation boundary. ``loss_mask == (loss_token_num > 0)`` always.
+
+A plain-text document (``formats.Document``, continued pretraining) is rendered by
+``render_document``: the tokenizer's document prefix (its BOS where it puts one), the text, the
+tokenizer's eos; every token is trained but the first, which has no earlier token to be
+predicted from. A document longer than the sequence length is cut into pieces
+(``split_document``), each rendered the same way: a piece is one *turn*, its ``loss_token_num``
+the number of its trained tokens (its length - 1)::
+
+    text      <s>  The  cat  sat  .  </s>
+    loss_token_num  0  5  5  5  5  5        <- one turn of 5 trained tokens
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mt_dialog.data.formats import Conversation, Message, RecordError
+from mt_dialog.data.formats import Conversation, Document, Message, RecordError
 from mt_dialog.data.templates import (
     BOS,
     EOS,
@@ -455,3 +465,44 @@ def end_of_turn_id(template_name: str, tokenizer: DialogTokenizer) -> int:
 
         return hf_end_of_turn_id(tokenizer)
     return resolve_template(get_template(template_name), tokenizer).end_of_turn
+
+
+def document_piece(ids: Sequence[int]) -> RenderedConversation:
+    """One packed unit of a text document, ``ids`` (>= 2 ids): every token trained but the first
+    (the first token of a pack's unit has no earlier token of its own to be predicted from, so it
+    is never a label), each carrying the piece's trained tokens, ``len(ids) - 1``; one turn."""
+    count = len(ids)
+    loss_token_num = np.full(count, count - 1, dtype=np.int32)
+    loss_token_num[0] = 0
+    return RenderedConversation(np.asarray(ids, dtype=np.int64), loss_token_num, (count,))
+
+
+def render_document(document: Document, encode: Encode, prefix: Sequence[int],
+                    eos: Optional[int]) -> RenderedConversation:
+    """A text document as one training unit: ``prefix`` (``DialogTokenizer.document_prefix``:
+    the BOS a tokenizer puts before text, or nothing), ``encode(document.text)``, then ``eos``
+    (trained: the model learns where documents end); see ``document_piece``. A document longer
+    than the sequence length is cut by ``split_document``.
+
+    Raises ``RecordError`` ``no_eos`` when the tokenizer has no eos token."""
+    if eos is None:
+        raise RecordError("no_eos", "the tokenizer defines no eos token, which ends every text "
+                          "document; use a tokenizer with one")
+    return document_piece([*prefix, *encode(document.text), eos])
+
+
+def split_document(rendered: RenderedConversation, max_tokens: int
+                   ) -> Tuple[RenderedConversation, ...]:
+    """``--overlong split``: a rendered document cut into consecutive pieces of ``max_tokens``
+    (>= 2) ids, each a ``document_piece`` (its own unit: positions restart, attention isolated,
+    its first token untrained), the last one shorter; a last piece of a single id (which would
+    train nothing) takes one id from the piece before it. The pieces' ids joined are the
+    document's ids."""
+    ids = rendered.input_ids
+    count = ids.shape[0]
+    if count <= max_tokens:
+        return (rendered,)
+    cuts = list(range(max_tokens, count, max_tokens))
+    if count - cuts[-1] == 1:
+        cuts[-1] -= 1
+    return tuple(document_piece(piece) for piece in np.split(ids, cuts))

@@ -269,6 +269,16 @@ def write_metadata(prefix: str, metadata: Dict[str, Any]) -> None:
         handle.write("\n")
 
 
+KINDS = ("conversation", "text")
+
+
+def dataset_kind(metadata: Dict[str, Any]) -> str:
+    """What a dataset's records are (``KINDS``): "text" for plain-text documents (continued
+    pretraining: each sequence of a pack is a document piece, every token trained but its
+    first), "conversation" otherwise (and for datasets written before text existed)."""
+    return metadata.get("kind") or "conversation"
+
+
 def render_options_of(metadata: Dict[str, Any]) -> Dict[str, str]:
     """The ``--train-on`` / ``--reasoning`` a dataset was built with (its recorded preprocessing
     config), as ``RenderOptions`` keywords; empty for datasets that predate them."""

@@ -98,6 +98,12 @@ class DialogTokenizer:
         """``[encode(text) for text in texts]``, in one call where the back-end allows it."""
         return [self.encode(text) for text in texts]
 
+    def document_prefix(self) -> List[int]:
+        """Ids put before a plain-text document's text, as this tokenizer expects: for
+        SentencePiece its BOS when it defines one (Llama's convention); a Hugging Face tokenizer
+        overrides it with what it adds itself."""
+        return [self.bos_id] if self.bos_id is not None else []
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; appended special tokens decode to their piece."""
         out: List[str] = []
@@ -205,6 +211,7 @@ class SentencePieceTokenizer(DialogTokenizer):
 
 
 _PARALLELISM = "TOKENIZERS_PARALLELISM"
+_DOCUMENT_PROBE = "Plain text, as a document starts."
 # texts on which BackendEncoder must give the ids of transformers' encode: spaces, newlines,
 # special-token text (split as text), byte-level and multi-byte characters
 _PROBE_TEXTS = ("Hello, world!", " leading and trailing ", "two\n\nlines\tand a tab",
@@ -444,6 +451,17 @@ class HuggingFaceTokenizer(DialogTokenizer):
         if self.backend_encoder is None:
             return super().encode_many(texts)
         return self.backend_encoder.encode_many(texts)
+
+    def document_prefix(self) -> List[int]:
+        """The ids ``tokenizer(text)`` (``add_special_tokens=True``) puts before the text's own:
+        Llama 2 / 3 their BOS, Qwen and GPT-2 nothing (found on a probe text)."""
+        plain = self.hf.encode(_DOCUMENT_PROBE, add_special_tokens=False)
+        full = self.hf.encode(_DOCUMENT_PROBE, add_special_tokens=True)
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return list(full[:start])
+        wants_bos = getattr(self.hf, "add_bos_token", False) and self.bos_id is not None
+        return [self.bos_id] if wants_bos else []
 
     def _special_ids(self) -> Set[int]:
         added = self.hf.added_tokens_decoder
