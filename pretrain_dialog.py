@@ -32,7 +32,8 @@ GROUPS = (("model", ModelConfig), ("parallelism", ParallelConfig), ("data", Data
 
 
 def make_forward_step(normalization: str):
-    """megatron ``forward_step_func``: model output (per-token loss) and the dialog loss."""
+    """megatron ``forward_step_func``: model output (per-token loss) and the dialog loss (with
+    each blend dataset's reports when the batch carries ``dataset_ids``)."""
     from mt_dialog.training.loss import make_loss_func
 
     def forward_step(data_iterator, model):
@@ -40,7 +41,9 @@ def make_forward_step(normalization: str):
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                        packed_seq_params=batch["packed_seq_params"])
         return output, make_loss_func(batch["loss_mask"], batch["loss_token_num"], normalization,
-                                      cu_seqlens=batch["conversation_cu_seqlens"])
+                                      cu_seqlens=batch["conversation_cu_seqlens"],
+                                      dataset_ids=batch.get("dataset_ids"),
+                                      dataset_names=batch.get("dataset_names", ()))
 
     return forward_step
 

@@ -315,7 +315,10 @@ class RecordProcessor:
         left out)`` (``truncate`` keeps the first piece only), or ``(failure, None, 0)``."""
         mode = self.overlong or "split"
         if rendered.num_tokens <= self.seq_length or mode in ("split", "truncate"):
-            pieces = split_document(rendered, self.seq_length)
+            try:
+                pieces = split_document(rendered, self.seq_length)
+            except RecordError as exc:
+                return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0
             kept = pieces[:1] if mode == "truncate" else pieces
             return None, kept, len(pieces) - len(kept)
         too_long = f"{where} has {rendered.num_tokens:,} tokens > --seq-length {self.seq_length:,}"

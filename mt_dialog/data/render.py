@@ -494,14 +494,20 @@ def render_document(document: Document, encode: Encode, prefix: Sequence[int],
 def split_document(rendered: RenderedConversation, max_tokens: int
                    ) -> Tuple[RenderedConversation, ...]:
     """``--overlong split``: a rendered document cut into consecutive pieces of ``max_tokens``
-    (>= 2) ids, each a ``document_piece`` (its own unit: positions restart, attention isolated,
-    its first token untrained), the last one shorter; a last piece of a single id (which would
+    ids, each a ``document_piece`` (its own unit: positions restart, attention isolated, its
+    first token untrained), the last one shorter; a last piece of a single id (which would
     train nothing) takes one id from the piece before it. The pieces' ids joined are the
-    document's ids."""
+    document's ids.
+
+    Raises ``RecordError`` ``overlong`` when ``max_tokens`` < 3 (no room to cut a piece)."""
     ids = rendered.input_ids
     count = ids.shape[0]
     if count <= max_tokens:
         return (rendered,)
+    if max_tokens < 3:
+        raise RecordError("overlong", f"the document has {count} tokens, and pieces of "
+                          f"--seq-length {max_tokens} tokens train at most one token each; use "
+                          "--seq-length 3 or more")
     cuts = list(range(max_tokens, count, max_tokens))
     if count - cuts[-1] == 1:
         cuts[-1] -= 1

@@ -30,10 +30,17 @@ segment of its own, so attention and RoPE positions restart per conversation::
     cu_seqlens = [0, 3, 5, 6, 10, 12]                  (s = 6, b = 2)
 
 With ``--packed-attention causal`` the segments are whole packs instead: ``[0, 6, 12]``.
+
+Blends. Each sample says which dataset of the blend it is from (``SampleStream``: megatron-core's
+blending index), and a micro-batch of a blend carries it per position (``dataset_ids``), so that
+the loss reports of each dataset (``loss.dialog_loss``) are summed exactly like the totals. Text
+datasets (continued pretraining, ``storage.dataset_kind``) blend with conversation datasets; the
+run's chat template is the first conversation dataset's.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.data.storage import read_metadata, render_options_of
+from mt_dialog.data.storage import dataset_kind, read_metadata, render_options_of
 
 
 @dataclass
@@ -79,7 +86,9 @@ def data_info(metadata: Dict[str, Any], prefixes: Sequence[str] = (),
 
 
 def inspect_datasets(config) -> DataInfo:
-    """Read every dataset's metadata (``DialogTrainingConfig.data``) into the run's record.
+    """Read every dataset's metadata (``DialogTrainingConfig.data``) into the run's record; its
+    template, special ids and tokenizer record are the first conversation dataset's (a text
+    dataset's template is only what its preprocessing was given), else the first dataset's.
 
     Raises:
         ValueError: datasets of different sequence lengths or tokenizers, or a --seq-length
@@ -106,7 +115,22 @@ def inspect_datasets(config) -> DataInfo:
         valid = [p for p in prefixes if "valid" in metas[p]["splits"]]
     valid_packs = sum(int(metas[p]["splits"].get("valid", {}).get("packs", 0)) for p in valid)
     vocab_size = max(int(m["tokenizer"]["vocab_size"]) for m in metas.values())
-    return data_info(first, prefixes, weights, valid, valid_packs, vocab_size)
+    chat = next((metas[p] for p in prefixes if dataset_kind(metas[p]) != "text"), first)
+    return data_info(chat, prefixes, weights, valid, valid_packs, vocab_size)
+
+
+def blend_names(prefixes: Sequence[str]) -> List[str]:
+    """Names of the datasets of a blend in its per-dataset loss reports (log line, TensorBoard,
+    W&B): each prefix's file name (``data/text`` -> ``text``), the whole prefix where two share
+    a file name; ``[]`` for a single dataset (its reports are the totals)."""
+    if len(prefixes) < 2:
+        return []
+    names = [os.path.basename(os.path.normpath(p)) or p for p in prefixes]
+    if len(set(names)) < len(names):
+        names = list(prefixes)
+    if len(set(names)) < len(names):  # one dataset given twice
+        names = [f"{number}:{name}" for number, name in enumerate(names)]
+    return names
 
 
 def open_datasets(config, info: DataInfo) -> Tuple["SampleStream", List[PackedDialogDataset]]:
@@ -161,8 +185,9 @@ class SampleStream:
         return dataset, int(self._order(dataset, count // size)[count % size])
 
     def __getitem__(self, index: int) -> Dict[str, np.ndarray]:
+        """The sample (``PackedDialogDataset``'s) with ``dataset``: its dataset's number."""
         dataset, pack = self.locate(index)
-        return self.datasets[dataset][pack]
+        return {**self.datasets[dataset][pack], "dataset": dataset}
 
 
 def step_sample_indices(consumed: int, global_batch: int, micro_batch: int, dp_size: int,
@@ -176,7 +201,7 @@ def step_sample_indices(consumed: int, global_batch: int, micro_batch: int, dp_s
 
 
 def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool,
-                        device: torch.device) -> Dict[str, object]:
+                        device: torch.device, names: Sequence[str] = ()) -> Dict[str, object]:
     """b packs (``PackedDialogDataset`` samples of s tokens) -> one micro-batch on ``device``:
 
         tokens, labels, position_ids   int64 [1, b*s]
@@ -186,6 +211,10 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         conversation_cu_seqlens        int32: the conversation segments (the loss's)
         packed_seq_params              megatron-core ``PackedSeqParams`` ('thd') of cu_seqlens
         num_tokens, turn_num, packs    ints: real (non-padding) tokens, trained turns, packs
+        dataset_ids                    int64 [1, b*s], with ``names`` (the blend's datasets,
+                                       ``blend_names``): each position's dataset, from the
+                                       samples' ``dataset`` (``SampleStream``)
+        dataset_names                  ``names``
     """
     from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
 
@@ -201,7 +230,7 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         joined = np.concatenate([s[key] for s in samples])[None, :]
         return torch.as_tensor(joined, dtype=dtype).to(device)
 
-    return {
+    batch = {
         "tokens": stack("tokens", torch.int64),
         "labels": stack("labels", torch.int64),
         "loss_mask": stack("loss_mask", torch.float32),
@@ -215,4 +244,9 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         "turn_num": int(sum(int(s["turn_num"]) for s in samples)),
         "packs": len(samples),
     }
+    if names:
+        datasets = np.repeat([int(s["dataset"]) for s in samples], seq)[None, :]
+        batch.update(dataset_ids=torch.as_tensor(datasets, dtype=torch.int64).to(device),
+                     dataset_names=tuple(names))
+    return batch
 

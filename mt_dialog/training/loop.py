@@ -15,6 +15,10 @@ and count are added over the micro-batches and all-reduced over data-parallel ra
 dividing (``_reduce_reports``), never averaged per micro-batch::
 
     loss per turn / per token / per conversation   the report's sum / count
+    dataset NAME: loss per turn (token, conv.)     the same for each dataset of a blend
+                                                   (``loss.dataset_report_names``), with its
+                                                   counts (``dataset NAME: turns``, ``...: loss
+                                                   tokens``, ``...: conversations``)
     turn_num                                       turns (the count of "loss per turn")
     num_loss_tokens                                trained tokens (the count of "loss per token")
     num_tokens, packs                              real (non-padding) tokens and packs read
@@ -46,9 +50,11 @@ from mt_dialog.training.checkpoint import (
     start_point,
 )
 from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, validate_world
+from mt_dialog.training.loss import REPORT_OF, dataset_report_names
 from mt_dialog.training.data import (
     DataInfo,
     SampleStream,
+    blend_names,
     flatten_micro_batch,
     inspect_datasets,
     open_datasets,
@@ -66,6 +72,9 @@ LOSS_REPORTS = ("loss per turn", "loss per token", "loss per conversation")  # d
 # sum and count, and the packs read with their real tokens
 STEP_TOTALS = (*(f"{name} {part}" for name in LOSS_REPORTS for part in ("sum", "count")),
                "num_tokens", "packs")
+COUNT_NAMES = {"loss per turn": "turns", "exact turns": "turns", "loss per token": "loss tokens",
+               "loss per conversation": "conversations"}
+"""The name under which a grouped report's count is kept (``GROUP: turns``, ...)."""
 
 
 class TrainingError(RuntimeError):
@@ -127,7 +136,9 @@ def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, start: StartP
 def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
     isolated = run.config.model.packed_attention == "isolated"
     device = distributed.device()
-    return [flatten_micro_batch([stream[i] for i in micro], isolated, device) for micro in indices]
+    names = blend_names(run.info.prefixes)
+    return [flatten_micro_batch([stream[i] for i in micro], isolated, device, names)
+            for micro in indices]
 
 
 def _run_schedule(run: Run, batches: List[Dict], forward_only: bool,
@@ -167,8 +178,9 @@ def _reduce_reports(store: List[Dict], batches: List[Dict], extra: Sequence[str]
     for name in extra:
         count = totals[f"{name} count"]
         metrics[name] = totals[f"{name} sum"] / count if count > 0 else float("nan")
-        if name.endswith("exact turns"):  # its count is the group's turns
-            metrics[name[: -len("exact turns")] + "turns"] = count
+        group, _, part = name.rpartition(": ")
+        if group and part in COUNT_NAMES:  # its count: the group's turns, tokens, ...
+            metrics[f"{group}: {COUNT_NAMES[part]}"] = count
     metrics.update(turn_num=totals["loss per turn count"],
                    num_loss_tokens=totals["loss per token count"],
                    num_tokens=totals["num_tokens"], packs=totals["packs"])
@@ -219,7 +231,8 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
     run.optimizer.zero_grad()  # param.grad aliases main_grad: clear it or the next step doubles
     run.iteration += 1
     run.consumed += run.global_batch
-    metrics = _reduce_reports(store, batches) if _is_last_stage() else None
+    extra = dataset_report_names(blend_names(run.info.prefixes))
+    metrics = _reduce_reports(store, batches, extra) if _is_last_stage() else None
     _check_finite(run, metrics, grad_norm)
     if updated:  # an --fp16 step skipped for overflow leaves the schedule where it was
         run.scheduler.step(increment=1)
@@ -245,8 +258,9 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     for chunk in run.model:
         chunk.eval()
     isolated = run.config.model.packed_attention == "isolated"
-    batches = [flatten_micro_batch([run.valid_sets[d][i]], isolated, distributed.device())
-               for d, i in mine]
+    names = blend_names(run.info.valid_prefixes)
+    batches = [flatten_micro_batch([{**run.valid_sets[d][i], "dataset": d}], isolated,
+                                   distributed.device(), names) for d, i in mine]
     for batch in batches:  # greedy accuracy chooses among the real ids only
         batch["vocab_size"] = run.info.vocab_size
     with torch.no_grad():
@@ -255,7 +269,8 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     for chunk in run.model:
         chunk.train()
     extra = report_names(run.config.train.eval_reply_length_buckets) \
-        if run.eval_forward_step else ()
+        if run.eval_forward_step else []
+    extra = [*extra, *dataset_report_names(names)]
     return _reduce_reports(store, batches, extra) if _is_last_stage() else None
 
 
@@ -275,7 +290,24 @@ def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
     if run.config.optim.fp16:
         skipped = int(sum(m["skipped"] for m in window))
         line += f" | loss scale {last['loss_scale']:.1f} | skipped (overflow) {skipped}"
-    return line
+    return line + _by_dataset(run, window, run.info.prefixes)
+
+
+def _by_dataset(run: Run, window: List[Dict[str, float]], prefixes: Sequence[str]) -> str:
+    """`` | loss/turn by dataset: text 2.3104, chat 1.0231`` for a blend: each dataset's loss
+    under the run's normalization over the ``window`` of metrics (its sums over the window's
+    steps divided by its counts; "-" for a dataset that no step of the window read)."""
+    names = blend_names(prefixes)
+    if not names:
+        return ""
+    report = REPORT_OF[run.config.data.loss_normalization]
+    shown = []
+    for name in names:
+        key, count = f"dataset {name}: {report}", f"dataset {name}: {COUNT_NAMES[report]}"
+        total = sum(m.get(count, 0.0) for m in window)
+        value = sum(m[key] * m[count] for m in window if m.get(count, 0.0) > 0)
+        shown.append(f"{name} {value / total:.4f}" if total > 0 else f"{name} -")
+    return f" | {report.replace('loss per ', 'loss/')} by dataset: {', '.join(shown)}"
 
 
 def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
@@ -300,7 +332,8 @@ def _evaluate_and_log(run: Run) -> None:
     if metrics is not None and distributed.is_logging_rank():
         _record(run, "valid", metrics)
         line = (f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} "
-                f"| loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}")
+                f"| loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}"
+                + _by_dataset(run, [metrics], run.info.valid_prefixes))
         if "accuracy" in metrics:
             line += f" | accuracy {metrics['accuracy']:.2%} | exact turns " \
                     f"{metrics['exact turns']:.2%}\n" + metrics_table(

@@ -31,7 +31,11 @@ Normalizations, for one micro-batch (``count`` is an int32 tensor, like the sche
                   count = number of conversations with at least one loss token.
 
 ``report`` maps a name to a float64 ``tensor([sum, count])`` for each of 'loss per turn',
-'loss per token' (and 'loss per conversation' when conversation ids are available). Pairs are
+'loss per token' (and 'loss per conversation' when conversation ids are available); for a
+blend of datasets also each dataset's (``dataset_report_names``: ``dataset NAME: loss per
+turn``, ...), from the dataset of each position (``training.data.flatten_micro_batch``'s
+``dataset_ids``). A text document piece is one turn (``loss_token_num`` its trained tokens), so
+'turn' gives every piece equal weight and 'token' the plain token mean of pretraining. Pairs are
 summed over micro-batches and all-reduced (SUM) over data-parallel ranks before dividing:
 ``mt_dialog.training.loop._reduce_reports``. Never average per-micro-batch means.
 """
@@ -39,7 +43,7 @@ summed over micro-batches and all-reduced (SUM) over data-parallel ranks before 
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -47,6 +51,7 @@ from torch import Tensor
 __all__ = [
     "NORMALIZATIONS",
     "conversation_ids_from_cu_seqlens",
+    "dataset_report_names",
     "dialog_loss",
     "make_loss_func",
 ]
@@ -91,6 +96,34 @@ def _conversation_terms(
     return (sums / ntok).sum(), torch.tensor(uniq.numel(), device=losses.device), ntok
 
 
+def _terms(losses: Tensor, mask: Tensor, loss_token_num: Optional[Tensor],
+           conversation_ids: Optional[Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """``{report name: (differentiable fp32 sum, int64 count)}`` of the positions ``mask``
+    selects (``losses``' shape): per token always, per turn with ``loss_token_num``, per
+    conversation with ``conversation_ids``."""
+    terms = {"loss per token": ((losses * mask).sum(),
+                                mask.detach().sum().round().to(torch.int64))}
+    if loss_token_num is not None:
+        w = _turn_weights(mask, loss_token_num.reshape(losses.shape))
+        terms["loss per turn"] = ((losses * w).sum(),
+                                  w.detach().double().sum().round().to(torch.int64))
+    if conversation_ids is not None:
+        conv_sum, num_convs, _ = _conversation_terms(losses, mask, conversation_ids)
+        terms["loss per conversation"] = (conv_sum, num_convs)
+    return terms
+
+
+REPORT_OF = {"turn": "loss per turn", "token": "loss per token",
+             "conversation": "loss per conversation"}
+"""The report whose (sum, count) each normalization trains on."""
+
+
+def dataset_report_names(names: Sequence[str]) -> List[str]:
+    """The per-dataset reports ``dialog_loss`` gives for a blend of datasets ``names``:
+    ``"dataset NAME: loss per turn"`` (per token, per conversation), in a fixed order."""
+    return [f"dataset {name}: {report}" for name in names for report in REPORT_OF.values()]
+
+
 def dialog_loss(
     losses: Tensor,
     loss_mask: Tensor,
@@ -98,11 +131,17 @@ def dialog_loss(
     normalization: str = "turn",
     conversation_ids: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
+    dataset_ids: Optional[Tensor] = None,
+    dataset_names: Sequence[str] = (),
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """``(loss_sum, count, report)`` for one micro-batch (module docstring): ``loss_sum`` a
     differentiable fp32 scalar, ``count`` an int32 scalar on ``losses``' device, ``report``
     float64 ``[sum, count]`` pairs by name. ``losses`` any shape (any float dtype, computed in
-    fp32); ``loss_mask`` and ``loss_token_num`` the same number of elements.
+    fp32); ``loss_mask`` and ``loss_token_num`` the same number of elements. With
+    ``dataset_ids`` (the blend dataset of each position, integer, same number of elements) the
+    report also holds each dataset's pairs, ``dataset_report_names(dataset_names)`` (dataset d
+    is ``dataset_names[d]``): the same sums restricted to its positions, so that they add up
+    to the whole batch's.
 
     Raises:
         ValueError: an unknown ``normalization``; 'turn' without ``loss_token_num``;
@@ -110,54 +149,28 @@ def dialog_loss(
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    if normalization == "turn" and loss_token_num is None:
+        raise ValueError("'turn' normalization needs loss_token_num")
+    if normalization == "conversation" and conversation_ids is None and cu_seqlens is None:
+        raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
     losses = losses.float()
     if loss_mask.shape != losses.shape:
         loss_mask = loss_mask.reshape(losses.shape)
     mask = loss_mask.to(losses.dtype)
-    device = losses.device
-
-    token_sum = (losses * mask).sum()
-    num_loss_tokens = mask.detach().sum().round().to(torch.int64)
-    report: Dict[str, Tensor] = {
-        "loss per token": torch.stack([token_sum.detach().double(), num_loss_tokens.double()])
-    }
-
-    turn_sum = turn_num = None
-    if loss_token_num is not None:
-        w = _turn_weights(loss_mask.reshape(losses.shape), loss_token_num.reshape(losses.shape))
-        turn_sum = (losses * w).sum()
-        turn_num = w.detach().double().sum().round().to(torch.int64)
-        report["loss per turn"] = torch.stack([turn_sum.detach().double(), turn_num.double()])
-
     if conversation_ids is None and cu_seqlens is not None:
         conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
-    conv_sum = num_convs = None
-    if conversation_ids is not None:
-        conv_sum, num_convs, _ = _conversation_terms(losses, mask, conversation_ids)
-        report["loss per conversation"] = torch.stack([conv_sum.detach().double(), num_convs.double()])
-
-    if normalization == "turn":
-        if loss_token_num is None:
-            raise ValueError("'turn' normalization needs loss_token_num")
-        loss_sum, count = turn_sum, turn_num
-    elif normalization == "token":
-        loss_sum, count = token_sum, num_loss_tokens
-    else:
-        if conversation_ids is None:
-            raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
-        loss_sum, count = conv_sum, num_convs
-    return loss_sum, count.to(device=device, dtype=torch.int32), report
-
-
-def _loss_func(loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens, output_tensor):
-    return dialog_loss(
-        output_tensor,
-        loss_mask,
-        loss_token_num,
-        normalization=normalization,
-        conversation_ids=conversation_ids,
-        cu_seqlens=cu_seqlens,
-    )
+    terms = _terms(losses, mask, loss_token_num, conversation_ids)
+    report = {name: torch.stack([total.detach().double(), count.double()])
+              for name, (total, count) in terms.items()}
+    if dataset_ids is not None:
+        ids = dataset_ids.reshape(losses.shape)
+        for index, name in enumerate(dataset_names):
+            part = _terms(losses.detach(), mask * (ids == index).to(mask.dtype),
+                          loss_token_num, conversation_ids)
+            report.update({f"dataset {name}: {key}": torch.stack([total.double(), count.double()])
+                           for key, (total, count) in part.items()})
+    loss_sum, count = terms[REPORT_OF[normalization]]
+    return loss_sum, count.to(device=losses.device, dtype=torch.int32), report
 
 
 def make_loss_func(
@@ -166,13 +179,22 @@ def make_loss_func(
     normalization: str = "turn",
     conversation_ids: Optional[Tensor] = None,
     cu_seqlens: Optional[Tensor] = None,
+    dataset_ids: Optional[Tensor] = None,
+    dataset_names: Sequence[str] = (),
 ):
     """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output: it
-    takes the per-token losses and returns ``dialog_loss``'s triple.
+    takes the per-token losses and returns ``dialog_loss``'s triple (arguments as there).
 
     Raises:
         ValueError: an unknown ``normalization`` (at once, not at the first step).
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    return partial(_loss_func, loss_mask, loss_token_num, normalization, conversation_ids, cu_seqlens)
+    return partial(_apply, dict(loss_mask=loss_mask, loss_token_num=loss_token_num,
+                                normalization=normalization, conversation_ids=conversation_ids,
+                                cu_seqlens=cu_seqlens, dataset_ids=dataset_ids,
+                                dataset_names=tuple(dataset_names)))
+
+
+def _apply(arguments: Dict, output_tensor: Tensor):
+    return dialog_loss(output_tensor, **arguments)

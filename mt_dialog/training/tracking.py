@@ -7,8 +7,9 @@ opens the back-ends, the others get None), ``tracker.log(split, metrics, iterati
 training step (``"train"``) and validation (``"valid"``), and ``tracker.close()``. Every back-end
 receives the same scalars: ``SPLIT/loss_per_turn``, ``SPLIT/loss_per_token``, on training
 steps ``train/lr``, ``train/grad_norm`` (and ``train/loss_scale`` with --fp16), on validation the
-per-turn metrics (``valid/accuracy``, ``valid/reply_length_5-16/loss_per_turn``, ...), with the
-iteration as the step. Non-finite values are left out.
+per-turn metrics (``valid/accuracy``, ``valid/reply_length_5-16/loss_per_turn``, ...), for a
+blend each dataset's losses (``train/dataset_text/loss_per_token``, ``valid/dataset_chat/...``),
+with the iteration as the step. Non-finite values and counts are left out.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mt_dialog.training import distributed
 
 SCALARS = ("loss per turn", "loss per token", "lr", "grad_norm", "loss_scale")
 TURN_SCALARS = ("accuracy", "exact turns")  # validation's, with their groups (turn_metrics)
+COUNTS = (": turns", ": loss tokens", ": conversations")  # a group's counts: not tracked
 
 # TrainConfig field -> (module it needs, the setup.py extra that installs it)
 PACKAGES = {"tensorboard_dir": ("tensorboard", "tensorboard"), "wandb_project": ("wandb", "wandb")}
@@ -32,10 +34,11 @@ PACKAGES = {"tensorboard_dir": ("tensorboard", "tensorboard"), "wandb_project": 
 
 def scalars(split: str, metrics: Dict[str, float]) -> Dict[str, float]:
     """``{"SPLIT/loss_per_turn": value, ...}`` of the finite tracked values in ``metrics``:
-    ``SCALARS`` and validation's ``turn_metrics`` (``valid/accuracy``,
-    ``valid/reply_length_1-4/accuracy``, ``valid/turn_2/loss_per_turn``, ...)."""
+    ``SCALARS``, validation's ``turn_metrics`` (``valid/accuracy``,
+    ``valid/reply_length_1-4/accuracy``, ``valid/turn_2/loss_per_turn``, ...) and a blend's
+    per-dataset losses (``train/dataset_text/loss_per_turn``, ...)."""
     keys = [key for key in metrics if key in SCALARS or key in TURN_SCALARS
-            or (": " in key and not key.endswith(": turns"))]
+            or (": " in key and not key.endswith(COUNTS))]
     return {f"{split}/{key.replace(': ', '/').replace(' ', '_')}": float(metrics[key])
             for key in keys if math.isfinite(metrics[key])}
 

@@ -168,7 +168,9 @@ def validation_loss(batch: Dict, normalization: str, edges: Sequence[int], logit
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
     ids = conversation_ids_from_cu_seqlens(batch["conversation_cu_seqlens"], labels.numel())
     loss_sum, count, report = dialog_loss(losses, batch["loss_mask"], batch["loss_token_num"],
-                                          normalization, conversation_ids=ids)
+                                          normalization, conversation_ids=ids,
+                                          dataset_ids=batch.get("dataset_ids"),
+                                          dataset_names=batch.get("dataset_names", ()))
     correct = greedy_correct(logits, labels, batch.get("vocab_size"))
     report.update(turn_reports(losses.detach(), correct, batch["loss_mask"],
                                batch["loss_token_num"], ids, edges))

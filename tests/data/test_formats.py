@@ -7,6 +7,8 @@ import pytest
 
 from mt_dialog.data.formats import (
     FORMATS,
+    TEXT_FORMAT,
+    Document,
     LOSS_LOOKALIKES,
     NOTE_EMPTY_REPLY,
     NOTE_NULL_SYSTEM,
@@ -58,7 +60,7 @@ def test_detect_format(record, expected):
 
 @pytest.mark.parametrize(
     "record",
-    [{}, {"text": "hello"}, {"instruction": "no output"}, {"output": "no instruction"},
+    [{}, {"content": "hello"}, {"instruction": "no output"}, {"output": "no instruction"},
      {"Messages": []}],
 )
 def test_detect_format_unknown(record):
@@ -185,7 +187,7 @@ def test_all_formats_normalize_to_the_same_messages():
         "firefly": {"system": "sys", "conversation": [{"human": "q", "assistant": "a"}]},
         "alpaca": {"system": "sys", "instruction": "q", "output": "a"},
     }
-    assert set(records) == set(FORMATS)
+    assert set(records) == set(FORMATS) - {TEXT_FORMAT}  # every conversation format
     for name, record in records.items():
         assert roles(parse_record(record)) == expected, name
         assert roles(parse_record(record, name)) == expected, name
@@ -1123,3 +1125,37 @@ def test_generation_requests_follow_the_same_rules():
         with pytest.raises(GenerationError) as info:
             to_messages(bad)
         assert text in str(info.value)
+
+
+# -- plain-text documents (format text) ----------------------------------------------------------
+
+@pytest.mark.parametrize("record, text_key, expected", [
+    ({"text": "Once upon a time."}, "text", TEXT_FORMAT),
+    ({"text": "t", "meta": {"url": "x"}}, "text", TEXT_FORMAT),
+    ({"content": "t"}, "content", TEXT_FORMAT),  # --text-key content
+    ({"text": "t", "messages": []}, "text", "openai"),  # a conversation key wins
+    ({"text": "t", "instruction": "a", "output": "b"}, "text", "alpaca"),
+    ({"text": "t", "conversation": []}, "text", "firefly"),
+])
+def test_text_records_are_detected(record, text_key, expected):
+    assert detect_format(record, text_key) == expected
+
+
+def test_text_record_becomes_a_document_with_its_other_fields_noted():
+    document = parse_record({"text": "Body \u00e9 \u4e2d\u6587\n", "source": "web", "id": None})
+    assert document == Document("Body \u00e9 \u4e2d\u6587\n", ("ignored field 'source'",))
+    assert parse_record({"body": "x"}, "text", text_key="body") == Document("x")
+    with pytest.raises(RecordError, match="keys: body.*--text-key"):
+        parse_record({"body": "x"})
+
+
+@pytest.mark.parametrize("record, reason, words", [
+    ({"text": ""}, "empty_text", "'text' is empty"),
+    ({"text": 3}, "bad_field_type", "must be a string, got int"),
+    ({"text": "a\ud83d"}, "invalid_unicode", "lone surrogate"),
+    ({"text": "a", "loss_mask": [1]}, "unsupported_loss_field", "'loss_mask'"),
+])
+def test_bad_text_records_are_refused(record, reason, words):
+    with pytest.raises(RecordError) as info:
+        parse_record(record, "text")
+    assert info.value.reason == reason and words in info.value.message

@@ -187,3 +187,28 @@ def test_turn_statistics_count_every_turn(tmp_path, sp_model_path, capsys):
     out = capsys.readouterr().out
     assert f"reply lengths: {replies.size:,} trained turns" in out
     assert "trained turns per conversation:" in out and " token " in out and " turn " in out
+
+
+def test_text_pack_and_verify(tmp_path, sp_model_path, capsys):
+    from tests.conftest import write_jsonl
+
+    sentence = "The capital of France is Paris. "
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": sentence * n} for n in (1, 3, 30)])
+    prefix = str(tmp_path / "text")
+    assert preprocess_main(preprocess_args(path, sp_model_path, prefix, "--seq-length", "64",
+                                           "--split", "100,0")) == 0
+    assert inspect_main([prefix, "--verify"]) == 0
+    assert inspect_main([prefix, "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "documents read" in out and "document piece 0" in out
+    pack = out[out.index("pack 0 of"):]
+    if "document end" in pack.splitlines()[1]:  # BOS untrained, the rest up to eos trained
+        assert pack.splitlines()[2].startswith("<s>[[The capital") and "</s>]](n=" in pack
+    else:  # a cut piece: its first token untrained, no eos
+        assert "cut: continues elsewhere" in pack and "</s>" not in pack
+    counts_bin = tmp_path / "text.train.loss_token_num.bin"
+    data = np.fromfile(counts_bin, dtype=np.uint16)
+    data[5] = 0  # a token inside a piece left untrained
+    data.tofile(counts_bin)
+    assert inspect_main([prefix, "--verify"]) == 1
+    assert "does not train every token but its first" in capsys.readouterr().out

@@ -172,3 +172,85 @@ def test_verify_catches_corruption(tmp_path, sp_model_path):
     data.tofile(counts_bin)
     problems = verify_dataset(prefix)
     assert any("loss_token_num" in p for p in problems)
+
+
+# -- plain-text documents -------------------------------------------------------------------------
+
+def _documents(count=24, seed=5):
+    """Documents of 1 to ~60 sentences (some far longer than the sequence length), in several
+    scripts."""
+    from tests.conftest import SAMPLE_TEXT
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(SAMPLE_TEXT) for _ in range(rng.choice((1, 2, 5, 20, 60))))
+            for _ in range(count)]
+
+
+def test_text_dataset_trains_every_document_token_and_pieces_reassemble(tmp_path,
+                                                                         sp_model_path):
+    """Pieces stored in input order (sequential packing, no shuffle): each document's pieces
+    joined are BOS + its text + eos; a document that fits trains exactly its text + eos
+    (decoded back to the text); every token of a piece is trained but its first."""
+    documents = _documents()
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t, "id": i}
+                                                  for i, t in enumerate(documents)])
+    prefix = str(tmp_path / "text")
+    assert main(preprocess_args(path, sp_model_path, prefix, "--seq-length", "64", "--packing",
+                                "sequential", "--no-shuffle", "--split", "100,0")) == 0
+    meta = json.load(open(metadata_path(prefix)))
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    dataset = PackedDialogDataset(prefix, "train")
+    pieces = []
+    for index in range(len(dataset)):
+        tokens, counts, lengths = dataset.raw_pack(index)
+        for a, b in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
+            assert counts[a] == 0 and np.all(counts[a + 1:b] == b - a - 1)
+            pieces.append(tokens[a:b].tolist())
+    eos, bos = tokenizer.eos_id, tokenizer.bos_id
+    cut = 0
+    for text in documents:
+        ids = [bos, *tokenizer.encode(text), eos]
+        joined, count = [], 0
+        while len(joined) < len(ids):
+            joined += pieces.pop(0)
+            count += 1
+        assert joined == ids and tokenizer.decode(joined[1:-1]) == text
+        cut += count > 1
+        if count == 1:  # trained tokens = the text and eos, exactly
+            assert tokenizer.decode(joined[1:-1]) == text and joined[-1] == eos
+    assert not pieces and cut >= 5
+    summary = meta["summary"]
+    assert meta["kind"] == "text" and summary["documents_split"] == cut
+    assert meta["splits"]["train"]["documents"] == len(documents)
+    assert summary["conversations_kept"] == len(documents) == summary["conversations_read"]
+    assert summary["notes"] == {"ignored field 'id'": len(documents)}
+    assert meta["splits"]["train"]["turns"] == summary["samples_kept"]  # a piece is a turn
+    assert verify_dataset(prefix) == []
+
+
+def test_overlong_modes_of_text_and_conversations(tmp_path, sp_model_path, capsys):
+    long_text = {"text": " ".join(["The capital of France is Paris."] * 40)}
+    path = write_jsonl(tmp_path / "docs.jsonl", [long_text, {"text": "Short."}])
+    out = str(tmp_path / "out")
+    base = preprocess_args(path, sp_model_path, out, "--seq-length", "64", "--split", "100,0")
+    assert main([*base, "--overlong", "truncate"]) == 0
+    meta = json.load(open(metadata_path(out)))
+    assert meta["splits"]["train"]["conversations"] == 2  # the first piece and the short one
+    assert meta["summary"]["truncated"] == 1 and meta["summary"]["turns_removed_by_truncation"]
+    assert main([*base, "--overlong", "drop", "--overwrite"]) == 0
+    assert json.load(open(metadata_path(out)))["summary"]["dropped"] == {"overlong": 1}
+    assert main([*base, "--overlong", "error", "--overwrite"]) == 1
+    assert "--overlong split" in capsys.readouterr().err
+    chat = write_jsonl(tmp_path / "chat.jsonl", corpus(3))
+    assert main(preprocess_args(chat, sp_model_path, str(tmp_path / "c"), "--seq-length", "16",
+                                "--overlong", "split")) == 1
+    assert "--overlong split cuts only text documents" in capsys.readouterr().err
+
+
+def test_text_and_conversations_are_not_mixed_in_one_dataset(tmp_path, sp_model_path, capsys):
+    docs = write_jsonl(tmp_path / "a_docs.jsonl", [{"text": "Hello there."}])
+    chat = write_jsonl(tmp_path / "b_chat.jsonl", corpus(2))
+    assert main(args([docs, chat], sp_model_path, str(tmp_path / "mixed"))) == 1
+    err = capsys.readouterr().err
+    assert "b_chat.jsonl:1 is a conversation record but" in err and "a_docs.jsonl:1" in err
+    assert "--data-path W1 TEXT W2 CHAT" in err

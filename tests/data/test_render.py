@@ -442,3 +442,63 @@ def test_string_arguments_are_trained_as_written(sp_model_path, name, key):
         trained = rendered.input_ids[rendered.loss_token_num > 0]
         text = tokenizer.decode(trained.tolist())
         assert f'{{"name": "get_weather", "{key}": {written}}}' in text, text
+
+
+# -- plain-text documents -------------------------------------------------------------------------
+
+def test_document_is_prefix_text_eos_every_token_trained_but_the_first(sp_model_path):
+    from mt_dialog.data.formats import Document, RecordError
+    from mt_dialog.data.render import render_document
+
+    tokenizer = SentencePieceTokenizer(sp_model_path)
+    text = "The capital of France is Paris. \u65e9\u4e0a\u597d"
+    prefix = tokenizer.document_prefix()
+    assert prefix == [tokenizer.bos_id]  # SentencePiece: its BOS, as Llama puts it
+    rendered = render_document(Document(text), tokenizer.encode, prefix, tokenizer.eos_id)
+    ids = rendered.input_ids.tolist()
+    assert ids == [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
+    n = len(ids)
+    assert rendered.loss_token_num.tolist() == [0] + [n - 1] * (n - 1)
+    assert rendered.turn_num == 1 and rendered.num_loss_tokens == n - 1
+    trained = rendered.input_ids[rendered.loss_mask.astype(bool)].tolist()
+    assert tokenizer.decode(trained[:-1]) == text and trained[-1] == tokenizer.eos_id
+    no_bos = render_document(Document("x"), tokenizer.encode, [], tokenizer.eos_id)
+    assert no_bos.loss_token_num.tolist()[0] == 0  # no BOS: the first text token is untrained
+    with pytest.raises(RecordError, match="no eos"):
+        render_document(Document("x"), tokenizer.encode, [], None)
+
+
+@pytest.mark.parametrize("length", [2, 9, 10, 11, 21, 30, 31])
+@pytest.mark.parametrize("max_tokens", [3, 4, 10])
+def test_split_pieces_reassemble_to_the_document(length, max_tokens):
+    from mt_dialog.data.render import document_piece, split_document
+
+    document = document_piece(list(range(100, 100 + length)))
+    pieces = split_document(document, max_tokens)
+    assert np.concatenate([p.input_ids for p in pieces]).tolist() == document.input_ids.tolist()
+    assert all(2 <= p.num_tokens <= max_tokens for p in pieces)
+    assert len(pieces) == max(1, -(-length // max_tokens))  # ceil: no piece wasted
+    for piece in pieces:  # each its own unit: one turn, all trained but its first token
+        n = piece.num_tokens
+        assert piece.loss_token_num.tolist() == [0] + [n - 1] * (n - 1)
+    if len(pieces) > 1:  # every cut piece fills its pack (the last one lent one id at most)
+        assert all(p.num_tokens >= max_tokens - 1 for p in pieces[:-1])
+    if length > 2:  # pieces of 2 tokens cannot hold it: refused, never a lost token
+        with pytest.raises(RecordError, match="--seq-length 3 or more"):
+            split_document(document, 2)
+
+
+def test_hugging_face_document_prefix_is_what_the_tokenizer_adds(hf_tokenizer_dir, tmp_path):
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from mt_dialog.data.tokenizers import HuggingFaceTokenizer
+
+    assert HuggingFaceTokenizer(hf_tokenizer_dir).document_prefix() == []  # Qwen-like: none
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    hf.add_special_tokens({"bos_token": "<|endoftext|>"})
+    bos = hf.convert_tokens_to_ids("<|endoftext|>")
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])  # Llama 3's way
+    hf.save_pretrained(str(tmp_path / "bos"))
+    assert HuggingFaceTokenizer(str(tmp_path / "bos")).document_prefix() == [bos]
