@@ -1,5 +1,7 @@
 """tools/inspect_dialog_dataset.py: summary, highlighted pack, --verify exit codes."""
 
+import re
+
 import numpy as np
 
 from mt_dialog.demo import write_corpus
@@ -201,11 +203,12 @@ def test_text_pack_and_verify(tmp_path, sp_model_path, capsys):
     assert inspect_main([prefix, "--color", "never"]) == 0
     out = capsys.readouterr().out
     assert "documents read" in out and "document piece 0" in out
-    pack = out[out.index("pack 0 of"):]
-    if "document end" in pack.splitlines()[1]:  # BOS untrained, the rest up to eos trained
-        assert pack.splitlines()[2].startswith("<s>[[The capital") and "</s>]](n=" in pack
-    else:  # a cut piece: its first token untrained, no eos
-        assert "cut: continues elsewhere" in pack and "</s>" not in pack
+    lines = out[out.index("pack 0 of"):].splitlines()
+    for header, body in zip(lines[1::2], lines[2::2]):  # each piece: its first token untrained
+        length = int(re.search(r"\((\d+) tokens", header)[1])
+        assert re.fullmatch(rf"[^\[]+\[\[.+\]\]\(n={length - 1}\)", body), (header, body)
+        assert body.endswith("</s>]]" + f"(n={length - 1})") == ("document end" in header)
+    assert any(line.startswith("<s>[[The capital") for line in lines)  # a document's start
     counts_bin = tmp_path / "text.train.loss_token_num.bin"
     data = np.fromfile(counts_bin, dtype=np.uint16)
     data[5] = 0  # a token inside a piece left untrained
