@@ -3,7 +3,8 @@
 ``packed_data`` builds, once per session, a small packed dataset from the built-in demo corpus
 (``demo_tokenizer`` of tests/conftest.py: 300 conversations and the SentencePiece tokenizer of
 ``mt_dialog.demo``; ChatML, --seq-length 256);
-``second_data`` a smaller one with the same tokenizer (for blending). ``launch`` runs
+``second_data`` a smaller one with the same tokenizer (for blending), ``text_data`` plain-text
+documents (continued pretraining; some longer than --seq-length: split). ``launch`` runs
 pretrain_dialog.py (``launch.run``: torchrun for several processes, plain python for one) and
 captures its output;
 ``parse_iters`` / ``parse_validation`` read the log lines; ``read_checkpoint`` loads every tensor
@@ -102,12 +103,13 @@ def read_checkpoint(path: str) -> Dict[str, "torch.Tensor"]:  # noqa: F821
 
 # ------------------------------------------------------------------------------------ datasets
 
-def _preprocess(corpus: str, tokenizer: str, prefix: str, seq_length: int = SEQ_LENGTH) -> str:
+def _preprocess(corpus: str, tokenizer: str, prefix: str, seq_length: int = SEQ_LENGTH,
+                overlong: str = "drop") -> str:
     from tools.preprocess_dialog import main as preprocess
 
     code = preprocess(["--input", corpus, "--tokenizer-model", tokenizer, "--template", "chatml",
                        "--seq-length", str(seq_length), "--output-prefix", prefix,
-                       "--no-progress", "--overlong", "drop"])
+                       "--no-progress", "--overlong", overlong])
     assert code == 0, f"preprocess_dialog failed for {prefix}"
     return prefix
 
@@ -140,3 +142,24 @@ def second_data(demo_tokenizer) -> str:
 def short_data(demo_tokenizer) -> str:
     """A tiny dataset packed for --seq-length 128 (same tokenizer): the seq-length mismatches."""
     return _other_demo_data(demo_tokenizer, "chat_128", 40, seed=2, seq_length=128)
+
+
+@pytest.fixture(scope="session")
+def text_data(demo_tokenizer) -> str:
+    """Plain-text documents (format text) with the same tokenizer: the texts of 120 other demo
+    conversations as prose, one document each, and every sixth one followed by five more (longer
+    than --seq-length: cut into pieces)."""
+    import json
+
+    from mt_dialog import demo
+
+    corpus = os.path.join(demo_tokenizer["dir"], "corpus_prose.jsonl")
+    demo.write_corpus(corpus, 120, seed=3)
+    with open(corpus, encoding="utf-8") as handle:
+        prose = ["\n".join(m["content"] for m in json.loads(line)["messages"]) for line in handle]
+    documents = [prose[i] if i % 6 else "\n\n".join(prose[i:i + 6]) for i in range(len(prose))]
+    path = os.path.join(demo_tokenizer["dir"], "documents.jsonl")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": text}) + "\n" for text in documents)
+    return _preprocess(path, demo_tokenizer["tokenizer"], os.path.join(demo_tokenizer["dir"],
+                                                                         "text"), overlong="split")

@@ -239,3 +239,40 @@ def test_an_unknown_normalization_is_refused_before_the_first_step():
 
     with pytest.raises(ValueError, match="got 'mean'"):
         make_loss_func(torch.ones(1, 2), normalization="mean")
+
+
+def test_each_blend_dataset_is_reported_and_the_datasets_add_up(global_batch, single_process):
+    """A blend of the conversation packs (dataset "chat") and a pack holding a text document
+    piece (dataset "text"), one pack per micro-batch: each dataset's loss per token / turn /
+    conversation is its own sum over its own count, summed over micro-batches; together they
+    make the totals. The text piece is one turn whose every token but the first is trained."""
+    from mt_dialog.data.render import document_piece
+    from mt_dialog.training.loop import _reduce_reports
+    from mt_dialog.training.loss import dataset_report_names
+
+    samples, turns, values = global_batch
+    piece = document_piece(list(range(1000, 1011)))  # 11 tokens, 10 of them trained
+    text = build_sample(piece.input_ids, piece.loss_token_num, np.array([11]), SEQ, pad_id=0)
+    tagged = [dict(s, dataset=0) for s in samples] + [dict(text, dataset=1)]
+    text_losses = torch.rand(1, SEQ, generator=torch.Generator().manual_seed(1)) * 4
+    every = torch.cat([values, text_losses], 1)
+    names = ["chat", "text"]
+    batches = [flatten_micro_batch([s], True, torch.device("cpu"), names) for s in tagged]
+    assert batches[-1]["dataset_ids"].tolist() == [[1] * SEQ]
+    store = [loss_of(b, every[:, i * SEQ:(i + 1) * SEQ], "token")[2]
+             for i, b in enumerate(batches)]
+    metrics = _reduce_reports(store, batches, dataset_report_names(names))
+    want = references(values, turns)
+    text_mean = float(text_losses[0, :10].double().mean())  # labels = piece tokens 1..10
+    assert metrics["dataset chat: loss per token"] == pytest.approx(
+        float(want["token"][0]) / want["token"][1], rel=1e-6)
+    assert metrics["dataset chat: loss per turn"] == pytest.approx(
+        float(want["turn"][0]) / want["turn"][1], rel=1e-6)
+    assert metrics["dataset text: loss per token"] == pytest.approx(text_mean, rel=1e-6)
+    assert metrics["dataset text: loss per turn"] == pytest.approx(text_mean, rel=1e-6)
+    assert (metrics["dataset chat: turns"], metrics["dataset text: turns"]) == (5, 1)
+    assert metrics["dataset text: loss tokens"] == 10
+    assert metrics["dataset chat: loss tokens"] == want["token"][1]
+    assert metrics["loss per token"] == pytest.approx(
+        (float(want["token"][0]) + 10 * text_mean) / (want["token"][1] + 10), rel=1e-6)
+    assert metrics["turn_num"] == 6

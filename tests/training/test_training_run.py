@@ -1,4 +1,5 @@
-"""A short TP=2 run on a 0.7/0.3 blend of two datasets, with validation, warmup + cosine decay to
+"""A short TP=2 run on a 0.7/0.3 blend of a conversation dataset and a plain-text dataset (each
+one's loss logged, to TensorBoard too), with validation, warmup + cosine decay to
 --min-lr, a checkpoint and (when installed) TensorBoard; plus unit tests of the sample order
 (``SampleStream``, ``step_sample_indices``) that resuming and data parallelism rely on.
 """
@@ -8,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -35,11 +37,11 @@ def expected_lr(iteration: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def blended_run(packed_data, second_data, tmp_path_factory):
+def blended_run(packed_data, text_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("run")
     save, board = folder / "ckpt", folder / "tb"
     args = ["--tensor-model-parallel-size", "2", "--data-path", "0.7", packed_data, "0.3",
-            second_data, "--micro-batch-size", "2", "--global-batch-size", "8",
+            text_data, "--micro-batch-size", "2", "--global-batch-size", "8",
             "--train-iters", ITERS, "--log-interval", LOG_INTERVAL, "--eval-interval",
             EVAL_INTERVAL, "--lr", LR, "--min-lr", MIN_LR, "--lr-warmup-iters", WARMUP,
             "--lr-decay-iters", DECAY, "--save", save, *MODEL_ARGS]
@@ -47,7 +49,30 @@ def blended_run(packed_data, second_data, tmp_path_factory):
         args += ["--tensorboard-dir", board]
     proc = launch(2, args)
     return {"stdout": proc.stdout, "stderr": proc.stderr, "save": save, "board": board,
-            "prefixes": [packed_data, second_data]}
+            "prefixes": [packed_data, text_data]}
+
+
+BY_DATASET = re.compile(r"\| loss/turn by dataset: chat ([0-9.]+|-), text ([0-9.]+|-)$")
+
+
+@pytest.mark.multiprocess
+def test_each_dataset_of_the_blend_is_logged(blended_run):
+    """Every log line gives the loss per turn of the conversations and of the text over its
+    interval; the blend's loss lies between them (the datasets' sums add up to it)."""
+    out = blended_run["stdout"]
+    lines = [ln for ln in out.splitlines() if ln.startswith(("iter ", "validation at"))]
+    both = 0
+    for line, parsed in zip([ln for ln in lines if ln.startswith("iter ")], parse_iters(out)):
+        found = BY_DATASET.search(line)
+        assert found, line
+        if "-" in found.groups():  # a dataset no step of the interval read
+            continue
+        chat, text = float(found[1]), float(found[2])
+        assert min(chat, text) - 1e-4 <= parsed["loss_turn"] <= max(chat, text) + 1e-4, line
+        both += 1
+    assert both >= 4, out
+    for line in (ln for ln in lines if ln.startswith("validation at")):
+        assert re.search(r"\| loss/turn by dataset: chat [0-9.]+, text [0-9.]+ ", line), line
 
 
 @pytest.mark.multiprocess
@@ -133,7 +158,15 @@ def test_tensorboard_scalars(blended_run):
     assert {"valid/accuracy", "valid/exact_turns", "valid/reply_length_1-4/loss_per_turn",
             "valid/reply_length_5-16/accuracy", "valid/turn_1/exact_turns",
             "valid/turn_4+/accuracy"} <= tags, sorted(t for t in tags if t.startswith("valid"))
-    assert not any(t.endswith("/turns") for t in tags)
+    assert not any(t.endswith(("/turns", "/loss_tokens", "/conversations")) for t in tags)
+    assert {f"{split}/dataset_{name}/loss_per_{unit}" for split in ("train", "valid")
+            for name in ("chat", "text") for unit in ("turn", "token")} <= tags, tags
+    chat = {e.step: e.value for e in events.Scalars("train/dataset_chat/loss_per_turn")}
+    text = {e.step: e.value for e in events.Scalars("train/dataset_text/loss_per_turn")}
+    total = {e.step: e.value for e in events.Scalars("train/loss_per_turn")}
+    for step in set(chat) & set(text):  # the step's loss lies between its datasets'
+        assert min(chat[step], text[step]) - 1e-6 <= total[step] <= max(chat[step],
+                                                                        text[step]) + 1e-6
     saved = os.path.join(str(blended_run["save"]), "validation", "iter_0000010.json")
     with open(saved) as handle:
         record = json.load(handle)
@@ -149,22 +182,34 @@ def test_tensorboard_scalars(blended_run):
 
 # ------------------------------------------------------------------------- unit: sample order
 
-def _stream(sizes, weights, seed=1234):
-    """A SampleStream over stand-in datasets: dataset d is the list of (d, pack) pairs."""
-    return SampleStream([[(d, p) for p in range(n)] for d, n in enumerate(sizes)], weights, seed)
+class _Stream:
+    """A SampleStream over stand-in datasets (dataset d: the samples ``{"pack": (d, pack)}``),
+    indexed to the ``(d, pack)`` it reads, each checked to carry its dataset's number."""
+
+    def __init__(self, sizes, weights, seed=1234):
+        self.stream = SampleStream([[{"pack": (d, p)} for p in range(n)]
+                                    for d, n in enumerate(sizes)], weights, seed)
+
+    def __len__(self):
+        return len(self.stream)
+
+    def __getitem__(self, index):
+        sample = self.stream[index]
+        assert sample["dataset"] == sample["pack"][0]  # the blend dataset it came from
+        return sample["pack"]
 
 
 def test_sample_stream_is_a_function_of_seed_and_index():
-    one, two = _stream([13, 7], [0.6, 0.4], seed=5), _stream([13, 7], [0.6, 0.4], seed=5)
+    one, two = _Stream([13, 7], [0.6, 0.4], seed=5), _Stream([13, 7], [0.6, 0.4], seed=5)
     forward = [one[i] for i in range(100)]
     assert forward == [two[i] for i in reversed(range(100))][::-1]  # order of access is moot
     assert forward == [one[i] for i in range(100)]  # and repeatable
-    assert forward != [_stream([13, 7], [0.6, 0.4], seed=6)[i] for i in range(100)]
+    assert forward != [_Stream([13, 7], [0.6, 0.4], seed=6)[i] for i in range(100)]
 
 
 def test_each_round_visits_every_pack_once_with_proportional_weights():
     sizes = [11, 5, 3]
-    stream = _stream(sizes, sizes)
+    stream = _Stream(sizes, sizes)
     assert len(stream) == sum(sizes)
     everything = sorted((d, p) for d, n in enumerate(sizes) for p in range(n))
     rounds = []
@@ -176,7 +221,7 @@ def test_each_round_visits_every_pack_once_with_proportional_weights():
 
 
 def test_blend_weights_are_respected():
-    stream = _stream([10, 30], [0.7, 0.3], seed=3)
+    stream = _Stream([10, 30], [0.7, 0.3], seed=3)
     counts = Counter(stream[i][0] for i in range(20000))
     assert counts[0] / 20000 == pytest.approx(0.7, abs=0.01)
     # the small dataset is re-read in whole fresh passes: its packs are used evenly
@@ -196,7 +241,7 @@ def test_data_parallel_ranks_read_disjoint_samples(gbs, mbs, dp):
         assert sorted(flat) == list(range(consumed, consumed + gbs))
 
 
-def test_resume_position_continues_the_stream():
+def test_resume_position_continues_the_Stream():
     """Consecutive steps tile the stream: step s starts where step s-1 ended, so resuming at
     consumed_samples reads exactly what an uninterrupted run would have."""
     gbs, mbs, dp = 8, 2, 2
