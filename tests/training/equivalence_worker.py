@@ -18,7 +18,11 @@ For each number of micro-batches per step (``--micro``), on the same packs and w
 and once more ("context", 3 micro-batches) on packs of agent conversations rendered by the
 library's ``render_conversation`` (replies with weight 0, tool calls and results as context):
 the baseline's samples are rendered with only their one reply trained, so untrained replies and
-tool results must contribute nothing and count as no turn.
+tool results must contribute nothing and count as no turn; and ("blend", 3 micro-batches) on a
+blend of a conversation dataset and a plain-text dataset (packs of document pieces, every token
+trained but each piece's first), each micro-batch mixing them: 'token' must give the plain token
+mean over the global batch, 'turn' every piece and every reply equal weight, and each dataset's
+logged loss its own reference.
 Isolation: per-token losses of each conversation inside packed micro-batches vs the same
 conversation run alone through the same model (no packed params), vs the reference; and, as a
 control, with ``--packed-attention causal`` packing (must differ).
@@ -59,6 +63,40 @@ SEQ = 64  # tokens per pack
 MBS = 2  # packs per micro-batch: flattened to one [1, 128] sequence
 SEED = 1234
 EDGES = [2, 4, 8]  # reply-length buckets of the validation check: 1-2, 3-4, 5-8, 9+
+BLEND = ["chat", "text"]  # the datasets of the "blend" case, as loop names them (blend_names)
+
+
+def single_packs(make):
+    """The packs of a one-dataset case: (packs, no dataset numbers)."""
+    return lambda seed, n_packs: (ref.make_packs(seed=seed, n_packs=n_packs, seq=SEQ,
+                                                 make=make), None)
+
+
+def blend_packs(seed, n_packs):
+    """(packs, their datasets): alternately a pack of conversations (dataset 0, "chat") and a
+    pack of text document pieces (dataset 1, "text"), so that each micro-batch of 2 mixes them."""
+    chat = ref.make_packs(seed, n_packs - n_packs // 2, SEQ)
+    text = ref.make_packs(seed + 1, n_packs // 2, SEQ, make=ref.text_piece,
+                          fill=lambda rng, length: ref.text_piece(rng, SEQ, length))
+    datasets = [i % 2 for i in range(n_packs)]
+    return [(text if d else chat).pop(0) for d in datasets], datasets
+
+
+def dataset_reference(Wref, packs, datasets, mcfg, tied) -> dict:
+    """Each blend dataset's loss per token and per turn in plain PyTorch (each conversation or
+    piece run alone), under the names ``loss.dataset_report_names`` gives."""
+    out = {}
+    for number, name in enumerate(BLEND):
+        total, count, turns = 0.0, 0, []
+        for pack in (p for p, d in zip(packs, datasets) if d == number):
+            for conv in pack.conversations:
+                ce = ref.reference_token_losses(Wref, conv, mcfg, tied).double()
+                for a, e in conv.replies:
+                    total, count = total + float(ce[a - 1:e - 1].sum()), count + e - a
+                    turns.append(float(ce[a - 1:e - 1].mean()))
+        out[f"dataset {name}: loss per token"] = total / count
+        out[f"dataset {name}: loss per turn"] = sum(turns) / len(turns)
+    return out
 
 
 class GradRecorder:
@@ -141,13 +179,17 @@ def main():
 
     # the synthetic packs with --micro M micro-batches per step, and "context": packs of agent
     # conversations rendered by the library (weight-0 replies, tool calls and results), 3 micro
-    cases = [(str(M), M, 100 + M, ref.make_conversation) for M in args.micro]
-    cases.append(("context", 3, 300, ref.rendered_conversation))
-    for name, M, seed, make in cases:
+    cases = [(str(M), M, 100 + M, single_packs(ref.make_conversation)) for M in args.micro]
+    cases.append(("context", 3, 300, single_packs(ref.rendered_conversation)))
+    cases.append(("blend", 3, 500, blend_packs))
+    for name, M, seed, build in cases:
         n_packs = dp * M * MBS
-        packs = ref.make_packs(seed=seed, n_packs=n_packs, seq=SEQ, make=make)
+        packs, datasets = build(seed, n_packs)
         # sample index i of the step = pack i; loop.train_step picks this rank's indices
         run.train_stream = [build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]
+        run.info.prefixes = BLEND if datasets else ["unused"]
+        if datasets:  # a blend: each sample says its dataset, as SampleStream's do
+            run.train_stream = [dict(s, dataset=d) for s, d in zip(run.train_stream, datasets)]
         run.global_batch = n_packs
         convs = [c for p in packs for c in p.conversations]
         res = {"packs": n_packs, "conversations": len(convs),
@@ -169,6 +211,11 @@ def main():
         if rank == 0:
             for norm in ("turn", "token"):
                 refs[norm] = ref.reference_grads(Wref, convs, norm, mcfg, tied)
+            if datasets:
+                res["dataset_reference"] = dataset_reference(Wref, packs, datasets, mcfg, tied)
+                res["text_pieces"] = sum(len(p.conversations) for p, d in zip(packs, datasets) if d)
+                res["cut_pieces"] = sum(c.tokens[-1] != ref.EOT for p, d in zip(packs, datasets)
+                                        if d for c in p.conversations)
         for norm in ("turn", "token"):
             run.forward_step = pretrain_dialog.make_forward_step(norm)
             run.consumed, run.iteration = 0, 0
@@ -190,6 +237,8 @@ def main():
                 res[f"{norm}_logged_loss_per_turn"] = m["loss per turn"]
                 res[f"{norm}_logged_loss_per_token"] = m["loss per token"]
                 res[f"{norm}_logged_turns"] = m["turn_num"]
+                res[f"{norm}_logged_datasets"] = {k: v for k, v in m.items()
+                                                  if k.startswith("dataset ")}
                 if tied and args.pp > 1:  # the last stage's copy must get the same reduced grad
                     res[f"{norm}_tied_copy_rel_err"] = ref.max_rel_err(
                         {"w": G["output_layer.weight"]},
@@ -203,6 +252,7 @@ def main():
                     assert by_dp[r] == idx, "ranks of one DP group read different packs"
                 res["packs_read_by_dp_rank"] = {str(r): v for r, v in sorted(by_dp.items())}
         loop._micro_batches = orig_micro_batches
+        run.info.prefixes = ["unused"]
         assert recorder.steps == 2 * (len(out["steps"]) + 1)
         out["steps"][name] = res
 

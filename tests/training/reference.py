@@ -104,10 +104,24 @@ def exact_conversation(rng: random.Random, length: int) -> Conversation:
     return Conversation(toks, [_reply(rng, toks, reply)])
 
 
-def make_packs(seed: int, n_packs: int, seq: int, make=make_conversation) -> List[Pack]:
+def text_piece(rng: random.Random, max_len: int, length: int = 0) -> Conversation:
+    """A plain-text document piece as preprocessing stores it (``render.document_piece``): one
+    "turn" of every token but the first; a document start (BOS) or a cut piece's continuation,
+    ending with the eos (EOT here) or, cut, filling ``max_len``; ``length`` (>= 2) exactly."""
+    length = length or min(max_len, rng.choice((2, 3, 9, 20, 41, max_len)))
+    start = [BOS] if rng.random() < 0.5 else _content(rng, 1)
+    cut = length == max_len and rng.random() < 0.5
+    toks = start + _content(rng, length - 1 - (not cut)) + ([] if cut else [EOT])
+    return Conversation(toks[:length], [(1, length)])
+
+
+def make_packs(seed: int, n_packs: int, seq: int, make=make_conversation,
+               fill=None) -> List[Pack]:
     """Greedy packs of whole conversations (``make(rng, max_len)``). Even-numbered packs end in
     padding (unless the greedy fill happens to be exact), odd-numbered ones are often filled to
-    the last slot, so every micro-batch of 2 packs has padding."""
+    the last slot (``fill(rng, length)``: ``exact_conversation``), so every micro-batch of 2
+    packs has padding."""
+    fill = fill or exact_conversation
     rng = random.Random(seed)
     packs = []
     for i in range(n_packs):
@@ -121,7 +135,7 @@ def make_packs(seed: int, n_packs: int, seq: int, make=make_conversation) -> Lis
             if rng.random() < 0.15:  # leave more padding
                 break
         if i % 2 and seq - used >= 3 and rng.random() < 0.6:
-            convs.append(exact_conversation(rng, seq - used))
+            convs.append(fill(rng, seq - used))
         packs.append(Pack(convs))
     return packs
 

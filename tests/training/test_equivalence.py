@@ -137,3 +137,25 @@ def test_validation_metrics_equal_the_reference(name, tmp_path_factory):
     assert sum(v for k, v in groups.items() if k.startswith("turn ")) == val["turns"]
     reference = val["reference"]
     assert 0.2 < reference["accuracy"] < 0.9 and 0 < reference["exact turns"] < 1, reference
+
+
+@layouts
+def test_text_and_chat_blend(name, tmp_path_factory):
+    """A blend of conversations and plain-text document pieces (dataset "text": every token
+    trained but each piece's first), mixed in every micro-batch: with 'token' normalization the
+    gradient is the plain token mean over the global batch's trained tokens of both datasets;
+    with 'turn' every piece and every reply weigh the same; each dataset's logged loss per
+    token and per turn is its own reference, summed over micro-batches and DP ranks."""
+    step = _result(name, tmp_path_factory)["steps"]["blend"]
+    assert step["text_pieces"] >= 4 and step["cut_pieces"] >= 1, step
+    assert step["token_max_rel_err"] <= TOL, (step["token_worst_param"], step)
+    assert step["token_logged_loss_per_token"] == pytest.approx(step["token_loss_ref"], rel=TOL)
+    assert step["turn_max_rel_err"] <= TOL, (step["turn_worst_param"], step)
+    assert step["turn_logged_turns"] == step["turns"]
+    reference = step["dataset_reference"]
+    assert len(reference) == 4
+    for norm in ("token", "turn"):
+        logged = step[f"{norm}_logged_datasets"]
+        for key, want in reference.items():
+            assert logged[key] == pytest.approx(want, rel=TOL), (norm, key)
+    assert logged["dataset text: turns"] == step["text_pieces"]
