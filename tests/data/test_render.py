@@ -487,18 +487,3 @@ def test_split_pieces_reassemble_to_the_document(length, max_tokens):
         with pytest.raises(RecordError, match="--seq-length 3 or more"):
             split_document(document, 2)
 
-
-def test_hugging_face_document_prefix_is_what_the_tokenizer_adds(hf_tokenizer_dir, tmp_path):
-    from tokenizers import processors
-    from transformers import AutoTokenizer
-
-    from mt_dialog.data.tokenizers import HuggingFaceTokenizer
-
-    assert HuggingFaceTokenizer(hf_tokenizer_dir).document_prefix() == []  # Qwen-like: none
-    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
-    hf.add_special_tokens({"bos_token": "<|endoftext|>"})
-    bos = hf.convert_tokens_to_ids("<|endoftext|>")
-    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])  # Llama 3's way
-    hf.save_pretrained(str(tmp_path / "bos"))
-    assert HuggingFaceTokenizer(str(tmp_path / "bos")).document_prefix() == [bos]

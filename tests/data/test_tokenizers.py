@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from mt_dialog.data.dataset import PackedDialogDataset
 from mt_dialog.data.inspect import verify_dataset
 from mt_dialog.data.tokenizers import (
     HuggingFaceTokenizer,
@@ -60,3 +61,46 @@ def test_hf_end_to_end_with_workers(tmp_path, hf_tokenizer_dir):
     assert verify_dataset(prefix) == []
     meta = json.loads(open(prefix + ".meta.json").read())
     assert meta["tokenizer"]["type"] == "huggingface" and meta["tokenizer"]["added_tokens"] == {}
+
+
+def _with_bos(hf_tokenizer_dir, folder) -> int:
+    """Save ``hf_tokenizer_dir`` into ``folder`` with a post-processor that puts a BOS before
+    every text, as Llama 3's tokenizer does; returns the BOS id."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    hf.add_special_tokens({"bos_token": "<|endoftext|>"})
+    bos = hf.convert_tokens_to_ids("<|endoftext|>")
+    hf.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    hf.save_pretrained(folder)
+    return bos
+
+
+def test_text_documents_with_a_hugging_face_tokenizer_and_workers(tmp_path, hf_tokenizer_dir):
+    """A document starts with what the tokenizer puts before a text (none for the plain tiny
+    tokenizer, like Qwen's; its BOS when it adds one, like Llama 3's), in worker processes too
+    (which encode with the main process's BackendEncoder): the stored pieces joined, in input
+    order, are prefix + the text's ids + eos."""
+    assert HuggingFaceTokenizer(hf_tokenizer_dir).document_prefix() == []
+    folder = str(tmp_path / "bos")
+    bos = _with_bos(hf_tokenizer_dir, folder)
+    tokenizer = HuggingFaceTokenizer(folder)
+    assert tokenizer.document_prefix() == [bos]
+    documents = [" ".join(SAMPLE_TEXT[i:i + n]) for i in range(len(SAMPLE_TEXT))
+                 for n in (1, 9)]
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": text} for text in documents])
+    prefix = str(tmp_path / "out")
+    assert main(["--input", path, "--tokenizer-path", folder, "--seq-length", "48",
+                 "--output-prefix", prefix, "--workers", "2", "--split", "100,0",
+                 "--packing", "sequential", "--no-shuffle", "--no-progress"]) == 0
+    assert verify_dataset(prefix) == []
+    dataset = PackedDialogDataset(prefix, "train")
+    stored = []
+    for index in range(len(dataset)):
+        tokens, _, lengths = dataset.raw_pack(index)
+        stored += tokens.tolist()
+    expected = [i for text in documents for i in [bos, *tokenizer.encode(text),
+                                                  tokenizer.eos_id]]
+    assert stored == expected
