@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Inspect a packed dialogue dataset: summary, the distributions of reply lengths and turns per
-conversation, one pack with trained tokens highlighted, --verify.
+conversation (of a text dataset: piece lengths), one pack with trained tokens highlighted
+(conversations, or document pieces), --verify.
 
 Examples:
     python tools/inspect_dialog_dataset.py data/chat                 # summary + pack 0
@@ -22,6 +23,7 @@ from mt_dialog.data.inspect import (  # noqa: E402
     verify_dataset,
 )
 from mt_dialog.data.preprocess import format_summary  # noqa: E402
+from mt_dialog.data.storage import dataset_kind  # noqa: E402
 from mt_dialog.data.tokenizers import tokenizer_from_metadata  # noqa: E402
 
 
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
               f"{meta['seq_length']}, tokenizer {meta['tokenizer']['path']} "
               f"(vocab {meta['tokenizer']['vocab_size']}), packing {meta['packing']}")
         print(format_summary(meta["summary"]))
-        print(f"{args.split} split: " + format_turn_statistics(*turn_statistics(dataset)))
+        text = dataset_kind(meta) == "text"
+        print(f"{args.split} split: " + format_turn_statistics(*turn_statistics(dataset), text))
         tokenizer = tokenizer_from_metadata(meta)
         if tokenizer is None:
             print("(tokenizer file not found: showing ids)")

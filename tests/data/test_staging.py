@@ -97,7 +97,8 @@ def test_stage_matches_process(tmp_path, sp_model_path):
     assert any(o[0] == "ok" and o[3] > 0 for o in staged)  # some were truncated
     for want, got in zip(expected, staged):
         if want[0] == "ok":
-            _, number, samples, removed, notes = got
+            _, number, samples, removed, notes, kind = got
+            assert kind == want.kind == "conversation"
             assert (number, removed, notes) == (want[1], want[3], want[4])
             assert len(samples) == len(want[2])
             for (offset, length, turns, loss_tokens), (ids, ltn) in zip(samples, want[2]):
