@@ -3,8 +3,8 @@
 ``packed_data`` builds, once per session, a small packed dataset from the built-in demo corpus
 (``demo_tokenizer`` of tests/conftest.py: 300 conversations and the SentencePiece tokenizer of
 ``mt_dialog.demo``; ChatML, --seq-length 256);
-``second_data`` a smaller one with the same tokenizer (for blending), ``text_data`` plain-text
-documents (continued pretraining; some longer than --seq-length: split). ``launch`` runs
+``text_data`` plain-text documents with the same tokenizer (continued pretraining, for
+blending; some longer than --seq-length: split). ``launch`` runs
 pretrain_dialog.py (``launch.run``: torchrun for several processes, plain python for one) and
 captures its output;
 ``parse_iters`` / ``parse_validation`` read the log lines; ``read_checkpoint`` loads every tensor
@@ -130,12 +130,6 @@ def _other_demo_data(demo_tokenizer, name: str, conversations: int, seed: int,
     demo.write_corpus(corpus, conversations, seed=seed)
     return _preprocess(corpus, demo_tokenizer["tokenizer"],
                        os.path.join(demo_tokenizer["dir"], name), seq_length=seq_length)
-
-
-@pytest.fixture(scope="session")
-def second_data(demo_tokenizer) -> str:
-    """A second, smaller dataset (other conversations, same tokenizer) for blending."""
-    return _other_demo_data(demo_tokenizer, "chat_b", 80, seed=1)
 
 
 @pytest.fixture(scope="session")
