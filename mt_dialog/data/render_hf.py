@@ -125,6 +125,9 @@ class ChatTemplateInfo:
     """Matches the text of any special token of the tokenizer (longest first)."""
     renders: FrozenSet[str] = frozenset()
     """Which of "tools", "tool_calls", "tool_results", "reasoning" the template renders."""
+    marks: bool = False
+    """Whether reply contents can be located by one rendering with marked contents
+    (``_marked_contents`` worked on the probe); else each reply takes a blanked rendering."""
 
 
 _PROBE = (Message("user", "Hello!"), Message("assistant", "Hi."),
@@ -168,7 +171,10 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
     except RecordError as exc:
         raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
                              f"conversation {[m.content for m in _PROBE]}: {exc.message}") from None
-    info = replace(info, renders=_probe_renders(hf_tokenizer))
+    probe = hf_messages(_PROBE)
+    marks = bool(_marked_contents(_apply(hf_tokenizer, probe, None), probe, None, [1, 3],
+                                  hf_tokenizer))
+    info = replace(info, renders=_probe_renders(hf_tokenizer), marks=marks)
     _INFO[hf_tokenizer] = info
     return info
 
@@ -302,13 +308,19 @@ def _reply_start(full: str, first: int, low: int, k: int, dicts: Dicts, tools: T
 
 
 def _locate(full: str, dicts: Dicts, tools: Tools, k: int, low: int, hf_tokenizer,
-            info: ChatTemplateInfo) -> Optional[Tuple[int, int]]:
+            info: ChatTemplateInfo, content: Optional[Tuple[int, int]] = None
+            ) -> Optional[Tuple[int, int]]:
     """``(start, end)``: the characters of ``full`` the template writes for reply k, up to its
-    end-of-turn token (at ``end``); None when it writes the same as for an empty reply."""
-    other = _apply(hf_tokenizer, _blanked(dicts, k), tools)
-    if other == full:
-        return None
-    first, last = _differing(full, other)
+    end-of-turn token (at ``end``); None when it writes the same as for an empty reply.
+    ``content``: where the reply's content lies in ``full`` when already known (from
+    ``_marked_contents``); otherwise it is bounded by rendering the conversation with reply k
+    blanked (``_differing``)."""
+    if content is None:
+        other = _apply(hf_tokenizer, _blanked(dicts, k), tools)
+        if other == full:
+            return None
+        content = _differing(full, other)
+    first, last = content
     start = _reply_start(full, first, low, k, dicts, tools, hf_tokenizer, info)
     closing = _closing_special(full, last, info.specials)
     straddles = closing is not None and closing.start() < last
@@ -319,6 +331,46 @@ def _locate(full: str, dicts: Dicts, tools: Tools, k: int, low: int, hf_tokenize
         # the next message opens before this end-of-turn: the reply ended with another token
         raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
     return start, end
+
+
+# Unicode private-use characters (plane 15): no tokenizer's special token, never in the inputs
+# where they are used (checked: they must not be in the rendering)
+_MARKS = ("\U000FFFF0", "\U000FFFF1")
+
+
+def _marked_contents(full: str, dicts: Dicts, tools: Tools, ks: Sequence[int], hf_tokenizer
+                     ) -> Dict[int, Tuple[int, int]]:
+    """Where the contents of the plain replies among ``ks`` (text only: no tool calls, no
+    reasoning) lie in ``full``, found with ONE more rendering in which each such content is
+    wrapped in ``_MARKS``: ``{k: (first, last)}`` with ``full[first:last]`` the content.
+
+    The rendering is used only when removing the marks gives back ``full`` exactly and every
+    marked content appears once, in order, so the template wrote each content verbatim and
+    nothing else depends on it; otherwise ``{}`` and each reply is located by a blanked
+    rendering of its own (``_locate``), as are replies with tool calls or reasoning.
+    This is the same located text at ~2 renderings per conversation instead of 1 + one per
+    trained reply. Contents with leading or trailing whitespace are not marked (templates that
+    trim contents, as Llama 3's does, would keep the whitespace inside the marks)."""
+    plain = [k for k in ks if set(dicts[k]) == {"role", "content"} and dicts[k]["content"]
+             and dicts[k]["content"] == dicts[k]["content"].strip()]  # as trim leaves it
+    if len(plain) < 2 or _MARKS[0] in full or _MARKS[1] in full:
+        return {}
+    marked = [dict(d) for d in dicts]
+    for k in plain:
+        marked[k]["content"] = _MARKS[0] + marked[k]["content"] + _MARKS[1]
+    text = _apply(hf_tokenizer, marked, tools)
+    pieces = re.split(f"([{_MARKS[0]}{_MARKS[1]}])", text)
+    if len(pieces) != 4 * len(plain) + 1 or "".join(pieces[::2]) != full:
+        return {}
+    found, at = {}, 0
+    for index, piece in enumerate(pieces):
+        if index % 2 == 0:
+            at += len(piece)
+        elif piece != _MARKS[(index // 2) % 2]:
+            return {}
+        elif piece == _MARKS[0]:
+            found[plain[index // 4]] = (at, at + len(pieces[index + 1]))
+    return found
 
 
 def _end_mismatch(k: int, piece: Optional[str], hf_tokenizer, info: ChatTemplateInfo
@@ -432,8 +484,10 @@ def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_token
     if keep:
         _check_reasoning_kept(full, dicts, tools, messages, hf_tokenizer)
     spans, low = [], 0
-    for k in (i for i, t in enumerate(trained) if t):
-        span = _locate(full, dicts, tools, k, low, hf_tokenizer, info)
+    ks = [i for i, t in enumerate(trained) if t]
+    contents = _marked_contents(full, dicts, tools, ks, hf_tokenizer) if info.marks else {}
+    for k in ks:
+        span = _locate(full, dicts, tools, k, low, hf_tokenizer, info, contents.get(k))
         if span is None:
             if messages[k].content.strip() or messages[k].tool_calls:
                 raise RecordError(

@@ -590,3 +590,57 @@ def test_byte_lengths_refused_where_the_text_is_rewritten(hf_tokenizer_dir, tmp_
     assert ByteLevelSpans.of(hf) is not None
     hf.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert ByteLevelSpans.of(hf) is None
+
+
+def test_one_marked_rendering_gives_the_blanked_answer(tokenizers, hf_tokenizer_dir,
+                                                       hf_base_chatml_dir, hf_llama3_dir,
+                                                       monkeypatch):
+    """Plain replies are located by one rendering with their contents marked instead of one
+    blanked rendering each: same ids, masks, turn ends and refusals for every template, record
+    and reasoning mode here (Llama 3.1 trims contents, Qwen3 rewrites the last turn, a template
+    drops earlier replies, one opens the prompt with more than the history: the marked
+    rendering is refused there and the blanked path answers), with fewer renderings."""
+    import mt_dialog.data.render_hf as render_hf
+
+    hfs = [tokenizer.hf for tokenizer, _ in tokenizers.values()]
+    hfs += [HuggingFaceTokenizer(d).hf for d in (hf_tokenizer_dir, hf_base_chatml_dir,
+                                                  hf_llama3_dir)]
+    dropping, deepseek = (HuggingFaceTokenizer(hf_tokenizer_dir).hf for _ in range(2))
+    dropping.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    deepseek.chat_template = CHATML_JINJA.replace(
+        "'<|im_start|>assistant\\n' }}{% endif %}",
+        "'<|im_start|>assistant\\n<think>\\n' }}{% endif %}")
+    records = list(RECORDS.values()) + [openai(("Hi", "<think>\nno</think> ok"), ("Again", "ok")),
+                                        openai(("a", "x"), ("b", "x"), ("c", "x\n"))]
+    cases = [(parse_record(record), hf, RenderOptions(reasoning=mode, train_on=on))
+             for hf in hfs + [dropping, deepseek] for record in records
+             for mode in ("template", "keep", "per-turn") for on in ("all", "last")]
+    calls = Counter()
+    apply = render_hf._apply
+
+    def counting(*args, **kwargs):
+        calls["renders"] += 1
+        return apply(*args, **kwargs)
+
+    def run(case):
+        calls.clear()
+        return _outcome(render_with_chat_template, *case), calls["renders"]
+
+    for hf in {id(case[1]): case[1] for case in cases}.values():
+        render_hf.chat_template_info(hf)  # found once per tokenizer: not counted below
+    monkeypatch.setattr(render_hf, "_apply", counting)
+    marked = render_hf._marked_contents
+    fast = [run(case) for case in cases]
+    monkeypatch.setattr(render_hf, "_marked_contents", lambda *args: {})
+    slow = [run(case) for case in cases]
+    assert [o for o, _ in fast] == [o for o, _ in slow]
+    assert sum(isinstance(o, list) for o, _ in fast) > len(cases) // 2
+    assert all(n <= m for (_, n), (_, m) in zip(fast, slow))  # never more renderings
+    assert sum(n for _, n in fast) < sum(m for _, m in slow)
+    monkeypatch.setattr(render_hf, "_marked_contents", marked)
+    plain = (parse_record(RECORDS["plain"]), hfs[3], RenderOptions())  # 3 plain replies:
+    assert run(plain)[1] == 2  # the conversation and its marked copy are rendered, nothing else
