@@ -4,8 +4,8 @@ and ``verify``, which re-checks every invariant the training loss relies on.
 A text dataset (``storage.dataset_kind``) holds document pieces instead of conversations; its
 invariants: every token of a piece trained but the first, each carrying the piece's trained
 tokens (one turn per piece); the eos only as a piece's last token; a piece that does not end
-with it is a cut one (``--overlong split``), which fills its pack (``seq_length`` or
-``seq_length - 1`` tokens); the pieces ending with eos are the split's documents."""
+with it is a cut one (``--overlong split``), which fills its pack (``seq_length`` tokens); the
+pieces ending with eos are the split's documents."""
 
 from __future__ import annotations
 
@@ -144,10 +144,9 @@ def _check_pieces(tokens, counts, starts, lengths, seq_length, eos, where) -> Li
         if np.any(tokens[a:b - 1] == eos):
             problems.append(f"{where}: piece at tokens {a}..{b - 1} holds the eos id {eos} "
                             "before its end")
-        if int(tokens[b - 1]) != eos and length < seq_length - 1:
+        if int(tokens[b - 1]) != eos and length != seq_length:
             problems.append(f"{where}: piece at tokens {a}..{b - 1} neither ends with the eos "
-                            f"id {eos} nor fills the pack (a cut piece has {seq_length - 1} or "
-                            f"{seq_length} tokens)")
+                            f"id {eos} nor fills the pack (a cut piece has {seq_length} tokens)")
     return problems
 
 

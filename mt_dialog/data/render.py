@@ -21,8 +21,9 @@ A plain-text document (``formats.Document``, continued pretraining) is rendered 
 ``render_document``: the tokenizer's document prefix (its BOS where it puts one), the text, the
 tokenizer's eos; every token is trained but the first, which has no earlier token to be
 predicted from. A document longer than the sequence length is cut into pieces
-(``split_document``), each rendered the same way: a piece is one *turn*, its ``loss_token_num``
-the number of its trained tokens (its length - 1)::
+(``split_document``; each piece after the first repeats the last token of the one before as its
+untrained first token, so every token but the document's first is trained once): a piece is one
+*turn*, its ``loss_token_num`` the number of its trained tokens (its length - 1)::
 
     text      <s>  The  cat  sat  .  </s>
     loss_token_num  0  5  5  5  5  5        <- one turn of 5 trained tokens
@@ -493,22 +494,26 @@ def render_document(document: Document, encode: Encode, prefix: Sequence[int],
 
 def split_document(rendered: RenderedConversation, max_tokens: int
                    ) -> Tuple[RenderedConversation, ...]:
-    """``--overlong split``: a rendered document cut into consecutive pieces of ``max_tokens``
-    ids, each a ``document_piece`` (its own unit: positions restart, attention isolated, its
-    first token untrained), the last one shorter; a last piece of a single id (which would
-    train nothing) takes one id from the piece before it. The pieces' ids joined are the
-    document's ids.
+    """``--overlong split``: a rendered document cut into pieces of at most ``max_tokens`` ids,
+    each a ``document_piece`` (its own unit: positions restart, attention isolated, its first
+    token untrained). Each piece after the first starts with the last id of the piece before
+    (as Megatron-LM's GPT samples overlap by one token), as context only, so every id of the
+    document but its first is trained exactly once, and nothing is lost at a cut::
 
-    Raises ``RecordError`` ``overlong`` when ``max_tokens`` < 3 (no room to cut a piece)."""
+        ids     b  t1 t2 t3 t4 t5 t6 e            (max_tokens 4)
+        pieces  [b  t1 t2 t3] [t3 t4 t5 t6] [t6 e]
+        trained     ^  ^  ^       ^  ^  ^       ^
+
+    Dropping each later piece's first id and joining gives the document's ids back.
+
+    Raises ``RecordError`` ``overlong`` when ``max_tokens`` < 2 (a piece trains nothing)."""
     ids = rendered.input_ids
     count = ids.shape[0]
     if count <= max_tokens:
         return (rendered,)
-    if max_tokens < 3:
+    if max_tokens < 2:
         raise RecordError("overlong", f"the document has {count} tokens, and pieces of "
-                          f"--seq-length {max_tokens} tokens train at most one token each; use "
-                          "--seq-length 3 or more")
-    cuts = list(range(max_tokens, count, max_tokens))
-    if count - cuts[-1] == 1:
-        cuts[-1] -= 1
-    return tuple(document_piece(piece) for piece in np.split(ids, cuts))
+                          f"--seq-length {max_tokens} token train nothing; use --seq-length 2 "
+                          "or more")
+    starts = range(0, count - 1, max_tokens - 1)  # each piece trains ids start+1 .. start+max-1
+    return tuple(document_piece(ids[start:start + max_tokens]) for start in starts)

@@ -189,7 +189,7 @@ def _documents(count=24, seed=5):
 def test_text_dataset_trains_every_document_token_and_pieces_reassemble(tmp_path,
                                                                          sp_model_path):
     """Pieces stored in input order (sequential packing, no shuffle): each document's pieces
-    joined are BOS + its text + eos; a document that fits trains exactly its text + eos
+    joined (each later one less its first id, the overlap) are BOS + its text + eos; a document that fits trains exactly its text + eos
     (decoded back to the text); every token of a piece is trained but its first."""
     documents = _documents()
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": t, "id": i}
@@ -210,9 +210,11 @@ def test_text_dataset_trains_every_document_token_and_pieces_reassemble(tmp_path
     cut = 0
     for text in documents:
         ids = [bos, *tokenizer.encode(text), eos]
-        joined, count = [], 0
-        while len(joined) < len(ids):
-            joined += pieces.pop(0)
+        joined, count = pieces.pop(0), 1
+        while len(joined) < len(ids):  # a later piece's first id is the last of the one before
+            piece = pieces.pop(0)
+            assert piece[0] == joined[-1]
+            joined += piece[1:]
             count += 1
         assert joined == ids and tokenizer.decode(joined[1:-1]) == text
         cut += count > 1

@@ -469,21 +469,28 @@ def test_document_is_prefix_text_eos_every_token_trained_but_the_first(sp_model_
 
 
 @pytest.mark.parametrize("length", [2, 9, 10, 11, 21, 30, 31])
-@pytest.mark.parametrize("max_tokens", [3, 4, 10])
+@pytest.mark.parametrize("max_tokens", [2, 3, 4, 10])
 def test_split_pieces_reassemble_to_the_document(length, max_tokens):
+    """Every id of the document but its first is trained exactly once, in order: the pieces'
+    trained ids joined are the document's ids after its first; each later piece's untrained
+    first id is the last id of the piece before (the overlap of one)."""
     from mt_dialog.data.render import document_piece, split_document
 
     document = document_piece(list(range(100, 100 + length)))
     pieces = split_document(document, max_tokens)
-    assert np.concatenate([p.input_ids for p in pieces]).tolist() == document.input_ids.tolist()
+    ids = document.input_ids.tolist()
+    trained = [t for p in pieces for t, n in zip(p.input_ids.tolist(), p.loss_token_num) if n]
+    assert trained == ids[1:]
+    assert pieces[0].input_ids[0] == ids[0]
+    for before, after in zip(pieces, pieces[1:]):
+        assert after.input_ids[0] == before.input_ids[-1]
     assert all(2 <= p.num_tokens <= max_tokens for p in pieces)
-    assert len(pieces) == max(1, -(-length // max_tokens))  # ceil: no piece wasted
+    assert len(pieces) == max(1, -(-(length - 1) // (max_tokens - 1)))  # no piece wasted
     for piece in pieces:  # each its own unit: one turn, all trained but its first token
         n = piece.num_tokens
         assert piece.loss_token_num.tolist() == [0] + [n - 1] * (n - 1)
-    if len(pieces) > 1:  # every cut piece fills its pack (the last one lent one id at most)
-        assert all(p.num_tokens >= max_tokens - 1 for p in pieces[:-1])
-    if length > 2:  # pieces of 2 tokens cannot hold it: refused, never a lost token
-        with pytest.raises(RecordError, match="--seq-length 3 or more"):
-            split_document(document, 2)
+    assert all(p.num_tokens == max_tokens for p in pieces[:-1])  # cut pieces fill their pack
+    if length > 1:  # pieces of 1 token cannot train: refused, never a lost token
+        with pytest.raises(RecordError, match="--seq-length 2 or more"):
+            split_document(document, 1)
 
