@@ -5,7 +5,8 @@ A text dataset (``storage.dataset_kind``) holds document pieces instead of conve
 invariants: every token of a piece trained but the first, each carrying the piece's trained
 tokens (one turn per piece); the eos only as a piece's last token; a piece that does not end
 with it is a cut one (``--overlong split``), which fills its pack (``seq_length`` tokens); the
-pieces ending with eos are the split's documents."""
+pieces ending with eos are the split's documents (under ``--overlong truncate`` every piece is
+one document: its first piece, the rest left out)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from mt_dialog.data.storage import (
     check_recorded_files,
     count_turns,
     dataset_kind,
+    overlong_of,
 )
 from mt_dialog.data.tokenizers import DialogTokenizer
 
@@ -82,12 +84,14 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
              f"{int(lengths.sum()):,}/{dataset.seq_length:,} tokens, {count_turns(counts)} turns"]
     specials = _special_ids(dataset.metadata, tokenizer)
     eos = dataset.metadata["special_ids"].get("eos")
+    cut = ("truncated: the rest of the document is left out"
+           if overlong_of(dataset.metadata) == "truncate" else "cut: continues in another piece")
     start = 0
     for number, length in enumerate(lengths.tolist()):
         conv_tokens, conv_counts = tokens[start:start + length], counts[start:start + length]
         start += length
         if text:
-            end = "document end" if int(conv_tokens[-1]) == eos else "cut: continues elsewhere"
+            end = ("document end" if int(conv_tokens[-1]) == eos else cut)
             lines.append(f"--- document piece {number} ({length} tokens, {end}) ---")
         else:
             lines.append(f"--- conversation {number} ({length} tokens, "
@@ -95,13 +99,13 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
         parts: List[str] = []
         for a, b, trained in _segments(conv_counts):
             ids = conv_tokens[a:b].tolist()
-            text = _decode_visible(ids, tokenizer, specials)
+            shown = _decode_visible(ids, tokenizer, specials)
             if not trained:
-                parts.append(text)
+                parts.append(shown)
             elif color:
-                parts.append(f"{GREEN}{text}{RESET}")
+                parts.append(f"{GREEN}{shown}{RESET}")
             else:
-                parts.append(f"[[{text}]](n={int(conv_counts[a])})")
+                parts.append(f"[[{shown}]](n={int(conv_counts[a])})")
         lines.append("".join(parts))
     return "\n".join(lines)
 
@@ -157,6 +161,7 @@ def verify_split(dataset: PackedDialogDataset) -> List[str]:
     end_of_turn = int(meta["special_ids"]["end_of_turn"])
     text = dataset_kind(meta) == "text"
     eos = int(meta["special_ids"]["eos"]) if text else None
+    truncated = text and overlong_of(meta) == "truncate"
     problems: List[str] = []
     totals = {"conversations": 0, "turns": 0, "tokens": 0, "loss_tokens": 0}
     if text:
@@ -168,7 +173,9 @@ def verify_split(dataset: PackedDialogDataset) -> List[str]:
             continue
         problems += _check_pack(tokens, counts, lengths, dataset.seq_length, vocab, end_of_turn,
                                 f"{dataset.split} pack {index}", eos)
-        if text:
+        if truncated:  # each piece is all that is kept of its document
+            totals["documents"] += int(lengths.size)
+        elif text:
             totals["documents"] += int(np.count_nonzero(tokens[np.cumsum(lengths) - 1] == eos))
         totals["conversations"] += int(lengths.size)
         totals["turns"] += count_turns(counts)

@@ -456,7 +456,7 @@ def format_summary(summary: Dict) -> str:
             ("  kept", f"{summary['conversations_kept']:,}")]
     samples = summary.get("samples_kept", summary["conversations_kept"])
     if text:
-        rows.append(("  pieces kept (--overlong split: documents cut)",
+        rows.append(("  pieces kept (documents cut by --overlong split)",
                      f"{samples:,} ({summary.get('documents_split', 0):,} documents cut)"))
     elif samples != summary["conversations_kept"]:
         rows.append(("  samples kept (--reasoning per-turn)", f"{samples:,}"))

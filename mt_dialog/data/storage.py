@@ -279,6 +279,14 @@ def dataset_kind(metadata: Dict[str, Any]) -> str:
     return metadata.get("kind") or "conversation"
 
 
+def overlong_of(metadata: Dict[str, Any]) -> str:
+    """The ``--overlong`` mode that took effect when the dataset was built: the recorded flag, or
+    its default for the dataset's kind ("split" for text, "error" for conversations)."""
+    packing = (metadata.get("config") or {}).get("packing") or {}
+    default = "split" if dataset_kind(metadata) == "text" else "error"
+    return packing.get("overlong") or default
+
+
 def render_options_of(metadata: Dict[str, Any]) -> Dict[str, str]:
     """The ``--train-on`` / ``--reasoning`` a dataset was built with (its recorded preprocessing
     config), as ``RenderOptions`` keywords; empty for datasets that predate them."""

@@ -63,6 +63,10 @@ def test_pack_shows_every_special_token(tmp_path, sp_model_path, capsys):
     for piece in ("<|im_start|>", "<|im_end|>"):
         stored = int((tokens == tokenizer.special_id(piece, allow_add=False)).sum())
         assert stored > 0 and out.count(piece) == stored, (piece, stored, out)
+    headers = [line for line in out.splitlines() if line.startswith("--- ")]
+    count = len(PackedDialogDataset(prefix, "train").raw_pack(0)[2])
+    assert count > 1 and len(headers) == count  # every one a conversation, none a document
+    assert all(h.startswith(f"--- conversation {i} (") for i, h in enumerate(headers)), headers
 
 
 AGENT = {"messages": [
@@ -192,6 +196,7 @@ def test_turn_statistics_count_every_turn(tmp_path, sp_model_path, capsys):
 
 
 def test_text_pack_and_verify(tmp_path, sp_model_path, capsys):
+    from mt_dialog.data.dataset import PackedDialogDataset
     from tests.conftest import write_jsonl
 
     sentence = "The capital of France is Paris. "
@@ -215,3 +220,12 @@ def test_text_pack_and_verify(tmp_path, sp_model_path, capsys):
     data.tofile(counts_bin)
     assert inspect_main([prefix, "--verify"]) == 1
     assert "does not train every token but its first" in capsys.readouterr().out
+    truncated = str(tmp_path / "truncated")  # each document's first piece, the rest left out
+    assert preprocess_main(preprocess_args(path, sp_model_path, truncated, "--seq-length", "64",
+                                           "--split", "100,0", "--overlong", "truncate")) == 0
+    assert inspect_main([truncated, "--verify"]) == 0
+    capsys.readouterr()
+    for index in range(len(PackedDialogDataset(truncated, "train"))):
+        assert inspect_main([truncated, "--color", "never", "--pack", str(index)]) == 0
+    out = capsys.readouterr().out
+    assert "truncated: the rest of the document is left out" in out and "another piece" not in out
