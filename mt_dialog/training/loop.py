@@ -436,11 +436,19 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
 
 
 def _banner(run: Run, argv) -> str:
-    par = run.config.parallel
+    """The start-up line (collective: it counts the parameters over the model-parallel ranks)."""
+    from mt_dialog.training.lora import parameter_counts
+
+    par, lora = run.config.parallel, run.config.lora
+    trainable, total = parameter_counts(run.model)
+    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}: "
+            if lora.enabled else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
-            f"normalization {run.config.data.loss_normalization} | device {distributed.device()}")
+            f"normalization {run.config.data.loss_normalization} | {what}trainable parameters "
+            f"{trainable:,} of {total:,} ({trainable / max(total, 1):.2%}) | device "
+            f"{distributed.device()}")
 
 
 def _write_config(run: Run, argv) -> None:

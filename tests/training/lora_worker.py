@@ -1,0 +1,240 @@
+"""torchrun worker (2 processes): LoRA training through the LIBRARY path at several layouts in
+one launch, against plain-PyTorch references on the gathered full weights.
+
+    torchrun --nproc_per_node 2 tests/training/lora_worker.py --json OUT.json [--ckpt DIR]
+
+For each layout (TP=2; PP=2; DP=2, which is TP = PP = 1 with the distributed optimizer) the
+megatron-core groups are rebuilt in the same processes, and:
+
+  gradient   the model of ``training.model.build_model_chunks`` with ``LoraConfig`` (every target,
+             rank 4, alpha 8), adapters set to seeded full tensors sliced per rank (B nonzero, so
+             A gets a gradient), one ``loop.train_step`` over 3 micro-batches with the
+             turn-normalized loss; the optimizer is a recorder gathering the reduced adapter
+             gradients, compared with ``reference.reference_grads`` on base + scaled B A
+  structure  only adapters require grad and have DDP ``main_grad``; gathered adapters equal the
+             full tensors they were sliced from (sharding and fc1's [gate; up] stride)
+  training   megatron-core's optimizer (bf16 at TP=2), 2 steps: every base tensor bit-identical
+             afterwards, adapters changed, losses finite
+  checkpoint (--ckpt) the TP=2 run saves its LoRA checkpoint; the PP=2 layout loads it and its
+             gathered adapters equal the saved ones (TP=2 -> PP=2 reshard)
+
+Rank 0 writes everything to --json; the pass/fail decisions are the test's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import warnings
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import pretrain_dialog  # noqa: E402
+from mt_dialog.data.dataset import build_sample  # noqa: E402
+from mt_dialog.training import distributed, loop  # noqa: E402
+from mt_dialog.training.config import (  # noqa: E402
+    DataConfig, DialogTrainingConfig, LoraConfig, ModelConfig, OptimConfig, ParallelConfig,
+    TrainConfig, validate_world,
+)
+from mt_dialog.training.data import DataInfo  # noqa: E402
+from mt_dialog.training.lora import adapters  # noqa: E402
+from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp  # noqa: E402
+from tests.training import reference as ref  # noqa: E402
+from tests.training.equivalence_worker import GradRecorder  # noqa: E402
+
+SEQ, MBS, SEED, MICRO = 64, 2, 1234, 3
+RANK, ALPHA = 4, 8.0
+LAYOUTS = (("tp2", 2, 1, False, True), ("pp2", 1, 2, False, False), ("dp2", 1, 1, True, False))
+
+
+def make_config(tp, pp, distributed_optimizer=False, bf16=False) -> DialogTrainingConfig:
+    return DialogTrainingConfig(
+        ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                    num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
+                    transformer_impl="local"),
+        ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       use_distributed_optimizer=distributed_optimizer),
+        DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
+        OptimConfig(lr=1e-2, bf16=bf16, weight_decay=0.0),
+        TrainConfig(train_iters=2, seed=SEED),
+        lora=LoraConfig(lora_rank=RANK, lora_alpha=ALPHA))
+
+
+def build(config, world):
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    dp = validate_world(config, world)
+    par = config.parallel
+    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
+                           None, SEED)
+    tconfig = transformer_config(config)
+    model = wrap_ddp(build_model_chunks(config, tconfig, ref.VOCAB, SEQ), tconfig, config)
+    tconfig.no_sync_func = model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    return model, tconfig, dp
+
+
+def full_adapter_tensors(names) -> dict:
+    """Seeded full A [4, in] and B [out, 4] of every adapter (global names), the same on every
+    rank and layout."""
+    sizes = {"linear_qkv": (64, 128), "linear_proj": (64, 64), "linear_fc1": (64, 256),
+             "linear_fc2": (128, 64)}  # (in, out): qkv = 2 groups x (2 q + k + v) x 16
+    gen = torch.Generator().manual_seed(99)
+    out = {}
+    for name in sorted(names):
+        target = name.split(".")[-3]
+        size_in, size_out = sizes[target]
+        if name.endswith(".A"):
+            out[name] = torch.randn(RANK, size_in, generator=gen) * 0.2
+        else:
+            out[name] = torch.randn(size_out, RANK, generator=gen) * 0.2
+    return out
+
+
+def set_adapters(model, full) -> None:
+    """Each rank's slice of the full adapter tensors into its adapters."""
+    from megatron.core import parallel_state as ps
+
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    names = ref.global_names(model[0])
+    for name, param in names.items():
+        if ".lora." not in name:
+            continue
+        value = full[name]
+        if getattr(param, "tensor_model_parallel", False) and tp > 1:
+            dim, stride = param.partition_dim, param.partition_stride
+            parts = value.chunk(stride, dim=dim)  # [gate; up] for fc1's B
+            value = torch.cat([p.chunk(tp, dim=dim)[r] for p in parts], dim=dim)
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+
+def effective_weights(leaves: dict) -> dict:
+    """Base weights + (alpha / rank) B A where an adapter exists (reference_grads' hook)."""
+    out = dict(leaves)
+    for name in leaves:
+        if name.endswith(".lora.A"):
+            base = name[: -len(".lora.A")]
+            out[base + ".weight"] = leaves[base + ".weight"] + \
+                (ALPHA / RANK) * leaves[base + ".lora.B"] @ leaves[name]
+    return out
+
+
+def make_run(config, model, dp, optimizer, scheduler):
+    info = DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
+                    vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
+    batch = dp * MICRO * MBS
+    packs = ref.make_packs(seed=103, n_packs=2 * batch, seq=SEQ)  # two steps' worth
+    stream = [build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]
+    run = loop.Run(config=config, info=info, model=model, optimizer=optimizer,
+                   scheduler=scheduler, train_stream=stream, valid_sets=[],
+                   forward_step=pretrain_dialog.make_forward_step("turn"), dp_size=dp,
+                   global_batch=batch, train_iters=2)
+    return run, [c for p in packs[:batch] for c in p.conversations]  # the first step's
+
+
+def gradient_check(name, tp, pp, world) -> dict:
+    config = make_config(tp, pp)
+    model, _, dp = build(config, world)
+    names = [n for n in ref.global_names(model[0]) if ".lora." in n]
+    full = full_adapter_tensors(names)
+    set_adapters(model, full)
+    W = ref.gather_full(model[0], "data")
+    res = {"tp": tp, "pp": pp, "dp": dp}
+    res["gathered_adapter_max_abs"] = max(float((W[n] - full[n]).abs().max()) for n in names)
+    trainable = {n for n, p in ref.global_names(model[0]).items() if p.requires_grad}
+    with_grad = {n for n, p in ref.global_names(model[0]).items() if hasattr(p, "main_grad")}
+    res["trainable_not_adapter"] = sorted(n for n in trainable if ".lora." not in n)
+    res["main_grad_not_adapter"] = sorted(n for n in with_grad if ".lora." not in n)
+    res["adapters_here"] = len(adapters(model))
+    recorder = GradRecorder(model)
+    run, convs = make_run(config, model, dp, recorder,
+                          types.SimpleNamespace(step=lambda increment=1: None))
+    metrics = loop.train_step(run)
+    G = recorder.grads
+    if dist.get_rank() == 0:
+        Wref = {k: v for k, v in W.items() if k != "output_layer.weight"}  # tied copy
+        loss, g = ref.reference_grads(Wref, convs, "turn", config.model, True, effective_weights)
+        want = {k: v for k, v in g.items() if ".lora." in k}
+        res["grad_names"] = sorted(G)
+        res["reference_adapter_grads"] = len(want)
+        res["max_rel_err"], res["worst"] = ref.max_rel_err({k: G[k] for k in want}, want)
+        res["loss_ref"] = loss
+    res["logged_loss_per_turn"] = last_stage_value(metrics and metrics["loss per turn"])
+    return res
+
+
+def last_stage_value(value):
+    """The value of the ranks that have one (the last pipeline stage's metrics), on every
+    rank. Collective."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value if value != [None, None] else None)
+    return next(v for v in values if v is not None)
+
+
+def training_check(name, tp, pp, distributed_optimizer, bf16, world, ckpt) -> dict:
+    from mt_dialog.training.lora import parameter_counts
+    from mt_dialog.training.optimizer import build_optimizer
+
+    config = make_config(tp, pp, distributed_optimizer, bf16)
+    model, tconfig, dp = build(config, world)
+    set_adapters(model, full_adapter_tensors(
+        [n for n in ref.global_names(model[0]) if ".lora." in n]))
+    optimizer, scheduler = build_optimizer(config, model, 2)
+    tconfig.grad_scale_func = optimizer.scale_loss
+    before = ref.gather_full(model[0], "data")
+    run, _ = make_run(config, model, dp, optimizer, scheduler)
+    losses = [loop.train_step(run) for _ in range(2)]
+    after = ref.gather_full(model[0], "data")
+    trainable, total = parameter_counts(model)
+    res = {"bf16": bf16, "distributed_optimizer": distributed_optimizer,
+           "dtype": str(next(iter(adapters(model).values())).A.dtype),
+           "trainable": trainable, "total": total,
+           "base_changed": sorted(k for k in before if ".lora." not in k
+                                  and not torch.equal(before[k], after[k])),
+           "base_tensors": sum(".lora." not in k for k in before),
+           "adapters_unchanged": sorted(k for k in before if ".lora." in k
+                                        and torch.equal(before[k], after[k])),
+           "losses": last_stage_value([m and m["loss per turn"] for m in losses])}
+    if ckpt:
+        res.update(checkpoint_round(config, run, ckpt, after))
+    return res
+
+
+def checkpoint_round(config, run, ckpt, weights) -> dict:
+    """Save (TP=2) or load (PP=2) the LoRA checkpoint ``ckpt`` through the library."""
+    return {}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--ckpt", default=None)
+    args = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    out = {}
+    for name, tp, pp, dist_opt, bf16 in LAYOUTS:
+        out[name] = {"gradient": gradient_check(name, tp, pp, world),
+                     "training": training_check(name, tp, pp, dist_opt, bf16, world, args.ckpt)}
+    if dist.get_rank() == 0:
+        with open(args.json, "w") as handle:
+            json.dump(out, handle, indent=1)
+        print(json.dumps(out), flush=True)
+    dist.barrier()
+    distributed.destroy()
+
+
+if __name__ == "__main__":
+    main()
