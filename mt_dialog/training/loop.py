@@ -94,6 +94,7 @@ class Run:
     writer: object = None
     history: List[Dict[str, float]] = field(default_factory=list)
     eval_forward_step: Optional[Callable] = None  # validation's; None: forward_step's losses
+    lora_base: Optional[Dict] = None  # LoRA: the base checkpoint (lora_checkpoint.base_pointer)
 
 
 def _model_vocab(info: DataInfo, start: StartPoint) -> int:
@@ -290,8 +291,13 @@ def _save(run: Run) -> None:
         warning = bundle_tokenizer(run.config.train.save, run.info.tokenizer)
         if warning:
             print(warning, flush=True)
+    lora = {}
+    if run.config.lora.enabled:  # the adapters and a pointer to the base
+        from mt_dialog.training.lora import is_adapter_key
+
+        lora = {"select": is_adapter_key, "common": {"lora_base": run.lora_base}}
     path = save_checkpoint(run.config.train.save, run.iteration, run.consumed, run.model,
-                           run.optimizer, run.scheduler, to_dict(run.config))
+                           run.optimizer, run.scheduler, to_dict(run.config), **lora)
     distributed.log(f"saved checkpoint {path}")
 
 
@@ -370,6 +376,9 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     check_available(config.train)
     check_save_folder(config.train)
     start = start_point(config.train)
+    from mt_dialog.training.lora_checkpoint import check_lora_start
+
+    check_lora_start(start, config)
     if start.path:
         check_model_matches(start.path, config.model)
     if start.path and not start.weights_only:
@@ -426,7 +435,15 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
     run = _setup(config, info, datasets, start, forward_step, dp_size)
     if start.note:
         distributed.log(start.note)
-    if start.path:
+    if start.path and config.lora.enabled:
+        from mt_dialog.training.lora_checkpoint import load_lora_start
+
+        run.iteration, run.consumed, run.lora_base = load_lora_start(
+            start, run.model, run.optimizer, run.scheduler)
+        distributed.log(f"loaded {start.path} at iteration {run.iteration}; base "
+                        f"{run.lora_base['path']} (iteration {run.lora_base['iteration']}, "
+                        "frozen)")
+    elif start.path:
         run.iteration, run.consumed = load_checkpoint(
             start.path, run.model, run.optimizer, run.scheduler, start.weights_only)
         distributed.log(f"loaded {start.path} at iteration {run.iteration}"
