@@ -95,3 +95,98 @@ def test_resume_is_exact(lora_run):
     b = read_checkpoint(os.path.join(lora_run["resumed"], "iter_0000008"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def exported(lora_run, hf_models):
+    """{"adapter": PEFT folder, "merged": HF folder, "reports"} of the LoRA checkpoint."""
+    root = lora_run["root"]
+    adapter, merged = str(root / "adapter"), str(root / "merged")
+    reports = [convert("mcore-to-hf", "--load-dir", lora_run["ckpt"], "--save-dir", adapter,
+                       "--dtype", "fp32").stdout,
+               convert("mcore-to-hf", "--load-dir", lora_run["ckpt"], "--save-dir", merged,
+                       "--merge-lora", "--dtype", "fp32").stdout]
+    return {"adapter": adapter, "merged": merged, "reports": reports}
+
+
+def _mt_dialog_logits(ckpt: str, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the LoRA checkpoint (base + adapters) as tools/chat.py loads it, fp32."""
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import load_inference_model, read_run_info
+
+    model = load_inference_model(ckpt, read_run_info(ckpt))
+    try:
+        with torch.no_grad():
+            return model(ids, torch.arange(ids.shape[1])[None], None).float()
+    finally:
+        destroy_single_process()
+
+
+def test_peft_loads_the_adapter_and_computes_what_mt_dialog_trained(lora_run, exported,
+                                                                    hf_models):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    assert "exported the LoRA adapter of iteration 8 (rank 4 on q_proj, k_proj, v_proj, " \
+           "o_proj, gate_proj, up_proj, down_proj)" in exported["reports"][0]
+    with open(os.path.join(exported["adapter"], "adapter_config.json")) as handle:
+        config = json.load(handle)
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (4, 8.0, "LORA")
+    with safe_open(os.path.join(exported["adapter"], "adapter_model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert len(names) == 2 * 7 * 2  # layers x HF modules x (A, B)
+
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 300, 2]])
+    ours = _mt_dialog_logits(lora_run["ckpt"], ids)
+    base = AutoModelForCausalLM.from_pretrained(hf_models["llama"], attn_implementation="eager",
+                                                dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(ids).logits
+        peft = PeftModel.from_pretrained(base, exported["adapter"]).eval()(ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(
+            exported["merged"], attn_implementation="eager", dtype=torch.float32)(ids).logits
+    vocab = plain.shape[-1]
+    assert (peft - ours[..., :vocab]).abs().max() <= 1e-4
+    assert (merged - ours[..., :vocab]).abs().max() <= 1e-4
+    assert (plain - ours[..., :vocab]).abs().max() > 1e-3  # the adapters changed the model
+
+
+def test_chat_answers_from_the_lora_checkpoint(lora_run, exported, hf_models):
+    """tools/chat.py's greedy reply from base + adapters is PEFT's greedy reply, token by
+    token, on the prompt the model's own chat template gives."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    message = "What is 1 plus 2?"
+    proc = run("tools/chat.py", 1, ["--load", lora_run["ckpt"], "--message", message,
+                                    "--max-new-tokens", "6", "--json"], timeout=300)
+    reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert reply["token_ids"], reply
+    tokenizer = AutoTokenizer.from_pretrained(hf_models["llama"])
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": message}],
+                                        add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    assert len(ids) == reply["prompt_tokens"]
+    base = AutoModelForCausalLM.from_pretrained(hf_models["llama"], attn_implementation="eager",
+                                                dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, exported["adapter"]).eval()
+    greedy = []
+    with torch.no_grad():
+        for _ in reply["token_ids"]:
+            logits = model(torch.tensor([ids + greedy])).logits[0, -1, :len(tokenizer)]
+            greedy.append(int(logits.argmax()))
+    assert greedy == reply["token_ids"], (greedy, reply)
+
+
+def test_a_changed_or_missing_base_is_refused(lora_run, tmp_path):
+    from mt_dialog.training.checkpoint import CheckpointError
+    from mt_dialog.training.lora_checkpoint import base_pointer_of, check_base
+
+    pointer = base_pointer_of(lora_run["ckpt"])
+    check_base(lora_run["ckpt"], pointer)  # unchanged: accepted
+    with pytest.raises(CheckpointError, match="changed since the adapters were trained"):
+        check_base(lora_run["ckpt"], dict(pointer, fingerprint="0" * 64))
+    with pytest.raises(CheckpointError, match="is missing; restore it"):
+        check_base(lora_run["ckpt"], dict(pointer, path=str(tmp_path / "gone")))
