@@ -53,7 +53,8 @@ from tests.training.equivalence_worker import GradRecorder  # noqa: E402
 
 SEQ, MBS, SEED, MICRO = 64, 2, 1234, 3
 RANK, ALPHA = 4, 8.0
-LAYOUTS = (("tp2", 2, 1, False, True), ("pp2", 1, 2, False, False), ("dp2", 1, 1, True, False))
+LAYOUTS = (("tp2", 2, 1, False, True), ("pp2", 1, 2, False, True), ("dp2", 1, 1, True, False))
+SAVED = {}  # what the TP=2 layout saved, for the PP=2 layout to load
 
 
 def make_config(tp, pp, distributed_optimizer=False, bf16=False) -> DialogTrainingConfig:
@@ -64,7 +65,7 @@ def make_config(tp, pp, distributed_optimizer=False, bf16=False) -> DialogTraini
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                        use_distributed_optimizer=distributed_optimizer),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
-        OptimConfig(lr=1e-2, bf16=bf16, weight_decay=0.0),
+        OptimConfig(lr=1e-2, bf16=bf16, weight_decay=0.0, lr_decay_style="constant"),
         TrainConfig(train_iters=2, seed=SEED),
         lora=LoraConfig(lora_rank=RANK, lora_alpha=ALPHA))
 
@@ -194,12 +195,15 @@ def training_check(name, tp, pp, distributed_optimizer, bf16, world, ckpt) -> di
         [n for n in ref.global_names(model[0]) if ".lora." in n]))
     optimizer, scheduler = build_optimizer(config, model, 2)
     tconfig.grad_scale_func = optimizer.scale_loss
+    res = {}
+    if ckpt and name == "pp2":
+        res.update(load_resharded(model, optimizer, scheduler, ckpt))
     before = ref.gather_full(model[0], "data")
     run, _ = make_run(config, model, dp, optimizer, scheduler)
     losses = [loop.train_step(run) for _ in range(2)]
     after = ref.gather_full(model[0], "data")
     trainable, total = parameter_counts(model)
-    res = {"bf16": bf16, "distributed_optimizer": distributed_optimizer,
+    res.update({"bf16": bf16, "distributed_optimizer": distributed_optimizer,
            "dtype": str(next(iter(adapters(model).values())).A.dtype),
            "trainable": trainable, "total": total,
            "base_changed": sorted(k for k in before if ".lora." not in k
@@ -207,15 +211,58 @@ def training_check(name, tp, pp, distributed_optimizer, bf16, world, ckpt) -> di
            "base_tensors": sum(".lora." not in k for k in before),
            "adapters_unchanged": sorted(k for k in before if ".lora." in k
                                         and torch.equal(before[k], after[k])),
-           "losses": last_stage_value([m and m["loss per turn"] for m in losses])}
-    if ckpt:
-        res.update(checkpoint_round(config, run, ckpt, after))
+           "losses": last_stage_value([m and m["loss per turn"] for m in losses])})
+    if ckpt and name == "tp2":
+        save_base_and_adapters(config, run, ckpt)
+        SAVED["weights"] = after
     return res
 
 
-def checkpoint_round(config, run, ckpt, weights) -> dict:
-    """Save (TP=2) or load (PP=2) the LoRA checkpoint ``ckpt`` through the library."""
-    return {}
+def save_base_and_adapters(config, run, ckpt) -> None:
+    """The TP=2 model's base as a weights-only checkpoint (as hf-to-mcore writes one) and its
+    adapters + optimizer state as the LoRA checkpoint pointing to it (as training saves)."""
+    from megatron.core import dist_checkpointing
+
+    from mt_dialog.config_utils import to_dict
+    from mt_dialog.training.checkpoint import TRACKER, _model_state, iteration_dir, save_checkpoint
+    from mt_dialog.training.lora import is_adapter_key
+    from mt_dialog.training.lora_checkpoint import base_pointer, is_base_key
+
+    base, lora = os.path.join(ckpt, "base"), os.path.join(ckpt, "lora")
+    state = _model_state(run.model, is_base_key)
+    state.update(weights_only=True, iteration=0, consumed_samples=0, layout=[1, 2, 1])
+    if dist.get_rank() == 0:
+        os.makedirs(iteration_dir(base, 0))
+    dist.barrier()
+    dist_checkpointing.save(state, iteration_dir(base, 0))
+    if dist.get_rank() == 0:
+        with open(os.path.join(base, TRACKER), "w") as handle:
+            handle.write("0")
+    dist.barrier()
+    save_checkpoint(lora, run.iteration, run.consumed, run.model, run.optimizer, run.scheduler,
+                    to_dict(config), select=is_adapter_key,
+                    common={"lora_base": base_pointer(base)})
+
+
+def load_resharded(model, optimizer, scheduler, ckpt) -> dict:
+    """Load the TP=2 LoRA checkpoint (base through its pointer, then adapters, optimizer,
+    scheduler) into this PP=2 model; compare every gathered tensor with what TP=2 saved."""
+    from mt_dialog.training.checkpoint import StartPoint
+    from mt_dialog.training.lora_checkpoint import load_lora_start
+
+    iteration, consumed, pointer = load_lora_start(
+        StartPoint(os.path.join(ckpt, "lora"), False), model, optimizer, scheduler)
+    loaded, saved = ref.gather_full(model[0], "data"), SAVED["weights"]
+    differ = []
+    for key, value in loaded.items():
+        if key == "output_layer.weight":  # the tied copy on the last stage
+            continue
+        rows = min(value.shape[0], saved[key].shape[0])  # vocabulary padding differs
+        if not torch.equal(value[:rows], saved[key][:rows]):
+            differ.append(key)
+    return {"reshard_iteration": iteration, "reshard_consumed": consumed,
+            "reshard_tensors": len(loaded) - 1, "reshard_differ": differ,
+            "reshard_adapters": sum(".lora." in k for k in loaded)}
 
 
 def main():
