@@ -23,7 +23,6 @@ import shutil
 import pytest
 import torch
 
-from tests.convert.conftest import convert
 from tests.convert.test_export_reproduces_training import _tool, _write_corpus
 from tests.training.conftest import parse_iters, read_checkpoint
 from tests.training.launch import run
@@ -100,12 +99,15 @@ def test_resume_is_exact(lora_run):
 @pytest.fixture(scope="module")
 def exported(lora_run, hf_models):
     """{"adapter": PEFT folder, "merged": HF folder, "reports"} of the LoRA checkpoint."""
+    from mt_dialog.training.distributed import destroy_single_process
+    from tools.convert_checkpoint import main as convert_main
+
     root = lora_run["root"]
     adapter, merged = str(root / "adapter"), str(root / "merged")
-    reports = [convert("mcore-to-hf", "--load-dir", lora_run["ckpt"], "--save-dir", adapter,
-                       "--dtype", "fp32").stdout,
-               convert("mcore-to-hf", "--load-dir", lora_run["ckpt"], "--save-dir", merged,
-                       "--merge-lora", "--dtype", "fp32").stdout]
+    reports = [_tool(convert_main, ["mcore-to-hf", "--load-dir", lora_run["ckpt"], "--save-dir",
+                                    folder, "--dtype", "fp32", "--no-progress", *extra])
+               for folder, extra in ((adapter, []), (merged, ["--merge-lora"]))]
+    destroy_single_process()
     return {"adapter": adapter, "merged": merged, "reports": reports}
 
 
@@ -190,3 +192,22 @@ def test_a_changed_or_missing_base_is_refused(lora_run, tmp_path):
         check_base(lora_run["ckpt"], dict(pointer, fingerprint="0" * 64))
     with pytest.raises(CheckpointError, match="is missing; restore it"):
         check_base(lora_run["ckpt"], dict(pointer, path=str(tmp_path / "gone")))
+
+
+def test_a_lora_checkpoint_needs_its_own_lora_flags(lora_run):
+    from mt_dialog.training.checkpoint import CheckpointError, StartPoint
+    from mt_dialog.training.config import LoraConfig, ModelConfig
+    from mt_dialog.training.lora_checkpoint import check_lora_start
+    from mt_dialog.training.saved_run import read_run_info, single_process_config
+
+    model = ModelConfig()
+    start = StartPoint(lora_run["ckpt"], False)
+    same = single_process_config(model, lora=LoraConfig(lora_rank=4, lora_alpha=8.0))
+    check_lora_start(start, same)  # accepted
+    with pytest.raises(CheckpointError, match="it is a LoRA checkpoint .* pass its --lora-rank"):
+        check_lora_start(start, single_process_config(model))
+    with pytest.raises(CheckpointError, match="its adapters have rank 4 .* pass --lora-rank 4"):
+        check_lora_start(start, single_process_config(model, lora=LoraConfig(lora_rank=8)))
+    with pytest.raises(CheckpointError, match="not a LoRA checkpoint.*add --finetune"):
+        check_lora_start(StartPoint(lora_run["base"], False), same)
+    assert read_run_info(lora_run["ckpt"])["config"]["lora"]["lora_rank"] == 4
