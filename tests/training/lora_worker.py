@@ -57,12 +57,14 @@ LAYOUTS = (("tp2", 2, 1, False, True), ("pp2", 1, 2, False, True), ("dp2", 1, 1,
 SAVED = {}  # what the TP=2 layout saved, for the PP=2 layout to load
 
 
-def make_config(tp, pp, distributed_optimizer=False, bf16=False) -> DialogTrainingConfig:
+def make_config(tp, pp, distributed_optimizer=False, bf16=False, vpp=None
+                ) -> DialogTrainingConfig:
     return DialogTrainingConfig(
-        ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        ModelConfig(num_layers=4 if vpp else 2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
                     transformer_impl="local"),
         ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       virtual_pipeline_model_parallel_size=vpp,
                        use_distributed_optimizer=distributed_optimizer),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
         OptimConfig(lr=1e-2, bf16=bf16, weight_decay=0.0, lr_decay_style="constant"),
@@ -79,10 +81,10 @@ def build(config, world):
     dp = validate_world(config, world)
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                           None, SEED)
+                           par.virtual_pipeline_model_parallel_size, SEED)
     tconfig = transformer_config(config)
     model = wrap_ddp(build_model_chunks(config, tconfig, ref.VOCAB, SEQ), tconfig, config)
-    tconfig.no_sync_func = model[0].no_sync
+    tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
     return model, tconfig, dp
 
@@ -104,13 +106,31 @@ def full_adapter_tensors(names) -> dict:
     return out
 
 
+def names_of(model) -> dict:
+    """Global parameter names of every model chunk (``reference.global_names``)."""
+    return {k: v for chunk in model for k, v in ref.global_names(chunk).items()}
+
+
+def gather(model, what: str) -> dict:
+    """``reference.gather_full`` of every chunk (a virtual pipeline has several). Collective."""
+    return {k: v for chunk in model for k, v in ref.gather_full(chunk, what).items()}
+
+
+class ChunksGradRecorder(GradRecorder):
+    """``GradRecorder`` over every model chunk."""
+
+    def step(self):
+        self.grads = gather(self.model, "grad")
+        self.steps += 1
+        return True, 0.0, 0
+
+
 def set_adapters(model, full) -> None:
     """Each rank's slice of the full adapter tensors into its adapters."""
     from megatron.core import parallel_state as ps
 
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    names = ref.global_names(model[0])
-    for name, param in names.items():
+    for name, param in names_of(model).items():
         if ".lora." not in name:
             continue
         value = full[name]
@@ -120,6 +140,14 @@ def set_adapters(model, full) -> None:
             value = torch.cat([p.chunk(tp, dim=dim)[r] for p in parts], dim=dim)
         with torch.no_grad():
             param.copy_(value.to(param.dtype))
+
+
+def gather_names(names) -> list:
+    """Every rank's names, so that the seeded full tensors are drawn in the same order on all
+    ranks (each pipeline stage holds only its own layers). Collective."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(names))
+    return sorted({n for part in everyone for n in part})
 
 
 def effective_weights(leaves: dict) -> dict:
@@ -133,10 +161,10 @@ def effective_weights(leaves: dict) -> dict:
     return out
 
 
-def make_run(config, model, dp, optimizer, scheduler):
+def make_run(config, model, dp, optimizer, scheduler, micro=MICRO):
     info = DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
                     vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
-    batch = dp * MICRO * MBS
+    batch = dp * micro * MBS
     packs = ref.make_packs(seed=103, n_packs=2 * batch, seq=SEQ)  # two steps' worth
     stream = [build_sample(*p.triple(), SEQ, ref.PAD) for p in packs]
     run = loop.Run(config=config, info=info, model=model, optimizer=optimizer,
@@ -146,23 +174,27 @@ def make_run(config, model, dp, optimizer, scheduler):
     return run, [c for p in packs[:batch] for c in p.conversations]  # the first step's
 
 
-def gradient_check(name, tp, pp, world) -> dict:
-    config = make_config(tp, pp)
+def gradient_check(name, tp, pp, world, vpp=None) -> dict:
+    config = make_config(tp, pp, vpp=vpp)
     model, _, dp = build(config, world)
-    names = [n for n in ref.global_names(model[0]) if ".lora." in n]
-    full = full_adapter_tensors(names)
+    names = [n for n in names_of(model) if ".lora." in n]
+    full = full_adapter_tensors(gather_names(names))
     set_adapters(model, full)
-    W = ref.gather_full(model[0], "data")
-    res = {"tp": tp, "pp": pp, "dp": dp}
+    W = gather(model, "data")
+    res = {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "chunks": len(model)}
     res["gathered_adapter_max_abs"] = max(float((W[n] - full[n]).abs().max()) for n in names)
-    trainable = {n for n, p in ref.global_names(model[0]).items() if p.requires_grad}
-    with_grad = {n for n, p in ref.global_names(model[0]).items() if hasattr(p, "main_grad")}
+    trainable = {n for n, p in names_of(model).items() if p.requires_grad}
+    with_grad = {n for n, p in names_of(model).items() if hasattr(p, "main_grad")}
     res["trainable_not_adapter"] = sorted(n for n in trainable if ".lora." not in n)
     res["main_grad_not_adapter"] = sorted(n for n in with_grad if ".lora." not in n)
     res["adapters_here"] = len(adapters(model))
-    recorder = GradRecorder(model)
+    recorder = ChunksGradRecorder(model)
     run, convs = make_run(config, model, dp, recorder,
-                          types.SimpleNamespace(step=lambda increment=1: None))
+                          types.SimpleNamespace(step=lambda increment=1: None),
+                          # interleaving: a multiple of PP; 2 = PP, one group: with 4 the
+                          # interleaved schedule departs from the reference with or without
+                          # LoRA (a pre-existing difference of the VPP path, not LoRA's)
+                          micro=2 if vpp else MICRO)
     metrics = loop.train_step(run)
     G = recorder.grads
     if dist.get_rank() == 0:
@@ -172,6 +204,7 @@ def gradient_check(name, tp, pp, world) -> dict:
         res["grad_names"] = sorted(G)
         res["reference_adapter_grads"] = len(want)
         res["max_rel_err"], res["worst"] = ref.max_rel_err({k: G[k] for k in want}, want)
+        res["rel_err"] = {k: ref.max_rel_err({k: G[k]}, {k: want[k]})[0] for k in want}
         res["loss_ref"] = loss
     res["logged_loss_per_turn"] = last_stage_value(metrics and metrics["loss per turn"])
     return res
@@ -191,17 +224,17 @@ def training_check(name, tp, pp, distributed_optimizer, bf16, world, ckpt) -> di
 
     config = make_config(tp, pp, distributed_optimizer, bf16)
     model, tconfig, dp = build(config, world)
-    set_adapters(model, full_adapter_tensors(
-        [n for n in ref.global_names(model[0]) if ".lora." in n]))
+    set_adapters(model, full_adapter_tensors(gather_names(
+        [n for n in names_of(model) if ".lora." in n])))
     optimizer, scheduler = build_optimizer(config, model, 2)
     tconfig.grad_scale_func = optimizer.scale_loss
     res = {}
     if ckpt and name == "pp2":
         res.update(load_resharded(model, optimizer, scheduler, ckpt))
-    before = ref.gather_full(model[0], "data")
+    before = gather(model, "data")
     run, _ = make_run(config, model, dp, optimizer, scheduler)
     losses = [loop.train_step(run) for _ in range(2)]
-    after = ref.gather_full(model[0], "data")
+    after = gather(model, "data")
     trainable, total = parameter_counts(model)
     res.update({"bf16": bf16, "distributed_optimizer": distributed_optimizer,
            "dtype": str(next(iter(adapters(model).values())).A.dtype),
@@ -252,7 +285,7 @@ def load_resharded(model, optimizer, scheduler, ckpt) -> dict:
 
     iteration, consumed, pointer = load_lora_start(
         StartPoint(os.path.join(ckpt, "lora"), False), model, optimizer, scheduler)
-    loaded, saved = ref.gather_full(model[0], "data"), SAVED["weights"]
+    loaded, saved = gather(model, "data"), SAVED["weights"]
     differ = []
     for key, value in loaded.items():
         if key == "output_layer.weight":  # the tied copy on the last stage
@@ -275,6 +308,7 @@ def main():
     for name, tp, pp, dist_opt, bf16 in LAYOUTS:
         out[name] = {"gradient": gradient_check(name, tp, pp, world),
                      "training": training_check(name, tp, pp, dist_opt, bf16, world, args.ckpt)}
+    out["vpp2"] = {"gradient": gradient_check("vpp2", 1, 2, world, vpp=2)}
     if dist.get_rank() == 0:
         with open(args.json, "w") as handle:
             json.dump(out, handle, indent=1)

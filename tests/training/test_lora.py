@@ -1,5 +1,5 @@
-"""LoRA (``--lora-rank``): adapter gradients equal a plain-PyTorch reference at TP=2, PP=2 and
-DP=2 (TP = PP = 1), the base stays bit-identical through real optimizer steps (bf16 at TP=2, the
+"""LoRA (``--lora-rank``): adapter gradients equal a plain-PyTorch reference at TP=2, PP=2,
+DP=2 (TP = PP = 1) and PP=2 with a virtual pipeline of 2 chunks, the base stays bit-identical through real optimizer steps (bf16 at TP=2, the
 distributed optimizer at DP=2), only adapters train, and a LoRA checkpoint saved at TP=2 loads at
 PP=2.
 
@@ -20,6 +20,7 @@ from tests.training.launch import run_torchrun
 WORKER = "tests/training/lora_worker.py"
 TOL = 1e-5
 LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}
+GRADIENT_LAYOUTS = {**LAYOUTS, "vpp2": (1, 2, 1)}  # vpp2: 4 layers, 2 chunks per stage
 ADAPTED = 2 * 4 * 2  # layers x targets x (A, B)
 
 
@@ -32,13 +33,15 @@ def lora_result(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(GRADIENT_LAYOUTS))
 def test_adapter_gradients_equal_reference(lora_result, name):
     res = lora_result[name]["gradient"]
-    assert (res["tp"], res["pp"], res["dp"]) == LAYOUTS[name]
+    assert (res["tp"], res["pp"], res["dp"]) == GRADIENT_LAYOUTS[name]
+    assert res["chunks"] == (2 if name == "vpp2" else 1)
     assert res["gathered_adapter_max_abs"] == 0.0  # sharding (and fc1's stride) as expected
     assert res["trainable_not_adapter"] == [] and res["main_grad_not_adapter"] == []
-    assert res["reference_adapter_grads"] == ADAPTED == len(res["grad_names"])
+    adapted = ADAPTED * (2 if name == "vpp2" else 1)
+    assert res["reference_adapter_grads"] == adapted == len(res["grad_names"])
     assert res["max_rel_err"] <= TOL, (res["worst"], res)
     assert res["logged_loss_per_turn"] == pytest.approx(res["loss_ref"], rel=TOL)
 
