@@ -191,9 +191,10 @@ def gradient_check(name, tp, pp, world, vpp=None) -> dict:
     recorder = ChunksGradRecorder(model)
     run, convs = make_run(config, model, dp, recorder,
                           types.SimpleNamespace(step=lambda increment=1: None),
-                          # interleaving: a multiple of PP; 2 = PP, one group: with 4 the
-                          # interleaved schedule departs from the reference with or without
-                          # LoRA (a pre-existing difference of the VPP path, not LoRA's)
+                          # interleaving: a multiple of PP; 2 = PP, one group: with 4, the
+                          # second group's forwards get crossed messages from megatron-core's
+                          # batched p2p when PP=2 (previous and next stage are the same rank),
+                          # with or without LoRA; batch_p2p_comm=False fixes it (not LoRA's)
                           micro=2 if vpp else MICRO)
     metrics = loop.train_step(run)
     G = recorder.grads
