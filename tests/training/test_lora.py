@@ -86,3 +86,34 @@ def test_lora_flags_are_validated():
             ({"lora_alpha": 16.0}, "lora_rank: --lora-alpha need --lora-rank R")):
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
             LoraConfig(**kwargs)
+
+
+def test_lora_target_chooses_the_adapted_layers():
+    """--lora-target linear_qkv linear_fc2: adapters on those layers only, everything else
+    frozen; the adapted model starts equal to the base (B = 0)."""
+    import torch
+
+    from mt_dialog.training.config import ModelConfig
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.lora import adapters
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+
+    model_config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                               transformer_impl="local", make_vocab_size_divisible_by=1)
+    lora = LoraConfig(lora_rank=2, lora_target=["linear_fc2", "linear_qkv"])
+    try:
+        base = single_process_model(single_process_config(model_config), 50, 16)
+        model = single_process_model(single_process_config(model_config, lora=lora), 50, 16)
+        found = adapters([model])
+        assert sorted(found) == [f"decoder.layers.{i}.{part}.lora" for i in (0, 1) for part in
+                                 ("mlp.linear_fc2", "self_attention.linear_qkv")]
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all(".lora." in n for n in trainable)
+        assert len(trainable) == 2 * len(found)
+        model.load_state_dict(base.state_dict(), strict=False)  # same base weights
+        ids = torch.randint(0, 50, (1, 8))
+        with torch.no_grad():
+            same = model(ids, torch.arange(8)[None], None) - base(ids, torch.arange(8)[None], None)
+        assert same.abs().max() == 0
+    finally:
+        destroy_single_process()
