@@ -20,6 +20,7 @@ from mt_dialog.config_utils import FlagParser, add_arguments, from_args  # noqa:
 from mt_dialog.training.config import (  # noqa: E402
     DataConfig,
     DialogTrainingConfig,
+    LoraConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
@@ -28,7 +29,8 @@ from mt_dialog.training.config import (  # noqa: E402
 )
 
 GROUPS = (("model", ModelConfig), ("parallelism", ParallelConfig), ("data", DataConfig),
-          ("optimizer", OptimConfig), ("training", TrainConfig), ("tokenizer", TokenizerConfig))
+          ("optimizer", OptimConfig), ("training", TrainConfig), ("tokenizer", TokenizerConfig),
+          ("LoRA", LoraConfig))
 
 
 def make_forward_step(normalization: str):

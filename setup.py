@@ -35,6 +35,8 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],  # --tensorboard-dir
         "wandb": ["wandb>=0.19"],  # --wandb-project
         "bench": ["matplotlib>=3.7"],  # benchmarks/ plots
-        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", "wandb>=0.19", "pyarrow>=14"],
+        # peft: the reference the exported LoRA adapters must load in (tests only)
+        "test": ["pytest>=8", "hypothesis>=6", "tensorboard>=2.14", "wandb>=0.19", "pyarrow>=14",
+                 "peft>=0.13"],
     },
 )

@@ -9,6 +9,8 @@ Start from a pretrained model, fine-tune at any TP/PP, export the result for ser
     torchrun --nproc_per_node 8 pretrain_dialog.py --load ckpt/qwen --finetune \\
         --use-checkpoint-args --tensor-model-parallel-size 4 --data-path data/chat ... --save ckpt/sft
     python tools/convert_checkpoint.py mcore-to-hf --load-dir ckpt/sft --save-dir Qwen2-7B-sft
+    # a LoRA run (--lora-rank): a PEFT adapter folder, or with --merge-lora the merged model
+    python tools/convert_checkpoint.py mcore-to-hf --load-dir ckpt/lora --save-dir qwen-adapter
     python tools/chat.py --load ckpt/sft --message "Hello!"       # or transformers on Qwen2-7B-sft
 
 Runs in one process (no torchrun); it needs memory for the whole model once.
@@ -45,6 +47,13 @@ def _report(command: str, summary: dict) -> str:
                 f"{summary['parameters']:,} parameters ({summary['dtype']}) -> "
                 f"{summary['folder']}\nchat template: {summary['template']}\nfine-tune with: "
                 f"pretrain_dialog.py --load {summary['folder']} --finetune --use-checkpoint-args")
+    if summary.get("adapter"):
+        return (f"exported the LoRA adapter of iteration {summary['iteration']} (rank "
+                f"{summary['rank']} on {', '.join(summary['modules'])}), "
+                f"{summary['bytes'] / 1e6:,.2f} MB ({summary['dtype']}) -> {summary['folder']}"
+                f"\nload with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("
+                f"{summary['base'] or 'HF_BASE'!r}), {summary['folder']!r}); --merge-lora "
+                "writes the merged model instead")
     return (f"exported iteration {summary['iteration']} as {summary['architecture']}: "
             f"{summary['vocab_rows']} vocabulary rows, {summary['bytes'] / 1e6:,.1f} MB "
             f"({summary['dtype']}) -> {summary['folder']}\nchat template: {summary['chat_template']}")

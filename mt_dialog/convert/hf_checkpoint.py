@@ -104,6 +104,9 @@ class ExportConfig:
                                    "are sharded with model.safetensors.index.json")
     tokenizer_path: Optional[str] = option(None, help="the run's tokenizer, if it moved (.model "
                                            "file or Hugging Face folder)")
+    merge_lora: bool = option(False, help="a LoRA checkpoint: write the base with the adapters "
+                              "folded into its weights (a plain Hugging Face model) instead of "
+                              "a PEFT adapter folder")
     progress: bool = option(True, help="progress bars")
 
     def __post_init__(self) -> None:
@@ -121,13 +124,15 @@ def _bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled, file=sys.stderr)
 
 
-def conversion_model(model: ModelConfig, rows: int, seq_length: int, dtype: torch.dtype):
+def conversion_model(model: ModelConfig, rows: int, seq_length: int, dtype: torch.dtype,
+                     lora=None):
     """GPTModel at TP = PP = 1 on megatron-core's local layers (the state-dict names the weight
-    maps use), with exactly ``rows`` vocabulary rows, weights uninitialized."""
+    maps use), with exactly ``rows`` vocabulary rows, weights uninitialized; with ``lora`` (a
+    ``LoraConfig``) its adapters."""
     model = dataclasses.replace(model, make_vocab_size_divisible_by=1, transformer_impl="local",
                                 recompute_activations=False)
-    return single_process_model(single_process_config(model), rows, seq_length, dtype=dtype,
-                                initialize=False)
+    return single_process_model(single_process_config(model, lora=lora), rows, seq_length,
+                                dtype=dtype, initialize=False)
 
 
 def weights(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -308,21 +313,31 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
 # -- mcore-to-hf -------------------------------------------------------------------------------
 
 def _load_for_export(cfg: ExportConfig):
-    """(model config, run info, TP=1 model with the checkpoint's weights, stored dtype name)."""
+    """(model config, run info, TP=1 model with the checkpoint's weights, stored dtype name,
+    LoRA config); a LoRA checkpoint's model has its base's weights and its adapters."""
     from megatron.core import dist_checkpointing
 
     from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
+    from mt_dialog.training.lora_checkpoint import base_pointer_of
 
     info = read_run_info(cfg.load_dir, cfg.iteration)  # SavedRunError: a ValueError, as ours
-    mc = inference_config(info["config"]).model
-    meta = dist_checkpointing.load_tensors_metadata(iteration_dir(cfg.load_dir, info["iteration"]))
-    embedding = meta["embedding.word_embeddings.weight"]
+    saved = inference_config(info["config"])
+    mc, lora = saved.model, saved.lora
+    if cfg.merge_lora and not lora.enabled:
+        raise ConversionError(f"--merge-lora: {cfg.load_dir} is not a LoRA checkpoint (its "
+                              "weights are exported as they are); drop the flag")
+    weights_dir = iteration_dir(cfg.load_dir, info["iteration"])
+    pointer = base_pointer_of(cfg.load_dir, info["iteration"]) if lora.enabled else None
+    if pointer:  # the embedding (rows, dtype) is the base's
+        weights_dir = iteration_dir(pointer["path"], int(pointer["iteration"]))
+    embedding = dist_checkpointing.load_tensors_metadata(weights_dir)[
+        "embedding.word_embeddings.weight"]
     stored = DTYPE_NAMES.get(embedding.dtype, "fp32")
     seq_length = int((info.get("data") or {}).get("seq_length") or 4096)
     model = conversion_model(mc, int(embedding.global_shape[0]), seq_length,
-                             TORCH_DTYPES[stored])
+                             TORCH_DTYPES[stored], lora if lora.enabled else None)
     load_weights_for_inference(cfg.load_dir, [model], info["iteration"])
-    return mc, info, model, stored
+    return mc, info, model, stored, lora
 
 
 def _add_appended(hf_tokenizer, added: Dict[str, int]) -> None:
@@ -531,11 +546,17 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
 def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Convert; returns a summary (architecture, rows, dtype, bytes, folder)."""
     _refuse_existing(cfg.save_dir)
-    mc, info, model, stored = _load_for_export(cfg)
+    mc, info, model, stored, lora = _load_for_export(cfg)
     source = source_info(cfg.load_dir)
+    dtype = stored if cfg.dtype == "auto" else cfg.dtype
+    if lora.enabled and not cfg.merge_lora:
+        return _export_adapter(cfg, mc, info, model, lora, source, dtype)
+    if lora.enabled:
+        from mt_dialog.training.lora import merge_into_base
+
+        merge_into_base([model])
     data = info.get("data")
     architecture = _architecture(cfg, mc, source)
-    dtype = stored if cfg.dtype == "auto" else cfg.dtype
     # the imported model's rows (or more when training appended special tokens), never more
     # than the checkpoint has: padding rows would give never-trained ids a logit
     stored_rows = int(model.embedding.word_embeddings.weight.shape[0])
@@ -557,4 +578,22 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"architecture": architecture, "iteration": info["iteration"], "vocab_rows": rows,
-            "dtype": dtype, "bytes": total, "folder": cfg.save_dir, "chat_template": layout}
+            "dtype": dtype, "bytes": total, "folder": cfg.save_dir, "chat_template": layout,
+            "merged_lora": lora.enabled}
+
+
+def _export_adapter(cfg: ExportConfig, mc: ModelConfig, info: Dict[str, Any], model, lora,
+                    source: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+    """The PEFT adapter folder of a LoRA checkpoint (``convert.lora_export``)."""
+    from mt_dialog.convert.lora_export import hf_target_modules, write_adapter
+
+    tmp = _staging(cfg.save_dir)
+    try:
+        total = write_adapter(tmp, weights(model), mc, lora, source.get("hf_dir"),
+                              TORCH_DTYPES[dtype])
+        _publish(tmp, cfg.save_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"adapter": True, "iteration": info["iteration"], "rank": lora.lora_rank,
+            "modules": hf_target_modules(lora.targets), "dtype": dtype, "bytes": total,
+            "folder": cfg.save_dir, "base": source.get("hf_dir")}

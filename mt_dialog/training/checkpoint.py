@@ -32,7 +32,7 @@ import random
 import shutil
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -286,17 +286,29 @@ def _model_keys(model: List[torch.nn.Module]) -> List[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
-def _model_state(model: List[torch.nn.Module]) -> Dict[str, Any]:
-    return {key: chunk.module.sharded_state_dict()
+Select = Optional[Callable[[str], bool]]  # which model entries a save / load covers (None: all)
+
+
+def _selected(state: Dict[str, Any], select: Select) -> Dict[str, Any]:
+    return state if select is None else {k: v for k, v in state.items() if select(k)}
+
+
+def _model_state(model: List[torch.nn.Module], select: Select = None) -> Dict[str, Any]:
+    """Each chunk's sharded state dict (``model``: DDP-wrapped or bare chunks), keeping the
+    entries ``select`` accepts (LoRA: the adapters, or the base)."""
+    return {key: _selected(getattr(chunk, "module", chunk).sharded_state_dict(), select)
             for key, chunk in zip(_model_keys(model), model)}
 
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
-                    scheduler, config_dict: Dict[str, Any]) -> str:
+                    scheduler, config_dict: Dict[str, Any], select: Select = None,
+                    common: Optional[Dict[str, Any]] = None) -> str:
     """Save everything needed to resume into ``root/iter_N``; returns that folder. Every rank
     calls it with its ``model`` chunks (DDP-wrapped), ``optimizer`` and ``scheduler``;
     ``consumed_samples`` is the packs read so far, ``config_dict`` the run config (``to_dict``)
-    written beside as ``mt_dialog_config.json``.
+    written beside as ``mt_dialog_config.json``. ``select`` keeps only some model entries (LoRA:
+    the adapters; the optimizer holds only those); ``common`` adds entries to the common state
+    (LoRA: ``lora_base``, the pointer to the base checkpoint).
 
     The tracker file (what ``--load`` reads) is replaced atomically by rank 0 only after every
     rank wrote its part, so a checkpoint becomes visible to ``--load`` only when complete. When
@@ -312,7 +324,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
     steps = (  # (ranks that run it, step); every rank agrees on the outcome after each
         (rank == 0, lambda: os.makedirs(path, exist_ok=True)),
         (True, lambda: _save_state(path, iteration, consumed_samples, model, optimizer,
-                                   scheduler)),
+                                   scheduler, select, common)),
         (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict)),
     )
     for runs_here, step in steps:
@@ -329,10 +341,12 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
                           "free space or fix the folder, then resume")
 
 
-def _save_state(path, iteration, consumed_samples, model, optimizer, scheduler) -> None:
+def _save_state(path, iteration, consumed_samples, model, optimizer, scheduler, select=None,
+                common=None) -> None:
     from megatron.core import dist_checkpointing
 
-    state = _model_state(model)
+    state = _model_state(model, select)
+    state.update(common or {})
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=OPTIMIZER_METADATA)
     state.update(scheduler=scheduler.state_dict(), iteration=iteration,
                  consumed_samples=consumed_samples, layout=list(_layout()),
@@ -394,7 +408,8 @@ def _tracked_iteration(root: str) -> Optional[int]:
 
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
-                    finetune: bool = False) -> Tuple[int, int]:
+                    finetune: bool = False, iteration: Optional[int] = None,
+                    select: Select = None) -> Tuple[int, int]:
     """Load the newest checkpoint under ``root`` into the DDP-wrapped ``model`` chunks (this
     rank's, any TP/PP layout: tensors are resharded), its ``optimizer`` (megatron-core's) and
     LR ``scheduler``, and the RNG states where they were saved (``_rng_restorable``).
@@ -407,19 +422,23 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     ``step()`` would otherwise copy the stale copies back over the loaded weights).
 
     Raises:
+    ``iteration`` picks another than the newest; ``select`` loads only the model entries it
+    accepts (LoRA: the base from one checkpoint, the adapters from another).
+
+    Raises:
         CheckpointError: no complete checkpoint, weights-only checkpoint without ``finetune``,
             another padded vocabulary on a full resume, tensors missing from the checkpoint.
     """
     from megatron.core import dist_checkpointing
 
-    path = iteration_dir(root, latest_iteration(root))
+    path = iteration_dir(root, latest_iteration(root) if iteration is None else iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: {path} is missing")
     common = dist_checkpointing.load_common_state_dict(path)
     if not finetune and common.get("weights_only"):
         raise CheckpointError(f"--load {root}: the checkpoint holds weights only (converted "
                               "from Hugging Face, or exported); add --finetune to start from it")
-    state = _model_state(model)
+    state = _model_state(model, select)
     fitted = _fit_vocabulary(state, path) if finetune else []
     if not finetune:
         from mt_dialog.training.optimizer import prepare_adam_state_for_loading
@@ -431,7 +450,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
         if _rng_restorable(common):
             state["rng_state"] = _rng_object()
     loaded = _load_model_states(state, path, root, [chunk.module for chunk in model],
-                                validate=not fitted, fitted=fitted)
+                                validate=not fitted, fitted=fitted, select=select)
     if finetune:
         if optimizer is not None:
             optimizer.reload_model_params()
@@ -462,7 +481,7 @@ def _absent_message(root: str, path: str, keys: List[str]) -> str:
 
 def _load_model_states(state: Dict[str, Any], path: str, root: str,
                        modules: List[torch.nn.Module], validate: bool,
-                       fitted=()) -> Dict[str, Any]:
+                       fitted=(), select: Select = None) -> Dict[str, Any]:
     """``dist_checkpointing.load`` of ``state``, then each model chunk's tensors into
     ``modules`` (in ``_model_keys`` order); returns the loaded dict.
 
@@ -484,7 +503,7 @@ def _load_model_states(state: Dict[str, Any], path: str, root: str,
     for key, module in zip(_model_keys(modules), modules):
         result = module.load_state_dict(loaded[key], strict=False)
         wrong = [k for k in (*result.missing_keys, *result.unexpected_keys)
-                 if not _is_extra_state(k)]
+                 if not _is_extra_state(k) and (select is None or select(k))]
         if wrong:
             raise CheckpointError(f"--load {root}: tensors of {path} do not match the model: "
                                   f"{', '.join(wrong[:4])}")
@@ -559,17 +578,23 @@ def _refuse_vocabulary_change(state: Dict[str, Any], path: str, root: str) -> No
 
 
 def load_weights_for_inference(root: str, model: List[torch.nn.Module],
-                               iteration: Optional[int] = None) -> int:
+                               iteration: Optional[int] = None, select: Select = None) -> int:
     """Weights only, into unwrapped GPTModel chunk(s) (generation, export); returns the
     iteration. Vocabulary rows are fitted and ``_extra_state`` tolerated as in
-    ``load_checkpoint``.
+    ``load_checkpoint``. A LoRA checkpoint loads its base checkpoint first, then its adapters
+    (``lora_checkpoint.load_lora_weights``; the model must have adapters).
 
     Raises:
         CheckpointError: no complete checkpoint, or tensors missing from it.
     """
+    from mt_dialog.training import lora_checkpoint
+
     iteration = latest_iteration(root) if iteration is None else iteration
     path = iteration_dir(root, iteration)
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+    if select is None and lora_checkpoint.base_pointer_of(root, iteration):
+        return lora_checkpoint.load_lora_weights(root, model, iteration)
+    state = _model_state(model, select)
     fitted = _fit_vocabulary(state, path)
-    _load_model_states(state, path, root, model, validate=not fitted, fitted=fitted)
+    _load_model_states(state, path, root, model, validate=not fitted, fitted=fitted,
+                       select=select)
     return iteration

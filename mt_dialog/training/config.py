@@ -371,6 +371,62 @@ class TrainConfig:
                              "or --pretrained-checkpoint CHECKPOINT")
 
 
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA: train low-rank adapters on a frozen base model (off unless --lora-rank is given).
+
+    The base (usually --load BASE --finetune or --pretrained-checkpoint BASE) is frozen; each
+    targeted megatron-core layer gets ``W x + (alpha / rank) B A x`` (``training.lora``)."""
+
+    lora_rank: Optional[int] = option(None, help="rank of the adapters; enables LoRA")
+    lora_alpha: Optional[float] = option(None, help="scaling numerator: the update is alpha / "
+                                         "rank x B A (default: the rank, scaling 1)")
+    lora_dropout: float = option(0.0, help="dropout on the adapters' input")
+    lora_target: List[str] = option(["all"], choices=LORA_TARGETS + ("all",), metavar="MODULE",
+                                    help="megatron-core layers to adapt in every transformer "
+                                    "layer: linear_qkv, linear_proj, linear_fc1, linear_fc2, "
+                                    "or all")
+
+    def __post_init__(self) -> None:
+        _positive("lora_rank", self.lora_rank, allow_none=True)
+        if self.lora_rank is not None and int(self.lora_rank) != self.lora_rank:
+            raise ValueError(f"lora_rank: must be a whole number, got {self.lora_rank}")
+        _positive("lora_alpha", self.lora_alpha, allow_none=True)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout: {self.lora_dropout} must be in [0, 1)")
+        targets = list(self.lora_target)
+        if not targets:
+            raise ValueError("lora_target: name at least one module (or all)")
+        for target in targets:
+            check_choice("lora_target", target, LORA_TARGETS + ("all",))
+        if self.lora_rank is None:
+            given = [f"--{name.replace('_', '-')}" for name, default in (
+                ("lora_alpha", None), ("lora_dropout", 0.0)) if getattr(self, name) != default]
+            if targets != ["all"]:
+                given.append("--lora-target")
+            if given:
+                raise ValueError(f"lora_rank: {', '.join(given)} need --lora-rank R (LoRA is "
+                                 "off without it)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank is not None
+
+    @property
+    def alpha(self) -> float:
+        """The scaling numerator (``lora_alpha``, default the rank)."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def targets(self) -> Tuple[str, ...]:
+        """The targeted layer names in megatron-core order, ``all`` expanded."""
+        chosen = set(self.lora_target)
+        return tuple(t for t in LORA_TARGETS if "all" in chosen or t in chosen)
+
+
 # --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends
 TOKENIZER_TYPES = {"sentencepiece": "sentencepiece", "SentencePieceTokenizer": "sentencepiece",
                    "GPTSentencePieceTokenizer": "sentencepiece",
@@ -421,6 +477,7 @@ class DialogTrainingConfig:
     optim: OptimConfig
     train: TrainConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:

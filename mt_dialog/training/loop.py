@@ -103,6 +103,7 @@ class Run:
     writer: object = None
     history: List[Dict[str, float]] = field(default_factory=list)
     eval_forward_step: Optional[Callable] = None  # validation's; None: forward_step's losses
+    lora_base: Optional[Dict] = None  # LoRA: the base checkpoint (lora_checkpoint.base_pointer)
 
 
 def _model_vocab(info: DataInfo, start: StartPoint) -> int:
@@ -322,8 +323,13 @@ def _save(run: Run) -> None:
         warning = bundle_tokenizer(run.config.train.save, run.info.tokenizer)
         if warning:
             print(warning, flush=True)
+    lora = {}
+    if run.config.lora.enabled:  # the adapters and a pointer to the base
+        from mt_dialog.training.lora import is_adapter_key
+
+        lora = {"select": is_adapter_key, "common": {"lora_base": run.lora_base}}
     path = save_checkpoint(run.config.train.save, run.iteration, run.consumed, run.model,
-                           run.optimizer, run.scheduler, to_dict(run.config))
+                           run.optimizer, run.scheduler, to_dict(run.config), **lora)
     distributed.log(f"saved checkpoint {path}")
 
 
@@ -403,6 +409,9 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     check_available(config.train)
     check_save_folder(config.train)
     start = start_point(config.train)
+    from mt_dialog.training.lora_checkpoint import check_lora_start
+
+    check_lora_start(start, config)
     if start.path:
         check_model_matches(start.path, config.model)
     if start.path and not start.weights_only:
@@ -459,7 +468,15 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
     run = _setup(config, info, datasets, start, forward_step, dp_size)
     if start.note:
         distributed.log(start.note)
-    if start.path:
+    if start.path and config.lora.enabled:
+        from mt_dialog.training.lora_checkpoint import load_lora_start
+
+        run.iteration, run.consumed, run.lora_base = load_lora_start(
+            start, run.model, run.optimizer, run.scheduler)
+        distributed.log(f"loaded {start.path} at iteration {run.iteration}; base "
+                        f"{run.lora_base['path']} (iteration {run.lora_base['iteration']}, "
+                        "frozen)")
+    elif start.path:
         run.iteration, run.consumed = load_checkpoint(
             start.path, run.model, run.optimizer, run.scheduler, start.weights_only)
         distributed.log(f"loaded {start.path} at iteration {run.iteration}"
@@ -469,11 +486,19 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
 
 
 def _banner(run: Run, argv) -> str:
-    par = run.config.parallel
+    """The start-up line (collective: it counts the parameters over the model-parallel ranks)."""
+    from mt_dialog.training.lora import parameter_counts
+
+    par, lora = run.config.parallel, run.config.lora
+    trainable, total = parameter_counts(run.model)
+    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}: "
+            if lora.enabled else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
-            f"normalization {run.config.data.loss_normalization} | device {distributed.device()}")
+            f"normalization {run.config.data.loss_normalization} | {what}trainable parameters "
+            f"{trainable:,} of {total:,} ({trainable / max(total, 1):.2%}) | device "
+            f"{distributed.device()}")
 
 
 def _write_config(run: Run, argv) -> None:

@@ -129,7 +129,8 @@ def layer_spec(config: DialogTrainingConfig):
 
 def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
                        seq_length: int) -> List[torch.nn.Module]:
-    """This rank's GPTModel chunk(s) (several with a virtual pipeline), on its device."""
+    """This rank's GPTModel chunk(s) (several with a virtual pipeline), on its device; with
+    ``config.lora`` enabled, base parameters frozen and adapters attached (``training.lora``)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
@@ -155,6 +156,10 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
             rotary = model.rotary_pos_emb
             rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
         chunks.append(_to_params_dtype(model.to(device()), tconfig.params_dtype))
+    if config.lora.enabled:  # frozen base + adapters, before DDP and the optimizer see them
+        from mt_dialog.training.lora import apply_lora
+
+        apply_lora(chunks, config.lora, tconfig, config.train.seed)
     return chunks
 
 

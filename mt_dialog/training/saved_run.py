@@ -260,13 +260,15 @@ def run_template(name: str, tokenizer, special: Dict[str, Any]):
 
 # -- the run's model in one process ------------------------------------------------------------
 
-def single_process_config(model, optim=None):
+def single_process_config(model, optim=None, lora=None):
     """A complete ``DialogTrainingConfig`` around ``model`` (a ``ModelConfig``) for one process
     without data (generation, conversion): every parallel size 1; data and training are
-    placeholders; ``optim`` (an ``OptimConfig``) only says the precision."""
+    placeholders; ``optim`` (an ``OptimConfig``) only says the precision; ``lora`` (a
+    ``LoraConfig``) gives the model the run's adapters."""
     from mt_dialog.training.config import (
         DataConfig,
         DialogTrainingConfig,
+        LoraConfig,
         OptimConfig,
         ParallelConfig,
         TrainConfig,
@@ -274,18 +276,19 @@ def single_process_config(model, optim=None):
 
     return DialogTrainingConfig(model=model, parallel=ParallelConfig(),
                                 data=DataConfig(data_path=["-"]), optim=optim or OptimConfig(),
-                                train=TrainConfig(train_iters=1))
+                                train=TrainConfig(train_iters=1), lora=lora or LoraConfig())
 
 
 def inference_config(saved: Dict[str, Any]):
     """The run's model (and optimizer precision) from its saved config (``to_dict`` of a
     ``DialogTrainingConfig``) in a ``single_process_config``: recompute off, Transformer Engine
     layers only where TE is usable (same checkpoint keys), vocabulary padding 1 so the model gets
-    exactly the checkpoint's rows (``vocab_rows``). Fields a newer version added take their
-    defaults; a saved null is a derived default (``ModelConfig.__post_init__``)."""
+    exactly the checkpoint's rows (``vocab_rows``), the run's LoRA adapters (if any). Fields a
+    newer version added take their defaults; a saved null is a derived default
+    (``ModelConfig.__post_init__``)."""
     import dataclasses
 
-    from mt_dialog.training.config import ModelConfig, OptimConfig
+    from mt_dialog.training.config import LoraConfig, ModelConfig, OptimConfig
     from mt_dialog.training.model import transformer_engine_usable
 
     def build(cls, values):
@@ -300,7 +303,8 @@ def inference_config(saved: Dict[str, Any]):
         model["transformer_impl"] = "local"  # same sharded keys; TE needs CUDA
     # a converted checkpoint has no optimizer section: defaults
     return single_process_config(build(ModelConfig, model),
-                                 build(OptimConfig, saved.get("optim", {})))
+                                 build(OptimConfig, saved.get("optim", {})),
+                                 build(LoraConfig, saved.get("lora") or {}))
 
 
 def single_process_model(config, rows: int, seq_length: int, dtype: Optional[torch.dtype] = None,
@@ -320,15 +324,19 @@ def single_process_model(config, rows: int, seq_length: int, dtype: Optional[tor
 
 def vocab_rows(root: str, iteration: int, default: int) -> int:
     """Rows of the word embedding in the checkpoint ``root`` at ``iteration`` (the padded
-    vocabulary it was saved with), ``default`` when it stores none.
+    vocabulary it was saved with; a LoRA checkpoint's base's), ``default`` when it stores none.
 
     Raises:
         SavedRunError: the checkpoint's metadata cannot be read.
     """
     from mt_dialog.training.checkpoint import iteration_dir, stored_vocab_rows
+    from mt_dialog.training.lora_checkpoint import base_pointer_of
 
     try:
         rows = stored_vocab_rows(iteration_dir(root, iteration))
+        pointer = base_pointer_of(root, iteration) if rows is None else None
+        if pointer:  # a LoRA checkpoint: the base holds the embedding
+            rows = stored_vocab_rows(iteration_dir(pointer["path"], int(pointer["iteration"])))
     except Exception as exc:  # dist_checkpointing raises several kinds
         raise SavedRunError(f"checkpoint {root}: unreadable metadata ({type(exc).__name__}: "
                             f"{exc})") from None

@@ -266,15 +266,17 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
 
 
 def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], normalization: str,
-                    mcfg, tied: bool):
+                    mcfg, tied: bool, effective=None):
     """(loss, grads) over the global batch, in plain PyTorch.
 
     'turn': the "split into n samples" baseline: each (conversation, reply k) is one sample =
     history + reply k, run alone from position 0; its loss is the mean over reply k's tokens (EOT
     included); the step loss is the mean over all samples. 'token': sum of all reply-token losses
-    over the number of reply tokens.
+    over the number of reply tokens. ``effective(leaves)`` (optional) maps the leaf tensors to
+    the weights the model computes with (LoRA: base + scaled B A); grads are the leaves'.
     """
-    W = {k: v.detach().clone().requires_grad_(True) for k, v in W_full.items()}
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in W_full.items()}
+    W = effective(leaves) if effective else leaves
     if normalization == "turn":
         terms = []
         for conv in convs:
@@ -296,7 +298,7 @@ def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], 
     else:
         raise ValueError(normalization)
     loss.backward()
-    return float(loss), {k: v.grad for k, v in W.items() if v.grad is not None}
+    return float(loss), {k: v.grad for k, v in leaves.items() if v.grad is not None}
 
 
 def reference_token_losses(W_full, conv: Conversation, mcfg, tied: bool) -> torch.Tensor:
@@ -338,6 +340,8 @@ def gather_full(model, what: str = "data") -> Dict[str, torch.Tensor]:
     entries = []
     if ps.get_data_parallel_rank() == 0:
         for name, p in global_names(model).items():
+            if what == "grad" and not p.requires_grad:  # frozen (LoRA base): no gradient
+                continue
             t = p.main_grad if what == "grad" else p.data
             entries.append(dict(
                 name=name, t=t.detach().clone().float().cpu(),
