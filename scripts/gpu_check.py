@@ -23,6 +23,10 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
                     losses follow a CPU resume of the same checkpoint; tools/chat.py answers from it
   6 chat            tools/chat.py on check 3's checkpoint; its greedy tokens are the argmax of the
                     training forward (packed 'thd' parameters) at every step
+  7 lora            --finetune --lora-rank 8 --bf16 from check 3's checkpoint (TE layers with
+                    adapters): the first logged loss is the checkpoint's (B starts at zero), the
+                    loss falls, the banner counts the adapters only; resumed from its adapter-only
+                    checkpoint the losses follow an uninterrupted LoRA run; tools/chat.py answers
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat")
+CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -71,6 +75,7 @@ class Sizes:
     resume_at: int  # check 3 saves here and resumes
     cpu_iters: int  # check 5's CPU run saves here
     cpu_total: int  # and both resumes go on to here
+    lora_iters: int  # check 7's LoRA fine-tune (it saves halfway and resumes)
     eval_iters: int
     seq_length: int = 512
     layers: int = 2
@@ -79,9 +84,9 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(conversations=2000, hidden=128, global_batch=8, iters=35, resume_at=30,
-                  cpu_iters=8, cpu_total=12, eval_iters=2)
+                  cpu_iters=8, cpu_total=12, lora_iters=10, eval_iters=2)
 CPU_SIZES = Sizes(conversations=400, hidden=64, global_batch=4, iters=8, resume_at=6,
-                  cpu_iters=4, cpu_total=6, eval_iters=1)
+                  cpu_iters=4, cpu_total=6, lora_iters=4, eval_iters=1)
 
 
 class StepFailed(RuntimeError):
@@ -551,9 +556,54 @@ def check_chat(ctx: Context) -> List[Line]:
     return [greedy_line(ctx, "chat", "6 chat", folder)]
 
 
+LORA_FLAGS = ("--lora-rank", "8", "--lora-alpha", "16")
+
+
+def lora_runs(ctx: Context):
+    """Check 7's LoRA runs from check 3's checkpoint: ``(uninterrupted, saved, resumed, log of
+    the first, adapter checkpoint)``; the saved run stops halfway and the resumed one goes on."""
+    s = ctx.sizes
+    _, _, base = distributed_optimizer_runs(ctx, saved_only=True)
+    folder, half = ctx.path("ckpt_lora"), max(2, s.lora_iters // 2)
+    start = ("--load", base, "--finetune", *LORA_FLAGS)
+    whole_text = run_step(ctx, "lora-uninterrupted", [
+        sys.executable, "pretrain_dialog.py", *train_args(ctx, s.lora_iters, *start)])
+    saved = pretrain(ctx, "lora-first-part", train_args(ctx, half, *start, "--save", folder))
+    resumed = pretrain(ctx, "lora-second-part",
+                       train_args(ctx, s.lora_iters, "--load", folder, *LORA_FLAGS))
+    return parse_train_log(whole_text), saved, resumed, whole_text, folder
+
+
+def check_lora(ctx: Context) -> List[Line]:
+    s = ctx.sizes
+    whole, saved, resumed, text, folder = lora_runs(ctx)
+    base_whole, base_saved, _ = distributed_optimizer_runs(ctx, saved_only=True)
+    first, last = whole.iters[1][0], whole.iters[s.lora_iters][0]
+    trained = base_saved.iters[s.resume_at][0]
+    random = (base_whole or base_saved).iters[1][0]
+    found = re.search(r"trainable parameters ([\d,]+) of ([\d,]+)", text)
+    share = (int(found[1].replace(",", "")) / int(found[2].replace(",", "")) if found
+             else math.nan)
+    continues = abs(first - trained) < abs(first - random)
+    half = max(2, s.lora_iters // 2)
+    noise = max_loss_diff(whole, saved, range(1, half + 1))
+    diff = max_loss_diff(whole, resumed, range(half + 1, s.lora_iters + 1))
+    tol = max(1e-3, 2 * noise) if math.isfinite(noise) else 1e-3
+    lines = [Line(verdict(continues and last < first and share < 0.5), "7 lora bf16",
+                  f"loss/turn {first:.3f} -> {last:.3f} over {s.lora_iters} iterations; first: "
+                  f"the base checkpoint's last {trained:.3f}, a random model's {random:.3f}; "
+                  f"trainable share {share:.1%}"),
+             Line(verdict(diff <= tol), "7 lora resume",
+                  f"iters {half + 1}-{s.lora_iters} resumed from the adapter checkpoint vs "
+                  f"uninterrupted: max |dloss| {diff:.1e} (tol {tol:.0e})")]
+    answer = chat(ctx, "lora-chat", folder)
+    return lines + [Line(verdict(bool(answer.get("token_ids"))), "7 lora chat",
+                         f"{CHAT_MESSAGE!r} -> {answer['text']!r} ({answer['finish_reason']})")]
+
+
 CHECK_FUNCTIONS = {"versions": check_versions, "thd": check_thd, "resume": check_resume,
                    "finetune": check_finetune, "cpu-checkpoint": check_cpu_checkpoint,
-                   "chat": check_chat}
+                   "chat": check_chat, "lora": check_lora}
 
 
 # -- workers (subprocesses of this script; they print one JSON line) -----------------------------
