@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from mt_dialog.training.config import DialogTrainingConfig
+from mt_dialog.training.config import DialogTrainingConfig, ParallelConfig
 
 
 def transformer_engine_usable() -> bool:
@@ -105,9 +105,28 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
         gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
-        rotary_interleaved=False,
+        rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
     )
+
+
+def batch_p2p_comm(par: ParallelConfig) -> bool:
+    """megatron-core's ``batch_p2p_comm`` for the layout (``par``: ``ParallelConfig``): False only
+    for the interleaved schedule at pipeline-parallel size 2, where batching gives wrong
+    activations and gradients, on any backend.
+
+    There megatron-core 0.16.1's interleaved 1F1B steady state calls
+    ``P2PCommunicator.send_forward_backward_recv_forward_backward``, whose batched path
+    (``p2p_communication._batched_p2p_ops``) issues ``[send_prev (grad), recv_prev (activation),
+    send_next (activation), recv_next (grad)]`` in one ``batch_isend_irecv``, every op with tag 0;
+    at PP=2 the previous and the next stage are the same rank, and same-peer ops pair in issue
+    order (gloo matches by peer and tag; NCCL ignores tags and runs a group's calls to one peer
+    in order), so the peer's grad lands in ``recv_prev`` and its activation in ``recv_next``:
+    the two swap silently (same shape). The unbatched ``_p2p_ops`` posts both directions in the
+    same order on both ranks. Megatron-LM's ``validate_args`` refuses this combination
+    (interleaved, PP=2, no p2p overlap, i.e. batched). Non-interleaved schedules send at most
+    one tensor each way per call, so they keep batching."""
+    return not (par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2)
 
 
 def layer_spec(config: DialogTrainingConfig):

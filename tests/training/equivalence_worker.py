@@ -1,7 +1,7 @@
 """torchrun worker: one training step of the LIBRARY code path vs plain-PyTorch references.
 
     torchrun --nproc_per_node N tests/training/equivalence_worker.py --tp T --pp P \
-        [--untie] [--micro 1 3] --json OUT.json          (N = T * P * DP)
+        [--untie] [--micro 1 3] [--vpp-micro 4] --json OUT.json          (N = T * P * DP)
 
 The model comes from ``mt_dialog.training.model`` (``build_model_chunks`` + ``wrap_ddp``, wired like
 ``loop._setup``: DDP ``no_sync`` and megatron's ``finalize_model_grads``); micro-batches from
@@ -26,6 +26,8 @@ logged loss its own reference.
 Isolation: per-token losses of each conversation inside packed micro-batches vs the same
 conversation run alone through the same model (no packed params), vs the reference; and, as a
 control, with ``--packed-attention causal`` packing (must differ).
+With ``--vpp-micro M`` (PP=2) the groups are then rebuilt for the interleaved schedule (2 model
+chunks per stage, 4 layers) and one step of M micro-batches is compared with the split baseline.
 Rank 0 writes everything to ``--json``; the pass/fail decisions are the test's.
 """
 
@@ -101,7 +103,8 @@ def dataset_reference(Wref, packs, datasets, mcfg, tied) -> dict:
 
 class GradRecorder:
     """Stands in for the megatron optimizer in ``loop.train_step``: ``step()`` gathers the reduced
-    full gradients (a collective on every rank, as the real step is) and updates nothing."""
+    full gradients of every model chunk (a collective on every rank, as the real step is) and
+    updates nothing."""
 
     def __init__(self, model):
         self.model = model
@@ -113,7 +116,7 @@ class GradRecorder:
         pass
 
     def step(self):
-        self.grads = ref.gather_full(self.model[0], "grad")
+        self.grads = ref.gather_chunks(self.model, "grad")
         self.steps += 1
         norm = sum(float(g.double().pow(2).sum()) for g in self.grads.values()) ** 0.5
         return True, norm, 0
@@ -126,6 +129,9 @@ def main():
     ap.add_argument("--untie", action="store_true", help="untied embedding and output layer")
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 3],
                     help="micro-batches per step to check")
+    ap.add_argument("--vpp-micro", type=int, default=0,
+                    help="with --pp 2: then check the interleaved schedule (2 chunks per stage) "
+                         "at this many micro-batches per step")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
@@ -314,6 +320,8 @@ def main():
     iso["seconds"] = round(time.time() - t, 3)
     out["isolation"] = iso
     out["validation"] = check_validation(run, Wref, dp, tied, everyone)
+    if args.vpp_micro:
+        out["virtual_pipeline"] = check_virtual_pipeline(config, world, args.vpp_micro)
     out["total_s_in_process"] = round(time.time() - T0, 2)
     if rank == 0:
         with open(args.json, "w") as f:
@@ -321,6 +329,61 @@ def main():
         print(json.dumps(out), flush=True)
     dist.barrier()
     distributed.destroy()
+
+
+def check_virtual_pipeline(config, world, micro) -> dict:
+    """The interleaved schedule: megatron-core's groups rebuilt in this process with 2 model
+    chunks per pipeline stage (4 layers), one ``loop.train_step`` over ``micro`` micro-batches
+    (more than PP, so that 1F1B's steady state sends activations and gradients both ways in one
+    exchange) with the turn-normalized loss vs the split baseline. Collective."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import finalize_model_grads
+
+    t = time.time()
+    par = config.parallel
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, num_layers=4),
+        parallel=dataclasses.replace(par, virtual_pipeline_model_parallel_size=2))
+    ps.destroy_model_parallel()
+    distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, 2,
+                           SEED)
+    tconfig = transformer_config(config)
+    model = wrap_ddp(build_model_chunks(config, tconfig, ref.VOCAB, SEQ), tconfig, config)
+    tconfig.no_sync_func = [chunk.no_sync for chunk in model]
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    W = ref.gather_chunks(model, "data")
+    Wref = {k: v for k, v in W.items() if k != "output_layer.weight"}  # the tied copy
+    dp = validate_world(config, world)
+    packs = ref.make_packs(seed=700, n_packs=dp * micro * MBS, seq=SEQ)
+    info = DataInfo(prefixes=["unused"], weights=[1.0], valid_prefixes=[], seq_length=SEQ,
+                    vocab_size=ref.VOCAB, tokenizer={}, special_ids={"pad": ref.PAD})
+    recorder = GradRecorder(model)
+    run = loop.Run(config=config, info=info, model=model, optimizer=recorder,
+                   scheduler=types.SimpleNamespace(step=lambda increment=1: None),
+                   train_stream=[build_sample(*p.triple(), SEQ, ref.PAD) for p in packs],
+                   valid_sets=[], forward_step=pretrain_dialog.make_forward_step("turn"),
+                   dp_size=dp, global_batch=len(packs), train_iters=1)
+    metrics = loop.train_step(run)
+    logged = [None] * world
+    dist.all_gather_object(logged, metrics and (metrics["loss per turn"], metrics["turn_num"]))
+    if dist.get_rank() != 0:
+        return None
+    convs = [c for p in packs for c in p.conversations]
+    loss, want = ref.reference_grads(Wref, convs, "turn", config.model, True)
+    G = recorder.grads
+    err, worst = ref.max_rel_err({k: G[k] for k in want}, want)
+    loss_logged, turns_logged = next(x for x in logged if x is not None)
+    return {"chunks": len(model), "micro": micro, "batch_p2p_comm": tconfig.batch_p2p_comm,
+            "layers": sorted({int(k.split(".")[2]) for k in G if k.startswith("decoder.layers.")}),
+            "turns": sum(len(c.replies) for c in convs), "turn_max_rel_err": err,
+            "turn_worst_param": worst, "turn_loss_ref": loss,
+            "turn_logged_loss_per_turn": loss_logged, "turn_logged_turns": turns_logged,
+            "turn_tied_copy_rel_err": ref.max_rel_err(
+                {"w": G["output_layer.weight"]},
+                {"w": want["embedding.word_embeddings.weight"]})[0],
+            "seconds": round(time.time() - t, 2)}
 
 
 def reference_validation(Wref, convs, mcfg, tied) -> dict:

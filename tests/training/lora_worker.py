@@ -3,8 +3,9 @@ one launch, against plain-PyTorch references on the gathered full weights.
 
     torchrun --nproc_per_node 2 tests/training/lora_worker.py --json OUT.json [--ckpt DIR]
 
-For each layout (TP=2; PP=2; DP=2, which is TP = PP = 1 with the distributed optimizer) the
-megatron-core groups are rebuilt in the same processes, and:
+For each layout (TP=2; PP=2; DP=2, which is TP = PP = 1 with the distributed optimizer; and,
+gradient only, PP=2 with 2 chunks per stage: 4 layers, 4 micro-batches) the megatron-core groups
+are rebuilt in the same processes, and:
 
   gradient   the model of ``training.model.build_model_chunks`` with ``LoraConfig`` (every target,
              rank 4, alpha 8), adapters set to seeded full tensors sliced per rank (B nonzero, so
@@ -111,20 +112,6 @@ def names_of(model) -> dict:
     return {k: v for chunk in model for k, v in ref.global_names(chunk).items()}
 
 
-def gather(model, what: str) -> dict:
-    """``reference.gather_full`` of every chunk (a virtual pipeline has several). Collective."""
-    return {k: v for chunk in model for k, v in ref.gather_full(chunk, what).items()}
-
-
-class ChunksGradRecorder(GradRecorder):
-    """``GradRecorder`` over every model chunk."""
-
-    def step(self):
-        self.grads = gather(self.model, "grad")
-        self.steps += 1
-        return True, 0.0, 0
-
-
 def set_adapters(model, full) -> None:
     """Each rank's slice of the full adapter tensors into its adapters."""
     from megatron.core import parallel_state as ps
@@ -180,7 +167,7 @@ def gradient_check(name, tp, pp, world, vpp=None) -> dict:
     names = [n for n in names_of(model) if ".lora." in n]
     full = full_adapter_tensors(gather_names(names))
     set_adapters(model, full)
-    W = gather(model, "data")
+    W = ref.gather_chunks(model, "data")
     res = {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp, "chunks": len(model)}
     res["gathered_adapter_max_abs"] = max(float((W[n] - full[n]).abs().max()) for n in names)
     trainable = {n for n, p in names_of(model).items() if p.requires_grad}
@@ -188,14 +175,12 @@ def gradient_check(name, tp, pp, world, vpp=None) -> dict:
     res["trainable_not_adapter"] = sorted(n for n in trainable if ".lora." not in n)
     res["main_grad_not_adapter"] = sorted(n for n in with_grad if ".lora." not in n)
     res["adapters_here"] = len(adapters(model))
-    recorder = ChunksGradRecorder(model)
+    recorder = GradRecorder(model)
     run, convs = make_run(config, model, dp, recorder,
                           types.SimpleNamespace(step=lambda increment=1: None),
-                          # interleaving: a multiple of PP; 2 = PP, one group: with 4, the
-                          # second group's forwards get crossed messages from megatron-core's
-                          # batched p2p when PP=2 (previous and next stage are the same rank),
-                          # with or without LoRA; batch_p2p_comm=False fixes it (not LoRA's)
-                          micro=2 if vpp else MICRO)
+                          # interleaving: a multiple of PP, more than PP so that 1F1B's
+                          # steady state runs (model.batch_p2p_comm: why batching is off there)
+                          micro=4 if vpp else MICRO)
     metrics = loop.train_step(run)
     G = recorder.grads
     if dist.get_rank() == 0:
@@ -232,10 +217,10 @@ def training_check(name, tp, pp, distributed_optimizer, bf16, world, ckpt) -> di
     res = {}
     if ckpt and name == "pp2":
         res.update(load_resharded(model, optimizer, scheduler, ckpt))
-    before = gather(model, "data")
+    before = ref.gather_chunks(model, "data")
     run, _ = make_run(config, model, dp, optimizer, scheduler)
     losses = [loop.train_step(run) for _ in range(2)]
-    after = gather(model, "data")
+    after = ref.gather_chunks(model, "data")
     trainable, total = parameter_counts(model)
     res.update({"bf16": bf16, "distributed_optimizer": distributed_optimizer,
            "dtype": str(next(iter(adapters(model).values())).A.dtype),
@@ -286,7 +271,7 @@ def load_resharded(model, optimizer, scheduler, ckpt) -> dict:
 
     iteration, consumed, pointer = load_lora_start(
         StartPoint(os.path.join(ckpt, "lora"), False), model, optimizer, scheduler)
-    loaded, saved = gather(model, "data"), SAVED["weights"]
+    loaded, saved = ref.gather_chunks(model, "data"), SAVED["weights"]
     differ = []
     for key, value in loaded.items():
         if key == "output_layer.weight":  # the tied copy on the last stage

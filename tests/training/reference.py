@@ -368,6 +368,12 @@ def gather_full(model, what: str = "data") -> Dict[str, torch.Tensor]:
     return full
 
 
+def gather_chunks(model_chunks, what: str = "data") -> Dict[str, torch.Tensor]:
+    """``gather_full`` of every model chunk (a virtual pipeline has several, with global layer
+    numbers), merged. Collective."""
+    return {k: v for chunk in model_chunks for k, v in gather_full(chunk, what).items()}
+
+
 def max_rel_err(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> Tuple[float, str]:
     """max over b's tensors of ||a - b|| / ||b||, and the worst tensor's name."""
     worst, worst_name = 0.0, ""

@@ -19,12 +19,14 @@ from tests.training.launch import run_torchrun
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "equivalence_worker.py")
 TOL = 1e-5
 MICRO = ("1", "3")
+VPP_MICRO = 6  # micro-batches of the interleaved check: more than PP (= 2), a multiple of it
 
 # name -> (processes, worker args, expected (tp, pp, dp))
 LAYOUTS = {
     "single": (1, [], (1, 1, 1)),
     "tp2": (2, ["--tp", "2"], (2, 1, 1)),
-    "pp2": (2, ["--pp", "2"], (1, 2, 1)),  # tied embeddings: the copy on the last stage too
+    # tied embeddings: the copy on the last stage too; then the interleaved schedule (VPP=2)
+    "pp2": (2, ["--pp", "2", "--vpp-micro", str(VPP_MICRO)], (1, 2, 1)),
     "dp2": (2, [], (1, 1, 2)),
     "tp2_dp2": (4, ["--tp", "2", "--untie"], (2, 1, 2)),
 }
@@ -159,3 +161,16 @@ def test_text_and_chat_blend(name, tmp_path_factory):
         for key, want in reference.items():
             assert logged[key] == pytest.approx(want, rel=TOL), (norm, key)
     assert logged["dataset text: turns"] == step["text_pieces"]
+
+
+def test_virtual_pipeline_gradient_equals_split_baseline(tmp_path_factory):
+    """The interleaved schedule at PP=2 (2 chunks of 1 layer per stage) over more micro-batches
+    than stages: 1F1B's steady state exchanges an activation and a gradient with the one other
+    stage in each call (megatron-core's batched p2p swaps them there; ``batch_p2p_comm`` off)."""
+    vpp = _result("pp2", tmp_path_factory)["virtual_pipeline"]
+    assert (vpp["chunks"], vpp["micro"], vpp["layers"]) == (2, VPP_MICRO, [0, 1, 2, 3]), vpp
+    assert vpp["turn_max_rel_err"] <= TOL, (vpp["turn_worst_param"], vpp)
+    assert vpp["turn_tied_copy_rel_err"] <= TOL, vpp
+    assert vpp["turn_logged_loss_per_turn"] == pytest.approx(vpp["turn_loss_ref"], rel=TOL)
+    assert vpp["turn_logged_turns"] == vpp["turns"]
+    assert vpp["batch_p2p_comm"] is False

@@ -39,3 +39,14 @@ def test_sequence_parallel_needs_transformer_engine():
         DataConfig(data_path=["unused"]), OptimConfig(), TrainConfig(train_iters=1))
     with pytest.raises(ValueError, match="^sequence_parallel: needs the Transformer Engine"):
         transformer_config(config)
+
+
+@pytest.mark.parametrize("pp, vpp, batched", [(2, 2, False), (2, None, True), (4, 2, True)])
+def test_batched_p2p_only_where_previous_and_next_stage_differ(pp, vpp, batched):
+    """megatron-core's batched p2p is off only for the interleaved schedule at PP=2 (its
+    gradients are checked in test_equivalence's virtual-pipeline test)."""
+    from mt_dialog.training.config import ParallelConfig
+    from mt_dialog.training.model import batch_p2p_comm
+
+    par = ParallelConfig(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp)
+    assert batch_p2p_comm(par) is batched
