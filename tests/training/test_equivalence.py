@@ -27,6 +27,8 @@ LAYOUTS = {
     "pp2": (2, ["--pp", "2"], (1, 2, 1)),  # tied embeddings: the copy on the last stage too
     "dp2": (2, [], (1, 1, 2)),
     "tp2_dp2": (4, ["--tp", "2", "--untie"], (2, 1, 2)),
+    # Mixture of Experts, the experts split over the two data-parallel ranks (alltoall dispatch)
+    "moe_ep2": (2, ["--moe", "alltoall", "--ep", "2"], (1, 1, 2)),
 }
 
 _RESULTS = {}
@@ -137,3 +139,20 @@ def test_validation_metrics_equal_the_reference(name, tmp_path_factory):
     assert sum(v for k, v in groups.items() if k.startswith("turn ")) == val["turns"]
     reference = val["reference"]
     assert 0.2 < reference["accuracy"] < 0.9 and 0 < reference["exact turns"] < 1, reference
+
+
+def test_moe_layout_splits_the_experts(tmp_path_factory):
+    res = _result("moe_ep2", tmp_path_factory)
+    assert res["ep"] == 2 and res["local_experts"] == 2 * 2, res  # 2 of 4 experts x 2 layers
+
+
+def test_moe_aux_loss_scale_does_not_depend_on_the_split(tmp_path_factory):
+    """The load-balancing loss's part of the gradient on one global batch of identical packs is
+    the same for turn and token normalization, micro-batch sizes 1 and 2, 1 to 4 micro-batches
+    and twice the packs (``training.moe``: coeff x the token-weighted mean of the micro-batches'
+    Switch losses); megatron-core's own scale under per-token loss (the control) is not."""
+    aux = _result("moe_ep2", tmp_path_factory)["aux_loss"]
+    assert any(".mlp.router.weight" in name for name in aux["params_with_aux_grad"]), aux
+    for split, diff in aux["rel_diff_to_first"].items():
+        assert diff <= 1e-4, (split, aux)
+    assert aux["control_megatron_scale_turn_vs_token"] > 0.1, aux
