@@ -1,7 +1,8 @@
-"""torchrun worker: load a converted checkpoint at --tp / --pp = 1 and save the full logits.
+"""torchrun worker: load a converted checkpoint at --tp (or, MoE, --ep) / --pp = 1 and save the
+full logits.
 
     torchrun --nproc_per_node 2 tests/convert/logits_worker.py --load CKPT --tokens T.pt \\
-        --out L.pt --tp 2
+        --out L.pt --tp 2           (or --ep 2: the experts split over 2 data-parallel ranks)
 
 The model is built as training builds it (vocabulary padded to 128 x TP, so the checkpoint's
 rows are fitted on load); the vocabulary-parallel logits are gathered over the TP group.
@@ -30,13 +31,15 @@ def main() -> None:
     for flag in ("--load", "--tokens", "--out"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     parser.add_argument("--vocab", type=int, required=True)
     args = parser.parse_args()
     from megatron.core import parallel_state as ps
 
     config = dataclasses.replace(single_process_config(ModelConfig(**checkpoint_args(args.load))),
-                                 parallel=ParallelConfig(tensor_model_parallel_size=args.tp))
-    distributed.initialize(args.tp, 1, None, 1234)
+                                 parallel=ParallelConfig(tensor_model_parallel_size=args.tp,
+                                                         expert_model_parallel_size=args.ep))
+    distributed.initialize(args.tp, 1, None, 1234, expert_parallel=args.ep)
     (model,) = build_model_chunks(config, transformer_config(config), args.vocab, 256)
     load_weights_for_inference(args.load, [model])
     model.eval()
