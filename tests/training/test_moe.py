@@ -48,6 +48,21 @@ def test_moe_settings_reach_megatron_core():
         _config({"num_experts": 1})
 
 
+def test_only_moe_layers_keep_the_mlp_norm_under_its_own_key():
+    """Dense checkpoints keep main's keys (the local spec saves the MLP norm as TE's fused
+    ``mlp.linear_fc1.layer_norm_weight``: TE <-> local compatibility); a MoE layer has no fc1,
+    so its norm is saved as ``pre_mlp_layernorm.weight``, as TE's MoE spec does."""
+    from mt_dialog.training.model import layer_spec
+
+    dense = layer_spec(_config({"transformer_impl": "local"})).submodules
+    assert dense.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    moe = layer_spec(_config({"transformer_impl": "local", "num_experts": 4})).submodules
+    assert moe.sharded_state_dict_keys_map == {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+
+
 def test_load_summary():
     from mt_dialog.training.moe import load_summary
 
