@@ -1,6 +1,7 @@
 """hf-to-mcore / mcore-to-hf end to end: logits equal Hugging Face's at TP=1 and TP=2 (Llama,
-Qwen2, Qwen3 tied and untied), export gives back identical tensors, a fine-tune starts from the
-import at TP=2 and PP=2, chat answers, --use-checkpoint-args takes Qwen3's q/k layernorm."""
+Qwen2, Qwen3 tied and untied; the TP=2 logits of all four in one launch), export gives back
+identical tensors, a fine-tune starts from the import at TP=2 and PP=2, chat answers,
+--use-checkpoint-args takes Qwen3's q/k layernorm."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.convert.conftest import REPO, convert, hf_logits
+from tests.convert.conftest import REPO, convert, hf_logits, parallel_logits
 from tests.training.launch import run, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
@@ -46,14 +47,20 @@ def test_import_tp1_logits_equal_hf(name, hf_models, imported, tokens, single_pr
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def tp2_logits(hf_models, imported, tokens, tmp_path_factory):
+    """{family: logits} of every import loaded at TP=2, all in one launch."""
+    from transformers import AutoConfig
+
+    vocabs = {name: AutoConfig.from_pretrained(hf_models[name]).vocab_size for name in FAMILIES}
+    return parallel_logits({name: imported[name] for name in FAMILIES}, vocabs, tokens,
+                           str(tmp_path_factory.mktemp("tp2_logits")), ["--tp", "2"])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_import_tp2_logits_equal_hf(name, hf_models, imported, tokens, tmp_path):
+def test_import_tp2_logits_equal_hf(name, hf_models, tp2_logits, tokens):
     reference = hf_logits(hf_models[name], tokens)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    run_torchrun("tests/convert/logits_worker.py", 2,
-                 ["--load", imported[name], "--tokens", tmp_path / "tokens.pt", "--out",
-                  tmp_path / "logits.pt", "--tp", "2", "--vocab", reference.shape[-1]])
-    ours = torch.load(tmp_path / "logits.pt")
+    ours = tp2_logits[name]
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= TOLERANCE
 

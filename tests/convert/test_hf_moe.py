@@ -1,6 +1,8 @@
-"""Mixture-of-Experts import/export: tiny random Qwen3-MoE (norm_topk_prob true and false) and
-Mixtral built here; logits equal Hugging Face's at TP=1 (one process) and at EP=2 (the experts
-split over two processes), export gives back identical tensors, unsupported layouts are refused."""
+"""Mixture-of-Experts import/export: the tiny random Qwen3-MoE (norm_topk_prob false) and Mixtral
+(top k renormalized) of ``conftest.moe_models``; logits equal Hugging Face's at TP=1 (one
+process) and at EP=2 (the experts split over two processes, both models in one launch), export
+gives back identical tensors, unsupported layouts are refused. The fine-tune from an import at
+EP=2 is in test_hf_checkpoint.py."""
 
 import json
 import os
@@ -8,78 +10,18 @@ import os
 import pytest
 import torch
 
-from tests.convert.conftest import hf_logits
+from tests.convert.conftest import hf_logits, in_process, parallel_logits
 from tests.convert.test_hf_checkpoint import TOLERANCE
-from tests.training.launch import run_torchrun
 
-VOCAB = 96
-
-
-def _qwen3_moe(norm_topk_prob: bool):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        num_experts=4, num_experts_per_tok=2, norm_topk_prob=norm_topk_prob, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=128)
-    model = Qwen3MoeForCausalLM(config)
-    for layer in model.model.layers:  # random q/k norm weights (they start at one)
-        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-            norm.weight.data.uniform_(0.5, 2.0)
-    return model
-
-
-def _mixtral(_):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=128, tie_word_embeddings=False)
-    return MixtralForCausalLM(config)
-
-
-# Qwen3-MoE without norm_topk_prob (--moe-router-pre-softmax); Mixtral renormalizes the top k
+# qwen3_moe: without norm_topk_prob (--moe-router-pre-softmax); mixtral renormalizes the top k
 # (megatron-core's default routing, which is also Qwen3-MoE's with norm_topk_prob)
-MODELS = {"qwen3_moe": (_qwen3_moe, False), "mixtral": (_mixtral, None)}
-
-
-def _in_process(convert_fn, config) -> None:
-    """``hf_checkpoint.import_hf`` / ``export_hf`` in this process (the command line is tested
-    on the dense families; a converter process costs seconds of imports)."""
-    from mt_dialog.training.distributed import destroy_single_process
-
-    try:
-        convert_fn(config)
-    finally:
-        destroy_single_process()
-
-
-@pytest.fixture(scope="module")
-def moe_models(tmp_path_factory):
-    """{name: (HF folder, imported checkpoint)}."""
-    pytest.importorskip("transformers")
-    from mt_dialog.convert.hf_checkpoint import ImportConfig, import_hf
-
-    root = tmp_path_factory.mktemp("hf_moe")
-    out = {}
-    for name, (build, option) in MODELS.items():
-        torch.manual_seed(0)
-        model = build(option)
-        for gate in (m for n, m in model.named_modules() if n.endswith((".mlp.gate", "moe.gate"))):
-            gate.weight.data.normal_(0, 0.5)  # routers that choose (they start near uniform)
-        folder, ckpt = str(root / name), str(root / f"{name}_ckpt")
-        model.save_pretrained(folder)
-        _in_process(import_hf, ImportConfig(load_dir=folder, save_dir=ckpt, progress=False))
-        out[name] = (folder, ckpt)
-    return out
+MODELS = ["qwen3_moe", "mixtral"]
 
 
 @pytest.fixture(scope="module")
 def tokens():
     torch.manual_seed(1)
-    return torch.randint(0, VOCAB, (2, 40))
+    return torch.randint(0, 256, (2, 40))  # the tokenizer's byte alphabet: below its size
 
 
 def test_moe_config_reaches_the_checkpoint(moe_models):
@@ -93,7 +35,7 @@ def test_moe_config_reaches_the_checkpoint(moe_models):
     assert not args["mixtral"]["moe_router_pre_softmax"]
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_import_tp1_logits_equal_hf(name, moe_models, tokens):
     from mt_dialog.convert.hf_checkpoint import ExportConfig, _load_for_export
     from mt_dialog.training.distributed import destroy_single_process
@@ -110,21 +52,28 @@ def test_import_tp1_logits_equal_hf(name, moe_models, tokens):
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def ep2_logits(moe_models, tokens, tmp_path_factory):
+    """{name: logits} of both imports loaded at EP=2 (the experts split over two processes),
+    in one launch."""
+    from transformers import AutoConfig
+
+    vocabs = {name: AutoConfig.from_pretrained(folder).vocab_size
+              for name, (folder, _) in moe_models.items()}
+    return parallel_logits({name: ckpt for name, (_, ckpt) in moe_models.items()}, vocabs, tokens,
+                           str(tmp_path_factory.mktemp("ep2_logits")), ["--ep", "2"])
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
-def test_import_ep2_logits_equal_hf(name, moe_models, tokens, tmp_path):
-    folder, ckpt = moe_models[name]
-    reference = hf_logits(folder, tokens)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    run_torchrun("tests/convert/logits_worker.py", 2,
-                 ["--load", ckpt, "--tokens", tmp_path / "tokens.pt", "--out",
-                  tmp_path / "logits.pt", "--ep", "2", "--vocab", reference.shape[-1]])
-    ours = torch.load(tmp_path / "logits.pt")
+@pytest.mark.parametrize("name", MODELS)
+def test_import_ep2_logits_equal_hf(name, moe_models, ep2_logits, tokens):
+    reference = hf_logits(moe_models[name][0], tokens)
+    ours = ep2_logits[name]
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", MODELS)
 def test_export_gives_back_identical_tensors(name, moe_models, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -133,7 +82,7 @@ def test_export_gives_back_identical_tensors(name, moe_models, tmp_path):
 
     folder, ckpt = moe_models[name]
     out = tmp_path / "hf"
-    _in_process(export_hf, ExportConfig(load_dir=ckpt, save_dir=str(out), progress=False))
+    in_process(export_hf, ExportConfig(load_dir=ckpt, save_dir=str(out), progress=False))
     original = load_file(os.path.join(folder, "model.safetensors"))
     exported = load_file(str(out / "model.safetensors"))
     assert sorted(original) == sorted(exported)
