@@ -61,6 +61,14 @@ def _qwen(vocab: int):
     return model
 
 
+def _random_qk_norms(model):
+    """Qwen3's per-head q/k RMSNorm weights drawn at random (they start at one)."""
+    for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.data.uniform_(0.5, 2.0)
+    return model
+
+
 def _qwen3(vocab: int, tied: bool = True):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -68,11 +76,7 @@ def _qwen3(vocab: int, tied: bool = True):
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tied, pad_token_id=0)
-    model = Qwen3ForCausalLM(config)
-    for layer in model.model.layers:  # random q/k norm weights (they start at one)
-        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-            norm.weight.data.uniform_(0.5, 2.0)
-    return model
+    return _random_qk_norms(Qwen3ForCausalLM(config))
 
 
 def _qwen3_untied(vocab: int):
@@ -111,11 +115,7 @@ def _qwen3_moe(vocab: int):
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=256)
-    model = Qwen3MoeForCausalLM(config)
-    for layer in model.model.layers:  # random q/k norm weights (they start at one)
-        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-            norm.weight.data.uniform_(0.5, 2.0)
-    return model
+    return _random_qk_norms(Qwen3MoeForCausalLM(config))
 
 
 def _mixtral(vocab: int):
