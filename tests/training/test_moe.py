@@ -1,12 +1,14 @@
 """Mixture of Experts: the flags' checks, the router-load summary, and a run at EP=2 (alltoall
 dispatch, load-balancing loss on) that learns, logs the router load, saves its experts, and whose
-weights one process loads at EP=1 taking the MoE flags from the checkpoint (--use-checkpoint-args).
+weights one process trains on at EP=1 in bf16, taking the MoE flags from the checkpoint
+(--use-checkpoint-args --finetune --bf16).
 The gradient equivalences are in test_equivalence.py (layout moe_ep2); a full resume at another
 EP is refused in test_hf_checkpoint.py's MoE fine-tune."""
 
 import math
 
 import pytest
+import torch
 
 from tests.training.conftest import iteration_dir, launch, parse_iters, read_checkpoint, train_args
 
@@ -72,7 +74,7 @@ def test_load_summary():
 
 
 @pytest.mark.multiprocess
-def test_moe_run_at_ep2_learns_logs_the_router_and_loads_at_ep1(packed_data, tmp_path):
+def test_moe_run_at_ep2_learns_logs_the_router_and_trains_on_at_ep1_in_bf16(packed_data, tmp_path):
     save = tmp_path / "moe"
     first = launch(2, train_args(packed_data, *MOE, "--expert-model-parallel-size", "2",
                                  "--moe-token-dispatcher-type", "alltoall", "--save", save,
@@ -92,12 +94,17 @@ def test_moe_run_at_ep2_learns_logs_the_router_and_loads_at_ep1(packed_data, tmp
                        "decoder.layers.mlp.experts.experts.linear_fc2.weight": (2, 4, 64, 64),
                        "decoder.layers.mlp.router.weight": (2, 4, 64),
                        "decoder.layers.pre_mlp_layernorm.weight": (2, 64)}, experts
+    # ... and trains on at EP=1 in bf16 (the MoE layers' bf16 path on CPU)
     args = train_args(packed_data, "--load", save, "--use-checkpoint-args", "--lr-decay-iters",
-                      "8", "--finetune", iters=6)
+                      "8", "--finetune", "--bf16", "--save", tmp_path / "bf16", iters=4)
     resumed = launch(1, args)
     assert f"loaded {save} at iteration 0 (weights only)" in resumed.stdout, resumed.stdout
     more = parse_iters(resumed.stdout)
-    assert [r["iter"] for r in more][:2] == [1, 2] and " | experts max/mean " in resumed.stdout
+    assert [r["iter"] for r in more] == [1, 2, 3, 4] and " | experts max/mean " in resumed.stdout
     assert all(math.isfinite(r["loss_turn"]) for r in more)
     # the loaded experts: it starts where the EP=2 run ended, not from scratch
     assert more[0]["loss_turn"] < lines[0]["loss_turn"] - 0.5, (lines, more)
+    assert more[-1]["loss_turn"] < more[0]["loss_turn"], more
+    saved = read_checkpoint(iteration_dir(tmp_path / "bf16", 4))
+    fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    assert saved[fc1].dtype == torch.bfloat16 and saved[fc1].shape == (2, 4, 128, 64)
