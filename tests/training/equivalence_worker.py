@@ -24,7 +24,8 @@ conversation run alone through the same model (no packed params), vs the referen
 control, with ``--packed-attention causal`` packing (must differ).
 With ``--moe`` the model is a Mixture of Experts (4 experts, top 2, ``--ep`` expert-parallel
 ranks; the reference routes each token in plain PyTorch, ``reference.reference_moe``) trained
-without the load-balancing loss, and ``check_aux_loss`` measures that loss's part of the gradient.
+without the load-balancing loss, and ``check_aux_loss`` measures that loss's part of the gradient;
+``check_dispatcher`` builds it again with the other token dispatcher (allgather <-> alltoall).
 Rank 0 writes everything to ``--json``; the pass/fail decisions are the test's.
 """
 
@@ -221,6 +222,8 @@ def main():
         loop._micro_batches = orig_micro_batches
         assert recorder.steps == 2 * (len(out["steps"]) + 1)
         out["steps"][name] = res
+        if name == str(args.micro[-1]):  # the most micro-batches: kept for check_dispatcher
+            kept = (run.train_stream, run.global_batch, refs.get("turn"))
 
     # ---------------- isolation ----------------
     t = time.time()
@@ -282,6 +285,7 @@ def main():
     out["validation"] = check_validation(run, Wref, dp, tied, everyone)
     if args.moe:
         out["aux_loss"] = check_aux_loss(run, tconfig, recorder, dp)
+        out["other_dispatcher"] = check_dispatcher(run, *kept)
     out["total_s_in_process"] = round(time.time() - T0, 2)
     if rank == 0:
         with open(args.json, "w") as f:
@@ -289,6 +293,42 @@ def main():
         print(json.dumps(out), flush=True)
     dist.barrier()
     distributed.destroy()
+
+
+def check_dispatcher(run, stream, global_batch, reference) -> dict:
+    """The MoE model built again with the other token dispatcher (alltoall <-> allgather), given
+    the same weights, takes one turn-normalized step of the same packs: its gradient against the
+    same split baseline (``reference``: (loss, grads) on rank 0). Returns {dispatcher,
+    turn_max_rel_err, worst_param} on rank 0, None elsewhere."""
+    from dataclasses import replace
+
+    from megatron.core.distributed import finalize_model_grads
+
+    mine = run.config.model.moe_token_dispatcher_type
+    other = "allgather" if mine == "alltoall" else "alltoall"
+    config = replace(run.config, model=replace(run.config.model, moe_token_dispatcher_type=other))
+    tconfig = transformer_config(config)
+    tconfig.moe_aux_loss_coeff = 0.0
+    model = wrap_ddp(build_model_chunks(config, tconfig, ref.VOCAB, SEQ), tconfig, config)
+    tconfig.no_sync_func = model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    weights = dict(run.model[0].module.named_parameters())
+    with torch.no_grad():
+        for name, param in model[0].module.named_parameters():
+            param.copy_(weights[name])
+    recorder = GradRecorder(model)
+    other_run = replace(run, config=config, model=model, optimizer=recorder, train_stream=stream,
+                        global_batch=global_batch,
+                        forward_step=pretrain_dialog.make_forward_step("turn"))
+    other_run.consumed, other_run.iteration = 0, 0
+    loop.train_step(other_run)
+    if dist.get_rank() != 0:
+        return None
+    dispatchers = {type(m.token_dispatcher).__name__ for m in model[0].module.modules()
+                   if hasattr(m, "token_dispatcher")}
+    err, worst = ref.max_rel_err({k: recorder.grads[k] for k in reference[1]}, reference[1])
+    return {"dispatcher": other, "classes": sorted(dispatchers), "turn_max_rel_err": err,
+            "worst_param": worst}
 
 
 def check_aux_loss(run, tconfig, recorder, dp) -> dict:

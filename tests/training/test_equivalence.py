@@ -156,3 +156,12 @@ def test_moe_aux_loss_scale_does_not_depend_on_the_split(tmp_path_factory):
     for split, diff in aux["rel_diff_to_first"].items():
         assert diff <= 1e-4, (split, aux)
     assert aux["control_megatron_scale_turn_vs_token"] > 0.1, aux
+
+
+def test_moe_other_dispatcher_equals_split_baseline(tmp_path_factory):
+    """The layout's model built again with megatron-core's allgather dispatcher (the default;
+    the layout runs alltoall), same weights and packs: the same turn-normalized gradient."""
+    other = _result("moe_ep2", tmp_path_factory)["other_dispatcher"]
+    assert other["dispatcher"] == "allgather", other
+    assert other["classes"] == ["MoEAllGatherTokenDispatcher"], other
+    assert other["turn_max_rel_err"] <= TOL, other
