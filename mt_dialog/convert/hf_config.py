@@ -9,6 +9,17 @@ attention, no biases except Qwen2's on q/k/v; Qwen3 adds an RMSNorm on each quer
     Qwen2ForCausalLM     q, k, v  no         default, linear, llama3    use_sliding_window
     Qwen3ForCausalLM     none     yes        default, linear, llama3    use_sliding_window,
                                                                         attention_bias
+    Qwen3MoeForCausalLM  none     yes        default, linear, llama3    as Qwen3; mlp_only_layers,
+                                                                        decoder_sparse_step != 1
+    MixtralForCausalLM   none     no         default, linear, llama3    sliding_window
+
+The two Mixture-of-Experts families map onto ``--num-experts`` (every layer a MoE layer, no shared
+experts), ``--moe-router-topk`` (``num_experts_per_tok``), ``--moe-ffn-hidden-size``
+(Qwen3-MoE's ``moe_intermediate_size``, Mixtral's ``intermediate_size``) and the routing:
+Mixtral takes the softmax over all experts, keeps the top k and renormalizes them, which is the
+softmax over the k chosen logits (megatron-core's default); Qwen3-MoE does the same with
+``norm_topk_prob`` true and keeps the unrenormalized top-k probabilities with false
+(``--moe-router-pre-softmax``).
 
 Anything else a config asks for (another architecture, activation, RoPE type, partial rotary,
 sliding windows) is refused by ``ConversionError`` naming the field and its value.
@@ -23,10 +34,14 @@ from typing import Any, Dict, Optional
 
 from mt_dialog.training.config import ModelConfig
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-# what tells the families apart in a ModelConfig: (QKV bias, q/k layernorm); Mistral is Llama's
-SIGNATURES = {"LlamaForCausalLM": (False, False), "MistralForCausalLM": (False, False),
-              "Qwen2ForCausalLM": (True, False), "Qwen3ForCausalLM": (False, True)}
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
+# what tells the families apart in a ModelConfig: (QKV bias, q/k layernorm, experts); Mistral
+# is Llama's
+SIGNATURES = {"LlamaForCausalLM": (False, False, False), "MistralForCausalLM": (False, False, False),
+              "Qwen2ForCausalLM": (True, False, False), "Qwen3ForCausalLM": (False, True, False),
+              "Qwen3MoeForCausalLM": (False, True, True), "MixtralForCausalLM": (False, False, True)}
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
@@ -107,14 +122,36 @@ def _refuse_unsupported(architecture: str, config, path: str) -> None:
         if getattr(config, name, False):
             raise ConversionError(f"{path}: {name} true is not supported (Llama blocks here "
                                   "have no biases; Qwen2 has q/k/v biases only)")
-    if architecture == "MistralForCausalLM" and getattr(config, "sliding_window", None):
+    if architecture in ("MistralForCausalLM", "MixtralForCausalLM") and getattr(
+            config, "sliding_window", None):
         raise ConversionError(f"{path}: sliding_window {config.sliding_window} (sliding-window "
                               "attention) is not supported; only full attention")
-    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if architecture == "Qwen3MoeForCausalLM":
+        sparse, dense = getattr(config, "decoder_sparse_step", 1), getattr(
+            config, "mlp_only_layers", None) or []
+        if sparse != 1 or dense:
+            raise ConversionError(f"{path}: decoder_sparse_step {sparse} / mlp_only_layers "
+                                  f"{list(dense)}: dense MLP layers between the MoE layers are "
+                                  "not supported; only decoder_sparse_step 1 and no "
+                                  "mlp_only_layers (every layer a MoE layer)")
+    if architecture in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
         if getattr(config, "use_sliding_window", False) or layer_types != {"full_attention"}:
             raise ConversionError(f"{path}: use_sliding_window / layer_types {sorted(layer_types)}"
                                   " (sliding-window attention) is not supported")
+
+
+def moe_settings(architecture: str, config) -> Dict[str, Any]:
+    """``ModelConfig`` MoE fields of a Qwen3-MoE or Mixtral config (module docstring); {}
+    for a dense family."""
+    if architecture not in MOE_ARCHITECTURES:
+        return {}
+    qwen = architecture == "Qwen3MoeForCausalLM"
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts")
+    return {"num_experts": int(experts), "moe_router_topk": int(config.num_experts_per_tok),
+            "moe_ffn_hidden_size": int(config.moe_intermediate_size if qwen
+                                       else config.intermediate_size),
+            "moe_router_pre_softmax": qwen and not getattr(config, "norm_topk_prob", False)}
 
 
 def read_hf_config(folder: str) -> HFModel:
@@ -134,9 +171,9 @@ def read_hf_config(folder: str) -> HFModel:
             norm_epsilon=float(config.rms_norm_eps),
             untie_embeddings_and_output_weights=not getattr(config, "tie_word_embeddings", False),
             add_qkv_bias=architecture == "Qwen2ForCausalLM",
-            qk_layernorm=architecture == "Qwen3ForCausalLM",
+            qk_layernorm=architecture in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             init_method_std=float(getattr(config, "initializer_range", 0.02)),
-            **rope_settings(config, path))
+            **rope_settings(config, path), **moe_settings(architecture, config))
     except ValueError as exc:
         raise ConversionError(f"{path}: {exc}") from None
     dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -148,15 +185,22 @@ def read_hf_config(folder: str) -> HFModel:
 
 
 def guess_architecture(model: ModelConfig) -> str:
-    """Qwen2 when the QKV projection has a bias, Qwen3 with q/k layernorm, Llama otherwise."""
+    """Qwen2 when the QKV projection has a bias, Qwen3 with q/k layernorm, Llama otherwise;
+    with experts Qwen3-MoE (q/k layernorm) or Mixtral."""
+    if model.num_experts:
+        return "Qwen3MoeForCausalLM" if model.qk_layernorm else "MixtralForCausalLM"
     if model.add_qkv_bias:
         return "Qwen2ForCausalLM"
     return "Qwen3ForCausalLM" if model.qk_layernorm else "LlamaForCausalLM"
 
 
+def _signature(model: ModelConfig):
+    return model.add_qkv_bias, model.qk_layernorm, bool(model.num_experts)
+
+
 def fits(model: ModelConfig, architecture: str) -> bool:
-    """Whether ``architecture`` has the QKV bias and q/k layernorm ``model`` has."""
-    return SIGNATURES[architecture] == (model.add_qkv_bias, model.qk_layernorm)
+    """Whether ``architecture`` has the QKV bias, q/k layernorm and experts ``model`` has."""
+    return SIGNATURES[architecture] == _signature(model)
 
 
 def _refuse_mismatch(model: ModelConfig, architecture: str) -> None:
@@ -166,18 +210,40 @@ def _refuse_mismatch(model: ModelConfig, architecture: str) -> None:
         raise ConversionError(f"--architecture {architecture} is not supported; supported: "
                               f"{', '.join(ARCHITECTURES)}")
     if fits(model, architecture):
+        _refuse_routing(model, architecture)
         return
+    if model.num_experts or SIGNATURES[architecture][2]:
+        raise ConversionError(
+            f"--architecture {architecture} {'has' if SIGNATURES[architecture][2] else 'lacks'} "
+            f"experts, q/k layernorm {SIGNATURES[architecture][1]}, but this model has "
+            f"--num-experts {model.num_experts} and q/k layernorm {model.qk_layernorm}; "
+            f"use --architecture {guess_architecture(model)}")
     if model.add_qkv_bias and model.qk_layernorm:
         raise ConversionError("the model has both a QKV bias (--add-qkv-bias) and q/k layernorm "
                               "(--qk-layernorm); no supported Hugging Face architecture has both "
                               "(Qwen2ForCausalLM: the bias only, Qwen3ForCausalLM: the norms only)")
-    bias, norm = SIGNATURES[architecture]
+    bias, norm, _ = SIGNATURES[architecture]
     has = lambda flag: "has" if flag else "lacks"  # noqa: E731
     raise ConversionError(
         f"--architecture {architecture} {has(bias)} a QKV bias and {has(norm)} q/k layernorm, "
         f"but this model {has(model.add_qkv_bias)} a QKV bias (--add-qkv-bias) and "
         f"{has(model.qk_layernorm)} q/k layernorm (--qk-layernorm); use --architecture "
         f"{guess_architecture(model)}")
+
+
+def _refuse_routing(model: ModelConfig, architecture: str) -> None:
+    """A MoE family computes its routing one way (module docstring): a model routed otherwise
+    would give other outputs there."""
+    if not model.num_experts:
+        return
+    if model.moe_router_score_function != "softmax":
+        raise ConversionError(f"--architecture {architecture} routes with a softmax; this model "
+                              f"has --moe-router-score-function {model.moe_router_score_function}")
+    if architecture == "MixtralForCausalLM" and model.moe_router_pre_softmax:
+        raise ConversionError("--architecture MixtralForCausalLM renormalizes the top-k "
+                              "probabilities; this model has --moe-router-pre-softmax (use "
+                              "--architecture Qwen3MoeForCausalLM, whose norm_topk_prob false "
+                              "matches it, if it has q/k layernorm)")
 
 
 def _rope_for_hf(model: ModelConfig) -> Optional[Dict[str, Any]]:
@@ -191,18 +257,35 @@ def _rope_for_hf(model: ModelConfig) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _moe_for_hf(model: ModelConfig, architecture: str) -> Dict[str, Any]:
+    if architecture == "MixtralForCausalLM":
+        return {"num_local_experts": model.num_experts,
+                "num_experts_per_tok": model.moe_router_topk}
+    if architecture == "Qwen3MoeForCausalLM":
+        return {"num_experts": model.num_experts, "num_experts_per_tok": model.moe_router_topk,
+                "moe_intermediate_size": model.moe_ffn_hidden_size,
+                "norm_topk_prob": not model.moe_router_pre_softmax, "decoder_sparse_step": 1,
+                "mlp_only_layers": []}
+    return {}
+
+
 def hf_config(model: ModelConfig, architecture: str, vocab_size: int, max_position: int,
               dtype: str, bos_token_id: Optional[int], eos_token_id: Any,
               pad_token_id: Optional[int] = None):
     """A transformers config object for ``model`` (``save_pretrained`` writes config.json)."""
     import torch
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
     _refuse_mismatch(model, architecture)
-    cls = {"LlamaForCausalLM": LlamaConfig, "MistralForCausalLM": MistralConfig,
-           "Qwen2ForCausalLM": Qwen2Config, "Qwen3ForCausalLM": Qwen3Config}[architecture]
+    cls = getattr(transformers, {"LlamaForCausalLM": "LlamaConfig",
+                                 "MistralForCausalLM": "MistralConfig",
+                                 "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config",
+                                 "Qwen3MoeForCausalLM": "Qwen3MoeConfig",
+                                 "MixtralForCausalLM": "MixtralConfig"}[architecture])
     config = cls(vocab_size=vocab_size, hidden_size=model.hidden_size,
-                 intermediate_size=model.ffn_hidden_size, num_hidden_layers=model.num_layers,
+                 intermediate_size=(model.moe_ffn_hidden_size if architecture ==
+                                    "MixtralForCausalLM" else model.ffn_hidden_size),
+                 num_hidden_layers=model.num_layers, **_moe_for_hf(model, architecture),
                  num_attention_heads=model.num_attention_heads,
                  num_key_value_heads=model.num_query_groups, head_dim=model.kv_channels,
                  max_position_embeddings=max_position, rms_norm_eps=model.norm_epsilon,

@@ -19,6 +19,17 @@ Per layer ``i`` (H hidden, G query groups, q = heads / G query heads per group, 
     model.norm.weight                              decoder.final_layernorm.weight
     lm_head.weight                                 output_layer.weight (untied embeddings only)
 
+Mixture of Experts (``--num-experts``), instead of the MLP rows above, expert ``e``::
+
+    Qwen3MoeForCausalLM                            megatron-core
+    model.layers.i.mlp.gate.weight [E, H]          ... .mlp.router.weight
+    model.layers.i.mlp.experts.e.gate_proj.weight  ... .mlp.experts.local_experts.e.linear_fc1.weight
+    model.layers.i.mlp.experts.e.up_proj.weight      = [gate; up]
+    model.layers.i.mlp.experts.e.down_proj.weight  ... .mlp.experts.local_experts.e.linear_fc2.weight
+    MixtralForCausalLM: model.layers.i.block_sparse_moe.gate.weight, and experts.e.w1 (gate),
+    w3 (up), w2 (down) under block_sparse_moe.
+
+A ModelConfig tells the two apart as it tells the dense families apart: Qwen3-MoE has q/k norms.
 Both sides rotate halves for RoPE (no interleaving), so q and k rows are copied as they are.
 """
 
@@ -27,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -104,13 +115,31 @@ class SafetensorsFolder:
         return self._open[file].get_tensor(name)
 
 
-def hf_layer_names(i: int, qkv_bias: bool, qk_norm: bool = False) -> List[str]:
-    """The HF tensor names of layer ``i`` (with Qwen2's q/k/v biases, Qwen3's q/k norms)."""
+def moe_names(model: ModelConfig) -> Tuple[str, str, str, str]:
+    """(block, gate, up, down) of a MoE model's HF names: Qwen3-MoE's (the family with q/k
+    norms) or Mixtral's."""
+    if model.qk_layernorm:
+        return "mlp", "gate_proj", "up_proj", "down_proj"
+    return "block_sparse_moe", "w1", "w3", "w2"
+
+
+def _hf_mlp_names(model: ModelConfig) -> List[str]:
+    if not model.num_experts:
+        return ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    block, *projections = moe_names(model)
+    return [f"{block}.gate.weight"] + [f"{block}.experts.{e}.{p}.weight"
+                                       for e in range(model.num_experts) for p in projections]
+
+
+def hf_layer_names(i: int, qkv_bias: bool, qk_norm: bool = False,
+                   model: Optional[ModelConfig] = None) -> List[str]:
+    """The HF tensor names of layer ``i`` (with Qwen2's q/k/v biases, Qwen3's q/k norms; a MoE
+    ``model``'s router and experts)."""
     prefix = f"model.layers.{i}."
     names = [prefix + n for n in (
         "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
         "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+        *_hf_mlp_names(model or ModelConfig()))]
     if qkv_bias:
         names += [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"]
     if qk_norm:
@@ -123,7 +152,7 @@ def expected_hf_names(model: ModelConfig) -> List[str]:
     if model.untie_embeddings_and_output_weights:
         names.append("lm_head.weight")
     for i in range(model.num_layers):
-        names += hf_layer_names(i, model.add_qkv_bias, model.qk_layernorm)
+        names += hf_layer_names(i, model.add_qkv_bias, model.qk_layernorm, model)
     return names
 
 
@@ -139,7 +168,7 @@ def check_names(folder: SafetensorsFolder, model: ModelConfig) -> None:
     if unexpected:
         raise ConversionError(f"{folder.folder}: {len(unexpected)} tensor(s) this converter does "
                               f"not know, e.g. {', '.join(unexpected[:4])}; is it a plain "
-                              "Llama/Mistral/Qwen2/Qwen3 checkpoint?")
+                              "Llama/Mistral/Qwen2/Qwen3/Qwen3-MoE/Mixtral checkpoint?")
 
 
 def group_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shapes: Shapes) -> torch.Tensor:
@@ -170,9 +199,7 @@ def hf_to_mcore_layer(get, i: int, model: ModelConfig) -> Dict[str, torch.Tensor
             *(get(hf + f"self_attn.{p}_proj.weight") for p in "qkv"), shapes),
         mc + "self_attention.linear_proj.weight": get(hf + "self_attn.o_proj.weight"),
         mc + "pre_mlp_layernorm.weight": get(hf + "post_attention_layernorm.weight"),
-        mc + "mlp.linear_fc1.weight": torch.cat([get(hf + "mlp.gate_proj.weight"),
-                                                 get(hf + "mlp.up_proj.weight")]),
-        mc + "mlp.linear_fc2.weight": get(hf + "mlp.down_proj.weight"),
+        **_hf_to_mcore_mlp(get, hf, mc, model),
     }
     if model.add_qkv_bias:
         out[mc + "self_attention.linear_qkv.bias"] = group_qkv(
@@ -181,6 +208,37 @@ def hf_to_mcore_layer(get, i: int, model: ModelConfig) -> Dict[str, torch.Tensor
         for p in "qk":
             out[mc + f"self_attention.{p}_layernorm.weight"] = get(
                 hf + f"self_attn.{p}_norm.weight")
+    return out
+
+
+def _mlp_pairs(hf: str, mc: str, model: ModelConfig) -> List[Tuple[str, str, str, str]]:
+    """(HF gate, HF up, HF down, megatron MLP prefix) of each MLP (each expert) of a layer."""
+    if not model.num_experts:
+        return [(hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight",
+                 hf + "mlp.down_proj.weight", mc + "mlp.")]
+    block, gate, up, down = moe_names(model)
+    return [tuple(f"{hf}{block}.experts.{e}.{p}.weight" for p in (gate, up, down))
+            + (f"{mc}mlp.experts.local_experts.{e}.",) for e in range(model.num_experts)]
+
+
+def _hf_to_mcore_mlp(get, hf: str, mc: str, model: ModelConfig) -> Dict[str, torch.Tensor]:
+    out = {}
+    for gate, up, down, prefix in _mlp_pairs(hf, mc, model):
+        out[prefix + "linear_fc1.weight"] = torch.cat([get(gate), get(up)])
+        out[prefix + "linear_fc2.weight"] = get(down)
+    if model.num_experts:
+        out[mc + "mlp.router.weight"] = get(f"{hf}{moe_names(model)[0]}.gate.weight")
+    return out
+
+
+def _mcore_to_hf_mlp(state, hf: str, mc: str, model: ModelConfig) -> Dict[str, torch.Tensor]:
+    out = {}
+    for gate, up, down, prefix in _mlp_pairs(hf, mc, model):
+        gate_rows, up_rows = torch.chunk(state[prefix + "linear_fc1.weight"], 2, dim=0)
+        out.update({gate: gate_rows.contiguous(), up: up_rows.contiguous(),
+                    down: state[prefix + "linear_fc2.weight"]})
+    if model.num_experts:
+        out[f"{hf}{moe_names(model)[0]}.gate.weight"] = state[mc + "mlp.router.weight"]
     return out
 
 
@@ -199,15 +257,13 @@ def mcore_to_hf_layer(state: Dict[str, torch.Tensor], i: int,
     hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
     shapes = Shapes.of(model)
     q, k, v = split_qkv(state[mc + "self_attention.linear_qkv.weight"], shapes)
-    gate, up = torch.chunk(state[mc + "mlp.linear_fc1.weight"], 2, dim=0)
     out = {
         hf + "input_layernorm.weight": state[mc + "input_layernorm.weight"],
         hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
         hf + "self_attn.v_proj.weight": v,
         hf + "self_attn.o_proj.weight": state[mc + "self_attention.linear_proj.weight"],
         hf + "post_attention_layernorm.weight": state[mc + "pre_mlp_layernorm.weight"],
-        hf + "mlp.gate_proj.weight": gate.contiguous(), hf + "mlp.up_proj.weight": up.contiguous(),
-        hf + "mlp.down_proj.weight": state[mc + "mlp.linear_fc2.weight"],
+        **_mcore_to_hf_mlp(state, hf, mc, model),
     }
     if model.add_qkv_bias:
         for name, tensor in zip("qkv", split_qkv(state[mc + "self_attention.linear_qkv.bias"],

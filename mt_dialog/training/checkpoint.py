@@ -152,7 +152,9 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atte
                        "norm_epsilon",
                        "use_rope_scaling", "rope_scaling_factor", "rope_scaling_low_freq_factor",
                        "rope_scaling_high_freq_factor", "rope_scaling_original_max_position",
-                       "rotary_seq_len_interpolation_factor")
+                       "rotary_seq_len_interpolation_factor",
+                       "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                       "moe_router_score_function", "moe_router_pre_softmax")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
@@ -222,6 +224,15 @@ def check_resume_matches(root: str, config) -> None:
                 f"--load {root}: the checkpoint was saved {given} {flag} and its optimizer "
                 f"state has that form; resume {given} {flag}, or start from its weights with "
                 "--finetune")
+    # megatron-core 0.16.1 groups a MoE model's optimizer state by expert-parallel layout and
+    # cannot regroup it ("Different dict keys encountered in apply_factory_merges")
+    saved_ep = int(parallel.get("expert_model_parallel_size") or 1)
+    ours_ep = config.parallel.expert_model_parallel_size
+    if config.model.num_experts and saved_ep != ours_ep:
+        raise CheckpointError(
+            f"--load {root}: the checkpoint's optimizer state was saved at "
+            f"--expert-model-parallel-size {saved_ep}, this run has {ours_ep}; resume at "
+            f"{saved_ep}, or start from its weights (any layout) with --finetune")
 
 
 def checkpoint_args(root: str) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ against the world size before any model is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 from mt_dialog.config_utils import check_choice, option
@@ -18,6 +18,10 @@ from mt_dialog.training.loss import NORMALIZATIONS
 
 
 RECOMPUTE_GRANULARITIES = ("full", "selective")
+# --moe-router-load-balancing-type values mt_dialog gives a defined scale under its per-turn loss
+MOE_LOAD_BALANCING = ("aux_loss", "none")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_DISPATCHERS = ("allgather", "alltoall")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
@@ -88,6 +92,28 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = option(
         None, help="with --recompute-granularity full: layers per recompute chunk (uniform) or "
         "recomputed layers per pipeline stage (block) (default: 1)")
+    num_experts: Optional[int] = option(None, help="Mixture of Experts: experts per layer (every "
+                                        "layer's MLP becomes a routed MoE layer; default: dense)")
+    moe_router_topk: int = option(2, help="with --num-experts: experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = option(None, help="with --num-experts: SwiGLU inner "
+                                                "size of each expert (default: --ffn-hidden-size)")
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", choices=MOE_LOAD_BALANCING, help="with --num-experts: aux_loss adds the "
+        "Switch-Transformer load-balancing loss times --moe-aux-loss-coeff (see README, 'Mixture "
+        "of Experts', for its scale under the per-turn loss); none: no balancing loss")
+    moe_aux_loss_coeff: float = option(0.0, help="with --num-experts: weight of the "
+                                       "load-balancing loss (0: off, the loss is the dialogue "
+                                       "loss alone)")
+    moe_router_score_function: str = option(
+        "softmax", choices=MOE_SCORE_FUNCTIONS, help="with --num-experts: router scores of the "
+        "expert logits")
+    moe_router_pre_softmax: bool = option(
+        False, help="with --num-experts: softmax over all experts, then the top k keep their "
+        "scores (Qwen3-MoE with norm_topk_prob false); default: softmax over the top k only "
+        "(Mixtral; Qwen3-MoE with norm_topk_prob true)")
+    moe_token_dispatcher_type: str = option(
+        "allgather", choices=MOE_DISPATCHERS, help="with --num-experts: how tokens reach experts "
+        "on other expert-parallel ranks (alltoall: the usual choice at EP > 1 on GPUs)")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
@@ -113,6 +139,49 @@ class ModelConfig:
             raise ValueError(f"num_query_groups: {groups} must divide num_attention_heads "
                              f"{self.num_attention_heads}")
         self._check_recompute()
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        """MoE fields: experts > 1, 1 <= top-k <= experts, the choices; none given without
+        --num-experts (a silently ignored flag would train a dense model)."""
+        for name, choices in (("moe_router_load_balancing_type", MOE_LOAD_BALANCING),
+                              ("moe_router_score_function", MOE_SCORE_FUNCTIONS),
+                              ("moe_token_dispatcher_type", MOE_DISPATCHERS)):
+            check_choice(name, getattr(self, name), choices)
+        if self.moe_aux_loss_coeff < 0:
+            raise ValueError(f"moe_aux_loss_coeff: must be >= 0, got {self.moe_aux_loss_coeff}")
+        if self.num_experts is None:
+            defaults = {f.name: f.default for f in fields(self) if f.name.startswith("moe_")}
+            changed = [n for n, d in defaults.items() if getattr(self, n) != d]
+            if changed:
+                raise ValueError(f"{changed[0]}: --{changed[0].replace('_', '-')} needs "
+                                 "--num-experts N (a Mixture-of-Experts model); add it or drop "
+                                 "the flag")
+            return
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts: {self.num_experts} must be at least 2 (leave "
+                             "--num-experts out for a dense model)")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ValueError(f"moe_router_topk: {self.moe_router_topk} must be between 1 and "
+                             f"--num-experts {self.num_experts}")
+        _positive("moe_ffn_hidden_size", self.moe_ffn_hidden_size, allow_none=True)
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+
+    def moe_settings(self) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` fields of the MoE layers (empty when dense); the
+        router computes in fp32 whatever the parameters' dtype."""
+        if self.num_experts is None:
+            return {}
+        balancing = self.moe_router_load_balancing_type
+        return {"num_moe_experts": self.num_experts, "moe_router_topk": self.moe_router_topk,
+                "moe_ffn_hidden_size": self.moe_ffn_hidden_size,
+                "moe_router_load_balancing_type": balancing,
+                "moe_aux_loss_coeff": self.moe_aux_loss_coeff if balancing != "none" else 0.0,
+                "moe_router_score_function": self.moe_router_score_function,
+                "moe_router_pre_softmax": self.moe_router_pre_softmax,
+                "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
+                "moe_router_dtype": "fp32"}
 
     def _derive_sizes(self) -> None:
         """Fill the sizes left None: the Llama rule for the SwiGLU inner size (8/3 x hidden,
@@ -162,12 +231,16 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, help="sequence parallelism with TP (needs the "
                                      "Transformer Engine layers)")
     context_parallel_size: int = option(1, help="context parallelism; only 1 is supported")
+    expert_model_parallel_size: int = option(1, help="expert parallelism (EP): the experts of "
+                                             "each MoE layer are split over EP data-parallel "
+                                             "ranks (needs --num-experts divisible by it)")
     use_distributed_optimizer: bool = option(False, help="shard optimizer state over data "
                                              "parallel ranks")
 
     def __post_init__(self) -> None:
         _positive("tensor_model_parallel_size", self.tensor_model_parallel_size)
         _positive("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
+        _positive("expert_model_parallel_size", self.expert_model_parallel_size)
         _positive("virtual_pipeline_model_parallel_size",
                   self.virtual_pipeline_model_parallel_size, allow_none=True)
         if self.context_parallel_size != 1:
@@ -509,7 +582,27 @@ def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
             f"{layers_per_stage} pipeline chunks (pipeline-parallel size x virtual stages); use "
             f"a --num-layers that is a multiple of {layers_per_stage}, or fewer stages")
     _check_recompute_layers(model, model.num_layers // layers_per_stage)
+    _check_expert_parallel(model, par, dp)
     return dp
+
+
+def _check_expert_parallel(model: ModelConfig, par: ParallelConfig, dp: int) -> None:
+    """EP splits each MoE layer's experts over data-parallel ranks: it needs experts, must
+    divide their number and the data-parallel size."""
+    ep = par.expert_model_parallel_size
+    if ep == 1:
+        return
+    if model.num_experts is None:
+        raise ValueError(f"expert_model_parallel_size: {ep} needs a Mixture-of-Experts model "
+                         "(--num-experts N); use 1 for a dense model")
+    if model.num_experts % ep:
+        raise ValueError(f"expert_model_parallel_size: {ep} must divide --num-experts "
+                         f"{model.num_experts}")
+    if dp % ep:
+        raise ValueError(f"expert_model_parallel_size: {ep} must divide the data-parallel size "
+                         f"{dp} (world size / (tensor x pipeline parallel)); launch a multiple of "
+                         f"{ep * par.tensor_model_parallel_size * par.pipeline_model_parallel_size}"
+                         " processes or lower --expert-model-parallel-size")
 
 
 def _check_recompute_layers(model: ModelConfig, chunk_layers: int) -> None:

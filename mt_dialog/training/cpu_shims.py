@@ -45,6 +45,13 @@ Patch kinds
      (``--bf16`` / ``--fp16``) sort parameters by ``param.type()`` strings
      (``'torch.cuda.BFloat16Tensor'``...) and reject anything else; while they run, CPU tensors
      report the CUDA name of their dtype.
+   e ``transformer/moe/token_dispatcher.py`` (``MoEAlltoAllTokenDispatcher.
+     _maybe_dtoh_and_synchronize``, line ~879) asks ``moe_utils.maybe_move_tensor_to_cpu(...,
+     as_numpy=True)`` for the all-to-all split sizes, which converts only CUDA tensors
+     (``moe_utils.py`` ~1093); a CPU tensor stays a tensor and ``all_to_all_single`` refuses it
+     as split sizes (expert parallelism with ``--moe-token-dispatcher-type alltoall``). The
+     dispatcher module's name is rebound to a version that also turns a CPU tensor into NumPy
+     when asked to.
    These scoped ``torch.Tensor`` overrides (c, d) are the only places where a ``torch``
    attribute is touched, each restored in ``finally``.
 
@@ -72,6 +79,14 @@ distributed optimizer; DDP + finalize_model_grads + get_megatron_optimizer (Adam
    - tensor_parallel/mappings.py: ``_gather_along_last_dim`` output buffers on
      ``torch.cuda.current_device()``; attention gathers the key/value heads with it when the
      tensor-parallel size exceeds the query groups (one KV head at TP=2, as in small Qwen2s).
+   - transformer/moe/router.py: ``Router.gating`` moves a CPU router weight "to GPU" with
+     ``self.weight.data.to(device=torch.cuda.current_device())`` on every call (line ~90).
+   - transformer/moe/token_dispatcher.py: ``MoEAlltoAllTokenDispatcher.__init__`` creates
+     ``torch.cuda.Stream()`` for its device-to-host copies (line ~445) and
+     ``_maybe_dtoh_and_synchronize`` uses ``torch.cuda.current_stream()`` /
+     ``torch.cuda.stream(...)`` / ``record_event`` (lines ~871-895); the view's ``Stream``,
+     ``current_stream`` and ``stream`` give one stream object whose waits are no-ops (CPU work is
+     done when queued).
 Other megatron-core modules have the same kind of call sites on paths not used here, e.g.
 tensor_parallel/layers.py and tensor_parallel/utils.py (sequence
 parallel, which the local spec's torch norms refuse anyway), optimizer/distrib_optimizer.py,
@@ -93,7 +108,8 @@ from typing import Any, Dict, Iterable, List
 
 import torch
 
-__all__ = ["apply_cpu_shims", "cpu_shims_applied", "shim_report", "TORCH_VIEW_MODULES"]
+__all__ = ["apply_cpu_shims", "cpu_shims_applied", "define_missing_te_names", "shim_report",
+           "TORCH_VIEW_MODULES"]
 
 _LOCK = threading.Lock()
 _APPLIED = False
@@ -125,6 +141,10 @@ TORCH_VIEW_MODULES = (
     "megatron.core.optimizer.distrib_optimizer",
     # --fp16: the loss scale tensors
     "megatron.core.optimizer.grad_scaler",
+    # Mixture of Experts (--num-experts): the router's weight "moved to GPU", the alltoall
+    # dispatcher's CUDA stream
+    "megatron.core.transformer.moe.router",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 # Tensor factories whose ``device=`` / ``pin_memory=`` keywords get mapped.
@@ -163,6 +183,23 @@ def _wrap_factory(module_name: str, name: str, fn):
     return factory
 
 
+class _CpuStream:
+    """The one "stream" of a CPU process: work is already done when it is queued, so waiting,
+    recording and synchronizing have nothing to do."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> "_CpuStream":
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 class _CpuCudaView:
     """What ``torch.cuda`` looks like to a shimmed module on a CUDA-less machine."""
 
@@ -190,6 +227,18 @@ class _CpuCudaView:
     def manual_seed(self, seed):
         _note(f"{self._module_name}: torch.cuda.manual_seed()")
         torch.manual_seed(seed)
+
+    def Stream(self, *args, **kwargs):  # noqa: N802 - torch.cuda's name
+        _note(f"{self._module_name}: torch.cuda.Stream()")
+        return _CPU_STREAM
+
+    def current_stream(self, device=None):
+        _note(f"{self._module_name}: torch.cuda.current_stream()")
+        return _CPU_STREAM
+
+    def stream(self, stream):
+        _note(f"{self._module_name}: torch.cuda.stream()")
+        return contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -263,6 +312,21 @@ def _make_clip_grad_by_total_norm_fp32(clip_grads_module):
                 g.mul_(clip_coeff)
 
     return clip_grad_by_total_norm_fp32
+
+
+def _make_move_to_cpu(original):
+    """``moe_utils.maybe_move_tensor_to_cpu`` that gives NumPy for a CPU tensor too when
+    ``as_numpy`` (2e)."""
+
+    @functools.wraps(original)
+    def maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            _note("transformer.moe.token_dispatcher: CPU split sizes as NumPy")
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    maybe_move_tensor_to_cpu._mt_dialog_cpu_shim = True
+    return maybe_move_tensor_to_cpu
 
 
 @contextlib.contextmanager
@@ -382,6 +446,13 @@ def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
         _wrap_method(opt_mod.Float16OptimizerWithFloat16Params, "__init__",
                      _cpu_tensors_report_cuda_types, "Float16OptimizerWithFloat16Params.__init__")
 
+        dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+        if not getattr(dispatcher.maybe_move_tensor_to_cpu, "_mt_dialog_cpu_shim", False):
+            dispatcher.maybe_move_tensor_to_cpu = _make_move_to_cpu(
+                dispatcher.maybe_move_tensor_to_cpu)
+            _PATCHED.append("transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu: NumPy "
+                            "split sizes from CPU tensors")
+
         # megatron-core's tensor-parallel linears advise CUDA_DEVICE_MAX_CONNECTIONS=1 (CUDA
         # stream scheduling) once per process when TP > 1; CPU runs have no CUDA streams, so
         # that one-time advice is marked as given (tensor_parallel/layers.py, ``.warned``).
@@ -391,6 +462,22 @@ def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
 
         _APPLIED = True
         return True
+
+
+def define_missing_te_names() -> bool:
+    """Without Transformer Engine (on CPU, or a GPU without TE), megatron-core 0.16.1's
+    ``transformer/moe/moe_utils.py`` imports ``te_general_gemm`` only inside ``try: import
+    transformer_engine`` (line ~34) but ``RouterGatingLinearFunction.forward`` / ``backward``
+    test ``te_general_gemm is not None`` (lines ~1192, ~1225): a ``NameError`` on the first MoE
+    forward. Defining the name as None takes megatron's own torch path. Not a CUDA shim: applied
+    whenever TE is absent (``moe_utils.HAVE_TE`` false), whatever the device; returns whether it
+    did anything."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if moe_utils.HAVE_TE or hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    _PATCHED.append("transformer.moe.moe_utils.te_general_gemm = None (no Transformer Engine)")
+    return True
 
 
 def cpu_shims_applied() -> bool:

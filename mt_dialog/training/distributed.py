@@ -39,18 +39,20 @@ def quiet_megatron_import_warnings() -> None:
 
 
 def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int = None,
-               seed: int = 1234) -> None:
+               seed: int = 1234, expert_parallel: int = 1) -> None:
     """Start torch.distributed (from torchrun's environment, or as a single process) and
-    megatron-core's parallel groups; seed every generator."""
+    megatron-core's parallel groups (``expert_parallel``: ranks the experts of a MoE layer are
+    split over, within data parallel); seed every generator."""
     quiet_megatron_import_warnings()
     from megatron.core import parallel_state
 
     cuda = torch.cuda.is_available()
+    from mt_dialog.training.cpu_shims import apply_cpu_shims, define_missing_te_names
+
+    define_missing_te_names()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        from mt_dialog.training.cpu_shims import apply_cpu_shims
-
         apply_cpu_shims()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if not torch.distributed.is_initialized():
@@ -66,6 +68,7 @@ def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: i
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        expert_model_parallel_size=expert_parallel,
     )
     seed_everything(seed)
 

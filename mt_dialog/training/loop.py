@@ -226,6 +226,8 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
     for chunk in run.model:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
+    if run.config.model.moe_settings().get("moe_aux_loss_coeff"):
+        _set_aux_loss_scale(run, batches)
     store = _run_schedule(run, batches, forward_only=False)
     lr = run.optimizer.param_groups[0]["lr"]
     updated, grad_norm, _ = run.optimizer.step()
@@ -243,6 +245,18 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
         if run.config.optim.fp16:
             metrics["loss_scale"] = float(run.optimizer.get_loss_scale())
     return metrics
+
+
+def _set_aux_loss_scale(run: Run, batches: List[Dict]) -> None:
+    """The MoE load-balancing loss's weight for this step (``moe`` module docstring): the
+    global loss count over the global routed tokens, both summed over data-parallel ranks."""
+    from megatron.core import parallel_state as ps
+
+    from mt_dialog.training import moe
+
+    count, tokens = moe.step_count_and_tokens(batches, run.config.data.loss_normalization)
+    totals = _all_reduce_sums({"count": count, "tokens": tokens}, ps.get_data_parallel_group())
+    moe.set_aux_loss_scale(totals["count"], totals["tokens"])
 
 
 def evaluate(run: Run) -> Optional[Dict[str, float]]:
@@ -311,6 +325,24 @@ def _by_dataset(run: Run, window: List[Dict[str, float]], prefixes: Sequence[str
     return f" | {report.replace('loss per ', 'loss/')} by dataset: {', '.join(shown)}"
 
 
+def _router_load(run: Run) -> str:
+    """MoE models: the log line's router load over the interval (``moe.load_summary``: busiest
+    and idlest expert's tokens over an even share, averaged over layers), also sent to the
+    tracker; '' for a dense model. Collective over every rank."""
+    from mt_dialog.training import moe
+
+    load = moe.take_router_load(run.model)
+    summary = moe.load_summary(load) if load else {}
+    if not summary or not distributed.is_logging_rank():
+        return ""
+    if run.writer is not None:
+        run.writer.log("train", summary, run.iteration)
+    if run.history and run.history[-1]["iteration"] == run.iteration:
+        run.history[-1].update(summary)  # the interval's last training row
+    return (f" | experts max/mean {summary['router load max']:.2f} min/mean "
+            f"{summary['router load min']:.2f}")
+
+
 def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
     row = {"iteration": run.iteration, "split": prefix, **metrics}
     run.history.append(row)
@@ -374,8 +406,9 @@ def train(run: Run, stops: StopConditions) -> None:
             _record(run, "train", metrics)
             window.append(metrics)
         if run.iteration % cfg.log_interval == 0 or last:
+            load = _router_load(run)  # collective: every rank
             if window:
-                print(_log_line(run, window, time.time() - start), flush=True)
+                print(_log_line(run, window, time.time() - start) + load, flush=True)
             window, start = [], time.time()
         if _validation_due(run, last):
             _evaluate_and_log(run)
@@ -464,7 +497,8 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
                     start: StartPoint, forward_step, dp_size: int) -> Run:
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
-                           par.virtual_pipeline_model_parallel_size, config.train.seed)
+                           par.virtual_pipeline_model_parallel_size, config.train.seed,
+                           par.expert_model_parallel_size)
     run = _setup(config, info, datasets, start, forward_step, dp_size)
     if start.note:
         distributed.log(start.note)

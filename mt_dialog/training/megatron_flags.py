@@ -33,6 +33,11 @@ CHECKPOINTS = ("checkpoints are always megatron-core distributed checkpoints (to
 LOGGING = ("each log line, --tensorboard-dir and --wandb-project record loss per turn and per "
            "token, lr and grad norm every iteration; tokens/s and padding are in the log line")
 NOT_SUPPORTED = "not supported by mt_dialog (dense Llama-style GPT, bf16/fp16/fp32)"
+MOE = ("not supported by mt_dialog's Mixture of Experts, whose flags are --num-experts, "
+       "--moe-router-topk, --moe-ffn-hidden-size, --moe-router-load-balancing-type "
+       "(aux_loss, none), --moe-aux-loss-coeff, --moe-router-score-function, "
+       "--moe-router-pre-softmax, --moe-token-dispatcher-type (allgather, alltoall) and "
+       "--expert-model-parallel-size; every layer is a MoE layer, without shared experts")
 
 
 # one answer per flag (flags sharing an answer are added below)
@@ -90,7 +95,7 @@ _SHARED = (
     (CHECKPOINTS, ("--auto-detect-ckpt-format", "--async-save",
                    "--no-save-optim", "--no-save-rng", "--dist-ckpt-strictness",
                    "--non-persistent-save-interval")),
-    (NOT_SUPPORTED, ("--expert-model-parallel-size", "--num-experts", "--use-torch-fsdp2",
+    (NOT_SUPPORTED, ("--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
                      "--tp-comm-overlap", "--apply-layernorm-1p",
                      "--multi-latent-attention", "--spec", "--yaml-cfg")),
@@ -98,7 +103,8 @@ _SHARED = (
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
 
 # flag families, by prefix (an exact entry above wins)
-FAMILIES = {"--tokenizer-": TOKENIZER, "--tiktoken-": TOKENIZER, "--moe-": NOT_SUPPORTED,
+FAMILIES = {"--tokenizer-": TOKENIZER, "--tiktoken-": TOKENIZER, "--moe-": MOE,
+            "--expert-tensor-parallel-size": MOE,
             "--fp8": "fp8 is not supported: use --bf16", "--fp4": NOT_SUPPORTED,
             "--ckpt-": CHECKPOINTS, "--log-": LOGGING, "--tensorboard-": LOGGING,
             "--timing-log": LOGGING, "--profile-": "not built in: run under nsys or "

@@ -106,7 +106,9 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
         gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
+        expert_model_parallel_size=par.expert_model_parallel_size,
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
+        **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
     )
 
 
@@ -133,17 +135,32 @@ def layer_spec(config: DialogTrainingConfig):
     """megatron-core's layer spec: Transformer Engine's or the local one with packed attention.
     ``--qk-layernorm`` gives ``self_attention.q_layernorm`` / ``k_layernorm`` (TE's norm or
     ``torch.nn.RMSNorm`` of the head size, replicated over tensor-parallel ranks; megatron-core's
-    ``finalize_model_grads`` sums their gradients over the TP group)."""
-    qk_layernorm = config.model.qk_layernorm
+    ``finalize_model_grads`` sums their gradients over the TP group). ``--num-experts`` makes
+    every MLP a ``MoELayer`` with ``moe.DialogRouter``: TE's grouped-GEMM experts with Transformer
+    Engine, megatron-core's ``SequentialMLP`` (one SwiGLU MLP per local expert) otherwise; both
+    save the experts as ``mlp.experts.experts.linear_fc{1,2}.weight`` [layers, experts, ...]
+    (whatever the expert-parallel size) and the MLP norm as ``pre_mlp_layernorm.weight``."""
+    qk_layernorm, experts = config.model.qk_layernorm, config.model.num_experts
     if use_transformer_engine(config.model.transformer_impl):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    from mt_dialog.training.attention import get_packed_gpt_layer_local_spec
+        spec = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=qk_layernorm)
+    else:
+        from mt_dialog.training.attention import get_packed_gpt_layer_local_spec
 
-    return get_packed_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+        spec = get_packed_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm,
+                                               num_experts=experts)
+    if experts is not None:
+        from mt_dialog.training.moe import DialogRouter
+
+        spec.submodules.mlp.submodules.router = DialogRouter
+        # a MoE layer has no fc1 to fuse the norm into: the local spec would save the norm as
+        # mlp.linear_fc1.layer_norm_weight, TE's MoE spec as pre_mlp_layernorm.weight; keep TE's
+        spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
+    return spec
 
 
 def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,

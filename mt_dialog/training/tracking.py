@@ -24,7 +24,8 @@ import torch
 from mt_dialog.config_utils import to_dict
 from mt_dialog.training import distributed
 
-SCALARS = ("loss per turn", "loss per token", "lr", "grad_norm", "loss_scale")
+SCALARS = ("loss per turn", "loss per token", "lr", "grad_norm", "loss_scale", "router load max",
+           "router load min")  # (the last two: MoE models, moe.load_summary)
 TURN_SCALARS = ("accuracy", "exact turns")  # validation's, with their groups (turn_metrics)
 COUNTS = (": turns", ": loss tokens", ": conversations")  # a group's counts: not tracked
 

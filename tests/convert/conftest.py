@@ -8,6 +8,8 @@ safetensors file, 20 more embedding rows than the tokenizer has ids (as real Qwe
 ``hf_models["qwen3"]`` / ``["qwen3_untied"]``: Qwen3ForCausalLM (random per-head q/k RMSNorm
 weights, head_dim 32 != hidden / heads = 16, grouped-query attention, no biases, RMS eps 1e-6,
 RoPE base 1e6), tied and untied embeddings.
+``moe_models``: Qwen3MoeForCausalLM (norm_topk_prob false) and MixtralForCausalLM, 4 experts, top 2,
+imported in this process.
 All carry the session's ChatML byte-level BPE tokenizer (``hf_tokenizer_dir``).
 """
 
@@ -59,6 +61,14 @@ def _qwen(vocab: int):
     return model
 
 
+def _random_qk_norms(model):
+    """Qwen3's per-head q/k RMSNorm weights drawn at random (they start at one)."""
+    for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.data.uniform_(0.5, 2.0)
+    return model
+
+
 def _qwen3(vocab: int, tied: bool = True):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -66,11 +76,7 @@ def _qwen3(vocab: int, tied: bool = True):
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=tied, pad_token_id=0)
-    model = Qwen3ForCausalLM(config)
-    for layer in model.model.layers:  # random q/k norm weights (they start at one)
-        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
-            norm.weight.data.uniform_(0.5, 2.0)
-    return model
+    return _random_qk_norms(Qwen3ForCausalLM(config))
 
 
 def _qwen3_untied(vocab: int):
@@ -99,6 +105,69 @@ def hf_models(tmp_path_factory, hf_tokenizer_dir):
     return folders
 
 
+def _qwen3_moe(vocab: int):
+    """Qwen3-MoE without norm_topk_prob (softmax over all experts, then the top k:
+    --moe-router-pre-softmax)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    config = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=256)
+    return _random_qk_norms(Qwen3MoeForCausalLM(config))
+
+
+def _mixtral(vocab: int):
+    """Mixtral: softmax over the top k (megatron-core's default routing)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, tie_word_embeddings=False)
+    return MixtralForCausalLM(config)
+
+
+def in_process(convert_fn, config) -> None:
+    """``hf_checkpoint.import_hf`` / ``export_hf`` in this process (the command line is tested
+    on the dense families; a converter process costs seconds of imports)."""
+    from mt_dialog.training.distributed import destroy_single_process
+
+    try:
+        convert_fn(config)
+    finally:
+        destroy_single_process()
+
+
+@pytest.fixture(scope="session")
+def moe_models(tmp_path_factory, hf_tokenizer_dir):
+    """{"qwen3_moe" | "mixtral": (HF folder, imported checkpoint)}: tiny random MoE models
+    (4 experts, top 2, routers with random weights so that they choose) with the test
+    tokenizer, imported in this process."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from mt_dialog.convert.hf_checkpoint import ImportConfig, import_hf
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(hf_tokenizer_dir))
+    root = tmp_path_factory.mktemp("hf_moe")
+    out = {}
+    for name, build in (("qwen3_moe", _qwen3_moe), ("mixtral", _mixtral)):
+        torch.manual_seed(0)
+        model = build(vocab)
+        for gate in (m for n, m in model.named_modules() if n.endswith((".mlp.gate", "moe.gate"))):
+            gate.weight.data.normal_(0, 0.5)  # routers that choose (they start near uniform)
+        folder, ckpt = str(root / name), str(root / f"{name}_ckpt")
+        model.save_pretrained(folder)
+        for file in os.listdir(hf_tokenizer_dir):
+            shutil.copy2(os.path.join(hf_tokenizer_dir, file), folder)
+        in_process(import_hf, ImportConfig(load_dir=folder, save_dir=ckpt, progress=False))
+        out[name] = (folder, ckpt)
+    return out
+
+
 @pytest.fixture(scope="session")
 def imported(hf_models, tmp_path_factory):
     """{name: CKPT} for every ``hf_models`` folder: the models converted by ``hf-to-mcore``."""
@@ -108,6 +177,23 @@ def imported(hf_models, tmp_path_factory):
         out[name] = str(root / name)
         convert("hf-to-mcore", "--load-dir", folder, "--save-dir", out[name])
     return out
+
+
+def parallel_logits(checkpoints, vocabs, ids, folder, layout):
+    """{name: full logits} of every checkpoint ({name: CKPT}) on ``ids`` [batch, seq], loaded by
+    ONE two-process launch of ``logits_worker.py`` at ``layout`` (["--tp", "2"] or ["--ep",
+    "2"]); ``vocabs`` {name: real vocabulary rows}; files under ``folder``."""
+    import torch
+
+    from tests.training.launch import run_torchrun
+
+    names = list(checkpoints)
+    torch.save(ids, os.path.join(folder, "tokens.pt"))
+    outs = [os.path.join(folder, f"{name}.pt") for name in names]
+    run_torchrun("tests/convert/logits_worker.py", 2, [
+        "--load", *(checkpoints[n] for n in names), "--tokens", os.path.join(folder, "tokens.pt"),
+        "--out", *outs, "--vocab", *(vocabs[n] for n in names), *layout])
+    return {name: torch.load(out) for name, out in zip(names, outs)}
 
 
 def hf_logits(folder: str, ids):

@@ -1,6 +1,7 @@
 """hf-to-mcore / mcore-to-hf end to end: logits equal Hugging Face's at TP=1 and TP=2 (Llama,
-Qwen2, Qwen3 tied and untied), export gives back identical tensors, a fine-tune starts from the
-import at TP=2 and PP=2, chat answers, --use-checkpoint-args takes Qwen3's q/k layernorm."""
+Qwen2, Qwen3 tied and untied; the TP=2 logits of all four in one launch), export gives back
+identical tensors, a fine-tune starts from the import at TP=2, PP=2 and (Qwen3-MoE) EP=2, chat
+answers, --use-checkpoint-args takes Qwen3's q/k layernorm."""
 
 import json
 import os
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.convert.conftest import REPO, convert, hf_logits
+from tests.convert.conftest import REPO, convert, hf_logits, parallel_logits
 from tests.training.launch import run, run_torchrun
 
 pytestmark = pytest.mark.multiprocess
@@ -46,14 +47,20 @@ def test_import_tp1_logits_equal_hf(name, hf_models, imported, tokens, single_pr
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def tp2_logits(hf_models, imported, tokens, tmp_path_factory):
+    """{family: logits} of every import loaded at TP=2, all in one launch."""
+    from transformers import AutoConfig
+
+    vocabs = {name: AutoConfig.from_pretrained(hf_models[name]).vocab_size for name in FAMILIES}
+    return parallel_logits({name: imported[name] for name in FAMILIES}, vocabs, tokens,
+                           str(tmp_path_factory.mktemp("tp2_logits")), ["--tp", "2"])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
-def test_import_tp2_logits_equal_hf(name, hf_models, imported, tokens, tmp_path):
+def test_import_tp2_logits_equal_hf(name, hf_models, tp2_logits, tokens):
     reference = hf_logits(hf_models[name], tokens)
-    torch.save(tokens, tmp_path / "tokens.pt")
-    run_torchrun("tests/convert/logits_worker.py", 2,
-                 ["--load", imported[name], "--tokens", tmp_path / "tokens.pt", "--out",
-                  tmp_path / "logits.pt", "--tp", "2", "--vocab", reference.shape[-1]])
-    ours = torch.load(tmp_path / "logits.pt")
+    ours = tp2_logits[name]
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
@@ -125,17 +132,23 @@ def _losses(stdout: str):
 
 @pytest.mark.parametrize("name,layout", [("llama", ["--tensor-model-parallel-size", "2"]),
                                          ("qwen", ["--pipeline-model-parallel-size", "2"]),
-                                         ("qwen3", ["--tensor-model-parallel-size", "2"])])
-def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_path,
+                                         ("qwen3", ["--tensor-model-parallel-size", "2"]),
+                                         ("qwen3_moe", ["--expert-model-parallel-size", "2"])])
+def test_finetune_from_import_then_chat_and_export(name, layout, request, tmp_path,
                                                    single_process):
-    data = _dataset(tmp_path, os.path.join(imported[name], "tokenizer"))
+    """(Mixtral's import is checked by its logits at EP=2, test_hf_moe.py.)"""
+    moe = name.endswith("_moe")
+    ckpt = (request.getfixturevalue("moe_models")[name][1] if moe
+            else request.getfixturevalue("imported")[name])
+    data = _dataset(tmp_path, os.path.join(ckpt, "tokenizer"))
     save = str(tmp_path / "sft")
     proc = run_torchrun("pretrain_dialog.py", 2, [
-        "--load", imported[name], "--finetune", "--use-checkpoint-args", *layout,
+        "--load", ckpt, "--finetune", "--use-checkpoint-args", *layout,
         "--data-path", data, "--micro-batch-size", "2", "--global-batch-size", "4",
         "--train-iters", "16", "--lr", "2e-3", "--log-interval", "4", "--save", save])
     losses = _losses(proc.stdout)
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, proc.stdout
+    assert (" | experts max/mean " in proc.stdout) == moe, proc.stdout  # the router load
     chat = subprocess.run([sys.executable, "tools/chat.py", "--load", save, "--message",
                            "Count from 3 to 8.", "--max-new-tokens", "8", "--json"], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
@@ -157,11 +170,19 @@ def test_finetune_from_import_then_chat_and_export(name, layout, imported, tmp_p
     rows = reference.shape[-1]
     assert rows == generator.vocab_size + (20 if name == "qwen" else 0)
     assert (ours[..., :rows] - reference).abs().max().item() <= TOLERANCE
-    # a full resume needs the same padded vocabulary (the optimizer state has its shape)
+    # a full resume needs the same padded vocabulary (the optimizer state has its shape) and,
+    # for a MoE model, the same expert-parallel size (checked first, before building)
     resume = _pretrain(["--load", save, "--use-checkpoint-args", "--data-path", data,
                         "--train-iters", "17", "--make-vocab-size-divisible-by", "1"])
-    assert resume.returncode == 1 and "vocabulary has" in resume.stderr
-    assert "--make-vocab-size-divisible-by" in resume.stderr
+    assert resume.returncode == 1 and "Traceback" not in resume.stderr, resume.stderr
+    if moe:
+        assert resume.stderr.strip() == (
+            f"error: --load {save}: the checkpoint's optimizer state was saved at "
+            "--expert-model-parallel-size 2, this run has 1; resume at 2, or start from its "
+            "weights (any layout) with --finetune"), resume.stderr
+    else:
+        assert "vocabulary has" in resume.stderr and "--make-vocab-size-divisible-by" in \
+            resume.stderr, resume.stderr
 
 
 def test_existing_destination_is_refused(hf_models, imported):

@@ -1,7 +1,8 @@
 """torchrun worker: one training step of the LIBRARY code path vs plain-PyTorch references.
 
     torchrun --nproc_per_node N tests/training/equivalence_worker.py --tp T --pp P \
-        [--untie] [--micro 1 3] [--vpp-micro 4] --json OUT.json          (N = T * P * DP)
+        [--untie] [--micro 1 3] [--vpp-micro 4 | --moe alltoall --ep E] --json OUT.json
+                                                                          (N = T * P * DP)
 
 The model comes from ``mt_dialog.training.model`` (``build_model_chunks`` + ``wrap_ddp``, wired like
 ``loop._setup``: DDP ``no_sync`` and megatron's ``finalize_model_grads``); micro-batches from
@@ -28,6 +29,10 @@ conversation run alone through the same model (no packed params), vs the referen
 control, with ``--packed-attention causal`` packing (must differ).
 With ``--vpp-micro M`` (PP=2) the groups are then rebuilt for the interleaved schedule (2 model
 chunks per stage, 4 layers) and one step of M micro-batches is compared with the split baseline.
+With ``--moe`` the model is a Mixture of Experts (4 experts, top 2, ``--ep`` expert-parallel
+ranks; the reference routes each token in plain PyTorch, ``reference.reference_moe``) trained
+without the load-balancing loss, and ``check_aux_loss`` measures that loss's part of the gradient;
+``check_dispatcher`` builds it again with the other token dispatcher (allgather <-> alltoall).
 Rank 0 writes everything to ``--json``; the pass/fail decisions are the test's.
 """
 
@@ -64,6 +69,7 @@ from tests.training import reference as ref  # noqa: E402
 SEQ = 64  # tokens per pack
 MBS = 2  # packs per micro-batch: flattened to one [1, 128] sequence
 SEED = 1234
+AUX_COEFF = 0.1  # --moe: the load-balancing loss weight of check_aux_loss
 EDGES = [2, 4, 8]  # reply-length buckets of the validation check: 1-2, 3-4, 5-8, 9+
 BLEND = ["chat", "text"]  # the datasets of the "blend" case, as loop names them (blend_names)
 
@@ -132,19 +138,27 @@ def main():
     ap.add_argument("--vpp-micro", type=int, default=0,
                     help="with --pp 2: then check the interleaved schedule (2 chunks per stage) "
                          "at this many micro-batches per step")
+    ap.add_argument("--moe", choices=("allgather", "alltoall"),
+                    help="a Mixture-of-Experts model (4 experts, top 2) with this token "
+                    "dispatcher; its load-balancing loss is checked too (check_aux_loss)")
+    ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --moe)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
+               moe_token_dispatcher_type=args.moe, moe_aux_loss_coeff=AUX_COEFF) if args.moe else {}
     config = DialogTrainingConfig(
         ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
-                    untie_embeddings_and_output_weights=args.untie, transformer_impl="local"),
-        ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp),
+                    untie_embeddings_and_output_weights=args.untie, transformer_impl="local",
+                    **moe),
+        ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                       expert_model_parallel_size=args.ep),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
         OptimConfig(), TrainConfig(train_iters=1, seed=SEED, eval_reply_length_buckets=EDGES))
     dp = validate_world(config, world)
-    distributed.initialize(args.tp, args.pp, None, SEED)
+    distributed.initialize(args.tp, args.pp, None, SEED, expert_parallel=args.ep)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -156,6 +170,7 @@ def main():
 
     # the model, as loop._setup builds and wires it
     tconfig = transformer_config(config)
+    tconfig.moe_aux_loss_coeff = 0.0  # the dialogue loss alone, but for check_aux_loss
     chunks = build_model_chunks(config, tconfig, ref.VOCAB, SEQ)
     model = wrap_ddp(chunks, tconfig, config)
     tconfig.no_sync_func = model[0].no_sync
@@ -175,6 +190,9 @@ def main():
                    train_stream=[], valid_sets=[], forward_step=None, dp_size=dp, global_batch=0,
                    train_iters=1)
     out = {"tp": args.tp, "pp": args.pp, "dp": dp, "world": world, "tied": tied, "seq": SEQ,
+           "ep": ps.get_expert_model_parallel_world_size(),
+           "local_experts": sum(".local_experts." in n and n.endswith("linear_fc1.weight")
+                                for n, _ in model[0].module.named_parameters()),
            "micro_batch_size": MBS, "setup_s": round(time.time() - T0, 2), "steps": {}}
 
     def everyone(value):
@@ -261,6 +279,8 @@ def main():
         run.info.prefixes = ["unused"]
         assert recorder.steps == 2 * (len(out["steps"]) + 1)
         out["steps"][name] = res
+        if name == str(args.micro[-1]):  # the most micro-batches: kept for check_dispatcher
+            kept = (run.train_stream, run.global_batch, refs.get("turn"))
 
     # ---------------- isolation ----------------
     t = time.time()
@@ -322,6 +342,9 @@ def main():
     out["validation"] = check_validation(run, Wref, dp, tied, everyone)
     if args.vpp_micro:
         out["virtual_pipeline"] = check_virtual_pipeline(config, world, args.vpp_micro)
+    if args.moe:
+        out["aux_loss"] = check_aux_loss(run, tconfig, recorder, dp)
+        out["other_dispatcher"] = check_dispatcher(run, *kept)
     out["total_s_in_process"] = round(time.time() - T0, 2)
     if rank == 0:
         with open(args.json, "w") as f:
@@ -384,6 +407,91 @@ def check_virtual_pipeline(config, world, micro) -> dict:
                 {"w": G["output_layer.weight"]},
                 {"w": want["embedding.word_embeddings.weight"]})[0],
             "seconds": round(time.time() - t, 2)}
+
+
+def check_dispatcher(run, stream, global_batch, reference) -> dict:
+    """The MoE model built again with the other token dispatcher (alltoall <-> allgather), given
+    the same weights, takes one turn-normalized step of the same packs: its gradient against the
+    same split baseline (``reference``: (loss, grads) on rank 0). Returns {dispatcher,
+    turn_max_rel_err, worst_param} on rank 0, None elsewhere."""
+    from dataclasses import replace
+
+    from megatron.core.distributed import finalize_model_grads
+
+    mine = run.config.model.moe_token_dispatcher_type
+    other = "allgather" if mine == "alltoall" else "alltoall"
+    config = replace(run.config, model=replace(run.config.model, moe_token_dispatcher_type=other))
+    tconfig = transformer_config(config)
+    tconfig.moe_aux_loss_coeff = 0.0
+    model = wrap_ddp(build_model_chunks(config, tconfig, ref.VOCAB, SEQ), tconfig, config)
+    tconfig.no_sync_func = model[0].no_sync
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    weights = dict(run.model[0].module.named_parameters())
+    with torch.no_grad():
+        for name, param in model[0].module.named_parameters():
+            param.copy_(weights[name])
+    recorder = GradRecorder(model)
+    other_run = replace(run, config=config, model=model, optimizer=recorder, train_stream=stream,
+                        global_batch=global_batch,
+                        forward_step=pretrain_dialog.make_forward_step("turn"))
+    other_run.consumed, other_run.iteration = 0, 0
+    loop.train_step(other_run)
+    if dist.get_rank() != 0:
+        return None
+    dispatchers = {type(m.token_dispatcher).__name__ for m in model[0].module.modules()
+                   if hasattr(m, "token_dispatcher")}
+    err, worst = ref.max_rel_err({k: recorder.grads[k] for k in reference[1]}, reference[1])
+    return {"dispatcher": other, "classes": sorted(dispatchers), "turn_max_rel_err": err,
+            "worst_param": worst}
+
+
+def check_aux_loss(run, tconfig, recorder, dp) -> dict:
+    """The load-balancing loss's part of the gradient, ``grad(coeff) - grad(0)``, for one global
+    batch of identical packs (so that every micro-batch, whatever its packs, has the same Switch
+    loss) split several ways: (turn | token normalization) x (micro-batch size 2, 1 micro-batch
+    per rank | size 1, 2 micro-batches | size 1, 4 micro-batches, twice the packs). mt_dialog's
+    definition (``training.moe``) makes them all equal; megatron-core's own scale (C / N = 1) is
+    run too, as a control: it depends on the normalization. Returns max relative differences
+    to the first split (rank 0; None elsewhere)."""
+    from dataclasses import replace
+
+    from mt_dialog.training import moe
+
+    pack = ref.make_packs(seed=21, n_packs=1, seq=SEQ)[0]
+    sample = build_sample(*pack.triple(), SEQ, ref.PAD)
+    base_data, original_scale = run.config.data, moe.set_aux_loss_scale
+
+    def aux_grad(norm, mbs, packs_per_rank):
+        run.config.data = replace(base_data, micro_batch_size=mbs, loss_normalization=norm)
+        run.forward_step = pretrain_dialog.make_forward_step(norm)
+        run.train_stream, run.global_batch = [sample] * (packs_per_rank * dp), packs_per_rank * dp
+        grads = []
+        for coeff in (AUX_COEFF, 0.0):
+            tconfig.moe_aux_loss_coeff = coeff
+            run.consumed, run.iteration = 0, 0
+            loop.train_step(run)
+            grads.append(recorder.grads)
+        return {k: grads[0][k] - grads[1][k] for k in grads[0]}
+
+    splits = {"turn mbs2 x1": ("turn", 2, 2), "token mbs2 x1": ("token", 2, 2),
+              "turn mbs1 x2": ("turn", 1, 2), "turn mbs1 x4": ("turn", 1, 4)}
+    got = {name: aux_grad(*split) for name, split in splits.items()}
+    moe.set_aux_loss_scale = lambda count, tokens: original_scale(1, 1)  # megatron's scale
+    try:
+        control = {name: aux_grad(*splits[name]) for name in ("turn mbs2 x1", "token mbs2 x1")}
+    finally:
+        moe.set_aux_loss_scale = original_scale
+        run.config.data, tconfig.moe_aux_loss_coeff = base_data, 0.0
+    if dist.get_rank() != 0:
+        return None
+    first = got["turn mbs2 x1"]
+    nonzero = {k: v for k, v in first.items() if float(v.norm()) > 0}
+    return {"params_with_aux_grad": sorted(nonzero),
+            "rel_diff_to_first": {name: ref.max_rel_err({k: g[k] for k in nonzero}, nonzero)[0]
+                                  for name, g in got.items()},
+            "control_megatron_scale_turn_vs_token": ref.max_rel_err(
+                {k: control["token mbs2 x1"][k] for k in nonzero},
+                {k: control["turn mbs2 x1"][k] for k in nonzero})[0]}
 
 
 def reference_validation(Wref, convs, mcfg, tied) -> dict:

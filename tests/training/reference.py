@@ -258,11 +258,43 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
         ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, heads * hn)
         x = x + ctx @ W[p + "self_attention.linear_proj.weight"].t()
         h = _rms(x, W[p + "pre_mlp_layernorm.weight"], eps)
-        gate, up = (h @ W[p + "mlp.linear_fc1.weight"].t()).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ W[p + "mlp.linear_fc2.weight"].t()
+        if getattr(mcfg, "num_experts", None):
+            x = x + reference_moe(W, p + "mlp.", h, mcfg)
+        else:
+            x = x + _swiglu(W, p + "mlp.", h)
     x = _rms(x, W["decoder.final_layernorm.weight"], eps)
     out_w = W["embedding.word_embeddings.weight"] if tied else W["output_layer.weight"]
     return x @ out_w.t()
+
+
+def _swiglu(W, p: str, h):
+    gate, up = (h @ W[p + "linear_fc1.weight"].t()).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ W[p + "linear_fc2.weight"].t()
+
+
+def reference_moe(W, p: str, h, mcfg):
+    """A MoE layer ``p`` (``...mlp.``) on tokens ``h`` [L, H]: router logits in fp32, top-k
+    (softmax over the k chosen logits; with ``moe_router_pre_softmax`` softmax over all experts
+    first; sigmoid scores renormalized over the k), each token's output the probability-weighted
+    sum of its experts' SwiGLU (``experts.local_experts.<e>.linear_fc1/2``, global numbers)."""
+    k = mcfg.moe_router_topk
+    logits = h.float() @ W[p + "router.weight"].float().t()
+    if mcfg.moe_router_score_function == "sigmoid":
+        probs, idx = torch.sigmoid(logits).topk(k, dim=-1)
+        probs = probs / probs.sum(-1, keepdim=True) if k > 1 else probs
+    elif mcfg.moe_router_pre_softmax:
+        probs, idx = logits.softmax(-1).topk(k, dim=-1)
+    else:
+        top, idx = logits.topk(k, dim=-1)
+        probs = top.softmax(-1)
+    out = torch.zeros_like(h)
+    for e in range(mcfg.num_experts):
+        weight = (probs * (idx == e)).sum(-1).to(h.dtype)  # [L]: 0 where e is not chosen
+        rows = (idx == e).any(-1)
+        if bool(rows.any()):
+            expert = _swiglu(W, f"{p}experts.local_experts.{e}.", h[rows])
+            out = out.index_add(0, rows.nonzero().view(-1), weight[rows, None] * expert)
+    return out
 
 
 def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], normalization: str,
@@ -324,28 +356,48 @@ def global_names(model) -> Dict[str, torch.nn.Parameter]:
     for name, p in gpt.named_parameters():
         if name.startswith("decoder.layers."):
             li, tail = name[len("decoder.layers."):].split(".", 1)
-            name = f"decoder.layers.{local_to_global[int(li)]}.{tail}"
+            name = f"decoder.layers.{local_to_global[int(li)]}.{_global_expert(gpt, tail)}"
         out[name] = p
     return out
+
+
+def _global_expert(gpt, tail: str) -> str:
+    """``mlp.experts.local_experts.<local>.`` -> ``<global>`` (expert-parallel rank x experts
+    per rank + local); other names unchanged."""
+    marker = "mlp.experts.local_experts."
+    if not tail.startswith(marker):
+        return tail
+    from megatron.core import parallel_state as ps
+
+    local, rest = tail[len(marker):].split(".", 1)
+    per_rank = gpt.config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+    return f"{marker}{ps.get_expert_model_parallel_rank() * per_rank + int(local)}.{rest}"
 
 
 def gather_full(model, what: str = "data") -> Dict[str, torch.Tensor]:
     """Full parameter data ('data') or DDP ``main_grad`` ('grad') on every rank. Collective.
 
     A name present on two pipeline stages (the tied output-layer copy lives on the last stage as
-    ``output_layer.weight``, so it does not collide) gets an ``@pp<rank>`` suffix."""
+    ``output_layer.weight``, so it does not collide) gets an ``@pp<rank>`` suffix. MoE experts
+    come from expert-data-parallel rank 0 of each expert-parallel rank, under their global
+    numbers (``global_names``)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     entries = []
-    if ps.get_data_parallel_rank() == 0:
-        for name, p in global_names(model).items():
-            if what == "grad" and not p.requires_grad:  # frozen (LoRA base): no gradient
-                continue
+    for name, p in global_names(model).items():
+        if what == "grad" and not p.requires_grad:  # frozen (LoRA base): no gradient
+            continue
+        expert = ".local_experts." in name
+        first = (ps.get_expert_data_parallel_rank() if expert
+                 else ps.get_data_parallel_rank()) == 0
+        if first:
             t = p.main_grad if what == "grad" else p.data
+            tp = (ps.get_expert_tensor_parallel_rank() if expert
+                  else ps.get_tensor_model_parallel_rank())
             entries.append(dict(
                 name=name, t=t.detach().clone().float().cpu(),
-                tp=ps.get_tensor_model_parallel_rank(), pp=ps.get_pipeline_model_parallel_rank(),
+                tp=tp, pp=ps.get_pipeline_model_parallel_rank(),
                 is_tp=bool(getattr(p, "tensor_model_parallel", False)),
                 dim=getattr(p, "partition_dim", 0), stride=getattr(p, "partition_stride", 1)))
     gathered = [None] * dist.get_world_size()

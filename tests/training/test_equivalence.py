@@ -29,6 +29,8 @@ LAYOUTS = {
     "pp2": (2, ["--pp", "2", "--vpp-micro", str(VPP_MICRO)], (1, 2, 1)),
     "dp2": (2, [], (1, 1, 2)),
     "tp2_dp2": (4, ["--tp", "2", "--untie"], (2, 1, 2)),
+    # Mixture of Experts, the experts split over the two data-parallel ranks (alltoall dispatch)
+    "moe_ep2": (2, ["--moe", "alltoall", "--ep", "2"], (1, 1, 2)),
 }
 
 _RESULTS = {}
@@ -174,3 +176,29 @@ def test_virtual_pipeline_gradient_equals_split_baseline(tmp_path_factory):
     assert vpp["turn_logged_loss_per_turn"] == pytest.approx(vpp["turn_loss_ref"], rel=TOL)
     assert vpp["turn_logged_turns"] == vpp["turns"]
     assert vpp["batch_p2p_comm"] is False
+
+
+def test_moe_layout_splits_the_experts(tmp_path_factory):
+    res = _result("moe_ep2", tmp_path_factory)
+    assert res["ep"] == 2 and res["local_experts"] == 2 * 2, res  # 2 of 4 experts x 2 layers
+
+
+def test_moe_aux_loss_scale_does_not_depend_on_the_split(tmp_path_factory):
+    """The load-balancing loss's part of the gradient on one global batch of identical packs is
+    the same for turn and token normalization, micro-batch sizes 1 and 2, 1 to 4 micro-batches
+    and twice the packs (``training.moe``: coeff x the token-weighted mean of the micro-batches'
+    Switch losses); megatron-core's own scale under per-token loss (the control) is not."""
+    aux = _result("moe_ep2", tmp_path_factory)["aux_loss"]
+    assert any(".mlp.router.weight" in name for name in aux["params_with_aux_grad"]), aux
+    for split, diff in aux["rel_diff_to_first"].items():
+        assert diff <= 1e-4, (split, aux)
+    assert aux["control_megatron_scale_turn_vs_token"] > 0.1, aux
+
+
+def test_moe_other_dispatcher_equals_split_baseline(tmp_path_factory):
+    """The layout's model built again with megatron-core's allgather dispatcher (the default;
+    the layout runs alltoall), same weights and packs: the same turn-normalized gradient."""
+    other = _result("moe_ep2", tmp_path_factory)["other_dispatcher"]
+    assert other["dispatcher"] == "allgather", other
+    assert other["classes"] == ["MoEAllGatherTokenDispatcher"], other
+    assert other["turn_max_rel_err"] <= TOL, other
