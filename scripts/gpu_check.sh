@@ -3,8 +3,9 @@
 # numerics against each conversation alone, 30 bf16 iterations with the distributed optimizer
 # + save + resume, --finetune --bf16 continuing from the loaded model, a CPU-written checkpoint
 # trained and chatted with on the GPU, tools/chat.py, LoRA on the TE layers (learns, resumes
-# exactly). One PASS / FAIL / SKIP line per result, with its numbers; exit code 1 when one
-# failed. Details: python scripts/gpu_check.py --help.
+# exactly), a bf16 Mixture of Experts (learns; a CPU-written checkpoint resumes on the GPU).
+# One PASS / FAIL / SKIP line per result, with its numbers; exit code 1 when one failed.
+# Details: python scripts/gpu_check.py --help.
 #
 #   bash scripts/gpu_check.sh                     # sets up .venv (scripts/setup.sh) first
 #   bash scripts/gpu_check.sh --python python3    # an interpreter that has the packages already
