@@ -180,8 +180,8 @@ def _reduce_reports(store: List[Dict], batches: List[Dict], extra: Sequence[str]
         count = totals[f"{name} count"]
         metrics[name] = totals[f"{name} sum"] / count if count > 0 else float("nan")
         group, _, part = name.rpartition(": ")
-        if group and part in COUNT_NAMES:  # its count: the group's turns, tokens, ...
-            metrics[f"{group}: {COUNT_NAMES[part]}"] = count
+        if part in COUNT_NAMES:  # its count: the group's (or all, "turns") turns, tokens, ...
+            metrics[f"{group}: {COUNT_NAMES[part]}" if group else COUNT_NAMES[part]] = count
     metrics.update(turn_num=totals["loss per turn count"],
                    num_loss_tokens=totals["loss per token count"],
                    num_tokens=totals["num_tokens"], packs=totals["packs"])

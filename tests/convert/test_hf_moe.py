@@ -42,7 +42,7 @@ def test_import_tp1_logits_equal_hf(name, moe_models, tokens):
 
     folder, ckpt = moe_models[name]
     try:  # the model as mcore-to-hf loads it: TP = PP = EP = 1
-        _, _, model, _ = _load_for_export(ExportConfig(load_dir=ckpt, save_dir="unused"))
+        _, _, model, _, _ = _load_for_export(ExportConfig(load_dir=ckpt, save_dir="unused"))
         with torch.no_grad():
             ours = model(tokens, torch.arange(tokens.shape[1])[None].expand(2, -1), None)
     finally:

@@ -101,6 +101,8 @@ def test_text_documents_with_a_hugging_face_tokenizer_and_workers(tmp_path, hf_t
     for index in range(len(dataset)):
         tokens, _, lengths = dataset.raw_pack(index)
         stored += tokens.tolist()
-    expected = [i for text in documents for i in [bos, *tokenizer.encode(text),
-                                                  tokenizer.eos_id]]
-    assert stored == expected
+    from mt_dialog.data.render import document_piece, split_document
+
+    expected = [i for text in documents for piece in split_document(document_piece(
+        [bos, *tokenizer.encode(text), tokenizer.eos_id]), 48) for i in piece.input_ids.tolist()]
+    assert stored == expected  # each document, cut into overlapping pieces where it is long
