@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from mt_dialog.config_utils import to_dict
@@ -274,8 +275,15 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
         chunk.eval()
     isolated = run.config.model.packed_attention == "isolated"
     names = blend_names(run.info.valid_prefixes)
-    batches = [flatten_micro_batch([{**run.valid_sets[d][i], "dataset": d}], isolated,
-                                   distributed.device(), names) for d, i in mine]
+    samples = [{**run.valid_sets[d][i], "dataset": d} for d, i in mine]
+    if run.config.parallel.expert_model_parallel_size > 1 and packs:
+        samples += [_untrained_copy(samples[0] if samples else {**run.valid_sets[packs[0][0]][
+            packs[0][1]], "dataset": packs[0][0]})] * (-(-len(packs) // run.dp_size) - len(mine))
+    batches = [flatten_micro_batch([sample], isolated, distributed.device(), names)
+               for sample in samples]
+    for batch, sample in zip(batches, samples):
+        if sample.get("untrained_copy"):
+            batch.update(num_tokens=0, packs=0)
     for batch in batches:  # greedy accuracy chooses among the real ids only
         batch["vocab_size"] = run.info.vocab_size
     with torch.no_grad():
@@ -287,6 +295,17 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
         if run.eval_forward_step else []
     extra = [*extra, *dataset_report_names(names)]
     return _reduce_reports(store, batches, extra) if _is_last_stage() else None
+
+
+def _untrained_copy(sample: Dict) -> Dict:
+    """``sample`` with nothing trained (loss mask and turn lengths zero): validation's extra
+    micro-batch for a data-parallel rank that holds one pack fewer than the others when experts
+    are split over the data-parallel ranks (``--expert-model-parallel-size`` > 1), whose token
+    dispatch in every MoE layer is a collective that every rank of the expert group must join
+    as often as the others; it adds nothing to any sum or count (its tokens and pack too)."""
+    return {**sample, "loss_mask": np.zeros_like(sample["loss_mask"]),
+            "loss_token_num": np.zeros_like(sample["loss_token_num"]),
+            "turn_num": np.int64(0), "untrained_copy": True}
 
 
 def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:

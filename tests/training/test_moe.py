@@ -7,6 +7,8 @@ EP is refused in test_hf_checkpoint.py's MoE fine-tune."""
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -74,11 +76,18 @@ def test_load_summary():
 
 
 @pytest.mark.multiprocess
-def test_moe_run_at_ep2_learns_logs_the_router_and_trains_on_at_ep1_in_bf16(packed_data, tmp_path):
+def test_moe_run_at_ep2_learns_logs_the_router_and_trains_on_at_ep1_in_bf16(packed_data,
+                                                                             text_data, tmp_path):
     save = tmp_path / "moe"
+    # 6 + 1 validation packs: the data-parallel ranks (= the expert-parallel ranks) hold 4 and 3
+    # of them, and every MoE layer's token dispatch is a collective of both: validation must not
+    # hang (the rank with 3 runs an untrained copy as its 4th)
     first = launch(2, train_args(packed_data, *MOE, "--expert-model-parallel-size", "2",
                                  "--moe-token-dispatcher-type", "alltoall", "--save", save,
-                                 "--lr-decay-iters", "8", iters=4))
+                                 "--lr-decay-iters", "8", "--eval-interval", "4",
+                                 "--valid-data-path", packed_data, text_data, iters=4))
+    assert re.search(r"^validation at iter 4 \| loss/turn [0-9.]+ ", first.stdout, re.M), \
+        first.stdout
     lines = parse_iters(first.stdout)
     assert [r["iter"] for r in lines] == [1, 2, 3, 4], first.stdout
     assert lines[-1]["loss_turn"] < lines[0]["loss_turn"] - 0.5, lines
