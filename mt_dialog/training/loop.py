@@ -546,8 +546,11 @@ def _banner(run: Run, argv) -> str:
     trainable, total = parameter_counts(run.model)
     what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}: "
             if lora.enabled else "")
+    experts = (f" EP={par.expert_model_parallel_size} | MoE {run.config.model.num_experts} "
+               f"experts, top {run.config.model.moe_router_topk}"
+               if run.config.model.num_experts else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
-            f" DP={run.dp_size} | {run.train_iters} iterations x {run.global_batch} packs of "
+            f" DP={run.dp_size}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
             f"normalization {run.config.data.loss_normalization} | {what}trainable parameters "
             f"{trainable:,} of {total:,} ({trainable / max(total, 1):.2%}) | device "

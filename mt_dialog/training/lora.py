@@ -215,29 +215,36 @@ def adapters(chunks: List[torch.nn.Module]) -> Dict[str, LoraAdapter]:
 
 
 def parameter_counts(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
-    """(trainable, total) parameters of the whole model, over every TP and PP rank: a
-    TP-sharded tensor counts each shard, a replicated one once, the tied output-layer copy of
-    the last pipeline stage not at all. Collective over the model-parallel group."""
+    """(trainable, total) parameters of the whole model, over every rank: a TP-sharded tensor
+    counts each shard, a replicated one once, the tied output-layer copy of the last pipeline
+    stage not at all; Mixture-of-Experts weights (megatron-core marks them ``allreduce=False``)
+    count each expert-parallel rank's experts once, from expert-data-parallel rank 0. Collective
+    over every rank."""
     from megatron.core import parallel_state as ps
 
     trainable = total = 0
-    first_tp = ps.get_tensor_model_parallel_rank() == 0
+    dense_rank = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
     for chunk in chunks:
         for param in chunk.parameters():
             if getattr(param, "shared_embedding", False) and not \
                     ps.is_pipeline_first_stage(ignore_virtual=True):
                 continue
-            if not (getattr(param, "tensor_model_parallel", False) or first_tp):
-                continue
-            total += param.numel()
-            trainable += param.numel() if param.requires_grad else 0
+            if not getattr(param, "allreduce", True):  # an expert's weight
+                counted = ps.get_expert_data_parallel_rank() == 0 and (
+                    getattr(param, "tensor_model_parallel", False)
+                    or ps.get_expert_tensor_parallel_rank() == 0)
+            else:
+                counted = ps.get_data_parallel_rank() == 0 and (
+                    getattr(param, "tensor_model_parallel", False) or dense_rank)
+            if counted:
+                total += param.numel()
+                trainable += param.numel() if param.requires_grad else 0
     counts = torch.tensor([trainable, total], dtype=torch.float64)
     if torch.distributed.is_initialized():
-        group = ps.get_model_parallel_group()
         from mt_dialog.training.distributed import device
 
         counts = counts.to(device())
-        torch.distributed.all_reduce(counts, group=group)
+        torch.distributed.all_reduce(counts)
     return int(counts[0].item()), int(counts[1].item())
 
 

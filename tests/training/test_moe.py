@@ -114,6 +114,14 @@ def test_moe_run_at_ep2_learns_logs_the_router_and_trains_on_at_ep1_in_bf16(pack
     # the loaded experts: it starts where the EP=2 run ended, not from scratch
     assert more[0]["loss_turn"] < lines[0]["loss_turn"] - 0.5, (lines, more)
     assert more[-1]["loss_turn"] < more[0]["loss_turn"], more
+    # the banner counts every expert once, whatever EP holds them (the checkpoint's tensors)
+    counts = [re.search(r" EP=(\d) \| MoE 4 experts, top 2 \|.*trainable parameters "
+                        r"([\d,]+) of ([\d,]+)", run.stdout)
+              for run in (first, resumed)]
+    assert [c[1] for c in counts] == ["2", "1"], (first.stdout, resumed.stdout)
+    whole = sum(v.numel() for k, v in state.items() if k.startswith(("embedding.", "decoder."))
+                and "_extra_state" not in k)  # tied output layer: the embedding
+    assert {c[2] for c in counts} == {c[3] for c in counts} == {f"{whole:,}"}, (counts, whole)
     saved = read_checkpoint(iteration_dir(tmp_path / "bf16", 4))
     fc1 = "decoder.layers.mlp.experts.experts.linear_fc1.weight"
     assert saved[fc1].dtype == torch.bfloat16 and saved[fc1].shape == (2, 4, 128, 64)
