@@ -525,8 +525,9 @@ def _banner(run: Run, argv) -> str:
 
     par, lora = run.config.parallel, run.config.lora
     trainable, total = parameter_counts(run.model)
-    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}: "
-            if lora.enabled else "")
+    experts = " (experts not adapted)" if run.config.model.num_experts else ""
+    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}"
+            f"{experts}: " if lora.enabled else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
