@@ -318,7 +318,7 @@ def _load_for_export(cfg: ExportConfig):
     from megatron.core import dist_checkpointing
 
     from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
-    from mt_dialog.training.lora_checkpoint import base_pointer_of
+    from mt_dialog.training.lora_checkpoint import checked_base
 
     info = read_run_info(cfg.load_dir, cfg.iteration)  # SavedRunError: a ValueError, as ours
     saved = inference_config(info["config"])
@@ -327,7 +327,8 @@ def _load_for_export(cfg: ExportConfig):
         raise ConversionError(f"--merge-lora: {cfg.load_dir} is not a LoRA checkpoint (its "
                               "weights are exported as they are); drop the flag")
     weights_dir = iteration_dir(cfg.load_dir, info["iteration"])
-    pointer = base_pointer_of(cfg.load_dir, info["iteration"]) if lora.enabled else None
+    pointer = checked_base(cfg.load_dir, info["iteration"], "--load-dir") if lora.enabled \
+        else None
     if pointer:  # the embedding (rows, dtype) is the base's
         weights_dir = iteration_dir(pointer["path"], int(pointer["iteration"]))
     embedding = dist_checkpointing.load_tensors_metadata(weights_dir)[

@@ -481,7 +481,7 @@ class LoraConfig:
             if targets != ["all"]:
                 given.append("--lora-target")
             if given:
-                raise ValueError(f"lora_rank: {', '.join(given)} need --lora-rank R (LoRA is "
+                raise ValueError(f"lora_rank: {', '.join(given)} needs --lora-rank R (LoRA is "
                                  "off without it)")
 
     @property
@@ -498,6 +498,24 @@ class LoraConfig:
         """The targeted layer names in megatron-core order, ``all`` expanded."""
         chosen = set(self.lora_target)
         return tuple(t for t in LORA_TARGETS if "all" in chosen or t in chosen)
+
+    def fit_model(self, model: "ModelConfig") -> None:
+        """On a Mixture-of-Experts model (``model.num_experts``) the MLP is the experts, which
+        get no adapters: ``all`` becomes ``linear_qkv linear_proj`` (the attention layers).
+
+        Raises:
+            ValueError: an explicit ``linear_fc1``/``linear_fc2`` on a MoE model.
+        """
+        if not self.enabled or model.num_experts is None:
+            return
+        mlp = [t for t in self.lora_target if t in ("linear_fc1", "linear_fc2")]
+        if mlp:
+            raise ValueError(
+                f"lora_target: {' '.join(mlp)} is the MLP, which on this Mixture-of-Experts "
+                f"model (--num-experts {model.num_experts}) is the experts; LoRA on experts is "
+                "not supported: use --lora-target linear_qkv linear_proj (what all means here)")
+        if "all" in self.lora_target:
+            self.lora_target = ["linear_qkv", "linear_proj"]
 
 
 # --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends
@@ -551,6 +569,9 @@ class DialogTrainingConfig:
     train: TrainConfig
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        self.lora.fit_model(self.model)
 
 
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:

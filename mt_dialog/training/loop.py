@@ -544,8 +544,9 @@ def _banner(run: Run, argv) -> str:
 
     par, lora = run.config.parallel, run.config.lora
     trainable, total = parameter_counts(run.model)
-    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}: "
-            if lora.enabled else "")
+    untouched = " (experts not adapted)" if run.config.model.num_experts else ""
+    what = (f"LoRA rank {lora.lora_rank} alpha {lora.alpha:g} on {','.join(lora.targets)}"
+            f"{untouched}: " if lora.enabled else "")
     experts = (f" EP={par.expert_model_parallel_size} | MoE {run.config.model.num_experts} "
                f"experts, top {run.config.model.moe_router_topk}"
                if run.config.model.num_experts else "")

@@ -11,8 +11,12 @@ load (resume, chat, export) reads the base weights from ``path`` at ``iteration`
 its ``fingerprint``, then the adapters from the LoRA checkpoint.
 
 The fingerprint is a sha256 over the base iteration folder's files (sorted): name, size, and the
-content of each file up to 1 MiB, else its first and last MiB (the tensors' bytes). It is cheap
-for a 70B base (no full read) and catches a base that was retrained, re-saved or replaced.
+content of each file up to 2 MiB, else its first and last MiB (the tensors' bytes). It is cheap
+for a 70B base (no full read) and catches a base that was retrained or replaced. torch's
+``.metadata`` (where each tensor lies in which file) counts without its ``storage_meta``, the
+only part that differs between two saves of the same weights (the save's random id and the
+folder it was written to), its tables compared in sorted order: re-importing the same Hugging Face model to the same path restores
+a base. Fingerprints saved before this rule (every byte of ``.metadata``) are still accepted.
 """
 
 from __future__ import annotations
@@ -38,14 +42,36 @@ def is_base_key(key: str) -> bool:
     return not is_adapter_key(key)
 
 
-def fingerprint(path: str) -> str:
-    """sha256 (hex) of the checkpoint folder ``path`` (module docstring)."""
+def _torch_metadata(folder: str) -> Optional[bytes]:
+    """The ``.metadata`` of ``folder`` without its per-save ``storage_meta`` (module docstring),
+    None when it cannot be read (then its bytes count as they are)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(folder).read_metadata()
+    except Exception:  # not torch's format: hash the bytes
+        return None
+    fields = []  # dicts sorted: the writer threads finish in any order
+    for key, value in sorted(vars(metadata).items()):
+        if key != "storage_meta":
+            fields.append((key, sorted(map(repr, value.items())) if isinstance(value, dict)
+                           else repr(value)))
+    return repr(fields).encode()
+
+
+def fingerprint(path: str, legacy: bool = False) -> str:
+    """sha256 (hex) of the checkpoint folder ``path`` (module docstring); ``legacy``: every
+    byte of ``.metadata``, as fingerprints were before."""
     digest = hashlib.sha256()
     for folder, dirs, files in sorted(os.walk(path)):
         dirs.sort()
         for name in sorted(files):
             full = os.path.join(folder, name)
             size = os.path.getsize(full)
+            layout = None if legacy or name != ".metadata" else _torch_metadata(folder)
+            if layout is not None:
+                digest.update(f"{os.path.relpath(full, path)}\0layout\0".encode() + layout)
+                continue
             digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
             with open(full, "rb") as handle:
                 if size <= 2 * _MIB:
@@ -74,8 +100,9 @@ def base_pointer_of(root: str, iteration: Optional[int] = None) -> Optional[Dict
     return common.get("lora_base")
 
 
-def check_base(root: str, pointer: Dict[str, Any]) -> None:
-    """Refuse a base that is gone or changed since the LoRA checkpoint ``root`` was saved.
+def check_base(root: str, pointer: Dict[str, Any], flag: str = "--load") -> None:
+    """Refuse a base that is gone or changed since the LoRA checkpoint ``root`` (given as
+    ``flag``) was saved.
 
     Raises:
         CheckpointError: naming the base, what differs and what to do.
@@ -83,14 +110,32 @@ def check_base(root: str, pointer: Dict[str, Any]) -> None:
     path, iteration = pointer["path"], int(pointer["iteration"])
     folder = iteration_dir(path, iteration)
     if not os.path.isdir(folder):
-        raise CheckpointError(f"--load {root}: its base checkpoint {folder} (the weights the "
-                              "adapters were trained on) is missing; restore it at that path")
-    found = fingerprint(folder)
-    if found != pointer["fingerprint"]:
         raise CheckpointError(
-            f"--load {root}: its base checkpoint {folder} changed since the adapters were "
+            f"{flag} {root}: its base checkpoint {folder} (the weights the adapters were "
+            "trained on) is missing; restore it at that path (a base imported from Hugging "
+            "Face: import the same model there again)")
+    found = fingerprint(folder)
+    if found != pointer["fingerprint"] and fingerprint(folder, legacy=True) != \
+            pointer["fingerprint"]:
+        raise CheckpointError(
+            f"{flag} {root}: its base checkpoint {folder} changed since the adapters were "
             f"trained on it (fingerprint {found[:12]} != {pointer['fingerprint'][:12]}); "
             "restore the original base, or start a new LoRA run from this one with --finetune")
+
+
+def checked_base(root: str, iteration: Optional[int] = None, flag: str = "--load"
+                 ) -> Optional[Dict[str, Any]]:
+    """The base pointer of the LoRA checkpoint ``root`` (given as ``flag``; newest iteration by
+    default) after ``check_base``; None for any other checkpoint. Resume, generation and
+    export all read a base through this.
+
+    Raises:
+        CheckpointError: the base is missing or changed (``check_base``).
+    """
+    pointer = base_pointer_of(root, iteration)
+    if pointer:
+        check_base(root, pointer, flag)
+    return pointer
 
 
 def check_lora_start(start: StartPoint, config) -> None:
@@ -129,6 +174,25 @@ def check_lora_start(start: StartPoint, config) -> None:
             f"{','.join(theirs.targets)} but this run asks for rank {lora.lora_rank} on "
             f"{','.join(lora.targets)}; pass --lora-rank {theirs.lora_rank} --lora-target "
             f"{' '.join(theirs.targets)}")
+    _check_scaling(start, theirs, lora)
+
+
+def _check_scaling(start: StartPoint, theirs, lora) -> None:
+    """The adapters' alpha (their scaling alpha / rank) must be the checkpoint's; on a resume
+    (not --finetune) the dropout too. ``theirs``/``lora``: the saved and the asked LoraConfig.
+
+    Raises:
+        CheckpointError: naming the checkpoint's values and the flags to pass.
+    """
+    differ = theirs.alpha != lora.alpha or (
+        not start.weights_only and theirs.lora_dropout != lora.lora_dropout)
+    if differ:
+        omitted = " (the rank: --lora-alpha omitted)" if lora.lora_alpha is None else ""
+        raise CheckpointError(
+            f"--load {start.path}: its adapters were trained with alpha {theirs.alpha:g} "
+            f"(scaling alpha / rank) and dropout {theirs.lora_dropout:g}, but this run asks for "
+            f"alpha {lora.alpha:g}{omitted} and dropout {lora.lora_dropout:g}; pass "
+            f"--lora-alpha {theirs.alpha:g} --lora-dropout {theirs.lora_dropout:g}")
 
 
 def load_lora_start(start: StartPoint, model: List, optimizer, scheduler
@@ -137,12 +201,11 @@ def load_lora_start(start: StartPoint, model: List, optimizer, scheduler
     checkpoint (weights only: the adapters start fresh) or a LoRA checkpoint (its base after
     ``check_base``, then its adapters, with optimizer, scheduler and position on a resume).
     Returns ``(iteration, consumed_samples, base pointer)``."""
-    pointer = base_pointer_of(start.path)
+    pointer = checked_base(start.path)
     if pointer is None:  # a base: every non-adapter tensor of it
         pointer = base_pointer(start.path)
         load_checkpoint(start.path, model, optimizer, finetune=True, select=is_base_key)
         return 0, 0, pointer
-    check_base(start.path, pointer)
     load_checkpoint(pointer["path"], model, optimizer, finetune=True,
                     iteration=int(pointer["iteration"]), select=is_base_key)
     iteration, consumed = load_checkpoint(start.path, model, optimizer, scheduler,
@@ -153,8 +216,7 @@ def load_lora_start(start: StartPoint, model: List, optimizer, scheduler
 def load_lora_weights(root: str, model: List, iteration: int) -> int:
     """Base then adapter weights of the LoRA checkpoint ``root`` at ``iteration`` into bare
     GPTModel chunk(s) with adapters (generation, export); returns ``iteration``."""
-    pointer = base_pointer_of(root, iteration)
-    check_base(root, pointer)
+    pointer = checked_base(root, iteration)
     load_weights_for_inference(pointer["path"], model, int(pointer["iteration"]),
                                select=is_base_key)
     load_weights_for_inference(root, model, iteration, select=is_adapter_key)

@@ -328,18 +328,21 @@ def vocab_rows(root: str, iteration: int, default: int) -> int:
 
     Raises:
         SavedRunError: the checkpoint's metadata cannot be read.
+        CheckpointError: a LoRA checkpoint's base is missing or changed
+            (``lora_checkpoint.checked_base``).
     """
     from mt_dialog.training.checkpoint import iteration_dir, stored_vocab_rows
-    from mt_dialog.training.lora_checkpoint import base_pointer_of
+    from mt_dialog.training.lora_checkpoint import checked_base
 
+    folder = iteration_dir(root, iteration)
     try:
-        rows = stored_vocab_rows(iteration_dir(root, iteration))
-        pointer = base_pointer_of(root, iteration) if rows is None else None
-        if pointer:  # a LoRA checkpoint: the base holds the embedding
-            rows = stored_vocab_rows(iteration_dir(pointer["path"], int(pointer["iteration"])))
+        rows = stored_vocab_rows(folder)
     except Exception as exc:  # dist_checkpointing raises several kinds
         raise SavedRunError(f"checkpoint {root}: unreadable metadata ({type(exc).__name__}: "
                             f"{exc})") from None
+    pointer = checked_base(root, iteration) if rows is None else None  # CheckpointError
+    if pointer:  # a LoRA checkpoint: the base holds the embedding
+        return vocab_rows(pointer["path"], int(pointer["iteration"]), default)
     return rows or default
 
 

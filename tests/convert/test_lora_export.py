@@ -11,7 +11,9 @@ scaling) imported with ``hf-to-mcore``; a chat corpus preprocessed with its toke
   ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HF_BASE), folder)`` loads:
   its logits equal mt_dialog's (base + adapters) within 1e-4 in fp32; ``--merge-lora`` writes a
   plain Hugging Face model with the same logits;
-* ``tools/chat.py --load LORA_CKPT`` answers; a changed base is refused.
+* ``tools/chat.py --load LORA_CKPT`` answers; a changed base is refused, a moved one with the
+  same message by resume, chat and export; a re-imported base keeps its fingerprint; a resume
+  with another alpha or dropout is refused.
 """
 
 from __future__ import annotations
@@ -208,6 +210,74 @@ def test_a_lora_checkpoint_needs_its_own_lora_flags(lora_run):
         check_lora_start(start, single_process_config(model))
     with pytest.raises(CheckpointError, match="its adapters have rank 4 .* pass --lora-rank 4"):
         check_lora_start(start, single_process_config(model, lora=LoraConfig(lora_rank=8)))
+    with pytest.raises(CheckpointError, match=r"trained with alpha 8 .* asks for alpha 4 \(the "
+                       r"rank: --lora-alpha omitted\).*pass --lora-alpha 8 --lora-dropout 0"):
+        check_lora_start(start, single_process_config(model, lora=LoraConfig(lora_rank=4)))
+    dropout = LoraConfig(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+    with pytest.raises(CheckpointError, match="dropout 0, but .* and dropout 0.1"):
+        check_lora_start(start, single_process_config(model, lora=dropout))
+    check_lora_start(StartPoint(lora_run["ckpt"], True),  # --finetune: a new dropout is fine
+                     single_process_config(model, lora=dropout))
     with pytest.raises(CheckpointError, match="not a LoRA checkpoint.*add --finetune"):
         check_lora_start(StartPoint(lora_run["base"], False), same)
     assert read_run_info(lora_run["ckpt"])["config"]["lora"]["lora_rank"] == 4
+
+
+def test_chat_and_export_refuse_a_missing_base_as_resume_does(lora_run, tmp_path, capsys):
+    """A LoRA checkpoint whose base was moved: tools/chat.py and mcore-to-hf say what resume
+    says (``lora_checkpoint.checked_base``), one line, no traceback."""
+    from tools.chat import main as chat_main
+    from tools.convert_checkpoint import main as convert_main
+
+    moved = str(tmp_path / "lora")
+    shutil.copytree(lora_run["ckpt"], moved)
+    common = os.path.join(moved, "iter_0000008", "common.pt")
+    state = torch.load(common, weights_only=False)
+    state["lora_base"]["path"] = gone = str(tmp_path / "moved_away")
+    torch.save(state, common)
+    missing = f"its base checkpoint {gone}/iter_0000000 (the weights the adapters were trained on)" \
+        " is missing; restore it at that path"
+    assert chat_main(["--load", moved, "--message", "hi"]) == 1
+    assert capsys.readouterr().err.strip() == f"error: --load {moved}: {missing} (a base " \
+        "imported from Hugging Face: import the same model there again)"
+    assert convert_main(["mcore-to-hf", "--load-dir", moved, "--save-dir",
+                         str(tmp_path / "hf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--load-dir {moved}: {missing}" in err and "Traceback" not in err, err
+
+
+def test_a_reimported_base_keeps_its_fingerprint(lora_run, hf_models, tmp_path):
+    """hf-to-mcore of the same model again (another save: new torch save id and path) gives
+    the same fingerprint; one changed weight byte does not; a fingerprint of the older rule
+    (every byte of .metadata) is still accepted."""
+    from mt_dialog.training.checkpoint import CheckpointError
+    from mt_dialog.training.lora_checkpoint import (
+        base_pointer,
+        base_pointer_of,
+        check_base,
+        fingerprint,
+    )
+    from tools.convert_checkpoint import main as convert_main
+
+    from mt_dialog.training.distributed import destroy_single_process
+
+    again = str(tmp_path / "again")
+    try:
+        _tool(convert_main, ["hf-to-mcore", "--load-dir", hf_models["llama"], "--save-dir",
+                             again])
+    finally:
+        destroy_single_process()
+    pointer = base_pointer_of(lora_run["ckpt"])
+    assert base_pointer(again)["fingerprint"] == pointer["fingerprint"]
+    check_base(lora_run["ckpt"], dict(pointer, path=again))
+    folder = os.path.join(again, "iter_0000000")
+    check_base(lora_run["ckpt"], dict(pointer, path=again,
+                                      fingerprint=fingerprint(folder, legacy=True)))
+    shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".distcp"))[0])
+    with open(shard, "r+b") as handle:
+        handle.seek(os.path.getsize(shard) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(CheckpointError, match="changed since the adapters were trained"):
+        check_base(lora_run["ckpt"], dict(pointer, path=again))

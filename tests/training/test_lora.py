@@ -83,7 +83,7 @@ def test_lora_flags_are_validated():
             ({"lora_rank": 4, "lora_alpha": -1.0}, "lora_alpha: must be positive"),
             ({"lora_rank": 4, "lora_dropout": 1.0}, "lora_dropout: 1.0 must be in [0, 1)"),
             ({"lora_rank": 4, "lora_target": ["q_proj"]}, "lora_target: 'q_proj' is not one of"),
-            ({"lora_alpha": 16.0}, "lora_rank: --lora-alpha need --lora-rank R")):
+            ({"lora_alpha": 16.0}, "lora_rank: --lora-alpha needs --lora-rank R")):
         with pytest.raises(ValueError, match=message.replace("[", r"\[").replace(")", r"\)")):
             LoraConfig(**kwargs)
 
@@ -117,3 +117,36 @@ def test_lora_target_chooses_the_adapted_layers():
         assert same.abs().max() == 0
     finally:
         destroy_single_process()
+
+
+def test_lora_on_a_mixture_of_experts_adapts_attention_only(capsys):
+    """--num-experts N: the default --lora-target all means linear_qkv linear_proj (the experts
+    get no adapters; the model builds and the banner says so); an explicit linear_fc1/fc2 is
+    refused from the command line, before any model, naming the fix."""
+    from mt_dialog.training.config import ModelConfig
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.lora import adapters
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+    from pretrain_dialog import _error, parse_config
+
+    moe = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                      transformer_impl="local", make_vocab_size_divisible_by=1, num_experts=4,
+                      moe_ffn_hidden_size=16)
+    config = single_process_config(moe, lora=LoraConfig(lora_rank=2))
+    assert config.lora.targets == ("linear_qkv", "linear_proj")
+    try:
+        found = adapters([single_process_model(config, 50, 16)])
+        assert sorted(found) == [f"decoder.layers.{i}.self_attention.{part}.lora"
+                                 for i in (0, 1) for part in ("linear_proj", "linear_qkv")]
+    finally:
+        destroy_single_process()
+    with pytest.raises(ValueError, match=r"lora_target: linear_fc1 is the MLP.*--num-experts 4"
+                       r".*use --lora-target linear_qkv linear_proj"):
+        single_process_config(moe, lora=LoraConfig(lora_rank=2, lora_target=["linear_fc1"]))
+    argv = ["--data-path", "d", "--train-iters", "1", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--num-experts", "4", "--lora-rank", "2",
+            "--lora-target", "linear_qkv", "linear_fc2"]
+    with pytest.raises(ValueError) as refused:
+        parse_config(argv)
+    _error(refused.value)  # what pretrain_dialog.py prints: one line, the flag named
+    assert capsys.readouterr().err.startswith("error: --lora-target: linear_fc2 is the MLP")
