@@ -42,6 +42,9 @@ MOE = ("not supported by mt_dialog's Mixture of Experts, whose flags are --num-e
 
 # one answer per flag (flags sharing an answer are added below)
 ELSEWHERE: Dict[str, str] = {
+    "--moe-grouped-gemm": "with Transformer Engine the experts are always TE's grouped GEMM "
+                          "(TEGroupedMLP), on megatron-core's local layers SequentialMLP; "
+                          "nothing to set",
     "--split": f"the train/valid split is made at preprocessing: {PREPROCESS} --split 98,2 "
                "(or --valid-input); training reads PREFIX's train and valid splits",
     "--train-data-path": "give the dataset prefix to --data-path (its train split is read)",
