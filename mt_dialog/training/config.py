@@ -572,6 +572,15 @@ class DialogTrainingConfig:
 
     def __post_init__(self) -> None:
         self.lora.fit_model(self.model)
+        if (self.model.num_experts and self.parallel.tensor_model_parallel_size > 1
+                and not self.parallel.sequence_parallel):
+            raise ValueError(
+                f"tensor_model_parallel_size: --tensor-model-parallel-size "
+                f"{self.parallel.tensor_model_parallel_size} with --num-experts "
+                f"{self.model.num_experts} needs --sequence-parallel (megatron-core refuses MoE "
+                "training with tensor parallelism without it; sequence parallelism needs the "
+                "Transformer Engine layers, so on CPU split the experts with "
+                "--expert-model-parallel-size instead)")
 
 
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:

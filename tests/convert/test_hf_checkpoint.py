@@ -133,11 +133,16 @@ def _losses(stdout: str):
 @pytest.mark.parametrize("name,layout", [("llama", ["--tensor-model-parallel-size", "2"]),
                                          ("qwen", ["--pipeline-model-parallel-size", "2"]),
                                          ("qwen3", ["--tensor-model-parallel-size", "2"]),
-                                         ("qwen3_moe", ["--expert-model-parallel-size", "2"])])
+                                         ("qwen3_moe", ["--expert-model-parallel-size", "2"]),
+                                         ("mixtral", ["--expert-model-parallel-size", "2",
+                                                      "--moe-token-dispatcher-type",
+                                                      "alltoall"])])
 def test_finetune_from_import_then_chat_and_export(name, layout, request, tmp_path,
                                                    single_process):
-    """(Mixtral's import is checked by its logits at EP=2, test_hf_moe.py.)"""
-    moe = name.endswith("_moe")
+    """Each family imported, fine-tuned at a parallel layout (the MoE families at EP=2, with
+    each token dispatcher), chatted with, exported back: the export's logits are the
+    checkpoint's."""
+    moe = name in ("qwen3_moe", "mixtral")
     ckpt = (request.getfixturevalue("moe_models")[name][1] if moe
             else request.getfixturevalue("imported")[name])
     data = _dataset(tmp_path, os.path.join(ckpt, "tokenizer"))

@@ -50,6 +50,10 @@ def test_moe_settings_reach_megatron_core():
     assert _config().model.moe_settings() == {}
     with pytest.raises(ValueError, match="^num_experts: 1 must be at least 2"):
         _config({"num_experts": 1})
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size 2 with --num-experts 4 "
+                       "needs --sequence-parallel .* --expert-model-parallel-size instead"):
+        _config({"num_experts": 4}, {"tensor_model_parallel_size": 2})
+    _config({"num_experts": 4}, {"tensor_model_parallel_size": 2, "sequence_parallel": True})
 
 
 def test_only_moe_layers_keep_the_mlp_norm_under_its_own_key():
