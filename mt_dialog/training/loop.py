@@ -270,22 +270,22 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     packs = [(d, i) for d, dataset in enumerate(run.valid_sets) for i in range(len(dataset))]
     if run.config.train.eval_iters:
         packs = packs[: run.config.train.eval_iters * run.global_batch]
-    mine = packs[ps.get_data_parallel_rank():: run.dp_size]
+    mine = [(pack, False) for pack in packs[ps.get_data_parallel_rank():: run.dp_size]]
+    if run.config.parallel.expert_model_parallel_size > 1 and packs:  # as many as the others
+        mine += [(packs[0], True)] * (-(-len(packs) // run.dp_size) - len(mine))
     for chunk in run.model:
         chunk.eval()
     isolated = run.config.model.packed_attention == "isolated"
     names = blend_names(run.info.valid_prefixes)
-    samples = [{**run.valid_sets[d][i], "dataset": d} for d, i in mine]
-    if run.config.parallel.expert_model_parallel_size > 1 and packs:
-        samples += [_untrained_copy(samples[0] if samples else {**run.valid_sets[packs[0][0]][
-            packs[0][1]], "dataset": packs[0][0]})] * (-(-len(packs) // run.dp_size) - len(mine))
-    batches = [flatten_micro_batch([sample], isolated, distributed.device(), names)
-               for sample in samples]
-    for batch, sample in zip(batches, samples):
-        if sample.get("untrained_copy"):
+    batches = []
+    for (d, i), filler in mine:
+        sample = {**run.valid_sets[d][i], "dataset": d}
+        batch = flatten_micro_batch([_untrained_copy(sample) if filler else sample], isolated,
+                                    distributed.device(), names)
+        if filler:
             batch.update(num_tokens=0, packs=0)
-    for batch in batches:  # greedy accuracy chooses among the real ids only
-        batch["vocab_size"] = run.info.vocab_size
+        batch["vocab_size"] = run.info.vocab_size  # greedy accuracy chooses among the real ids
+        batches.append(batch)
     with torch.no_grad():
         store = (_run_schedule(run, batches, True, run.eval_forward_step or run.forward_step)
                  if batches else [])
@@ -305,7 +305,7 @@ def _untrained_copy(sample: Dict) -> Dict:
     as often as the others; it adds nothing to any sum or count (its tokens and pack too)."""
     return {**sample, "loss_mask": np.zeros_like(sample["loss_mask"]),
             "loss_token_num": np.zeros_like(sample["loss_token_num"]),
-            "turn_num": np.int64(0), "untrained_copy": True}
+            "turn_num": np.int64(0)}
 
 
 def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
