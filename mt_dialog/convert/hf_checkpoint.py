@@ -36,13 +36,16 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 
 from mt_dialog.config_utils import option, to_dict
-from mt_dialog.convert.hf_config import ARCHITECTURES, ConversionError, read_hf_config
-from mt_dialog.convert.hf_weights import (
-    SafetensorsFolder,
+from mt_dialog.convert.families import (
+    ARCHITECTURES,
+    FAMILIES,
+    ConversionError,
+    Family,
     check_names,
-    hf_to_mcore_layer,
-    hf_to_mcore_outer,
+    iter_hf_to_mcore,
+    read_hf_config,
 )
+from mt_dialog.convert.families.common import SafetensorsFolder
 from mt_dialog.training.config import ModelConfig
 from mt_dialog.training.saved_run import (
     SavedRunError,
@@ -64,8 +67,8 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 @dataclass
 class ImportConfig:
-    """hf-to-mcore: a Hugging Face Llama / Mistral / Qwen2 / Qwen3 folder -> a megatron-core
-    checkpoint."""
+    """hf-to-mcore: a Hugging Face folder of a registered family (``convert.families``) -> a
+    megatron-core checkpoint."""
 
     load_dir: str = option(help="Hugging Face model folder (config.json, safetensors, "
                            "tokenizer files)", metavar="HF_DIR")
@@ -93,9 +96,8 @@ class ExportConfig:
     save_dir: str = option(help="Hugging Face folder to create", metavar="HF_DIR")
     iteration: Optional[int] = option(None, help="iteration to export (default: the newest)")
     architecture: str = option("auto", choices=("auto",) + ARCHITECTURES,
-                               help="auto: the imported one when it fits, else Qwen2ForCausalLM "
-                               "when the model has a QKV bias, Qwen3ForCausalLM with q/k "
-                               "layernorm, else LlamaForCausalLM")
+                               help="auto: the imported one when it fits, else the first of "
+                               "the supported families (in this order) the model is one of")
     dtype: str = option("auto", choices=("auto", "fp32", "bf16", "fp16"),
                         help="dtype of the written weights (auto: the checkpoint's)")
     vocab_size: Optional[int] = option(None, help="embedding rows to write (default: the "
@@ -243,16 +245,14 @@ def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
     return info
 
 
-def _fill(model: torch.nn.Module, folder: SafetensorsFolder, mc: ModelConfig,
+def _fill(model: torch.nn.Module, folder: SafetensorsFolder, family: Family, mc: ModelConfig,
           progress: bool) -> None:
     params = weights(model)
     filled: set = set()
     bar = _bar(progress, mc.num_layers + 1, "hf-to-mcore")
-    for i in range(mc.num_layers):
-        _copy_into(params, hf_to_mcore_layer(folder.get, i, mc), filled)
+    for group in iter_hf_to_mcore(family, folder.get, mc):  # each layer, then the outer ones
+        _copy_into(params, group, filled)
         bar.update()
-    _copy_into(params, hf_to_mcore_outer(folder.get, mc), filled)
-    bar.update()
     bar.close()
     missing = sorted(set(params) - filled)
     if missing:
@@ -285,15 +285,16 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     """Convert; returns a summary (architecture, sizes, parameters, dtype, folder)."""
     _refuse_existing(cfg.save_dir)
     hf = read_hf_config(cfg.load_dir)
+    family = FAMILIES[hf.architecture]
     folder = SafetensorsFolder(cfg.load_dir)
-    check_names(folder, hf.model)
+    check_names(folder, family, hf.model)
     dtype = hf.dtype if cfg.dtype == "auto" else cfg.dtype
     seq_length = cfg.seq_length or hf.max_position_embeddings
     tmp = _staging(cfg.save_dir)
     try:
         data = _import_tokenizer(cfg, tmp, seq_length, hf.vocab_size)
         model = conversion_model(hf.model, hf.vocab_size, seq_length, TORCH_DTYPES[dtype])
-        _fill(model, folder, hf.model, cfg.progress)
+        _fill(model, folder, family, hf.model, cfg.progress)
         source = {"hf_dir": os.path.abspath(cfg.load_dir), "architecture": hf.architecture,
                   "vocab_size": hf.vocab_size, "dtype": dtype,
                   "max_position_embeddings": hf.max_position_embeddings,
@@ -508,14 +509,9 @@ def write_safetensors(out: str, groups: Iterable[Dict[str, torch.Tensor]], dtype
 
 
 def _architecture(cfg: ExportConfig, mc: ModelConfig, source: Dict[str, Any]) -> str:
-    from mt_dialog.convert.hf_config import fits, guess_architecture
+    from mt_dialog.convert.families import export_architecture
 
-    if cfg.architecture != "auto":
-        return cfg.architecture
-    imported = source.get("architecture")
-    if imported in ARCHITECTURES and fits(mc, imported):
-        return imported
-    return guess_architecture(mc)
+    return export_architecture(mc, cfg.architecture, source.get("architecture"))
 
 
 def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtype: str,
@@ -524,7 +520,7 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
     """config.json and generation_config.json, which stops at eos and the end-of-turn."""
     from transformers import GenerationConfig
 
-    from mt_dialog.convert.hf_config import hf_config
+    from mt_dialog.convert.families import hf_config
 
     hf_tokenizer = exported.hf if exported is not None else None
     end_of_turn = exported.end_of_turn if exported is not None else None
@@ -569,10 +565,11 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
         _write_configs(tmp, mc, architecture, rows, dtype, exported, data, source)
         # after config.json: the model type decides which tokenizer class AutoTokenizer builds
         layout = _attach_chat_template(exported, tmp) if exported else "none (no tokenizer)"
-        from mt_dialog.convert.hf_weights import iter_mcore_to_hf
+        from mt_dialog.convert.families import iter_mcore_to_hf
 
         bar = _bar(cfg.progress, mc.num_layers + 1, "mcore-to-hf")
-        total = write_safetensors(tmp, iter_mcore_to_hf(weights(model), mc, rows),
+        groups = iter_mcore_to_hf(FAMILIES[architecture], weights(model), mc, rows)
+        total = write_safetensors(tmp, groups,
                                   TORCH_DTYPES[dtype], int(cfg.max_shard_size * 1e9), bar)
         bar.close()
         _publish(tmp, cfg.save_dir)
@@ -588,13 +585,14 @@ def _export_adapter(cfg: ExportConfig, mc: ModelConfig, info: Dict[str, Any], mo
     """The PEFT adapter folder of a LoRA checkpoint (``convert.lora_export``)."""
     from mt_dialog.convert.lora_export import hf_target_modules, write_adapter
 
+    family = FAMILIES[_architecture(cfg, mc, source)]
     tmp = _staging(cfg.save_dir)
     try:
-        total = write_adapter(tmp, weights(model), mc, lora, source.get("hf_dir"),
+        total = write_adapter(tmp, weights(model), family, mc, lora, source.get("hf_dir"),
                               TORCH_DTYPES[dtype])
         _publish(tmp, cfg.save_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"adapter": True, "iteration": info["iteration"], "rank": lora.lora_rank,
-            "modules": hf_target_modules(lora.targets), "dtype": dtype, "bytes": total,
+            "modules": hf_target_modules(family, mc, lora.targets), "dtype": dtype, "bytes": total,
             "folder": cfg.save_dir, "base": source.get("hf_dir")}

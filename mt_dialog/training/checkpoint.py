@@ -158,6 +158,15 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atte
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def architecture_fields() -> Tuple[str, ...]:
+    """``ARCHITECTURE_FIELDS`` and the fields the registered Hugging Face families set
+    (``convert.families``: a family's ``model_fields``), in that order."""
+    from mt_dialog.convert.families.registry import checkpoint_fields
+
+    extra = [name for name in checkpoint_fields() if name not in ARCHITECTURE_FIELDS]
+    return ARCHITECTURE_FIELDS + tuple(extra)
+
+
 def saved_model_config(root: str) -> Dict[str, Any]:
     """The ``model`` section of the config saved with the newest checkpoint under ``root``."""
     return dict(saved_config(root)["model"])
@@ -179,7 +188,7 @@ def saved_config(root: str) -> Dict[str, Any]:
 
 
 def check_model_matches(root: str, model_config) -> None:
-    """Refuse to load a checkpoint of another architecture (``ARCHITECTURE_FIELDS``; derived
+    """Refuse to load a checkpoint of another architecture (``architecture_fields``; derived
     sizes compared as derived, so an older checkpoint's saved null equals its value).
 
     Raises:
@@ -192,7 +201,7 @@ def check_model_matches(root: str, model_config) -> None:
     saved = saved_model_config(root)
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     stored = ModelConfig(**{k: v for k, v in saved.items() if k in names})
-    for name in ARCHITECTURE_FIELDS:
+    for name in architecture_fields():
         theirs, ours = getattr(stored, name), getattr(model_config, name)
         if theirs != ours:
             raise CheckpointError(
@@ -237,13 +246,13 @@ def check_resume_matches(root: str, config) -> None:
 
 def checkpoint_args(root: str) -> Dict[str, Any]:
     """Model flags of the newest checkpoint under ``root`` (--use-checkpoint-args): its
-    ``ARCHITECTURE_FIELDS`` as saved (None, in an older checkpoint, for a derived size).
+    ``architecture_fields()`` as saved (None, in an older checkpoint, for a derived size).
 
     Raises:
         CheckpointError: no checkpoint, or its config cannot be read.
     """
     saved = saved_model_config(root)
-    return {name: saved[name] for name in ARCHITECTURE_FIELDS if name in saved}
+    return {name: saved[name] for name in architecture_fields() if name in saved}
 
 
 def _layout() -> Tuple[int, int, int]:

@@ -8,20 +8,16 @@ import shutil
 import pytest
 import torch
 
-from mt_dialog.convert.hf_config import (
+from mt_dialog.convert.families import (
+    FAMILIES,
     ConversionError,
-    guess_architecture,
+    check_names,
+    expected_hf_names,
     hf_config,
     read_hf_config,
 )
-from mt_dialog.convert.hf_weights import (
-    SafetensorsFolder,
-    Shapes,
-    check_names,
-    expected_hf_names,
-    group_qkv,
-    split_qkv,
-)
+from mt_dialog.convert.families.common import SafetensorsFolder, Shapes, group_qkv, split_qkv
+from mt_dialog.convert.families.registry import fitting_architecture as guess_architecture
 from mt_dialog.training.config import ModelConfig
 
 pytest.importorskip("transformers")
@@ -68,7 +64,7 @@ def test_qwen3_fields(hf_models):
     assert m.norm_epsilon == 1e-6 and m.rotary_base == 1e6
     assert read_hf_config(hf_models["qwen3_untied"]).model.untie_embeddings_and_output_weights
     assert not read_hf_config(hf_models["qwen"]).model.qk_layernorm
-    names = expected_hf_names(m)
+    names = expected_hf_names(FAMILIES["Qwen3ForCausalLM"], m)
     assert "model.layers.1.self_attn.k_norm.weight" in names
     assert not any(n.endswith("_proj.bias") for n in names)
 
@@ -92,8 +88,10 @@ def test_export_architecture_must_fit_the_model():
                            f"--architecture {guess_architecture(model)}"):
             hf_config(model, architecture, 128, 256, "fp32", None, None)
     both = ModelConfig(add_qkv_bias=True, qk_layernorm=True)
-    with pytest.raises(ConversionError, match="no supported Hugging Face architecture has both"):
-        hf_config(both, guess_architecture(both), 128, 256, "fp32", None, None)
+    with pytest.raises(ConversionError, match="no supported Hugging Face architecture fits this "
+                       r"model: LlamaForCausalLM does not support this model's q/k layernorm .* and QKV "
+                       "bias"):
+        hf_config(both, "Qwen2ForCausalLM", 128, 256, "fp32", None, None)
 
 
 @pytest.mark.parametrize("changes,named", [
@@ -128,12 +126,12 @@ def test_missing_and_unknown_tensors_are_named(hf_models, tmp_path):
     del tensors["model.layers.1.self_attn.k_proj.bias"]
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"):
-        check_names(SafetensorsFolder(folder), model)
+        check_names(SafetensorsFolder(folder), FAMILIES["Qwen2ForCausalLM"], model)
     tensors["model.layers.1.self_attn.k_proj.bias"] = torch.zeros(16)
     tensors["model.layers.0.mlp.experts.weight"] = torch.zeros(2)
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ConversionError, match="experts"):
-        check_names(SafetensorsFolder(folder), model)
+        check_names(SafetensorsFolder(folder), FAMILIES["Qwen2ForCausalLM"], model)
 
 
 def test_pytorch_bin_only_folder_is_refused(hf_models, tmp_path):
@@ -189,4 +187,5 @@ def test_missing_qk_norm_is_named(hf_models, tmp_path):
     del tensors["model.layers.0.self_attn.q_norm.weight"]
     save_file(tensors, path, metadata={"format": "pt"})
     with pytest.raises(ConversionError, match=r"model\.layers\.0\.self_attn\.q_norm\.weight"):
-        check_names(SafetensorsFolder(folder), read_hf_config(folder).model)
+        check_names(SafetensorsFolder(folder), FAMILIES["Qwen3ForCausalLM"],
+                    read_hf_config(folder).model)

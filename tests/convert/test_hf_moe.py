@@ -99,7 +99,7 @@ def test_dense_layers_between_moe_layers_are_refused(moe_models, tmp_path):
     folder.mkdir()
     config = json.load(open(os.path.join(moe_models["qwen3_moe"][0], "config.json")))
     json.dump({**config, "mlp_only_layers": [1]}, open(folder / "config.json", "w"))
-    from mt_dialog.convert.hf_config import ConversionError, read_hf_config
+    from mt_dialog.convert.families import ConversionError, read_hf_config
 
     with pytest.raises(ConversionError, match=r"mlp_only_layers \[1\]: dense MLP layers "
                        "between the MoE layers are not supported"):
