@@ -17,7 +17,7 @@ from mt_dialog.convert.families import (
     read_hf_config,
 )
 from mt_dialog.convert.families.common import SafetensorsFolder, Shapes, group_qkv, split_qkv
-from mt_dialog.convert.families.registry import fitting_architecture as guess_architecture
+from mt_dialog.convert.families.registry import fitting_architecture
 from mt_dialog.training.config import ModelConfig
 
 pytest.importorskip("transformers")
@@ -78,14 +78,14 @@ def test_qwen3_attention_bias_refused(hf_models, tmp_path):
 def test_export_architecture_must_fit_the_model():
     """q/k layernorm exports as Qwen3 only; Qwen3 needs it; the error names the one that fits."""
     qwen3 = ModelConfig(hidden_size=64, num_attention_heads=4, qk_layernorm=True)
-    assert guess_architecture(qwen3) == "Qwen3ForCausalLM"
-    assert guess_architecture(ModelConfig(add_qkv_bias=True)) == "Qwen2ForCausalLM"
+    assert fitting_architecture(qwen3) == "Qwen3ForCausalLM"
+    assert fitting_architecture(ModelConfig(add_qkv_bias=True)) == "Qwen2ForCausalLM"
     config = hf_config(qwen3, "Qwen3ForCausalLM", 128, 256, "fp32", None, None)
     assert config.model_type == "qwen3" and config.head_dim == 16
     for model, architecture in ((qwen3, "LlamaForCausalLM"), (ModelConfig(), "Qwen3ForCausalLM"),
                                 (qwen3, "Qwen2ForCausalLM")):
         with pytest.raises(ConversionError, match=f"--architecture {architecture} .* use "
-                           f"--architecture {guess_architecture(model)}"):
+                           f"--architecture {fitting_architecture(model)}"):
             hf_config(model, architecture, 128, 256, "fp32", None, None)
     both = ModelConfig(add_qkv_bias=True, qk_layernorm=True)
     with pytest.raises(ConversionError, match="no supported Hugging Face architecture fits this "

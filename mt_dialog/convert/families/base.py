@@ -46,6 +46,17 @@ i.e. ``Rule(("...q_proj.weight", "...k_proj.weight", "...v_proj.weight"),
 ("...linear_qkv.weight",), to_mcore=group, to_hf=split)``. The names are those of
 megatron-core's GPTModel on its local layer specs at TP = PP = 1 (the conversion model); HF
 buffers (a router's ``e_score_correction_bias``) are rules too, the rotary ``inv_freq`` is ignored.
+A layer whose kind depends on its index (dense first layers, then MoE with a shared expert and a
+router bias buffer) is one ``if`` in ``layer_rules``::
+
+    def layer_rules(self, i, model):
+        rules = mla_attention_rules(i, model)            # q_a_proj, kv_a_proj_with_mqa, ...
+        if i < first_dense_layers(model):
+            return rules + swiglu_rules(f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp.",
+                                        "gate_proj", "up_proj", "down_proj")
+        return rules + moe_layer_rules(i, model, "mlp", "gate_proj", "up_proj", "down_proj") + [
+            same(f"model.layers.{i}.mlp.gate.e_score_correction_bias",
+                 f"decoder.layers.{i}.mlp.router.expert_bias"), *shared_expert_rules(i)]
 """
 
 from __future__ import annotations
