@@ -391,10 +391,23 @@ def chat_template_ids(hf_tokenizer, conversation, add_generation_prompt: bool,
     ``conversation``: a ``Conversation`` or messages."""
     conversation = as_conversation(conversation)
     extra = {"tools": list(conversation.tools)} if conversation.tools else {}
-    out = hf_tokenizer.apply_chat_template(hf_messages(conversation.messages),
+    out = hf_tokenizer.apply_chat_template(hf_messages(conversation.messages,
+                                                       _reasoning_form(hf_tokenizer)),
                                            add_generation_prompt=add_generation_prompt, **extra,
                                            **template_kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _reasoning_form(hf_tokenizer) -> str:
+    """Where the tokenizer's chat template reads reasoning (``render_hf.REASONING_FORMS``), as
+    a user of that template passes it; "reasoning_content" when it cannot be probed."""
+    from mt_dialog.data.render_hf import chat_template_info
+    from mt_dialog.data.tokenizers import TokenizerError
+
+    try:
+        return chat_template_info(hf_tokenizer).reasoning_form
+    except TokenizerError:
+        return "reasoning_content"
 
 
 def layout_differences(hf_tokenizer, training_ids: TrainingIds,
