@@ -349,7 +349,8 @@ class TrainingLayout:
             hf = self.tokenizer.hf
             if add_generation_prompt:
                 return render_prompt_with_chat_template(conversation, hf)
-            return render_with_chat_template(conversation, hf, self.options)[-1].input_ids.tolist()
+            ids = render_with_chat_template(conversation, hf, self.options)[-1].input_ids.tolist()
+            return ids[:-1] if _appended_stop(hf, conversation) else ids
         encode = self.tokenizer.encode
         conversation = as_read(conversation)
         if add_generation_prompt:
@@ -396,6 +397,17 @@ def chat_template_ids(hf_tokenizer, conversation, add_generation_prompt: bool,
                                            add_generation_prompt=add_generation_prompt, **extra,
                                            **template_kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _appended_stop(hf_tokenizer, conversation: Conversation) -> bool:
+    """Whether training appended a stop tag after the conversation's last reply, which the
+    chat template does not write (a template that ends replies with the next message's tag,
+    GLM's: the last reply gets the tag a next user message opens with)."""
+    from mt_dialog.data.render_hf import chat_template_info
+
+    info = chat_template_info(hf_tokenizer)
+    return info.follows and bool(conversation.messages) \
+        and conversation.messages[-1].role == "assistant"
 
 
 def _reasoning_form(hf_tokenizer) -> str:

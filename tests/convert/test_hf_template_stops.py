@@ -86,7 +86,8 @@ def test_glm_import_chat_stops_and_export(hf_glm45_dir, tmp_path, single_process
         assert (ids, reason) == (words + [stop], "end_of_turn")
 
     out = tmp_path / "exported"
-    convert("mcore-to-hf", "--load-dir", ckpt, "--save-dir", out)
+    proc = convert("mcore-to-hf", "--load-dir", ckpt, "--save-dir", out)
+    assert "warning" not in proc.stderr and "layout exactly" in proc.stdout, proc.stdout
     stops = GenerationConfig.from_pretrained(out).eos_token_id
     assert stops == [hf.eos_token_id, user, observation]
     exported = AutoTokenizer.from_pretrained(out)
