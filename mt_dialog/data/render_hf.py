@@ -142,6 +142,10 @@ class ChatTemplateInfo:
     message's role tag begins (GLM: ``<|user|>``, ``<|observation|>``). Each reply is then
     trained with the tag that follows it, the last one of a sample with ``end_text`` (the tag
     a next user message opens with), appended after the template's text."""
+    turn_views: bool = False
+    """Whether the template closes the last reply with another token than it closes replies
+    in the history (gpt-oss: ``<|return|>`` last, ``<|end|>`` before): each user turn's replies
+    are then trained in a sample that ends with them, closed as the model closes them."""
     stop_texts: Tuple[str, ...] = ()
     """The texts of every token a trained reply may end with (``end_text`` first): generation
     stops at each."""
@@ -181,7 +185,7 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
         return cached
     specials = _special_pattern(hf_tokenizer)
     try:
-        end_text, follows, stop_texts = _probe_end_of_turn(hf_tokenizer, specials)
+        end_text, follows, turn_views, stop_texts = _probe_end_of_turn(hf_tokenizer, specials)
         dicts = hf_messages(_PROBE[:3])
         prompt = _apply(hf_tokenizer, dicts, None, add_generation_prompt=True)
         plain = _apply(hf_tokenizer, dicts, None)
@@ -190,7 +194,7 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
         stops = tuple(hf_tokenizer.convert_tokens_to_ids(t) for t in stop_texts)
         info = ChatTemplateInfo(template, stops[0], end_text, opening,
                                 opener.group() if opener else None, specials, follows=follows,
-                                stop_texts=stop_texts, stops=stops)
+                                turn_views=turn_views, stop_texts=stop_texts, stops=stops)
         _render(Conversation(_PROBE), hf_tokenizer, RenderOptions(train_on="last"), info)
     except RecordError as exc:
         raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
@@ -200,20 +204,22 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
                                   hf_tokenizer))
     renders, form = _probe_renders(hf_tokenizer)
     info = replace(info, renders=renders, marks=marks, reasoning_form=form)
-    if follows:  # a tool result's tag, where the template lays out tool results, stops too
+    if follows or turn_views:  # how a tool-call reply ends is a stop too
         info = _with_tool_stop(info, hf_tokenizer)
     _INFO[hf_tokenizer] = info
     return info
 
 
 def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]"
-                       ) -> Tuple[str, bool, Tuple[str, ...]]:
-    """``(end text, follows, stop texts)``: the special token the template puts after each reply
-    of ``_PROBE`` (the first special token where the rendering with that reply emptied stops
-    differing). A template that puts it only where the next message begins (the rendering cut
-    after the reply ends right before it, and the last reply is followed by nothing) closes
-    replies with the next message's tag: ``follows``, the end text is the tag that a next user
-    message opens with."""
+                       ) -> Tuple[str, bool, bool, Tuple[str, ...]]:
+    """``(end text, follows, turn views, stop texts)``: the special token the template puts
+    after each reply of ``_PROBE`` (the first special token where the rendering with that reply
+    emptied stops differing). A template that puts it only where the next message begins (the
+    rendering cut after the reply ends right before it, and the last reply is followed by
+    nothing) closes replies with the next message's tag: ``follows``, the end text is the tag
+    that a next user message opens with. A template that closes the last reply with another
+    token than the earlier one, and closes that one too with it when it is last (the rendering
+    cut after it ends with it): ``turn views``, the end text is the last reply's."""
     dicts = hf_messages(_PROBE)
     full = _apply(hf_tokenizer, dicts, None)
     found, follows = [], []
@@ -228,7 +234,10 @@ def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]"
         tag = _next_tag(hf_tokenizer, dicts, None, {"role": "user", "content": "Next."},
                         specials)
         if tag is not None and all(t in (None, tag) for t in found):
-            return tag, True, (tag,)
+            return tag, True, False, (tag,)
+    if len(found) == 2 and None not in found and found[0] != found[1] \
+            and _apply(hf_tokenizer, dicts[:2], None).rstrip().endswith(found[1]):
+        return found[1], False, True, (found[1],)  # gpt-oss: <|end|> in the history only
     texts = sorted(set(found), key=str)
     if texts == [None] or not texts:
         raise TokenizerError("--template hf: the chat template puts no special token after the "
@@ -242,7 +251,7 @@ def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]"
             f"--template hf: the chat template ends replies with different special tokens "
             f"({pieces}) on a probe conversation; training needs one end-of-turn token "
             "(generation stops at it): fix the chat template or choose a built-in --template")
-    return texts[0], False, (texts[0],)
+    return texts[0], False, False, (texts[0],)
 
 
 def _next_tag(hf_tokenizer, dicts: Dicts, tools: Tools, message: Dict[str, Any],
@@ -259,12 +268,19 @@ def _next_tag(hf_tokenizer, dicts: Dicts, tools: Tools, message: Dict[str, Any],
 
 
 def _with_tool_stop(info: ChatTemplateInfo, hf_tokenizer) -> ChatTemplateInfo:
-    """``info`` of a ``follows`` template with the tag a tool result opens with (GLM's
-    ``<|observation|>``) among its stops, when the template lays out tool results."""
+    """``info`` with what closes a tool-call reply among its stops, where the template lays
+    out tool results: for a ``follows`` template the tag a tool result opens with (GLM's
+    ``<|observation|>``), for ``turn_views`` the special token that ends the rendering cut
+    after the call (gpt-oss's ``<|call|>``)."""
     if "tool_results" not in info.renders:
         return info
     call = hf_messages(_tool_probe().messages)
-    tag = _next_tag(hf_tokenizer, call[:2], [_WEATHER], call[2], info.specials)
+    if info.follows:
+        tag = _next_tag(hf_tokenizer, call[:2], [_WEATHER], call[2], info.specials)
+    else:
+        cut = _apply(hf_tokenizer, call[:2], [_WEATHER]).rstrip()
+        last = [m for m in info.specials.finditer(cut) if m.end() == len(cut)]
+        tag = last[0].group() if last else None
     if tag is None or tag in info.stop_texts:
         return info
     return replace(info, stop_texts=info.stop_texts + (tag,),
@@ -418,13 +434,29 @@ def _locate(full: str, dicts: Dicts, tools: Tools, k: int, low: int, hf_tokenize
             raise _end_mismatch(k, closing.group(), hf_tokenizer, info)
         return start, closing.start()
     straddles = closing is not None and closing.start() < last
-    end = full.find(info.end_text, max(start, last - len(info.end_text) + 1))
-    if (straddles and closing.group() != info.end_text) or end < 0:
+    ends = [at for at in (full.find(t, max(start, last - len(t) + 1)) for t in info.stop_texts)
+            if at >= 0]
+    end = min(ends) if ends else -1
+    if (straddles and closing.group() not in info.stop_texts) or end < 0:
         raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
-    if info.opener and full.find(info.opener, start, end) >= 0:
+    if _next_message_opens(full, start, end, info):
         # the next message opens before this end-of-turn: the reply ended with another token
         raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
     return start, end
+
+
+def _next_message_opens(full: str, start: int, end: int, info: ChatTemplateInfo) -> bool:
+    """Whether a message other than the reply's own continuation opens in ``full[start:end]``:
+    an opener (``<|start|>``) not followed by the generation prompt's opening (gpt-oss writes
+    a reply as several assistant messages, ``<|start|>assistant<|channel|>...``)."""
+    if not info.opener:
+        return False
+    at = full.find(info.opener, start, end)
+    while at >= 0:
+        if not full.startswith(info.opening, at):
+            return True
+        at = full.find(info.opener, at + 1, end)
+    return False
 
 
 # Unicode private-use characters (plane 15): no tokenizer's special token, never in the inputs
@@ -551,7 +583,9 @@ def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
     messages = conversation.messages
     samples = []
     trained_here = trained_messages(messages, options)
-    for trained, _ in sample_views(messages, _USER_TURN_VIEWS, options, trained_here):
+    views = (_turn_views(messages, trained_here) if info.turn_views else
+             [t for t, _ in sample_views(messages, _USER_TURN_VIEWS, options, trained_here)])
+    for trained in views:
         shown = [t and has_reply(m, True) for m, t in zip(messages, trained)]
         if not any(shown):
             continue
@@ -564,6 +598,17 @@ def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
     if not samples:
         raise no_trained_turn(options, ", or is left out by the chat template")
     return tuple(samples)
+
+
+def _turn_views(messages: Sequence[Message], trained: List[bool]) -> List[List[bool]]:
+    """For a ``turn_views`` template: per user turn with trained replies, those replies (the
+    sample is cut after the last of them, so that it ends as the model ends it)."""
+    turn, users = [], 0
+    for message in messages:
+        users += message.role == "user"
+        turn.append(users)
+    closing = sorted({turn[i] for i, t in enumerate(trained) if t})
+    return [[t and turn[i] == u for i, t in enumerate(trained)] for u in closing]
 
 
 def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_tokenizer,
@@ -592,8 +637,14 @@ def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_token
                     "built-in --template")
             continue  # reasoning alone, left out of this view: context
         spans.append((k,) + span)
-        low = span[1] + (0 if info.follows else len(info.end_text))
+        low = span[1] + (0 if info.follows else _stop_length(full, span[1], info))
     return _tokenize(full, spans, hf_tokenizer, info) if spans else None
+
+
+def _stop_length(full: str, end: int, info: ChatTemplateInfo) -> int:
+    """Length of the stop text at ``end`` of ``full`` (the end text's when none is there)."""
+    return next((len(t) for t in info.stop_texts if full.startswith(t, end)),
+                len(info.end_text))
 
 
 _SPANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -639,7 +690,8 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
         if first is None or encoding.token_to_chars(first)[0] != start:
             raise _boundary_error(k, full, start, first, encoding, ids, hf_tokenizer)
         replies.append((first, closing + 1 - first))
-        after = None if info.follows else info.specials.search(full, end + len(info.end_text))
+        after = None if info.follows else \
+            info.specials.search(full, end + _stop_length(full, end, info))
         turn_ends.append(closing + 1 if info.follows else
                          encoding.char_to_token(after.start()) if after else len(ids))
     return RenderedConversation(np.asarray(ids, dtype=np.int64),
@@ -668,7 +720,8 @@ def _tokenize_by_bytes(full: str, spans: List[Tuple[int, int, int]], byte_spans:
         if first is None or closing is None or ids[closing] not in info.stops:
             return None
         replies.append((first, closing + 1 - first))
-        after = None if info.follows else info.specials.search(full, end + len(info.end_text))
+        after = None if info.follows else \
+            info.specials.search(full, end + _stop_length(full, end, info))
         turn_end = closing + 1 if info.follows else token_at(after.start()) if after else len(ids)
         if turn_end is None:
             return None

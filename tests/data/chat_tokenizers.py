@@ -436,3 +436,69 @@ def hf_gemma3_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
                            unmarked(GEMMA3_JINJA), GEMMA3_SPECIALS, bos_token="<bos>",
                            eos_token="<eos>", pad_token="<eos>",
                            additional_special_tokens=GEMMA3_SPECIALS[2:])
+
+GPT_OSS_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>",
+                    "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+GPT_OSS_JINJA = (
+    # gpt-oss, the harmony format: every message <|start|>{role}<|message|>...<|end|>; a system
+    # message with the channels, a developer message with the instructions (the system text)
+    # and the tools as a TypeScript-like namespace. An assistant message is written on
+    # channels: its reasoning (``thinking``) as <|start|>assistant<|channel|>analysis<|message|>
+    # ...<|end|> only after the last user message (dropped from earlier turns), each tool call
+    # as <|start|>assistant<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>
+    # {arguments}<|call|>, its text as <|start|>assistant<|channel|>final<|message|>{content}
+    # closed by <|return|> when it is the last message (what the model emits; serving stops at
+    # <|return|> and <|call|>) and by <|end|> in the history. Tool results: <|start|>functions.
+    # {name} to=assistant<|channel|>commentary<|message|>{content}<|end|>. The generation prompt
+    # is <|start|>assistant.
+    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI."
+    "\\nReasoning: medium\\n\\n# Valid channels: analysis, commentary, final. Channel must be "
+    "included for every message.' -}}"
+    "{%- if tools -%}{{- '\\nCalls to these tools must go to the commentary channel: "
+    "\\'functions\\'.' -}}{%- endif -%}{{- '<|end|>' -}}"
+    "{%- set has_system = messages[0]['role'] == 'system' -%}"
+    "{%- set body = messages[1:] if has_system else messages -%}"
+    "{%- if has_system or tools -%}{{- '<|start|>developer<|message|>' -}}"
+    "{%- if has_system -%}{{- '# Instructions\\n\\n' + messages[0]['content'] -}}"
+    "{%- if tools -%}{{- '\\n\\n' -}}{%- endif -%}{%- endif -%}"
+    "{%- if tools -%}{{- '# Tools\\n\\n## functions\\n\\nnamespace functions {\\n\\n' -}}"
+    "{%- for tool in tools -%}{{- '// ' + tool['function']['description'] + '\\ntype ' + "
+    "tool['function']['name'] + ' = (_: ' + (tool['function']['parameters'] | tojson) + "
+    "') => any;\\n\\n' -}}{%- endfor -%}{{- '} // namespace functions' -}}{%- endif -%}"
+    "{{- '<|end|>' -}}{%- endif -%}"
+    "{%- set ns = namespace(query=-1) -%}"
+    "{%- for message in body -%}{%- if message['role'] == 'user' -%}"
+    "{%- set ns.query = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for message in body -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<|start|>user<|message|>' + content + '<|end|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|start|>assistant' -}}" + GENERATION +
+    "{%- if loop.index0 > ns.query and message['thinking'] is string and message['thinking'] -%}"
+    "{{- '<|channel|>analysis<|message|>' + message['thinking'] + '<|end|><|start|>assistant' -}}"
+    "{%- endif -%}"
+    "{%- if message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}{%- set arguments = call['function']['arguments'] -%}"
+    "{%- if not loop.first -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+    "{{- '<|channel|>commentary to=functions.' + call['function']['name'] + ' <|constrain|>json"
+    "<|message|>' + (arguments if arguments is string else arguments | tojson) + '<|call|>' -}}"
+    "{%- endfor -%}"
+    "{%- else -%}{{- '<|channel|>final<|message|>' + content -}}"
+    "{{- '<|return|>' if loop.last else '<|end|>' -}}{%- endif -%}" + END_GENERATION +
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|start|>functions.' + (message['name'] if message['name'] is string else 'tool') + "
+    "' to=assistant<|channel|>commentary<|message|>' + content + '<|end|>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def hf_gpt_oss_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """gpt-oss (harmony): the last reply ends <|return|>, history replies <|end|>, calls
+    <|call|>; reasoning read from ``thinking``, dropped before the last user message."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_gpt_oss")),
+                           unmarked(GPT_OSS_JINJA), GPT_OSS_SPECIALS,
+                           bos_token="<|startoftext|>", eos_token="<|return|>",
+                           pad_token="<|endoftext|>",
+                           additional_special_tokens=GPT_OSS_SPECIALS[2:])
