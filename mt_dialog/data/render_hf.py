@@ -22,6 +22,15 @@ begin on a token boundary and to end right before the end-of-turn token: for a b
 any other tokenizer, or to name a fault, by the back-end's character offsets. Cost: one render
 per sample, one per trained reply, one tokenization.
 
+Templates without one end token (found on the probe, ``ChatTemplateInfo``): a template that
+ends a reply where the next message's tag begins (GLM-4.5, ``follows``) trains each reply with
+that tag (``<|observation|>``, ``<|user|>``), the sample's last reply with the tag a next user
+message opens with, appended; a template that closes the last reply otherwise than the history's
+(gpt-oss: ``<|return|>`` / ``<|end|>``, ``turn_views``) trains each user turn's replies in the
+rendering cut after them (one sample per user turn). ``ChatTemplateInfo.stops`` lists every id
+a trained reply may end with. A record's reasoning is passed where the template reads it
+(``REASONING_FORMS``, probed).
+
 A record is refused (``RecordError``) only when its replies cannot be located, with the cause:
 ``special_token_in_text`` (text that would become a control token), ``template_error`` (the
 template raises), ``template_no_tools`` / ``template_no_reasoning`` (the template ignores them,
