@@ -254,3 +254,17 @@ def test_reasoning_keep_and_per_turn_with_inline_template(families):
         if message.reasoning:
             assert message.reasoning in trained
     assert all(np.all(s.loss_token_num[:1] == 0) for s in samples)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_export_layout_check_passes(families, name):
+    """The export's check (``layout_differences`` with the run's ``training_layout``): a plain
+    ``AutoTokenizer.from_pretrained`` of the folder gives training's ids on the probe
+    conversations, prompt and whole conversation (GLM's appended stop tag aside)."""
+    from transformers import AutoTokenizer
+
+    from mt_dialog.convert.chat_template import layout_differences, training_layout
+
+    tokenizer = families[name]
+    served = AutoTokenizer.from_pretrained(tokenizer.path)
+    assert layout_differences(served, training_layout(None, tokenizer)) is None
