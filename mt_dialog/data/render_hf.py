@@ -76,7 +76,8 @@ _USER_TURN_VIEWS = SimpleNamespace(reasoning=ReasoningLayout(wrap=("", ""), drop
 REASONING_FORMS = ("reasoning_content", "thinking", "inline")
 """Where a chat template may read a reply's reasoning: ``reasoning_content`` (Qwen3, GLM),
 ``thinking`` (gpt-oss), or ``inline``, a ``<think>\\n...\\n</think>\\n\\n`` block at the start of
-``content`` (DeepSeek-R1 distills, QwQ). ``chat_template_info`` probes which one a template renders."""
+``content`` (DeepSeek-R1 distills, QwQ). ``chat_template_info`` probes which one a template
+renders."""
 
 
 def hf_messages(messages: Sequence[Message], reasoning_form: str = "reasoning_content") -> Dicts:
