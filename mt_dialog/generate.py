@@ -113,7 +113,8 @@ class Generator:
 
     def __init__(self, model: torch.nn.Module, tokenizer, template, end_of_turn: int,
                  vocab_size: int, seq_length: int, template_name: str = "",
-                 iteration: Optional[int] = None, seed: int = 1234, options=None) -> None:
+                 iteration: Optional[int] = None, seed: int = 1234, options=None,
+                 stops: Sequence[int] = ()) -> None:
         from mt_dialog.data.render import RenderOptions
 
         self.model = model
@@ -123,6 +124,9 @@ class Generator:
         self.template = template  # ResolvedTemplate, or None for the tokenizer's own ("hf")
         self.template_name = template_name
         self.end_of_turn = int(end_of_turn)
+        # every id a trained reply ends with: the end-of-turn, and for a template that ends
+        # replies with the next message's tag (GLM) each such tag
+        self.stops = frozenset([self.end_of_turn, *(int(i) for i in stops)])
         self.vocab_size = int(vocab_size)  # real ids; the padded logits beyond are never chosen
         self.seq_length = int(seq_length)
         self.iteration = iteration
@@ -151,10 +155,11 @@ class Generator:
                 f"the chat template is recorded in the dataset metadata of {data.get('prefixes')}, "
                 "which cannot be read; pass it (--template / template=)")
         resolved, end_of_turn = saved_run.run_template(name, tokenizer, data["special_ids"])
+        stops = saved_run.run_stops(name, tokenizer, data["special_ids"])
         model = saved_run.load_inference_model(path, info, seed)
         return cls(model, tokenizer, resolved, end_of_turn, int(data["vocab_size"]),
                    int(data["seq_length"]), name, info["iteration"], seed,
-                   saved_run.run_render_options(data))
+                   saved_run.run_render_options(data), stops)
 
     # -- prompt ------------------------------------------------------------------------------
     def prompt_ids(self, messages: Sequence[MessageLike], tools: Optional[Sequence] = None,
@@ -241,7 +246,7 @@ class Generator:
             token = next_token(self.next_logits(ids), greedy, temperature, top_p, rng)
             new.append(token)
             ids.append(token)
-            if token == self.end_of_turn:
+            if token in self.stops:
                 return new, "end_of_turn"
             if token == self.tokenizer.eos_id:  # as the export's generation_config stops
                 return new, "eos"

@@ -349,7 +349,8 @@ class TrainingLayout:
             hf = self.tokenizer.hf
             if add_generation_prompt:
                 return render_prompt_with_chat_template(conversation, hf)
-            return render_with_chat_template(conversation, hf, self.options)[-1].input_ids.tolist()
+            ids = render_with_chat_template(conversation, hf, self.options)[-1].input_ids.tolist()
+            return ids[:-1] if _appended_stop(hf, conversation) else ids
         encode = self.tokenizer.encode
         conversation = as_read(conversation)
         if add_generation_prompt:
@@ -391,10 +392,34 @@ def chat_template_ids(hf_tokenizer, conversation, add_generation_prompt: bool,
     ``conversation``: a ``Conversation`` or messages."""
     conversation = as_conversation(conversation)
     extra = {"tools": list(conversation.tools)} if conversation.tools else {}
-    out = hf_tokenizer.apply_chat_template(hf_messages(conversation.messages),
+    out = hf_tokenizer.apply_chat_template(hf_messages(conversation.messages,
+                                                       _reasoning_form(hf_tokenizer)),
                                            add_generation_prompt=add_generation_prompt, **extra,
                                            **template_kwargs)
     return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def _appended_stop(hf_tokenizer, conversation: Conversation) -> bool:
+    """Whether training appended a stop tag after the conversation's last reply, which the
+    chat template does not write (a template that ends replies with the next message's tag,
+    GLM's: the last reply gets the tag a next user message opens with)."""
+    from mt_dialog.data.render_hf import chat_template_info
+
+    info = chat_template_info(hf_tokenizer)
+    return info.follows and bool(conversation.messages) \
+        and conversation.messages[-1].role == "assistant"
+
+
+def _reasoning_form(hf_tokenizer) -> str:
+    """Where the tokenizer's chat template reads reasoning (``render_hf.REASONING_FORMS``), as
+    a user of that template passes it; "reasoning_content" when it cannot be probed."""
+    from mt_dialog.data.render_hf import chat_template_info
+    from mt_dialog.data.tokenizers import TokenizerError
+
+    try:
+        return chat_template_info(hf_tokenizer).reasoning_form
+    except TokenizerError:
+        return "reasoning_content"
 
 
 def layout_differences(hf_tokenizer, training_ids: TrainingIds,

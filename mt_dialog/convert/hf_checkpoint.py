@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -53,6 +53,7 @@ from mt_dialog.training.saved_run import (
     inference_config,
     read_run_info,
     run_render_options,
+    run_stops,
     run_template,
     run_tokenizer,
     single_process_config,
@@ -190,7 +191,7 @@ def _write_json(path: str, value: Any) -> None:
 def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str, Any]:
     """The run's data record (``training.data.data_info``, as a dict) of an import, as a dataset
     of ``tokenizer`` and ``template`` would give it: what tools/chat.py and the export read."""
-    from mt_dialog.data.render import end_of_turn_id
+    from mt_dialog.data.render import end_of_turn_id, stop_ids
     from mt_dialog.data.templates import HF_TEMPLATE, template_names
     from mt_dialog.training.data import data_info
 
@@ -202,13 +203,14 @@ def _chat_info(tokenizer, template: Optional[str], seq_length: int) -> Dict[str,
         template = HF_TEMPLATE
     try:  # the template's end-of-turn (for hf the token its Jinja puts after every reply)
         end_of_turn = end_of_turn_id(template, tokenizer)
+        stops = list(stop_ids(template, tokenizer))
     except ValueError as exc:  # TokenizerError, unknown template
         message = str(exc)
         raise ConversionError(message if message.startswith("--template")
                               else f"--template {template}: {message}") from None
     info = to_dict(tokenizer.info())
     special_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
-                   "end_of_turn": end_of_turn, "added": info["added_tokens"]}
+                   "end_of_turn": end_of_turn, "stops": stops, "added": info["added_tokens"]}
     return to_dict(data_info({"seq_length": seq_length, "tokenizer": info, "template": template,
                               "special_ids": special_ids}))
 
@@ -364,6 +366,7 @@ class ExportedTokenizer:
     template_name: Optional[str]  # the dataset's --template (None: not recorded)
     template: Any  # its ResolvedTemplate; None for hf (the tokenizer's own) or unknown
     end_of_turn: Optional[int]  # the id every trained reply ends with
+    stops: Sequence[int] = ()  # every id a trained reply may end with (end_of_turn first)
     options: Any = None  # the run's RenderOptions (--train-on, --reasoning); None: defaults
 
     def __post_init__(self) -> None:
@@ -387,11 +390,12 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
         raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
                               f"(sha256 {data['tokenizer']['sha256'][:12]}...)")
     name = dataset_template(data)
-    template, end_of_turn = None, None
+    template, end_of_turn, stops = None, None, ()
     if name:
         template, end_of_turn = run_template(name, tokenizer, data.get("special_ids") or {})
+        stops = run_stops(name, tokenizer, data.get("special_ids") or {})
     return ExportedTokenizer(_hf_tokenizer(tokenizer, out), tokenizer, name, template,
-                             end_of_turn, run_render_options(data))
+                             end_of_turn, stops, run_render_options(data))
 
 
 def _hf_tokenizer(tokenizer, out: str):
@@ -534,8 +538,10 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
                        or 4096)
     hf_config(mc, architecture, rows, max_position, dtype, bos, eos, pad).save_pretrained(out)
     stops = [eos] if isinstance(eos, int) else list(eos or [])
-    if end_of_turn is not None and end_of_turn not in stops:
-        stops.append(int(end_of_turn))  # generate() stops at the template's end of turn
+    for stop in ([end_of_turn] if end_of_turn is not None else []) + \
+            list(exported.stops if exported is not None else ()):
+        if stop not in stops:  # generate() stops at the template's end of turn (every one)
+            stops.append(int(stop))
     GenerationConfig(bos_token_id=bos, eos_token_id=stops or None,
                      pad_token_id=pad).save_pretrained(out)
 

@@ -49,7 +49,7 @@ def _special_ids(metadata: Dict, tokenizer: Optional[DialogTokenizer]) -> set:
     """Every special token id: the metadata's and the tokenizer's own (control tokens of the
     base vocabulary, such as ``<|im_start|>`` in a SentencePiece model, included)."""
     ids = metadata["special_ids"]
-    found = {ids.get("bos"), ids.get("eos"), ids.get("end_of_turn")}
+    found = {ids.get("bos"), ids.get("eos"), ids.get("end_of_turn"), *ids.get("stops", ())}
     found |= set(ids.get("added", {}).values())
     if tokenizer is not None:
         found |= tokenizer.special_ids()
@@ -112,7 +112,8 @@ def render_pack(dataset: PackedDialogDataset, index: int, tokenizer: Optional[Di
 
 def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where,
                 eos: Optional[int] = None) -> List[str]:
-    """The invariants of one pack; ``eos`` given: a text dataset's (``_check_pieces``)."""
+    """The invariants of one pack (``end_of_turn``: the set of ids a trained turn may end
+    with); ``eos`` given: a text dataset's (``_check_pieces``)."""
     problems = []
     if int(lengths.sum()) > seq_length:
         problems.append(f"{where}: {int(lengths.sum())} tokens > seq length {seq_length}")
@@ -130,9 +131,9 @@ def _check_pack(tokens, counts, lengths, seq_length, vocab, end_of_turn, where,
         if np.any(counts[a:b] != b - a):
             problems.append(f"{where}: tokens {a}..{b - 1} carry loss_token_num "
                             f"{int(counts[a])} but the turn has {b - a} tokens")
-        if int(tokens[b - 1]) != end_of_turn:
+        if int(tokens[b - 1]) not in end_of_turn:
             problems.append(f"{where}: turn ending at token {b - 1} does not end with the "
-                            f"end-of-turn id {end_of_turn}")
+                            f"end-of-turn id {' or '.join(map(str, end_of_turn))}")
     return problems
 
 
@@ -158,7 +159,9 @@ def verify_split(dataset: PackedDialogDataset) -> List[str]:
     """Every invariant of one split, and its totals against the metadata."""
     meta = dataset.metadata
     vocab = int(meta["tokenizer"]["vocab_size"])
-    end_of_turn = int(meta["special_ids"]["end_of_turn"])
+    # every id a reply may end with (older metadata: the end-of-turn alone)
+    end_of_turn = {int(i) for i in meta["special_ids"].get("stops")
+                   or [meta["special_ids"]["end_of_turn"]]}
     text = dataset_kind(meta) == "text"
     eos = int(meta["special_ids"]["eos"]) if text else None
     truncated = text and overlong_of(meta) == "truncate"

@@ -40,7 +40,7 @@ from mt_dialog.data.packing import pack, packing_efficiency
 from mt_dialog.data.progress import progress_factory
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
 from mt_dialog.data.records import Kept, Outcome, RecordProcessor, init_worker, run_batch
-from mt_dialog.data.render import end_of_turn_id
+from mt_dialog.data.render import end_of_turn_id, stop_ids
 from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
 from mt_dialog.data.storage import (
     FORMAT_VERSION,
@@ -366,6 +366,7 @@ def _metadata(config, tokenizer, processor, summary, argv) -> Dict:
         "special_ids": {
             "bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id,
             "end_of_turn": end_of_turn_id(config.tokenizer.template, tokenizer),
+            "stops": list(stop_ids(config.tokenizer.template, tokenizer)),
             "added": info.added_tokens,
         },
         "packing": config.packing.packing,

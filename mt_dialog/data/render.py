@@ -454,6 +454,19 @@ def truncate_to_turns(
     )
 
 
+def stop_ids(template_name: str, tokenizer: DialogTokenizer) -> Tuple[int, ...]:
+    """Every id a trained reply may end with, ``end_of_turn_id``'s first: for a built-in
+    template that one; for ``hf`` also the other tags that close replies of a template that
+    ends each reply with the next message's tag (GLM: ``<|user|>``, ``<|observation|>``;
+    ``render_hf.hf_stop_ids``). Generation stops at each; the metadata records them
+    (``special_ids["stops"]``). Raises ``TokenizerError`` or ``ValueError``."""
+    if template_name == HF_TEMPLATE:
+        from mt_dialog.data.render_hf import hf_stop_ids
+
+        return hf_stop_ids(tokenizer)
+    return (end_of_turn_id(template_name, tokenizer),)
+
+
 def end_of_turn_id(template_name: str, tokenizer: DialogTokenizer) -> int:
     """The id that ends every trained reply with ``--template template_name``: the built-in
     template's ``end_of_turn`` (appended to the vocabulary if missing), or for ``hf`` the token

@@ -22,6 +22,15 @@ begin on a token boundary and to end right before the end-of-turn token: for a b
 any other tokenizer, or to name a fault, by the back-end's character offsets. Cost: one render
 per sample, one per trained reply, one tokenization.
 
+Templates without one end token (found on the probe, ``ChatTemplateInfo``): a template that
+ends a reply where the next message's tag begins (GLM-4.5, ``follows``) trains each reply with
+that tag (``<|observation|>``, ``<|user|>``), the sample's last reply with the tag a next user
+message opens with, appended; a template that closes the last reply otherwise than the history's
+(gpt-oss: ``<|return|>`` / ``<|end|>``, ``turn_views``) trains each user turn's replies in the
+rendering cut after them (one sample per user turn). ``ChatTemplateInfo.stops`` lists every id
+a trained reply may end with. A record's reasoning is passed where the template reads it
+(``REASONING_FORMS``, probed).
+
 A record is refused (``RecordError``) only when its replies cannot be located, with the cause:
 ``special_token_in_text`` (text that would become a control token), ``template_error`` (the
 template raises), ``template_no_tools`` / ``template_no_reasoning`` (the template ignores them,
@@ -64,11 +73,19 @@ _BLANK = {"role": "assistant", "content": ""}
 _USER_TURN_VIEWS = SimpleNamespace(reasoning=ReasoningLayout(wrap=("", ""), drops_earlier=True))
 
 
-def hf_messages(messages: Sequence[Message]) -> Dicts:
+REASONING_FORMS = ("reasoning_content", "thinking", "inline")
+"""Where a chat template may read a reply's reasoning: ``reasoning_content`` (Qwen3, GLM),
+``thinking`` (gpt-oss), or ``inline``, a ``<think>\\n...\\n</think>\\n\\n`` block at the start of
+``content`` (DeepSeek-R1 distills, QwQ). ``chat_template_info`` probes which one a template
+renders."""
+
+
+def hf_messages(messages: Sequence[Message], reasoning_form: str = "reasoning_content") -> Dicts:
     """Messages as Hugging Face chat templates take them (``apply_chat_template(messages,
     tools=...)``): ``{"role", "content"}``; an assistant's ``tool_calls`` as ``[{"type":
     "function", "function": {"name", "arguments"}, "id"}]`` (the arguments as the input gave
-    them: a dict, or its JSON string verbatim) and ``reasoning_content``;
+    them: a dict, or its JSON string verbatim) and its reasoning in ``reasoning_form`` (one of
+    ``REASONING_FORMS``: the template's, ``ChatTemplateInfo.reasoning_form``);
     a tool result's ``tool_call_id`` and ``name``. Absent values are left out (templates test
     ``is defined``)."""
     out = []
@@ -79,8 +96,10 @@ def hf_messages(messages: Sequence[Message]) -> Dicts:
                 {"type": "function", "function": {"name": c.name, "arguments": (
                     c.arguments if c.arguments_text is None else c.arguments_text)},
                  **({"id": c.id} if c.id is not None else {})} for c in m.tool_calls]
-        if m.reasoning is not None:
-            entry["reasoning_content"] = m.reasoning
+        if m.reasoning is not None and reasoning_form == "inline":
+            entry["content"] = f"<think>\n{m.reasoning}\n</think>\n\n{m.content}"
+        elif m.reasoning is not None:
+            entry[reasoning_form] = m.reasoning
         if m.name is not None:
             entry["name"] = m.name
         if m.tool_call_id is not None:
@@ -128,6 +147,23 @@ class ChatTemplateInfo:
     marks: bool = False
     """Whether reply contents can be located by one rendering with marked contents
     (``_marked_contents`` worked on the probe); else each reply takes a blanked rendering."""
+    follows: bool = False
+    """Whether the template closes no reply with an end token: a reply ends where the next
+    message's role tag begins (GLM: ``<|user|>``, ``<|observation|>``). Each reply is then
+    trained with the tag that follows it, the last one of a sample with ``end_text`` (the tag
+    a next user message opens with), appended after the template's text."""
+    turn_views: bool = False
+    """Whether the template closes the last reply with another token than it closes replies
+    in the history (gpt-oss: ``<|return|>`` last, ``<|end|>`` before): each user turn's replies
+    are then trained in a sample that ends with them, closed as the model closes them."""
+    stop_texts: Tuple[str, ...] = ()
+    """The texts of every token a trained reply may end with (``end_text`` first): generation
+    stops at each."""
+    stops: Tuple[int, ...] = ()
+    """Their ids (``end_of_turn`` first)."""
+    reasoning_form: str = "reasoning_content"
+    """Where the template reads a reply's reasoning (one of ``REASONING_FORMS``, the first
+    that it renders on a probe; "reasoning_content" when it renders none)."""
 
 
 _PROBE = (Message("user", "Hello!"), Message("assistant", "Hi."),
@@ -159,14 +195,16 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
         return cached
     specials = _special_pattern(hf_tokenizer)
     try:
-        end_text = _probe_end_of_turn(hf_tokenizer, specials)
+        end_text, follows, turn_views, stop_texts = _probe_end_of_turn(hf_tokenizer, specials)
         dicts = hf_messages(_PROBE[:3])
         prompt = _apply(hf_tokenizer, dicts, None, add_generation_prompt=True)
         plain = _apply(hf_tokenizer, dicts, None)
         opening = prompt[len(plain):] if prompt.startswith(plain) else ""
         opener = specials.match(opening)
-        info = ChatTemplateInfo(template, hf_tokenizer.convert_tokens_to_ids(end_text), end_text,
-                                opening, opener.group() if opener else None, specials)
+        stops = tuple(hf_tokenizer.convert_tokens_to_ids(t) for t in stop_texts)
+        info = ChatTemplateInfo(template, stops[0], end_text, opening,
+                                opener.group() if opener else None, specials, follows=follows,
+                                turn_views=turn_views, stop_texts=stop_texts, stops=stops)
         _render(Conversation(_PROBE), hf_tokenizer, RenderOptions(train_on="last"), info)
     except RecordError as exc:
         raise TokenizerError(f"--template hf: the chat template cannot be used on the probe "
@@ -174,22 +212,42 @@ def chat_template_info(hf_tokenizer) -> ChatTemplateInfo:
     probe = hf_messages(_PROBE)
     marks = bool(_marked_contents(_apply(hf_tokenizer, probe, None), probe, None, [1, 3],
                                   hf_tokenizer))
-    info = replace(info, renders=_probe_renders(hf_tokenizer), marks=marks)
+    renders, form = _probe_renders(hf_tokenizer)
+    info = replace(info, renders=renders, marks=marks, reasoning_form=form)
+    if follows or turn_views:  # how a tool-call reply ends is a stop too
+        info = _with_tool_stop(info, hf_tokenizer)
     _INFO[hf_tokenizer] = info
     return info
 
 
-def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]") -> str:
-    """The text of the special token the template puts after each reply of ``_PROBE`` (the
-    first special token where the rendering with that reply emptied stops differing)."""
+def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]"
+                       ) -> Tuple[str, bool, bool, Tuple[str, ...]]:
+    """``(end text, follows, turn views, stop texts)``: the special token the template puts
+    after each reply of ``_PROBE`` (the first special token where the rendering with that reply
+    emptied stops differing). A template that puts it only where the next message begins (the
+    rendering cut after the reply ends right before it, and the last reply is followed by
+    nothing) closes replies with the next message's tag: ``follows``, the end text is the tag
+    that a next user message opens with. A template that closes the last reply with another
+    token than the earlier one, and closes that one too with it when it is last (the rendering
+    cut after it ends with it): ``turn views``, the end text is the last reply's."""
     dicts = hf_messages(_PROBE)
     full = _apply(hf_tokenizer, dicts, None)
-    found = []
+    found, follows = [], []
     for k in (1, 3):
         other = _apply(hf_tokenizer, _blanked(dicts, k), None)
         if other != full:  # a template may leave earlier replies out: use the others
             closing = _closing_special(full, _differing(full, other)[1], specials)
             found.append(closing.group() if closing else None)
+            cut = _apply(hf_tokenizer, dicts[:k + 1], None)
+            follows.append(closing is None or closing.start() == len(cut))
+    if found and all(follows) and found[-1] is None:  # GLM: the next message's tag ends it
+        tag = _next_tag(hf_tokenizer, dicts, None, {"role": "user", "content": "Next."},
+                        specials)
+        if tag is not None and all(t in (None, tag) for t in found):
+            return tag, True, False, (tag,)
+    if len(found) == 2 and None not in found and found[0] != found[1] \
+            and _apply(hf_tokenizer, dicts[:2], None).rstrip().endswith(found[1]):
+        return found[1], False, True, (found[1],)  # gpt-oss: <|end|> in the history only
     texts = sorted(set(found), key=str)
     if texts == [None] or not texts:
         raise TokenizerError("--template hf: the chat template puts no special token after the "
@@ -203,7 +261,40 @@ def _probe_end_of_turn(hf_tokenizer, specials: "re.Pattern[str]") -> str:
             f"--template hf: the chat template ends replies with different special tokens "
             f"({pieces}) on a probe conversation; training needs one end-of-turn token "
             "(generation stops at it): fix the chat template or choose a built-in --template")
-    return texts[0]
+    return texts[0], False, False, (texts[0],)
+
+
+def _next_tag(hf_tokenizer, dicts: Dicts, tools: Tools, message: Dict[str, Any],
+              specials: "re.Pattern[str]") -> Optional[str]:
+    """The special token ``message`` opens with when it follows ``dicts`` (None when the
+    rendering with it does not continue that of ``dicts`` with a special token)."""
+    try:
+        before = _apply(hf_tokenizer, dicts, tools)
+        after = _apply(hf_tokenizer, dicts + [message], tools)
+    except RecordError:
+        return None
+    tag = specials.match(after, len(before)) if after.startswith(before) else None
+    return tag.group() if tag else None
+
+
+def _with_tool_stop(info: ChatTemplateInfo, hf_tokenizer) -> ChatTemplateInfo:
+    """``info`` with what closes a tool-call reply among its stops, where the template lays
+    out tool results: for a ``follows`` template the tag a tool result opens with (GLM's
+    ``<|observation|>``), for ``turn_views`` the special token that ends the rendering cut
+    after the call (gpt-oss's ``<|call|>``)."""
+    if "tool_results" not in info.renders:
+        return info
+    call = hf_messages(_tool_probe().messages)
+    if info.follows:
+        tag = _next_tag(hf_tokenizer, call[:2], [_WEATHER], call[2], info.specials)
+    else:
+        cut = _apply(hf_tokenizer, call[:2], [_WEATHER]).rstrip()
+        last = [m for m in info.specials.finditer(cut) if m.end() == len(cut)]
+        tag = last[0].group() if last else None
+    if tag is None or tag in info.stop_texts:
+        return info
+    return replace(info, stop_texts=info.stop_texts + (tag,),
+                   stops=info.stops + (hf_tokenizer.convert_tokens_to_ids(tag),))
 
 
 _WEATHER = {"type": "function", "function": {
@@ -212,35 +303,58 @@ _WEATHER = {"type": "function", "function": {
                    "required": ["city"]}}}
 
 
-def _probe_renders(hf_tokenizer) -> FrozenSet[str]:
-    """Which inputs the template renders: each probed by two conversations that differ only
-    in it (a template that ignores it, or refuses it, renders them alike)."""
-    def call(city="Paris", result="22", reasoning="Look it up."):
-        return Conversation((Message("user", "Weather in Paris?"),
-                             Message("assistant", "", (ToolCall("get_weather", {"city": city},
-                                                                "call_1"),)),
-                             Message("tool", result, name="get_weather", tool_call_id="call_1"),
-                             Message("assistant", "22 degrees.", reasoning=reasoning)),
-                            (_WEATHER,))
+def _tool_probe(city="Paris", result="22", reasoning="Look it up.") -> Conversation:
+    return Conversation((Message("user", "Weather in Paris?"),
+                         Message("assistant", "", (ToolCall("get_weather", {"city": city},
+                                                            "call_1"),)),
+                         Message("tool", result, name="get_weather", tool_call_id="call_1"),
+                         Message("assistant", "22 degrees.", reasoning=reasoning)),
+                        (_WEATHER,))
 
+
+def _probe_renders(hf_tokenizer) -> Tuple[FrozenSet[str], str]:
+    """Which inputs the template renders, each probed by two conversations that differ only
+    in it (a template that ignores it, or refuses it, renders them alike), and the first of
+    ``REASONING_FORMS`` in which it renders reasoning."""
     other_tool = {"type": "function", "function": dict(_WEATHER["function"], name="get_time")}
     pairs = {
         "tools": (Conversation(_PROBE[:2], (_WEATHER,)), Conversation(_PROBE[:2], (other_tool,))),
-        "tool_calls": (call(), call(city="Rome")),
-        "tool_results": (call(), call(result="18")),
-        "reasoning": (Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Greet back."))),
-                      Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Be polite.")))),
+        "tool_calls": (_tool_probe(), _tool_probe(city="Rome")),
+        "tool_results": (_tool_probe(), _tool_probe(result="18")),
     }
-    renders = set()
-    for what, (one, two) in pairs.items():
+    reasoning = (Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Greet back."))),
+                 Conversation((_PROBE[0], replace(_PROBE[1], reasoning="Be polite."))))
+    renders, form = set(), "reasoning_content"
+    for what, pair in list(pairs.items()) + [(f, reasoning) for f in REASONING_FORMS]:
+        if what in REASONING_FORMS and "reasoning" in renders:
+            break
         try:
-            texts = [_apply(hf_tokenizer, hf_messages(c.messages), list(c.tools) or None)
-                     for c in (one, two)]
+            texts = [_apply(hf_tokenizer, hf_messages(c.messages, what if what in
+                                                      REASONING_FORMS else form),
+                            list(c.tools) or None) for c in pair]
         except RecordError:
             continue
-        if texts[0] != texts[1]:
-            renders.add(what)
-    return frozenset(renders)
+        if texts[0] != texts[1] and (what != "inline" or _reads_inline(hf_tokenizer)):
+            renders.add("reasoning" if what in REASONING_FORMS else what)
+            form = what if what in REASONING_FORMS else form
+    return frozenset(renders), form
+
+
+def _reads_inline(hf_tokenizer) -> bool:
+    """Whether the template reads a ``<think>`` block of the content as reasoning, rather than
+    copying it as any text (which would make every template a reasoning template): a
+    conversation of two replies with inline reasoning renders otherwise than the same with the
+    block's tags renamed (``<think>`` -> ``<thinq>``) once the names are put back."""
+    replies = (replace(_PROBE[1], reasoning="Greet back."),
+               replace(_PROBE[3], reasoning="Answer."))
+    dicts = hf_messages((_PROBE[0], replies[0], _PROBE[2], replies[1]), "inline")
+    renamed = [dict(d, content=d["content"].replace("<think>", "<thinq>").replace(
+        "</think>", "</thinq>")) for d in dicts]
+    try:
+        read, copied = (_apply(hf_tokenizer, d, None) for d in (dicts, renamed))
+    except RecordError:
+        return False
+    return read != copied.replace("<thinq>", "<think>").replace("</thinq>", "</think>")
 
 
 # -- locating a reply ---------------------------------------------------------------------------
@@ -323,14 +437,36 @@ def _locate(full: str, dicts: Dicts, tools: Tools, k: int, low: int, hf_tokenize
     first, last = content
     start = _reply_start(full, first, low, k, dicts, tools, hf_tokenizer, info)
     closing = _closing_special(full, last, info.specials)
+    if info.follows:  # ended by the next message's tag, or by the end of the sample's text
+        if closing is None:
+            return start, len(full)
+        if closing.start() < last or closing.group() not in info.stop_texts:
+            raise _end_mismatch(k, closing.group(), hf_tokenizer, info)
+        return start, closing.start()
     straddles = closing is not None and closing.start() < last
-    end = full.find(info.end_text, max(start, last - len(info.end_text) + 1))
-    if (straddles and closing.group() != info.end_text) or end < 0:
+    ends = [at for at in (full.find(t, max(start, last - len(t) + 1)) for t in info.stop_texts)
+            if at >= 0]
+    end = min(ends) if ends else -1
+    if (straddles and closing.group() not in info.stop_texts) or end < 0:
         raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
-    if info.opener and full.find(info.opener, start, end) >= 0:
+    if _next_message_opens(full, start, end, info):
         # the next message opens before this end-of-turn: the reply ended with another token
         raise _end_mismatch(k, closing.group() if closing else None, hf_tokenizer, info)
     return start, end
+
+
+def _next_message_opens(full: str, start: int, end: int, info: ChatTemplateInfo) -> bool:
+    """Whether a message other than the reply's own continuation opens in ``full[start:end]``:
+    an opener (``<|start|>``) not followed by the generation prompt's opening (gpt-oss writes
+    a reply as several assistant messages, ``<|start|>assistant<|channel|>...``)."""
+    if not info.opener:
+        return False
+    at = full.find(info.opener, start, end)
+    while at >= 0:
+        if not full.startswith(info.opening, at):
+            return True
+        at = full.find(info.opener, at + 1, end)
+    return False
 
 
 # Unicode private-use characters (plane 15): no tokenizer's special token, never in the inputs
@@ -375,7 +511,7 @@ def _marked_contents(full: str, dicts: Dicts, tools: Tools, ks: Sequence[int], h
 
 def _end_mismatch(k: int, piece: Optional[str], hf_tokenizer, info: ChatTemplateInfo
                   ) -> RecordError:
-    wanted = f"{info.end_text!r} (id {info.end_of_turn})"
+    wanted = " or ".join(f"{t!r} (id {i})" for t, i in zip(info.stop_texts, info.stops))
     found = (f"{piece!r} (id {hf_tokenizer.convert_tokens_to_ids(piece)})" if piece
              else "no special token")
     return RecordError(
@@ -430,15 +566,14 @@ def _check_inputs(conversation: Conversation, info: ChatTemplateInfo) -> None:
 
 
 def _check_reasoning_kept(full: str, dicts: Dicts, tools: Tools, messages: Sequence[Message],
-                          hf_tokenizer) -> None:
+                          hf_tokenizer, info: ChatTemplateInfo) -> None:
     """``--reasoning keep``: every message's reasoning must be in the rendering (a variant
     without it renders differently). Raises ``RecordError("reasoning_dropped")``."""
     for k, message in enumerate(messages):
         if message.role != "assistant" or not (message.reasoning or "").strip():
             continue
-        without = dict(dicts[k])
-        del without["reasoning_content"]
-        if _apply(hf_tokenizer, dicts[:k] + [without] + dicts[k + 1:], tools) == full:
+        without = hf_messages([replace(message, reasoning=None)], info.reasoning_form)
+        if _apply(hf_tokenizer, dicts[:k] + without + dicts[k + 1:], tools) == full:
             raise RecordError(
                 "reasoning_dropped",
                 f"messages[{k}]: --reasoning keep, but the chat template leaves this message's "
@@ -458,7 +593,9 @@ def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
     messages = conversation.messages
     samples = []
     trained_here = trained_messages(messages, options)
-    for trained, _ in sample_views(messages, _USER_TURN_VIEWS, options, trained_here):
+    views = (_turn_views(messages, trained_here) if info.turn_views else
+             [t for t, _ in sample_views(messages, _USER_TURN_VIEWS, options, trained_here)])
+    for trained in views:
         shown = [t and has_reply(m, True) for m, t in zip(messages, trained)]
         if not any(shown):
             continue
@@ -473,19 +610,31 @@ def _render(conversation: Conversation, hf_tokenizer, options: RenderOptions,
     return tuple(samples)
 
 
+def _turn_views(messages: Sequence[Message], trained: List[bool]) -> List[List[bool]]:
+    """For a ``turn_views`` template: per user turn with trained replies, those replies (the
+    sample is cut after the last of them, so that it ends as the model ends it)."""
+    turn, users = [], 0
+    for message in messages:
+        users += message.role == "user"
+        turn.append(users)
+    closing = sorted({turn[i] for i, t in enumerate(trained) if t})
+    return [[t and turn[i] == u for i, t in enumerate(trained)] for u in closing]
+
+
 def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_tokenizer,
                    info: ChatTemplateInfo, keep: bool) -> Optional[RenderedConversation]:
     """One sample: the template's rendering of ``conversation``, tokenized, with the replies
     ``trained[k]`` located and trained; None when the template writes none of them."""
     messages = conversation.messages
-    dicts = hf_messages(messages)
+    dicts = hf_messages(messages, info.reasoning_form)
     tools = list(conversation.tools) or None
     full = _apply(hf_tokenizer, dicts, tools)
     if keep:
-        _check_reasoning_kept(full, dicts, tools, messages, hf_tokenizer)
+        _check_reasoning_kept(full, dicts, tools, messages, hf_tokenizer, info)
     spans, low = [], 0
     ks = [i for i, t in enumerate(trained) if t]
-    contents = _marked_contents(full, dicts, tools, ks, hf_tokenizer) if info.marks else {}
+    plain = [k for k in ks if messages[k].reasoning is None]
+    contents = _marked_contents(full, dicts, tools, plain, hf_tokenizer) if info.marks else {}
     for k in ks:
         span = _locate(full, dicts, tools, k, low, hf_tokenizer, info, contents.get(k))
         if span is None:
@@ -498,11 +647,18 @@ def _render_sample(conversation: Conversation, trained: Sequence[bool], hf_token
                     "built-in --template")
             continue  # reasoning alone, left out of this view: context
         spans.append((k,) + span)
-        low = span[1] + len(info.end_text)
+        low = span[1] + (0 if info.follows else _stop_length(full, span[1], info))
     return _tokenize(full, spans, hf_tokenizer, info) if spans else None
 
 
+def _stop_length(full: str, end: int, info: ChatTemplateInfo) -> int:
+    """Length of the stop text at ``end`` of ``full`` (the end text's when none is there)."""
+    return next((len(t) for t in info.stop_texts if full.startswith(t, end)),
+                len(info.end_text))
+
+
 _SPANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EMPTY_THINK = "<think>\n\n</think>\n\n"  # an empty inline block, as hf_messages writes one
 
 
 def _byte_spans(hf_tokenizer) -> Optional[ByteLevelSpans]:
@@ -520,6 +676,8 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
     tokenizer maps characters to tokens by its tokens' byte lengths (``_tokenize_by_bytes``);
     any other, or a check that fails there, by the back-end's offsets (which also name the
     fault)."""
+    if info.follows and spans[-1][2] == len(full):  # the sample's last reply: its stop tag
+        full += info.end_text
     byte_spans = _byte_spans(hf_tokenizer)
     if byte_spans is not None:
         rendered = _tokenize_by_bytes(full, spans, byte_spans, info)
@@ -534,16 +692,18 @@ def _tokenize(full: str, spans: List[Tuple[int, int, int]], hf_tokenizer,
     replies, turn_ends = [], []
     for k, start, end in spans:
         first, closing = encoding.char_to_token(start), encoding.char_to_token(end)
-        if closing is None or ids[closing] != info.end_of_turn \
+        if closing is None or ids[closing] not in info.stops \
                 or encoding.token_to_chars(closing)[0] != end:
             raise RecordError("end_of_turn_mismatch", f"messages[{k}]: the end-of-turn text "
-                              f"{info.end_text!r} after this reply is not tokenized as the "
-                              f"end-of-turn token (id {info.end_of_turn}); fix the tokenizer")
+                              f"{info.stop_texts} after this reply is not tokenized as the "
+                              f"end-of-turn token (ids {info.stops}); fix the tokenizer")
         if first is None or encoding.token_to_chars(first)[0] != start:
             raise _boundary_error(k, full, start, first, encoding, ids, hf_tokenizer)
         replies.append((first, closing + 1 - first))
-        after = info.specials.search(full, end + len(info.end_text))
-        turn_ends.append(encoding.char_to_token(after.start()) if after else len(ids))
+        after = None if info.follows else \
+            info.specials.search(full, end + _stop_length(full, end, info))
+        turn_ends.append(closing + 1 if info.follows else
+                         encoding.char_to_token(after.start()) if after else len(ids))
     return RenderedConversation(np.asarray(ids, dtype=np.int64),
                                 turn_lengths(replies, len(ids)), tuple(turn_ends))
 
@@ -567,11 +727,12 @@ def _tokenize_by_bytes(full: str, spans: List[Tuple[int, int, int]], byte_spans:
     replies, turn_ends = [], []
     for _, start, end in spans:
         first, closing = token_at(start), token_at(end)
-        if first is None or closing is None or ids[closing] != info.end_of_turn:
+        if first is None or closing is None or ids[closing] not in info.stops:
             return None
         replies.append((first, closing + 1 - first))
-        after = info.specials.search(full, end + len(info.end_text))
-        turn_end = token_at(after.start()) if after else len(ids)
+        after = None if info.follows else \
+            info.specials.search(full, end + _stop_length(full, end, info))
+        turn_end = closing + 1 if info.follows else token_at(after.start()) if after else len(ids)
         if turn_end is None:
             return None
         turn_ends.append(turn_end)
@@ -629,8 +790,13 @@ def render_prompt_with_chat_template(conversation: Union[Conversation, Sequence[
     conversation = as_conversation(conversation)
     _check_inputs(conversation, chat_template_info(hf_tokenizer))
     switch = {} if enable_thinking else {"enable_thinking": False}
-    text = _apply(hf_tokenizer, hf_messages(conversation.messages),
+    info = chat_template_info(hf_tokenizer)
+    text = _apply(hf_tokenizer, hf_messages(conversation.messages, info.reasoning_form),
                   list(conversation.tools) or None, add_generation_prompt=True, **switch)
+    if not enable_thinking and info.reasoning_form == "inline" and \
+            text == _apply(hf_tokenizer, hf_messages(conversation.messages, "inline"),
+                           list(conversation.tools) or None, add_generation_prompt=True):
+        text += _EMPTY_THINK  # a template without the switch: the reply opens with no reasoning
     return list(hf_tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -642,6 +808,13 @@ def chat_template_end_of_turn(hf_tokenizer) -> int:
     per tokenizer and template, ``chat_template_info``); ``render_with_chat_template`` then
     checks every trained reply against it. Raises ``TokenizerError``."""
     return chat_template_info(hf_tokenizer).end_of_turn
+
+
+def hf_stop_ids(tokenizer: DialogTokenizer) -> Tuple[int, ...]:
+    """``render.stop_ids`` for ``--template hf``: every id a trained reply may end with
+    (``ChatTemplateInfo.stops``; the end-of-turn first). Raises ``TokenizerError``."""
+    hf_end_of_turn_id(tokenizer)
+    return chat_template_info(tokenizer.hf).stops
 
 
 def hf_end_of_turn_id(tokenizer: DialogTokenizer) -> int:

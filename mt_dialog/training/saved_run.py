@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -256,6 +256,20 @@ def run_template(name: str, tokenizer, special: Dict[str, Any]):
             f"template {name}: end-of-turn id {end_of_turn} but the run trained with "
             f"{recorded}; pass the template the dataset was built with")
     return resolved, end_of_turn
+
+
+def run_stops(name: str, tokenizer, special: Dict[str, Any]) -> Tuple[int, ...]:
+    """Every id a reply of a run trained with ``--template name`` may end with
+    (``render.stop_ids``, the end-of-turn first), with those the dataset recorded
+    (``special["stops"]``). Raises ``SavedRunError`` as ``run_template``."""
+    from mt_dialog.data.render import stop_ids
+    from mt_dialog.data.tokenizers import TokenizerError
+
+    try:
+        found = list(stop_ids(name, tokenizer))
+    except (ValueError, TokenizerError) as exc:
+        raise SavedRunError(str(exc)) from None
+    return tuple(found + [int(i) for i in special.get("stops", ()) if int(i) not in found])
 
 
 # -- the run's model in one process ------------------------------------------------------------

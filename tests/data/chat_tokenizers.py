@@ -259,3 +259,246 @@ def hf_llama31_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
                            bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                            pad_token="<|end_of_text|>",
                            additional_special_tokens=LLAMA31_SPECIALS[2:])
+
+
+# -- the 2026 families' layouts (written here from their documented prompt formats) ------------
+
+QWEN3_INLINE_JINJA = QWEN3_JINJA.replace(
+    # QwQ / DeepSeek-R1-distill style: Qwen3's layout reading the reasoning ONLY from a
+    # <think>...</think> block at the start of the content (no reasoning_content)
+    "{%- if message['reasoning_content'] is string -%}"
+    "{%- set reasoning = message['reasoning_content'] -%}"
+    "{%- elif '</think>' in content -%}", "{%- if '</think>' in content -%}")
+QWEN3_THINKING_JINJA = QWEN3_JINJA.replace("reasoning_content", "thinking")
+"""Qwen3's layout reading the reasoning from ``thinking`` (where gpt-oss's template reads it)."""
+
+GLM45_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                  "<|observation|>"]
+GLM45_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+                "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>"]
+GLM45_JINJA = (
+    # GLM-4.5: [gMASK]<sop>, role tags <|system|> <|user|> <|assistant|> <|observation|> and NO
+    # end token: a reply ends where the next tag begins (serving stops at <|user|> and
+    # <|observation|>). The tools are described in a system block; a reply is
+    # "\n<think>{reasoning}</think>" when it has reasoning_content and follows the last user
+    # message, else "\n<think></think>", then "\n" + its content (trimmed) when it has one, then
+    # each call as "\n<tool_call>{name}\n<arg_key>k</arg_key>\n<arg_value>v</arg_value>\n...
+    # </tool_call>" (a JSON-string argument written as given). Tool results share one
+    # <|observation|> turn, each in <tool_response>. enable_thinking false: the generation
+    # prompt gets an empty think block.
+    "{{- '[gMASK]<sop>' -}}"
+    "{%- if tools -%}{{- '<|system|>\\n# Tools\\n\\nYou may call one or more functions to "
+    "assist with the user query.\\n\\nYou are provided with function signatures within "
+    "<tools></tools> XML tags:\\n<tools>\\n' -}}"
+    "{%- for tool in tools -%}{{- (tool | tojson) + '\\n' -}}{%- endfor -%}"
+    "{{- '</tools>\\n\\nFor each function call, output the function name and arguments within "
+    "the following XML format:\\n<tool_call>{function-name}\\n<arg_key>{arg-key-1}</arg_key>\\n"
+    "<arg_value>{arg-value-1}</arg_value>\\n...\\n</tool_call>' -}}{%- endif -%}"
+    "{%- set ns = namespace(query=-1) -%}"
+    "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+    "{%- set ns.query = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] in ('system', 'user') -%}"
+    "{{- '<|' + message['role'] + '|>\\n' + content -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|assistant|>' -}}" + GENERATION +
+    "{%- set reasoning = message['reasoning_content'] if message['reasoning_content'] is string"
+    " else '' -%}"
+    "{%- if loop.index0 > ns.query and reasoning.strip() -%}"
+    "{{- '\\n<think>' + reasoning.strip() + '</think>' -}}"
+    "{%- else -%}{{- '\\n<think></think>' -}}{%- endif -%}"
+    "{%- if content.strip() -%}{{- '\\n' + content.strip() -}}{%- endif -%}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set function = call['function'] -%}"
+    "{{- '\\n<tool_call>' + function['name'] + '\\n' -}}"
+    "{%- if function['arguments'] is mapping -%}"
+    "{%- for key, value in function['arguments'].items() -%}"
+    "{{- '<arg_key>' + key + '</arg_key>\\n<arg_value>' + (value if value is string else "
+    "value | tojson) + '</arg_value>\\n' -}}{%- endfor -%}"
+    "{%- else -%}{{- function['arguments'] + '\\n' -}}{%- endif -%}"
+    "{{- '</tool_call>' -}}{%- endfor -%}" + END_GENERATION +
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}"
+    "{{- '<|observation|>' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + content + '\\n</tool_response>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}"
+    "{%- if enable_thinking is defined and enable_thinking is false -%}"
+    "{{- '\\n<think></think>' -}}{%- endif -%}{%- endif -%}"
+)
+
+DEEPSEEK_V3_SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>",
+                        "<｜Assistant｜>", "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>",
+                        "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>",
+                        "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>",
+                        "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"]
+DEEPSEEK_V3_JINJA = (
+    # DeepSeek-V3: bos, the system text bare, <｜User｜>{content}, <｜Assistant｜>{content} ended
+    # by <｜end▁of▁sentence｜> (the eos); calls as <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>
+    # function<｜tool▁sep｜>{name}\n```json\n{arguments}\n```<｜tool▁call▁end｜>...
+    # <｜tool▁calls▁end｜>; results in one <｜tool▁outputs▁begin｜> block, each in
+    # <｜tool▁output▁begin｜>...<｜tool▁output▁end｜>; the reply after results has no
+    # <｜Assistant｜> (nor has the generation prompt after them). Tools are described after the
+    # system text as "## Tools" with one "### name" section each (V3.1's layout).
+    "{{- bos_token -}}"
+    "{%- for message in messages if message['role'] == 'system' -%}"
+    "{{- message['content'] -}}{%- endfor -%}"
+    "{%- if tools -%}{{- '\n\n## Tools\nYou have access to the following tools:\n' -}}"
+    "{%- for tool in tools -%}{{- '\n### ' + tool['function']['name'] + '\nDescription: ' + "
+    "tool['function']['description'] + '\n\nParameters: ' + "
+    "(tool['function']['parameters'] | tojson) + '\n' -}}{%- endfor -%}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- set after_tool = not loop.first and messages[loop.index0 - 1]['role'] == 'tool' -%}"
+    "{%- if message['role'] == 'user' -%}{{- '<｜User｜>' + content -}}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- if not after_tool -%}{{- '<｜Assistant｜>' -}}{%- endif -%}" + GENERATION +
+    "{{- content -}}"
+    "{%- if message['tool_calls'] -%}{{- '<｜tool▁calls▁begin｜>' -}}"
+    "{%- for call in message['tool_calls'] -%}"
+    "{%- set arguments = call['function']['arguments'] -%}"
+    "{{- '<｜tool▁call▁begin｜>function<｜tool▁sep｜>' + call['function']['name'] + "
+    "'\\n```json\\n' + (arguments if arguments is string else arguments | tojson) + "
+    "'\\n```<｜tool▁call▁end｜>' -}}{%- endfor -%}{{- '<｜tool▁calls▁end｜>' -}}{%- endif -%}"
+    "{{- '<｜end▁of▁sentence｜>' -}}" + END_GENERATION +
+    "{%- elif message['role'] == 'tool' -%}"
+    "{%- if not after_tool -%}{{- '<｜tool▁outputs▁begin｜>' -}}{%- endif -%}"
+    "{{- '<｜tool▁output▁begin｜>' + content + '<｜tool▁output▁end｜>' -}}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}"
+    "{{- '<｜tool▁outputs▁end｜>' -}}{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt and messages[-1]['role'] != 'tool' -%}"
+    "{{- '<｜Assistant｜>' -}}{%- endif -%}"
+)
+
+GEMMA3_SPECIALS = ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA3_JINJA = (
+    # Gemma 3: <bos>; the system text put before the first user message's (a blank line
+    # between); each message <start_of_turn>{user|model}\n{content trimmed}<end_of_turn>\n;
+    # the generation prompt <start_of_turn>model\n. No tools, no reasoning.
+    "{{- bos_token -}}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\\n\\n' -%}{%- set body = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set body = messages -%}{%- endif -%}"
+    "{%- for message in body -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{- '<start_of_turn>' + role + '\\n' -}}"
+    "{%- if role == 'model' -%}" + GENERATION +
+    "{{- message['content'] | trim -}}{{- '<end_of_turn>' -}}" + END_GENERATION +
+    "{%- else -%}{{- ((prefix if loop.first else '') + message['content']) | trim -}}"
+    "{{- '<end_of_turn>' -}}{%- endif -%}{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_inline_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """Qwen3's layout reading reasoning only inline (<think> block of the content)."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_qwen3_inline")),
+                           unmarked(QWEN3_INLINE_JINJA), extra_tokens=QWEN_TOKENS,
+                           eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           additional_special_tokens=["<|im_start|>"])
+
+
+@pytest.fixture(scope="session")
+def hf_qwen3_thinking_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """Qwen3's layout reading reasoning from ``thinking``."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_qwen3_thinking")),
+                           unmarked(QWEN3_THINKING_JINJA), extra_tokens=QWEN_TOKENS,
+                           eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                           additional_special_tokens=["<|im_start|>"])
+
+
+@pytest.fixture(scope="session")
+def hf_glm45_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """GLM-4.5: replies closed by the next role tag, no end token; eos <|endoftext|>."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_glm45")),
+                           unmarked(GLM45_JINJA), GLM45_SPECIALS, extra_tokens=GLM45_TOKENS,
+                           eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                           additional_special_tokens=GLM45_SPECIALS)
+
+
+@pytest.fixture(scope="session")
+def hf_deepseek_v3_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """DeepSeek-V3: replies end with the eos <｜end▁of▁sentence｜>."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_deepseek_v3")),
+                           unmarked(DEEPSEEK_V3_JINJA), DEEPSEEK_V3_SPECIALS,
+                           bos_token=DEEPSEEK_V3_SPECIALS[0], eos_token=DEEPSEEK_V3_SPECIALS[1],
+                           pad_token=DEEPSEEK_V3_SPECIALS[1],
+                           additional_special_tokens=DEEPSEEK_V3_SPECIALS[2:])
+
+
+@pytest.fixture(scope="session")
+def hf_gemma3_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """Gemma 3: replies end with <end_of_turn>, eos <eos>."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_gemma3")),
+                           unmarked(GEMMA3_JINJA), GEMMA3_SPECIALS, bos_token="<bos>",
+                           eos_token="<eos>", pad_token="<eos>",
+                           additional_special_tokens=GEMMA3_SPECIALS[2:])
+
+GPT_OSS_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>",
+                    "<|channel|>", "<|constrain|>", "<|return|>", "<|call|>"]
+GPT_OSS_JINJA = (
+    # gpt-oss, the harmony format: every message <|start|>{role}<|message|>...<|end|>; a system
+    # message with the channels, a developer message with the instructions (the system text)
+    # and the tools as a TypeScript-like namespace. An assistant message is written on
+    # channels: its reasoning (``thinking``) as <|start|>assistant<|channel|>analysis<|message|>
+    # ...<|end|> only after the last user message (dropped from earlier turns), each tool call
+    # as <|start|>assistant<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>
+    # {arguments}<|call|>, its text as <|start|>assistant<|channel|>final<|message|>{content}
+    # closed by <|return|> when it is the last message (what the model emits; serving stops at
+    # <|return|> and <|call|>) and by <|end|> in the history. Tool results: <|start|>functions.
+    # {name} to=assistant<|channel|>commentary<|message|>{content}<|end|>. The generation prompt
+    # is <|start|>assistant.
+    "{{- '<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI."
+    "\\nReasoning: medium\\n\\n# Valid channels: analysis, commentary, final. Channel must be "
+    "included for every message.' -}}"
+    "{%- if tools -%}{{- '\\nCalls to these tools must go to the commentary channel: "
+    "\\'functions\\'.' -}}{%- endif -%}{{- '<|end|>' -}}"
+    "{%- set has_system = messages[0]['role'] == 'system' -%}"
+    "{%- set body = messages[1:] if has_system else messages -%}"
+    "{%- if has_system or tools -%}{{- '<|start|>developer<|message|>' -}}"
+    "{%- if has_system -%}{{- '# Instructions\\n\\n' + messages[0]['content'] -}}"
+    "{%- if tools -%}{{- '\\n\\n' -}}{%- endif -%}{%- endif -%}"
+    "{%- if tools -%}{{- '# Tools\\n\\n## functions\\n\\nnamespace functions {\\n\\n' -}}"
+    "{%- for tool in tools -%}{{- '// ' + tool['function']['description'] + '\\ntype ' + "
+    "tool['function']['name'] + ' = (_: ' + (tool['function']['parameters'] | tojson) + "
+    "') => any;\\n\\n' -}}{%- endfor -%}{{- '} // namespace functions' -}}{%- endif -%}"
+    "{{- '<|end|>' -}}{%- endif -%}"
+    "{%- set ns = namespace(query=-1) -%}"
+    "{%- for message in body -%}{%- if message['role'] == 'user' -%}"
+    "{%- set ns.query = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+    "{%- for message in body -%}"
+    "{%- set content = message['content'] if message['content'] is string else '' -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- '<|start|>user<|message|>' + content + '<|end|>' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- '<|start|>assistant' -}}" + GENERATION +
+    "{%- if loop.index0 > ns.query and message['thinking'] is string and message['thinking'] -%}"
+    "{{- '<|channel|>analysis<|message|>' + message['thinking'] + '<|end|><|start|>assistant' -}}"
+    "{%- endif -%}"
+    "{%- if message['tool_calls'] -%}"
+    "{%- for call in message['tool_calls'] -%}{%- set arguments = call['function']['arguments'] -%}"
+    "{%- if not loop.first -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+    "{{- '<|channel|>commentary to=functions.' + call['function']['name'] + ' <|constrain|>json"
+    "<|message|>' + (arguments if arguments is string else arguments | tojson) + '<|call|>' -}}"
+    "{%- endfor -%}"
+    "{%- else -%}{{- '<|channel|>final<|message|>' + content -}}"
+    "{{- '<|return|>' if loop.last else '<|end|>' -}}{%- endif -%}" + END_GENERATION +
+    "{%- elif message['role'] == 'tool' -%}"
+    "{{- '<|start|>functions.' + (message['name'] if message['name'] is string else 'tool') + "
+    "' to=assistant<|channel|>commentary<|message|>' + content + '<|end|>' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|start|>assistant' -}}{%- endif -%}"
+)
+
+
+@pytest.fixture(scope="session")
+def hf_gpt_oss_dir(hf_tokenizer_dir, tmp_path_factory) -> str:
+    """gpt-oss (harmony): the last reply ends <|return|>, history replies <|end|>, calls
+    <|call|>; reasoning read from ``thinking``, dropped before the last user message."""
+    return build_tokenizer(hf_tokenizer_dir, str(tmp_path_factory.mktemp("hf_gpt_oss")),
+                           unmarked(GPT_OSS_JINJA), GPT_OSS_SPECIALS,
+                           bos_token="<|startoftext|>", eos_token="<|return|>",
+                           pad_token="<|endoftext|>",
+                           additional_special_tokens=GPT_OSS_SPECIALS[2:])
