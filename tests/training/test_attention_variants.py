@@ -1,0 +1,273 @@
+"""Attention variants on the local (CPU) path: sliding windows, learnable sinks, MLA.
+
+- ``PackedSDPAttention`` with a window and/or sinks == a plain PyTorch reference (explicit mask,
+  softmax over [scores, sink] in float64) per conversation of a pack, fp32 and bf16, on
+  conversations longer than the window;
+- == Hugging Face's gpt-oss and Gemma 3 eager attention (``eager_attention_forward`` of
+  transformers 5.23, with the mask HF builds from ``sliding_window``) given --window-size W-1 0;
+- packed isolation through GPTModel for each variant: a conversation packed after another gives
+  the logits it gives alone (the window never reaches into the previous conversation, the sinks
+  act per conversation, MLA positions restart), and each variant changes the logits;
+- the flags reach megatron-core's config; bad combinations are refused naming the fix.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+VOCAB = 50
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    from mt_dialog.training.distributed import destroy_single_process, initialize_single_process
+
+    initialize_single_process(1234)
+    yield
+    destroy_single_process()
+
+
+def _core(window=None, softmax_type="vanilla", heads=4, groups=2, dtype=torch.float32,
+          skip_freq=None, layer_number=1):
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mt_dialog.training.attention import PackedSDPAttention
+
+    config = TransformerConfig(num_layers=2, hidden_size=8 * heads, num_attention_heads=heads,
+                               num_query_groups=groups, window_size=window,
+                               window_attn_skip_freq=skip_freq, softmax_type=softmax_type,
+                               params_dtype=dtype, use_cpu_initialization=True)
+    core = PackedSDPAttention(config, layer_number, AttnMaskType.causal, "self")
+    if core.softmax_offset is not None and softmax_type == "learnable":
+        with torch.no_grad():
+            core.softmax_offset.copy_(torch.linspace(-2, 3, heads).to(dtype))
+    return core.eval()
+
+
+def _reference(q, k, v, cu, scale, left=None, sinks=None):
+    """Plain float64 attention per segment: explicit causal (+window) mask, softmax over the
+    scores and one sink logit per head (dropped after). q [T, np, d], k/v [T, ng, d]."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    out = torch.zeros(q.size(0), q.size(1), v.size(2), dtype=torch.float64)
+    for a, b in zip(cu[:-1], cu[1:]):
+        n = b - a
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) * scale
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        keep = (j <= i) & ((j >= i - left) if left is not None else True)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        if sinks is not None:
+            sink = sinks.double().view(-1, 1, 1).expand(-1, n, 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, -1)
+        out[a:b] = torch.einsum("hij,jhd->ihd", probs, v[a:b])
+    return out
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("window, softmax_type", [
+    ((3, 0), "vanilla"), (None, "learnable"), ((2, 0), "learnable"), ((0, 0), "vanilla")])
+def test_packed_attention_matches_the_plain_reference(single_process, window, softmax_type,
+                                                      dtype, tol):
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+
+    torch.manual_seed(0)
+    cu = [0, 9, 20, 24]  # conversations longer than the window, and a short one
+    q, k, v = torch.randn(24, 4, 8), torch.randn(24, 2, 8), torch.randn(24, 2, 8)
+    core = _core(window, softmax_type, dtype=dtype)
+    with torch.no_grad():
+        out = core(q.to(dtype), k.to(dtype), v.to(dtype), None,
+                   packed_seq_params=packed_seq_params_from_cu_seqlens(torch.tensor(cu)))
+    sinks = core.softmax_offset if softmax_type == "learnable" else None
+    expected = _reference(q.to(dtype), k.to(dtype), v.to(dtype), cu, core.softmax_scale,
+                          window[0] if window else None, sinks)
+    assert out.dtype == dtype and out.shape == (24, 32)
+    torch.testing.assert_close(out.double().view(24, 4, 8), expected, atol=tol, rtol=tol)
+    plain = _reference(q, k, v, cu, core.softmax_scale)
+    assert (expected - plain).abs().max() > 0.05  # the variant changes the output
+
+
+def _hf_mask(length, sliding_window):
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    fn = sliding_window_causal_mask_function(sliding_window)
+    idx = [torch.tensor(n) for n in range(length)]
+    keep = torch.tensor([[bool(fn(0, 0, i, j)) for j in idx] for i in idx])
+    return torch.zeros(length, length).masked_fill(~keep, float("-inf"))[None, None]
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma3"])
+def test_window_and_sinks_equal_hugging_face_eager_attention(single_process, family):
+    """HF's sliding_window W (a query sees itself and W-1 earlier tokens, transformers 5.23's
+    ``sliding_window_overlay``: kv > q - W) is --window-size W-1 0; gpt-oss's sinks are
+    softmax_offset."""
+    import importlib
+
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+
+    hf = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(1)
+    length, sliding_window = 13, 4
+    q, k, v = torch.randn(length, 4, 8), torch.randn(length, 2, 8), torch.randn(length, 2, 8)
+    core = _core((sliding_window - 1, 0), "learnable" if family == "gpt_oss" else "vanilla")
+    module = torch.nn.Module().eval()
+    module.num_key_value_groups, module.head_dim = 2, 8
+    module.sinks = core.softmax_offset
+    to_hf = lambda x: x.transpose(0, 1)[None]  # [T, n, d] -> [1, n, T, d]
+    with torch.no_grad():
+        expected, _ = hf.eager_attention_forward(module, to_hf(q), to_hf(k), to_hf(v),
+                                                 _hf_mask(length, sliding_window),
+                                                 scaling=core.softmax_scale, dropout=0.0)
+        out = core(q, k, v, None, packed_seq_params=packed_seq_params_from_cu_seqlens(
+            torch.tensor([0, length])))
+    torch.testing.assert_close(out.view(length, 4, 8), expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_window_attn_skip_freq_picks_the_full_layers(single_process):
+    """megatron-core's rule: N -> every N-th layer (1-based) full; a 0/1 list -> 1 windowed.
+    gpt-oss (sliding, full, ...) is 2; Gemma 3 (5 sliding, 1 full) is 6."""
+    windows = [_core((3, 0), skip_freq=2, layer_number=n).window for n in (1, 2, 3, 4)]
+    assert windows == [(3, 0), None, (3, 0), None]
+    listed = [_core((3, 0), skip_freq=[0, 1], layer_number=n).window for n in (1, 2)]
+    assert listed == [None, (3, 0)]
+
+
+# ------------------------------------------------------------------ through GPTModel, packed
+
+MLA = dict(multi_latent_attention=True, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
+           v_head_dim=12, qk_layernorm=True)
+YARN = dict(MLA, q_lora_rank=12, rope_type="yarn", rotary_scaling_factor=4.0, mscale=0.707,
+            mscale_all_dim=0.707, original_max_position_embeddings=8)
+VARIANTS = {
+    "window": dict(window_size=[3, 0], window_attn_skip_freq=[2]),
+    "sinks": dict(softmax_type="learnable"),
+    "window+sinks": dict(window_size=[2, 0], softmax_type="learnable"),
+    "mla": MLA,
+    "mla-yarn": YARN,
+}
+
+
+def _model(dtype=torch.float32, **fields):
+    from mt_dialog.training.config import ModelConfig
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+
+    config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                         transformer_impl="local", make_vocab_size_divisible_by=1, init_method_std=0.3,
+                         **fields)
+    model = single_process_model(single_process_config(config), VOCAB, 64, dtype=dtype, seed=7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "softmax_offset" in name:
+                param.normal_(0, 1.5)
+    return model.eval()
+
+
+def _logits(model, ids, cu):
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(cu[:-1], cu[1:])])[None]
+    with torch.no_grad():
+        return model(ids, positions, None, packed_seq_params=packed_seq_params_from_cu_seqlens(
+            torch.tensor(cu))).float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_conversation_packed_after_another_gives_its_logits_alone(variant, dtype):
+    from mt_dialog.training.distributed import destroy_single_process
+
+    torch.manual_seed(3)
+    first, second = torch.randint(0, VOCAB, (1, 9)), torch.randint(0, VOCAB, (1, 14))
+    try:
+        model = _model(dtype, **VARIANTS[variant])
+        packed = _logits(model, torch.cat([first, second], 1), [0, 9, 23])
+        alone = _logits(model, second, [0, 14])
+        torch.testing.assert_close(packed[:, 9:], alone, atol=0, rtol=0)
+        # the variant is active: the same weights without it give other logits
+        plain_fields = {}
+        if variant.startswith("mla"):
+            plain_fields = dict(MLA)
+            if variant == "mla":  # positions matter: a shifted start changes the logits
+                shifted = _logits(model, torch.cat([first, second], 1), [0, 23])
+                assert (shifted[:, 9:] - alone).abs().max() > 1e-3
+                return
+            plain_fields["q_lora_rank"] = 12
+        plain = _model(dtype, **plain_fields)
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert (_logits(plain, second, [0, 14]) - alone).abs().max() > 1e-3
+    finally:
+        destroy_single_process()
+
+
+# --------------------------------------------------------------------- flags and refusals
+
+def _config(*extra):
+    from pretrain_dialog import parse_config
+
+    return parse_config(["--data-path", "data/unused", "--train-iters", "2",
+                         "--transformer-impl", "local", *map(str, extra)])
+
+
+def test_flags_reach_megatron_core():
+    from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+    from mt_dialog.training.model import transformer_config
+
+    tconfig = transformer_config(_config("--num-layers", "4", "--window-size", "127", "0",
+                                         "--window-attn-skip-freq", "2",
+                                         "--softmax-type", "learnable"), initialize=False)
+    assert (tconfig.window_size, tconfig.window_attn_skip_freq, tconfig.softmax_type) == (
+        (127, 0), 2, "learnable")
+    listed = transformer_config(_config("--num-layers", "3", "--window-size", "4", "0",
+                                        "--window-attn-skip-freq", "1", "1", "0"))
+    assert listed.window_attn_skip_freq == [1, 1, 0]
+    mla = transformer_config(_config(
+        "--multi-latent-attention", "--qk-layernorm", "--kv-lora-rank", "32", "--q-lora-rank",
+        "24", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "16",
+        "--rope-type", "yarn", "--rotary-scaling-factor", "40", "--mscale", "1",
+        "--mscale-all-dim", "1", "--original-max-position-embeddings", "4096",
+        "--beta-fast", "32", "--beta-slow", "1"), initialize=False)
+    assert isinstance(mla, MLATransformerConfig) and mla.multi_latent_attention
+    assert (mla.q_lora_rank, mla.kv_lora_rank, mla.qk_head_dim, mla.qk_pos_emb_head_dim,
+            mla.v_head_dim, mla.rope_type, mla.rotary_scaling_factor, mla.mscale_all_dim) == (
+        24, 32, 16, 8, 16, "yarn", 40.0, 1.0)
+    lite = transformer_config(_config("--multi-latent-attention"), initialize=False)
+    assert lite.q_lora_rank is None and lite.rope_type == "rope"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--window-size", "4", "2"], r"window_size: \[4, 2\] must be LEFT 0"),
+    (["--window-size", "-1", "0"], r"window_size: \[-1, 0\] must be LEFT 0 with LEFT >= 0"),
+    (["--window-attn-skip-freq", "2"], "window_attn_skip_freq: --window-attn-skip-freq needs "
+                                       "--window-size LEFT 0"),
+    (["--window-size", "4", "0", "--window-attn-skip-freq", "0"],
+     "window_attn_skip_freq: 0 must be >= 1"),
+    (["--window-size", "4", "0", "--window-attn-skip-freq", "1", "0", "1"],
+     r"window_attn_skip_freq: \[1, 0, 1\] must be one 0/1 value per layer \(2 for "),
+    (["--kv-lora-rank", "32"], "kv_lora_rank: --kv-lora-rank needs --multi-latent-attention"),
+    (["--multi-latent-attention", "--mscale", "0.7"], "mscale: --mscale needs --rope-type yarn"),
+    (["--multi-latent-attention", "--qk-pos-emb-head-dim", "7"],
+     "qk_pos_emb_head_dim: 7 must be even"),
+    (["--multi-latent-attention", "--use-rope-scaling"],
+     "multi_latent_attention: MLA has its own RoPE"),
+])
+def test_bad_combinations_are_refused_naming_the_fix(extra, message):
+    with pytest.raises(ValueError, match="^" + message):
+        _config(*extra)
+
+
+def test_cli_refusal_is_one_line(capsys):
+    from pretrain_dialog import main
+
+    try:
+        code = main(["--data-path", "data/unused", "--train-iters", "2", "--window-size", "4",
+                     "1"])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("error: --window-size: [4, 1] must be LEFT 0"), err
