@@ -271,3 +271,31 @@ def test_cli_refusal_is_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("error: --window-size: [4, 1] must be LEFT 0"), err
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+@pytest.mark.multiprocess  # one torchrun launch of 2 processes
+def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
+    """TP=2 (attention_tp_worker.py: window + sinks, Lite MLA, MLA with a q rank and YaRN) ==
+    TP=1 built from the gathered weights; the sinks are split by head (2 of 4 per rank)."""
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+    from tests.training import attention_tp_worker as worker
+    from tests.training.launch import run_torchrun
+
+    out = tmp_path / "tp2.pt"
+    run_torchrun("tests/training/attention_tp_worker.py", 2, [str(out)], timeout=300)
+    results = torch.load(out)
+    assert results["window+sinks"]["sink_shapes"] == [(2,), (2,)]
+    for name, fields in worker.VARIANTS.items():
+        try:
+            model = single_process_model(single_process_config(worker.model_config(fields)),
+                                         worker.VOCAB, 64, seed=5)
+            missing, unexpected = model.load_state_dict(results[name]["state"], strict=False)
+            assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+            one = worker.packed_logits(model.eval(), results["ids"])
+        finally:
+            destroy_single_process()
+        torch.testing.assert_close(results[name]["logits"], one, atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
