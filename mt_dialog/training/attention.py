@@ -54,6 +54,39 @@ TE's ``TEDotProductAttention`` needs 'thd' + cu_seqlens, and RoPE (unfused or
 
 ``cu_seqlens_q_padded`` (optional) follows TE: segment ``i`` starts at ``cu_seqlens_q_padded[i]`` and
 has ``cu_seqlens_q[i+1] - cu_seqlens_q[i]`` real tokens; tokens in the gaps get a zero output.
+
+Attention variants (megatron-core 0.16.1 ``TransformerConfig`` fields)
+--------------------------------------------------------------------
+* Sliding window ``window_size = (left, 0)`` on the layers ``is_layer_window_attention`` picks
+  (``window_attn_skip_freq``): query ``i`` attends keys ``i - left .. i`` *of its own segment*,
+  the convention of Transformer Engine and megatron-core's ``get_sliding_window_causal_mask``;
+  Hugging Face's ``sliding_window`` W (``kv_idx > q_idx - W`` in transformers 5.23's
+  ``sliding_window_overlay``, gpt_oss and gemma3_text alike) is ``left = W - 1``. A pack of two
+  conversations A (4 tokens) and B (5 tokens), ``window_size = (2, 0)`` (x = attends)::
+
+                keys  a0 a1 a2 a3 | b0 b1 b2 b3 b4
+        query a0      x           |
+              a1      x  x        |
+              a2      x  x  x     |
+              a3         x  x  x  |
+              b0                  | x
+              b1                  | x  x
+              b2                  | x  x  x
+              b3                  |    x  x  x
+              b4                  |       x  x  x
+
+  The window never reaches back into A: b0 sees only itself.
+* Attention sinks ``softmax_type = "learnable"``: the parameter ``softmax_offset`` [np / tp] (one
+  logit per local head, split by head over TP ranks, as megatron-core's and TE's
+  ``DotProductAttention`` name and split it) joins every row's softmax denominator:
+  ``p_ij = exp(s_ij) / (exp(sink_h) + sum_k exp(s_ik))`` (gpt-oss's ``sinks``); per segment, so
+  each conversation's rows see only their own keys plus the sink. ``"off-by-one"``: sink 0.
+* MLA (``MLASelfAttention``): query/key head size ``qk_head_dim + qk_pos_emb_head_dim`` differs
+  from the value head size ``v_head_dim``; MLA passes ``k_channels`` / ``v_channels`` and its
+  ``softmax_scale`` (YaRN: ``mscale(factor, mscale_all_dim)^2 / sqrt(q head size)``), and applies
+  RoPE per ``cu_seqlens`` segment with 'thd' (positions restart per conversation).
+Plain causal segments use SDPA's ``is_causal``; a window a boolean mask; sinks an explicit fp32
+softmax over ``[scores, sink]``.
 """
 
 from __future__ import annotations

@@ -136,6 +136,16 @@ def batch_p2p_comm(par: ParallelConfig) -> bool:
     return not (par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2)
 
 
+# checkpoint keys of the local MLA layer -> those of megatron-core's TE MLA spec, where the latent
+# norms are fused into the up-projections and the dense MLP's norm into linear_fc1 (a MoE layer
+# keeps pre_mlp_layernorm: popped below, as for the other layers)
+MLA_LOCAL_TO_TE_KEYS = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
 def layer_spec(config: DialogTrainingConfig):
     """megatron-core's layer spec: Transformer Engine's or the local one with packed attention.
     ``--qk-layernorm`` gives ``self_attention.q_layernorm`` / ``k_layernorm`` (TE's norm or
@@ -164,6 +174,8 @@ def layer_spec(config: DialogTrainingConfig):
 
         spec = get_packed_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm,
                                                num_experts=experts, multi_latent_attention=mla)
+        if mla:  # save the norms under TE's MLA spec keys (its norms are fused into linears)
+            spec.submodules.sharded_state_dict_keys_map = dict(MLA_LOCAL_TO_TE_KEYS)
     if experts is not None:
         from mt_dialog.training.moe import DialogRouter
 
