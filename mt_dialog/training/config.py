@@ -258,6 +258,10 @@ class ModelConfig:
             raise ValueError("multi_latent_attention: MLA has its own RoPE (--rope-type rope or "
                              "yarn); drop --use-rope-scaling / --rotary-seq-len-interpolation-"
                              "factor")
+        if self.num_query_groups != self.num_attention_heads or self.add_qkv_bias:
+            raise ValueError("multi_latent_attention: MLA gives every head its own key and value "
+                             "(from the shared latent) and has no linear_qkv; drop "
+                             "--num-query-groups / --add-qkv-bias")
 
     def _check_window(self) -> None:
         window, freq = self.window_size, self.window_attn_skip_freq

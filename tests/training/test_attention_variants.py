@@ -8,6 +8,9 @@
 - packed isolation through GPTModel for each variant: a conversation packed after another gives
   the logits it gives alone (the window never reaches into the previous conversation, the sinks
   act per conversation, MLA positions restart), and each variant changes the logits;
+- megatron-core's MLA layer == transformers' DeepseekV3Attention (YaRN, interleaved RoPE part,
+  q_lora_rank given or None) per conversation of a pack, the HF tensors copied one to one;
+- TP=2 == TP=1 for window + sinks and MLA (one torchrun launch, ``attention_tp_worker.py``);
 - the flags reach megatron-core's config; bad combinations are refused naming the fix.
 """
 
@@ -254,6 +257,8 @@ def test_flags_reach_megatron_core():
      "qk_pos_emb_head_dim: 7 must be even"),
     (["--multi-latent-attention", "--use-rope-scaling"],
      "multi_latent_attention: MLA has its own RoPE"),
+    (["--multi-latent-attention", "--num-query-groups", "2"],
+     "multi_latent_attention: MLA gives every head its own key and value"),
 ])
 def test_bad_combinations_are_refused_naming_the_fix(extra, message):
     with pytest.raises(ValueError, match="^" + message):
@@ -299,3 +304,69 @@ def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
             destroy_single_process()
         torch.testing.assert_close(results[name]["logits"], one, atol=1e-5, rtol=1e-5,
                                    msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --------------------------------------------------------------- MLA vs Hugging Face DeepSeek-V3
+
+MLA_TO_HF = {"linear_q_proj": "q_proj", "linear_q_down_proj": "q_a_proj",
+             "q_layernorm": "q_a_layernorm", "linear_q_up_proj": "q_b_proj",
+             "linear_kv_down_proj": "kv_a_proj_with_mqa", "kv_layernorm": "kv_a_layernorm",
+             "linear_kv_up_proj": "kv_b_proj", "linear_proj": "o_proj"}
+
+
+@pytest.mark.parametrize("q_lora_rank, rope", [(12, "yarn"), (None, "rope")])
+def test_mla_equals_deepseek_v3_attention_per_conversation(q_lora_rank, rope):
+    """megatron-core's MLA layer in our packed model == transformers 5.23's DeepseekV3Attention
+    (eager, ``rope_interleave=True`` as DeepSeek-V3 ships) on each conversation of a pack, with
+    the HF tensors copied one to one (``MLA_TO_HF``): megatron's MLA RoPE de-interleaves the rope
+    part as HF's interleaved RoPE does, and the softmax scale carries YaRN's mscale^2."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
+
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+    from mt_dialog.training.distributed import destroy_single_process
+
+    yarn = dict(rope_type="yarn", rotary_scaling_factor=4.0, mscale=0.707, mscale_all_dim=0.707,
+                original_max_position_embeddings=8) if rope == "yarn" else {}
+    rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 0.707,
+                       "mscale_all_dim": 0.707, "original_max_position_embeddings": 8,
+                       "beta_fast": 32.0, "beta_slow": 1.0} if rope == "yarn" else {
+        "rope_type": "default", "rope_theta": 10000.0}
+    config = DeepseekV3Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                              q_lora_rank=q_lora_rank, kv_lora_rank=16, qk_nope_head_dim=8,
+                              qk_rope_head_dim=4, v_head_dim=12, rope_interleave=True,
+                              rms_norm_eps=1e-5, max_position_embeddings=32,
+                              rope_parameters=rope_parameters)
+    config._attn_implementation = "eager"
+    torch.manual_seed(4)
+    reference = hf.DeepseekV3Attention(config, 0).eval()
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.normal_(0, 0.3)
+    cu = [0, 9, 23]
+    hidden = torch.randn(cu[-1], 1, 32)
+    try:
+        model = _model(**dict(MLA, q_lora_rank=q_lora_rank, **yarn))
+        layer = model.decoder.layers[0].self_attention
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                module, leaf = name.rsplit(".", 1)
+                param.copy_(reference.get_submodule(MLA_TO_HF[module]).get_parameter(leaf))
+            out, _ = layer(hidden, None, packed_seq_params=packed_seq_params_from_cu_seqlens(
+                torch.tensor(cu)))
+    finally:
+        destroy_single_process()
+    rotary = hf.DeepseekV3RotaryEmbedding(config)
+    for a, b in zip(cu[:-1], cu[1:]):
+        x = hidden[a:b].transpose(0, 1)  # [1, n, h]
+        with torch.no_grad():
+            cos_sin = rotary(x, torch.arange(b - a)[None])
+            mask = torch.full((b - a, b - a), float("-inf")).triu(1)[None, None]
+            expected, _ = reference(x, cos_sin, mask)
+        torch.testing.assert_close(out[a:b, 0], expected[0], atol=1e-5, rtol=1e-5)
+    # control: HF's non-interleaved RoPE on the same weights is another model (a converter must
+    # permute the rope rows of checkpoints saved with rope_interleave false)
+    config.rope_interleave = False
+    with torch.no_grad():
+        other, _ = reference(x, cos_sin, mask)
+    assert (other[0] - out[a:b, 0]).abs().max() > 1e-3
