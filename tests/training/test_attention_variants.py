@@ -4,7 +4,8 @@
   softmax over [scores, sink] in float64) per conversation of a pack, fp32 and bf16, on
   conversations longer than the window;
 - == Hugging Face's gpt-oss and Gemma 3 eager attention (``eager_attention_forward`` of
-  transformers 5.23, with the mask HF builds from ``sliding_window``) given --window-size W-1 0;
+  transformers 5.23, with the mask HF builds from ``sliding_window``) given --window-size W-1 0,
+  and our model's attention layers == GptOssAttention with the same weights per conversation;
 - packed isolation through GPTModel for each variant: a conversation packed after another gives
   the logits it gives alone (the window never reaches into the previous conversation, the sinks
   act per conversation, MLA positions restart), and each variant changes the logits;
@@ -128,6 +129,13 @@ def test_window_and_sinks_equal_hugging_face_eager_attention(single_process, fam
         out = core(q, k, v, None, packed_seq_params=packed_seq_params_from_cu_seqlens(
             torch.tensor([0, length])))
     torch.testing.assert_close(out.view(length, 4, 8), expected[0], atol=1e-5, rtol=1e-5)
+    wide = _core((sliding_window, 0), "learnable" if family == "gpt_oss" else "vanilla")
+    with torch.no_grad():  # control: a window one token wider is another attention
+        if wide.softmax_offset is not None:
+            wide.softmax_offset.copy_(core.softmax_offset)
+        other = wide(q, k, v, None, packed_seq_params=packed_seq_params_from_cu_seqlens(
+            torch.tensor([0, length])))
+    assert (other.view(length, 4, 8) - expected[0]).abs().max() > 1e-3
 
 
 def test_window_attn_skip_freq_picks_the_full_layers(single_process):
@@ -370,3 +378,67 @@ def test_mla_equals_deepseek_v3_attention_per_conversation(q_lora_rank, rope):
     with torch.no_grad():
         other, _ = reference(x, cos_sin, mask)
     assert (other[0] - out[a:b, 0]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------- sliding window + sinks vs gpt-oss
+
+def _qkv_from_hf(attention, groups: int) -> torch.Tensor:
+    """megatron's ``linear_qkv.weight`` from HF q/k/v: per key/value group, its query heads then
+    its key then its value ([groups * (heads/groups + 2) * head, hidden])."""
+    hidden = attention.q_proj.weight.size(1)
+    q = attention.q_proj.weight.view(groups, -1, hidden)
+    k = attention.k_proj.weight.view(groups, -1, hidden)
+    v = attention.v_proj.weight.view(groups, -1, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def test_window_and_sinks_equal_gpt_oss_attention_per_conversation():
+    """Our model's attention layers (``SelfAttention`` + ``PackedSDPAttention``, window on layer 1,
+    full on layer 2, learnable sinks) == transformers' GptOssAttention (eager, the mask HF builds
+    from ``sliding_window``) with the same weights, on each conversation of a pack longer than
+    the window; HF's ``sinks`` are ``core_attention.softmax_offset``."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss import modeling_gpt_oss as hf
+
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+    from mt_dialog.training.distributed import destroy_single_process
+
+    sliding_window = 4
+    config = GptOssConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=8, num_hidden_layers=2, sliding_window=sliding_window,
+                          layer_types=["sliding_attention", "full_attention"],
+                          attention_bias=False, max_position_embeddings=64,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config._attn_implementation = "eager"
+    torch.manual_seed(6)
+    references = [hf.GptOssAttention(config, i).eval() for i in (0, 1)]
+    with torch.no_grad():
+        for param in (p for r in references for p in r.parameters()):
+            param.normal_(0, 0.3)
+    cu = [0, 9, 23]
+    hidden = torch.randn(cu[-1], 1, 32)
+    params = packed_seq_params_from_cu_seqlens(torch.tensor(cu))
+    try:
+        model = _model(num_query_groups=2, window_size=[sliding_window - 1, 0],
+                       window_attn_skip_freq=[2], softmax_type="learnable")
+        rotary = model.rotary_pos_emb(params.max_seqlen_q, packed_seq=True)
+        outs = []
+        for layer, reference in zip(model.decoder.layers, references):
+            attention = layer.self_attention
+            with torch.no_grad():
+                attention.linear_qkv.weight.copy_(_qkv_from_hf(reference, 2))
+                attention.linear_proj.weight.copy_(reference.o_proj.weight)
+                attention.core_attention.softmax_offset.copy_(reference.sinks)
+                outs.append(attention(hidden, None, rotary_pos_emb=rotary,
+                                      packed_seq_params=params)[0])
+    finally:
+        destroy_single_process()
+    rope = hf.GptOssRotaryEmbedding(config)
+    for out, reference, window in zip(outs, references, (sliding_window, None)):
+        for a, b in zip(cu[:-1], cu[1:]):
+            x = hidden[a:b].transpose(0, 1)
+            mask = _hf_mask(b - a, window) if window else \
+                torch.full((b - a, b - a), float("-inf")).triu(1)[None, None]
+            with torch.no_grad():
+                expected, _ = reference(x, rope(x, torch.arange(b - a)[None]), mask)
+            torch.testing.assert_close(out[a:b, 0], expected[0], atol=1e-5, rtol=1e-5)
