@@ -621,8 +621,11 @@ class LoraConfig:
         get no adapters: ``all`` becomes ``linear_qkv linear_proj`` (the attention layers).
 
         Raises:
-            ValueError: an explicit ``linear_fc1``/``linear_fc2`` on a MoE model.
+            ValueError: an explicit ``linear_fc1``/``linear_fc2`` on a MoE model, ``linear_qkv``
+            on multi-latent attention.
         """
+        if self.enabled and model.multi_latent_attention:
+            self._fit_multi_latent_attention(model)
         if not self.enabled or model.num_experts is None:
             return
         mlp = [t for t in self.lora_target if t in ("linear_fc1", "linear_fc2")]
@@ -633,6 +636,19 @@ class LoraConfig:
                 "not supported: use --lora-target linear_qkv linear_proj (what all means here)")
         if "all" in self.lora_target:
             self.lora_target = ["linear_qkv", "linear_proj"]
+
+    def _fit_multi_latent_attention(self, model: "ModelConfig") -> None:
+        """MLA has no ``linear_qkv`` (its projections are ``linear_q_proj`` / ``linear_q_down_proj``
+        / ``linear_q_up_proj`` / ``linear_kv_down_proj`` / ``linear_kv_up_proj``, which get no
+        adapters yet): ``all`` means ``linear_proj`` and the dense MLP's layers."""
+        if "linear_qkv" in self.lora_target:
+            raise ValueError("lora_target: linear_qkv does not exist with --multi-latent-"
+                             "attention (LoRA on MLA's query/key/value projections is not "
+                             "supported); use --lora-target linear_proj (and linear_fc1 "
+                             "linear_fc2 on a dense MLP)")
+        if "all" in self.lora_target:
+            mlp = [] if model.num_experts is not None else ["linear_fc1", "linear_fc2"]
+            self.lora_target = ["linear_proj", *mlp]
 
 
 # --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends

@@ -267,10 +267,19 @@ def test_flags_reach_megatron_core():
      "multi_latent_attention: MLA has its own RoPE"),
     (["--multi-latent-attention", "--num-query-groups", "2"],
      "multi_latent_attention: MLA gives every head its own key and value"),
+    (["--multi-latent-attention", "--lora-rank", "2", "--lora-target", "linear_qkv"],
+     "lora_target: linear_qkv does not exist with --multi-latent-attention"),
 ])
 def test_bad_combinations_are_refused_naming_the_fix(extra, message):
     with pytest.raises(ValueError, match="^" + message):
         _config(*extra)
+
+
+def test_lora_all_on_mla_means_the_layers_it_has():
+    assert _config("--multi-latent-attention", "--lora-rank", "2").lora.targets == (
+        "linear_proj", "linear_fc1", "linear_fc2")
+    assert _config("--multi-latent-attention", "--lora-rank", "2", "--num-experts",
+                   "4").lora.targets == ("linear_proj",)
 
 
 def test_cli_refusal_is_one_line(capsys):
