@@ -108,7 +108,8 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
-        gradient_accumulation_fusion=False, apply_rope_fusion=rope_fusion, cross_entropy_loss_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=rope_fusion,
+        cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         expert_model_parallel_size=par.expert_model_parallel_size,
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers

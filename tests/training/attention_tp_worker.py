@@ -5,7 +5,8 @@
 For each variant of ``VARIANTS`` the model is built by the library (``build_model_chunks`` at
 TP=2, local layers), its sink logits set from a per-head rule on the global head index, and run on
 one pack of two conversations. Rank 0 saves the full weights (``reference.gather_full``), the
-gathered logits and the local shapes of ``softmax_offset``; the test rebuilds the model at TP=1 from those weights and compares the logits.
+gathered logits and the local shapes of ``softmax_offset``; the test rebuilds the model at TP=1
+from those weights and compares the logits.
 """
 
 from __future__ import annotations

@@ -167,8 +167,8 @@ def _model(dtype=torch.float32, **fields):
     from mt_dialog.training.saved_run import single_process_config, single_process_model
 
     config = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
-                         transformer_impl="local", make_vocab_size_divisible_by=1, init_method_std=0.3,
-                         **fields)
+                         transformer_impl="local", make_vocab_size_divisible_by=1,
+                         init_method_std=0.3, **fields)
     model = single_process_model(single_process_config(config), VOCAB, 64, dtype=dtype, seed=7)
     with torch.no_grad():
         for name, param in model.named_parameters():
