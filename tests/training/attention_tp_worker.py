@@ -1,12 +1,13 @@
 """torchrun worker (2 processes): the attention variants at tensor-parallel size 2.
 
-    torchrun --nproc_per_node 2 tests/training/attention_tp_worker.py OUT.pt
+    torchrun --nproc_per_node 2 tests/training/attention_tp_worker.py OUT.pt CHECKPOINT_DIR
 
 For each variant of ``VARIANTS`` the model is built by the library (``build_model_chunks`` at
 TP=2, local layers), its sink logits set from a per-head rule on the global head index, and run on
 one pack of two conversations. Rank 0 saves the full weights (``reference.gather_full``), the
-gathered logits and the local shapes of ``softmax_offset``; the test rebuilds the model at TP=1
-from those weights and compares the logits.
+gathered logits and the local shapes of ``softmax_offset``, and every rank writes its shards with
+``dist_checkpointing`` into CHECKPOINT_DIR/<variant>; the test rebuilds the model at TP=1 from
+the gathered weights and from the checkpoint (resharded to TP=1) and compares the logits.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _gather(tensor, dim):
     return torch.cat(parts, dim=dim)
 
 
-def run_variant(fields, ids):
+def run_variant(fields, ids, save_dir):
     from megatron.core import parallel_state as ps
 
     from mt_dialog.training.config import ParallelConfig
@@ -87,10 +88,14 @@ def run_variant(fields, ids):
     logits = _gather(packed_logits(model, ids), dim=-1)
     state = gather_full(model)  # TP shards joined along partition_dim (fc1: stride 2)
     local = [tuple(p.shape) for n, p in model.named_parameters() if n.endswith("softmax_offset")]
+    from megatron.core import dist_checkpointing
+
+    os.makedirs(save_dir, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), save_dir)  # resharded by the test
     return {"state": state, "logits": logits, "sink_shapes": local}
 
 
-def main(out):
+def main(out, checkpoints):
     from mt_dialog.training import distributed
 
     distributed.initialize(2, 1, seed=11)
@@ -98,11 +103,11 @@ def main(out):
     ids = torch.randint(0, VOCAB, (1, CU[-1]))
     results = {"ids": ids}
     for name, fields in VARIANTS.items():
-        results[name] = run_variant(fields, ids)
+        results[name] = run_variant(fields, ids, os.path.join(checkpoints, name))
     if dist.get_rank() == 0:
         torch.save(results, out)
     distributed.destroy()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

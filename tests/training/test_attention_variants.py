@@ -300,14 +300,16 @@ def test_cli_refusal_is_one_line(capsys):
 @pytest.mark.multiprocess  # one torchrun launch of 2 processes
 def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
     """TP=2 (attention_tp_worker.py: window + sinks, Lite MLA, MLA with a q rank and YaRN) ==
-    TP=1 built from the gathered weights; the sinks are split by head (2 of 4 per rank)."""
+    TP=1 built from the gathered weights, and from the TP=2 checkpoint resharded to TP=1; the
+    sinks are split by head (2 of 4 per rank)."""
     from mt_dialog.training.distributed import destroy_single_process
     from mt_dialog.training.saved_run import single_process_config, single_process_model
     from tests.training import attention_tp_worker as worker
     from tests.training.launch import run_torchrun
 
     out = tmp_path / "tp2.pt"
-    run_torchrun("tests/training/attention_tp_worker.py", 2, [str(out)], timeout=300)
+    run_torchrun("tests/training/attention_tp_worker.py", 2, [str(out), str(tmp_path)],
+                 timeout=300)
     results = torch.load(out)
     assert results["window+sinks"]["sink_shapes"] == [(2,), (2,)]
     for name, fields in worker.VARIANTS.items():
@@ -317,10 +319,28 @@ def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
             missing, unexpected = model.load_state_dict(results[name]["state"], strict=False)
             assert not unexpected and all(k.endswith("_extra_state") for k in missing)
             one = worker.packed_logits(model.eval(), results["ids"])
+            resharded = _load_sharded(model, str(tmp_path / name))
+            from_checkpoint = worker.packed_logits(model.eval(), results["ids"])
         finally:
             destroy_single_process()
-        torch.testing.assert_close(results[name]["logits"], one, atol=1e-5, rtol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        for logits in (one, from_checkpoint):
+            torch.testing.assert_close(results[name]["logits"], logits, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+        assert resharded == (name == "window+sinks")
+
+
+def _load_sharded(model, path: str) -> bool:
+    """Load the TP=2 ``dist_checkpointing`` save at ``path`` into the TP=1 ``model`` (its weights
+    zeroed first); whether it had a ``softmax_offset``."""
+    from megatron.core import dist_checkpointing
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), path)
+    model.load_state_dict({k: v for k, v in loaded.items() if not k.endswith("_extra_state")},
+                          strict=False)
+    return any(k.endswith("softmax_offset") for k in loaded)
 
 
 # --------------------------------------------------------------- MLA vs Hugging Face DeepSeek-V3
