@@ -74,7 +74,8 @@ def _reference(q, k, v, cu, scale, left=None, sinks=None):
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window, softmax_type", [
-    ((3, 0), "vanilla"), (None, "learnable"), ((2, 0), "learnable"), ((0, 0), "vanilla")])
+    ((3, 0), "vanilla"), (None, "learnable"), ((2, 0), "learnable"), ((0, 0), "vanilla"),
+    (None, "off-by-one")])
 def test_packed_attention_matches_the_plain_reference(single_process, window, softmax_type,
                                                       dtype, tol):
     from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
@@ -86,7 +87,7 @@ def test_packed_attention_matches_the_plain_reference(single_process, window, so
     with torch.no_grad():
         out = core(q.to(dtype), k.to(dtype), v.to(dtype), None,
                    packed_seq_params=packed_seq_params_from_cu_seqlens(torch.tensor(cu)))
-    sinks = core.softmax_offset if softmax_type == "learnable" else None
+    sinks = core.softmax_offset if softmax_type != "vanilla" else None  # off-by-one: zeros
     expected = _reference(q.to(dtype), k.to(dtype), v.to(dtype), cu, core.softmax_scale,
                           window[0] if window else None, sinks)
     assert out.dtype == dtype and out.shape == (24, 32)
