@@ -31,6 +31,11 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
                     experts on the GPU) trained in bf16: the loss falls and the router load is
                     logged; its checkpoint written on CPU (megatron-core's per-expert local MLPs)
                     resumed on the GPU follows a CPU resume of the same checkpoint
+  9 attention       the attention variants, each a short bf16 run on CPU (local spec) saved and
+                    checked as check 2 checks its checkpoint (packed vs alone: local fp32, local
+                    bf16, TE bf16; the local weights loaded into the TE model): window (sliding
+                    window on every other layer), sinks (--softmax-type learnable), mla
+                    (multi-latent attention with a query rank and YaRN)
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -60,7 +65,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe")
+CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe",
+          "attention")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -447,30 +453,36 @@ def check_thd(ctx: Context) -> List[Line]:
     folder, _ = cpu_checkpoint(ctx)
     result = worker(ctx, "thd", "thd", {"load": folder, "data": data_prefix(ctx),
                                         "te": ctx.te_skip is None})
+    return thd_lines(ctx, result, "2 thd", "2 local weights -> TE")
+
+
+def thd_lines(ctx: Context, result: Dict, label: str, load_label: str) -> List[Line]:
+    """The PASS / FAIL / SKIP lines of a ``worker_thd`` result: packed vs alone for local fp32,
+    local bf16 and TE bf16, and the local checkpoint loaded into the TE model vs local fp32."""
     variants, where = result["variants"], f"{result['conversations']} conversations + " \
         f"{result['padding']} padding segments in 2 packs, {result['device']}"
     fp32 = variants["local/fp32"]
     scale, lines = fp32["scale"], []
     tol = fp32_tolerance(scale)
     lines.append(Line(verdict(fp32["packed_vs_alone"] <= tol and not fp32["load_error"]),
-                      "2 thd local fp32", f"packed vs alone max |dlogit| "
+                      f"{label} local fp32", f"packed vs alone max |dlogit| "
                       f"{fp32['packed_vs_alone']:.1e} (tol {tol:.1e}, max |logit| {scale:.2f}); "
                       f"{where}" + _load_note(fp32)))
     bf16 = variants["local/bf16"]
     tol = bf16_tolerance(bf16["vs_local_fp32"], scale)
     lines.append(Line(verdict(bf16["packed_vs_alone"] <= tol and not bf16["load_error"]),
-                      "2 thd local bf16", f"packed vs alone {bf16['packed_vs_alone']:.1e} (bf16 "
-                      f"tol {tol:.1e}; bf16 vs fp32 differ by {bf16['vs_local_fp32']:.1e})"
+                      f"{label} local bf16", f"packed vs alone {bf16['packed_vs_alone']:.1e} "
+                      f"(bf16 tol {tol:.1e}; bf16 vs fp32 differ by {bf16['vs_local_fp32']:.1e})"
                       + _load_note(bf16)))
     if ctx.te_skip:
         reason = "needs CUDA" if not ctx.cuda else "transformer-engine is not usable (check 1)"
-        return lines + [Line(ctx.te_skip, "2 thd TE bf16", reason),
-                        Line(ctx.te_skip, "2 local weights -> TE", reason)]
+        return lines + [Line(ctx.te_skip, f"{label} TE bf16", reason),
+                        Line(ctx.te_skip, load_label, reason)]
     te = variants["transformer_engine/bf16"]
-    lines.append(Line(verdict(te["packed_vs_alone"] <= tol), "2 thd TE bf16",
+    lines.append(Line(verdict(te["packed_vs_alone"] <= tol), f"{label} TE bf16",
                       f"packed vs alone {te['packed_vs_alone']:.1e} (tol {tol:.1e})"))
     lines.append(Line(verdict(not te["load_error"] and te["vs_local_fp32"] <= tol),
-                      "2 local weights -> TE", te["load_error"] or
+                      load_label, te["load_error"] or
                       f"checkpoint written with the local spec on CPU, TE bf16 vs local fp32 "
                       f"max |dlogit| {te['vs_local_fp32']:.1e} (tol {tol:.1e})"))
     return lines
@@ -636,9 +648,42 @@ def check_moe(ctx: Context) -> List[Line]:
                          f"the GPU vs on CPU: max |dloss| {diff:.1e} (tol {tol:.1e})")]
 
 
+# the attention variants of check 9 (flags of pretrain_dialog.py); the window (15 tokens before
+# each query) is far shorter than the conversations, on every other layer
+ATTENTION_VARIANTS = {
+    "window": ("--window-size", "15", "0", "--window-attn-skip-freq", "2"),
+    "sinks": ("--softmax-type", "learnable"),
+    "mla": ("--multi-latent-attention", "--qk-layernorm", "--q-lora-rank", "48",
+            "--kv-lora-rank", "32", "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8",
+            "--v-head-dim", "16", "--rope-type", "yarn", "--rotary-scaling-factor", "4",
+            "--mscale", "0.707", "--mscale-all-dim", "0.707",
+            "--original-max-position-embeddings", "128"),
+}
+ATTENTION_ITERS = 2
+
+
+def check_attention(ctx: Context) -> List[Line]:
+    """Check 9: for each of ATTENTION_VARIANTS, a short bf16 CPU run saved, then check 2's
+    worker on that checkpoint (a failed step fails that variant only)."""
+    lines = []
+    for name, flags in ATTENTION_VARIANTS.items():
+        label = f"9 {name}"
+        try:
+            folder = ctx.path(f"ckpt_attention_{name}")
+            pretrain(ctx, f"attention-{name}-write", train_args(
+                ctx, ATTENTION_ITERS, *flags, "--save", folder), cpu=True)
+            result = worker(ctx, f"attention-{name}", "thd", {
+                "load": folder, "data": data_prefix(ctx), "te": ctx.te_skip is None})
+            lines += thd_lines(ctx, result, label, f"{label} local -> TE")
+        except StepFailed as exc:
+            lines.append(Line("FAIL", label, str(exc)))
+    return lines
+
+
 CHECK_FUNCTIONS = {"versions": check_versions, "thd": check_thd, "resume": check_resume,
                    "finetune": check_finetune, "cpu-checkpoint": check_cpu_checkpoint,
-                   "chat": check_chat, "lora": check_lora, "moe": check_moe}
+                   "chat": check_chat, "lora": check_lora, "moe": check_moe,
+                   "attention": check_attention}
 
 
 # -- workers (subprocesses of this script; they print one JSON line) -----------------------------

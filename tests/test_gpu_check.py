@@ -128,3 +128,42 @@ def test_thd_check_fails_when_conversations_attend_to_each_other(cpu_run, script
     finally:
         destroy_single_process()
     assert diffs[True] <= tolerance < diffs[False] / 10, diffs
+
+
+@pytest.fixture(scope="module")
+def attention_run(tmp_path_factory):
+    """``bash scripts/gpu_check.sh --only attention`` without CUDA: (process, work dir)."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    work = tmp_path_factory.mktemp("gpu_check_attention") / "work"
+    proc = gpu_check("--only", "attention", "--work-dir", work, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, str(work)
+
+
+@pytest.mark.multiprocess  # three CPU training runs of gpu_check.sh (about 3 minutes on 2 cores)
+def test_attention_check_cpu_mode(attention_run, script):
+    """Check 9 in CPU mode: each variant's local fp32 / bf16 packed-vs-alone lines pass, the TE
+    lines say SKIP (no CUDA); and its comparison fails on the window checkpoint when the
+    conversations of a pack attend to each other (one causal mask per pack)."""
+    from mt_dialog.training.data import flatten_micro_batch
+    from mt_dialog.training.distributed import destroy_single_process
+
+    proc, work = attention_run
+    lines = result_lines(proc.stdout)
+    for name in script.ATTENTION_VARIANTS:
+        for part in ("local fp32", "local bf16"):
+            assert lines[f"9 {name} {part}"][0] == "PASS", lines
+        for part in ("TE bf16", "local -> TE"):
+            assert lines[f"9 {name} {part}"][0] == "SKIP (no CUDA)", lines
+    samples, segments = script.packed_samples(os.path.join(work, "data", "demo"))
+    model, error = script.model_from_checkpoint(os.path.join(work, "ckpt_attention_window"),
+                                                "local", torch.float32)
+    try:
+        assert error is None
+        batch = flatten_micro_batch(samples, False, torch.device("cpu"))
+        packed, alone = script.packed_and_alone_logits(model, batch, segments)
+    finally:
+        destroy_single_process()
+    assert float((packed - alone).abs().max()) > 10 * script.fp32_tolerance(
+        float(alone.abs().max()))

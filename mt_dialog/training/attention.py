@@ -54,6 +54,39 @@ TE's ``TEDotProductAttention`` needs 'thd' + cu_seqlens, and RoPE (unfused or
 
 ``cu_seqlens_q_padded`` (optional) follows TE: segment ``i`` starts at ``cu_seqlens_q_padded[i]`` and
 has ``cu_seqlens_q[i+1] - cu_seqlens_q[i]`` real tokens; tokens in the gaps get a zero output.
+
+Attention variants (megatron-core 0.16.1 ``TransformerConfig`` fields)
+--------------------------------------------------------------------
+* Sliding window ``window_size = (left, 0)`` on the layers ``is_layer_window_attention`` picks
+  (``window_attn_skip_freq``): query ``i`` attends keys ``i - left .. i`` *of its own segment*,
+  the convention of Transformer Engine and megatron-core's ``get_sliding_window_causal_mask``;
+  Hugging Face's ``sliding_window`` W (``kv_idx > q_idx - W`` in transformers 5.23's
+  ``sliding_window_overlay``, gpt_oss and gemma3_text alike) is ``left = W - 1``. A pack of two
+  conversations A (4 tokens) and B (5 tokens), ``window_size = (2, 0)`` (x = attends)::
+
+                keys  a0 a1 a2 a3 | b0 b1 b2 b3 b4
+        query a0      x           |
+              a1      x  x        |
+              a2      x  x  x     |
+              a3         x  x  x  |
+              b0                  | x
+              b1                  | x  x
+              b2                  | x  x  x
+              b3                  |    x  x  x
+              b4                  |       x  x  x
+
+  The window never reaches back into A: b0 sees only itself.
+* Attention sinks ``softmax_type = "learnable"``: the parameter ``softmax_offset`` [np / tp] (one
+  logit per local head, split by head over TP ranks, as megatron-core's and TE's
+  ``DotProductAttention`` name and split it) joins every row's softmax denominator:
+  ``p_ij = exp(s_ij) / (exp(sink_h) + sum_k exp(s_ik))`` (gpt-oss's ``sinks``); per segment, so
+  each conversation's rows see only their own keys plus the sink. ``"off-by-one"``: sink 0.
+* MLA (``MLASelfAttention``): query/key head size ``qk_head_dim + qk_pos_emb_head_dim`` differs
+  from the value head size ``v_head_dim``; MLA passes ``k_channels`` / ``v_channels`` and its
+  ``softmax_scale`` (YaRN: ``mscale(factor, mscale_all_dim)^2 / sqrt(q head size)``), and applies
+  RoPE per ``cu_seqlens`` segment with 'thd' (positions restart per conversation).
+Plain causal segments use SDPA's ``is_causal``; a window a boolean mask; sinks an explicit fp32
+softmax over ``[scores, sink]``.
 """
 
 from __future__ import annotations
@@ -66,21 +99,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
 
 __all__ = [
     "PackedSDPAttention",
+    "causal_window_mask",
     "get_packed_gpt_layer_local_spec",
     "packed_seq_params_from_cu_seqlens",
 ]
 
 
 class PackedSDPAttention(MegatronModule):
-    """Per-segment causal SDPA; drop-in ``core_attention`` for megatron-core's local layer spec."""
+    """Per-segment causal SDPA; drop-in ``core_attention`` for megatron-core's local layer spec.
+
+    Takes megatron-core's ``window_size`` / ``window_attn_skip_freq`` (sliding windows),
+    ``softmax_type`` (attention sinks: ``softmax_offset`` [np / tp]) and MLA's head sizes (query /
+    key size != value size; MLA passes its YaRN ``softmax_scale``)."""
 
     def __init__(
         self,
@@ -92,33 +131,100 @@ class PackedSDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        k_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
     ):
+        """``k_channels`` / ``v_channels``: the query/key and value head sizes MLA passes
+        (default ``kv_channels``); the value size is read from ``value`` in ``forward``."""
         super().__init__(config=config)
         assert config.context_parallel_size == 1, "PackedSDPAttention does not support context parallelism"
         assert attention_type == "self", "PackedSDPAttention implements self-attention only"
         assert attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal), (
             f"PackedSDPAttention is causal; got {attn_mask_type}"
         )
-        assert getattr(config, "softmax_type", "vanilla") == "vanilla", "only vanilla softmax"
-        assert not getattr(config, "window_size", None), "sliding-window attention not supported"
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        head_dim = config.kv_channels
+        head_dim = k_channels or config.kv_channels
         # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores
         # back in fp32 softmax in megatron: the net scale is unchanged, so it is ignored here.
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.window = layer_window(config, self.layer_number)
+        self.tp_group = getattr(pg_collection, "tp", None)
+        self._init_softmax_offset(config)
+
+    def _init_softmax_offset(self, config: TransformerConfig) -> None:
+        """``softmax_offset`` [np / tp] (one sink logit per local head), as megatron-core's and
+        Transformer Engine's ``DotProductAttention`` name it: a parameter for 'learnable', zeros
+        for 'off-by-one' (a buffer, not saved), None for 'vanilla'."""
+        softmax_type = getattr(config, "softmax_type", "vanilla")
+        if softmax_type == "vanilla":
+            self.softmax_offset = None
+            return
+        if softmax_type not in ("off-by-one", "learnable"):
+            raise ValueError(f"softmax_type: {softmax_type!r} is not one of vanilla, off-by-one, "
+                             "learnable")
+        tp = self.tp_group.size() if self.tp_group is not None else \
+            parallel_state.get_tensor_model_parallel_world_size()
+        heads = divide(config.num_attention_heads, tp)
+        offset = torch.zeros(heads, dtype=config.params_dtype)
+        if softmax_type == "off-by-one":
+            self.register_buffer("softmax_offset", offset, persistent=False)
+            return
+        self.softmax_offset = torch.nn.Parameter(offset)
+        # split over tensor-parallel ranks by head (dim 0): its gradient is not summed over TP
+        # and the gradient norm counts every rank's part
+        tensor_parallel.set_tensor_model_parallel_attributes(self.softmax_offset, True, 0, 1)
+        if config.perform_initialization:
+            config.init_method(self.softmax_offset.data)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """The learnable ``softmax_offset`` saved as one tensor [np] split by head over TP ranks
+        (the same key and layout as megatron-core's ``DotProductAttention``)."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint)
+
+        state = {}
+        if isinstance(self.softmax_offset, torch.nn.Parameter):
+            state = {"softmax_offset": self.softmax_offset}
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            state, prefix, {"softmax_offset": 0}, sharded_offsets,
+            tp_group=self.tp_group or parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"])
 
     # ------------------------------------------------------------------------------------------
-    def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        """q: [B, np, L, hn]; k, v: [B, ng, L, hn]."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
+        """q: [B, np, L, dk]; k: [B, ng, L, dk]; v: [B, ng, L, dv] -> [B, np, L, dv].
+
+        ``allowed``: bool, broadcastable to [B, np, L, L], True = attend; None = causal (with the
+        layer's window). Plain causal attention runs SDPA's ``is_causal``; a window is a bool mask;
+        sinks take the explicit path ``_attend_with_sinks``."""
+        if allowed is None and (self.window is not None or self.softmax_offset is not None):
+            allowed = causal_window_mask(q.size(2), self.window, q.device)
+        if self.softmax_offset is not None:
+            return self._attend_with_sinks(q, k, v, allowed)
         dropout_p = self.dropout_p if self.training else 0.0
         gqa = q.size(1) != k.size(1)
         if gqa:
             assert q.size(1) % k.size(1) == 0, (q.shape, k.shape)
         return F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout_p, scale=self.softmax_scale, enable_gqa=gqa, **kwargs
-        )
+            q, k, v, attn_mask=allowed, dropout_p=dropout_p, scale=self.softmax_scale,
+            enable_gqa=gqa, is_causal=allowed is None)
+
+    def _attend_with_sinks(self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> Tensor:
+        """Softmax over [scores, sink]: head h's sink logit ``softmax_offset[h]`` joins every
+        row's denominator and is dropped after (gpt-oss; megatron-core's ``SoftmaxOne``), so
+        the row's weights sum to < 1. Scores and softmax in fp32; the result in v's dtype."""
+        groups = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.softmax_scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        sink = self.softmax_offset.float().view(1, -1, 1, 1).expand(q.size(0), -1, q.size(2), 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        if self.training and self.dropout_p > 0:
+            probs = F.dropout(probs, p=self.dropout_p)
+        return torch.matmul(probs.to(v.dtype), v)
 
     def _rng_context(self):
         # Same as megatron's DotProductAttention: attention dropout under the TP RNG tracker, so
@@ -130,7 +236,8 @@ class PackedSDPAttention(MegatronModule):
     def _attend_segments(
         self, q: Tensor, k: Tensor, v: Tensor, starts: List[int], lengths: List[int]
     ) -> Tensor:
-        """q: [T, np, hn]; k, v: [T, ng, hn] -> [T, np, hn], causal within each segment."""
+        """q, k: [T, np | ng, dk]; v: [T, ng, dv] -> [T, np, dv], causal (and windowed) within
+        each segment."""
         total = q.size(0)
         pieces = []
         pos = 0
@@ -139,19 +246,14 @@ class PackedSDPAttention(MegatronModule):
                 continue
             assert start >= pos, "segments must be sorted and must not overlap"
             if start > pos:  # gap (padded layout): no real token there
-                pieces.append(q.new_zeros(start - pos, q.size(1), q.size(2)))
+                pieces.append(v.new_zeros(start - pos, q.size(1), v.size(2)))
             end = start + length
             assert end <= total, f"segment [{start}, {end}) exceeds the {total} tokens"
-            out = self._sdpa(
-                q[start:end].transpose(0, 1).unsqueeze(0),
-                k[start:end].transpose(0, 1).unsqueeze(0),
-                v[start:end].transpose(0, 1).unsqueeze(0),
-                is_causal=True,
-            )
+            out = self._attend(*(x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v)))
             pieces.append(out[0].transpose(0, 1))
             pos = end
         if pos < total:
-            pieces.append(q.new_zeros(total - pos, q.size(1), q.size(2)))
+            pieces.append(v.new_zeros(total - pos, q.size(1), v.size(2)))
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
     @staticmethod
@@ -203,13 +305,47 @@ class PackedSDPAttention(MegatronModule):
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
         if attention_mask is None:
-            out = self._sdpa(q, k, v, is_causal=True)
+            out = self._attend(q, k, v)
         else:
             # megatron's mask convention: True = masked out; SDPA's bool mask: True = attend.
-            # As in megatron's DotProductAttention, an explicit mask is used as given.
-            out = self._sdpa(q, k, v, attn_mask=~attention_mask.bool())
+            # As in megatron's DotProductAttention, an explicit mask is used as given (and
+            # narrowed to the layer's window).
+            allowed = ~attention_mask.bool()
+            if self.window is not None:
+                allowed = allowed & window_band(q.size(2), self.window, q.device)
+            out = self._attend(q, k, v, allowed)
         s, b = query.size(0), query.size(1)
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def layer_window(config: TransformerConfig, layer_number: int) -> Optional[Tuple[int, int]]:
+    """The (left, right) window of layer ``layer_number`` (1-based), or None for full attention:
+    megatron-core's ``is_layer_window_attention`` rule (``window_attn_skip_freq`` N: every N-th
+    layer full; a 0/1 list: 1 = windowed)."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    window = getattr(config, "window_size", None)
+    if not is_layer_window_attention(window, getattr(config, "window_attn_skip_freq", None),
+                                     layer_number):
+        return None
+    return int(window[0]), int(window[1])
+
+
+def window_band(length: int, window: Tuple[int, int], device=None) -> Tensor:
+    """[L, L] bool, True where key j is within query i's window: i - left <= j <= i + right
+    (Transformer Engine's and megatron-core's ``window_size`` convention)."""
+    i = torch.arange(length, device=device).unsqueeze(1)
+    j = torch.arange(length, device=device).unsqueeze(0)
+    return (j >= i - window[0]) & (j <= i + window[1])
+
+
+def causal_window_mask(length: int, window: Optional[Tuple[int, int]], device=None) -> Tensor:
+    """[L, L] bool, True = query i attends key j: j <= i, and j >= i - window[0] with a window
+    (query i sees itself and the ``window[0]`` tokens before it)."""
+    i = torch.arange(length, device=device).unsqueeze(1)
+    j = torch.arange(length, device=device).unsqueeze(0)
+    allowed = j <= i
+    return allowed & (j >= i - window[0]) if window is not None else allowed
 
 
 def get_packed_gpt_layer_local_spec(**kwargs):

@@ -23,6 +23,12 @@ MOE_LOAD_BALANCING = ("aux_loss", "none")
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 MOE_DISPATCHERS = ("allgather", "alltoall")
 RECOMPUTE_METHODS = ("uniform", "block")
+SOFTMAX_TYPES = ("vanilla", "off-by-one", "learnable")
+MLA_ROPE_TYPES = ("rope", "yarn")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+              "rope_type")
+YARN_FIELDS = ("rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+               "original_max_position_embeddings")
 
 
 def _positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
@@ -114,6 +120,45 @@ class ModelConfig:
     moe_token_dispatcher_type: str = option(
         "allgather", choices=MOE_DISPATCHERS, help="with --num-experts: how tokens reach experts "
         "on other expert-parallel ranks (alltoall: the usual choice at EP > 1 on GPUs)")
+    # --- attention variants: sliding windows, attention sinks, multi-latent attention (MLA) ---
+    window_size: Optional[List[int]] = option(
+        None, nargs=2, metavar="N", help="sliding-window attention: LEFT RIGHT, a query sees "
+        "itself and the LEFT tokens before it (RIGHT must be 0: causal); HF's sliding_window W is "
+        "--window-size W-1 0 (default: full attention)")
+    window_attn_skip_freq: Optional[List[int]] = option(
+        None, help="with --window-size: one value N makes every N-th layer full attention "
+        "(gpt-oss: 2, Gemma 3: 6); one 0/1 value per layer says which layers are windowed (1) "
+        "(default: every layer windowed)")
+    softmax_type: str = option(
+        "vanilla", choices=SOFTMAX_TYPES, help="attention softmax: learnable adds one trained "
+        "sink logit per head to each softmax denominator (gpt-oss's sinks, saved as "
+        "self_attention.core_attention.softmax_offset); off-by-one a fixed sink logit 0")
+    multi_latent_attention: bool = option(False, help="multi-latent attention (DeepSeek-V3, "
+                                          "Kimi K2): low-rank query and key/value projections; "
+                                          "--qk-layernorm gives the latent RMSNorms")
+    q_lora_rank: Optional[int] = option(None, help="with --multi-latent-attention: rank of the "
+                                        "query down-projection (default: none, a full query "
+                                        "projection as in the Lite models)")
+    kv_lora_rank: int = option(512, help="with --multi-latent-attention: rank of the key/value "
+                               "down-projection")
+    qk_head_dim: int = option(128, help="with --multi-latent-attention: query/key head size "
+                              "without RoPE (HF qk_nope_head_dim)")
+    qk_pos_emb_head_dim: int = option(64, help="with --multi-latent-attention: query/key head "
+                                      "size with RoPE (HF qk_rope_head_dim)")
+    v_head_dim: int = option(128, help="with --multi-latent-attention: value head size")
+    rope_type: str = option("rope", choices=MLA_ROPE_TYPES, help="with "
+                            "--multi-latent-attention: rope, or yarn (--rotary-scaling-factor, "
+                            "--mscale, --mscale-all-dim, --beta-fast, --beta-slow, "
+                            "--original-max-position-embeddings)")
+    rotary_scaling_factor: float = option(1.0, help="with --rope-type yarn: context extension "
+                                          "factor (HF rope_scaling factor)")
+    mscale: float = option(1.0, help="with --rope-type yarn: YaRN mscale")
+    mscale_all_dim: float = option(0.0, help="with --rope-type yarn: YaRN mscale_all_dim (the "
+                                   "softmax scale is multiplied by mscale(factor, this)^2)")
+    beta_fast: float = option(32.0, help="with --rope-type yarn: YaRN beta_fast")
+    beta_slow: float = option(1.0, help="with --rope-type yarn: YaRN beta_slow")
+    original_max_position_embeddings: int = option(4096, help="with --rope-type yarn: the "
+                                                   "context length before extension")
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
@@ -140,6 +185,7 @@ class ModelConfig:
                              f"{self.num_attention_heads}")
         self._check_recompute()
         self._check_moe()
+        self._check_attention()
 
     def _check_moe(self) -> None:
         """MoE fields: experts > 1, 1 <= top-k <= experts, the choices; none given without
@@ -182,6 +228,77 @@ class ModelConfig:
                 "moe_router_pre_softmax": self.moe_router_pre_softmax,
                 "moe_token_dispatcher_type": self.moe_token_dispatcher_type,
                 "moe_router_dtype": "fp32"}
+
+    def _check_attention(self) -> None:
+        """Window (two values >= 0, right 0), skip frequency (N >= 1 or a 0/1 list of
+        --num-layers), softmax type, MLA sizes; no MLA / YaRN field given without its switch."""
+        check_choice("softmax_type", self.softmax_type, SOFTMAX_TYPES)
+        check_choice("rope_type", self.rope_type, MLA_ROPE_TYPES)
+        self._check_window()
+        defaults = {f.name: f.default for f in fields(self)}
+        if not self.multi_latent_attention:
+            changed = [n for n in MLA_FIELDS + YARN_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(f"{changed[0]}: --{changed[0].replace('_', '-')} needs "
+                                 "--multi-latent-attention; add it or drop the flag")
+            return
+        if self.rope_type != "yarn":
+            changed = [n for n in YARN_FIELDS if getattr(self, n) != defaults[n]]
+            if changed:
+                raise ValueError(f"{changed[0]}: --{changed[0].replace('_', '-')} needs "
+                                 "--rope-type yarn; add it or drop the flag")
+        for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                     "rotary_scaling_factor", "original_max_position_embeddings"):
+            _positive(name, getattr(self, name))
+        _positive("q_lora_rank", self.q_lora_rank, allow_none=True)
+        if self.qk_pos_emb_head_dim % 2:
+            raise ValueError(f"qk_pos_emb_head_dim: {self.qk_pos_emb_head_dim} must be even "
+                             "(RoPE rotates pairs)")
+        if self.rotary_seq_len_interpolation_factor or self.use_rope_scaling:
+            raise ValueError("multi_latent_attention: MLA has its own RoPE (--rope-type rope or "
+                             "yarn); drop --use-rope-scaling / --rotary-seq-len-interpolation-"
+                             "factor")
+        if self.num_query_groups != self.num_attention_heads or self.add_qkv_bias:
+            raise ValueError("multi_latent_attention: MLA gives every head its own key and value "
+                             "(from the shared latent) and has no linear_qkv; drop "
+                             "--num-query-groups / --add-qkv-bias")
+
+    def _check_window(self) -> None:
+        window, freq = self.window_size, self.window_attn_skip_freq
+        if window is None:
+            if freq is not None:
+                raise ValueError("window_attn_skip_freq: --window-attn-skip-freq needs "
+                                 "--window-size LEFT 0; add it or drop the flag")
+            return
+        if len(window) != 2 or window[0] < 0 or window[1] != 0:
+            raise ValueError(f"window_size: {list(window)} must be LEFT 0 with LEFT >= 0 (a "
+                             "causal window: a query sees itself and LEFT tokens before it; "
+                             "HF sliding_window W is --window-size W-1 0)")
+        if freq is None:
+            return
+        if len(freq) == 1 and freq[0] < 1:
+            raise ValueError(f"window_attn_skip_freq: {freq[0]} must be >= 1 (every N-th layer "
+                             "full), or give one 0/1 value per layer")
+        if len(freq) > 1 and (len(freq) != self.num_layers or set(freq) - {0, 1}):
+            raise ValueError(f"window_attn_skip_freq: {freq} must be one 0/1 value per layer "
+                             f"({self.num_layers} for --num-layers {self.num_layers}; 1 = "
+                             "windowed), or one value N (every N-th layer full)")
+
+    def attention_settings(self) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` (``MLATransformerConfig`` with MLA) fields of the
+        attention variants: ``window_size`` (tuple), ``window_attn_skip_freq`` (int or list),
+        ``softmax_type``, and with MLA ``multi_latent_attention`` and its sizes / RoPE."""
+        settings: Dict[str, Any] = {"softmax_type": self.softmax_type}
+        if self.window_size is not None:
+            freq = self.window_attn_skip_freq
+            settings["window_size"] = tuple(self.window_size)
+            settings["window_attn_skip_freq"] = (None if freq is None else
+                                                 freq[0] if len(freq) == 1 else list(freq))
+        if self.multi_latent_attention:
+            settings.update({name: getattr(self, name) for name in
+                             ("multi_latent_attention",) + MLA_FIELDS + YARN_FIELDS})
+            settings["rotary_base"] = self.rotary_base
+        return settings
 
     def _derive_sizes(self) -> None:
         """Fill the sizes left None: the Llama rule for the SwiGLU inner size (8/3 x hidden,
@@ -504,8 +621,11 @@ class LoraConfig:
         get no adapters: ``all`` becomes ``linear_qkv linear_proj`` (the attention layers).
 
         Raises:
-            ValueError: an explicit ``linear_fc1``/``linear_fc2`` on a MoE model.
+            ValueError: an explicit ``linear_fc1``/``linear_fc2`` on a MoE model, ``linear_qkv``
+            on multi-latent attention.
         """
+        if self.enabled and model.multi_latent_attention:
+            self._fit_multi_latent_attention(model)
         if not self.enabled or model.num_experts is None:
             return
         mlp = [t for t in self.lora_target if t in ("linear_fc1", "linear_fc2")]
@@ -516,6 +636,19 @@ class LoraConfig:
                 "not supported: use --lora-target linear_qkv linear_proj (what all means here)")
         if "all" in self.lora_target:
             self.lora_target = ["linear_qkv", "linear_proj"]
+
+    def _fit_multi_latent_attention(self, model: "ModelConfig") -> None:
+        """MLA has no ``linear_qkv`` (its projections are ``linear_q_proj`` / ``linear_q_down_proj``
+        / ``linear_q_up_proj`` / ``linear_kv_down_proj`` / ``linear_kv_up_proj``, which get no
+        adapters yet): ``all`` means ``linear_proj`` and the dense MLP's layers."""
+        if "linear_qkv" in self.lora_target:
+            raise ValueError("lora_target: linear_qkv does not exist with --multi-latent-"
+                             "attention (LoRA on MLA's query/key/value projections is not "
+                             "supported); use --lora-target linear_proj (and linear_fc1 "
+                             "linear_fc2 on a dense MLP)")
+        if "all" in self.lora_target:
+            mlp = [] if model.num_experts is not None else ["linear_fc1", "linear_fc2"]
+            self.lora_target = ["linear_proj", *mlp]
 
 
 # --tokenizer-type values: mt_dialog's and Megatron-LM's names of the two supported back-ends

@@ -145,6 +145,8 @@ TORCH_VIEW_MODULES = (
     # dispatcher's CUDA stream
     "megatron.core.transformer.moe.router",
     "megatron.core.transformer.moe.token_dispatcher",
+    # MLA with --rope-type yarn: YarnRotaryEmbedding's inverse frequencies on current_device()
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
 )
 
 # Tensor factories whose ``device=`` / ``pin_memory=`` keywords get mapped.
@@ -473,10 +475,27 @@ def define_missing_te_names() -> bool:
     whenever TE is absent (``moe_utils.HAVE_TE`` false), whatever the device; returns whether it
     did anything."""
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    changed = _mla_without_te()
     if moe_utils.HAVE_TE or hasattr(moe_utils, "te_general_gemm"):
-        return False
+        return changed
     moe_utils.te_general_gemm = None
     _PATCHED.append("transformer.moe.moe_utils.te_general_gemm = None (no Transformer Engine)")
+    return True
+
+
+def _mla_without_te() -> bool:
+    """Without Transformer Engine, megatron-core 0.16.1's ``transformer/multi_latent_attention.py``
+    still sets ``HAVE_TE = True`` (line ~62: its ``try`` imports megatron's TE extension, which
+    then binds ``TELinear`` to a ``MagicMock`` placeholder), and ``MultiLatentAttention.__init__``
+    (line ~185) calls ``isinstance(self.linear_proj, TELinear)``: a ``TypeError`` building any MLA
+    model on the local path. Setting that module's ``HAVE_TE`` to False when ``TELinear`` is not a
+    class takes megatron's own non-TE branch (the check only matters for fp8/fp4)."""
+    mla = importlib.import_module("megatron.core.transformer.multi_latent_attention")
+    if not mla.HAVE_TE or isinstance(mla.TELinear, type):
+        return False
+    mla.HAVE_TE = False
+    _PATCHED.append("transformer.multi_latent_attention.HAVE_TE = False (TELinear is a "
+                    "placeholder without Transformer Engine)")
     return True
 
 

@@ -101,7 +101,7 @@ _SHARED = (
     (NOT_SUPPORTED, ("--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
                      "--tp-comm-overlap", "--apply-layernorm-1p",
-                     "--multi-latent-attention", "--spec", "--yaml-cfg")),
+                     "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
 

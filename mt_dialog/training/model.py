@@ -77,7 +77,8 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
     (default: ``OptimConfig.params_dtype``: bf16 / fp16 with --bf16 / --fp16, else fp32, on GPU
     and CPU alike); ``initialize=False`` leaves the weights uninitialized (they are about to be
     overwritten, e.g. by a checkpoint conversion)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig, TransformerConfig)
 
     model, par, optim = config.model, config.parallel, config.optim
     cuda = torch.cuda.is_available()
@@ -87,7 +88,10 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
     if par.sequence_parallel and not te:
         raise ValueError("sequence_parallel: needs the Transformer Engine layers (CUDA + "
                          "transformer-engine); megatron-core's torch norm refuses it")
-    return TransformerConfig(
+    config_class = MLATransformerConfig if model.multi_latent_attention else TransformerConfig
+    # megatron-core fuses MLA's RoPE for YaRN only
+    rope_fusion = te and (not model.multi_latent_attention or model.rope_type == "yarn")
+    return config_class(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
@@ -104,11 +108,13 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
         bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
-        gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
+        gradient_accumulation_fusion=False, apply_rope_fusion=rope_fusion,
+        cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         expert_model_parallel_size=par.expert_model_parallel_size,
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
         **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
+        **model.attention_settings(),  # window_size, softmax_type, MLA sizes (MLA models only)
     )
 
 
@@ -131,6 +137,16 @@ def batch_p2p_comm(par: ParallelConfig) -> bool:
     return not (par.virtual_pipeline_model_parallel_size and par.pipeline_model_parallel_size == 2)
 
 
+# checkpoint keys of the local MLA layer -> those of megatron-core's TE MLA spec, where the latent
+# norms are fused into the up-projections and the dense MLP's norm into linear_fc1 (a MoE layer
+# keeps pre_mlp_layernorm: popped below, as for the other layers)
+MLA_LOCAL_TO_TE_KEYS = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
+
+
 def layer_spec(config: DialogTrainingConfig):
     """megatron-core's layer spec: Transformer Engine's or the local one with packed attention.
     ``--qk-layernorm`` gives ``self_attention.q_layernorm`` / ``k_layernorm`` (TE's norm or
@@ -139,20 +155,28 @@ def layer_spec(config: DialogTrainingConfig):
     every MLP a ``MoELayer`` with ``moe.DialogRouter``: TE's grouped-GEMM experts with Transformer
     Engine, megatron-core's ``SequentialMLP`` (one SwiGLU MLP per local expert) otherwise; both
     save the experts as ``mlp.experts.experts.linear_fc{1,2}.weight`` [layers, experts, ...]
-    (whatever the expert-parallel size) and the MLP norm as ``pre_mlp_layernorm.weight``."""
+    (whatever the expert-parallel size) and the MLP norm as ``pre_mlp_layernorm.weight``.
+    ``--multi-latent-attention`` gives megatron-core's ``MLASelfAttention`` (``linear_q_proj`` or
+    ``linear_q_down_proj`` / ``linear_q_up_proj``, ``linear_kv_down_proj``, ``linear_kv_up_proj``;
+    ``--qk-layernorm`` there is the latent norms ``q_layernorm`` [q_lora_rank] and
+    ``kv_layernorm`` [kv_lora_rank]), with the packed core attention on the local path."""
     qk_layernorm, experts = config.model.qk_layernorm, config.model.num_experts
+    mla = config.model.multi_latent_attention
     if use_transformer_engine(config.model.transformer_impl):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         spec = get_gpt_layer_with_transformer_engine_spec(
-            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=qk_layernorm)
+            num_experts=experts, moe_grouped_gemm=experts is not None, qk_layernorm=qk_layernorm,
+            multi_latent_attention=mla)
     else:
         from mt_dialog.training.attention import get_packed_gpt_layer_local_spec
 
         spec = get_packed_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm,
-                                               num_experts=experts)
+                                               num_experts=experts, multi_latent_attention=mla)
+        if mla:  # save the norms under TE's MLA spec keys (its norms are fused into linears)
+            spec.submodules.sharded_state_dict_keys_map = dict(MLA_LOCAL_TO_TE_KEYS)
     if experts is not None:
         from mt_dialog.training.moe import DialogRouter
 
