@@ -261,3 +261,51 @@ def test_routing_flags_need_experts():
     with pytest.raises(ValueError, match="^moe_layer_freq: --moe-layer-freq needs --num-experts"):
         _model_config(moe_layer_freq=2)
     assert _model_config(moe_layer_freq="1").moe_routing_settings() == {"add_bias_linear": False}
+
+
+# DeepSeek-V3-style routing on the command line: a dense first layer, then a MoE layer with a
+# shared expert, sigmoid scores with an expert bias updated after every step (a large rate, so
+# that it moves), group-limited and scaled
+ROUTING_FLAGS = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "64",
+                 "--moe-shared-expert-intermediate-size", "64", "--moe-router-score-function",
+                 "sigmoid", "--moe-router-enable-expert-bias", "--moe-router-bias-update-rate",
+                 "0.01", "--moe-router-num-groups", "2", "--moe-router-group-topk", "1",
+                 "--moe-router-topk-scaling-factor", "2.0", "--moe-layer-freq", "([0]*1+[1]*1)",
+                 "--expert-model-parallel-size", "2", "--lr-decay-iters", "4"]
+BIAS = "decoder.layers.1.mlp.router.expert_bias"
+
+
+@pytest.mark.multiprocess
+def test_expert_bias_is_updated_saved_and_restored_on_resume(packed_data, tmp_path):
+    """4 iterations straight vs 2 + save + resume 2 (EP=2 over 2 processes): the same losses at
+    every iteration and the same final checkpoint, expert bias included. The bias is in the
+    checkpoint (layer 1's own key: layers differ), moved by the aux-loss-free update (a multiple
+    of the rate, not 0) and never in the optimizer's state."""
+    from tests.training.conftest import iteration_dir, launch, parse_iters, read_checkpoint, \
+        train_args
+
+    def run(name, iters, *extra):
+        proc = launch(2, train_args(packed_data, *ROUTING_FLAGS, "--save", tmp_path / name,
+                                    *extra, iters=iters))
+        return parse_iters(proc.stdout)
+
+    straight = run("straight", 4)
+    half = run("half", 2)
+    resumed = run("resumed", 4, "--load", tmp_path / "half")
+    assert [r["iter"] for r in half + resumed] == [1, 2, 3, 4]
+    numbers = lambda rows: [(r["loss_turn"], r["loss_token"], r["grad_norm"]) for r in rows]
+    assert numbers(half + resumed) == numbers(straight)
+    assert straight[-1]["loss_turn"] < straight[0]["loss_turn"]
+
+    saved_half = read_checkpoint(iteration_dir(tmp_path / "half", 2))
+    a = read_checkpoint(iteration_dir(tmp_path / "straight", 4))
+    b = read_checkpoint(iteration_dir(tmp_path / "resumed", 4))
+    assert sorted(a) == sorted(b)
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
+    steps = a[BIAS] / 0.01  # 4 updates of +-0.01 each
+    assert a[BIAS].dtype == torch.float32 and a[BIAS].shape == (4,)
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 4 + 1e-4
+    assert a[BIAS].abs().sum() > 0 and not torch.equal(a[BIAS], saved_half[BIAS])
+    assert not [k for k in a if k.startswith("optimizer.") and "expert_bias" in k]
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in a  # the dense first layer
+    assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in a
