@@ -23,6 +23,22 @@ ranks; micro-batches here hold ``--micro-batch-size`` packs of ``--seq-length`` 
 weigh the same). ``DialogRouter`` attaches ``coeff * aux_m * n_m * C / N``; the loop sets ``C / N``
 before each step (``set_aux_loss_scale``).
 
+The same holds for every score function: with ``--moe-router-score-function sigmoid``
+megatron-core's Switch loss takes the sigmoid scores normalized over all experts
+(``moe_utils.compute_routing_scores_for_aux_loss``) and the plain top k (no expert bias, no
+group limit), and ``DialogRouter`` scales it as above (tested: layout ``moe_routing_ep2``).
+
+Expert bias (``--moe-router-enable-expert-bias``)
+------------------------------------------------
+megatron-core's ``TopKRouter.expert_bias``, a persistent fp32 buffer (HF's
+``e_score_correction_bias``): saved and loaded with the model, never an optimizer parameter.
+``TopKRouter._apply_expert_bias`` counts each training forward's tokens per expert
+(``local_tokens_per_expert``; not in validation or recompute) and ``finalize_model_grads`` (the
+step's gradient reduction) sums them over TP x DP x CP and moves each bias by
+``--moe-router-bias-update-rate`` times the sign of (mean load - its load), then zeroes the
+counts. mt_dialog's default rate is 0 (the bias stays as loaded; README says why).
+``DialogRouter`` keeps both count buffers in fp32 / fp64 under ``--bf16``.
+
 Router load
 -----------
 ``DialogRouter`` adds up, while training, the tokens routed to each expert of its layer;
