@@ -310,3 +310,17 @@ def test_expert_bias_is_updated_saved_and_restored_on_resume(packed_data, tmp_pa
     assert not [k for k in a if k.startswith("optimizer.") and "expert_bias" in k]
     assert "decoder.layers.0.mlp.linear_fc1.weight" in a  # the dense first layer
     assert "decoder.layers.1.mlp.shared_experts.linear_fc1.weight" in a
+
+
+@pytest.mark.multiprocess
+def test_pipeline_stage_of_dense_layers_only_logs_the_router_load(packed_data):
+    """PP=2 with layer 0 dense and layer 1 MoE: the first stage holds no router, yet takes part
+    in gathering the router load (it used to decide "dense model" from its own layers and skip
+    the collective the other stage waits in)."""
+    from tests.training.conftest import launch, parse_iters, train_args
+
+    proc = launch(2, train_args(packed_data, "--num-experts", "4", "--moe-ffn-hidden-size", "64",
+                                "--moe-layer-freq", "[0,1]", "--pipeline-model-parallel-size",
+                                "2", iters=2), timeout=240)
+    assert [r["iter"] for r in parse_iters(proc.stdout)] == [1, 2], proc.stdout
+    assert proc.stdout.count(" | experts max/mean ") == 2, proc.stdout
