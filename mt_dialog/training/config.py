@@ -122,6 +122,10 @@ class ModelConfig:
         None, help="with --num-experts: inner size of the shared expert every token also goes "
         "through (SwiGLU, no gate; n shared experts of size f: n x f), added to the routed "
         "experts' output (DeepSeek-V3, GLM-4.5: moe_intermediate_size x n_shared_experts)")
+    moe_shared_expert_gate: bool = option(
+        False, help="with --moe-shared-expert-intermediate-size: the shared expert's output "
+        "times sigmoid(x . w) of a learned vector w (Qwen2-MoE's shared_expert_gate), saved as "
+        "mlp.shared_experts.gate_weight")
     moe_router_enable_expert_bias: bool = option(
         False, help="with --moe-router-score-function sigmoid: a per-expert bias added to the "
         "scores for choosing the experts only (not to the weights): DeepSeek-V3's "
@@ -232,6 +236,9 @@ class ModelConfig:
                   self.moe_shared_expert_intermediate_size, allow_none=True)
         _positive("moe_router_topk_scaling_factor", self.moe_router_topk_scaling_factor,
                   allow_none=True)
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_gate: gates the shared expert; add "
+                             "--moe-shared-expert-intermediate-size S or drop the flag")
         if self.add_bias_linear and self.moe_shared_expert_intermediate_size:
             raise ValueError("moe_shared_expert_intermediate_size: megatron-core 0.16.1's shared "
                              "expert has no biases; drop --add-bias-linear or the shared expert")
@@ -270,6 +277,7 @@ class ModelConfig:
             return {"add_bias_linear": self.add_bias_linear}
         return {"add_bias_linear": self.add_bias_linear,
                 "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size,
+                "moe_shared_expert_gate": self.moe_shared_expert_gate,
                 "moe_router_enable_expert_bias": self.moe_router_enable_expert_bias,
                 "moe_router_bias_update_rate": self.moe_router_bias_update_rate,
                 "moe_router_num_groups": self.moe_router_num_groups,

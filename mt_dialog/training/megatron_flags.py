@@ -37,7 +37,8 @@ MOE = ("not supported by mt_dialog's Mixture of Experts, whose flags are --num-e
        "--moe-router-topk, --moe-ffn-hidden-size, --moe-router-load-balancing-type "
        "(aux_loss, none), --moe-aux-loss-coeff, --moe-router-score-function, "
        "--moe-router-pre-softmax, --moe-token-dispatcher-type (allgather, alltoall), "
-       "--moe-shared-expert-intermediate-size, --moe-router-enable-expert-bias, "
+       "--moe-shared-expert-intermediate-size, --moe-shared-expert-gate, "
+       "--moe-router-enable-expert-bias, "
        "--moe-router-bias-update-rate, --moe-router-num-groups, --moe-router-group-topk, "
        "--moe-router-topk-scaling-factor, --moe-layer-freq and --expert-model-parallel-size")
 

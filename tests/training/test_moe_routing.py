@@ -126,6 +126,42 @@ def test_sigmoid_group_routing_and_shared_experts_equal_hugging_face(family):
     assert (expected - shared).abs().max() > 1e-2  # the routed experts' part counts
 
 
+def test_qwen2_moe_gated_shared_expert_equals_hugging_face():
+    """--moe-shared-expert-gate: Qwen2-MoE's sigmoid gate on its shared expert (softmax over all
+    experts, the top k kept: --moe-router-pre-softmax, norm_topk_prob false)."""
+    import importlib
+
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.for_model("qwen2_moe", hidden_size=HIDDEN, num_experts=4,
+                                     num_experts_per_tok=2, moe_intermediate_size=16,
+                                     shared_expert_intermediate_size=24, norm_topk_prob=False)
+    modeling = importlib.import_module("transformers.models.qwen2_moe.modeling_qwen2_moe")
+    hf = modeling.Qwen2MoeSparseMoeBlock(hf_config).eval()
+    _randomize(hf, seed=7)
+    ours = _our_moe_layer(_model_config(
+        num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=16, moe_router_pre_softmax=True,
+        moe_shared_expert_intermediate_size=24, moe_shared_expert_gate=True))
+    with torch.no_grad():
+        ours.router.weight.copy_(hf.gate.weight)
+        for e in range(4):
+            ours.experts.local_experts[e].linear_fc1.weight.copy_(hf.experts.gate_up_proj[e])
+            ours.experts.local_experts[e].linear_fc2.weight.copy_(hf.experts.down_proj[e])
+        shared = hf.shared_expert
+        ours.shared_experts.linear_fc1.weight.copy_(
+            torch.cat([shared.gate_proj.weight, shared.up_proj.weight]))
+        ours.shared_experts.linear_fc2.weight.copy_(shared.down_proj.weight)
+        ours.shared_experts.gate_weight.copy_(hf.shared_expert_gate.weight)
+    x = torch.randn(TOKENS, HIDDEN, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = hf(x.view(1, TOKENS, HIDDEN)).view(TOKENS, HIDDEN)
+        got, _ = ours(x.view(TOKENS, 1, HIDDEN))
+        ours.shared_experts.gate_weight.zero_()  # control: the gate counts (sigmoid(0) = 1/2)
+        ungated, _ = ours(x.view(TOKENS, 1, HIDDEN))
+    assert (got.view(TOKENS, HIDDEN) - expected).abs().max() <= 1e-5
+    assert (ungated.view(TOKENS, HIDDEN) - expected).abs().max() > 1e-3
+
+
 def _copy_gpt_oss(hf, ours, experts):
     """gpt-oss names -> ours: router.weight / bias -> router.weight / bias; experts.gate_up_proj
     [e] ([hidden, 2 x inner], gate and up interleaved in columns) -> linear_fc1.weight (rows:
@@ -246,6 +282,8 @@ def test_moe_layer_freq_parsing(text, want):
     ({"moe_router_num_groups": 4, "moe_router_group_topk": 1, "moe_router_topk": 3},
      "moe_router_topk: 3 experts cannot be chosen from 1 groups of 2"),
     ({"moe_router_topk_scaling_factor": 0.0}, "moe_router_topk_scaling_factor: must be positive"),
+    ({"moe_shared_expert_gate": True}, "moe_shared_expert_gate: gates the shared expert; add "
+     "--moe-shared-expert-intermediate-size S"),
     ({"moe_shared_expert_intermediate_size": 16, "add_bias_linear": True},
      "moe_shared_expert_intermediate_size: megatron-core 0.16.1's shared expert has no biases"),
 ])
