@@ -1,11 +1,13 @@
 """MoE routing of the 2026 families against Hugging Face's modules (transformers 5.x, tiny random
 configs built here, their weights copied into ours; fp32): DeepSeek-V3 / Kimi K2 (sigmoid scores,
 ``e_score_correction_bias``, group-limited routing, ``routed_scaling_factor``, shared experts),
-GLM-4.5 (the same router, its own module) and gpt-oss (router bias, expert biases, its clamped
-SwiGLU on megatron-core's ``glu_linear_offset`` / ``activation_func_clamp_value``). Each: the
-router's choice (which experts) and weights, then the whole MoE block's output, on random hidden
-states. Controls show the features change the routing (the comparison could fail). Also: the
-flags' checks, ``--moe-layer-freq`` parsing, dense first layers in the model and checkpoint."""
+GLM-4.5 (the same router, its own module), gpt-oss (router bias, expert biases, its clamped
+SwiGLU on megatron-core's ``glu_linear_offset`` / ``activation_func_clamp_value``) and Qwen2-MoE's
+gated shared expert. Each: the router's choice (which experts) and weights, then the whole MoE
+block's output, on random hidden states. Controls show the features change the result (the
+comparison could fail). Also: the flags' checks, ``--moe-layer-freq`` parsing, dense first layers
+in the model and checkpoint; on 2 processes, a resume with a moving expert bias equals the
+uninterrupted run, and a pipeline stage without MoE layers logs the router load."""
 
 import pytest
 import torch
@@ -315,16 +317,17 @@ BIAS = "decoder.layers.1.mlp.router.expert_bias"
 
 @pytest.mark.multiprocess
 def test_expert_bias_is_updated_saved_and_restored_on_resume(packed_data, tmp_path):
-    """4 iterations straight vs 2 + save + resume 2 (EP=2 over 2 processes): the same losses at
-    every iteration and the same final checkpoint, expert bias included. The bias is in the
-    checkpoint (layer 1's own key: layers differ), moved by the aux-loss-free update (a multiple
-    of the rate, not 0) and never in the optimizer's state."""
+    """4 iterations straight vs 2 + save + resume 2 (EP=2 over 2 processes, bf16): the same
+    losses at every iteration and the same final checkpoint, expert bias included. The bias is in
+    the checkpoint (layer 1's own key: layers differ) in fp32 whatever --bf16 makes of the
+    model's buffers, moved by the aux-loss-free update (a multiple of the rate, not 0) and never
+    in the optimizer's state."""
     from tests.training.conftest import iteration_dir, launch, parse_iters, read_checkpoint, \
         train_args
 
     def run(name, iters, *extra):
-        proc = launch(2, train_args(packed_data, *ROUTING_FLAGS, "--save", tmp_path / name,
-                                    *extra, iters=iters))
+        proc = launch(2, train_args(packed_data, *ROUTING_FLAGS, "--bf16", "--save",
+                                    tmp_path / name, *extra, iters=iters))
         return parse_iters(proc.stdout)
 
     straight = run("straight", 4)
