@@ -242,6 +242,9 @@ class ModelConfig:
         if self.add_bias_linear and self.moe_shared_expert_intermediate_size:
             raise ValueError("moe_shared_expert_intermediate_size: megatron-core 0.16.1's shared "
                              "expert has no biases; drop --add-bias-linear or the shared expert")
+        if self.moe_router_pre_softmax and self.moe_router_score_function == "sigmoid":
+            raise ValueError("moe_router_pre_softmax: applies to softmax scores; sigmoid scores "
+                             "are always taken per expert: drop the flag")
         if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
             raise ValueError("moe_router_enable_expert_bias: the expert bias corrects sigmoid "
                              "scores; add --moe-router-score-function sigmoid or drop the flag")

@@ -272,6 +272,8 @@ def test_moe_layer_freq_parsing(text, want):
     ({"moe_layer_freq": [0, 1]}, r"moe_layer_freq: \[0, 1\] must have one 0 .* --num-layers 1"),
     ({"moe_layer_freq": [0]}, r"moe_layer_freq: \[0\] must have one 0 .* at least one 1"),
     ({"moe_layer_freq": 0}, "moe_layer_freq: must be >= 1, got 0"),
+    ({"moe_router_score_function": "sigmoid", "moe_router_pre_softmax": True},
+     "moe_router_pre_softmax: applies to softmax scores"),
     ({"moe_router_enable_expert_bias": True}, "moe_router_enable_expert_bias: .* add "
      "--moe-router-score-function sigmoid"),
     ({"moe_router_score_function": "sigmoid", "moe_router_bias_update_rate": 1e-3},
