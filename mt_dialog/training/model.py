@@ -183,8 +183,8 @@ def decoder_spec(config: DialogTrainingConfig, tconfig, vp_stage: Optional[int])
     pattern = config.model.moe_layer_pattern()
     if pattern is None:
         return layer_spec(config)
-    block = _get_block_submodules(tconfig, layer_spec(config), vp_stage=vp_stage)
     moe, dense = layer_spec(config), layer_spec(config, dense=True)
+    block = _get_block_submodules(tconfig, moe, vp_stage=vp_stage)  # megatron's final norm
     offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
     count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
     block.layer_specs = [moe if pattern[i] else dense for i in range(offset, offset + count)]
