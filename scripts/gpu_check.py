@@ -36,6 +36,9 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
                     bf16, TE bf16; the local weights loaded into the TE model): window (sliding
                     window on every other layer), sinks (--softmax-type learnable), mla
                     (multi-latent attention with a query rank and YaRN)
+  10 moe-routing    check 8 with DeepSeek-V3-style routing (TE layers): a dense first layer, a
+                    shared expert, sigmoid scores with an expert bias updated each step, two
+                    groups, a scaling factor; the CPU checkpoint (layers saved one by one) on GPU
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -66,7 +69,7 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe",
-          "attention")
+          "attention", "moe-routing")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -620,30 +623,49 @@ def check_lora(ctx: Context) -> List[Line]:
 MOE_FLAGS = ("--num-experts", "4", "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2")
 
 
+def routing_flags(layers: int) -> tuple:
+    """Check 9's MoE: DeepSeek-V3-style routing on ``layers`` layers (the first dense)."""
+    return (*MOE_FLAGS, "--moe-shared-expert-intermediate-size", "64",
+            "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+            "--moe-router-bias-update-rate", "1e-3", "--moe-router-num-groups", "2",
+            "--moe-router-group-topk", "1", "--moe-router-topk-scaling-factor", "2.0",
+            "--moe-layer-freq", f"([0]*1+[1]*{layers - 1})")
+
+
 def check_moe(ctx: Context) -> List[Line]:
+    return moe_lines(ctx, "8 moe", "moe", MOE_FLAGS)
+
+
+def check_moe_routing(ctx: Context) -> List[Line]:
+    return moe_lines(ctx, "10 moe-routing", "moe_routing", routing_flags(ctx.sizes.layers))
+
+
+def moe_lines(ctx: Context, label: str, name: str, flags) -> List[Line]:
+    """A MoE run with ``flags`` in bf16 (the loss falls, the router load is logged), then its
+    checkpoint written on CPU resumed on the GPU vs on CPU."""
     s = ctx.sizes
-    text = run_step(ctx, "moe-train", [sys.executable, "pretrain_dialog.py", *train_args(
-        ctx, s.iters, *MOE_FLAGS)])
+    text = run_step(ctx, f"{name}-train", [sys.executable, "pretrain_dialog.py", *train_args(
+        ctx, s.iters, *flags)])
     log = parse_train_log(text)
     first, last = log.iters[1][0], log.iters[s.iters][0]
     load = re.findall(r"experts max/mean ([\d.]+) min/mean ([\d.]+)", text)
     where = "GPU" if ctx.cuda else "CPU"
-    lines = [Line(verdict(last < first and bool(load)), f"8 moe bf16 {where}",
+    lines = [Line(verdict(last < first and bool(load)), f"{label} bf16 {where}",
                   f"loss/turn {first:.3f} -> {last:.3f} over {s.iters} iterations; router load "
                   f"(busiest / idlest expert over an even share) at the end: "
                   f"{' / '.join(load[-1]) if load else 'not logged'}")]
-    folder = ctx.path("ckpt_moe_cpu")
-    pretrain(ctx, "moe-cpu-write", train_args(ctx, s.cpu_iters, *MOE_FLAGS, "--save", folder),
+    folder = ctx.path(f"ckpt_{name}_cpu")
+    pretrain(ctx, f"{name}-cpu-write", train_args(ctx, s.cpu_iters, *flags, "--save", folder),
              cpu=True)
     if not ctx.cuda:
-        return lines + [Line("SKIP (no CUDA)", "8 moe cpu-ckpt on GPU", "needs CUDA")]
-    more = train_args(ctx, s.cpu_total, *MOE_FLAGS, "--load", folder)
-    on_cpu = pretrain(ctx, "moe-cpu-resume-cpu", more, cpu=True)
-    on_gpu = pretrain(ctx, "moe-cpu-resume-gpu", more)
+        return lines + [Line("SKIP (no CUDA)", f"{label} cpu-ckpt on GPU", "needs CUDA")]
+    more = train_args(ctx, s.cpu_total, *flags, "--load", folder)
+    on_cpu = pretrain(ctx, f"{name}-cpu-resume-cpu", more, cpu=True)
+    on_gpu = pretrain(ctx, f"{name}-cpu-resume-gpu", more)
     its = range(s.cpu_iters + 1, s.cpu_total + 1)
     diff = max_loss_diff(on_cpu, on_gpu, its)
     tol = 0.02 * max((on_cpu.iters.get(it, (0.0,))[0] for it in its), default=0.0)
-    return lines + [Line(verdict(diff <= tol), "8 moe cpu-ckpt on GPU",
+    return lines + [Line(verdict(diff <= tol), f"{label} cpu-ckpt on GPU",
                          f"iters {its[0]}-{its[-1]} of a CPU-written MoE checkpoint resumed on "
                          f"the GPU vs on CPU: max |dloss| {diff:.1e} (tol {tol:.1e})")]
 
@@ -683,7 +705,7 @@ def check_attention(ctx: Context) -> List[Line]:
 CHECK_FUNCTIONS = {"versions": check_versions, "thd": check_thd, "resume": check_resume,
                    "finetune": check_finetune, "cpu-checkpoint": check_cpu_checkpoint,
                    "chat": check_chat, "lora": check_lora, "moe": check_moe,
-                   "attention": check_attention}
+                   "attention": check_attention, "moe-routing": check_moe_routing}
 
 
 # -- workers (subprocesses of this script; they print one JSON line) -----------------------------

@@ -154,7 +154,12 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atte
                        "rope_scaling_high_freq_factor", "rope_scaling_original_max_position",
                        "rotary_seq_len_interpolation_factor",
                        "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
-                       "moe_router_score_function", "moe_router_pre_softmax")
+                       "moe_router_score_function", "moe_router_pre_softmax",
+                       # MoE routing of the 2026 families (ModelConfig._check_moe_routing)
+                       "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
+                       "moe_router_enable_expert_bias",
+                       "moe_router_num_groups", "moe_router_group_topk",
+                       "moe_router_topk_scaling_factor", "moe_layer_freq", "add_bias_linear")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

@@ -10,7 +10,7 @@ against the world size before any model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from mt_dialog.config_utils import check_choice, option
 from mt_dialog.data.storage import REPLY_LENGTH_EDGES
@@ -160,6 +160,45 @@ class ModelConfig:
     original_max_position_embeddings: int = option(4096, help="with --rope-type yarn: the "
                                                    "context length before extension")
 
+    # --- MoE routing of the 2026 families (DeepSeek-V3 / Kimi K2, GLM-4.5, gpt-oss): shared
+    # experts, sigmoid scores with an expert bias, group-limited routing, dense layers between
+    # MoE layers, linear biases (see _check_moe_routing, moe_routing_settings) ---
+    moe_shared_expert_intermediate_size: Optional[int] = option(
+        None, help="with --num-experts: inner size of the shared expert every token also goes "
+        "through (SwiGLU, no gate; n shared experts of size f: n x f), added to the routed "
+        "experts' output (DeepSeek-V3, GLM-4.5: moe_intermediate_size x n_shared_experts)")
+    moe_shared_expert_gate: bool = option(
+        False, help="with --moe-shared-expert-intermediate-size: the shared expert's output "
+        "times sigmoid(x . w) of a learned vector w (Qwen2-MoE's shared_expert_gate), saved as "
+        "mlp.shared_experts.gate_weight")
+    moe_router_enable_expert_bias: bool = option(
+        False, help="with --moe-router-score-function sigmoid: a per-expert bias added to the "
+        "scores for choosing the experts only (not to the weights): DeepSeek-V3's "
+        "e_score_correction_bias, saved as mlp.router.expert_bias; never trained by the "
+        "optimizer (see --moe-router-bias-update-rate)")
+    moe_router_bias_update_rate: float = option(
+        0.0, help="with --moe-router-enable-expert-bias: after each step, every expert's bias "
+        "moves by this towards balance (+rate below the mean load, -rate above; megatron-core's "
+        "aux-loss-free balancing, from the step's token counts). 0 keeps the bias as loaded "
+        "(the fine-tuning default, see README); Megatron-LM's pretraining default is 1e-3")
+    moe_router_num_groups: Optional[int] = option(
+        None, help="with --num-experts: group-limited routing: experts in this many equal "
+        "groups (DeepSeek-V3's n_group); needs --moe-router-group-topk")
+    moe_router_group_topk: Optional[int] = option(
+        None, help="with --moe-router-num-groups: groups each token may use, chosen by the sum "
+        "of their top (topk / group-topk) scores (DeepSeek-V3's topk_group)")
+    moe_router_topk_scaling_factor: Optional[float] = option(
+        None, help="with --num-experts: the chosen experts' weights are multiplied by this, "
+        "after the sigmoid weights are renormalized over the top k (DeepSeek-V3's "
+        "routed_scaling_factor)")
+    moe_layer_freq: Union[str, int, List[int]] = option(
+        1, metavar="N|PATTERN", help="with --num-experts: which layers are MoE layers: N (every "
+        "N-th layer from the first) or a 0/1 list of one entry per layer as Megatron-LM writes it, "
+        "e.g. '([0]*3+[1]*58)' (dense layers: --ffn-hidden-size; experts: --moe-ffn-hidden-size)")
+    add_bias_linear: bool = option(
+        False, help="biases on every linear layer of megatron-core (attention QKV and output, "
+        "dense MLP, each expert's fc1/fc2, shared experts, the router): gpt-oss")
+
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
                      "norm_epsilon", "init_method_std", "make_vocab_size_divisible_by",
@@ -184,6 +223,7 @@ class ModelConfig:
             raise ValueError(f"num_query_groups: {groups} must divide num_attention_heads "
                              f"{self.num_attention_heads}")
         self._check_recompute()
+        self._check_moe_routing()
         self._check_moe()
         self._check_attention()
 
@@ -299,6 +339,80 @@ class ModelConfig:
                              ("multi_latent_attention",) + MLA_FIELDS + YARN_FIELDS})
             settings["rotary_base"] = self.rotary_base
         return settings
+    def _check_moe_routing(self) -> None:
+        """The routing fields of the 2026 families: ``moe_layer_freq`` parsed (a command-line
+        string) and normalized (a pattern of all 1s is 1, so that checkpoints keep the stacked
+        layer keys); each refused without the flag it needs, with a value megatron-core would
+        assert on or route wrongly with (group routing needs ``topk >= group_topk``: it ranks
+        groups by their top ``topk // group_topk`` scores)."""
+        self.moe_layer_freq = _moe_layer_freq(self.moe_layer_freq, self.num_layers)
+        if self.num_experts is None:
+            return  # _check_moe refuses any moe_* flag given without --num-experts
+        _positive("moe_shared_expert_intermediate_size",
+                  self.moe_shared_expert_intermediate_size, allow_none=True)
+        _positive("moe_router_topk_scaling_factor", self.moe_router_topk_scaling_factor,
+                  allow_none=True)
+        if self.moe_shared_expert_gate and not self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_gate: gates the shared expert; add "
+                             "--moe-shared-expert-intermediate-size S or drop the flag")
+        if self.add_bias_linear and self.moe_shared_expert_intermediate_size:
+            raise ValueError("moe_shared_expert_intermediate_size: megatron-core 0.16.1's shared "
+                             "expert has no biases; drop --add-bias-linear or the shared expert")
+        if self.moe_router_pre_softmax and self.moe_router_score_function == "sigmoid":
+            raise ValueError("moe_router_pre_softmax: applies to softmax scores; sigmoid scores "
+                             "are always taken per expert: drop the flag")
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ValueError("moe_router_enable_expert_bias: the expert bias corrects sigmoid "
+                             "scores; add --moe-router-score-function sigmoid or drop the flag")
+        rate = self.moe_router_bias_update_rate
+        if rate < 0 or (rate > 0 and not self.moe_router_enable_expert_bias):
+            raise ValueError(f"moe_router_bias_update_rate: {rate} must be >= 0 and needs "
+                             "--moe-router-enable-expert-bias (the bias it updates)")
+        groups, group_topk = self.moe_router_num_groups, self.moe_router_group_topk
+        if (groups is None) != (group_topk is None):
+            raise ValueError("moe_router_group_topk: group-limited routing needs both "
+                             "--moe-router-num-groups and --moe-router-group-topk")
+        if groups is not None:
+            if groups < 1 or self.num_experts % groups:
+                raise ValueError(f"moe_router_num_groups: {groups} must divide --num-experts "
+                                 f"{self.num_experts}")
+            if not 1 <= group_topk <= min(groups, self.moe_router_topk):
+                raise ValueError(
+                    f"moe_router_group_topk: {group_topk} must be between 1 and the smaller of "
+                    f"--moe-router-num-groups {groups} and --moe-router-topk "
+                    f"{self.moe_router_topk} (groups are ranked by their top topk / group-topk "
+                    "scores)")
+            if self.moe_router_topk > group_topk * (self.num_experts // groups):
+                raise ValueError(
+                    f"moe_router_topk: {self.moe_router_topk} experts cannot be chosen from "
+                    f"{group_topk} groups of {self.num_experts // groups}; raise "
+                    "--moe-router-group-topk")
+
+    def moe_routing_settings(self) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` fields of ``_check_moe_routing``'s flags:
+        ``add_bias_linear`` always; on a MoE model also the shared expert, expert bias, group
+        routing, scaling factor and ``moe_layer_freq`` (int or 0/1 list)."""
+        if self.num_experts is None:
+            return {"add_bias_linear": self.add_bias_linear}
+        return {"add_bias_linear": self.add_bias_linear,
+                "moe_shared_expert_intermediate_size": self.moe_shared_expert_intermediate_size,
+                "moe_shared_expert_gate": self.moe_shared_expert_gate,
+                "moe_router_enable_expert_bias": self.moe_router_enable_expert_bias,
+                "moe_router_bias_update_rate": self.moe_router_bias_update_rate,
+                "moe_router_num_groups": self.moe_router_num_groups,
+                "moe_router_group_topk": self.moe_router_group_topk,
+                "moe_router_topk_scaling_factor": self.moe_router_topk_scaling_factor,
+                "moe_layer_freq": self.moe_layer_freq}
+
+    def moe_layer_pattern(self) -> Optional[List[int]]:
+        """1 (MoE) or 0 (dense MLP) per layer when the layers differ; None when every layer is
+        alike (a dense model, or MoE in every layer)."""
+        freq = self.moe_layer_freq
+        if self.num_experts is None or freq == 1:
+            return None
+        if isinstance(freq, int):
+            return [int(i % freq == 0) for i in range(self.num_layers)]
+        return list(freq)
 
     def _derive_sizes(self) -> None:
         """Fill the sizes left None: the Llama rule for the SwiGLU inner size (8/3 x hidden,
@@ -335,6 +449,51 @@ class ModelConfig:
                     "recompute_num_layers": self.recompute_num_layers or 1}
         selective = self.recompute_activations or self.recompute_granularity == "selective"
         return {"recompute_granularity": "selective" if selective else None}
+
+
+def _moe_layer_freq(value: Any, num_layers: int) -> Union[int, List[int]]:
+    """--moe-layer-freq as megatron-core takes it: an int N >= 1, or a list of ``num_layers``
+    0/1 entries (at least one 1); a string is parsed as Megatron-LM's flag is (an int, or a
+    Python list expression of ints, ``*`` and ``+``, evaluated without ``eval``). A list of
+    all 1s gives 1."""
+    if isinstance(value, str):
+        value = _int_list_expression(value)
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise ValueError(f"moe_layer_freq: {value!r} is neither an int nor a 0/1 list")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"moe_layer_freq: must be >= 1, got {value}")
+        return value
+    pattern = list(value)
+    if len(pattern) != num_layers or any(v not in (0, 1) for v in pattern) or 1 not in pattern:
+        raise ValueError(f"moe_layer_freq: {pattern} must have one 0 (dense) or 1 (MoE) per "
+                         f"layer, --num-layers {num_layers} entries, at least one 1")
+    return 1 if all(pattern) else [int(v) for v in pattern]
+
+
+def _int_list_expression(text: str) -> Union[int, List[int]]:
+    """'2', '[0,1,1]' or '([0]*3+[1]*58)' -> 2, [0, 1, 1], [0, 0, 0, 1, ...]: ints, lists of
+    ints, ``*`` and ``+`` only."""
+    import ast
+
+    def value(node):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return node.value
+        if isinstance(node, ast.List):
+            return [value(e) for e in node.elts]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            left, right = value(node.left), value(node.right)
+            return left + right if isinstance(node.op, ast.Add) else left * right
+        raise ValueError
+    try:
+        result = value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        result = None
+    if not isinstance(result, (int, list)) or (isinstance(result, list) and not all(
+            type(v) is int for v in result)):
+        raise ValueError(f"moe_layer_freq: {text!r} is not an int or a list expression such as "
+                         "'([0]*3+[1]*58)' (one 0 or 1 per layer)")
+    return result
 
 
 @dataclass

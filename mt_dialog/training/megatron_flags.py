@@ -25,7 +25,7 @@ TOKENIZER = (f"the tokenizer is chosen at preprocessing ({PREPROCESS} --tokenize
              "pretrain_dialog.py takes only --tokenizer-type, --tokenizer-model and "
              "--tokenizer-path, to check it")
 LLAMA = ("the model is always Llama-style (RMSNorm, SwiGLU, RoPE over the whole head, no linear "
-         "biases; --add-qkv-bias for Qwen2): drop the flag")
+         "biases but --add-qkv-bias for Qwen2 or --add-bias-linear for all): drop the flag")
 FUSIONS = ("kernel fusions follow the layers: on with Transformer Engine (--transformer-impl), "
            "off on megatron-core's local layers; nothing to set")
 CHECKPOINTS = ("checkpoints are always megatron-core distributed checkpoints (torch_dist) "
@@ -36,8 +36,11 @@ NOT_SUPPORTED = "not supported by mt_dialog (dense Llama-style GPT, bf16/fp16/fp
 MOE = ("not supported by mt_dialog's Mixture of Experts, whose flags are --num-experts, "
        "--moe-router-topk, --moe-ffn-hidden-size, --moe-router-load-balancing-type "
        "(aux_loss, none), --moe-aux-loss-coeff, --moe-router-score-function, "
-       "--moe-router-pre-softmax, --moe-token-dispatcher-type (allgather, alltoall) and "
-       "--expert-model-parallel-size; every layer is a MoE layer, without shared experts")
+       "--moe-router-pre-softmax, --moe-token-dispatcher-type (allgather, alltoall), "
+       "--moe-shared-expert-intermediate-size, --moe-shared-expert-gate, "
+       "--moe-router-enable-expert-bias, "
+       "--moe-router-bias-update-rate, --moe-router-num-groups, --moe-router-group-topk, "
+       "--moe-router-topk-scaling-factor, --moe-layer-freq and --expert-model-parallel-size")
 
 
 # one answer per flag (flags sharing an answer are added below)
@@ -45,6 +48,9 @@ ELSEWHERE: Dict[str, str] = {
     "--moe-grouped-gemm": "with Transformer Engine the experts are always TE's grouped GEMM "
                           "(TEGroupedMLP), on megatron-core's local layers SequentialMLP; "
                           "nothing to set",
+    "--moe-shared-expert-overlap": "not available: it runs the shared expert on a second CUDA "
+                                   "stream; the shared expert runs before the router (same "
+                                   "result): drop the flag",
     "--split": f"the train/valid split is made at preprocessing: {PREPROCESS} --split 98,2 "
                "(or --valid-input); training reads PREFIX's train and valid splits",
     "--train-data-path": "give the dataset prefix to --data-path (its train split is read)",
@@ -91,7 +97,7 @@ ELSEWHERE.update({flag: ELSEWHERE[same] for flag, same in _SAME_AS.items()})
 _SHARED = (
     (TOKENIZER, ("--vocab-file", "--merge-file", "--vocab-size", "--vocab-extra-ids",
                  "--legacy-tokenizer")),
-    (LLAMA, ("--no-position-embedding", "--add-bias-linear")),
+    (LLAMA, ("--no-position-embedding",)),
     (FUSIONS, ("--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-rope-fusion",
                "--no-bias-dropout-fusion", "--no-gradient-accumulation-fusion",
                "--cross-entropy-loss-fusion", "--no-persist-layer-norm")),

@@ -97,7 +97,7 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.kv_channels, normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
-        add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
+        add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,
         use_cpu_initialization=not cuda, params_dtype=dtype, pipeline_dtype=dtype,
@@ -115,6 +115,7 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
         **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
         **model.attention_settings(),  # window_size, softmax_type, MLA sizes (MLA models only)
+        **model.moe_routing_settings(),  # add_bias_linear; shared experts, expert bias, groups
     )
 
 
@@ -147,7 +148,7 @@ MLA_LOCAL_TO_TE_KEYS = {
 }
 
 
-def layer_spec(config: DialogTrainingConfig):
+def layer_spec(config: DialogTrainingConfig, dense: bool = False):
     """megatron-core's layer spec: Transformer Engine's or the local one with packed attention.
     ``--qk-layernorm`` gives ``self_attention.q_layernorm`` / ``k_layernorm`` (TE's norm or
     ``torch.nn.RMSNorm`` of the head size, replicated over tensor-parallel ranks; megatron-core's
@@ -159,8 +160,11 @@ def layer_spec(config: DialogTrainingConfig):
     ``--multi-latent-attention`` gives megatron-core's ``MLASelfAttention`` (``linear_q_proj`` or
     ``linear_q_down_proj`` / ``linear_q_up_proj``, ``linear_kv_down_proj``, ``linear_kv_up_proj``;
     ``--qk-layernorm`` there is the latent norms ``q_layernorm`` [q_lora_rank] and
-    ``kv_layernorm`` [kv_lora_rank]), with the packed core attention on the local path."""
-    qk_layernorm, experts = config.model.qk_layernorm, config.model.num_experts
+    ``kv_layernorm`` [kv_lora_rank]), with the packed core attention on the local path.
+    ``dense=True``: a dense layer's spec on a MoE model (``--moe-layer-freq``), see
+    ``decoder_spec``."""
+    qk_layernorm = config.model.qk_layernorm
+    experts = None if dense else config.model.num_experts
     mla = config.model.multi_latent_attention
     if use_transformer_engine(config.model.transformer_impl):
         from megatron.core.models.gpt.gpt_layer_specs import (
@@ -187,6 +191,30 @@ def layer_spec(config: DialogTrainingConfig):
     return spec
 
 
+def decoder_spec(config: DialogTrainingConfig, tconfig, vp_stage: Optional[int]):
+    """The decoder's spec for ``GPTModel``: ``layer_spec`` when every layer is alike; with dense
+    layers between MoE layers (``ModelConfig.moe_layer_pattern``) megatron-core's
+    ``TransformerBlockSubmodules`` holding this pipeline chunk's layers, each the MoE or the
+    dense ``layer_spec`` (as ``get_gpt_decoder_block_spec`` slices them). megatron-core then
+    saves every layer under its own number (``decoder.layers.<i>.``: ``TransformerBlock.
+    sharded_state_dict``'s non-homogeneous layers) instead of one tensor stacked over layers."""
+    from megatron.core.transformer.transformer_block import (
+        _get_block_submodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    pattern = config.model.moe_layer_pattern()
+    if pattern is None:
+        return layer_spec(config)
+    moe, dense = layer_spec(config), layer_spec(config, dense=True)
+    block = _get_block_submodules(tconfig, moe, vp_stage=vp_stage)  # megatron's final norm
+    offset = get_transformer_layer_offset(tconfig, vp_stage=vp_stage)
+    count = get_num_layers_to_build(tconfig, vp_stage=vp_stage)
+    block.layer_specs = [moe if pattern[i] else dense for i in range(offset, offset + count)]
+    return block
+
+
 def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
                        seq_length: int) -> List[torch.nn.Module]:
     """This rank's GPTModel chunk(s) (several with a virtual pipeline), on its device; with
@@ -201,7 +229,7 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         model = GPTModel(
-            config=tconfig, transformer_layer_spec=layer_spec(config),
+            config=tconfig, transformer_layer_spec=decoder_spec(config, tconfig, vp_stage),
             vocab_size=padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                          config.parallel.tensor_model_parallel_size),
             max_sequence_length=seq_length,

@@ -23,6 +23,22 @@ ranks; micro-batches here hold ``--micro-batch-size`` packs of ``--seq-length`` 
 weigh the same). ``DialogRouter`` attaches ``coeff * aux_m * n_m * C / N``; the loop sets ``C / N``
 before each step (``set_aux_loss_scale``).
 
+The same holds for every score function: with ``--moe-router-score-function sigmoid``
+megatron-core's Switch loss takes the sigmoid scores normalized over all experts
+(``moe_utils.compute_routing_scores_for_aux_loss``) and the plain top k (no expert bias, no
+group limit), and ``DialogRouter`` scales it as above (tested: layout ``moe_routing_ep2``).
+
+Expert bias (``--moe-router-enable-expert-bias``)
+------------------------------------------------
+megatron-core's ``TopKRouter.expert_bias``, a persistent fp32 buffer (HF's
+``e_score_correction_bias``): saved and loaded with the model, never an optimizer parameter.
+``TopKRouter._apply_expert_bias`` counts each training forward's tokens per expert
+(``local_tokens_per_expert``; not in validation or recompute) and ``finalize_model_grads`` (the
+step's gradient reduction) sums them over TP x DP x CP and moves each bias by
+``--moe-router-bias-update-rate`` times the sign of (mean load - its load), then zeroes the
+counts. mt_dialog's default rate is 0 (the bias stays as loaded; README says why).
+``DialogRouter`` keeps both count buffers in fp32 / fp64 under ``--bf16``.
+
 Router load
 -----------
 ``DialogRouter`` adds up, while training, the tokens routed to each expert of its layer;
@@ -77,6 +93,17 @@ class DialogRouter(TopKRouter):
                              torch.zeros(self.config.num_moe_experts, dtype=torch.float64),
                              persistent=False)
 
+    def _maintain_float32_expert_bias(self) -> None:
+        """megatron-core's method (the expert bias back to fp32 after ``module.bfloat16()``),
+        also for the token counts: megatron-core's ``local_tokens_per_expert`` (the expert-bias
+        update's load) and this router's own, which bf16 would round above 256 tokens."""
+        super()._maintain_float32_expert_bias()
+        for name, dtype in (("local_tokens_per_expert", torch.float32),
+                            ("mt_dialog_tokens_per_expert", torch.float64)):
+            counts = getattr(self, name, None)
+            if counts is not None and counts.dtype != dtype:
+                setattr(self, name, counts.to(dtype))
+
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().routing(logits, padding_mask=padding_mask)
         if self.training and torch.is_grad_enabled():  # not in validation or recompute
@@ -103,6 +130,13 @@ def _routers(model: List[torch.nn.Module]):
                 yield module
 
 
+def _has_experts(model: List[torch.nn.Module]) -> bool:
+    """Whether the model (its chunks, DDP-wrapped or not) is a MoE model, on every stage alike."""
+    chunk = model[0]
+    config = getattr(chunk, "config", None) or getattr(chunk.module, "config", None)
+    return bool(getattr(config, "num_moe_experts", None))
+
+
 def take_router_load(model: List[torch.nn.Module]) -> Optional[Dict[int, List[float]]]:
     """Tokens routed to each expert since the last call, per layer number (1-based), summed over
     data-parallel ranks and gathered over pipeline stages; resets the counts. Collective over
@@ -111,9 +145,9 @@ def take_router_load(model: List[torch.nn.Module]) -> Optional[Dict[int, List[fl
 
     from mt_dialog.training import distributed
 
-    routers = list(_routers(model))
-    if not routers:  # dense (every layer of a MoE model has a router, on every stage)
+    if not _has_experts(model):  # dense
         return None
+    routers = list(_routers(model))  # none on a stage of dense layers only (--moe-layer-freq)
     local = {r.layer_number: r.mt_dialog_tokens_per_expert.clone() for r in routers}
     for r in routers:
         r.mt_dialog_tokens_per_expert.zero_()

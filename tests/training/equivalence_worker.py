@@ -71,7 +71,16 @@ MBS = 2  # packs per micro-batch: flattened to one [1, 128] sequence
 SEED = 1234
 AUX_COEFF = 0.1  # --moe: the load-balancing loss weight of check_aux_loss
 EDGES = [2, 4, 8]  # reply-length buckets of the validation check: 1-2, 3-4, 5-8, 9+
-BLEND = ["chat", "text"]  # the datasets of the "blend" case, as loop names them (blend_names)
+BLEND = ["chat", "text"]
+# --moe-routing: ModelConfig fields of the DeepSeek-V3-style layout (with 4 experts, top 2)
+ROUTING = dict(moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=32,
+               moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+               moe_router_num_groups=2, moe_router_group_topk=1,
+               moe_router_topk_scaling_factor=2.0,
+               # the Switch loss of sigmoid scores (normalized over all experts) gives smaller
+               # gradients than softmax's: a larger weight keeps check_aux_loss's difference of
+               # two gradients (with and without it) well above fp32 rounding
+               moe_aux_loss_coeff=1.0)  # the datasets of the "blend" case, as loop names them (blend_names)
 
 
 def single_packs(make):
@@ -105,6 +114,29 @@ def dataset_reference(Wref, packs, datasets, mcfg, tied) -> dict:
         out[f"dataset {name}: loss per token"] = total / count
         out[f"dataset {name}: loss per turn"] = sum(turns) / len(turns)
     return out
+
+
+def _routers(model):
+    gpt = model.module if hasattr(model, "module") else model
+    for layer in gpt.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None and router.expert_bias is not None:
+            yield layer.layer_number - 1, router
+
+
+def set_expert_bias(model) -> None:
+    """A random expert bias (the same on every rank), large enough to change the routing."""
+    for number, router in _routers(model):
+        generator = torch.Generator().manual_seed(SEED + number)
+        with torch.no_grad():
+            router.expert_bias.copy_(torch.randn(router.expert_bias.shape, generator=generator)
+                                     * 0.3)
+
+
+def expert_biases(model) -> dict:
+    """``decoder.layers.<i>.mlp.router.expert_bias`` (a buffer: not in ``gather_full``)."""
+    return {f"decoder.layers.{number}.mlp.router.expert_bias": router.expert_bias.detach().cpu()
+            for number, router in _routers(model)}
 
 
 class GradRecorder:
@@ -142,12 +174,18 @@ def main():
                     help="a Mixture-of-Experts model (4 experts, top 2) with this token "
                     "dispatcher; its load-balancing loss is checked too (check_aux_loss)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --moe)")
+    ap.add_argument("--moe-routing", action="store_true",
+                    help="with --moe: DeepSeek-V3-style routing (ROUTING: a dense first layer, "
+                    "a shared expert, sigmoid scores with a random expert bias, 2 groups of 2, "
+                    "scaling factor)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
                moe_token_dispatcher_type=args.moe, moe_aux_loss_coeff=AUX_COEFF) if args.moe else {}
+    if args.moe_routing:
+        moe.update(ROUTING)
     config = DialogTrainingConfig(
         ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
@@ -176,7 +214,10 @@ def main():
     tconfig.no_sync_func = model[0].no_sync
     tconfig.finalize_model_grads_func = finalize_model_grads
 
+    if args.moe_routing:
+        set_expert_bias(model[0])
     W = ref.gather_full(model[0], "data")
+    W.update(expert_biases(model[0]))
     if tied and args.pp > 1:
         assert torch.equal(W["embedding.word_embeddings.weight"], W["output_layer.weight"]), \
             "the tied output-layer copy on the last stage differs from the first stage's embedding"
@@ -342,6 +383,8 @@ def main():
     out["validation"] = check_validation(run, Wref, dp, tied, everyone)
     if args.vpp_micro:
         out["virtual_pipeline"] = check_virtual_pipeline(config, world, args.vpp_micro)
+    if args.moe_routing:
+        out["routing"] = check_routing(model[0], Wref, mcfg, tied)
     if args.moe:
         out["aux_loss"] = check_aux_loss(run, tconfig, recorder, dp)
         out["other_dispatcher"] = check_dispatcher(run, *kept)
@@ -352,6 +395,27 @@ def main():
         print(json.dumps(out), flush=True)
     dist.barrier()
     distributed.destroy()
+
+
+def check_routing(model, Wref, mcfg, tied) -> dict:
+    """What the --moe-routing layout holds, and controls: the expert bias is unchanged by the
+    steps (update rate 0), and the reference loss without it (or without the shared expert)
+    differs from the reference loss with it, so the gradient checks saw both."""
+    gpt = model.module
+    kinds = [type(layer.mlp).__name__ for layer in gpt.decoder.layers]
+    now = expert_biases(model)
+    unchanged = all(torch.equal(now[k], Wref[k]) for k in now)
+    if dist.get_rank() != 0:
+        return None
+    convs = [c for p in ref.make_packs(seed=9, n_packs=2, seq=SEQ) for c in p.conversations]
+    with_all = ref.reference_grads(Wref, convs[:4], "turn", mcfg, tied)[0]
+    no_bias = {k: v for k, v in Wref.items() if not k.endswith("expert_bias")}
+    no_shared = {k: (v * 0 if ".shared_experts." in k else v) for k, v in Wref.items()}
+    return {"layers": kinds, "expert_bias_keys": sorted(now), "bias_unchanged": unchanged,
+            "loss_rel_diff_without_bias": abs(
+                ref.reference_grads(no_bias, convs[:4], "turn", mcfg, tied)[0] / with_all - 1),
+            "loss_rel_diff_without_shared": abs(
+                ref.reference_grads(no_shared, convs[:4], "turn", mcfg, tied)[0] / with_all - 1)}
 
 
 def check_virtual_pipeline(config, world, micro) -> dict:
@@ -466,7 +530,7 @@ def check_aux_loss(run, tconfig, recorder, dp) -> dict:
         run.forward_step = pretrain_dialog.make_forward_step(norm)
         run.train_stream, run.global_batch = [sample] * (packs_per_rank * dp), packs_per_rank * dp
         grads = []
-        for coeff in (AUX_COEFF, 0.0):
+        for coeff in (run.config.model.moe_aux_loss_coeff, 0.0):
             tconfig.moe_aux_loss_coeff = coeff
             run.consumed, run.iteration = 0, 0
             loop.train_step(run)
@@ -489,6 +553,9 @@ def check_aux_loss(run, tconfig, recorder, dp) -> dict:
     return {"params_with_aux_grad": sorted(nonzero),
             "rel_diff_to_first": {name: ref.max_rel_err({k: g[k] for k in nonzero}, nonzero)[0]
                                   for name, g in got.items()},
+            "worst_param": {name: ref.max_rel_err({k: g[k] for k in nonzero}, nonzero)[1]
+                            for name, g in got.items()},
+            "aux_norms": {k: float(v.norm()) for k, v in nonzero.items()},
             "control_megatron_scale_turn_vs_token": ref.max_rel_err(
                 {k: control["token mbs2 x1"][k] for k in nonzero},
                 {k: control["turn mbs2 x1"][k] for k in nonzero})[0]}

@@ -258,7 +258,7 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
         ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, heads * hn)
         x = x + ctx @ W[p + "self_attention.linear_proj.weight"].t()
         h = _rms(x, W[p + "pre_mlp_layernorm.weight"], eps)
-        if getattr(mcfg, "num_experts", None):
+        if _is_moe_layer(mcfg, i):
             x = x + reference_moe(W, p + "mlp.", h, mcfg)
         else:
             x = x + _swiglu(W, p + "mlp.", h)
@@ -272,21 +272,53 @@ def _swiglu(W, p: str, h):
     return (F.silu(gate) * up) @ W[p + "linear_fc2.weight"].t()
 
 
+def _is_moe_layer(mcfg, i: int) -> bool:
+    """Layer ``i`` (0-based) has a MoE block: a MoE model's layer where ``--moe-layer-freq``
+    (``ModelConfig.moe_layer_pattern``) does not make it dense."""
+    if not getattr(mcfg, "num_experts", None):
+        return False
+    pattern = mcfg.moe_layer_pattern() if hasattr(mcfg, "moe_layer_pattern") else None
+    return pattern is None or bool(pattern[i])
+
+
+def _sigmoid_topk(W, p: str, logits, mcfg):
+    """Sigmoid routing (DeepSeek-V3's, in the paper's terms): experts chosen by score + expert
+    bias (``router.expert_bias`` if in ``W``), within the ``moe_router_group_topk`` groups of
+    highest (sum of top k / group-topk choice scores) when group-limited; weights the chosen
+    plain scores renormalized over the k (k > 1)."""
+    k = mcfg.moe_router_topk
+    scores = torch.sigmoid(logits)
+    choice = scores + W[p + "router.expert_bias"] if p + "router.expert_bias" in W else scores
+    groups = getattr(mcfg, "moe_router_num_groups", None)
+    if groups:
+        per_group = choice.detach().view(-1, groups, choice.size(-1) // groups)
+        best = per_group.topk(k // mcfg.moe_router_group_topk, dim=-1)[0].sum(-1)
+        keep = torch.zeros_like(best).scatter(1, best.topk(mcfg.moe_router_group_topk)[1], 1)
+        keep = keep.bool()[:, :, None].expand_as(per_group).reshape(choice.shape)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    idx = choice.detach().topk(k, dim=-1)[1]
+    probs = scores.gather(1, idx)
+    return (probs / probs.sum(-1, keepdim=True) if k > 1 else probs), idx
+
+
 def reference_moe(W, p: str, h, mcfg):
     """A MoE layer ``p`` (``...mlp.``) on tokens ``h`` [L, H]: router logits in fp32, top-k
     (softmax over the k chosen logits; with ``moe_router_pre_softmax`` softmax over all experts
-    first; sigmoid scores renormalized over the k), each token's output the probability-weighted
-    sum of its experts' SwiGLU (``experts.local_experts.<e>.linear_fc1/2``, global numbers)."""
+    first; sigmoid: ``_sigmoid_topk``), times ``moe_router_topk_scaling_factor`` if set; each
+    token's output the probability-weighted sum of its experts' SwiGLU (``experts.local_experts.
+    <e>.linear_fc1/2``, global numbers), plus the shared expert's SwiGLU (``shared_experts.``)
+    if the model has one."""
     k = mcfg.moe_router_topk
     logits = h.float() @ W[p + "router.weight"].float().t()
     if mcfg.moe_router_score_function == "sigmoid":
-        probs, idx = torch.sigmoid(logits).topk(k, dim=-1)
-        probs = probs / probs.sum(-1, keepdim=True) if k > 1 else probs
+        probs, idx = _sigmoid_topk(W, p, logits, mcfg)
     elif mcfg.moe_router_pre_softmax:
         probs, idx = logits.softmax(-1).topk(k, dim=-1)
     else:
         top, idx = logits.topk(k, dim=-1)
         probs = top.softmax(-1)
+    if getattr(mcfg, "moe_router_topk_scaling_factor", None):
+        probs = probs * mcfg.moe_router_topk_scaling_factor
     out = torch.zeros_like(h)
     for e in range(mcfg.num_experts):
         weight = (probs * (idx == e)).sum(-1).to(h.dtype)  # [L]: 0 where e is not chosen
@@ -294,6 +326,8 @@ def reference_moe(W, p: str, h, mcfg):
         if bool(rows.any()):
             expert = _swiglu(W, f"{p}experts.local_experts.{e}.", h[rows])
             out = out.index_add(0, rows.nonzero().view(-1), weight[rows, None] * expert)
+    if getattr(mcfg, "moe_shared_expert_intermediate_size", None):
+        out = out + _swiglu(W, p + "shared_experts.", h)
     return out
 
 

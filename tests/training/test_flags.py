@@ -76,8 +76,13 @@ def _base(prefix="data/unused"):
                                      "preprocessing"),
     (["--lr-warmup-fraction", "0.01"], "error: --lr-warmup-fraction: give --lr-warmup-iters"),
     (["--moe-router-topk", "4"], "error: --moe-router-topk needs --num-experts N"),
-    (["--moe-shared-expert-intermediate-size", "64"], "error: "
-     "--moe-shared-expert-intermediate-size: not supported by mt_dialog's Mixture of Experts"),
+    (["--moe-expert-capacity-factor", "1.0"], "error: "
+     "--moe-expert-capacity-factor: not supported by mt_dialog's Mixture of Experts"),
+    (["--moe-shared-expert-overlap"], "error: --moe-shared-expert-overlap: not available: it "
+     "runs the shared expert on a second CUDA stream"),
+    (["--moe-layer-freq", "2"], "error: --moe-layer-freq needs --num-experts N"),
+    (["--num-experts", "4", "--moe-layer-freq", "[0]*2"], "error: --moe-layer-freq: [0, 0] "
+     "must have one 0 (dense) or 1 (MoE) per layer"),
     (["--num-experts", "4", "--moe-router-topk", "5"], "error: --moe-router-topk: 5 must be "
                                                         "between 1 and --num-experts 4"),
     (["--swiglu", "--normalization", "LayerNorm", "--disable-bias-linear"],
