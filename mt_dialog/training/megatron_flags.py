@@ -100,7 +100,7 @@ _SHARED = (
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
-                     "--tp-comm-overlap", "--apply-layernorm-1p",
+                     "--tp-comm-overlap",
                      "--multi-latent-attention", "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
@@ -127,8 +127,7 @@ ALWAYS_ON = ("--swiglu", "--use-mcore-models", "--disable-bias-linear",
              "--no-create-attention-mask-in-dataloader")
 STYLE = "the model is Llama-style: RMSNorm, SwiGLU, RoPE over the whole head"
 DROPOUT = "dropout is off, the usual fine-tuning choice"
-ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--position-embedding-type": ("rope", STYLE),
-                "--rotary-percent": ("1.0", STYLE), "--attention-dropout": ("0.0", DROPOUT),
+ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--attention-dropout": ("0.0", DROPOUT),
                 "--hidden-dropout": ("0.0", DROPOUT),
                 "--ckpt-format": ("torch_dist", "checkpoints are megatron-core distributed ones"),
                 "--optimizer": ("adam", "the optimizer is Adam(W): --weight-decay, --adam-beta1, "

@@ -11,7 +11,6 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mt_dialog.training.config import DialogTrainingConfig, ParallelConfig
 
@@ -92,7 +91,7 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.kv_channels, normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
+        layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
         add_bias_linear=False, add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,
@@ -103,12 +102,13 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
-        bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
-        gradient_accumulation_fusion=False, apply_rope_fusion=te, cross_entropy_loss_fusion=False,
+        masked_softmax_fusion=te, persist_layer_norm=te,
+        gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         expert_model_parallel_size=par.expert_model_parallel_size,
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
         **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
+        **model.block_settings(te),  # activation_func, fusions, zero-centered gamma, softmax scale
     )
 
 
@@ -140,8 +140,11 @@ def layer_spec(config: DialogTrainingConfig):
     Engine, megatron-core's ``SequentialMLP`` (one SwiGLU MLP per local expert) otherwise; both
     save the experts as ``mlp.experts.experts.linear_fc{1,2}.weight`` [layers, experts, ...]
     (whatever the expert-parallel size) and the MLP norm as ``pre_mlp_layernorm.weight``."""
+    from mt_dialog.training.block import block_layer_spec
+
     qk_layernorm, experts = config.model.qk_layernorm, config.model.num_experts
-    if use_transformer_engine(config.model.transformer_impl):
+    te = use_transformer_engine(config.model.transformer_impl)
+    if te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -160,7 +163,7 @@ def layer_spec(config: DialogTrainingConfig):
         # a MoE layer has no fc1 to fuse the norm into: the local spec would save the norm as
         # mlp.linear_fc1.layer_norm_weight, TE's MoE spec as pre_mlp_layernorm.weight; keep TE's
         spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
-    return spec
+    return block_layer_spec(spec, config.model, te)  # (1 + w) norms, sandwich norms, local RoPE
 
 
 def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
@@ -170,27 +173,33 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from mt_dialog.training.block import add_model_hooks, block_decoder_spec, set_yarn_attributes
     from mt_dialog.training.distributed import device
 
     vpp = config.parallel.virtual_pipeline_model_parallel_size
+    set_yarn_attributes(tconfig, config.model)
+    te = use_transformer_engine(config.model.transformer_impl)
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         model = GPTModel(
-            config=tconfig, transformer_layer_spec=layer_spec(config),
+            config=tconfig, transformer_layer_spec=block_decoder_spec(
+                layer_spec(config), config.model, tconfig, vp_stage, te),
             vocab_size=padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                          config.parallel.tensor_model_parallel_size),
             max_sequence_length=seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_percent=1.0,
+            position_embedding_type=config.model.position_embedding_type,
+            rotary_percent=config.model.rotary_percent,
             rotary_base=int(config.model.rotary_base), vp_stage=vp_stage,
             seq_len_interpolation_factor=config.model.rotary_seq_len_interpolation_factor,
         )
         if config.model.use_rope_scaling:
             rotary = model.rotary_pos_emb
             rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
+        add_model_hooks(model, config.model)  # --scale-embeddings, --final-logit-softcapping
         chunks.append(_to_params_dtype(model.to(device()), tconfig.params_dtype))
     if config.lora.enabled:  # frozen base + adapters, before DDP and the optimizer see them
         from mt_dialog.training.lora import apply_lora
