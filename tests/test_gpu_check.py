@@ -128,3 +128,16 @@ def test_thd_check_fails_when_conversations_attend_to_each_other(cpu_run, script
     finally:
         destroy_single_process()
     assert diffs[True] <= tolerance < diffs[False] / 10, diffs
+
+
+def test_cpu_mode_runs_the_gemma3_block_check(tmp_path):
+    """``--only gemma3`` without CUDA: the local fp32 / bf16 packed-vs-alone lines pass, the TE
+    line is skipped with its reason."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    proc = gpu_check("--only", "gemma3", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line[15:40].strip(): line[:15].strip() for line in proc.stdout.splitlines()
+             if line[:4] in ("PASS", "FAIL", "SKIP")}
+    assert lines["9 gemma3 local fp32"] == "PASS" and lines["9 gemma3 local bf16"] == "PASS"
+    assert lines["9 gemma3 TE bf16"] == "SKIP (no CUDA)"

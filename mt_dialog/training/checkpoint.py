@@ -155,6 +155,14 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atte
                        "rotary_seq_len_interpolation_factor",
                        "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
                        "moe_router_score_function", "moe_router_pre_softmax")
+# block features (Gemma 3, gpt-oss, partial RoPE, YaRN)
+ARCHITECTURE_FIELDS += ("apply_layernorm_1p", "sandwich_norm", "scale_embeddings", "openai_gelu",
+                        "quick_geglu", "glu_linear_offset", "activation_func_clamp_value",
+                        "softmax_scale", "rotary_percent", "rotary_base_local",
+                        "position_embedding_type", "yarn_rotary_scaling_factor",
+                        "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+                        "yarn_correction_range_round_to_int", "final_logit_softcapping")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

@@ -376,3 +376,28 @@ def test_block_flags_reach_megatron_core():
 def test_bad_block_settings_are_refused(model, message):
     with pytest.raises(ValueError, match="^" + message):
         _config(**model)
+
+
+def test_yarn_model_packed_conversation_equals_alone(megatron_process):
+    """gpt-oss-style block (YaRN, clamped quick-GELU GLU) on the local path: megatron-core's
+    GPTModel yarn branch takes packed 'thd' params, and positions restart per conversation (the
+    concentration factor applied per segment too): a conversation packed after another ==
+    alone, and != the same tokens without the restart."""
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+    from mt_dialog.training.model import build_model_chunks, transformer_config
+
+    config = _config(transformer_impl="local", num_query_groups=2, position_embedding_type="yarn",
+                     yarn_rotary_scaling_factor=32.0, yarn_original_max_position_embeddings=16,
+                     yarn_correction_range_round_to_int=False, quick_geglu=True,
+                     glu_linear_offset=1.0, activation_func_clamp_value=7.0)
+    (model,) = build_model_chunks(config, transformer_config(config), 128, 32)
+    model.eval()
+    gen = torch.Generator().manual_seed(6)
+    first, second = (torch.randint(0, 128, (1, n), generator=gen) for n in (11, 13))
+    params = packed_seq_params_from_cu_seqlens(torch.tensor([0, 11, 24]))
+    with torch.no_grad():
+        together = model(torch.cat([first, second], 1), None, None, packed_seq_params=params)
+        alone = model(second, torch.arange(13)[None], None)
+        causal = model(torch.cat([first, second], 1), torch.arange(24)[None], None)
+    assert (together[:, 11:] - alone).abs().max() <= 1e-5
+    assert (causal[:, 11:] - alone).abs().max() > 1e-3
