@@ -263,9 +263,9 @@ class ModelConfig:
     def _check_yarn(self) -> None:
         for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings"):
             if getattr(self, name) is None:
-                raise ValueError(f"{name}: --position-embedding-type yarn needs "
-                                 f"--{name.replace('_', '-')} (HF rope_parameters: factor, "
-                                 "original_max_position_embeddings)")
+                raise ValueError(f"{name}: needed by --position-embedding-type yarn (HF "
+                                 "rope_parameters: factor and original_max_position_embeddings; "
+                                 "gpt-oss: 32 and 4096)")
         others = {"use_rope_scaling": self.use_rope_scaling,
                   "rotary_seq_len_interpolation_factor": self.rotary_seq_len_interpolation_factor,
                   "rotary_base_local": self.rotary_base_local,
