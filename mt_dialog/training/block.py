@@ -166,7 +166,14 @@ def block_layer_spec(spec: ModuleSpec, model, te: bool) -> ModuleSpec:
 def block_decoder_spec(spec: ModuleSpec, model, tconfig, vp_stage: Optional[int], te: bool):
     """The decoder spec GPTModel gets: ``spec`` itself, or on the local path with
     --apply-layernorm-1p a ``TransformerBlockSubmodules`` whose final norm is ``LocalRMSNorm``
-    (megatron-core would build its torch norm there, which refuses zero-centered gamma)."""
+    (megatron-core would build its torch norm there, which refuses zero-centered gamma).
+
+    Raises:
+        ValueError: --rotary-base-local on a model without sliding-window layers."""
+    if model.rotary_base_local is not None and not tconfig.window_size:
+        raise ValueError("rotary_base_local: --rotary-base-local is the RoPE base of the "
+                         "sliding-window layers, and this model has none; give the window "
+                         "settings (--window-size, --window-attn-skip-freq) or drop the flag")
     if te or not model.apply_layernorm_1p:
         return spec
     from megatron.core.transformer.transformer_block import (

@@ -24,8 +24,8 @@ TOKENIZER = (f"the tokenizer is chosen at preprocessing ({PREPROCESS} --tokenize
              "--tokenizer-model, --tokenizer-path) and read from PREFIX.meta.json; "
              "pretrain_dialog.py takes only --tokenizer-type, --tokenizer-model and "
              "--tokenizer-path, to check it")
-LLAMA = ("the model is always Llama-style (RMSNorm, SwiGLU, RoPE over the whole head, no linear "
-         "biases; --add-qkv-bias for Qwen2): drop the flag")
+LLAMA = ("the model is always a Llama-style block (RMSNorm, gated MLP, RoPE, no linear biases; "
+         "--add-qkv-bias for Qwen2): drop the flag")
 FUSIONS = ("kernel fusions follow the layers: on with Transformer Engine (--transformer-impl), "
            "off on megatron-core's local layers; nothing to set")
 CHECKPOINTS = ("checkpoints are always megatron-core distributed checkpoints (torch_dist) "
@@ -125,7 +125,8 @@ ALWAYS_ON = ("--swiglu", "--use-mcore-models", "--disable-bias-linear",
              "--reset-attention-mask", "--accumulate-allreduce-grads-in-fp32",
              "--check-for-nan-in-loss-and-grad", "--use-dist-ckpt", "--group-query-attention",
              "--no-create-attention-mask-in-dataloader")
-STYLE = "the model is Llama-style: RMSNorm, SwiGLU, RoPE over the whole head"
+STYLE = ("the model is Llama-style: RMSNorm (--apply-layernorm-1p for Gemma's (1 + w) form), "
+         "a gated MLP, RoPE")
 DROPOUT = "dropout is off, the usual fine-tuning choice"
 ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--attention-dropout": ("0.0", DROPOUT),
                 "--hidden-dropout": ("0.0", DROPOUT),

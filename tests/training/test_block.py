@@ -378,18 +378,23 @@ def test_bad_block_settings_are_refused(model, message):
         _config(**model)
 
 
-def test_yarn_model_packed_conversation_equals_alone(megatron_process):
-    """gpt-oss-style block (YaRN, clamped quick-GELU GLU) on the local path: megatron-core's
-    GPTModel yarn branch takes packed 'thd' params, and positions restart per conversation (the
-    concentration factor applied per segment too): a conversation packed after another ==
-    alone, and != the same tokens without the restart."""
+YARN_BLOCK = dict(num_query_groups=2, position_embedding_type="yarn",
+                  yarn_rotary_scaling_factor=32.0, yarn_original_max_position_embeddings=16,
+                  yarn_correction_range_round_to_int=False, quick_geglu=True,
+                  glu_linear_offset=1.0, activation_func_clamp_value=7.0)
+
+
+@pytest.mark.parametrize("block", [YARN_BLOCK, {"rotary_percent": 0.5, "add_qkv_bias": True}],
+                         ids=["gpt-oss-yarn", "glm-partial-rope"])
+def test_packed_conversation_equals_alone(megatron_process, block):
+    """gpt-oss-style block (YaRN, clamped quick-GELU GLU) and GLM-style partial RoPE on the local
+    path: megatron-core's GPTModel yarn branch takes packed 'thd' params, and positions restart
+    per conversation (YaRN's concentration factor applied per segment too): a conversation
+    packed after another == alone, and != the same tokens without the restart."""
     from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
     from mt_dialog.training.model import build_model_chunks, transformer_config
 
-    config = _config(transformer_impl="local", num_query_groups=2, position_embedding_type="yarn",
-                     yarn_rotary_scaling_factor=32.0, yarn_original_max_position_embeddings=16,
-                     yarn_correction_range_round_to_int=False, quick_geglu=True,
-                     glu_linear_offset=1.0, activation_func_clamp_value=7.0)
+    config = _config(transformer_impl="local", **block)
     (model,) = build_model_chunks(config, transformer_config(config), 128, 32)
     model.eval()
     gen = torch.Generator().manual_seed(6)
@@ -422,3 +427,12 @@ def test_cli_refuses_bad_block_flags_in_one_line(extra, expected, capsys):
     err = capsys.readouterr().err.strip()
     assert code in (1, 2) and err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith(expected), err
+
+
+def test_local_rope_base_needs_sliding_layers(megatron_process):
+    from mt_dialog.training.model import build_model_chunks, transformer_config
+
+    config = _config(transformer_impl="local", rotary_base_local=1e4)
+    with pytest.raises(ValueError, match="^rotary_base_local: --rotary-base-local is the RoPE "
+                       "base of the sliding-window layers, and this model has none"):
+        build_model_chunks(config, transformer_config(config), 128, 16)
