@@ -436,3 +436,30 @@ def test_local_rope_base_needs_sliding_layers(megatron_process):
     with pytest.raises(ValueError, match="^rotary_base_local: --rotary-base-local is the RoPE "
                        "base of the sliding-window layers, and this model has none"):
         build_model_chunks(config, transformer_config(config), 128, 16)
+
+
+@pytest.mark.multiprocess  # launches pretrain_dialog.py (one plain process each)
+def test_gemma3_block_trains_saves_and_resumes_from_its_flags(packed_data, tmp_path):
+    """The CLI path: a Gemma-3-style block (every flag of GEMMA_FLAGS but the local RoPE base,
+    which needs the sliding-window settings) trains, its checkpoint holds the sandwich norms, and
+    --use-checkpoint-args takes the block flags from it (a run without them starts from the
+    checkpoint's loss and goes on learning in bf16)."""
+    from tests.training.conftest import (
+        iteration_dir, launch, parse_iters, read_checkpoint, train_args)
+
+    flags = GEMMA_FLAGS[:7] + GEMMA_FLAGS[9:]  # all but --rotary-base-local 10000
+    assert "--rotary-base-local" not in flags
+    save = tmp_path / "gemma"
+    first = launch(1, train_args(packed_data, *flags, "--save", save, "--lr-decay-iters", "8",
+                                 iters=4))
+    lines = parse_iters(first.stdout)
+    assert lines[-1]["loss_turn"] < lines[0]["loss_turn"] - 0.5, lines
+    state = read_checkpoint(iteration_dir(save, 4))
+    norms = sorted(k for k in state if k.startswith("decoder.layers.post_"))
+    assert norms == ["decoder.layers.post_mlp_layernorm.weight",
+                     "decoder.layers.post_self_attn_layernorm.weight"], norms
+    resumed = launch(1, train_args(packed_data, "--load", save, "--use-checkpoint-args",
+                                   "--finetune", "--bf16", "--lr-decay-iters", "8", iters=3))
+    more = parse_iters(resumed.stdout)
+    assert more[0]["loss_turn"] < lines[0]["loss_turn"] - 0.5, (lines, more)
+    assert more[-1]["loss_turn"] < more[0]["loss_turn"], more
