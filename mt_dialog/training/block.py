@@ -196,8 +196,9 @@ def set_yarn_attributes(tconfig, model) -> None:
     tconfig.yarn_original_max_position_embeddings = model.yarn_original_max_position_embeddings
     tconfig.yarn_beta_fast = model.yarn_beta_fast
     tconfig.yarn_beta_slow = model.yarn_beta_slow
-    tconfig.yarn_mscale = model.yarn_mscale
-    tconfig.yarn_mscale_all_dim = model.yarn_mscale_all_dim
+    # 0 reads as "not given", as HF's rope_parameters read mscale / mscale_all_dim
+    tconfig.yarn_mscale = model.yarn_mscale or None
+    tconfig.yarn_mscale_all_dim = model.yarn_mscale_all_dim or None
     tconfig.yarn_correction_range_round_to_int = model.yarn_correction_range_round_to_int
 
 

@@ -36,6 +36,8 @@ def _positive(name: str, value: Optional[float], allow_none: bool = False) -> No
 @dataclass
 class ModelConfig:
     """Llama-style GPT (RMSNorm, SwiGLU, RoPE, grouped-query attention) on megatron-core.
+    The block features below the MoE fields turn it into Gemma 3's, gpt-oss's or GLM-4.5's block
+    (``training/block.py``).
 
     ``ffn_hidden_size``, ``num_query_groups`` and ``kv_channels`` left None are derived in
     ``__post_init__`` (as megatron-core's ``TransformerConfig`` does), so every reader sees the
@@ -261,6 +263,14 @@ class ModelConfig:
         self._check_yarn()
 
     def _check_yarn(self) -> None:
+        """YaRN: its two sizes given, no other RoPE scaling; --yarn-mscale and
+        --yarn-mscale-all-dim both or neither (HF uses them only when both are non-zero,
+        megatron-core whenever both are set: with one of them the two would differ)."""
+        given = [n for n in ("yarn_mscale", "yarn_mscale_all_dim") if getattr(self, n)]
+        if len(given) == 1:
+            raise ValueError(f"{given[0]}: --yarn-mscale and --yarn-mscale-all-dim go together "
+                             "(HF: mscale and mscale_all_dim, both non-zero); give both or "
+                             "neither (neither: cos/sin times 0.1 ln(factor) + 1)")
         for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings"):
             if getattr(self, name) is None:
                 raise ValueError(f"{name}: needed by --position-embedding-type yarn (HF "

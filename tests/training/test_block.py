@@ -372,6 +372,9 @@ def test_block_flags_reach_megatron_core():
       "yarn_original_max_position_embeddings": 4096, "rotary_percent": 0.5},
      "rotary_percent: --rotary-percent does not combine with --position-embedding-type yarn"),
     ({"final_logit_softcapping": 0.0}, "final_logit_softcapping: must be positive"),
+    ({"position_embedding_type": "yarn", "yarn_rotary_scaling_factor": 40.0,
+      "yarn_original_max_position_embeddings": 4096, "yarn_mscale": 0.707},
+     "yarn_mscale: --yarn-mscale and --yarn-mscale-all-dim go together"),
 ])
 def test_bad_block_settings_are_refused(model, message):
     with pytest.raises(ValueError, match="^" + message):
