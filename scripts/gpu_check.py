@@ -39,6 +39,10 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
   10 moe-routing    check 8 with DeepSeek-V3-style routing (TE layers): a dense first layer, a
                     shared expert, sigmoid scores with an expert bias updated each step, two
                     groups, a scaling factor; the CPU checkpoint (layers saved one by one) on GPU
+  11 gemma3         a tiny Gemma 3 block ((1 + w) norms, sandwich norms on the TE layers, q/k
+                    norm, tanh GeGLU, scaled embeddings, --softmax-scale, soft-capped logits):
+                    local fp32 / bf16 and TE bf16 (the local weights copied in): a conversation
+                    packed after another == alone, TE bf16 vs local fp32 within the bf16 tolerance
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -69,7 +73,7 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe",
-          "attention", "moe-routing")
+          "attention", "moe-routing", "gemma3")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", default=os.path.join("runs", "gpu_check"), metavar="DIR",
                         help="folder for data, checkpoints and logs, emptied first (default: "
                         "runs/gpu_check)")
-    parser.add_argument("--worker", choices=("versions", "thd", "greedy"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("versions", "thd", "greedy", "gemma3"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)  # the worker's JSON input
     return parser
 
@@ -885,6 +890,109 @@ def worker_greedy(spec: Dict) -> Dict:
 
 
 WORKERS = {"versions": worker_versions, "thd": worker_thd, "greedy": worker_greedy}
+
+
+GEMMA3_FLAGS = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                   num_query_groups=2, kv_channels=16, qk_layernorm=True, apply_layernorm_1p=True,
+                   sandwich_norm=True, scale_embeddings=True, openai_gelu=True,
+                   softmax_scale=24 ** -0.5, final_logit_softcapping=3.0, norm_epsilon=1e-6)
+# local spec name -> TE spec name (TE fuses the input / MLP norms into the next linear)
+TE_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+            "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def _gemma3_model(impl: str, dtype, state=None):
+    """The tiny Gemma 3 of ``GEMMA3_FLAGS`` with layer implementation ``impl`` in ``dtype``;
+    ``state``: a local-spec state dict to copy in (renamed for TE), else random (perturbed off
+    the zero init of the (1 + w) norms)."""
+    import torch
+
+    from mt_dialog.training.config import (
+        DataConfig, DialogTrainingConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig)
+    from mt_dialog.training.saved_run import single_process_model
+
+    config = DialogTrainingConfig(ModelConfig(transformer_impl=impl, **GEMMA3_FLAGS),
+                                  ParallelConfig(), DataConfig(data_path=["unused"]),
+                                  OptimConfig(), TrainConfig(train_iters=1))
+    model = single_process_model(config, 128, 64, dtype=dtype).eval()
+    if state is not None and impl != "local":
+        state = {_te_name(name): tensor for name, tensor in state.items()}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("_extra_state"):
+                continue
+            if state is None:
+                tensor.add_(torch.randn_like(tensor.float()).to(tensor.dtype) * 0.3)
+            else:
+                tensor.copy_(state[name])
+    return model
+
+
+def _te_name(name: str) -> str:
+    for local, te in TE_NAMES.items():
+        if name.endswith("." + local):
+            return name[:-len(local)] + te
+    return name
+
+
+def worker_gemma3(spec: Dict) -> Dict:
+    """Packed vs alone logits of the tiny Gemma 3 for local fp32 / bf16 and (``spec['te']``) TE
+    bf16, all with local fp32's weights; each also against local fp32."""
+    import torch
+
+    from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+    from mt_dialog.training.distributed import device
+
+    reference_model = _gemma3_model("local", torch.float32)
+    state = {k: v.float().cpu() for k, v in reference_model.state_dict().items()
+             if not k.endswith("_extra_state")}
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (1, 40), generator=gen)
+    out, reference = {"device": str(device()), "variants": {}}, None
+    variants = [("local", torch.float32), ("local", torch.bfloat16)]
+    if spec.get("te"):
+        variants.append(("transformer_engine", torch.bfloat16))
+    for impl, dtype in variants:
+        model = _gemma3_model(impl, dtype, state)
+        ids = tokens.to(device())
+        params = packed_seq_params_from_cu_seqlens(torch.tensor([0, 17, 40], device=device()))
+        with torch.no_grad():
+            packed = model(ids, None, None, packed_seq_params=params)[0, 17:].float().cpu()
+            alone = model(ids[:, 17:], torch.arange(23, device=device())[None], None)[0]
+        alone = alone.float().cpu()
+        reference = packed if reference is None else reference
+        out["variants"][f"{impl}/{'fp32' if dtype == torch.float32 else 'bf16'}"] = {
+            "scale": float(packed.abs().max()),
+            "packed_vs_alone": float((packed - alone).abs().max()),
+            "vs_local_fp32": float((packed - reference).abs().max())}
+    return out
+
+
+def check_gemma3(ctx: Context) -> List[Line]:
+    result = worker(ctx, "gemma3", "gemma3", {"te": ctx.te_skip is None})
+    variants, lines = result["variants"], []
+    fp32 = variants["local/fp32"]
+    tol = fp32_tolerance(fp32["scale"])
+    lines.append(Line(verdict(fp32["packed_vs_alone"] <= tol), "11 gemma3 local fp32",
+                      f"packed vs alone {fp32['packed_vs_alone']:.1e} (tol {tol:.1e}); "
+                      f"{result['device']}"))
+    bf16 = variants["local/bf16"]
+    tol = bf16_tolerance(bf16["vs_local_fp32"], fp32["scale"])
+    lines.append(Line(verdict(bf16["packed_vs_alone"] <= tol), "11 gemma3 local bf16",
+                      f"packed vs alone {bf16['packed_vs_alone']:.1e} (bf16 tol {tol:.1e})"))
+    if ctx.te_skip:
+        reason = "needs CUDA" if not ctx.cuda else "transformer-engine is not usable (check 1)"
+        return lines + [Line(ctx.te_skip, "11 gemma3 TE bf16", reason)]
+    te = variants["transformer_engine/bf16"]
+    ok = te["packed_vs_alone"] <= tol and te["vs_local_fp32"] <= tol
+    lines.append(Line(verdict(ok), "11 gemma3 TE bf16",
+                      f"packed vs alone {te['packed_vs_alone']:.1e}, vs local fp32 "
+                      f"{te['vs_local_fp32']:.1e} (tol {tol:.1e}; sandwich norms are TENorm)"))
+    return lines
+
+
+WORKERS["gemma3"] = worker_gemma3
+CHECK_FUNCTIONS["gemma3"] = check_gemma3
 
 
 def run_worker(kind: str, spec_path: Optional[str]) -> int:

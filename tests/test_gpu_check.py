@@ -167,3 +167,14 @@ def test_attention_check_cpu_mode(attention_run, script):
         destroy_single_process()
     assert float((packed - alone).abs().max()) > 10 * script.fp32_tolerance(
         float(alone.abs().max()))
+def test_cpu_mode_runs_the_gemma3_block_check(tmp_path):
+    """``--only gemma3`` without CUDA: the local fp32 / bf16 packed-vs-alone lines pass, the TE
+    line is skipped with its reason."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    proc = gpu_check("--only", "gemma3", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = {line[15:40].strip(): line[:15].strip() for line in proc.stdout.splitlines()
+             if line[:4] in ("PASS", "FAIL", "SKIP")}
+    assert lines["11 gemma3 local fp32"] == "PASS" and lines["11 gemma3 local bf16"] == "PASS"
+    assert lines["11 gemma3 TE bf16"] == "SKIP (no CUDA)"

@@ -159,7 +159,21 @@ ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_atte
                        "moe_shared_expert_intermediate_size", "moe_shared_expert_gate",
                        "moe_router_enable_expert_bias",
                        "moe_router_num_groups", "moe_router_group_topk",
-                       "moe_router_topk_scaling_factor", "moe_layer_freq", "add_bias_linear")
+                       "moe_router_topk_scaling_factor", "moe_layer_freq", "add_bias_linear",
+                       # attention variants (ModelConfig._check_attention)
+                       "window_size", "window_attn_skip_freq", "softmax_type",
+                       "multi_latent_attention", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                       "qk_pos_emb_head_dim", "v_head_dim", "rope_type", "rotary_scaling_factor",
+                       "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
+                       "original_max_position_embeddings")
+# block features (Gemma 3, gpt-oss, partial RoPE, YaRN)
+ARCHITECTURE_FIELDS += ("apply_layernorm_1p", "sandwich_norm", "scale_embeddings", "openai_gelu",
+                        "quick_geglu", "glu_linear_offset", "activation_func_clamp_value",
+                        "softmax_scale", "rotary_percent", "rotary_base_local",
+                        "position_embedding_type", "yarn_rotary_scaling_factor",
+                        "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                        "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+                        "yarn_correction_range_round_to_int", "final_logit_softcapping")
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 

@@ -29,6 +29,7 @@ MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim
               "rope_type")
 YARN_FIELDS = ("rotary_scaling_factor", "mscale", "mscale_all_dim", "beta_fast", "beta_slow",
                "original_max_position_embeddings")
+POSITION_EMBEDDINGS = ("rope", "yarn")
 
 
 def _positive(name: str, value: Optional[float], allow_none: bool = False) -> None:
@@ -41,6 +42,8 @@ def _positive(name: str, value: Optional[float], allow_none: bool = False) -> No
 @dataclass
 class ModelConfig:
     """Llama-style GPT (RMSNorm, SwiGLU, RoPE, grouped-query attention) on megatron-core.
+    The block features below the MoE fields turn it into Gemma 3's, gpt-oss's or GLM-4.5's block
+    (``training/block.py``).
 
     ``ffn_hidden_size``, ``num_query_groups`` and ``kv_channels`` left None are derived in
     ``__post_init__`` (as megatron-core's ``TransformerConfig`` does), so every reader sees the
@@ -199,6 +202,52 @@ class ModelConfig:
         False, help="biases on every linear layer of megatron-core (attention QKV and output, "
         "dense MLP, each expert's fc1/fc2, shared experts, the router): gpt-oss")
 
+    # --- block features: Gemma 3 norms / GeGLU / embedding scale, gpt-oss clamped SwiGLU,
+    # --- partial RoPE, YaRN (checked by _check_block, passed on by block_settings)
+    apply_layernorm_1p: bool = option(False, help="zero-centered RMSNorm weights: every norm "
+                                      "computes x_hat * (1 + w), w starting at 0 (Gemma 3)")
+    sandwich_norm: bool = option(False, help="an RMSNorm on the attention output and one on the "
+                                 "MLP output, before each residual add (Gemma 3's "
+                                 "post_attention_layernorm / post_feedforward_layernorm)")
+    scale_embeddings: bool = option(False, help="multiply the input embeddings by sqrt(hidden "
+                                    "size), in the embedding dtype (Gemma 3)")
+    openai_gelu: bool = option(False, help="GeGLU with the tanh-approximated GELU "
+                               "(gelu_pytorch_tanh, Gemma 3) instead of SwiGLU")
+    quick_geglu: bool = option(False, help="gate * sigmoid(1.702 * gate) instead of SwiGLU's "
+                               "SiLU (gpt-oss; with --glu-linear-offset 1 and "
+                               "--activation-func-clamp-value 7)")
+    glu_linear_offset: float = option(0.0, help="with --quick-geglu: the MLP computes "
+                                      "act(gate) * (up + offset) (gpt-oss: 1)")
+    activation_func_clamp_value: Optional[float] = option(
+        None, help="with --quick-geglu: clamp the gate to <= value and the linear part to "
+        "[-value, value] (gpt-oss swiglu_limit: 7)")
+    softmax_scale: Optional[float] = option(None, help="attention softmax scale (default: "
+                                            "1/sqrt(head size); Gemma 3: "
+                                            "query_pre_attn_scalar ** -0.5)")
+    rotary_percent: float = option(1.0, help="fraction of each head's dimensions RoPE rotates "
+                                   "(the first ones, rotate-half inside them; GLM-4.5: 0.5)")
+    rotary_base_local: Optional[float] = option(
+        None, help="RoPE base of the sliding-window layers (Gemma 3 rope_local_base_freq); "
+        "the other layers use --rotary-base (and its scaling)")
+    position_embedding_type: str = option("rope", choices=POSITION_EMBEDDINGS,
+                                          help="rope, or yarn (YaRN-scaled RoPE, gpt-oss: "
+                                          "--yarn-* below)")
+    yarn_rotary_scaling_factor: Optional[float] = option(
+        None, help="with --position-embedding-type yarn: the context extension factor")
+    yarn_original_max_position_embeddings: Optional[int] = option(
+        None, help="with --position-embedding-type yarn: the pretraining context length")
+    yarn_beta_fast: float = option(32.0, help="with --position-embedding-type yarn: beta_fast")
+    yarn_beta_slow: float = option(1.0, help="with --position-embedding-type yarn: beta_slow")
+    yarn_mscale: Optional[float] = option(None, help="with --position-embedding-type yarn: "
+                                          "mscale (default: cos/sin times 0.1 ln(factor) + 1)")
+    yarn_mscale_all_dim: Optional[float] = option(
+        None, help="with --position-embedding-type yarn: mscale_all_dim (with --yarn-mscale)")
+    yarn_correction_range_round_to_int: bool = option(
+        True, help="with --position-embedding-type yarn: round the correction range to "
+        "integers (HF truncate; gpt-oss: false)")
+    final_logit_softcapping: Optional[float] = option(
+        None, help="logits become cap * tanh(logits / cap)")
+
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "rotary_base",
                      "norm_epsilon", "init_method_std", "make_vocab_size_divisible_by",
@@ -226,6 +275,7 @@ class ModelConfig:
         self._check_moe_routing()
         self._check_moe()
         self._check_attention()
+        self._check_block()
 
     def _check_moe(self) -> None:
         """MoE fields: experts > 1, 1 <= top-k <= experts, the choices; none given without
@@ -413,6 +463,82 @@ class ModelConfig:
         if isinstance(freq, int):
             return [int(i % freq == 0) for i in range(self.num_layers)]
         return list(freq)
+    def _check_block(self) -> None:
+        """Block-feature fields: positive sizes, one gate activation, the clamp / offset only with
+        --quick-geglu, an even rotated part, YaRN's fields with yarn only (and its own)."""
+        for name in ("softmax_scale", "rotary_base_local", "activation_func_clamp_value",
+                     "final_logit_softcapping", "yarn_rotary_scaling_factor",
+                     "yarn_original_max_position_embeddings"):
+            _positive(name, getattr(self, name), allow_none=True)
+        check_choice("position_embedding_type", self.position_embedding_type, POSITION_EMBEDDINGS)
+        if self.openai_gelu and self.quick_geglu:
+            raise ValueError("quick_geglu: --quick-geglu and --openai-gelu are two gate "
+                             "activations; pick one")
+        for name, default in (("glu_linear_offset", 0.0), ("activation_func_clamp_value", None)):
+            if getattr(self, name) != default and not self.quick_geglu:
+                raise ValueError(f"{name}: --{name.replace('_', '-')} applies to --quick-geglu "
+                                 "(gpt-oss's activation) only; add --quick-geglu or drop it")
+        rotated = self.kv_channels * self.rotary_percent
+        if not 0 < self.rotary_percent <= 1 or rotated != int(rotated) or int(rotated) % 2:
+            raise ValueError(f"rotary_percent: {self.rotary_percent} must be in (0, 1] and rotate "
+                             f"an even number of the {self.kv_channels} head dimensions")
+        yarn_names = [f.name for f in fields(self) if f.name.startswith("yarn_")]
+        if self.position_embedding_type != "yarn":
+            changed = [n for n in yarn_names
+                       if getattr(self, n) != self.__dataclass_fields__[n].default]
+            if changed:
+                raise ValueError(f"{changed[0]}: --{changed[0].replace('_', '-')} needs "
+                                 "--position-embedding-type yarn; add it or drop the flag")
+            return
+        self._check_yarn()
+
+    def _check_yarn(self) -> None:
+        """YaRN: its two sizes given, no other RoPE scaling; --yarn-mscale and
+        --yarn-mscale-all-dim both or neither (HF uses them only when both are non-zero,
+        megatron-core whenever both are set: with one of them the two would differ)."""
+        given = [n for n in ("yarn_mscale", "yarn_mscale_all_dim") if getattr(self, n)]
+        if len(given) == 1:
+            raise ValueError(f"{given[0]}: --yarn-mscale and --yarn-mscale-all-dim go together "
+                             "(HF: mscale and mscale_all_dim, both non-zero); give both or "
+                             "neither (neither: cos/sin times 0.1 ln(factor) + 1)")
+        for name in ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings"):
+            if getattr(self, name) is None:
+                raise ValueError(f"{name}: needed by --position-embedding-type yarn (HF "
+                                 "rope_parameters: factor and original_max_position_embeddings; "
+                                 "gpt-oss: 32 and 4096)")
+        others = {"use_rope_scaling": self.use_rope_scaling,
+                  "rotary_seq_len_interpolation_factor": self.rotary_seq_len_interpolation_factor,
+                  "rotary_base_local": self.rotary_base_local,
+                  "rotary_percent": self.rotary_percent != 1.0}
+        for name, given in others.items():
+            if given:
+                raise ValueError(f"{name}: --{name.replace('_', '-')} does not combine with "
+                                 "--position-embedding-type yarn (megatron-core's YaRN "
+                                 "embedding scales the whole head with one base); drop one")
+
+    def block_settings(self, te: bool) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` fields of the block features: norm gamma, gate
+        activation (SiLU, tanh GELU or quick GELU with offset and clamp), softmax scale, and the
+        kernel fusions that fit them on the Transformer Engine path (``te``): megatron-core
+        0.16.1's dense MLP fuses only SwiGLU and GeGLU-by-``F.gelu`` (tanh when fused, exact
+        unfused) and refuses quick GELU, and its fused THD RoPE drops YaRN's cos/sin factor, so
+        these run unfused (same formulas on both paths); MLA with plain RoPE has no fused
+        kernel."""
+        import torch.nn.functional as F
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+        from mt_dialog.training.block import gelu_tanh
+
+        activation = gelu_tanh if self.openai_gelu else quick_gelu if self.quick_geglu else F.silu
+        return {"layernorm_zero_centered_gamma": self.apply_layernorm_1p,
+                "activation_func": activation,
+                "bias_activation_fusion": te and activation is F.silu,
+                # megatron-core fuses MLA's RoPE for MLA's YaRN only
+                "apply_rope_fusion": te and self.position_embedding_type != "yarn" and (
+                    not self.multi_latent_attention or self.rope_type == "yarn"),
+                "glu_linear_offset": self.glu_linear_offset,
+                "activation_func_clamp_value": self.activation_func_clamp_value,
+                "softmax_scale": self.softmax_scale}
 
     def _derive_sizes(self) -> None:
         """Fill the sizes left None: the Llama rule for the SwiGLU inner size (8/3 x hidden,

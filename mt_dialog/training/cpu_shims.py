@@ -76,6 +76,8 @@ distributed optimizer; DDP + finalize_model_grads + get_megatron_optimizer (Adam
      ``torch.cuda.current_device()``.
    - models/common/embeddings/rotary_pos_embedding.py: ``RotaryEmbedding.get_emb`` moves
      ``inv_freq`` to ``torch.cuda.current_device()`` on first use.
+   - models/common/embeddings/yarn_rotary_pos_embedding.py: ``YarnRotaryEmbedding.get_emb``
+     moves ``inv_freq_extra`` / ``inv_freq_inter`` the same way (already in ``__init__``).
    - tensor_parallel/mappings.py: ``_gather_along_last_dim`` output buffers on
      ``torch.cuda.current_device()``; attention gathers the key/value heads with it when the
      tensor-parallel size exceeds the query groups (one KV head at TP=2, as in small Qwen2s).
@@ -130,6 +132,9 @@ TORCH_VIEW_MODULES = (
     "megatron.core.utils",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    # --position-embedding-type yarn: YarnRotaryEmbedding.get_emb moves its two inverse-frequency
+    # tables to torch.cuda.current_device() (at construction too: it fills a cos/sin cache)
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding",
     # attention with tensor-parallel size > query groups gathers the replicated KV heads
     "megatron.core.tensor_parallel.mappings",
     # dist_checkpointing save: torch.cuda.synchronize() before writing, and the failure flag

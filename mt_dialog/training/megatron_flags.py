@@ -24,8 +24,8 @@ TOKENIZER = (f"the tokenizer is chosen at preprocessing ({PREPROCESS} --tokenize
              "--tokenizer-model, --tokenizer-path) and read from PREFIX.meta.json; "
              "pretrain_dialog.py takes only --tokenizer-type, --tokenizer-model and "
              "--tokenizer-path, to check it")
-LLAMA = ("the model is always Llama-style (RMSNorm, SwiGLU, RoPE over the whole head, no linear "
-         "biases but --add-qkv-bias for Qwen2 or --add-bias-linear for all): drop the flag")
+LLAMA = ("the model is always a Llama-style block (RMSNorm, gated MLP, RoPE; no linear biases "
+         "but --add-qkv-bias for Qwen2 or --add-bias-linear for all): drop the flag")
 FUSIONS = ("kernel fusions follow the layers: on with Transformer Engine (--transformer-impl), "
            "off on megatron-core's local layers; nothing to set")
 CHECKPOINTS = ("checkpoints are always megatron-core distributed checkpoints (torch_dist) "
@@ -106,8 +106,7 @@ _SHARED = (
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--use-torch-fsdp2",
                      "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
-                     "--tp-comm-overlap", "--apply-layernorm-1p",
-                     "--spec", "--yaml-cfg")),
+                     "--tp-comm-overlap", "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
 
@@ -131,10 +130,10 @@ ALWAYS_ON = ("--swiglu", "--use-mcore-models", "--disable-bias-linear",
              "--reset-attention-mask", "--accumulate-allreduce-grads-in-fp32",
              "--check-for-nan-in-loss-and-grad", "--use-dist-ckpt", "--group-query-attention",
              "--no-create-attention-mask-in-dataloader")
-STYLE = "the model is Llama-style: RMSNorm, SwiGLU, RoPE over the whole head"
+STYLE = ("the model is Llama-style: RMSNorm (--apply-layernorm-1p for Gemma's (1 + w) form), "
+         "a gated MLP, RoPE")
 DROPOUT = "dropout is off, the usual fine-tuning choice"
-ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--position-embedding-type": ("rope", STYLE),
-                "--rotary-percent": ("1.0", STYLE), "--attention-dropout": ("0.0", DROPOUT),
+ALWAYS_VALUE = {"--normalization": ("RMSNorm", STYLE), "--attention-dropout": ("0.0", DROPOUT),
                 "--hidden-dropout": ("0.0", DROPOUT),
                 "--ckpt-format": ("torch_dist", "checkpoints are megatron-core distributed ones"),
                 "--optimizer": ("adam", "the optimizer is Adam(W): --weight-decay, --adam-beta1, "

@@ -11,7 +11,6 @@ import math
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from mt_dialog.training.config import DialogTrainingConfig, ParallelConfig
 
@@ -89,14 +88,12 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         raise ValueError("sequence_parallel: needs the Transformer Engine layers (CUDA + "
                          "transformer-engine); megatron-core's torch norm refuses it")
     config_class = MLATransformerConfig if model.multi_latent_attention else TransformerConfig
-    # megatron-core fuses MLA's RoPE for YaRN only
-    rope_fusion = te and (not model.multi_latent_attention or model.rope_type == "yarn")
     return config_class(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups, ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.kv_channels, normalization="RMSNorm",
-        layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True, activation_func=F.silu,
+        layernorm_epsilon=model.norm_epsilon, gated_linear_unit=True,
         add_qkv_bias=model.add_qkv_bias, qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0, init_method_std=model.init_method_std,
@@ -107,15 +104,15 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline_model_parallel_size,
         sequence_parallel=par.sequence_parallel, calculate_per_token_loss=True,
-        bias_activation_fusion=te, masked_softmax_fusion=te, persist_layer_norm=te,
-        gradient_accumulation_fusion=False, apply_rope_fusion=rope_fusion,
-        cross_entropy_loss_fusion=False,
+        masked_softmax_fusion=te, persist_layer_norm=te,
+        gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         expert_model_parallel_size=par.expert_model_parallel_size,
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
         **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
         **model.attention_settings(),  # window_size, softmax_type, MLA sizes (MLA models only)
         **model.moe_routing_settings(),  # add_bias_linear; shared experts, expert bias, groups
+        **model.block_settings(te),  # activation_func, fusions, zero-centered gamma, softmax scale
     )
 
 
@@ -163,10 +160,13 @@ def layer_spec(config: DialogTrainingConfig, dense: bool = False):
     ``kv_layernorm`` [kv_lora_rank]), with the packed core attention on the local path.
     ``dense=True``: a dense layer's spec on a MoE model (``--moe-layer-freq``), see
     ``decoder_spec``."""
+    from mt_dialog.training.block import block_layer_spec
+
     qk_layernorm = config.model.qk_layernorm
     experts = None if dense else config.model.num_experts
     mla = config.model.multi_latent_attention
-    if use_transformer_engine(config.model.transformer_impl):
+    te = use_transformer_engine(config.model.transformer_impl)
+    if te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -188,7 +188,7 @@ def layer_spec(config: DialogTrainingConfig, dense: bool = False):
         # a MoE layer has no fc1 to fuse the norm into: the local spec would save the norm as
         # mlp.linear_fc1.layer_norm_weight, TE's MoE spec as pre_mlp_layernorm.weight; keep TE's
         spec.submodules.sharded_state_dict_keys_map.pop("pre_mlp_layernorm.", None)
-    return spec
+    return block_layer_spec(spec, config.model, te)  # (1 + w) norms, sandwich norms, local RoPE
 
 
 def decoder_spec(config: DialogTrainingConfig, tconfig, vp_stage: Optional[int]):
@@ -222,27 +222,33 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    from mt_dialog.training.block import add_model_hooks, block_decoder_spec, set_yarn_attributes
     from mt_dialog.training.distributed import device
 
     vpp = config.parallel.virtual_pipeline_model_parallel_size
+    set_yarn_attributes(tconfig, config.model)
+    te = use_transformer_engine(config.model.transformer_impl)
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
         model = GPTModel(
-            config=tconfig, transformer_layer_spec=decoder_spec(config, tconfig, vp_stage),
+            config=tconfig, transformer_layer_spec=block_decoder_spec(
+                decoder_spec(config, tconfig, vp_stage), config.model, tconfig, vp_stage, te),
             vocab_size=padded_vocab_size(vocab_size, config.model.make_vocab_size_divisible_by,
                                          config.parallel.tensor_model_parallel_size),
             max_sequence_length=seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not config.model.untie_embeddings_and_output_weights,
-            position_embedding_type="rope", rotary_percent=1.0,
+            position_embedding_type=config.model.position_embedding_type,
+            rotary_percent=config.model.rotary_percent,
             rotary_base=int(config.model.rotary_base), vp_stage=vp_stage,
             seq_len_interpolation_factor=config.model.rotary_seq_len_interpolation_factor,
         )
         if config.model.use_rope_scaling:
             rotary = model.rotary_pos_emb
             rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
+        add_model_hooks(model, config.model)  # --scale-embeddings, --final-logit-softcapping
         chunks.append(_to_params_dtype(model.to(device()), tconfig.params_dtype))
     if config.lora.enabled:  # frozen base + adapters, before DDP and the optimizer see them
         from mt_dialog.training.lora import apply_lora

@@ -87,7 +87,8 @@ def _base(prefix="data/unused"):
                                                         "between 1 and --num-experts 4"),
     (["--swiglu", "--normalization", "LayerNorm", "--disable-bias-linear"],
      "error: argument --normalization: mt_dialog always uses RMSNorm (the model is Llama-style: "
-     "RMSNorm, SwiGLU, RoPE over the whole head); drop the flag; see "),
+     "RMSNorm (--apply-layernorm-1p for Gemma's (1 + w) form), a gated MLP, RoPE); drop the "
+     "flag; see "),
     (["--hidden-dropout", "0.1"], "error: argument --hidden-dropout: mt_dialog always uses 0.0 "
                                   "(dropout is off, the usual fine-tuning choice); drop the flag"),
     (["--lr", "-1"], "error: --lr: must be positive, got -1.0"),  # field names become flags
