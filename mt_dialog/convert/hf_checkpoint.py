@@ -317,7 +317,7 @@ def _load_for_export(cfg: ExportConfig):
     LoRA config); a LoRA checkpoint's model has its base's weights and its adapters."""
     from megatron.core import dist_checkpointing
 
-    from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
+    from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference, verified
     from mt_dialog.training.lora_checkpoint import checked_base
 
     info = read_run_info(cfg.load_dir, cfg.iteration)  # SavedRunError: a ValueError, as ours
@@ -331,7 +331,7 @@ def _load_for_export(cfg: ExportConfig):
         else None
     if pointer:  # the embedding (rows, dtype) is the base's
         weights_dir = iteration_dir(pointer["path"], int(pointer["iteration"]))
-    embedding = dist_checkpointing.load_tensors_metadata(weights_dir)[
+    embedding = dist_checkpointing.load_tensors_metadata(verified(weights_dir))[
         "embedding.word_embeddings.weight"]
     stored = DTYPE_NAMES.get(embedding.dtype, "fp32")
     seq_length = int((info.get("data") or {}).get("seq_length") or 4096)

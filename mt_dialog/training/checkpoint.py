@@ -53,6 +53,20 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def verified(path: str) -> str:
+    """``path`` (an ``iter_*`` folder) once every pickle in it passed the allow-list of
+    ``safe_pickle`` (nothing in it is run); call it on any folder before megatron-core reads it.
+
+    Raises:
+        UntrustedCheckpointError (a ValueError): naming the file, entry and global refused.
+    """
+    from mt_dialog.training.safe_pickle import check_checkpoint_folder
+
+    if os.path.isdir(path):
+        check_checkpoint_folder(path)
+    return path
+
+
 def latest_iteration(root: str) -> int:
     """The newest complete iteration under ``root``: the number its tracker file
     ``latest_checkpointed_iteration.txt`` holds (written last by ``save_checkpoint``; read and
@@ -119,7 +133,8 @@ def is_weights_only(root: str) -> bool:
     """Whether the newest checkpoint under ``root`` holds weights only (hf-to-mcore's)."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(iteration_dir(root, latest_iteration(root)))
+    common = dist_checkpointing.load_common_state_dict(
+        verified(iteration_dir(root, latest_iteration(root))))
     return bool(common.get("weights_only"))
 
 
@@ -445,7 +460,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     path = iteration_dir(root, latest_iteration(root) if iteration is None else iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: {path} is missing")
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = dist_checkpointing.load_common_state_dict(verified(path))
     if not finetune and common.get("weights_only"):
         raise CheckpointError(f"--load {root}: the checkpoint holds weights only (converted "
                               "from Hugging Face, or exported); add --finetune to start from it")
@@ -505,7 +520,7 @@ def _load_model_states(state: Dict[str, Any], path: str, root: str,
     with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
         warnings.simplefilter("ignore", FutureWarning)
         loaded, _, absent = dist_checkpointing.load(
-            state, path, validate_access_integrity=validate,
+            state, verified(path), validate_access_integrity=validate,
             strict=StrictHandling.RETURN_UNEXPECTED)
     real = sorted(key for key in absent if not _is_extra_state(key))
     if real:
@@ -527,7 +542,7 @@ def stored_vocab_rows(path: str) -> Optional[int]:
     megatron-core's errors on an unreadable folder pass through."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(path)
+    meta = dist_checkpointing.load_tensors_metadata(verified(path))
     for key in VOCAB_KEYS:
         if key in meta:
             return int(meta[key].global_shape[0])
@@ -540,7 +555,7 @@ def _vocab_mismatches(state: Dict[str, Any], path: str):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    meta = dist_checkpointing.load_tensors_metadata(path)
+    meta = dist_checkpointing.load_tensors_metadata(verified(path))
     for chunk_key, chunk_state in list(state.items()):
         if not isinstance(chunk_state, dict):
             continue

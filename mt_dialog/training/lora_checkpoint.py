@@ -32,6 +32,7 @@ from mt_dialog.training.checkpoint import (
     latest_iteration,
     load_checkpoint,
     load_weights_for_inference,
+    verified,
 )
 from mt_dialog.training.lora import is_adapter_key
 
@@ -96,7 +97,7 @@ def base_pointer_of(root: str, iteration: Optional[int] = None) -> Optional[Dict
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root) if iteration is None else iteration
-    common = dist_checkpointing.load_common_state_dict(iteration_dir(root, iteration))
+    common = dist_checkpointing.load_common_state_dict(verified(iteration_dir(root, iteration)))
     return common.get("lora_base")
 
 
