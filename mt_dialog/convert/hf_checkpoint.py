@@ -382,9 +382,6 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
         tokenizer = run_tokenizer(cfg.load_dir, data, cfg.tokenizer_path)
     except SavedRunError as exc:
         raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
-    if tokenizer.sha256 != data["tokenizer"]["sha256"]:
-        raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
-                              f"(sha256 {data['tokenizer']['sha256'][:12]}...)")
     name = dataset_template(data)
     template, end_of_turn = None, None
     if name:
@@ -402,7 +399,7 @@ def _hf_tokenizer(tokenizer, out: str):
     if tokenizer.type_name == "sentencepiece":
         _write_sentencepiece_config(tokenizer, out)
         source = out
-    hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    hf_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.type_name == "sentencepiece":
         hf_tokenizer.init_kwargs["legacy"] = True  # so that save_pretrained writes it again
     _add_appended(hf_tokenizer, tokenizer.added_tokens)
@@ -455,7 +452,8 @@ def _attach_chat_template(exported: ExportedTokenizer, out: str) -> str:
     for candidate in candidates:
         hf_tokenizer.chat_template = candidate
         hf_tokenizer.save_pretrained(out)
-        difference = layout_differences(AutoTokenizer.from_pretrained(out), expected)
+        difference = layout_differences(
+            AutoTokenizer.from_pretrained(out, trust_remote_code=False), expected)
         if difference is None:
             return (f"{label}; AutoTokenizer.from_pretrained reproduces the training token "
                     "layout exactly)")
@@ -544,6 +542,23 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
                      pad_token_id=pad).save_pretrained(out)
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _strip_remote_code(out: str) -> None:
+    """Drop ``auto_map`` (classes loaded from Python files beside the weights with
+    ``trust_remote_code=True``) from the exported JSON files: the export holds no such code and
+    its loaders need none."""
+    for name in REMOTE_CODE_FILES:
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        if values.pop("auto_map", None) is not None:
+            _write_json(path, values)
+
+
 def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Convert; returns a summary (architecture, rows, dtype, bytes, folder)."""
     _refuse_existing(cfg.save_dir)
@@ -567,6 +582,7 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     try:
         exported = _export_tokenizer(cfg, data, tmp)
         _write_configs(tmp, mc, architecture, rows, dtype, exported, data, source)
+        _strip_remote_code(tmp)
         # after config.json: the model type decides which tokenizer class AutoTokenizer builds
         layout = _attach_chat_template(exported, tmp) if exported else "none (no tokenizer)"
         from mt_dialog.convert.hf_weights import iter_mcore_to_hf

@@ -210,15 +210,25 @@ def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Opt
         if tokenizer is None:
             raise TokenizerMissing(f"the run's tokenizer {tok_info['path']} cannot be loaded "
                                    f"and {path} holds no copy of it (CKPT/tokenizer)")
-        return tokenizer
+        if tokenizer.sha256 == tok_info["sha256"] or not bundled:
+            return _same_tokenizer(tokenizer, tok_info, tok_info["path"], path)
+        tokenizer_path = bundled  # the recorded files changed since training: the run's copy
     try:
         tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
     except TokenizerError as exc:
         raise SavedRunError(str(exc)) from None
-    if tokenizer.sha256 != tok_info["sha256"]:
-        raise SavedRunError(f"tokenizer {tokenizer_path} is not the one the run trained "
-                            f"with ({tok_info['path']}, sha256 {tok_info['sha256'][:12]}...)")
     tokenizer.added_tokens = dict(tok_info.get("added_tokens", {}))
+    return _same_tokenizer(tokenizer, tok_info, tokenizer_path, path)
+
+
+def _same_tokenizer(tokenizer, tok_info: Dict[str, Any], where: str, path: str):
+    """``tokenizer`` when its files hash as the run recorded (other files give other ids than
+    training's, silently), else ``SavedRunError`` naming both."""
+    if tokenizer.sha256 != tok_info["sha256"]:
+        raise SavedRunError(
+            f"tokenizer {where} is not the one the run {path} trained with (sha256 "
+            f"{tokenizer.sha256[:12]}... != recorded {tok_info['sha256'][:12]}...; the files "
+            "changed since training); pass the original files with --tokenizer-path")
     return tokenizer
 
 
