@@ -289,6 +289,7 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         tokenizer = processor.setup()  # appends missing special tokens once, here
     except (TokenizerError, ValueError) as exc:
         raise PreprocessError(str(exc)) from None
+    processor.vocab_size = int(tokenizer.vocab_size)
     processor.token_dtype = staging_dtype(tokenizer.vocab_size - 1).name
     processor.count_dtype = staging_dtype(config.packing.seq_length).name
     if config.output.workers > 1:

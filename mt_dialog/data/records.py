@@ -33,6 +33,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
+
 from mt_dialog.data.formats import (
     DEFAULT_TEXT_KEY,
     Conversation,
@@ -139,6 +141,9 @@ class RecordProcessor:
     added_tokens: Dict[str, int] = field(default_factory=dict)
     token_dtype: str = "int64"
     """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary, appended tokens included (set with ``token_dtype``): a
+    rendered id outside ``0..vocab_size - 1`` refuses its record (``_out_of_vocabulary``)."""
     count_dtype: str = "int32"
     """dtype of the staged loss_token_num."""
     empty_reply: str = "context"
@@ -304,6 +309,13 @@ class RecordProcessor:
             return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, where, exc), None, 0, ()
+        bad = _out_of_vocabulary(samples, self.vocab_size)
+        if bad is not None:
+            return Refused("error", number, "token_id_out_of_range", (
+                f"{where}: the tokenizer gave token id {bad}, outside its vocabulary of "
+                f"{self.vocab_size:,} ids (its ids are not contiguous: an added token numbered "
+                "past its size); stored, it would become another token. Use a tokenizer whose "
+                "added tokens have ids below len(tokenizer)")), None, 0, ()
         if text:
             return (*self._fit_document(number, where, samples[0]), conversation.notes)
         return (*self._fit_samples(number, where, samples), conversation.notes)
@@ -373,6 +385,16 @@ class RecordProcessor:
         return Refused("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
+
+
+def _out_of_vocabulary(samples, vocab_size: Optional[int]) -> Optional[int]:
+    """The first id of ``samples`` outside ``0..vocab_size - 1``, or None (always None without
+    a ``vocab_size``)."""
+    for sample in samples if vocab_size else ():
+        ids = np.asarray(sample.input_ids)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            return int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+    return None
 
 
 def _kind(parsed: Parsed) -> str:
