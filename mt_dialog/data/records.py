@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -125,6 +126,16 @@ def decode_json_line(raw: bytes):
         raise RecordError(
             "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise too_deep() from None
+
+
+def too_deep() -> RecordError:
+    """A record nested past Python's recursion limit (its JSON parser and every walk of the
+    value stop there)."""
+    return RecordError("too_deeply_nested", f"the record is nested deeper than "
+                       f"{sys.getrecursionlimit()} levels, where Python's JSON parser stops; "
+                       "flatten it (no chat format nests that deep)")
 
 
 @dataclass
@@ -289,6 +300,9 @@ class RecordProcessor:
                            f"{record.where}: conversation {number}: {exc.message}")
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, f"{record.where}: conversation {number}", exc)
+        except RecursionError:  # a deep value walked by parse_record
+            return Refused("error", number, "too_deeply_nested",
+                           f"{record.where}: conversation {number}: {too_deep().message}")
 
     def _attempt(self, number: int, record: RawRecord,
                  parsed: Union[Parsed, Outcome, None] = None,
@@ -309,6 +323,9 @@ class RecordProcessor:
             return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, where, exc), None, 0, ()
+        except RecursionError:  # e.g. deep tool-call arguments written back as JSON
+            return (Refused("error", number, "too_deeply_nested", f"{where}: {too_deep().message}"),
+                    None, 0, ())
         bad = _out_of_vocabulary(samples, self.vocab_size)
         if bad is not None:
             return Refused("error", number, "token_id_out_of_range", (
