@@ -163,11 +163,16 @@ def _refuse_existing(folder: str) -> None:
 
 
 def _staging(folder: str) -> str:
-    """An empty temporary folder beside ``folder``; moved into place when all succeeded."""
+    """An empty temporary folder ``.NAME.tmp-HOST-PID`` beside ``folder``, moved into place when
+    all succeeded; the leftovers of killed conversions on this host are removed (``files``)."""
+    from mt_dialog import files
+
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    hidden = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}")
+    for removed in files.remove_gone(hidden):
+        print(f"removed {removed}, left by an interrupted conversion", file=sys.stderr)
+    tmp = files.temp_path(hidden)
     os.makedirs(tmp)
     return tmp
 

@@ -328,13 +328,15 @@ def _model_state(model: List[torch.nn.Module], select: Select = None) -> Dict[st
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
                     scheduler, config_dict: Dict[str, Any], select: Select = None,
-                    common: Optional[Dict[str, Any]] = None) -> str:
+                    common: Optional[Dict[str, Any]] = None,
+                    record: Optional[Dict[str, Any]] = None) -> str:
     """Save everything needed to resume into ``root/iter_N``; returns that folder. Every rank
     calls it with its ``model`` chunks (DDP-wrapped), ``optimizer`` and ``scheduler``;
     ``consumed_samples`` is the packs read so far, ``config_dict`` the run config (``to_dict``)
     written beside as ``mt_dialog_config.json``. ``select`` keeps only some model entries (LoRA:
     the adapters; the optimizer holds only those); ``common`` adds entries to the common state
-    (LoRA: ``lora_base``, the pointer to the base checkpoint).
+    (LoRA: ``lora_base``, the pointer to the base checkpoint); ``record`` the run record
+    (``saved_run.run_record``) written as ``iter_N/run.json``, which chat and export read first.
 
     The tracker file (what ``--load`` reads) is replaced atomically by rank 0 only after every
     rank wrote its part, so a checkpoint becomes visible to ``--load`` only when complete. When
@@ -351,7 +353,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
         (rank == 0, lambda: os.makedirs(path, exist_ok=True)),
         (True, lambda: _save_state(path, iteration, consumed_samples, model, optimizer,
                                    scheduler, select, common)),
-        (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict)),
+        (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict, record)),
     )
     for runs_here, step in steps:
         reason = _agree_on_failure(_attempt(step) if runs_here else None)
@@ -380,17 +382,24 @@ def _save_state(path, iteration, consumed_samples, model, optimizer, scheduler, 
     dist_checkpointing.save(state, path)
 
 
-def _publish_checkpoint(root: str, path: str, iteration: int,
-                        config_dict: Dict[str, Any]) -> None:
-    """Rank 0, after every rank saved: the run config, then the tracker (atomic replace)."""
-    with open(os.path.join(path, "mt_dialog_config.json"), "w") as handle:
-        json.dump(config_dict, handle, indent=2)
-    tmp = os.path.join(root, TRACKER + ".tmp")
+def _publish_checkpoint(root: str, path: str, iteration: int, config_dict: Dict[str, Any],
+                        record: Optional[Dict[str, Any]]) -> None:
+    """Rank 0, after every rank saved: the run config and run record, then the tracker (each
+    replaced atomically: ``files.write_json_atomic``)."""
+    from mt_dialog.files import remove_gone, temp_path, write_json_atomic
+    from mt_dialog.training.saved_run import ITERATION_RECORD
+
+    write_json_atomic(os.path.join(path, "mt_dialog_config.json"), config_dict)
+    if record is not None:
+        write_json_atomic(os.path.join(path, ITERATION_RECORD), record)
+    tracker = os.path.join(root, TRACKER)
+    remove_gone(tracker)
+    tmp = temp_path(tracker)
     with open(tmp, "w") as handle:
         handle.write(str(iteration))
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))
+    os.replace(tmp, tracker)
 
 
 def _attempt(step) -> Optional[str]:

@@ -254,3 +254,26 @@ def test_preprocessing_refuses_ids_outside_the_tokenizers_vocabulary(sp_model_pa
     processor.vocab_size = 5  # as if the tokenizer gave ids past its size
     refused = processor.process([(0, record)])[0]
     assert refused.status == "error" and refused.reason == "token_id_out_of_range", refused
+
+
+def test_staging_folders_of_other_hosts_are_never_removed(sp_model_path, tmp_path, capsys):
+    """On a shared file system a staging folder named after another host may be that node's
+    live run: refused naming the host and left alone; this host's dead run's folder is removed."""
+    from mt_dialog import files
+
+    data = write_jsonl(tmp_path / "in.jsonl", _records(5))
+    prefix = str(tmp_path / "out")
+    other = f"{prefix}.tmp-gpu-node-12-31337"
+    os.makedirs(other)
+    assert preprocess(preprocess_args(data, sp_model_path, prefix)) == 1
+    err = capsys.readouterr().err
+    assert f"{other} belongs to a preprocessing run on host gpu-node-12 (pid 31337)" in err
+    assert os.path.isdir(other)
+    os.rmdir(other)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = f"{prefix}.tmp-{files.host()}-{dead.pid}"
+    os.makedirs(mine)
+    assert preprocess(preprocess_args(data, sp_model_path, prefix)) == 0
+    assert f"removed {mine}, left by an interrupted run" in capsys.readouterr().err
+    assert not os.path.exists(mine)

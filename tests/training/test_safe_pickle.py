@@ -85,14 +85,6 @@ def poison(folder: str, kind: str, marker: str) -> str:
 KINDS = ("metadata", "common", "sharded_object", "extra_state")
 
 
-@pytest.fixture(scope="module")
-def saved_run(packed_data, tmp_path_factory):
-    """A 2-iteration run saved at iteration 2 (the flags are the tests' usual tiny model)."""
-    ckpt = str(tmp_path_factory.mktemp("safe_pickle") / "ckpt")
-    launch(1, train_args(packed_data, "--save", ckpt, iters=2))
-    return {"ckpt": ckpt, "data": packed_data}
-
-
 def _poisoned_copy(saved_run, tmp_path, kind: str):
     root, marker = str(tmp_path / f"ckpt_{kind}"), str(tmp_path / f"marker_{kind}")
     shutil.copytree(saved_run["ckpt"], root)
