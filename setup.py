@@ -20,7 +20,7 @@ setup(
     packages=find_packages(include=["mt_dialog", "mt_dialog.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",  # torch.load(weights_only=True) by default; safe_globals (safe_pickle)
         "megatron-core>=0.16.1,<0.17",
         "sentencepiece>=0.2",
         "numpy>=1.24",

@@ -181,7 +181,8 @@ def bare_main(argv) -> int:
     start = common.wall()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
+                                              trust_remote_code=False)
     load = common.wall() - start
     texts = message_texts(corpus)
     cpu, start = time.process_time(), common.wall()

@@ -166,11 +166,16 @@ def _refuse_existing(folder: str) -> None:
 
 
 def _staging(folder: str) -> str:
-    """An empty temporary folder beside ``folder``; moved into place when all succeeded."""
+    """An empty temporary folder ``.NAME.tmp-HOST-PID`` beside ``folder``, moved into place when
+    all succeeded; the leftovers of killed conversions on this host are removed (``files``)."""
+    from mt_dialog import files
+
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    hidden = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}")
+    for removed in files.remove_gone(hidden):
+        print(f"removed {removed}, left by an interrupted conversion", file=sys.stderr)
+    tmp = files.temp_path(hidden)
     os.makedirs(tmp)
     return tmp
 
@@ -320,7 +325,7 @@ def _load_for_export(cfg: ExportConfig):
     LoRA config); a LoRA checkpoint's model has its base's weights and its adapters."""
     from megatron.core import dist_checkpointing
 
-    from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference
+    from mt_dialog.training.checkpoint import iteration_dir, load_weights_for_inference, verified
     from mt_dialog.training.lora_checkpoint import checked_base
 
     info = read_run_info(cfg.load_dir, cfg.iteration)  # SavedRunError: a ValueError, as ours
@@ -334,7 +339,7 @@ def _load_for_export(cfg: ExportConfig):
         else None
     if pointer:  # the embedding (rows, dtype) is the base's
         weights_dir = iteration_dir(pointer["path"], int(pointer["iteration"]))
-    embedding = dist_checkpointing.load_tensors_metadata(weights_dir)[
+    embedding = dist_checkpointing.load_tensors_metadata(verified(weights_dir))[
         "embedding.word_embeddings.weight"]
     stored = DTYPE_NAMES.get(embedding.dtype, "fp32")
     seq_length = int((info.get("data") or {}).get("seq_length") or 4096)
@@ -386,9 +391,6 @@ def _export_tokenizer(cfg: ExportConfig, data: Optional[Dict[str, Any]],
         tokenizer = run_tokenizer(cfg.load_dir, data, cfg.tokenizer_path)
     except SavedRunError as exc:
         raise ConversionError(f"{exc}; pass the run's tokenizer with --tokenizer-path") from None
-    if tokenizer.sha256 != data["tokenizer"]["sha256"]:
-        raise ConversionError(f"tokenizer {tokenizer.path} is not the one the run trained with "
-                              f"(sha256 {data['tokenizer']['sha256'][:12]}...)")
     name = dataset_template(data)
     template, end_of_turn, stops = None, None, ()
     if name:
@@ -407,7 +409,7 @@ def _hf_tokenizer(tokenizer, out: str):
     if tokenizer.type_name == "sentencepiece":
         _write_sentencepiece_config(tokenizer, out)
         source = out
-    hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    hf_tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     if tokenizer.type_name == "sentencepiece":
         hf_tokenizer.init_kwargs["legacy"] = True  # so that save_pretrained writes it again
     _add_appended(hf_tokenizer, tokenizer.added_tokens)
@@ -460,7 +462,8 @@ def _attach_chat_template(exported: ExportedTokenizer, out: str) -> str:
     for candidate in candidates:
         hf_tokenizer.chat_template = candidate
         hf_tokenizer.save_pretrained(out)
-        difference = layout_differences(AutoTokenizer.from_pretrained(out), expected)
+        difference = layout_differences(
+            AutoTokenizer.from_pretrained(out, trust_remote_code=False), expected)
         if difference is None:
             return (f"{label}; AutoTokenizer.from_pretrained reproduces the training token "
                     "layout exactly)")
@@ -546,6 +549,23 @@ def _write_configs(out: str, mc: ModelConfig, architecture: str, rows: int, dtyp
                      pad_token_id=pad).save_pretrained(out)
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json", "generation_config.json")
+
+
+def _strip_remote_code(out: str) -> None:
+    """Drop ``auto_map`` (classes loaded from Python files beside the weights with
+    ``trust_remote_code=True``) from the exported JSON files: the export holds no such code and
+    its loaders need none."""
+    for name in REMOTE_CODE_FILES:
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        if values.pop("auto_map", None) is not None:
+            _write_json(path, values)
+
+
 def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Convert; returns a summary (architecture, rows, dtype, bytes, folder)."""
     _refuse_existing(cfg.save_dir)
@@ -569,6 +589,7 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     try:
         exported = _export_tokenizer(cfg, data, tmp)
         _write_configs(tmp, mc, architecture, rows, dtype, exported, data, source)
+        _strip_remote_code(tmp)
         # after config.json: the model type decides which tokenizer class AutoTokenizer builds
         layout = _attach_chat_template(exported, tmp) if exported else "none (no tokenizer)"
         from mt_dialog.convert.families import iter_mcore_to_hf

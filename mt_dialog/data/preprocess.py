@@ -20,7 +20,6 @@ prefix and moved into place only when everything succeeded, metadata last.
 
 from __future__ import annotations
 
-import glob
 import multiprocessing
 import os
 import shutil
@@ -34,6 +33,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mt_dialog import __version__
+from mt_dialog.files import leftovers, temp_path
 from mt_dialog.config_utils import to_dict
 from mt_dialog.data.config import PreprocessConfig
 from mt_dialog.data.packing import pack, packing_efficiency
@@ -246,29 +246,26 @@ def _check_destination(config: PreprocessConfig) -> None:
 
 
 def _clear_leftovers(prefix: str) -> None:
-    """Temporary folders ``PREFIX.tmp-PID`` of runs that were killed (SIGKILL, a lost node) are
-    removed, and named; one whose process is still running is another run writing this prefix
-    now, which is refused."""
-    for folder in sorted(glob.glob(glob.escape(prefix) + ".tmp-*")):
-        pid = folder.rsplit(".tmp-", 1)[1]
-        if not (pid.isdigit() and os.path.isdir(folder)) or int(pid) == os.getpid():
+    """Temporary folders ``PREFIX.tmp-HOST-PID`` (``files``) of runs killed on this host
+    (SIGKILL, an OOM) are removed, and named; one whose process still runs, or one of another
+    host (a node of a shared file system: running or not, this host cannot tell), is another run
+    writing this prefix, which is refused."""
+    for leftover in leftovers(prefix):
+        if not os.path.isdir(leftover.path):
             continue
-        if _process_alive(int(pid)):
+        if leftover.state == "alive":
             raise PreprocessError(
-                f"{folder} belongs to a preprocessing run that is still running (pid {pid}) "
-                f"and writes --output-prefix {prefix}; wait for it, or stop it and run again")
-        shutil.rmtree(folder, ignore_errors=True)
-        print(f"removed {folder}, left by an interrupted run (pid {pid})", file=sys.stderr)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+                f"{leftover.path} belongs to a preprocessing run that is still running (pid "
+                f"{leftover.pid}) and writes --output-prefix {prefix}; wait for it, or stop it "
+                "and run again")
+        if leftover.state == "elsewhere":
+            raise PreprocessError(
+                f"{leftover.path} belongs to a preprocessing run on host {leftover.host} (pid "
+                f"{leftover.pid}) that writes --output-prefix {prefix} or was killed there; "
+                f"wait for it, or remove {leftover.path} once that run is gone")
+        shutil.rmtree(leftover.path, ignore_errors=True)
+        print(f"removed {leftover.path}, left by an interrupted run (pid {leftover.pid})",
+              file=sys.stderr)
 
 
 def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
@@ -289,6 +286,7 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         tokenizer = processor.setup()  # appends missing special tokens once, here
     except (TokenizerError, ValueError) as exc:
         raise PreprocessError(str(exc)) from None
+    processor.vocab_size = int(tokenizer.vocab_size)
     processor.token_dtype = staging_dtype(tokenizer.vocab_size - 1).name
     processor.count_dtype = staging_dtype(config.packing.seq_length).name
     if config.output.workers > 1:
@@ -378,10 +376,14 @@ def _metadata(config, tokenizer, processor, summary, argv) -> Dict:
 
 
 def _publish(tmp_prefix: str, prefix: str, splits: Sequence[str]) -> None:
-    """Move finished files into place: old metadata out first, new metadata in last."""
+    """Move the finished files into place, the new metadata last. With ``--overwrite`` the old
+    dataset's files are first moved into the staging folder (old metadata first: a reader never
+    sees it with new files), and removed with it only after the new ones are in place."""
+    aside = os.path.join(os.path.dirname(tmp_prefix), "replaced")
     for stale in output_files(prefix, ("train", "valid"))[::-1]:
         if os.path.exists(stale):
-            os.remove(stale)
+            os.makedirs(aside, exist_ok=True)
+            os.replace(stale, os.path.join(aside, os.path.basename(stale)))
     for source, target in zip(output_files(tmp_prefix, splits), output_files(prefix, splits)):
         os.replace(source, target)
 
@@ -413,7 +415,7 @@ def run_preprocess(config: PreprocessConfig, argv: Optional[Sequence[str]] = Non
     _check_destination(config)
     files = _input_files(config)
     prefix = config.output.output_prefix
-    tmp_dir = f"{prefix}.tmp-{os.getpid()}"
+    tmp_dir = temp_path(prefix)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     writer = None

@@ -19,6 +19,7 @@ import codecs
 import glob
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence
 
@@ -29,7 +30,8 @@ PARQUET_SUFFIX = ".parquet"
 _PARQUET_MAGIC = b"PAR1"
 _PARQUET_BATCH = 1024
 _CHUNK = 1 << 20
-_MAX_RECORD_CHARS = 64 << 20
+_MAX_RECORD_CHARS = 64 << 20  # one JSON array record, in characters
+MAX_LINE_BYTES = 64 << 20  # one JSONL line: longer lines are skipped unread (line_too_long)
 
 
 class InputError(ValueError):
@@ -113,12 +115,39 @@ def iter_records(path: str) -> Iterator[RawRecord]:
 
 
 def _iter_jsonl(path: str) -> Iterator[RawRecord]:
+    """The non-blank lines of a JSONL file; a line longer than ``MAX_LINE_BYTES`` is read past
+    in chunks (never held whole) and yields a record carrying a ``line_too_long`` error."""
     with open(path, "rb") as handle:
-        for number, line in enumerate(handle, start=1):
+        number = 0
+        while True:
+            line = handle.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                yield _overlong_line(path, number, len(line) + _skip_line(handle))
+                continue
             if number == 1 and line.startswith(codecs.BOM_UTF8):
                 line = line[len(codecs.BOM_UTF8):]
             if line.strip():
                 yield RawRecord(path, number, raw=line, nbytes=len(line))
+
+
+def _skip_line(handle) -> int:
+    """Read past the rest of the current line in ``_CHUNK`` pieces; the bytes skipped."""
+    skipped = 0
+    while True:
+        piece = handle.readline(_CHUNK)
+        skipped += len(piece)
+        if not piece or piece.endswith(b"\n"):
+            return skipped
+
+
+def _overlong_line(path: str, number: int, size: int) -> RawRecord:
+    return RawRecord(path, number, nbytes=size, error=RecordError(
+        "line_too_long", f"the line has {size:,} bytes, over the {MAX_LINE_BYTES:,}-byte limit "
+        "of one record (a whole file minified onto one line?); write one record per line, or "
+        "split the record"))
 
 
 class _ArrayStream:
@@ -187,6 +216,9 @@ def _decode_value(stream: _ArrayStream, decoder: json.JSONDecoder) -> Any:
         try:
             value, end = decoder.raw_decode(stream.text, stream.pos)
             break
+        except RecursionError:
+            raise stream.fail(f"a record nested deeper than {sys.getrecursionlimit()} levels "
+                              "(Python's JSON parser stops there); flatten it") from None
         except json.JSONDecodeError as exc:
             # The window may end inside this record (a literal, an escape, a number cut by the
             # chunk boundary): read on, and call it malformed only at end of file or past the cap.

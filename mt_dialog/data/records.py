@@ -30,8 +30,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from mt_dialog.data.formats import (
     DEFAULT_TEXT_KEY,
@@ -123,6 +126,16 @@ def decode_json_line(raw: bytes):
         raise RecordError(
             "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"
         ) from None
+    except RecursionError:
+        raise too_deep() from None
+
+
+def too_deep() -> RecordError:
+    """A record nested past Python's recursion limit (its JSON parser and every walk of the
+    value stop there)."""
+    return RecordError("too_deeply_nested", f"the record is nested deeper than "
+                       f"{sys.getrecursionlimit()} levels, where Python's JSON parser stops; "
+                       "flatten it (no chat format nests that deep)")
 
 
 @dataclass
@@ -139,6 +152,9 @@ class RecordProcessor:
     added_tokens: Dict[str, int] = field(default_factory=dict)
     token_dtype: str = "int64"
     """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary, appended tokens included (set with ``token_dtype``): a
+    rendered id outside ``0..vocab_size - 1`` refuses its record (``_out_of_vocabulary``)."""
     count_dtype: str = "int32"
     """dtype of the staged loss_token_num."""
     empty_reply: str = "context"
@@ -284,6 +300,9 @@ class RecordProcessor:
                            f"{record.where}: conversation {number}: {exc.message}")
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, f"{record.where}: conversation {number}", exc)
+        except RecursionError:  # a deep value walked by parse_record
+            return Refused("error", number, "too_deeply_nested",
+                           f"{record.where}: conversation {number}: {too_deep().message}")
 
     def _attempt(self, number: int, record: RawRecord,
                  parsed: Union[Parsed, Outcome, None] = None,
@@ -304,6 +323,16 @@ class RecordProcessor:
             return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
             return _unicode_error(number, where, exc), None, 0, ()
+        except RecursionError:  # e.g. deep tool-call arguments written back as JSON
+            return (Refused("error", number, "too_deeply_nested", f"{where}: {too_deep().message}"),
+                    None, 0, ())
+        bad = _out_of_vocabulary(samples, self.vocab_size)
+        if bad is not None:
+            return Refused("error", number, "token_id_out_of_range", (
+                f"{where}: the tokenizer gave token id {bad}, outside its vocabulary of "
+                f"{self.vocab_size:,} ids (its ids are not contiguous: an added token numbered "
+                "past its size); stored, it would become another token. Use a tokenizer whose "
+                "added tokens have ids below len(tokenizer)")), None, 0, ()
         if text:
             return (*self._fit_document(number, where, samples[0]), conversation.notes)
         return (*self._fit_samples(number, where, samples), conversation.notes)
@@ -373,6 +402,16 @@ class RecordProcessor:
         return Refused("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
+
+
+def _out_of_vocabulary(samples, vocab_size: Optional[int]) -> Optional[int]:
+    """The first id of ``samples`` outside ``0..vocab_size - 1``, or None (always None without
+    a ``vocab_size``)."""
+    for sample in samples if vocab_size else ():
+        ids = np.asarray(sample.input_ids)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            return int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+    return None
 
 
 def _kind(parsed: Parsed) -> str:

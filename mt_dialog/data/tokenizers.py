@@ -432,7 +432,8 @@ class HuggingFaceTokenizer(DialogTokenizer):
         if not os.path.isdir(path):
             raise TokenizerError(f"--tokenizer-path {path}: not a folder with a tokenizer")
         try:
-            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.hf = AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                    trust_remote_code=False)
         except (OSError, ValueError) as exc:
             raise TokenizerError(f"--tokenizer-path {path}: cannot load tokenizer ({exc})") from None
         super().__init__(path, len(self.hf), folder_sha256(path))

@@ -53,6 +53,20 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def verified(path: str) -> str:
+    """``path`` (an ``iter_*`` folder) once every pickle in it passed the allow-list of
+    ``safe_pickle`` (nothing in it is run); call it on any folder before megatron-core reads it.
+
+    Raises:
+        UntrustedCheckpointError (a ValueError): naming the file, entry and global refused.
+    """
+    from mt_dialog.training.safe_pickle import check_checkpoint_folder
+
+    if os.path.isdir(path):
+        check_checkpoint_folder(path)
+    return path
+
+
 def latest_iteration(root: str) -> int:
     """The newest complete iteration under ``root``: the number its tracker file
     ``latest_checkpointed_iteration.txt`` holds (written last by ``save_checkpoint``; read and
@@ -119,7 +133,8 @@ def is_weights_only(root: str) -> bool:
     """Whether the newest checkpoint under ``root`` holds weights only (hf-to-mcore's)."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(iteration_dir(root, latest_iteration(root)))
+    common = dist_checkpointing.load_common_state_dict(
+        verified(iteration_dir(root, latest_iteration(root))))
     return bool(common.get("weights_only"))
 
 
@@ -341,13 +356,15 @@ def _model_state(model: List[torch.nn.Module], select: Select = None) -> Dict[st
 
 def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, optimizer,
                     scheduler, config_dict: Dict[str, Any], select: Select = None,
-                    common: Optional[Dict[str, Any]] = None) -> str:
+                    common: Optional[Dict[str, Any]] = None,
+                    record: Optional[Dict[str, Any]] = None) -> str:
     """Save everything needed to resume into ``root/iter_N``; returns that folder. Every rank
     calls it with its ``model`` chunks (DDP-wrapped), ``optimizer`` and ``scheduler``;
     ``consumed_samples`` is the packs read so far, ``config_dict`` the run config (``to_dict``)
     written beside as ``mt_dialog_config.json``. ``select`` keeps only some model entries (LoRA:
     the adapters; the optimizer holds only those); ``common`` adds entries to the common state
-    (LoRA: ``lora_base``, the pointer to the base checkpoint).
+    (LoRA: ``lora_base``, the pointer to the base checkpoint); ``record`` the run record
+    (``saved_run.run_record``) written as ``iter_N/run.json``, which chat and export read first.
 
     The tracker file (what ``--load`` reads) is replaced atomically by rank 0 only after every
     rank wrote its part, so a checkpoint becomes visible to ``--load`` only when complete. When
@@ -364,7 +381,7 @@ def save_checkpoint(root: str, iteration: int, consumed_samples: int, model, opt
         (rank == 0, lambda: os.makedirs(path, exist_ok=True)),
         (True, lambda: _save_state(path, iteration, consumed_samples, model, optimizer,
                                    scheduler, select, common)),
-        (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict)),
+        (rank == 0, lambda: _publish_checkpoint(root, path, iteration, config_dict, record)),
     )
     for runs_here, step in steps:
         reason = _agree_on_failure(_attempt(step) if runs_here else None)
@@ -393,17 +410,24 @@ def _save_state(path, iteration, consumed_samples, model, optimizer, scheduler, 
     dist_checkpointing.save(state, path)
 
 
-def _publish_checkpoint(root: str, path: str, iteration: int,
-                        config_dict: Dict[str, Any]) -> None:
-    """Rank 0, after every rank saved: the run config, then the tracker (atomic replace)."""
-    with open(os.path.join(path, "mt_dialog_config.json"), "w") as handle:
-        json.dump(config_dict, handle, indent=2)
-    tmp = os.path.join(root, TRACKER + ".tmp")
+def _publish_checkpoint(root: str, path: str, iteration: int, config_dict: Dict[str, Any],
+                        record: Optional[Dict[str, Any]]) -> None:
+    """Rank 0, after every rank saved: the run config and run record, then the tracker (each
+    replaced atomically: ``files.write_json_atomic``)."""
+    from mt_dialog.files import remove_gone, temp_path, write_json_atomic
+    from mt_dialog.training.saved_run import ITERATION_RECORD
+
+    write_json_atomic(os.path.join(path, "mt_dialog_config.json"), config_dict)
+    if record is not None:
+        write_json_atomic(os.path.join(path, ITERATION_RECORD), record)
+    tracker = os.path.join(root, TRACKER)
+    remove_gone(tracker)
+    tmp = temp_path(tracker)
     with open(tmp, "w") as handle:
         handle.write(str(iteration))
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(root, TRACKER))
+    os.replace(tmp, tracker)
 
 
 def _attempt(step) -> Optional[str]:
@@ -473,7 +497,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None,
     path = iteration_dir(root, latest_iteration(root) if iteration is None else iteration)
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {root}: {path} is missing")
-    common = dist_checkpointing.load_common_state_dict(path)
+    common = dist_checkpointing.load_common_state_dict(verified(path))
     if not finetune and common.get("weights_only"):
         raise CheckpointError(f"--load {root}: the checkpoint holds weights only (converted "
                               "from Hugging Face, or exported); add --finetune to start from it")
@@ -533,7 +557,7 @@ def _load_model_states(state: Dict[str, Any], path: str, root: str,
     with warnings.catch_warnings():  # torch.distributed.checkpoint's deprecation notices
         warnings.simplefilter("ignore", FutureWarning)
         loaded, _, absent = dist_checkpointing.load(
-            state, path, validate_access_integrity=validate,
+            state, verified(path), validate_access_integrity=validate,
             strict=StrictHandling.RETURN_UNEXPECTED)
     real = sorted(key for key in absent if not _is_extra_state(key))
     if real:
@@ -555,7 +579,7 @@ def stored_vocab_rows(path: str) -> Optional[int]:
     megatron-core's errors on an unreadable folder pass through."""
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(path)
+    meta = dist_checkpointing.load_tensors_metadata(verified(path))
     for key in VOCAB_KEYS:
         if key in meta:
             return int(meta[key].global_shape[0])
@@ -568,7 +592,7 @@ def _vocab_mismatches(state: Dict[str, Any], path: str):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    meta = dist_checkpointing.load_tensors_metadata(path)
+    meta = dist_checkpointing.load_tensors_metadata(verified(path))
     for chunk_key, chunk_state in list(state.items()):
         if not isinstance(chunk_state, dict):
             continue

@@ -31,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,12 @@ from mt_dialog.training.data import (
 )
 from mt_dialog.training.model import check_precision
 from mt_dialog.training.optimizer import build_optimizer
-from mt_dialog.training.saved_run import bundle_tokenizer, source_info, write_run_record
+from mt_dialog.training.saved_run import (
+    bundle_tokenizer,
+    run_record,
+    source_info,
+    write_run_record,
+)
 from mt_dialog.training.stopping import StopConditions
 from mt_dialog.training.tracking import open_tracker
 from mt_dialog.training.turn_metrics import metrics_table, report_names, write_metrics
@@ -105,6 +110,7 @@ class Run:
     history: List[Dict[str, float]] = field(default_factory=list)
     eval_forward_step: Optional[Callable] = None  # validation's; None: forward_step's losses
     lora_base: Optional[Dict] = None  # LoRA: the base checkpoint (lora_checkpoint.base_pointer)
+    argv: Optional[List[str]] = None  # the command line (the run record's)
 
 
 def _model_vocab(info: DataInfo, start: StartPoint) -> int:
@@ -380,7 +386,8 @@ def _save(run: Run) -> None:
 
         lora = {"select": is_adapter_key, "common": {"lora_base": run.lora_base}}
     path = save_checkpoint(run.config.train.save, run.iteration, run.consumed, run.model,
-                           run.optimizer, run.scheduler, to_dict(run.config), **lora)
+                           run.optimizer, run.scheduler, to_dict(run.config), **lora,
+                           record=_run_record(run))
     distributed.log(f"saved checkpoint {path}")
 
 
@@ -487,7 +494,7 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None,
     dp_size, info, datasets, start = check_before_build(config, world_size)
     with StopConditions(config.train, started) as stops:
         run = _build_and_load(config, info, datasets, start, forward_step, dp_size)
-        run.eval_forward_step = eval_forward_step
+        run.eval_forward_step, run.argv = eval_forward_step, argv
         if run.iteration >= run.train_iters:
             distributed.log(f"the run is finished: --load {start.path} is at iteration "
                             f"{run.iteration} of --train-iters {run.train_iters}; nothing to do "
@@ -506,7 +513,7 @@ def pretrain(config: DialogTrainingConfig, forward_step: Callable, argv=None,
                             "--eval-iters N once at the end")
         train(run, stops)
     if config.train.save and distributed.is_logging_rank():
-        _write_config(run, argv)
+        _write_config(run)
     if run.writer is not None:
         run.writer.close()
     return run
@@ -558,6 +565,12 @@ def _banner(run: Run, argv) -> str:
             f"{distributed.device()}")
 
 
-def _write_config(run: Run, argv) -> None:
+def _run_record(run: Run) -> Dict[str, Any]:
     source = source_info(run.start.path) if run.start and run.start.path else {}
-    write_run_record(run.config.train.save, argv, to_dict(run.config), to_dict(run.info), source)
+    return run_record(run.argv, to_dict(run.config), to_dict(run.info), source)
+
+
+def _write_config(run: Run) -> None:
+    record = _run_record(run)
+    write_run_record(run.config.train.save, record["command"], record["config"], record["data"],
+                     record["source"])

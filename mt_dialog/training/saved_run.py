@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 RUN_RECORD = "config.json"
+ITERATION_RECORD = "run.json"  # iter_N/run.json: the run record of the run that saved iter_N
 BUNDLED_TOKENIZER = "tokenizer"  # CKPT/tokenizer: a copy of the run's tokenizer files
 
 
@@ -55,15 +56,24 @@ def _read_json(path: str) -> Dict[str, Any]:
         raise SavedRunError(f"{path}: unreadable ({exc})") from None
 
 
+def run_record(command: Optional[Sequence[str]], config: Dict[str, Any],
+               data: Optional[Dict[str, Any]], source: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The run record: the command line, the run config (``to_dict`` of a
+    ``DialogTrainingConfig``), its data record (``to_dict`` of a ``DataInfo``; None for an import
+    without tokenizer) and the Hugging Face model it descends from (None: trained from scratch).
+    Written as ``root/config.json`` (``write_run_record``) and, by every checkpoint save, as
+    ``iter_N/run.json`` (``ITERATION_RECORD``: the record of that iteration's run)."""
+    return {"command": list(command) if command else None, "config": config, "data": data,
+            "source": source or None}
+
+
 def write_run_record(root: str, command: Optional[Sequence[str]], config: Dict[str, Any],
                      data: Optional[Dict[str, Any]], source: Optional[Dict[str, Any]]) -> None:
-    """Write ``root/config.json``: the command line, the run config (``to_dict`` of a
-    ``DialogTrainingConfig``), its data record (``to_dict`` of a ``DataInfo``; None for an import
-    without tokenizer) and the Hugging Face model it descends from (None: trained from scratch)."""
+    """Write ``root/config.json`` (``run_record``) whole or not at all (``files``)."""
+    from mt_dialog.files import write_json_atomic
+
     os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, RUN_RECORD), "w", encoding="utf-8") as handle:
-        json.dump({"command": list(command) if command else None, "config": config,
-                   "data": data, "source": source or None}, handle, indent=2)
+    write_json_atomic(os.path.join(root, RUN_RECORD), run_record(command, config, data, source))
 
 
 def source_info(root: str) -> Dict[str, Any]:
@@ -100,10 +110,10 @@ def read_run_info(root: str, iteration: Optional[int] = None) -> Dict[str, Any]:
     path = iteration_dir(root, iteration)
     if not os.path.isdir(path):
         raise SavedRunError(f"checkpoint {root}: {path} is missing")
-    run_config = os.path.join(root, RUN_RECORD)
-    if os.path.isfile(run_config):
-        saved = _read_json(run_config)
-        return {"iteration": iteration, "config": saved["config"], "data": saved["data"]}
+    for record in (os.path.join(path, ITERATION_RECORD), os.path.join(root, RUN_RECORD)):
+        if os.path.isfile(record):  # the iteration's own first: root/config.json may be stale
+            saved = _read_json(record)
+            return {"iteration": iteration, "config": saved["config"], "data": saved["data"]}
     iter_config = os.path.join(path, "mt_dialog_config.json")
     if not os.path.isfile(iter_config):
         raise SavedRunError(f"checkpoint {root}: neither config.json nor {iter_config}; is it a "
@@ -162,7 +172,10 @@ def bundle_tokenizer(root: str, tokenizer_info: Dict[str, Any]) -> Optional[str]
     if not os.path.exists(source):
         return (f"warning: the run's tokenizer {source} is gone; {target} is not written (chat "
                 "and export will need the tokenizer's location)")
-    tmp = f"{target}.tmp-{os.getpid()}"
+    from mt_dialog.files import remove_gone, temp_path
+
+    remove_gone(target)
+    tmp = temp_path(target)
     os.makedirs(tmp, exist_ok=True)
     # a folder's config.json too: transformers picks the tokenizer class by the model type
     names = [os.path.basename(source)] if os.path.isfile(source) else tokenizer_files(source) + [
@@ -210,15 +223,25 @@ def run_tokenizer(path: str, data: Optional[Dict[str, Any]], tokenizer_path: Opt
         if tokenizer is None:
             raise TokenizerMissing(f"the run's tokenizer {tok_info['path']} cannot be loaded "
                                    f"and {path} holds no copy of it (CKPT/tokenizer)")
-        return tokenizer
+        if tokenizer.sha256 == tok_info["sha256"] or not bundled:
+            return _same_tokenizer(tokenizer, tok_info, tok_info["path"], path)
+        tokenizer_path = bundled  # the recorded files changed since training: the run's copy
     try:
         tokenizer = load_tokenizer(tok_info["type"], tokenizer_path)
     except TokenizerError as exc:
         raise SavedRunError(str(exc)) from None
-    if tokenizer.sha256 != tok_info["sha256"]:
-        raise SavedRunError(f"tokenizer {tokenizer_path} is not the one the run trained "
-                            f"with ({tok_info['path']}, sha256 {tok_info['sha256'][:12]}...)")
     tokenizer.added_tokens = dict(tok_info.get("added_tokens", {}))
+    return _same_tokenizer(tokenizer, tok_info, tokenizer_path, path)
+
+
+def _same_tokenizer(tokenizer, tok_info: Dict[str, Any], where: str, path: str):
+    """``tokenizer`` when its files hash as the run recorded (other files give other ids than
+    training's, silently), else ``SavedRunError`` naming both."""
+    if tokenizer.sha256 != tok_info["sha256"]:
+        raise SavedRunError(
+            f"tokenizer {where} is not the one the run {path} trained with (sha256 "
+            f"{tokenizer.sha256[:12]}... != recorded {tok_info['sha256'][:12]}...; the files "
+            "changed since training); pass the original files with --tokenizer-path")
     return tokenizer
 
 

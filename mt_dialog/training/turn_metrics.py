@@ -201,17 +201,16 @@ def write_metrics(save: str, iteration: int, metrics: Dict[str, float],
     "eval_reply_length_buckets", "metrics"}``, the metrics under their log names (``"loss per
     turn"``, ``"accuracy"``, ``"reply length 1-4: exact turns"``, ``"turn 2: turns"``, ...;
     NaN as null: an empty group); returns its path."""
-    import json
     import math
     import os
+
+    from mt_dialog.files import write_json_atomic
 
     folder = os.path.join(save, "validation")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"iter_{iteration:07d}.json")
     values = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
               for k, v in metrics.items()}
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({"iteration": iteration, "eval_reply_length_buckets": list(edges),
-                   "metrics": values}, handle, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, {"iteration": iteration, "eval_reply_length_buckets": list(edges),
+                             "metrics": values})
     return path

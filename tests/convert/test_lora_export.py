@@ -271,7 +271,9 @@ def test_a_reimported_base_keeps_its_fingerprint(lora_run, hf_models, tmp_path):
     assert base_pointer(again)["fingerprint"] == pointer["fingerprint"]
     check_base(lora_run["ckpt"], dict(pointer, path=again))
     folder = os.path.join(again, "iter_0000000")
-    check_base(lora_run["ckpt"], dict(pointer, path=again,
+    older = {k: v for k, v in pointer.items() if k != "files"}  # a pointer saved before records
+    check_base(lora_run["ckpt"], dict(older, path=again, fingerprint=fingerprint(folder)))
+    check_base(lora_run["ckpt"], dict(older, path=again,
                                       fingerprint=fingerprint(folder, legacy=True)))
     shard = os.path.join(folder, sorted(f for f in os.listdir(folder) if f.endswith(".distcp"))[0])
     with open(shard, "r+b") as handle:
@@ -281,3 +283,5 @@ def test_a_reimported_base_keeps_its_fingerprint(lora_run, hf_models, tmp_path):
         handle.write(bytes([byte[0] ^ 1]))
     with pytest.raises(CheckpointError, match="changed since the adapters were trained"):
         check_base(lora_run["ckpt"], dict(pointer, path=again))
+    with pytest.raises(CheckpointError, match="changed since the adapters were trained"):
+        check_base(lora_run["ckpt"], dict(older, path=again))

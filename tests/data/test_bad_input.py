@@ -72,6 +72,9 @@ BAD = {
                                  {"role": "assistant", "content": "hello"}]},
                    "role_order", ["messages[1] (tool) follows messages[0] (user), which calls no "
                                   "tool", "must follow the assistant message with the tool calls"]),
+    # a line of nested brackets: Python's JSON parser raises RecursionError past its limit
+    "too_deeply_nested": (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                          "too_deeply_nested", ["nested deeper than", "flatten it"]),
     "invalid_unicode": ('{"messages": [{"role": "user", "content": "cut emoji \\ud83d here"}, '
                         '{"role": "assistant", "content": "OK."}]}', "invalid_unicode",
                         ["messages[0]: field 'content' holds a lone surrogate '\\ud83d'",
@@ -631,3 +634,31 @@ def test_parquet_bad_row_names_file_and_row(tmp_path, sp_model_path, capsys):
     assert (summary["conversations_read"], summary["conversations_kept"]) == (4, 3)
     assert summary["skipped"] == {"role_order": 1}
     assert summary["examples"]["role_order"].startswith(f"{path}:row 2: conversation 3: ")
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_line_over_the_limit_is_never_read_whole(tmp_path, sp_model_path, capsys, on_error):
+    """A JSONL line past ``readers.MAX_LINE_BYTES`` (64 MiB: a minified one-line file) is read
+    past in 1 MiB pieces: an error at file:line (raise), or a counted skip with the lines after
+    it kept (skip)."""
+    from mt_dialog.data.readers import MAX_LINE_BYTES
+
+    path = tmp_path / "in.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(json.dumps(GOOD[0]).encode() + b"\n")
+        handle.write(b'{"messages": [{"role": "user", "content": "')
+        handle.write(b"x" * (MAX_LINE_BYTES + 10))
+        handle.write(b'"}]}\n' + json.dumps(GOOD[1]).encode() + b"\n")
+    prefix = tmp_path / "ds"
+    code, out, err = run(capsys, preprocess_args(str(path), sp_model_path, prefix,
+                                                 "--on-error", on_error, "--split", "100,0"))
+    if on_error == "raise":
+        assert_clean_error(code, err)
+        assert err.startswith(f"error: {path}:2: ") and "over the 67,108,864-byte limit" in err
+        assert_nothing_written(prefix)
+        return
+    assert code == 0, err
+    summary = read_meta(prefix)["summary"]
+    assert summary["skipped"] == {"line_too_long": 1}, summary
+    assert summary["conversations_kept"] == 2 and summary["conversations_read"] == 3
+    assert summary["examples"]["line_too_long"].startswith(f"{path}:2: ")

@@ -211,3 +211,69 @@ def test_a_running_preprocessing_of_the_same_prefix_is_refused(sp_model_path, tm
     assert (f"{prefix}.tmp-{other.pid} belongs to a preprocessing run that is still running "
             f"(pid {other.pid})") in capsys.readouterr().err
     assert os.path.isdir(f"{prefix}.tmp-{other.pid}")  # another run's folder is not touched
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_when_its_pack_is_read(sp_model_path,
+                                                                           tmp_path):
+    """A byte changed in the middle of tokens.bin (the open-time probe reads 64 KiB at each
+    end) makes an id no tokenizer gave: the pack holding it is refused when read, never
+    embedded."""
+    import numpy as np
+
+    from mt_dialog.data.storage import PROBE_BYTES, field_prefix
+
+    copy = str(tmp_path / "big")
+    data = write_jsonl(tmp_path / "big.jsonl", _records(1500))
+    assert preprocess(preprocess_args(data, sp_model_path, copy, "--split", "100,0")) == 0
+    dataset = PackedDialogDataset(copy, "train")
+    assert os.path.getsize(field_prefix(copy, "train", "tokens") + ".bin") > 3 * PROBE_BYTES
+    assert dataset.tokens.index.dtype == np.uint16 and dataset.vocab_size < 2 ** 16 - 1
+    middle = len(dataset) // 2
+    start = int(dataset.documents[middle])
+    offset = int(dataset.tokens.index.sequence_pointers[start]) + 2  # its second token
+    with open(field_prefix(copy, "train", "tokens") + ".bin", "r+b") as handle:
+        handle.seek(offset)
+        handle.write(np.array([2 ** 16 - 1], dtype=np.uint16).tobytes())
+    damaged = PackedDialogDataset(copy, "train")  # opens: the ends are intact
+    damaged[middle - 1]
+    with pytest.raises(DatasetFormatError, match=f"pack {middle} holds token id 65535, "
+                                                 "outside the dataset's vocabulary"):
+        damaged[middle]
+
+
+def test_preprocessing_refuses_ids_outside_the_tokenizers_vocabulary(sp_model_path):
+    """The guard itself: a record whose rendered ids reach past ``vocab_size`` is refused (a
+    counted error under --on-error skip), never narrowed into another id by the staging dtype."""
+    from mt_dialog.data.readers import RawRecord
+    from mt_dialog.data.records import RecordProcessor
+
+    processor = RecordProcessor("sentencepiece", sp_model_path, "chatml", None, 64, None)
+    record = RawRecord("x.jsonl", 1, raw=json.dumps(
+        openai(("What is 2 plus 2?", "It is 4."))).encode())
+    assert processor.process([(0, record)])[0].status == "ok"
+    processor.vocab_size = 5  # as if the tokenizer gave ids past its size
+    refused = processor.process([(0, record)])[0]
+    assert refused.status == "error" and refused.reason == "token_id_out_of_range", refused
+
+
+def test_staging_folders_of_other_hosts_are_never_removed(sp_model_path, tmp_path, capsys):
+    """On a shared file system a staging folder named after another host may be that node's
+    live run: refused naming the host and left alone; this host's dead run's folder is removed."""
+    from mt_dialog import files
+
+    data = write_jsonl(tmp_path / "in.jsonl", _records(5))
+    prefix = str(tmp_path / "out")
+    other = f"{prefix}.tmp-gpu-node-12-31337"
+    os.makedirs(other)
+    assert preprocess(preprocess_args(data, sp_model_path, prefix)) == 1
+    err = capsys.readouterr().err
+    assert f"{other} belongs to a preprocessing run on host gpu-node-12 (pid 31337)" in err
+    assert os.path.isdir(other)
+    os.rmdir(other)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    mine = f"{prefix}.tmp-{files.host()}-{dead.pid}"
+    os.makedirs(mine)
+    assert preprocess(preprocess_args(data, sp_model_path, prefix)) == 0
+    assert f"removed {mine}, left by an interrupted run" in capsys.readouterr().err
+    assert not os.path.exists(mine)

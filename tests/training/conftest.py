@@ -157,3 +157,12 @@ def text_data(demo_tokenizer) -> str:
         handle.writelines(json.dumps({"text": text}) + "\n" for text in documents)
     return _preprocess(path, demo_tokenizer["tokenizer"], os.path.join(demo_tokenizer["dir"],
                                                                          "text"), overlong="split")
+
+
+@pytest.fixture(scope="session")
+def saved_run(packed_data, tmp_path_factory) -> Dict[str, str]:
+    """{"ckpt", "data"}: a 2-iteration run (the tests' usual tiny model, one process) saved at
+    iteration 2 on ``packed_data``; tests copy it before changing anything."""
+    ckpt = str(tmp_path_factory.mktemp("saved_run") / "ckpt")
+    launch(1, train_args(packed_data, "--save", ckpt, iters=2))
+    return {"ckpt": ckpt, "data": packed_data}
