@@ -48,7 +48,7 @@ def auto_config(folder: str, path: str):
         raise ConversionError("converting Hugging Face checkpoints needs transformers: "
                               "pip install -e '.[hf]'") from None
     try:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise ConversionError(f"{path}: transformers cannot read it ({exc})") from None
 
@@ -117,6 +117,42 @@ FEATURES: Dict[str, Tuple[str, Callable[[ModelConfig], bool]]] = {
                               "(--moe-router-score-function)",
                               lambda m: bool(m.num_experts)
                               and m.moe_router_score_function != "softmax"),
+    # attention variants
+    "window": ("sliding-window attention (--window-size)", lambda m: m.window_size is not None),
+    "softmax_type": ("attention sinks (--softmax-type)", lambda m: m.softmax_type != "vanilla"),
+    "mla": ("multi-latent attention (--multi-latent-attention)",
+            lambda m: bool(m.multi_latent_attention)),
+    # MoE routing of the 2026 families
+    "shared_expert": ("a shared expert (--moe-shared-expert-intermediate-size)",
+                      lambda m: bool(m.num_experts and m.moe_shared_expert_intermediate_size)),
+    "shared_expert_gate": ("a gated shared expert (--moe-shared-expert-gate)",
+                           lambda m: bool(m.num_experts and m.moe_shared_expert_gate)),
+    "expert_bias": ("an expert bias (--moe-router-enable-expert-bias)",
+                    lambda m: bool(m.num_experts and m.moe_router_enable_expert_bias)),
+    "group_routing": ("group-limited routing (--moe-router-num-groups)",
+                      lambda m: bool(m.num_experts and m.moe_router_num_groups)),
+    "topk_scaling": ("scaled expert weights (--moe-router-topk-scaling-factor)",
+                     lambda m: bool(m.num_experts) and m.moe_router_topk_scaling_factor
+                     not in (None, 1.0)),
+    "dense_layers": ("dense layers between MoE layers (--moe-layer-freq)",
+                     lambda m: bool(m.num_experts) and m.moe_layer_freq != 1),
+    "linear_bias": ("biases on every linear layer (--add-bias-linear)",
+                    lambda m: bool(m.add_bias_linear)),
+    # block features
+    "layernorm_1p": ("(1 + w) norms (--apply-layernorm-1p)", lambda m: bool(m.apply_layernorm_1p)),
+    "sandwich_norm": ("sandwich norms (--sandwich-norm)", lambda m: bool(m.sandwich_norm)),
+    "scale_embeddings": ("scaled embeddings (--scale-embeddings)",
+                         lambda m: bool(m.scale_embeddings)),
+    "gelu_gate": ("a GELU gate (--openai-gelu / --quick-geglu)",
+                  lambda m: bool(m.openai_gelu or m.quick_geglu)),
+    "softmax_scale": ("a set softmax scale (--softmax-scale)", lambda m: m.softmax_scale is not None),
+    "partial_rope": ("partial RoPE (--rotary-percent)", lambda m: m.rotary_percent != 1.0),
+    "rotary_base_local": ("a second RoPE base (--rotary-base-local)",
+                          lambda m: m.rotary_base_local is not None),
+    "yarn": ("YaRN RoPE (--position-embedding-type yarn)",
+             lambda m: m.position_embedding_type == "yarn"),
+    "logit_softcapping": ("soft-capped logits (--final-logit-softcapping)",
+                          lambda m: m.final_logit_softcapping is not None),
 }
 
 
