@@ -116,7 +116,8 @@ def test_export_picks_the_family_the_model_fits():
                        "this model: LlamaForCausalLM does not support"):
         export_architecture(mixtral_like, "MixtralForCausalLM")
     sigmoid = dataclasses.replace(_model("Qwen3MoeForCausalLM"),
-                                  moe_router_score_function="sigmoid")
+                                  moe_router_score_function="sigmoid",
+                                  moe_router_pre_softmax=False)
     with pytest.raises(ConversionError, match="no supported Hugging Face architecture fits .* "
                        "router score function other than softmax"):
         export_architecture(sigmoid)
