@@ -70,8 +70,14 @@ class TokenizerConfig:
                             "history: qwen3 leaves out earlier turns' reasoning), keep (every "
                             "turn's), per-turn (one sample per user turn with reasoning, each "
                             "trained in the view the model has at inference)")
+    template_timeout: float = option(10.0, help="seconds one conversation may take to render "
+                                     "(and the chat template's probe): a template whose loops "
+                                     "never end is stopped there (template_timeout: an error, or "
+                                     "a counted skip with --on-error skip)")
 
     def __post_init__(self) -> None:
+        if not self.template_timeout > 0:
+            raise ValueError(f"template_timeout: must be > 0 seconds, got {self.template_timeout}")
         if self.tokenizer_type is None:
             self.tokenizer_type = ("huggingface" if self.tokenizer_path and not self.tokenizer_model
                                    else "sentencepiece")

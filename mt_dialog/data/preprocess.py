@@ -39,7 +39,15 @@ from mt_dialog.data.config import PreprocessConfig
 from mt_dialog.data.packing import pack, packing_efficiency
 from mt_dialog.data.progress import progress_factory
 from mt_dialog.data.readers import InputError, RawRecord, expand_inputs, iter_records
-from mt_dialog.data.records import Kept, Outcome, RecordProcessor, init_worker, run_batch
+from mt_dialog.data.records import (
+    Kept,
+    Outcome,
+    RecordProcessor,
+    RenderTimeout,
+    init_worker,
+    run_batch,
+    time_limit,
+)
 from mt_dialog.data.render import end_of_turn_id, stop_ids
 from mt_dialog.data.staging import ShardWriter, StageIndex, staging_dtype
 from mt_dialog.data.storage import (
@@ -281,6 +289,7 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
         text_key=config.inputs.text_key,
         train_on=config.tokenizer.train_on,
         reasoning=config.tokenizer.reasoning,
+        template_timeout=config.tokenizer.template_timeout,
     )
     try:
         tokenizer = processor.setup()  # appends missing special tokens once, here
@@ -292,9 +301,15 @@ def _make_processor(config: PreprocessConfig) -> Tuple[RecordProcessor, object]:
     if config.output.workers > 1:
         processor.share_encoder()  # workers of a built-in template then skip transformers
     try:  # --template hf: the chat template's end-of-turn, found (or refused) before reading
-        end_of_turn_id(tok.template, tokenizer)
+        with time_limit(10 * tok.template_timeout):  # the probe renders a few dozen times
+            end_of_turn_id(tok.template, tokenizer)
     except (TokenizerError, ValueError) as exc:
         raise PreprocessError(str(exc)) from None
+    except RenderTimeout:
+        raise PreprocessError(
+            f"--tokenizer-path {tok.tokenizer_path}: its chat template did not finish rendering "
+            f"the probe conversations in {10 * tok.template_timeout:g} s (10 x "
+            "--template-timeout): a loop that never ends? Fix the template") from None
     return processor, tokenizer
 
 

@@ -27,12 +27,15 @@ num_loss_tokens)`` instead, so only a few numbers per sample cross the process b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -153,6 +156,8 @@ class RecordProcessor:
     token_dtype: str = "int64"
     """dtype of the staged token ids (set by the main process once the vocabulary is known)."""
     vocab_size: Optional[int] = None
+    template_timeout: Optional[float] = None
+    """``--template-timeout``: seconds one record may take to render (``time_limit``)."""
     """The tokenizer's vocabulary, appended tokens included (set with ``token_dtype``): a
     rendered id outside ``0..vocab_size - 1`` refuses its record (``_out_of_vocabulary``)."""
     count_dtype: str = "int32"
@@ -318,7 +323,14 @@ class RecordProcessor:
         text = isinstance(conversation, Document)
         where = f"{record.where}: {'document' if text else 'conversation'} {number}"
         try:
-            samples = self.render(conversation, encode)
+            with time_limit(self.template_timeout):
+                samples = self.render(conversation, encode)
+        except RenderTimeout:
+            return Refused("error", number, "template_timeout", (
+                f"{where}: rendering it took over --template-timeout {self.template_timeout:g} "
+                "s and was stopped (a chat template whose loops never end?); fix the template, "
+                "raise the limit for very long conversations, or skip such records with "
+                "--on-error skip")), None, 0, ()
         except RecordError as exc:
             return Refused("error", number, exc.reason, f"{where}: {exc.message}"), None, 0, ()
         except UnicodeError as exc:  # parse_record checks text; never a traceback all the same
@@ -402,6 +414,34 @@ class RecordProcessor:
         return Refused("error", number, "overlong",
                 f"{too_long}; use --overlong truncate (keep the whole turns that fit), "
                 "--overlong drop, or a longer --seq-length"), None, 0
+
+
+class RenderTimeout(BaseException):
+    """Raised in the rendering process by ``time_limit``'s alarm (a BaseException, so that no
+    ``except Exception`` in a template engine swallows it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float]) -> Iterator[None]:
+    """Raise ``RenderTimeout`` in this process when the block runs longer than ``seconds``
+    (SIGALRM with ``setitimer``; a no-op off the main thread, where signals cannot be used, or
+    for None). Preprocessing renders each conversation in the main thread of its process."""
+    usable = (seconds is not None and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise RenderTimeout()
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _out_of_vocabulary(samples, vocab_size: Optional[int]) -> Optional[int]:

@@ -662,3 +662,58 @@ def test_a_line_over_the_limit_is_never_read_whole(tmp_path, sp_model_path, caps
     assert summary["skipped"] == {"line_too_long": 1}, summary
     assert summary["conversations_kept"] == 2 and summary["conversations_read"] == 3
     assert summary["examples"]["line_too_long"].startswith(f"{path}:2: ")
+
+
+# a chat template that never ends on records saying LOOP (jinja's sandbox caps one range at
+# 100,000 items, so two nested ones run 1e10 iterations), or on every conversation
+_LOOP = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+         "{% endfor %}")
+_LOOPING_ON_MARK = (
+    "{% for message in messages %}{% if 'LOOP' in message['content'] %}" + _LOOP + "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _looping_tokenizer(hf_tokenizer_dir, folder, template):
+    from tests.data.chat_tokenizers import build_tokenizer
+
+    return build_tokenizer(hf_tokenizer_dir, str(folder), template, eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"])
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_template_that_never_ends_is_stopped(hf_tokenizer_dir, tmp_path, capsys, on_error):
+    """--template-timeout: the record whose rendering loops is stopped after the limit: an error
+    at file:line, or a counted skip with every other record kept."""
+    tokenizer = _looping_tokenizer(hf_tokenizer_dir, tmp_path / "tok", _LOOPING_ON_MARK)
+    path = write_lines(tmp_path / "in.jsonl", [GOOD[0], openai(("LOOP please", "No.")),
+                                               GOOD[1]])
+    prefix = tmp_path / "ds"
+    code, _, err = run(capsys, ["--input", path, "--tokenizer-path", tokenizer, "--template",
+                                "hf", "--output-prefix", str(prefix), "--seq-length", "256",
+                                "--no-progress", "--template-timeout", "1", "--on-error",
+                                on_error, "--split", "100,0"])
+    if on_error == "raise":
+        assert_clean_error(code, err)
+        assert err.startswith(f"error: {path}:2: ") and "--template-timeout 1 s" in err, err
+        return
+    assert code == 0, err
+    summary = read_meta(prefix)["summary"]
+    assert summary["skipped"] == {"template_timeout": 1} and summary["conversations_kept"] == 2
+
+
+def test_a_template_that_never_ends_fails_its_probe(hf_tokenizer_dir, tmp_path, capsys):
+    tokenizer = _looping_tokenizer(hf_tokenizer_dir, tmp_path / "tok",
+                                   _LOOP + CHATML_LOOP_FREE)
+    path = write_lines(tmp_path / "in.jsonl", GOOD[:2])
+    code, _, err = run(capsys, ["--input", path, "--tokenizer-path", tokenizer, "--template",
+                                "hf", "--output-prefix", str(tmp_path / "ds"), "--no-progress",
+                                "--template-timeout", "0.2"])
+    assert_clean_error(code, err)
+    assert "did not finish rendering the probe conversations in 2 s" in err, err
+
+
+CHATML_LOOP_FREE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
