@@ -171,31 +171,31 @@ def test_chat_greedy_reply_is_transformers_greedy_on_the_export(gemma, exported,
     assert len(prompt) + len(ours) > WINDOW and ours == theirs[0, len(prompt):].tolist()
 
 
-def _data(gemma, count: int = 60) -> str:
+@pytest.fixture(scope="module")
+def data(gemma) -> str:
     """A chat corpus preprocessed with the import's tokenizer (``--template hf``)."""
     from tests.convert.test_export_reproduces_training import _tool, _write_corpus
     from tools.preprocess_dialog import main as preprocess_main
 
     prefix = str(gemma["root"] / "data")
-    if not os.path.exists(prefix + ".idx") and not os.path.exists(prefix + "_train.idx"):
-        _write_corpus(str(gemma["root"] / "corpus.jsonl"), count)
-        _tool(preprocess_main, ["--input", gemma["root"] / "corpus.jsonl", "--tokenizer-type",
-                                "huggingface", "--tokenizer-path",
-                                os.path.join(gemma["ckpt"], "tokenizer"), "--template", "hf",
-                                "--seq-length", 128, "--split", "100,0", "--output-prefix",
-                                prefix, "--no-progress"])
+    _write_corpus(str(gemma["root"] / "corpus.jsonl"), 60)
+    _tool(preprocess_main, ["--input", gemma["root"] / "corpus.jsonl", "--tokenizer-type",
+                            "huggingface", "--tokenizer-path",
+                            os.path.join(gemma["ckpt"], "tokenizer"), "--template", "hf",
+                            "--seq-length", 128, "--split", "100,0", "--output-prefix", prefix,
+                            "--no-progress"])
     return prefix
 
 
 @pytest.mark.multiprocess
-def test_bf16_finetune_on_two_processes_lowers_the_loss_and_chats(gemma, tmp_path):
+def test_bf16_finetune_on_two_processes_lowers_the_loss_and_chats(gemma, data, tmp_path):
     from tests.training.conftest import parse_iters
     from tests.training.launch import run, run_torchrun
 
     save = str(tmp_path / "sft")
     proc = run_torchrun("pretrain_dialog.py", 2, [
         "--load", gemma["ckpt"], "--finetune", "--use-checkpoint-args", "--bf16",
-        "--tensor-model-parallel-size", "2", "--data-path", _data(gemma),
+        "--tensor-model-parallel-size", "2", "--data-path", data,
         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
         "--lr", "3e-3", "--log-interval", "1", "--save", save])
     losses = [it["loss_turn"] for it in parse_iters(proc.stdout)]
@@ -207,7 +207,7 @@ def test_bf16_finetune_on_two_processes_lowers_the_loss_and_chats(gemma, tmp_pat
 
 
 @pytest.mark.multiprocess
-def test_lora_exports_a_peft_adapter_with_equal_logits(gemma, tmp_path):
+def test_lora_exports_a_peft_adapter_with_equal_logits(gemma, data, tmp_path):
     """LoRA on q/k/v, o, gate/up and down of every layer (1 process, 3 steps); the PEFT adapter
     on the HF model computes mt_dialog's logits."""
     from peft import PeftModel
@@ -222,7 +222,7 @@ def test_lora_exports_a_peft_adapter_with_equal_logits(gemma, tmp_path):
     ckpt, adapter = str(tmp_path / "lora"), str(tmp_path / "adapter")
     run("pretrain_dialog.py", 1, [
         "--load", gemma["ckpt"], "--finetune", "--use-checkpoint-args", "--data-path",
-        _data(gemma), "--lora-rank", "4", "--lora-alpha", "8", "--lora-target", "linear_qkv",
+        data, "--lora-rank", "4", "--lora-alpha", "8", "--lora-target", "linear_qkv",
         "linear_proj", "linear_fc1", "linear_fc2", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "3", "--lr", "2e-2", "--save", ckpt],
         timeout=300)
