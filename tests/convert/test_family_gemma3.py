@@ -309,3 +309,25 @@ def test_export_refuses_what_gemma3_cannot_hold():
         export_architecture(ModelConfig(**gemma, window_size=[7, 0]), "Gemma3ForCausalLM")
     with pytest.raises(ConversionError, match=r"--architecture Gemma3ForCausalLM needs .*sandwich"):
         export_architecture(ModelConfig(**{**gemma, "sandwich_norm": False}), "Gemma3ForCausalLM")
+
+
+def test_a_transformers_4_config_reads_the_same(tmp_path):
+    """Configs saved before transformers 5 carry ``rope_theta``, ``rope_local_base_freq``,
+    ``rope_scaling`` and ``sliding_window_pattern``: transformers reads them into
+    ``rope_parameters`` / ``layer_types``, which the family maps as it maps a new config."""
+    from transformers import Gemma3TextConfig
+
+    from mt_dialog.convert.families import read_hf_config
+
+    raw = Gemma3TextConfig(num_hidden_layers=7, hidden_size=64, intermediate_size=96,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16).to_dict()
+    for name in ("rope_parameters", "layer_types"):
+        raw.pop(name)
+    raw.update(architectures=["Gemma3ForCausalLM"], rope_theta=5e5, rope_local_base_freq=2e4,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}, sliding_window_pattern=6,
+               sliding_window=512)
+    json.dump(raw, open(tmp_path / "config.json", "w"))
+    model = read_hf_config(str(tmp_path)).model
+    assert (model.rotary_base, model.rotary_base_local) == (5e5, 2e4)
+    assert model.rotary_seq_len_interpolation_factor == 8.0
+    assert model.window_size == [511, 0] and model.window_attn_skip_freq == [6]
