@@ -331,3 +331,26 @@ def test_a_transformers_4_config_reads_the_same(tmp_path):
     assert (model.rotary_base, model.rotary_base_local) == (5e5, 2e4)
     assert model.rotary_seq_len_interpolation_factor == 8.0
     assert model.window_size == [511, 0] and model.window_attn_skip_freq == [6]
+
+
+def test_a_model_without_windows_exports_a_config_transformers_runs():
+    """No --window-size and no --softmax-scale: every layer full (HF still wants a
+    sliding_window: its default stays), query_pre_attn_scalar the head size; read back, the
+    same model (the default scale written out)."""
+    from transformers import AutoModelForCausalLM
+
+    from mt_dialog.convert.families import FAMILIES, hf_config
+    from mt_dialog.training.config import ModelConfig
+
+    model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                        num_query_groups=2, qk_layernorm=True, apply_layernorm_1p=True,
+                        sandwich_norm=True, scale_embeddings=True, openai_gelu=True)
+    config = hf_config(model, "auto", 100, 64, "fp32", 1, 2, 0)
+    assert config.architectures == ["Gemma3ForCausalLM"] and config.head_dim == 16
+    assert config.layer_types == ["full_attention"] * 2 and config.query_pre_attn_scalar == 16
+    back = ModelConfig(**FAMILIES["Gemma3ForCausalLM"].model_kwargs(config, "config.json"))
+    assert back.window_size is None and back.rotary_base_local is None
+    assert back.softmax_scale == 0.25 and back.kv_channels == 16
+    with torch.no_grad():
+        assert AutoModelForCausalLM.from_config(config)(torch.tensor([[1, 2, 3]])).logits.shape \
+            == (1, 3, 100)

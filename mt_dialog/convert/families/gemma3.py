@@ -216,13 +216,14 @@ class Gemma3(Family):
         if model.rotary_seq_len_interpolation_factor:
             full.update(rope_type="linear", factor=model.rotary_seq_len_interpolation_factor)
         local = model.rotary_base_local or 10000.0
-        scalar = (model.softmax_scale ** -2 if model.softmax_scale is not None
-                  else model.kv_channels or model.hidden_size // model.num_attention_heads)
-        window = model.window_size[0] + 1 if model.window_size is not None else None
-        return {**kwargs, "hidden_activation": "gelu_pytorch_tanh",
+        head_dim = model.kv_channels or model.hidden_size // model.num_attention_heads
+        scalar = model.softmax_scale ** -2 if model.softmax_scale is not None else head_dim
+        # HF builds a sliding mask even when no layer uses it: keep its default window then
+        window = {} if model.window_size is None else {"sliding_window": model.window_size[0] + 1}
+        return {**kwargs, "head_dim": head_dim, "hidden_activation": "gelu_pytorch_tanh",
                 "rope_parameters": {FULL: full, SLIDING: {"rope_type": "default",
                                                           "rope_theta": local}},
-                "query_pre_attn_scalar": _as_number(scalar), "sliding_window": window,
+                "query_pre_attn_scalar": _as_number(scalar), **window,
                 "layer_types": layer_types_of(model), "attn_logit_softcapping": None,
                 "final_logit_softcapping": model.final_logit_softcapping}
 
