@@ -354,3 +354,33 @@ def test_a_model_without_windows_exports_a_config_transformers_runs():
     with torch.no_grad():
         assert AutoModelForCausalLM.from_config(config)(torch.tensor([[1, 2, 3]])).logits.shape \
             == (1, 3, 100)
+
+
+def test_the_multimodal_refusal_gives_a_recipe_that_works(tmp_path):
+    """Gemma3ForConditionalGeneration is refused; the recipe its message gives (the language
+    model saved as Gemma3ForCausalLM) makes a folder the family reads, with every tensor."""
+    from transformers import (Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,
+                              Gemma3TextConfig, SiglipVisionConfig)
+
+    from mt_dialog.convert.families import FAMILIES, ConversionError, check_names, read_hf_config
+    from mt_dialog.convert.families.common import SafetensorsFolder
+
+    text = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    mm = Gemma3ForConditionalGeneration(Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=299,
+        boi_token_index=297, eoi_token_index=298))
+    mm.save_pretrained(tmp_path / "mm")
+    with pytest.raises(ConversionError, match=r"Gemma3ForConditionalGeneration \(model_type "
+                       r"gemma3, text \+ vision\) is not supported; .*lm = Gemma3ForCausalLM"):
+        read_hf_config(str(tmp_path / "mm"))
+    lm = Gemma3ForCausalLM(mm.config.text_config)  # the message's recipe
+    lm.model.load_state_dict(mm.model.language_model.state_dict())
+    lm.save_pretrained(tmp_path / "text")
+    read = read_hf_config(str(tmp_path / "text"))
+    assert read.architecture == "Gemma3ForCausalLM" and read.model.window_size == [4095, 0]
+    check_names(SafetensorsFolder(str(tmp_path / "text")), FAMILIES["Gemma3ForCausalLM"],
+                read.model)

@@ -64,9 +64,9 @@ GEMMA3_FIELDS = LLAMA_FIELDS + (
 FULL, SLIDING = "full_attention", "sliding_attention"
 MULTIMODAL = ("Gemma3ForConditionalGeneration (model_type gemma3, text + vision) is not "
               "supported; only the text model Gemma3ForCausalLM (model_type gemma3_text): "
-              "convert the language model alone (e.g. load it with Gemma3ForCausalLM."
-              "from_pretrained and save_pretrained it, or take a text-only checkpoint such as "
-              "gemma-3-1b)")
+              "save its language model alone (lm = Gemma3ForCausalLM(mm.config.text_config); "
+              "lm.model.load_state_dict(mm.model.language_model.state_dict()); "
+              "lm.save_pretrained(DIR), with the tokenizer) and convert DIR")
 
 
 def _refuse_fields(config: Any, path: str) -> None:
