@@ -37,7 +37,14 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
                                  "moe_ffn_hidden_size": 24, "moe_router_pre_softmax": True},
          # Mixtral's config has one intermediate_size: the experts' (every layer MoE)
          "MixtralForCausalLM": {"num_experts": 4, "moe_router_topk": 2,
-                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24}}
+                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24},
+         # Gemma 3: layer 1 sliding (window 8, local base 1e4), layer 2 full (linear scaling)
+         "Gemma3ForCausalLM": {"qk_layernorm": True, "apply_layernorm_1p": True,
+                               "sandwich_norm": True, "scale_embeddings": True,
+                               "openai_gelu": True, "softmax_scale": 0.25,
+                               "window_size": [7, 0], "window_attn_skip_freq": [2],
+                               "rotary_base_local": 1e4, "final_logit_softcapping": 30.0,
+                               "rotary_seq_len_interpolation_factor": 2.0}}
 
 
 def _model(architecture: str) -> ModelConfig:

@@ -189,18 +189,19 @@ def test_yarn_cos_sin_equal_gpt_oss(megatron_process):
 # ------------------------------------------------------------------------------ Gemma 3 model
 
 GEMMA_SEQ = 24
+GEMMA_WINDOW = 8  # HF sliding_window: a query sees itself and the 7 tokens before it
 
 
 def _gemma_pair():
     """(HF Gemma3ForCausalLM, our DialogTrainingConfig) of one tiny Gemma 3: layer 1 sliding
-    (local base 10000), layer 2 global (base 1e6, linear scaling 2), window 64 > the sequences
-    (the window itself is the attention settings' concern), soft-capped logits."""
+    (local base 10000, window 8 < the sequences of 24 tokens), layer 2 global (base 1e6, linear
+    scaling 2), soft-capped logits."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     hf_config = Gemma3TextConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
-        sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        sliding_window=GEMMA_WINDOW, layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
                                             "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
@@ -216,51 +217,30 @@ def _gemma_pair():
         rotary_seq_len_interpolation_factor=2.0, rotary_base_local=1e4, norm_epsilon=1e-6,
         qk_layernorm=True, apply_layernorm_1p=True, sandwich_norm=True, scale_embeddings=True,
         openai_gelu=True, softmax_scale=24 ** -0.5, final_logit_softcapping=3.0,
-        transformer_impl="local")
+        window_size=[GEMMA_WINDOW - 1, 0], window_attn_skip_freq=[2], transformer_impl="local")
     return hf, config
 
 
 def _gemma_state(hf, model_config):
-    """Our state dict from HF's: the Llama mapping, with Gemma 3's four norms per layer."""
-    from mt_dialog.convert.hf_weights import hf_to_mcore_layer, hf_to_mcore_outer
+    """Our state dict from HF's, by the Gemma 3 family's rules (its four norms per layer)."""
+    from mt_dialog.convert.families.gemma3 import GEMMA3
+    from mt_dialog.convert.families.registry import iter_hf_to_mcore
 
     sd = hf.state_dict()
-    state = hf_to_mcore_outer(sd.__getitem__, model_config)
-    for i in range(model_config.num_layers):
-        state.update(hf_to_mcore_layer(sd.__getitem__, i, model_config))
-        hf_l, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
-        state[mc + "pre_mlp_layernorm.weight"] = sd[hf_l + "pre_feedforward_layernorm.weight"]
-        state[mc + "post_self_attn_layernorm.weight"] = sd[hf_l + "post_attention_layernorm.weight"]
-        state[mc + "post_mlp_layernorm.weight"] = sd[hf_l + "post_feedforward_layernorm.weight"]
+    state = {}
+    for part in iter_hf_to_mcore(GEMMA3, sd.__getitem__, model_config):
+        state.update(part)
     return state
 
 
 def _build_gemma(hf, config):
-    """Our GPTModel chunk of ``config`` with ``hf``'s weights, the sliding pattern layer 1
-    sliding / layer 2 full as the attention settings give it (window_size with
-    window_attn_skip_freq 2)."""
-    from mt_dialog.training import attention
+    """Our GPTModel chunk of ``config`` with ``hf``'s weights (layer 1 sliding, layer 2 full:
+    the config's --window-size 7 0 --window-attn-skip-freq 2)."""
     from mt_dialog.training.model import build_model_chunks, transformer_config
 
     tconfig = transformer_config(config)
-    tconfig.window_size, tconfig.window_attn_skip_freq = (63, 0), 2
-    # the window (64) covers every test sequence, so attention is plain causal; the local path's
-    # window support arrives with the sliding-window settings
-    original = attention.PackedSDPAttention.__init__
-
-    def no_window_check(self, config, *args, **kwargs):
-        window = config.window_size
-        config.window_size = None
-        try:
-            original(self, config, *args, **kwargs)
-        finally:
-            config.window_size = window
-
-    attention.PackedSDPAttention.__init__ = no_window_check
-    try:
-        (model,) = build_model_chunks(config, tconfig, 128, GEMMA_SEQ)
-    finally:
-        attention.PackedSDPAttention.__init__ = original
+    assert tconfig.window_size == (GEMMA_WINDOW - 1, 0) and tconfig.window_attn_skip_freq == 2
+    (model,) = build_model_chunks(config, tconfig, 128, GEMMA_SEQ)
     state = {k: v.to(tconfig.params_dtype) for k, v in _gemma_state(hf, config.model).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing

@@ -15,6 +15,7 @@ from mt_dialog.convert.families.common import (
     auto_config,
     read_raw_config,
 )
+from mt_dialog.convert.families.gemma3 import GEMMA3, MULTIMODAL as GEMMA3_MULTIMODAL
 from mt_dialog.convert.families.llama import LLAMA, MISTRAL
 from mt_dialog.convert.families.mixtral import MIXTRAL
 from mt_dialog.convert.families.qwen2 import QWEN2
@@ -24,14 +25,15 @@ from mt_dialog.training.config import ModelConfig
 
 # one line per family; --architecture auto tries them in this order
 FAMILIES: Dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, GEMMA3)}
 ARCHITECTURES = tuple(FAMILIES)
 
 _DELTANET = ("megatron-core 0.16.1's gated DeltaNet refuses packed sequences and needs GPU "
              "kernels (fla, causal_conv1d); not supported; use Qwen3 / Qwen3-MoE")
 # architectures refused by name, with the reason; model_type prefixes the same
 REFUSED = {"Qwen3NextForCausalLM": _DELTANET, "Qwen3_5ForCausalLM": _DELTANET,
-           "Qwen3_5MoeForCausalLM": _DELTANET}
+           "Qwen3_5MoeForCausalLM": _DELTANET,
+           "Gemma3ForConditionalGeneration": GEMMA3_MULTIMODAL}
 REFUSED_MODEL_TYPES = {"qwen3_next": _DELTANET, "qwen3_5": _DELTANET}
 
 
