@@ -165,23 +165,12 @@ def prepare_data(args) -> str:
 
 def launch_worker(args, prefix: str) -> dict:
     """The three runs in one ``torchrun --nproc_per_node 2`` launch; rank 0's results."""
-    out = os.path.join(args.work_dir, "moe_result.json")
-    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    runner = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
-    command = [*runner, "--standalone", "--nproc_per_node", "2", os.path.abspath(__file__),
-               "--worker", "--data", prefix, "--out", out, "--steps", str(args.steps),
-               "--micro-batch-size", str(args.micro_batch_size),
-               "--micro-batches", str(args.micro_batches)]
+    worker_args = ["--data", prefix, "--steps", args.steps, "--micro-batch-size",
+                   args.micro_batch_size, "--micro-batches", args.micro_batches]
     for name in ("hidden", "experts", "topk", "expert_ffn", "layers", "heads"):
-        command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([common.REPO] + ([env["PYTHONPATH"]]
-                                                         if env.get("PYTHONPATH") else []))
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=common.REPO)
-    if done.returncode:
-        raise SystemExit(f"training worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    with open(out, encoding="utf-8") as handle:
-        return json.load(handle)
+        worker_args += [f"--{name.replace('_', '-')}", getattr(args, name)]
+    return common.run_torchrun_worker(__file__, worker_args,
+                                      os.path.join(args.work_dir, "moe_result.json"))
 
 
 def ratios(results: dict) -> dict:

@@ -252,3 +252,22 @@ def stats(values: List[float]) -> Dict[str, float]:
     return {"n": int(array.size), "mean": float(array.mean()), "median": float(np.median(array)),
             "std": std, "sem": std / max(1.0, array.size) ** 0.5, "min": float(array.min()),
             "max": float(array.max())}
+
+
+def run_torchrun_worker(script: str, worker_args: Sequence[str], out: str,
+                        nproc: int = 2) -> Dict[str, Any]:
+    """``torchrun --standalone --nproc_per_node nproc script --worker ... --out out`` with
+    OMP_NUM_THREADS=1 and the repository on PYTHONPATH; the JSON the worker wrote to ``out``
+    (SystemExit with the output's tail when it fails)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    runner = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
+    command = [*runner, "--standalone", "--nproc_per_node", str(nproc), os.path.abspath(script),
+               "--worker", "--out", out, *map(str, worker_args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]]
+                                                  if env.get("PYTHONPATH") else []))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    if done.returncode:
+        raise SystemExit(f"training worker failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    with open(out, encoding="utf-8") as handle:
+        return json.load(handle)
