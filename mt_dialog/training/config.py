@@ -638,8 +638,29 @@ class ParallelConfig:
                                              "ranks (needs --num-experts divisible by it)")
     use_distributed_optimizer: bool = option(False, help="shard optimizer state over data "
                                              "parallel ranks")
+    overlap_grad_reduce: bool = option(False, help="reduce each gradient bucket over data "
+                                       "parallel as soon as the last micro-batch's backward "
+                                       "filled it, overlapping the backward (megatron-core DDP)")
+    overlap_param_gather: bool = option(False, help="not available yet: it needs "
+                                        "--use-distributed-optimizer with --overlap-grad-reduce "
+                                        "(see there)")
+    ddp_bucket_size: Optional[int] = option(None, help="parameters per gradient bucket "
+                                            "(default: megatron-core's, max(40M, 1M x DP) with "
+                                            "--overlap-grad-reduce, else one bucket)")
 
     def __post_init__(self) -> None:
+        _positive("ddp_bucket_size", self.ddp_bucket_size, allow_none=True)
+        if self.overlap_grad_reduce and self.use_distributed_optimizer:
+            raise ValueError(
+                "overlap_grad_reduce: with --use-distributed-optimizer, megatron-core 0.16.1 "
+                "trains correctly but saves stale fp32 main parameters in the checkpoint's "
+                "optimizer state (its checkpoint differs from a run without overlap), so a resume would "
+                "start from wrong weights; use --overlap-grad-reduce without the distributed "
+                "optimizer, or the distributed optimizer without overlap")
+        if self.overlap_param_gather:
+            raise ValueError("overlap_param_gather: gathers the distributed optimizer's shards, "
+                             "which cannot be combined with --overlap-grad-reduce yet (see that "
+                             "flag's error); drop it")
         _positive("tensor_model_parallel_size", self.tensor_model_parallel_size)
         _positive("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         _positive("expert_model_parallel_size", self.expert_model_parallel_size)

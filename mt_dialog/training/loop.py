@@ -124,12 +124,17 @@ def _setup(config: DialogTrainingConfig, info: DataInfo, datasets, start: StartP
            forward_step, dp_size: int) -> Run:
     from megatron.core.distributed import finalize_model_grads
 
-    from mt_dialog.training.model import build_model_chunks, transformer_config, wrap_ddp
+    from mt_dialog.training.model import (
+        build_model_chunks,
+        sync_functions,
+        transformer_config,
+        wrap_ddp,
+    )
 
     tconfig = transformer_config(config)
     chunks = build_model_chunks(config, tconfig, _model_vocab(info, start), info.seq_length)
     model = wrap_ddp(chunks, tconfig, config)
-    tconfig.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    sync_functions(model, tconfig, config.parallel)
     tconfig.finalize_model_grads_func = finalize_model_grads
     stream, valid_sets = datasets
     global_batch = config.data.global_batch_size or config.data.micro_batch_size * dp_size
@@ -557,6 +562,7 @@ def _banner(run: Run, argv) -> str:
     experts = (f" EP={par.expert_model_parallel_size} | MoE {run.config.model.num_experts} "
                f"experts, top {run.config.model.moe_router_topk}"
                if run.config.model.num_experts else "")
+    experts += " | overlapped: grad reduce" if par.overlap_grad_reduce else ""
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "

@@ -105,8 +105,7 @@ _SHARED = (
                    "--no-save-optim", "--no-save-rng", "--dist-ckpt-strictness",
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--use-torch-fsdp2",
-                     "--use-custom-fsdp", "--overlap-grad-reduce", "--overlap-param-gather",
-                     "--tp-comm-overlap", "--spec", "--yaml-cfg")),
+                     "--use-custom-fsdp", "--tp-comm-overlap", "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
 

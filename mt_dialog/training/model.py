@@ -288,13 +288,31 @@ def llama3_scaled_inv_freq(inv_freq: torch.Tensor, model) -> torch.Tensor:
     return torch.where(wavelength < original / high, inv_freq, scaled)
 
 
+def sync_functions(model: List, tconfig, par: ParallelConfig) -> None:
+    """The schedule's hooks on megatron-core's ``TransformerConfig``, as Megatron-LM's
+    ``training.py`` sets them: ``no_sync_func`` (no reduction before a chunk's last micro-batch),
+    with --overlap-grad-reduce ``grad_sync_func`` (each chunk's reduction starts as soon as its
+    last backward ends: Megatron-LM's default --align-grad-reduce)."""
+    def per_chunk(name: str):
+        hooks = [getattr(chunk, name) for chunk in model]
+        return hooks if len(hooks) > 1 else hooks[0]
+
+    tconfig.no_sync_func = per_chunk("no_sync")
+    if par.overlap_grad_reduce:
+        tconfig.grad_sync_func = per_chunk("start_grad_sync")
+
+
 def wrap_ddp(chunks: List[torch.nn.Module], tconfig, config: DialogTrainingConfig):
-    """megatron-core DDP: sums gradients over data parallel (the loss divides once, globally)."""
+    """megatron-core DDP: sums gradients over data parallel (the loss divides once, globally),
+    with --overlap-grad-reduce and --ddp-bucket-size as Megatron-LM passes them
+    (``sync_functions`` gives the schedule its hooks)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    par = config.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
+        bucket_size=par.ddp_bucket_size,
+        use_distributed_optimizer=par.use_distributed_optimizer,
         average_in_collective=False,
     )
     return [
