@@ -15,6 +15,7 @@ from mt_dialog.convert.families.common import (
     auto_config,
     read_raw_config,
 )
+from mt_dialog.convert.families.gpt_oss import GPT_OSS
 from mt_dialog.convert.families.llama import LLAMA, MISTRAL
 from mt_dialog.convert.families.mixtral import MIXTRAL
 from mt_dialog.convert.families.qwen2 import QWEN2
@@ -24,7 +25,7 @@ from mt_dialog.training.config import ModelConfig
 
 # one line per family; --architecture auto tries them in this order
 FAMILIES: Dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, GPT_OSS)}
 ARCHITECTURES = tuple(FAMILIES)
 
 _DELTANET = ("megatron-core 0.16.1's gated DeltaNet refuses packed sequences and needs GPU "
