@@ -226,7 +226,7 @@ def data(oss):
     prefix = str(root / "data")
     _tool(preprocess_main, ["--input", root / "corpus.jsonl", "--tokenizer-type", "huggingface",
                             "--tokenizer-path", os.path.join(oss["ckpt"], "tokenizer"),
-                            "--template", "hf", "--seq-length", 128, "--split", "100,0",
+                            "--template", "hf", "--seq-length", 256, "--split", "100,0",
                             "--output-prefix", prefix, "--no-progress"])
     return prefix
 
@@ -347,3 +347,29 @@ def test_layer_patterns_map_to_megatron_windows(oss, tmp_path):
     for i, (types, (window, freq)) in enumerate(cases.items()):
         model = read_hf_config(_changed(oss, tmp_path / str(i), layer_types=list(types))).model
         assert (model.window_size, model.window_attn_skip_freq) == (window, freq), types
+
+
+def test_biased_experts_train_in_one_process():
+    """megatron-core 0.16.1 adds an expert's fc2 bias in place on the output of the TP reduce at
+    EP = TP = 1, which autograd refuses; ``training.expert_bias`` hooks those layers so that a
+    one-process gpt-oss fine-tune (LoRA below) runs backward. Control: without the hooks the
+    backward fails as megatron-core's code alone does."""
+    from mt_dialog.training.config import ModelConfig
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+
+    config = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_experts=4,
+                         moe_router_topk=2, moe_ffn_hidden_size=16, add_bias_linear=True,
+                         transformer_impl="local", make_vocab_size_divisible_by=1)
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(0))
+    try:
+        model = single_process_model(single_process_config(config), 64, 16)
+        model(ids, torch.arange(12)[None], None).sum().backward()
+        fc2 = [m for n, m in model.named_modules() if n.endswith("linear_fc2")]
+        assert len(fc2) == 4 and all(m.bias.grad.abs().sum() > 0 for m in fc2)
+        for module in fc2:
+            module._forward_hooks.clear()
+        with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+            model(ids, torch.arange(12)[None], None).sum().backward()
+    finally:
+        destroy_single_process()
