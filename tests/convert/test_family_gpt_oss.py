@@ -47,7 +47,7 @@ def _hf_model(vocab: int, tokenizer):
         vocab_size=vocab, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=WINDOW, swiglu_limit=LIMIT,
-        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 16, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False},
@@ -271,7 +271,9 @@ def test_lora_exports_a_peft_adapter(oss, data, tmp_path):
     log = run("pretrain_dialog.py", 1, [
         "--load", oss["ckpt"], "--finetune", "--use-checkpoint-args", "--lora-rank", "4",
         "--lora-alpha", "8", "--data-path", data, *TRAIN, "--save", ckpt], timeout=300).stdout
-    assert "LoRA rank 4 alpha 8 on linear_qkv,linear_proj:" in log, log
+    assert "LoRA rank 4 alpha 8 on linear_qkv,linear_proj (experts not adapted)" in log, log
+    losses = [it["loss_turn"] for it in parse_iters(log)]
+    assert len(losses) == 3 and losses[-1] < losses[0], log
     report = _tool(convert_main, ["mcore-to-hf", "--load-dir", ckpt, "--save-dir", adapter,
                                   "--dtype", "fp32", "--no-progress"])
     assert "q_proj, k_proj, v_proj, o_proj)" in report, report
