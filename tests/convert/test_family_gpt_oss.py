@@ -1,7 +1,7 @@
 """gpt-oss (``GptOssForCausalLM``) the way users take it: a tiny random gpt-oss built with
 ``transformers`` (2 layers: sliding window 8 then full attention, learnable sinks, q/k/v/o biases,
 4 experts top 2 with a biased router and biased experts, the clamped SwiGLU with limit 1 so that
-the clamps act, YaRN factor 4 from 16 positions with truncate false; every weight and bias
+the clamps act, YaRN factor 4 from 128 positions with truncate false; every weight and bias
 perturbed off its init) with the harmony chat-template tokenizer (``hf_gpt_oss_dir``), imported
 once with ``hf-to-mcore``; sequences of 40 tokens, longer than the window.
 
@@ -47,9 +47,9 @@ def _hf_model(vocab: int, tokenizer):
         vocab_size=vocab, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
         num_experts_per_tok=2, sliding_window=WINDOW, swiglu_limit=LIMIT,
-        max_position_embeddings=64, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        max_position_embeddings=512, tie_word_embeddings=False, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                         "original_max_position_embeddings": 128, "beta_fast": 32.0,
                          "beta_slow": 1.0, "truncate": False},
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
@@ -118,7 +118,7 @@ def test_config_reaches_the_checkpoint(oss):
     assert (args["num_experts"], args["moe_router_topk"], args["moe_ffn_hidden_size"]) == (4, 2,
                                                                                            32)
     assert args["position_embedding_type"] == "yarn" and args["yarn_rotary_scaling_factor"] == 4
-    assert args["yarn_original_max_position_embeddings"] == 16
+    assert args["yarn_original_max_position_embeddings"] == 128
     assert args["yarn_correction_range_round_to_int"] is False
     assert args["kv_channels"] == 16 and args["untie_embeddings_and_output_weights"]
 
