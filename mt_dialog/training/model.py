@@ -224,6 +224,7 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
 
     from mt_dialog.training.block import add_model_hooks, block_decoder_spec, set_yarn_attributes
     from mt_dialog.training.distributed import device
+    from mt_dialog.training.expert_bias import copy_expert_outputs
 
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     set_yarn_attributes(tconfig, config.model)
@@ -249,6 +250,7 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
             rotary = model.rotary_pos_emb
             rotary.inv_freq = llama3_scaled_inv_freq(rotary.inv_freq, config.model)
         add_model_hooks(model, config.model)  # --scale-embeddings, --final-logit-softcapping
+        copy_expert_outputs(model)  # biased experts at EP = TP = 1 (training.expert_bias)
         chunks.append(_to_params_dtype(model.to(device()), tconfig.params_dtype))
     if config.lora.enabled:  # frozen base + adapters, before DDP and the optimizer see them
         from mt_dialog.training.lora import apply_lora

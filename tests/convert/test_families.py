@@ -44,7 +44,18 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
                                "openai_gelu": True, "softmax_scale": 0.25,
                                "window_size": [7, 0], "window_attn_skip_freq": [2],
                                "rotary_base_local": 1e4, "final_logit_softcapping": 30.0,
-                               "rotary_seq_len_interpolation_factor": 2.0}}
+                               "rotary_seq_len_interpolation_factor": 2.0},
+         # gpt-oss: one intermediate_size (the experts'), every layer MoE with biases, sinks,
+         # alternating windows, the clamped SwiGLU, YaRN
+         "GptOssForCausalLM": {"num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 24,
+                               "ffn_hidden_size": 24, "add_bias_linear": True,
+                               "softmax_type": "learnable", "window_size": [7, 0],
+                               "window_attn_skip_freq": [2], "quick_geglu": True,
+                               "glu_linear_offset": 1.0, "activation_func_clamp_value": 7.0,
+                               "position_embedding_type": "yarn",
+                               "yarn_rotary_scaling_factor": 4.0,
+                               "yarn_original_max_position_embeddings": 16,
+                               "yarn_correction_range_round_to_int": False}}
 
 
 def _model(architecture: str) -> ModelConfig:

@@ -16,6 +16,7 @@ from mt_dialog.convert.families.common import (
     read_raw_config,
 )
 from mt_dialog.convert.families.gemma3 import GEMMA3, MULTIMODAL as GEMMA3_MULTIMODAL
+from mt_dialog.convert.families.gpt_oss import GPT_OSS
 from mt_dialog.convert.families.llama import LLAMA, MISTRAL
 from mt_dialog.convert.families.mixtral import MIXTRAL
 from mt_dialog.convert.families.qwen2 import QWEN2
@@ -25,7 +26,7 @@ from mt_dialog.training.config import ModelConfig
 
 # one line per family; --architecture auto tries them in this order
 FAMILIES: Dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, GEMMA3)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, GEMMA3, GPT_OSS)}
 ARCHITECTURES = tuple(FAMILIES)
 
 _DELTANET = ("megatron-core 0.16.1's gated DeltaNet refuses packed sequences and needs GPU "
