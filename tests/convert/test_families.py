@@ -37,7 +37,18 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
                                  "moe_ffn_hidden_size": 24, "moe_router_pre_softmax": True},
          # Mixtral's config has one intermediate_size: the experts' (every layer MoE)
          "MixtralForCausalLM": {"num_experts": 4, "moe_router_topk": 2,
-                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24}}
+                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24},
+         # MLA (YaRN, a query down-projection) + the sigmoid MoE with a dense first layer
+         "DeepseekV3ForCausalLM": {
+             "num_query_groups": 4, "multi_latent_attention": True, "qk_layernorm": True,
+             "q_lora_rank": 12, "kv_lora_rank": 16, "qk_head_dim": 8, "qk_pos_emb_head_dim": 4,
+             "v_head_dim": 12, "rope_type": "yarn", "rotary_scaling_factor": 4.0,
+             "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
+             "num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 8,
+             "moe_shared_expert_intermediate_size": 16, "moe_router_score_function": "sigmoid",
+             "moe_router_enable_expert_bias": True, "moe_router_num_groups": 2,
+             "moe_router_group_topk": 1, "moe_router_topk_scaling_factor": 2.5,
+             "moe_layer_freq": [0, 1]}}
 
 
 def _model(architecture: str) -> ModelConfig:
@@ -78,7 +89,7 @@ def test_tensor_names_and_rules_round_trip(architecture, tmp_path):
     mcore = {}
     for group in iter_hf_to_mcore(family, state.__getitem__, model):
         mcore.update(group)
-    assert "decoder.layers.1.self_attention.linear_qkv.weight" in mcore
+    assert "decoder.layers.1.self_attention.linear_proj.weight" in mcore
     back = {}
     for group in iter_mcore_to_hf(family, mcore, model, 100):
         back.update(group)
@@ -116,7 +127,8 @@ def test_export_picks_the_family_the_model_fits():
                        "this model: LlamaForCausalLM does not support"):
         export_architecture(mixtral_like, "MixtralForCausalLM")
     sigmoid = dataclasses.replace(_model("Qwen3MoeForCausalLM"),
-                                  moe_router_score_function="sigmoid")
+                                  moe_router_score_function="sigmoid",
+                                  moe_router_pre_softmax=False)
     with pytest.raises(ConversionError, match="no supported Hugging Face architecture fits .* "
                        "router score function other than softmax"):
         export_architecture(sigmoid)
