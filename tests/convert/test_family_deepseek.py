@@ -21,6 +21,7 @@ unsupported routing / RoPE settings are refused naming the field.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -270,3 +271,214 @@ def test_lite_export_is_the_same_model_interleaved(deepseek, exported, tokens):
             tuple(f"self_attn.{p}.weight" for p in rope)), key
     assert (hf_logits(exported["lite"], tokens) - hf_logits(folder, tokens)).abs().max() \
         <= TOLERANCE
+
+
+def test_chat_greedy_reply_is_hf_greedy_on_the_export(deepseek, exported):
+    """mt_dialog.generate (what tools/chat.py runs) on the import == transformers' generate on
+    the export, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    from mt_dialog import generate
+    from mt_dialog.training.distributed import destroy_single_process
+
+    try:
+        generator = generate.Generator.from_checkpoint(deepseek["v3"][1])
+        prompt = generator.prompt_ids([{"role": "user", "content": "What is 2 + 3?"}])
+        ours, _ = generator.generate_ids(prompt, max_new_tokens=12)
+    finally:
+        destroy_single_process()
+    model = AutoModelForCausalLM.from_pretrained(exported["v3"], attn_implementation="eager")
+    theirs = model.eval().generate(torch.tensor([prompt]), max_new_tokens=len(ours),
+                                   do_sample=False, eos_token_id=generator.end_of_turn,
+                                   pad_token_id=model.config.pad_token_id)
+    assert len(ours) >= 4 and ours == theirs[0, len(prompt):].tolist()
+
+
+# ------------------------------------------------------------------------- refused settings
+
+def _config_folder(deepseek, tmp_path, **changes) -> str:
+    """The v3 folder's config.json with ``changes`` (weights are not read)."""
+    config = json.load(open(os.path.join(deepseek["v3"][0], "config.json")))
+    config.update(changes)
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+YARN = CONFIGS["v3"]["rope_parameters"]
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(norm_topk_prob=False), r"norm_topk_prob false with num_experts_per_tok 4: "
+     "megatron-core always renormalizes the top-k sigmoid weights"),
+    (dict(num_experts_per_tok=1, n_group=1, topk_group=1), r"norm_topk_prob true with "
+     "num_experts_per_tok 1: HF divides the weight by itself"),
+    (dict(topk_group=1), r"n_group 4 with num_experts_per_tok 4 and topk_group 1: HF ranks each "
+     r"group by its top-2 scores, megatron-core by its top num_experts_per_tok / topk_group; "
+     r"only num_experts_per_tok = 2 x topk_group \(or n_group 1\)"),
+    (dict(scoring_func="softmax"), r"scoring_func 'softmax' is not supported; only sigmoid"),
+    (dict(topk_method="greedy"), r"topk_method 'greedy' is not supported; only noaux_tc"),
+    (dict(num_key_value_heads=2), r"num_key_value_heads 2 != num_attention_heads 4: MLA gives "
+     "every head its own key and value; set num_key_value_heads 4"),
+    (dict(first_k_dense_replace=3), r"first_k_dense_replace 3 must be between 0 and "
+     r"num_hidden_layers - 1 \(2\)"),
+    (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+     r"rope_parameters rope_type 'linear' is not supported with multi-latent attention"),
+    (dict(rope_parameters=dict(YARN, attention_factor=1.2)), r"rope_parameters "
+     "attention_factor 1.2 is not "
+     "supported; megatron-core derives it from factor, mscale and mscale_all_dim"),
+    (dict(rope_parameters=dict(YARN, truncate=False)), r"rope_parameters truncate false is "
+     "not supported"),
+    (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
+])
+def test_unsupported_settings_are_refused_naming_the_field(deepseek, tmp_path, changes, message):
+    from mt_dialog.convert.families import ConversionError, read_hf_config
+
+    folder = _config_folder(deepseek, tmp_path, **changes)
+    path = re.escape(os.path.join(folder, "config.json"))
+    with pytest.raises(ConversionError, match=f"{path}: {message}"):
+        read_hf_config(folder)
+
+
+def test_unknown_extra_layers_are_refused_not_dropped(deepseek, tmp_path):
+    """Only num_nextn_predict_layers layers past the last are dropped: without it the MTP
+    tensors are unknown tensors."""
+    folder = tmp_path / "no_mtp"
+    shutil.copytree(deepseek["v3"][0], folder)
+    config = json.load(open(folder / "config.json"))
+    (folder / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=0)))
+    proc = convert("hf-to-mcore", "--load-dir", folder, "--save-dir", tmp_path / "ckpt",
+                   expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "4 tensor(s) this converter does not know, e.g. model.layers.3." in proc.stderr
+
+
+def test_export_refuses_dense_layers_that_are_not_first():
+    import dataclasses
+
+    from mt_dialog.convert.families import ConversionError, hf_config
+    from mt_dialog.training.config import ModelConfig
+
+    base = dict(num_layers=3, hidden_size=32, num_attention_heads=4, multi_latent_attention=True,
+                qk_layernorm=True, kv_lora_rank=8, qk_head_dim=8, qk_pos_emb_head_dim=4,
+                v_head_dim=8, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=8,
+                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                moe_layer_freq=[0, 1, 1])
+    model = ModelConfig(**base)
+    assert hf_config(model, "DeepseekV3ForCausalLM", 64, 64, "fp32", 0, 1).first_k_dense_replace \
+        == 1
+    with pytest.raises(ConversionError, match=r"--moe-layer-freq \[1, 0, 1\]: Hugging Face's "
+                       "first_k_dense_replace has the dense layers first"):
+        hf_config(dataclasses.replace(model, moe_layer_freq=[1, 0, 1]), "DeepseekV3ForCausalLM",
+                  64, 64, "fp32", 0, 1)
+    with pytest.raises(ConversionError, match=r"--moe-shared-expert-intermediate-size 12 is not "
+                       r"a multiple of --moe-ffn-hidden-size 8"):
+        hf_config(dataclasses.replace(model, moe_shared_expert_intermediate_size=12),
+                  "DeepseekV3ForCausalLM", 64, 64, "fp32", 0, 1)
+
+
+# ----------------------------------------------------------------- several processes
+
+@pytest.mark.multiprocess
+def test_import_tp2_logits_equal_hf(deepseek, tokens, tmp_path):
+    """Both imports loaded at TP=2 (MLA's heads and the experts split over two processes), one
+    launch."""
+    from transformers import AutoConfig
+
+    vocabs = {n: AutoConfig.from_pretrained(deepseek[n][0]).vocab_size for n in CONFIGS}
+    logits = parallel_logits({n: deepseek[n][1] for n in CONFIGS}, vocabs, tokens,
+                             str(tmp_path), ["--tp", "2"])
+    for name in CONFIGS:
+        reference = hf_logits(deepseek[name][0], tokens)
+        assert logits[name].shape == reference.shape
+        assert (logits[name] - reference).abs().max().item() <= TOLERANCE, name
+
+
+@pytest.fixture(scope="module")
+def chat_data(deepseek, tmp_path_factory):
+    """A chat corpus preprocessed with the import's tokenizer (the fixture's) and --template hf
+    (DeepSeek-V3's Jinja template)."""
+    from tests.convert.test_export_reproduces_training import _tool, _write_corpus
+    from tools.preprocess_dialog import main as preprocess_main
+
+    root = tmp_path_factory.mktemp("deepseek_data")
+    _write_corpus(str(root / "corpus.jsonl"), 40)
+    _tool(preprocess_main, ["--input", root / "corpus.jsonl", "--tokenizer-type", "huggingface",
+                            "--tokenizer-path", os.path.join(deepseek["v3"][1], "tokenizer"),
+                            "--template", "hf", "--seq-length", 128, "--split", "100,0",
+                            "--output-prefix", root / "chat", "--no-progress"])
+    return str(root / "chat")
+
+
+@pytest.mark.multiprocess
+def test_bf16_finetune_at_ep2_lowers_the_loss_and_exports(deepseek, chat_data, tmp_path):
+    """pretrain_dialog.py --finetune --use-checkpoint-args --bf16 on 2 processes at EP=2 (the
+    routed experts split, the expert bias kept frozen): the loss falls over 3 steps; the export
+    loads with plain from_pretrained and keeps the expert bias as imported."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.training.conftest import parse_iters
+    from tests.training.launch import run_torchrun
+
+    save = str(tmp_path / "sft")
+    proc = run_torchrun("pretrain_dialog.py", 2, [
+        "--load", deepseek["v3"][1], "--finetune", "--use-checkpoint-args", "--bf16",
+        "--expert-model-parallel-size", "2", "--data-path", chat_data, "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--train-iters", "3", "--lr", "5e-3", "--log-interval", "1",
+        "--save", save])
+    losses = [it["loss_turn"] for it in parse_iters(proc.stdout)]
+    assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
+    out = tmp_path / "hf"
+    convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    original = load_file(os.path.join(deepseek["v3"][0], "model.safetensors"))
+    assert torch.equal(dict(model.named_buffers())[bias], original[bias])  # never trained
+    trained = dict(model.named_parameters())["model.layers.1.mlp.gate.weight"]
+    assert not torch.equal(trained, original["model.layers.1.mlp.gate.weight"])
+
+
+@pytest.mark.multiprocess
+def test_lora_on_linear_proj_exports_an_adapter_peft_loads(deepseek, chat_data, tmp_path):
+    """--lora-target all on MLA + MoE is linear_proj (o_proj); the adapter peft loads computes
+    what mt_dialog trained; linear_qkv is refused naming what exists."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import load_inference_model, read_run_info
+    from tests.training.launch import run
+
+    folder, base = deepseek["lite"]
+    ckpt = str(tmp_path / "lora")
+    common = ["--load", base, "--finetune", "--use-checkpoint-args", "--data-path", chat_data,
+              "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
+              "--log-interval", "1", "--lora-rank", "4", "--lora-alpha", "8"]
+    log = run("pretrain_dialog.py", 1, [*common, "--train-iters", "3", "--save", ckpt]).stdout
+    assert "LoRA rank 4 alpha 8 on linear_proj: trainable parameters" in log, log
+    refused = run("pretrain_dialog.py", 1, [*common, "--train-iters", "1", "--lora-target",
+                                            "linear_qkv"], expect_ok=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    assert "linear_qkv does not exist with --multi-latent-attention" in refused.stderr
+    adapter = tmp_path / "adapter"
+    report = convert("mcore-to-hf", "--load-dir", ckpt, "--save-dir", adapter, "--dtype",
+                     "fp32").stdout
+    assert "(rank 4 on o_proj)" in report, report
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 2]])
+    try:
+        with torch.no_grad():
+            ours = load_inference_model(ckpt, read_run_info(ckpt))(
+                ids, torch.arange(ids.shape[1])[None], None).float()
+    finally:
+        destroy_single_process()
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    with torch.no_grad():
+        plain = hf(ids).logits
+        peft = PeftModel.from_pretrained(hf, str(adapter)).eval()(ids).logits
+    vocab = plain.shape[-1]
+    assert (peft - ours[..., :vocab]).abs().max() <= TOLERANCE
+    assert (plain - ours[..., :vocab]).abs().max() > 1e-3  # the adapters changed the model
