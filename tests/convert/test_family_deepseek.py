@@ -357,6 +357,21 @@ def test_unsupported_settings_are_refused_naming_the_field(deepseek, tmp_path, c
         read_hf_config(folder)
 
 
+def test_kimi_k2_config_reads_as_deepseek_v3_without_its_python(deepseek, tmp_path):
+    """Kimi K2's config.json: model_type kimi_k2 (no transformers class) and auto_map to its
+    own configuration_deepseek.py: read with DeepseekV3Config, the .py never run."""
+    from mt_dialog.convert.families import read_hf_config
+
+    marker = tmp_path / "ran"
+    folder = _config_folder(deepseek, tmp_path, model_type="kimi_k2", auto_map={
+        "AutoConfig": "configuration_deepseek.DeepseekV3Config"})
+    with open(os.path.join(folder, "configuration_deepseek.py"), "w") as handle:
+        handle.write(f"open({str(marker)!r}, 'w').close()\n")
+    kimi, v3 = read_hf_config(folder), read_hf_config(deepseek["v3"][0])
+    assert kimi.architecture == "DeepseekV3ForCausalLM" and kimi.model == v3.model
+    assert not marker.exists()
+
+
 def test_unknown_extra_layers_are_refused_not_dropped(deepseek, tmp_path):
     """Only num_nextn_predict_layers layers past the last are dropped: without it the MTP
     tensors are unknown tensors."""

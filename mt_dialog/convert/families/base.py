@@ -152,6 +152,10 @@ class Family:
     model_fields: Tuple[str, ...] = ()  # ModelConfig fields model_kwargs sets (checkpoint args)
     docs: DocsRow = DocsRow("", "")
     ignored_hf_suffixes: Tuple[str, ...] = ("rotary_emb.inv_freq",)  # recomputed buffers
+    # other config.json model types of this architecture that transformers has no class for
+    # (Kimi K2's kimi_k2, whose config is DeepSeek-V3's): read with ``config_class``, never
+    # with the folder's own Python (auto_map)
+    alias_model_types: Tuple[str, ...] = ()
 
     # -- config ---------------------------------------------------------------------------
     def refuse(self, config: Any, path: str) -> None:

@@ -1,6 +1,7 @@
 """DeepSeek-V3 / Kimi K2 (``DeepseekV3ForCausalLM``, model_type ``deepseek_v3``): multi-latent
 attention (MLA) and the sigmoid MoE with shared experts and dense first layers (``moe`` module:
-``sigmoid_moe_*``). Read from transformers 5.23's ``modeling_deepseek_v3`` (the layouts only).
+``sigmoid_moe_*``). Read from transformers 5.23's ``modeling_deepseek_v3`` (the layouts only). Kimi K2's config
+(model_type ``kimi_k2``) is DeepSeek-V3's and is read with ``DeepseekV3Config``.
 
 Config -> ``ModelConfig`` (Megatron-LM flags)::
 
@@ -189,6 +190,7 @@ class DeepseekV3(Family):
     optional_features = frozenset({"shared_expert", "group_routing", "topk_scaling",
                                    "dense_layers"})
     model_fields = DEEPSEEK_FIELDS
+    alias_model_types = ("kimi_k2",)  # Kimi K2: DeepSeek-V3's config under its own name
     # HF keeps the expert bias fp32 (_keep_in_fp32_modules_strict); read by export once the
     # glm branch's Family.fp32_hf_suffixes is merged
     fp32_hf_suffixes = ("e_score_correction_bias",)

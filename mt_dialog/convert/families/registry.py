@@ -12,6 +12,7 @@ from mt_dialog.convert.families.base import ConversionError, Family, HFModel, Ru
 from mt_dialog.convert.families.common import (
     DTYPES,
     SafetensorsFolder,
+    alias_config,
     auto_config,
     read_raw_config,
 )
@@ -68,7 +69,10 @@ def read_hf_config(folder: str) -> HFModel:
     """The model a Hugging Face folder holds, or ``ConversionError`` naming what is unsupported."""
     path, raw = read_raw_config(folder)
     fam = config_family(raw, path)
-    config = auto_config(folder, path)
+    if raw.get("model_type") in fam.alias_model_types:
+        config = alias_config(folder, path, fam.config_class)
+    else:
+        config = auto_config(folder, path)
     fam.refuse(config, path)
     try:
         model = ModelConfig(**fam.model_kwargs(config, path))
