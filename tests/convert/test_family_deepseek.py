@@ -40,7 +40,8 @@ COMMON = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
               qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, rms_norm_eps=1e-6,
               max_position_embeddings=256, hidden_act="silu", norm_topk_prob=True)
 CONFIGS = {
-    "v3": dict(COMMON, max_position_embeddings=64, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24,
+    "v3": dict(COMMON, max_position_embeddings=64, num_hidden_layers=3,
+               first_k_dense_replace=1, q_lora_rank=24,
                n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
                n_shared_experts=1, routed_scaling_factor=2.5, rope_interleave=True,
                tie_word_embeddings=False, num_nextn_predict_layers=1,

@@ -1,7 +1,8 @@
 """DeepSeek-V3 / Kimi K2 (``DeepseekV3ForCausalLM``, model_type ``deepseek_v3``): multi-latent
 attention (MLA) and the sigmoid MoE with shared experts and dense first layers (``moe`` module:
-``sigmoid_moe_*``). Read from transformers 5.23's ``modeling_deepseek_v3`` (the layouts only). Kimi K2's config
-(model_type ``kimi_k2``) is DeepSeek-V3's and is read with ``DeepseekV3Config``.
+``sigmoid_moe_*``). Read from transformers 5.23's ``modeling_deepseek_v3`` (the layouts
+only). Kimi K2's config (model_type ``kimi_k2``) is DeepSeek-V3's, read with
+``DeepseekV3Config``.
 
 Config -> ``ModelConfig`` (Megatron-LM flags)::
 
