@@ -53,6 +53,18 @@ def auto_config(folder: str, path: str):
         raise ConversionError(f"{path}: transformers cannot read it ({exc})") from None
 
 
+def alias_config(folder: str, path: str, config_class: str):
+    """``folder``'s config.json read by ``transformers.<config_class>`` (a model type that
+    transformers does not register, e.g. Kimi K2's ``kimi_k2``: DeepSeek-V3's config)."""
+    import transformers
+
+    try:
+        return getattr(transformers, config_class).from_pretrained(folder,
+                                                                   local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(f"{path}: {config_class} cannot read it ({exc})") from None
+
+
 class SafetensorsFolder:
     """Tensors of a Hugging Face folder: ``model.safetensors`` or shards listed in
     ``model.safetensors.index.json``; each tensor is read on demand."""
