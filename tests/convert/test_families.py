@@ -37,7 +37,16 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
                                  "moe_ffn_hidden_size": 24, "moe_router_pre_softmax": True},
          # Mixtral's config has one intermediate_size: the experts' (every layer MoE)
          "MixtralForCausalLM": {"num_experts": 4, "moe_router_topk": 2,
-                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24}}
+                                "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24},
+         # GLM-4.5: a dense first layer, sigmoid routing with the expert bias, a shared expert
+         "Glm4MoeForCausalLM": {"add_qkv_bias": True, "qk_layernorm": True,
+                                "rotary_percent": 0.5, "num_experts": 4, "moe_router_topk": 2,
+                                "moe_ffn_hidden_size": 24,
+                                "moe_shared_expert_intermediate_size": 24,
+                                "moe_router_score_function": "sigmoid",
+                                "moe_router_enable_expert_bias": True,
+                                "moe_router_topk_scaling_factor": 2.5,
+                                "moe_layer_freq": [0, 1]}}
 
 
 def _model(architecture: str) -> ModelConfig:
@@ -116,7 +125,8 @@ def test_export_picks_the_family_the_model_fits():
                        "this model: LlamaForCausalLM does not support"):
         export_architecture(mixtral_like, "MixtralForCausalLM")
     sigmoid = dataclasses.replace(_model("Qwen3MoeForCausalLM"),
-                                  moe_router_score_function="sigmoid")
+                                  moe_router_score_function="sigmoid",
+                                  moe_router_pre_softmax=False)
     with pytest.raises(ConversionError, match="no supported Hugging Face architecture fits .* "
                        "router score function other than softmax"):
         export_architecture(sigmoid)
