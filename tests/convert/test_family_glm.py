@@ -6,7 +6,8 @@ the safetensors) with the GLM-4.5 chat-template tokenizer fixture, imported once
 ``tools/convert_checkpoint.py hf-to-mcore``; then:
 
 * the MTP layer is dropped with a printed line, the model flags reach the checkpoint;
-* logits equal Hugging Face's at TP=1 (fp32, <= 1e-4) and at TP=2 (one two-process launch);
+* logits equal Hugging Face's at TP=1 (fp32, <= 1e-4) and at EP=2 (the experts over two
+  processes, one launch; MoE with TP needs sequence parallelism, i.e. Transformer Engine);
 * a conversation packed after another gives its logits alone, through the imported model;
 * the export gives back every tensor (the expert-bias buffer too) and a config, model and
   tokenizer that plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load;
@@ -146,12 +147,12 @@ def test_import_tp1_logits_equal_hf(glm, tokens, single_process):
 
 
 @pytest.mark.multiprocess
-def test_import_tp2_logits_equal_hf(glm, tokens, tmp_path):
+def test_import_ep2_logits_equal_hf(glm, tokens, tmp_path):
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(glm["hf"]).vocab_size
     ours = parallel_logits({"glm": glm["ckpt"]}, {"glm": vocab}, tokens, str(tmp_path),
-                           ["--tp", "2"])["glm"]
+                           ["--ep", "2"])["glm"]
     reference = hf_logits(glm["hf"], tokens)
     assert ours.shape == reference.shape
     assert (ours - reference).abs().max().item() <= TOLERANCE
@@ -229,7 +230,7 @@ def _preprocess(glm, name: str, seq_length: int) -> str:
 @pytest.fixture(scope="module")
 def finetuned(glm):
     """(checkpoint, log, fp32 export) of a 3-step bf16 fine-tune from the import at EP=2."""
-    data, save = _preprocess(glm, "chat", 256), str(glm["root"] / "sft")
+    data, save = _preprocess(glm, "chat", 512), str(glm["root"] / "sft")
     proc = run_torchrun("pretrain_dialog.py", 2, [
         "--load", glm["ckpt"], "--finetune", "--use-checkpoint-args", "--bf16",
         "--expert-model-parallel-size", "2", "--data-path", data, "--micro-batch-size", "2",
@@ -266,7 +267,7 @@ def test_finetune_lowers_the_loss_and_chat_is_hf_greedy(glm, finetuned, single_p
 def lora(glm):
     """(LoRA checkpoint, log, PEFT adapter folder): 2 fp32 steps of rank-4 adapters on the
     attention (``all`` on a MoE model) from the import, one process."""
-    data, save = _preprocess(glm, "lora_chat", 128), str(glm["root"] / "lora")
+    data, save = _preprocess(glm, "lora_chat", 512), str(glm["root"] / "lora")
     proc = run("pretrain_dialog.py", 1, [
         "--load", glm["ckpt"], "--finetune", "--use-checkpoint-args", "--data-path", data,
         "--lora-rank", "4", "--lora-alpha", "8", "--micro-batch-size", "2",
