@@ -294,13 +294,7 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     hf = read_hf_config(cfg.load_dir)
     family = FAMILIES[hf.architecture]
     folder = SafetensorsFolder(cfg.load_dir)
-    dropped = check_names(folder, family, hf.model, hf.mtp_layers)
-    if hf.mtp_layers:  # never silently (issue 20)
-        first = hf.model.num_layers
-        print(f"dropped the {hf.mtp_layers} multi-token-prediction layer(s) of config.json's "
-              f"num_nextn_predict_layers (model.layers.{first}..{first + hf.mtp_layers - 1}.*, "
-              f"{len(dropped)} tensors): mt_dialog trains the next-token model only; the "
-              "export has no MTP layers (num_nextn_predict_layers 0)", file=sys.stderr)
+    check_names(folder, family, hf.model)
     dtype = hf.dtype if cfg.dtype == "auto" else cfg.dtype
     seq_length = cfg.seq_length or hf.max_position_embeddings
     tmp = _staging(cfg.save_dir)

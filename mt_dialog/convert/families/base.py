@@ -85,7 +85,6 @@ class HFModel:
     bos_token_id: Optional[int] = None  # config.json's, as it is
     eos_token_id: Any = None  # an int or a list of ints
     pad_token_id: Optional[int] = None  # config.json's, as it is
-    mtp_layers: int = 0  # multi-token-prediction layers after the decoder, dropped at import
 
 
 def _same(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -145,12 +144,6 @@ class Family:
     def refuse(self, config: Any, path: str) -> None:
         """``ConversionError`` for what ``config`` (a transformers config read from ``path``)
         asks that this family's mapping cannot give."""
-
-    def mtp_layers(self, config: Any) -> int:
-        """Multi-token-prediction layers ``config`` declares (``num_nextn_predict_layers``:
-        DeepSeek-V3, GLM-4.5), stored as ``model.layers.{L + k}.*`` after the ``L`` decoder
-        layers: import leaves them out and says so (``registry.check_names``)."""
-        return int(getattr(config, "num_nextn_predict_layers", 0) or 0)
 
     def model_kwargs(self, config: Any, path: str) -> Dict[str, Any]:
         """``ModelConfig`` keyword arguments of ``config`` (after ``refuse``)."""

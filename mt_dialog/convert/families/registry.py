@@ -80,7 +80,7 @@ def read_hf_config(folder: str) -> HFModel:
     return HFModel(fam.architecture, model, int(config.vocab_size),
                    int(getattr(config, "max_position_embeddings", 4096)), DTYPES.get(dtype, "fp32"),
                    getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None),
-                   getattr(config, "pad_token_id", None), fam.mtp_layers(config))
+                   getattr(config, "pad_token_id", None))
 
 
 # -- export: which architecture ----------------------------------------------------------------
@@ -143,31 +143,19 @@ def expected_hf_names(fam: Family, model: ModelConfig) -> List[str]:
     return [name for rules in _rules(fam, model, None) for rule in rules for name in rule.hf]
 
 
-def mtp_tensor_names(names: List[str], model: ModelConfig, mtp_layers: int) -> List[str]:
-    """The names of ``names`` in the ``mtp_layers`` multi-token-prediction layers that follow
-    ``model``'s decoder layers (``model.layers.{L}.*`` .. ``model.layers.{L + k - 1}.*``)."""
-    prefixes = tuple(f"model.layers.{model.num_layers + k}." for k in range(mtp_layers))
-    return [name for name in names if prefixes and name.startswith(prefixes)]
-
-
-def check_names(folder: SafetensorsFolder, fam: Family, model: ModelConfig,
-                mtp_layers: int = 0) -> List[str]:
-    """Every tensor the config implies is there, and nothing else (a tied ``lm_head`` is fine)
-    but the ``mtp_layers`` multi-token-prediction layers' tensors, which are returned (import
-    leaves them out and says so)."""
+def check_names(folder: SafetensorsFolder, fam: Family, model: ModelConfig) -> None:
+    """Every tensor the config implies is there, and nothing else (a tied ``lm_head`` is fine)."""
     expected = set(expected_hf_names(fam, model))
     present = {n for n in folder.names() if not n.endswith(fam.ignored_hf_suffixes)}
     missing = sorted(expected - present)
     if missing:
         raise ConversionError(f"{folder.folder}: {len(missing)} tensor(s) the config implies are "
                               f"missing, e.g. {', '.join(missing[:4])}")
-    dropped = sorted(mtp_tensor_names(sorted(present - expected), model, mtp_layers))
-    unexpected = sorted(present - expected - set(dropped) - {"lm_head.weight"})
+    unexpected = sorted(present - expected - {"lm_head.weight"})
     if unexpected:
         raise ConversionError(f"{folder.folder}: {len(unexpected)} tensor(s) this converter does "
                               f"not know, e.g. {', '.join(unexpected[:4])}; is it a plain "
                               f"{fam.architecture} checkpoint?")
-    return dropped
 
 
 def _apply(rules: List[Rule], get: Callable[[str], torch.Tensor], to_mcore: bool):
