@@ -46,7 +46,8 @@ def _report(command: str, summary: dict) -> str:
                 f"{summary['hidden']}, {summary['vocab_rows']} vocabulary rows, "
                 f"{summary['parameters']:,} parameters ({summary['dtype']}) -> "
                 f"{summary['folder']}\nchat template: {summary['template']}\nfine-tune with: "
-                f"pretrain_dialog.py --load {summary['folder']} --finetune --use-checkpoint-args")
+                f"pretrain_dialog.py --load {summary['folder']} --finetune --use-checkpoint-args"
+                + "".join(f"\nnote: {note}" for note in summary.get("notes") or ()))
     if summary.get("adapter"):
         return (f"exported the LoRA adapter of iteration {summary['iteration']} (rank "
                 f"{summary['rank']} on {', '.join(summary['modules'])}), "

@@ -253,11 +253,12 @@ def _import_tokenizer(cfg: ImportConfig, tmp: str, seq_length: int,
 
 
 def _fill(model: torch.nn.Module, folder: SafetensorsFolder, family: Family, mc: ModelConfig,
-          progress: bool) -> None:
+          progress: bool, adapt=None) -> None:
     params = weights(model)
     filled: set = set()
     bar = _bar(progress, mc.num_layers + 1, "hf-to-mcore")
-    for group in iter_hf_to_mcore(family, folder.get, mc):  # each layer, then the outer ones
+    get = folder.get if adapt is None else (lambda name: adapt(name, folder.get(name)))
+    for group in iter_hf_to_mcore(family, get, mc):  # each layer, then the outer ones
         _copy_into(params, group, filled)
         bar.update()
     bar.close()
@@ -294,14 +295,17 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     hf = read_hf_config(cfg.load_dir)
     family = FAMILIES[hf.architecture]
     folder = SafetensorsFolder(cfg.load_dir)
-    check_names(folder, family, hf.model)
+    dropped = check_names(folder, family, hf.model, hf.extras.dropped_prefixes)
+    notes = list(hf.extras.notes) + ([f"dropped {len(dropped)} tensor(s) "
+                                      f"({dropped[0]}, ...): {hf.extras.dropped_reason}"]
+                                     if dropped else [])
     dtype = hf.dtype if cfg.dtype == "auto" else cfg.dtype
     seq_length = cfg.seq_length or hf.max_position_embeddings
     tmp = _staging(cfg.save_dir)
     try:
         data = _import_tokenizer(cfg, tmp, seq_length, hf.vocab_size)
         model = conversion_model(hf.model, hf.vocab_size, seq_length, TORCH_DTYPES[dtype])
-        _fill(model, folder, family, hf.model, cfg.progress)
+        _fill(model, folder, family, hf.model, cfg.progress, hf.extras.adapt)
         source = {"hf_dir": os.path.abspath(cfg.load_dir), "architecture": hf.architecture,
                   "vocab_size": hf.vocab_size, "dtype": dtype,
                   "max_position_embeddings": hf.max_position_embeddings,
@@ -315,7 +319,7 @@ def import_hf(cfg: ImportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
     return {"architecture": hf.architecture, "layers": hf.model.num_layers,
             "hidden": hf.model.hidden_size, "vocab_rows": hf.vocab_size,
             "parameters": parameters, "dtype": dtype, "folder": cfg.save_dir,
-            "template": data["template"] if data else None}
+            "template": data["template"] if data else None, "notes": notes}
 
 
 # -- mcore-to-hf -------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
          # Mixtral's config has one intermediate_size: the experts' (every layer MoE)
          "MixtralForCausalLM": {"num_experts": 4, "moe_router_topk": 2,
                                 "moe_ffn_hidden_size": 24, "ffn_hidden_size": 24},
+         # MLA (YaRN, a query down-projection) + the sigmoid MoE with a dense first layer
+         "DeepseekV3ForCausalLM": {
+             "num_query_groups": 4, "multi_latent_attention": True, "qk_layernorm": True,
+             "q_lora_rank": 12, "kv_lora_rank": 16, "qk_head_dim": 8, "qk_pos_emb_head_dim": 4,
+             "v_head_dim": 12, "rope_type": "yarn", "rotary_scaling_factor": 4.0,
+             "mscale": 0.707, "mscale_all_dim": 0.707, "original_max_position_embeddings": 16,
+             "num_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 8,
+             "moe_shared_expert_intermediate_size": 16, "moe_router_score_function": "sigmoid",
+             "moe_router_enable_expert_bias": True, "moe_router_num_groups": 2,
+             "moe_router_group_topk": 1, "moe_router_topk_scaling_factor": 2.5,
+             "moe_layer_freq": [0, 1]},
          # GLM-4.5: a dense first layer, sigmoid routing with the expert bias, a shared expert
          "Glm4MoeForCausalLM": {"add_qkv_bias": True, "qk_layernorm": True,
                                 "rotary_percent": 0.5, "num_experts": 4, "moe_router_topk": 2,
@@ -87,7 +98,7 @@ def test_tensor_names_and_rules_round_trip(architecture, tmp_path):
     mcore = {}
     for group in iter_hf_to_mcore(family, state.__getitem__, model):
         mcore.update(group)
-    assert "decoder.layers.1.self_attention.linear_qkv.weight" in mcore
+    assert "decoder.layers.1.self_attention.linear_proj.weight" in mcore
     back = {}
     for group in iter_mcore_to_hf(family, mcore, model, 100):
         back.update(group)

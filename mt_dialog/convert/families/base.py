@@ -61,7 +61,7 @@ router bias buffer) is one ``if`` in ``layer_rules``::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import torch
@@ -71,6 +71,18 @@ from mt_dialog.training.config import ModelConfig
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted; the message names the file, field and fix."""
+
+
+@dataclass
+class ImportExtras:
+    """What a family's import does beyond the rules, from the HF config (``Family.
+    import_extras``): tensors read in another layout, tensors left out, lines to print."""
+
+    adapt: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None  # (name, HF tensor) ->
+    # the tensor in the layout the rules expect (DeepSeek's rope_interleave false: rows permuted)
+    dropped_prefixes: Tuple[str, ...] = ()  # HF tensor name prefixes import leaves out (MTP)
+    dropped_reason: str = ""  # why, printed with the count of dropped tensors
+    notes: Tuple[str, ...] = ()  # lines the import prints (what is kept frozen, ...)
 
 
 @dataclass
@@ -85,6 +97,7 @@ class HFModel:
     bos_token_id: Optional[int] = None  # config.json's, as it is
     eos_token_id: Any = None  # an int or a list of ints
     pad_token_id: Optional[int] = None  # config.json's, as it is
+    extras: ImportExtras = field(default_factory=ImportExtras)  # the family's import_extras
 
 
 def _same(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -159,6 +172,10 @@ class Family:
         from mt_dialog.convert.families.common import describe_misfit
 
         return describe_misfit(self.features, self.optional_features, model)
+
+    def import_extras(self, config: Any, path: str) -> ImportExtras:
+        """Import's extras for ``config`` (after ``refuse``): none by default."""
+        return ImportExtras()
 
     # -- tensors --------------------------------------------------------------------------
     def layer_rules(self, i: int, model: ModelConfig) -> List[Rule]:

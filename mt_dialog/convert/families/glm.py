@@ -42,7 +42,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from mt_dialog.convert.families.base import ConversionError, DocsRow, Family, LoraTarget, Rule
+from mt_dialog.convert.families.base import (
+    ConversionError,
+    DocsRow,
+    Family,
+    ImportExtras,
+    LoraTarget,
+    Rule,
+)
 from mt_dialog.convert.families.common import (
     LLAMA_FIELDS,
     llama_attention_rules,
@@ -58,6 +65,9 @@ from mt_dialog.convert.families.moe import (
     sigmoid_moe_model_kwargs,
 )
 from mt_dialog.training.config import ModelConfig
+
+BIAS_NOTE = ("the expert bias (e_score_correction_bias) is kept as loaded, never trained by the "
+             "optimizer: --moe-router-bias-update-rate 0")
 
 
 class _WholeHeadRope:
@@ -133,6 +143,17 @@ class Glm4Moe(Family):
                 "qk_layernorm": bool(getattr(config, "use_qk_norm", False)),
                 "rotary_percent": partial_rotary_factor(config),
                 **sigmoid_moe_model_kwargs(config)}
+
+    def import_extras(self, config: Any, path: str) -> ImportExtras:
+        """The multi-token-prediction layers dropped (printed with their count), the expert
+        bias note."""
+        layers = int(config.num_hidden_layers)
+        mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+        return ImportExtras(
+            dropped_prefixes=tuple(f"model.layers.{layers + k}." for k in range(mtp)),
+            dropped_reason=f"the {mtp} multi-token-prediction layer(s) (num_nextn_predict_layers;"
+            " mt_dialog trains next-token prediction only; the export has none)",
+            notes=(BIAS_NOTE,))
 
     def hf_config_kwargs(self, model: ModelConfig) -> Dict[str, Any]:
         if model.use_rope_scaling or model.rotary_seq_len_interpolation_factor:

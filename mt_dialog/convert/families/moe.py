@@ -87,7 +87,8 @@ def refuse_sigmoid_moe(config: Any, path: str) -> None:
     renormalizes sigmoid top-k > 1 weights), top-k 1 with ``norm_topk_prob`` true (HF divides
     the one weight by itself; megatron-core keeps it), ``n_group`` > 1 with
     ``num_experts_per_tok / topk_group`` != 2 (HF ranks a group by its top-2 scores,
-    megatron-core by its top ``topk // group_topk``), ``first_k_dense_replace`` beyond the layers."""
+    megatron-core by its top ``topk // group_topk``), ``first_k_dense_replace`` beyond the
+    layers."""
     scoring = getattr(config, "scoring_func", "sigmoid")
     if scoring != "sigmoid":
         raise ConversionError(f"{path}: scoring_func {scoring!r} is not supported; only sigmoid "

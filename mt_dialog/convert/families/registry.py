@@ -4,7 +4,7 @@ architecture, the fields ``--use-checkpoint-args`` takes, the README's family ta
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -15,6 +15,7 @@ from mt_dialog.convert.families.common import (
     auto_config,
     read_raw_config,
 )
+from mt_dialog.convert.families.deepseek import DEEPSEEK_V3
 from mt_dialog.convert.families.glm import GLM4_MOE
 from mt_dialog.convert.families.llama import LLAMA, MISTRAL
 from mt_dialog.convert.families.mixtral import MIXTRAL
@@ -25,7 +26,7 @@ from mt_dialog.training.config import ModelConfig
 
 # one line per family; --architecture auto tries them in this order
 FAMILIES: Dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL,
+    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3,
     GLM4_MOE)}
 ARCHITECTURES = tuple(FAMILIES)
 
@@ -80,7 +81,7 @@ def read_hf_config(folder: str) -> HFModel:
     return HFModel(fam.architecture, model, int(config.vocab_size),
                    int(getattr(config, "max_position_embeddings", 4096)), DTYPES.get(dtype, "fp32"),
                    getattr(config, "bos_token_id", None), getattr(config, "eos_token_id", None),
-                   getattr(config, "pad_token_id", None))
+                   getattr(config, "pad_token_id", None), fam.import_extras(config, path))
 
 
 # -- export: which architecture ----------------------------------------------------------------
@@ -143,10 +144,14 @@ def expected_hf_names(fam: Family, model: ModelConfig) -> List[str]:
     return [name for rules in _rules(fam, model, None) for rule in rules for name in rule.hf]
 
 
-def check_names(folder: SafetensorsFolder, fam: Family, model: ModelConfig) -> None:
-    """Every tensor the config implies is there, and nothing else (a tied ``lm_head`` is fine)."""
+def check_names(folder: SafetensorsFolder, fam: Family, model: ModelConfig,
+                dropped_prefixes: Tuple[str, ...] = ()) -> List[str]:
+    """Every tensor the config implies is there, and nothing else (a tied ``lm_head`` is fine);
+    returns the names left out on purpose (those starting with ``dropped_prefixes``)."""
     expected = set(expected_hf_names(fam, model))
     present = {n for n in folder.names() if not n.endswith(fam.ignored_hf_suffixes)}
+    dropped = sorted(n for n in present if dropped_prefixes and n.startswith(dropped_prefixes))
+    present -= set(dropped)
     missing = sorted(expected - present)
     if missing:
         raise ConversionError(f"{folder.folder}: {len(missing)} tensor(s) the config implies are "
@@ -156,6 +161,7 @@ def check_names(folder: SafetensorsFolder, fam: Family, model: ModelConfig) -> N
         raise ConversionError(f"{folder.folder}: {len(unexpected)} tensor(s) this converter does "
                               f"not know, e.g. {', '.join(unexpected[:4])}; is it a plain "
                               f"{fam.architecture} checkpoint?")
+    return dropped
 
 
 def _apply(rules: List[Rule], get: Callable[[str], torch.Tensor], to_mcore: bool):
