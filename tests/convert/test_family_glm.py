@@ -211,6 +211,34 @@ def test_export_gives_back_every_tensor_and_loads_plainly(glm, tokens, tmp_path)
             == AutoTokenizer.from_pretrained(glm["hf"]).encode(text))
 
 
+def test_bf16_export_keeps_the_expert_bias_fp32(glm, tmp_path):
+    """GLM's files hold bf16 weights and an fp32 e_score_correction_bias (HF keeps it fp32:
+    its small differences between experts decide the routing): import and a bf16 export keep
+    the bias's fp32 values exactly."""
+    from safetensors.torch import load_file, save_file
+
+    from mt_dialog.convert.hf_checkpoint import ExportConfig, ImportConfig, export_hf, import_hf
+
+    folder = tmp_path / "bf16"
+    shutil.copytree(glm["hf"], folder)
+    state = load_file(folder / "model.safetensors")
+    torch.manual_seed(2)
+    state = {k: (v + torch.rand(v.shape) * 1e-3 if k.endswith("e_score_correction_bias")
+                 else v.to(torch.bfloat16)) for k, v in state.items()}
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    in_process(import_hf, ImportConfig(load_dir=str(folder), save_dir=str(tmp_path / "ckpt"),
+                                       progress=False))
+    in_process(export_hf, ExportConfig(load_dir=str(tmp_path / "ckpt"),
+                                       save_dir=str(tmp_path / "out"), progress=False))
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    biases = [k for k in state if k.endswith("e_score_correction_bias") and k not in glm["mtp"]]
+    assert biases and all(exported[k].dtype == torch.float32 and torch.equal(exported[k], state[k])
+                          for k in biases)
+    assert exported["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
 def _corpus(root) -> str:
     from mt_dialog import demo
 

@@ -152,6 +152,10 @@ class Family:
     model_fields: Tuple[str, ...] = ()  # ModelConfig fields model_kwargs sets (checkpoint args)
     docs: DocsRow = DocsRow("", "")
     ignored_hf_suffixes: Tuple[str, ...] = ("rotary_emb.inv_freq",)  # recomputed buffers
+    # HF tensors export writes in fp32 whatever --dtype (HF keeps them fp32 too:
+    # _keep_in_fp32_modules_strict; GLM / DeepSeek's e_score_correction_bias, whose small
+    # differences between experts decide the routing)
+    fp32_hf_suffixes: Tuple[str, ...] = ()
 
     # -- config ---------------------------------------------------------------------------
     def refuse(self, config: Any, path: str) -> None:

@@ -107,6 +107,7 @@ class Glm4Moe(Family):
     optional_features = frozenset({"qkv_bias", "qk_layernorm", "partial_rope", "dense_layers",
                                    "topk_scaling", "group_routing"})
     model_fields = LLAMA_FIELDS + SIGMOID_MOE_FIELDS + ("rotary_percent",)
+    fp32_hf_suffixes = ("e_score_correction_bias",)  # fp32 in GLM's files and in HF's model
     docs = DocsRow("`--add-qkv-bias` (`attention_bias`), `--qk-layernorm` (`use_qk_norm`), "
                    "`--rotary-percent` (`partial_rotary_factor`), `--num-experts`, "
                    "`--moe-router-score-function sigmoid`, `--moe-router-enable-expert-bias` "
