@@ -133,7 +133,7 @@ def test_import_drops_mtp_layers_and_records_the_flags(glm):
                     rotary_percent=0.5, num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
                     ffn_hidden_size=96, moe_shared_expert_intermediate_size=32,
                     moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                    moe_router_bias_update_rate=0.0, moe_router_topk_scaling_factor=2.5,
+                    moe_router_topk_scaling_factor=2.5,
                     moe_layer_freq=[0, 1, 1], moe_router_num_groups=None,
                     untie_embeddings_and_output_weights=True)
     assert {k: args[k] for k in expected} == expected
@@ -334,6 +334,18 @@ def test_lora_exports_a_peft_adapter_with_the_same_logits(glm, lora, tokens):
     vocab = plain.shape[-1]
     assert (peft - ours[..., :vocab]).abs().max().item() <= TOLERANCE
     assert (plain - ours[..., :vocab]).abs().max().item() > 1e-3  # the adapters trained
+
+
+def test_the_expert_bias_update_rate_is_the_runs_choice(glm):
+    """The import keeps the bias frozen (rate 0, the default); a fine-tune may turn the
+    aux-loss-free balancing on: the rate is a training setting, not a checkpoint field."""
+    from pretrain_dialog import parse_config
+
+    common = ["--load", glm["ckpt"], "--finetune", "--use-checkpoint-args", "--data-path",
+              "unused", "--train-iters", "1"]
+    assert parse_config(common).model.moe_router_bias_update_rate == 0.0
+    assert parse_config(common + ["--moe-router-bias-update-rate", "1e-3"]
+                        ).model.moe_router_bias_update_rate == 1e-3
 
 
 def test_lora_on_the_mlp_is_refused_naming_the_targets(glm):

@@ -75,9 +75,11 @@ def attention_lora_targets() -> Dict[str, LoraTarget]:
 #   shared_experts.{gate,up}_proj [S, H] --> shared_experts.linear_fc1 [2S, H], S = n_shared * f
 #   shared_experts.down_proj [H, S]     ---> shared_experts.linear_fc2
 
+# (not moe_router_bias_update_rate: a training setting, not the model's; as a field here it would
+# be an architecture field that --use-checkpoint-args takes and a run may not change)
 SIGMOID_MOE_FIELDS = MOE_FIELDS + (
     "moe_shared_expert_intermediate_size", "moe_router_score_function",
-    "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_num_groups",
+    "moe_router_enable_expert_bias", "moe_router_num_groups",
     "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_layer_freq")
 
 
