@@ -12,7 +12,7 @@ init), saved with the DeepSeek-V3 tokenizer fixture, imported once:
   ``rope_interleave`` false (rope rows permuted at import), no dense layer, no groups, two
   shared experts, tied embeddings.
 
-Checked: logits == HF's at TP=1 and at TP=2 (one launch), export gives back identical tensors
+Checked: logits == HF's at TP=1 and at EP=2 (one launch), export gives back identical tensors
 (``v3``; ``lite``: the same model written with ``rope_interleave`` true), a conversation packed
 after another == alone, greedy chat == transformers' on the export, a 3-step bf16 fine-tune at
 EP=2 lowers the loss, LoRA on ``linear_proj`` exports as a PEFT adapter peft loads, the
@@ -40,7 +40,7 @@ COMMON = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
               qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12, rms_norm_eps=1e-6,
               max_position_embeddings=256, hidden_act="silu", norm_topk_prob=True)
 CONFIGS = {
-    "v3": dict(COMMON, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24,
+    "v3": dict(COMMON, max_position_embeddings=64, num_hidden_layers=3, first_k_dense_replace=1, q_lora_rank=24,
                n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2,
                n_shared_experts=1, routed_scaling_factor=2.5, rope_interleave=True,
                tie_word_embeddings=False, num_nextn_predict_layers=1,
@@ -383,14 +383,14 @@ def test_export_refuses_dense_layers_that_are_not_first():
 # ----------------------------------------------------------------- several processes
 
 @pytest.mark.multiprocess
-def test_import_tp2_logits_equal_hf(deepseek, tokens, tmp_path):
-    """Both imports loaded at TP=2 (MLA's heads and the experts split over two processes), one
-    launch."""
+def test_import_ep2_logits_equal_hf(deepseek, tokens, tmp_path):
+    """Both imports loaded at EP=2 (the routed experts split over two processes; TP=2 with
+    experts needs sequence parallelism, i.e. Transformer Engine), one launch."""
     from transformers import AutoConfig
 
     vocabs = {n: AutoConfig.from_pretrained(deepseek[n][0]).vocab_size for n in CONFIGS}
     logits = parallel_logits({n: deepseek[n][1] for n in CONFIGS}, vocabs, tokens,
-                             str(tmp_path), ["--tp", "2"])
+                             str(tmp_path), ["--ep", "2"])
     for name in CONFIGS:
         reference = hf_logits(deepseek[name][0], tokens)
         assert logits[name].shape == reference.shape
@@ -438,7 +438,10 @@ def test_bf16_finetune_at_ep2_lowers_the_loss_and_exports(deepseek, chat_data, t
     assert type(model).__name__ == "DeepseekV3ForCausalLM"
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
     original = load_file(os.path.join(deepseek["v3"][0], "model.safetensors"))
-    assert torch.equal(dict(model.named_buffers())[bias], original[bias])  # never trained
+    written = load_file(str(out / "model.safetensors"))[bias]  # bf16, or fp32 (HF's dtype)
+    assert written.dtype in (torch.bfloat16, torch.float32)  # with Family.fp32_hf_suffixes
+    assert torch.equal(written, original[bias].to(written.dtype))  # never trained
+    assert torch.equal(dict(model.named_buffers())[bias], written.float())  # loaded
     trained = dict(model.named_parameters())["model.layers.1.mlp.gate.weight"]
     assert not torch.equal(trained, original["model.layers.1.mlp.gate.weight"])
 
@@ -461,7 +464,7 @@ def test_lora_on_linear_proj_exports_an_adapter_peft_loads(deepseek, chat_data, 
               "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-2",
               "--log-interval", "1", "--lora-rank", "4", "--lora-alpha", "8"]
     log = run("pretrain_dialog.py", 1, [*common, "--train-iters", "3", "--save", ckpt]).stdout
-    assert "LoRA rank 4 alpha 8 on linear_proj: trainable parameters" in log, log
+    assert "LoRA rank 4 alpha 8 on linear_proj (experts not adapted): trainable" in log, log
     refused = run("pretrain_dialog.py", 1, [*common, "--train-iters", "1", "--lora-target",
                                             "linear_qkv"], expect_ok=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr

@@ -80,7 +80,10 @@ ROUTING = dict(moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=32,
                # the Switch loss of sigmoid scores (normalized over all experts) gives smaller
                # gradients than softmax's: a larger weight keeps check_aux_loss's difference of
                # two gradients (with and without it) well above fp32 rounding
-               moe_aux_loss_coeff=1.0)  # the datasets of the "blend" case, as loop names them (blend_names)
+               moe_aux_loss_coeff=1.0,
+               # DeepSeek-V3's attention: multi-latent attention (Lite: no query down-projection)
+               num_query_groups=4, multi_latent_attention=True, qk_layernorm=True,
+               kv_lora_rank=16, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16)  # the datasets of the "blend" case, as loop names them (blend_names)
 
 
 def single_packs(make):
@@ -175,9 +178,9 @@ def main():
                     "dispatcher; its load-balancing loss is checked too (check_aux_loss)")
     ap.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --moe)")
     ap.add_argument("--moe-routing", action="store_true",
-                    help="with --moe: DeepSeek-V3-style routing (ROUTING: a dense first layer, "
-                    "a shared expert, sigmoid scores with a random expert bias, 2 groups of 2, "
-                    "scaling factor)")
+                    help="with --moe: DeepSeek-V3-style layout (ROUTING: multi-latent attention, "
+                    "a dense first layer, a shared expert, sigmoid scores with a random expert "
+                    "bias, 2 groups of 2, scaling factor)")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
@@ -186,11 +189,11 @@ def main():
                moe_token_dispatcher_type=args.moe, moe_aux_loss_coeff=AUX_COEFF) if args.moe else {}
     if args.moe_routing:
         moe.update(ROUTING)
+    model = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                 num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
+                 untie_embeddings_and_output_weights=args.untie, transformer_impl="local")
     config = DialogTrainingConfig(
-        ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    num_query_groups=2, init_method_std=0.08, make_vocab_size_divisible_by=4,
-                    untie_embeddings_and_output_weights=args.untie, transformer_impl="local",
-                    **moe),
+        ModelConfig(**{**model, **moe}),
         ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
                        expert_model_parallel_size=args.ep),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
@@ -403,6 +406,7 @@ def check_routing(model, Wref, mcfg, tied) -> dict:
     differs from the reference loss with it, so the gradient checks saw both."""
     gpt = model.module
     kinds = [type(layer.mlp).__name__ for layer in gpt.decoder.layers]
+    attention = [type(layer.self_attention).__name__ for layer in gpt.decoder.layers]
     now = expert_biases(model)
     unchanged = all(torch.equal(now[k], Wref[k]) for k in now)
     if dist.get_rank() != 0:
@@ -411,7 +415,8 @@ def check_routing(model, Wref, mcfg, tied) -> dict:
     with_all = ref.reference_grads(Wref, convs[:4], "turn", mcfg, tied)[0]
     no_bias = {k: v for k, v in Wref.items() if not k.endswith("expert_bias")}
     no_shared = {k: (v * 0 if ".shared_experts." in k else v) for k, v in Wref.items()}
-    return {"layers": kinds, "expert_bias_keys": sorted(now), "bias_unchanged": unchanged,
+    return {"layers": kinds, "attention": attention, "expert_bias_keys": sorted(now),
+            "bias_unchanged": unchanged,
             "loss_rel_diff_without_bias": abs(
                 ref.reference_grads(no_bias, convs[:4], "turn", mcfg, tied)[0] / with_all - 1),
             "loss_rel_diff_without_shared": abs(

@@ -248,15 +248,19 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
     for i in range(mcfg.num_layers):
         p = f"decoder.layers.{i}."
         h = _rms(x, W[p + "input_layernorm.weight"], eps)
-        qkv = (h @ W[p + "self_attention.linear_qkv.weight"].t()).view(L, groups, qpg + 2, hn)
-        q = qkv[:, :, :qpg].reshape(L, heads, hn)
-        k, v = qkv[:, :, qpg], qkv[:, :, qpg + 1]
-        q, k = _rope(q, pos, base), _rope(k, pos, base)
-        k, v = k.repeat_interleave(qpg, dim=1), v.repeat_interleave(qpg, dim=1)
-        scores = torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(hn)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, heads * hn)
-        x = x + ctx @ W[p + "self_attention.linear_proj.weight"].t()
+        if getattr(mcfg, "multi_latent_attention", False):
+            x = x + _mla(W, p + "self_attention.", h, pos, causal, mcfg)
+        else:
+            qkv = (h @ W[p + "self_attention.linear_qkv.weight"].t()).view(L, groups, qpg + 2,
+                                                                         hn)
+            q = qkv[:, :, :qpg].reshape(L, heads, hn)
+            k, v = qkv[:, :, qpg], qkv[:, :, qpg + 1]
+            q, k = _rope(q, pos, base), _rope(k, pos, base)
+            k, v = k.repeat_interleave(qpg, dim=1), v.repeat_interleave(qpg, dim=1)
+            scores = torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(hn)
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, heads * hn)
+            x = x + ctx @ W[p + "self_attention.linear_proj.weight"].t()
         h = _rms(x, W[p + "pre_mlp_layernorm.weight"], eps)
         if _is_moe_layer(mcfg, i):
             x = x + reference_moe(W, p + "mlp.", h, mcfg)
@@ -265,6 +269,37 @@ def reference_logits(W: Dict[str, torch.Tensor], tokens: torch.Tensor, mcfg, tie
     x = _rms(x, W["decoder.final_layernorm.weight"], eps)
     out_w = W["embedding.word_embeddings.weight"] if tied else W["output_layer.weight"]
     return x @ out_w.t()
+
+
+def _mla(W, a: str, h, pos, causal, mcfg):
+    """Multi-latent attention (DeepSeek-V2/V3), plain RoPE, from the paper's equations: the
+    query from ``linear_q_proj`` (or down-projection, RMSNorm, up-projection), keys and values
+    from a shared latent (``linear_kv_down_proj``: [latent rkv; rope key dr]), RMSNorm, then
+    ``linear_kv_up_proj`` per head [no-rope key dn; value dv]; each head's query / key is
+    [no-rope part; rope part] with the rope part's rows read as interleaved pairs (x0, x1),
+    (x2, x3)...; scale 1 / sqrt(dn + dr)."""
+    L, n, eps = h.size(0), mcfg.num_attention_heads, mcfg.norm_epsilon
+    dn, dr, dv = mcfg.qk_head_dim, mcfg.qk_pos_emb_head_dim, mcfg.v_head_dim
+    if mcfg.q_lora_rank is None:
+        q = h @ W[a + "linear_q_proj.weight"].t()
+    else:
+        q = _rms(h @ W[a + "linear_q_down_proj.weight"].t(), W[a + "q_layernorm.weight"], eps)
+        q = q @ W[a + "linear_q_up_proj.weight"].t()
+    q_nope, q_rot = q.view(L, n, dn + dr).split([dn, dr], -1)
+    latent, k_rot = (h @ W[a + "linear_kv_down_proj.weight"].t()).split(
+        [mcfg.kv_lora_rank, dr], -1)
+    kv = _rms(latent, W[a + "kv_layernorm.weight"], eps) @ W[a + "linear_kv_up_proj.weight"].t()
+    k_nope, v = kv.view(L, n, dn + dv).split([dn, dv], -1)
+
+    def rotate(x):  # interleaved pairs: the even rows then the odd ones, then rotate-half
+        return _rope(torch.cat([x[..., 0::2], x[..., 1::2]], -1), pos, mcfg.rotary_base)
+
+    q = torch.cat([q_nope, rotate(q_rot)], -1)
+    k = torch.cat([k_nope, rotate(k_rot[:, None, :]).expand(L, n, dr)], -1)
+    scores = torch.einsum("qnd,knd->nqk", q, k) / math.sqrt(dn + dr)
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    ctx = torch.einsum("nqk,knd->qnd", probs, v).reshape(L, n * dv)
+    return ctx @ W[a + "linear_proj.weight"].t()
 
 
 def _swiglu(W, p: str, h):

@@ -31,8 +31,9 @@ LAYOUTS = {
     "tp2_dp2": (4, ["--tp", "2", "--untie"], (2, 1, 2)),
     # Mixture of Experts, the experts split over the two data-parallel ranks (alltoall dispatch)
     "moe_ep2": (2, ["--moe", "alltoall", "--ep", "2"], (1, 1, 2)),
-    # DeepSeek-V3-style routing: a dense first layer, then a MoE layer with a shared expert and
-    # sigmoid scores with an expert bias, group-limited, scaled (allgather dispatch)
+    # DeepSeek-V3-style layout: multi-latent attention; a dense first layer, then a MoE layer
+    # with a shared expert and sigmoid scores with an expert bias, group-limited, scaled
+    # (allgather dispatch)
     "moe_routing_ep2": (2, ["--moe", "allgather", "--ep", "2", "--moe-routing"], (1, 1, 2)),
 }
 
@@ -208,14 +209,15 @@ def test_moe_other_dispatcher_equals_split_baseline(tmp_path_factory):
 
 
 def test_moe_routing_layout_holds_what_it_checks(tmp_path_factory):
-    """The --moe-routing layout: layer 0 dense, layer 1 MoE (2 of its 4 experts per EP rank);
-    its expert bias, a buffer megatron-core never gives the optimizer, stays as set (update rate
-    0) and changes the loss, as does the shared expert (controls: the gradient checks above saw
-    both)."""
+    """The --moe-routing layout: multi-latent attention in both layers, layer 0 dense, layer 1
+    MoE (2 of its 4 experts per EP rank); its expert bias, a buffer megatron-core never gives the
+    optimizer, stays as set (update rate 0) and changes the loss, as does the shared expert
+    (controls: the gradient checks above saw both)."""
     res = _result("moe_routing_ep2", tmp_path_factory)
     assert res["ep"] == 2 and res["local_experts"] == 2, res
     routing = res["routing"]
     assert routing["layers"] == ["MLP", "MoELayer"], routing
+    assert routing["attention"] == ["MLASelfAttention"] * 2, routing  # reference._mla
     assert routing["expert_bias_keys"] == ["decoder.layers.1.mlp.router.expert_bias"], routing
     assert routing["bias_unchanged"] is True, routing
     assert routing["loss_rel_diff_without_bias"] > 1e-4, routing

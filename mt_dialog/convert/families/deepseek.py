@@ -189,6 +189,9 @@ class DeepseekV3(Family):
     optional_features = frozenset({"shared_expert", "group_routing", "topk_scaling",
                                    "dense_layers"})
     model_fields = DEEPSEEK_FIELDS
+    # HF keeps the expert bias fp32 (_keep_in_fp32_modules_strict); read by export once the
+    # glm branch's Family.fp32_hf_suffixes is merged
+    fp32_hf_suffixes = ("e_score_correction_bias",)
     docs = DocsRow(
         "`--multi-latent-attention --qk-layernorm` (`--q-lora-rank`, `--kv-lora-rank`, "
         "`--qk-head-dim`, `--qk-pos-emb-head-dim`, `--v-head-dim`; YaRN: `--rope-type yarn` "

@@ -183,10 +183,3 @@ def sigmoid_moe_mlp_rules(i: int, model: ModelConfig) -> List[Rule]:
         rules += swiglu_rules(hf + "shared_experts.", mc + "shared_experts.", "gate_proj",
                               "up_proj", "down_proj")
     return rules
-
-
-def sigmoid_moe_lora_targets() -> Dict[str, LoraTarget]:
-    """LoRA targets of the MLP of a model with dense first layers: ``linear_fc1`` /
-    ``linear_fc2`` of the dense layers (the experts and shared experts get no adapters)."""
-    targets = llama_lora_targets()
-    return {name: targets[name] for name in ("linear_fc1", "linear_fc2")}
