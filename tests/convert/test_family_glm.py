@@ -5,7 +5,8 @@ dense first layer then sigmoid MoE layers with a shared expert, a random
 the safetensors) with the GLM-4.5 chat-template tokenizer fixture, imported once by
 ``tools/convert_checkpoint.py hf-to-mcore``; then:
 
-* the MTP layer is dropped with a printed line, the model flags reach the checkpoint;
+* the MTP layer is dropped with a printed line (an undeclared one is refused), the model flags
+  reach the checkpoint (the expert-bias update rate stays the run's choice);
 * logits equal Hugging Face's at TP=1 (fp32, <= 1e-4) and at EP=2 (the experts over two
   processes, one launch; MoE with TP needs sequence parallelism, i.e. Transformer Engine);
 * a conversation packed after another gives its logits alone, through the imported model;
@@ -137,6 +138,23 @@ def test_import_drops_mtp_layers_and_records_the_flags(glm):
                     moe_layer_freq=[0, 1, 1], moe_router_num_groups=None,
                     untie_embeddings_and_output_weights=True)
     assert {k: args[k] for k in expected} == expected
+
+
+def test_layers_the_config_does_not_declare_are_refused(glm, tmp_path):
+    """Only the layers num_nextn_predict_layers declares are dropped: with 0, the same files'
+    extra layer is refused, not silently left out."""
+    from mt_dialog.convert.families import ConversionError
+    from mt_dialog.convert.hf_checkpoint import ImportConfig, import_hf
+
+    folder = tmp_path / "no_mtp"
+    shutil.copytree(glm["hf"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.raises(ConversionError, match=rf"{len(glm['mtp'])} tensor\(s\) this converter "
+                       rf"does not know, e.g. model.layers.{LAYERS}\."):
+        in_process(import_hf, ImportConfig(load_dir=str(folder), save_dir=str(tmp_path / "c"),
+                                           progress=False))
+    assert not (tmp_path / "c").exists()
 
 
 def test_import_tp1_logits_equal_hf(glm, tokens, single_process):
