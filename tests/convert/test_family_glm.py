@@ -11,7 +11,8 @@ the safetensors) with the GLM-4.5 chat-template tokenizer fixture, imported once
   processes, one launch; MoE with TP needs sequence parallelism, i.e. Transformer Engine);
 * a conversation packed after another gives its logits alone, through the imported model;
 * the export gives back every tensor (the expert-bias buffer too) and a config, model and
-  tokenizer that plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load;
+  tokenizer that plain ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load; a
+  bf16 import and export keep the fp32 expert bias exactly;
 * a 3-step bf16 fine-tune at EP=2 (``--template hf`` data, ``--use-checkpoint-args``) lowers
   the loss; chat's greedy reply on it equals transformers' greedy reply on its export, whose
   ``generation_config.json`` stops at ``<|user|>`` and ``<|observation|>``;
