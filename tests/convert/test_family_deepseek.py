@@ -142,7 +142,7 @@ def _ours(ckpt: str, ids: torch.Tensor, **packed) -> torch.Tensor:
 
 
 def test_import_maps_the_config_and_prints_what_it_drops(deepseek):
-    from mt_dialog.training.checkpoint import checkpoint_args
+    from mt_dialog.training.checkpoint import checkpoint_args, saved_model_config
 
     v3, lite = (checkpoint_args(deepseek[n][1]) for n in ("v3", "lite"))
     assert v3["multi_latent_attention"] and v3["qk_layernorm"] and v3["q_lora_rank"] == 24
@@ -153,9 +153,8 @@ def test_import_maps_the_config_and_prints_what_it_drops(deepseek):
     assert (v3["num_experts"], v3["moe_router_topk"], v3["moe_ffn_hidden_size"]) == (8, 4, 16)
     assert v3["moe_layer_freq"] == [0, 1, 1] and v3["moe_shared_expert_intermediate_size"] == 16
     assert v3["moe_router_score_function"] == "sigmoid" and v3["moe_router_enable_expert_bias"]
-    # the expert bias stays as loaded: the rate (a training setting, not a checkpoint field)
-    # is left at its default 0
-    assert "moe_router_bias_update_rate" not in v3
+    saved = saved_model_config(deepseek["v3"][1])  # a training setting, not checkpoint args
+    assert saved["moe_router_bias_update_rate"] == 0.0  # the expert bias stays as loaded
     assert (v3["moe_router_num_groups"], v3["moe_router_group_topk"]) == (4, 2)
     assert v3["moe_router_topk_scaling_factor"] == 2.5
     assert lite["q_lora_rank"] is None and lite["rope_type"] == "rope"
@@ -167,6 +166,21 @@ def test_import_maps_the_config_and_prints_what_it_drops(deepseek):
     assert "note: dropped 4 tensor(s) (model.layers.3.eh_proj.weight, ...): the 1 " \
         "multi-token-prediction layer(s) (num_nextn_predict_layers" in cli, cli
     assert "--moe-router-bias-update-rate 0" in cli, cli
+
+
+def test_use_checkpoint_args_takes_mla_and_the_moe_but_not_the_bias_rate(deepseek):
+    """--use-checkpoint-args takes MLA's and the MoE's architecture fields; the expert bias
+    update rate is a training setting: 0 unless the fine-tune passes another."""
+    from pretrain_dialog import parse_config
+
+    common = ["--data-path", "unused", "--train-iters", "1", "--finetune",
+              "--use-checkpoint-args", "--load", deepseek["v3"][1]]
+    model = parse_config(common).model
+    assert model.multi_latent_attention and model.q_lora_rank == 24
+    assert model.rope_type == "yarn" and model.moe_layer_freq == [0, 1, 1]
+    assert model.moe_router_bias_update_rate == 0.0
+    rated = parse_config(common + ["--moe-router-bias-update-rate", "1e-3"]).model
+    assert rated.moe_router_bias_update_rate == 1e-3
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

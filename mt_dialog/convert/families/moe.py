@@ -75,12 +75,12 @@ def attention_lora_targets() -> Dict[str, LoraTarget]:
 #   shared_experts.{gate,up}_proj [S, H] --> shared_experts.linear_fc1 [2S, H], S = n_shared * f
 #   shared_experts.down_proj [H, S]     ---> shared_experts.linear_fc2
 
-# (not moe_router_bias_update_rate: a training setting, not the model's; as a field here it would
-# be an architecture field that --use-checkpoint-args takes and a run may not change)
+# the architecture fields (--use-checkpoint-args takes them); the bias update rate is a training
+# setting (import sets it to its default, 0; a fine-tune may pass another)
 SIGMOID_MOE_FIELDS = MOE_FIELDS + (
     "moe_shared_expert_intermediate_size", "moe_router_score_function",
-    "moe_router_enable_expert_bias", "moe_router_num_groups",
-    "moe_router_group_topk", "moe_router_topk_scaling_factor", "moe_layer_freq")
+    "moe_router_enable_expert_bias", "moe_router_num_groups", "moe_router_group_topk",
+    "moe_router_topk_scaling_factor", "moe_layer_freq")
 
 
 def refuse_sigmoid_moe(config: Any, path: str) -> None:
