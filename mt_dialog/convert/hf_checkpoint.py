@@ -31,7 +31,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -486,16 +486,18 @@ def _flush(out: str, shard: Dict[str, torch.Tensor], shards: List[Dict[str, Any]
 
 
 def write_safetensors(out: str, groups: Iterable[Dict[str, torch.Tensor]], dtype: torch.dtype,
-                      max_bytes: int, bar) -> int:
+                      max_bytes: int, bar, fp32_suffixes: Tuple[str, ...] = ()) -> int:
     """Write the tensors as ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` +
-    ``model.safetensors.index.json`` (no file above ``max_bytes`` unless one tensor is);
-    returns the total bytes."""
+    ``model.safetensors.index.json`` (no file above ``max_bytes`` unless one tensor is), in
+    ``dtype`` but the names ending in ``fp32_suffixes`` (``Family.fp32_hf_suffixes``), which
+    stay fp32; returns the total bytes."""
     shards: List[Dict[str, Any]] = []
     shard: Dict[str, torch.Tensor] = {}
     size = total = 0
     for group in groups:
         for name, tensor in group.items():
-            tensor = tensor.detach().to("cpu", dtype).contiguous()
+            keep = name.endswith(fp32_suffixes) if fp32_suffixes else False
+            tensor = tensor.detach().to("cpu", torch.float32 if keep else dtype).contiguous()
             nbytes = tensor.numel() * tensor.element_size()
             if shard and size + nbytes > max_bytes:
                 _flush(out, shard, shards)
@@ -600,8 +602,9 @@ def export_hf(cfg: ExportConfig, argv: Optional[List[str]] = None) -> Dict[str, 
 
         bar = _bar(cfg.progress, mc.num_layers + 1, "mcore-to-hf")
         groups = iter_mcore_to_hf(FAMILIES[architecture], weights(model), mc, rows)
-        total = write_safetensors(tmp, groups,
-                                  TORCH_DTYPES[dtype], int(cfg.max_shard_size * 1e9), bar)
+        total = write_safetensors(tmp, groups, TORCH_DTYPES[dtype],
+                                  int(cfg.max_shard_size * 1e9), bar,
+                                  FAMILIES[architecture].fp32_hf_suffixes)
         bar.close()
         _publish(tmp, cfg.save_dir)
     finally:

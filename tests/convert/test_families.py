@@ -66,7 +66,16 @@ EXTRA = {"LlamaForCausalLM": {}, "MistralForCausalLM": {},
              "moe_shared_expert_intermediate_size": 16, "moe_router_score_function": "sigmoid",
              "moe_router_enable_expert_bias": True, "moe_router_num_groups": 2,
              "moe_router_group_topk": 1, "moe_router_topk_scaling_factor": 2.5,
-             "moe_layer_freq": [0, 1]}}
+             "moe_layer_freq": [0, 1]},
+         # GLM-4.5: a dense first layer, sigmoid routing with the expert bias, a shared expert
+         "Glm4MoeForCausalLM": {"add_qkv_bias": True, "qk_layernorm": True,
+                                "rotary_percent": 0.5, "num_experts": 4, "moe_router_topk": 2,
+                                "moe_ffn_hidden_size": 24,
+                                "moe_shared_expert_intermediate_size": 24,
+                                "moe_router_score_function": "sigmoid",
+                                "moe_router_enable_expert_bias": True,
+                                "moe_router_topk_scaling_factor": 2.5,
+                                "moe_layer_freq": [0, 1]}}
 
 
 def _model(architecture: str) -> ModelConfig:

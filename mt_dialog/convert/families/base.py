@@ -156,6 +156,10 @@ class Family:
     # (Kimi K2's kimi_k2, whose config is DeepSeek-V3's): read with ``config_class``, never
     # with the folder's own Python (auto_map)
     alias_model_types: Tuple[str, ...] = ()
+    # HF tensors export writes in fp32 whatever --dtype (HF keeps them fp32 too:
+    # _keep_in_fp32_modules_strict; GLM / DeepSeek's e_score_correction_bias, whose small
+    # differences between experts decide the routing)
+    fp32_hf_suffixes: Tuple[str, ...] = ()
 
     # -- config ---------------------------------------------------------------------------
     def refuse(self, config: Any, path: str) -> None:

@@ -18,6 +18,7 @@ from mt_dialog.convert.families.common import (
 )
 from mt_dialog.convert.families.deepseek import DEEPSEEK_V3
 from mt_dialog.convert.families.gemma3 import GEMMA3, MULTIMODAL as GEMMA3_MULTIMODAL
+from mt_dialog.convert.families.glm import GLM4_MOE
 from mt_dialog.convert.families.gpt_oss import GPT_OSS
 from mt_dialog.convert.families.llama import LLAMA, MISTRAL
 from mt_dialog.convert.families.mixtral import MIXTRAL
@@ -28,7 +29,8 @@ from mt_dialog.training.config import ModelConfig
 
 # one line per family; --architecture auto tries them in this order
 FAMILIES: Dict[str, Family] = {f.architecture: f for f in (
-    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, GEMMA3, GPT_OSS)}
+    LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL, DEEPSEEK_V3, GLM4_MOE, GEMMA3,
+    GPT_OSS)}
 ARCHITECTURES = tuple(FAMILIES)
 
 _DELTANET = ("megatron-core 0.16.1's gated DeltaNet refuses packed sequences and needs GPU "
