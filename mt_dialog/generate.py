@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from mt_dialog.data.formats import Message
+from mt_dialog.data.formats import Message, ToolCall
 
 MessageLike = Union[Message, Dict[str, str]]
 FINISH_REASONS = ("end_of_turn", "eos", "max_new_tokens", "seq_length")
@@ -53,8 +53,12 @@ class GenerationResult:
     finish_reason: str  # one of FINISH_REASONS
     reasoning: Optional[str] = None
     """The text of the reply's leading ``<think>...</think>`` block (newlines around it removed),
-    for a template with a reasoning layout; None when the reply has none (or it was cut off
-    before ``</think>``: then ``text`` holds all of it)."""
+    for a template with a reasoning layout (harmony: the analysis channel); None when the reply
+    has none (or it was cut off before ``</think>``: then ``text`` holds all of it)."""
+    tool_calls: Tuple[ToolCall, ...] = ()
+    """The reply's tool calls, for a harmony template (``<|channel|>commentary
+    to=functions.NAME``; then ``text`` is the final channel's, often ""). Other templates' calls
+    stay in ``text`` as the model wrote them."""
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -204,6 +208,13 @@ class Generator:
 
         return "reasoning" in chat_template_info(self.tokenizer.hf).renders
 
+    def is_harmony(self) -> bool:
+        """Whether replies are written in OpenAI's harmony format (gpt-oss: ``--template hf``
+        with a tokenizer whose chat template writes harmony's special tokens)."""
+        from mt_dialog.harmony import is_harmony
+
+        return self.template is None and is_harmony(self.tokenizer.hf)
+
     # -- decoding ----------------------------------------------------------------------------
     @torch.no_grad()
     def next_logits(self, ids: Sequence[int]) -> torch.Tensor:
@@ -262,12 +273,19 @@ class Generator:
         """The assistant's next reply to ``messages`` (ending with a user message or tool
         results); ``tools`` and ``enable_thinking`` as in ``prompt_ids``. With a reasoning
         layout the reply's leading ``<think>`` block is returned apart (``reasoning``), as a
-        message's ``reasoning_content`` is given back to the next prompt."""
+        message's ``reasoning_content`` is given back to the next prompt. A harmony reply is
+        split by channel (``mt_dialog.harmony.parse_reply``): analysis the reasoning, final the
+        text, calls to ``functions.NAME`` the tool calls."""
         from mt_dialog.data.formats import RecordError, split_reasoning
+        from mt_dialog.harmony import parse_reply
 
         prompt = self.prompt_ids(messages, tools, enable_thinking)
         new, reason = self.generate_ids(prompt, max_new_tokens, greedy, temperature, top_p, seed)
         text = self.tokenizer.decode(new[:-1] if reason in ("end_of_turn", "eos") else new)
+        if self.is_harmony():
+            split = parse_reply(text)
+            return GenerationResult(split.content, new, prompt, reason, split.reasoning,
+                                    split.tool_calls)
         reasoning = None
         if self.has_reasoning_layout():
             try:

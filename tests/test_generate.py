@@ -355,3 +355,110 @@ def test_chat_tools_file_errors(tmp_path):
     nameless.write_text('[{"description": "no name"}]')
     out = _chat("--load", str(tmp_path), "--message", "hi", "--tools", str(nameless))
     assert out.returncode == 1 and out.stderr.startswith(f"error: --tools {nameless}: tools[0]")
+
+
+# -- harmony (gpt-oss) replies split by channel ----------------------------------------------------
+
+from tests.data.chat_tokenizers import hf_gpt_oss_dir  # noqa: E402,F401  (fixture)
+
+CALL_TEXT = ('<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant'
+             '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+             '{"city": "Paris"}')
+
+
+@pytest.mark.parametrize("text, content, reasoning, calls", [
+    ("<|channel|>analysis<|message|>2 and 2 make 4.<|end|><|start|>assistant<|channel|>final"
+     "<|message|>It is 4.<|return|>", "It is 4.", "2 and 2 make 4.", []),
+    ("<|channel|>final<|message|>Hello there.", "Hello there.", None, []),  # stop left off
+    ("<|channel|>final <|message|>Hi.<|end|>", "Hi.", None, []),
+    (CALL_TEXT + "<|call|>", "", "Need the weather.", [("get_weather", {"city": "Paris"})]),
+    (" to=functions.get_weather<|channel|>commentary json<|message|>{}<|call|>", "", None,
+     [("get_weather", {})]),  # the recipient before the channel, a bare content type
+    ("<|channel|>commentary<|message|>Checking.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.f <|constrain|>json<|message|>{"a": 1}', "Checking.", None, [("f", {"a": 1})]),
+])
+def test_harmony_reply_split_by_channel(text, content, reasoning, calls):
+    from mt_dialog.harmony import parse_reply
+
+    reply = parse_reply(text)
+    assert (reply.content, reply.reasoning) == (content, reasoning)
+    assert [(c.name, c.arguments) for c in reply.tool_calls] == calls
+    assert all(c.arguments_text and c.id is None for c in reply.tool_calls)
+
+
+@pytest.mark.parametrize("text", [
+    "<|channel|>analysis<|message|>Still thinking abo",  # cut off in the analysis
+    "<|channel|>analysis<|message|>Done.<|end|>",  # no answer
+    CALL_TEXT[:-5],  # cut off inside the arguments
+    CALL_TEXT.replace('{"city": "Paris"}', '["Paris"]'),  # arguments not an object
+    "<|channel|>poetry<|message|>Roses.<|end|>",  # unknown channel
+    "<|channel|>final<|message|>A<|end|><|start|>user<|message|>B<|end|>",  # not the assistant
+    "<|channel|>final<|message|>A<|return|><|start|>assistant<|channel|>final<|message|>B",
+    "<|channel|>final<|message|>A<|end|> trailing",
+    "no markup at all", "", "<|start|><|start|>", "<|message|>no channel",
+])
+def test_harmony_malformed_reply_is_all_content(text):
+    from mt_dialog.harmony import parse_reply
+
+    reply = parse_reply(text)
+    assert (reply.content, reply.reasoning, reply.tool_calls) == (text, None, ())
+
+
+def _harmony_ids(tokenizer, text):
+    """``text`` as ids, harmony's special tokens as their ids (encode splits them)."""
+    import re
+
+    ids = []
+    for piece in re.split(r"(<\|[a-z]+\|>)", text):
+        if re.fullmatch(r"<\|[a-z]+\|>", piece):
+            ids.append(tokenizer.hf.convert_tokens_to_ids(piece))
+        elif piece:
+            ids += tokenizer.encode(piece)
+    return ids
+
+
+@pytest.mark.parametrize("ending", ["final", "call"])
+def test_harmony_chat_reply_has_no_markup(hf_gpt_oss_dir, ending):
+    """gpt-oss (--template hf): the scripted reply stops at <|return|> / <|call|>; the Generator
+    returns the final channel as text, the analysis as reasoning, the call as a tool call, and
+    chat prints and keeps them so (the analysis dropped from the next prompt, as the template
+    drops it after a later user message)."""
+    from mt_dialog.data.render_hf import chat_template_info
+    from mt_dialog.data.tokenizers import HuggingFaceTokenizer
+    from mt_dialog.generate import Generator
+    from tools import chat
+
+    tokenizer = HuggingFaceTokenizer(hf_gpt_oss_dir)
+    stops = chat_template_info(tokenizer.hf).stops
+    answer = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant"
+              "<|channel|>final<|message|>Sunny in Paris.<|return|>")
+    script = _harmony_ids(tokenizer, answer if ending == "final" else CALL_TEXT + "<|call|>")
+    vocab = tokenizer.vocab_size
+    generator = Generator(_ScriptedModel(script, vocab), tokenizer, None, stops[0], vocab, 512,
+                          "hf", stops=stops)
+    assert generator.is_harmony() and generator.has_reasoning_layout()
+    result = generator.generate(ASK, tools=WEATHER, max_new_tokens=100)
+    assert result.finish_reason == "end_of_turn" and result.token_ids == script
+    assert result.reasoning == "Need the weather."
+    if ending == "call":
+        assert result.text == "" and result.tool_calls[0].name == "get_weather"
+        assert result.tool_calls[0].arguments == {"city": "Paris"}
+        assert chat._shown(result, False) == 'tool call: get_weather {"city": "Paris"}'
+        return
+    assert (result.text, result.tool_calls) == ("Sunny in Paris.", ())
+    assert chat._shown(result, True) == "<think>\nNeed the weather.\n</think>\nSunny in Paris."
+    history = list(ASK)
+    chat._keep(history, result)
+    assert history[-1] == {"role": "assistant", "content": "Sunny in Paris.",
+                           "reasoning_content": "Need the weather."}
+    prompt = tokenizer.decode(generator.prompt_ids(
+        history + [{"role": "user", "content": "And tomorrow?"}], WEATHER))
+    assert "<|channel|>final<|message|>Sunny in Paris.<|end|>" in prompt
+    assert "Need the weather" not in prompt
+
+
+def test_harmony_not_detected_for_other_templates(hf_qwen3_dir):
+    from mt_dialog.harmony import is_harmony
+    from mt_dialog.data.tokenizers import HuggingFaceTokenizer
+
+    assert not is_harmony(HuggingFaceTokenizer(hf_qwen3_dir).hf)

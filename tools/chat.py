@@ -71,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "end the prompt with an empty reasoning block, so the model answers "
                         "without thinking (Qwen3's enable_thinking=False)")
     parser.add_argument("--show-reasoning", action="store_true",
-                        help="print the reply's reasoning (its <think> block) before the reply; "
-                        "--json always includes it as \"reasoning\"")
+                        help="print the reply's reasoning (its <think> block; harmony's analysis "
+                        "channel) before the reply; --json always includes it as \"reasoning\"")
     parser.add_argument("--echo", action="store_true",
                         help="interactive: print the conversation as a transcript (user> and "
                         "assistant> lines), e.g. when the messages are piped in")
     parser.add_argument("--json", action="store_true",
-                        help="one-shot: print a JSON object (text, token_ids, finish_reason, "
-                        "prompt_tokens) instead of the text")
+                        help="one-shot: print a JSON object (text, reasoning, tool_calls, "
+                        "token_ids, finish_reason, prompt_tokens) instead of the text")
     return parser
 
 
@@ -153,17 +153,40 @@ def _finish_note(result, generator) -> None:
 
 
 def _assistant(result) -> dict:
-    """The reply as the history keeps it: its reasoning apart, as training data gives it."""
+    """The reply as the history keeps it: its reasoning apart, as training data gives it (the
+    chat template keeps or drops it in the next prompt); its tool calls (harmony) as calls."""
     message = {"role": "assistant", "content": result.text}
     if result.reasoning is not None:
         message["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = _calls(result)
     return message
 
 
+def _calls(result) -> list:
+    """The reply's tool calls as OpenAI's ``tool_calls`` (arguments as the model wrote them)."""
+    return [{"type": "function", "function": {"name": c.name, "arguments": c.arguments_text}}
+            for c in result.tool_calls]
+
+
 def _shown(result, show_reasoning: bool) -> str:
+    text = result.text
+    for call in result.tool_calls:
+        text += ("\n" if text else "") + f"tool call: {call.name} {call.arguments_text}"
     if show_reasoning and result.reasoning is not None:
-        return f"<think>\n{result.reasoning}\n</think>\n{result.text}"
-    return result.text
+        return f"<think>\n{result.reasoning}\n</think>\n{text}"
+    return text
+
+
+def _keep(messages: list, result) -> None:
+    """Add the reply to the history; a tool-call reply cannot be answered here (no tool
+    results on stdin), so it and the message it answers are left out, with a note."""
+    if result.tool_calls:
+        messages.pop()
+        print("note: the reply calls tools; chat cannot give tool results back, so this turn is "
+              "left out of the history", file=sys.stderr, flush=True)
+    else:
+        messages.append(_assistant(result))
 
 
 def _history(args) -> list:
@@ -208,7 +231,7 @@ def _interactive(generator, messages: list, options: dict, echo: bool = False,
         messages.append({"role": "user", "content": text})
         messages[:] = _fit(generator, messages, options)
         result = generator.generate(messages, **options)
-        messages.append(_assistant(result))
+        _keep(messages, result)
         print(("assistant> " if tty or echo else "") + _shown(result, show_reasoning), flush=True)
         _finish_note(result, generator)
 
@@ -234,6 +257,7 @@ def main(argv=None) -> int:
                 result = generator.generate(messages, **options)
                 if args.json:
                     print(json.dumps({"text": result.text, "reasoning": result.reasoning,
+                                      "tool_calls": _calls(result),
                                       "token_ids": result.token_ids,
                                       "finish_reason": result.finish_reason,
                                       "prompt_tokens": len(result.prompt_ids)}), flush=True)
@@ -242,7 +266,7 @@ def main(argv=None) -> int:
                     _finish_note(result, generator)
                 if not args.interactive:
                     return 0
-                messages.append(_assistant(result))
+                _keep(messages, result)
             _interactive(generator, messages, options, args.echo, args.show_reasoning)
         except TokenizerMissing as exc:
             print(f"error: {exc}; pass its location with --tokenizer-model PATH",
