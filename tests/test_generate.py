@@ -444,6 +444,11 @@ def test_harmony_chat_reply_has_no_markup(hf_gpt_oss_dir, ending):
         assert result.text == "" and result.tool_calls[0].name == "get_weather"
         assert result.tool_calls[0].arguments == {"city": "Paris"}
         assert chat._shown(result, False) == 'tool call: get_weather {"city": "Paris"}'
+        assert chat._calls(result) == [{"type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+        history = list(ASK)
+        chat._keep(history, result)  # no tool results to give back: the turn is left out
+        assert history == []
         return
     assert (result.text, result.tool_calls) == ("Sunny in Paris.", ())
     assert chat._shown(result, True) == "<think>\nNeed the weather.\n</think>\nSunny in Paris."
