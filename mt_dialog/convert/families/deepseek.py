@@ -63,6 +63,7 @@ from mt_dialog.convert.families.moe import (
     SIGMOID_MOE_FIELDS,
     refuse_sigmoid_moe,
     sigmoid_moe_hf_kwargs,
+    sigmoid_moe_import_extras,
     sigmoid_moe_mlp_rules,
     sigmoid_moe_model_kwargs,
 )
@@ -76,8 +77,6 @@ DEEPSEEK_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attentio
 _YARN = {"factor": "rotary_scaling_factor", "mscale": "mscale", "mscale_all_dim": "mscale_all_dim",
          "beta_fast": "beta_fast", "beta_slow": "beta_slow",
          "original_max_position_embeddings": "original_max_position_embeddings"}
-BIAS_NOTE = ("the expert bias (e_score_correction_bias) is kept as loaded, never trained: "
-             "--moe-router-bias-update-rate 0 (pass a rate > 0 to update it towards balance)")
 
 
 def _rope_parameters(config: Any) -> Dict[str, Any]:
@@ -248,16 +247,11 @@ class DeepseekV3(Family):
     def import_extras(self, config: Any, path: str) -> ImportExtras:
         """Rope rows interleaved when ``rope_interleave`` is false; MTP layers dropped; the
         expert bias note."""
-        layers, mtp = int(config.num_hidden_layers), int(getattr(config, "num_nextn_predict_"
-                                                                  "layers", 0) or 0)
         adapt = None
         if not getattr(config, "rope_interleave", True):
             heads, rope = int(config.num_attention_heads), int(config.qk_rope_head_dim)
             adapt = lambda name, tensor: interleave_rope_rows(name, tensor, heads, rope)  # noqa
-        return ImportExtras(
-            adapt=adapt, dropped_prefixes=tuple(f"model.layers.{layers + k}." for k in range(mtp)),
-            dropped_reason=f"the {mtp} multi-token-prediction layer(s) (num_nextn_predict_layers;"
-            " mt_dialog trains next-token prediction only)", notes=(BIAS_NOTE,))
+        return sigmoid_moe_import_extras(config, adapt)
 
     def hf_config_kwargs(self, model: ModelConfig) -> Dict[str, Any]:
         return dict(

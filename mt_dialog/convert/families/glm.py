@@ -61,13 +61,12 @@ from mt_dialog.convert.families.moe import (
     attention_lora_targets,
     refuse_sigmoid_moe,
     sigmoid_moe_hf_kwargs,
+    sigmoid_moe_import_extras,
     sigmoid_moe_mlp_rules,
     sigmoid_moe_model_kwargs,
 )
 from mt_dialog.training.config import ModelConfig
 
-BIAS_NOTE = ("the expert bias (e_score_correction_bias) is kept as loaded, never trained by the "
-             "optimizer: --moe-router-bias-update-rate 0")
 
 
 class _WholeHeadRope:
@@ -148,13 +147,7 @@ class Glm4Moe(Family):
     def import_extras(self, config: Any, path: str) -> ImportExtras:
         """The multi-token-prediction layers dropped (printed with their count), the expert
         bias note."""
-        layers = int(config.num_hidden_layers)
-        mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
-        return ImportExtras(
-            dropped_prefixes=tuple(f"model.layers.{layers + k}." for k in range(mtp)),
-            dropped_reason=f"the {mtp} multi-token-prediction layer(s) (num_nextn_predict_layers;"
-            " mt_dialog trains next-token prediction only; the export has none)",
-            notes=(BIAS_NOTE,))
+        return sigmoid_moe_import_extras(config)
 
     def hf_config_kwargs(self, model: ModelConfig) -> Dict[str, Any]:
         if model.use_rope_scaling or model.rotary_seq_len_interpolation_factor:

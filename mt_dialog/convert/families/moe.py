@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from mt_dialog.convert.families.base import ConversionError, LoraTarget, Rule, same
+from mt_dialog.convert.families.base import (
+    ConversionError,
+    ImportExtras,
+    LoraTarget,
+    Rule,
+    same,
+)
 from mt_dialog.convert.families.common import llama_lora_targets, swiglu_rules
 from mt_dialog.training.config import ModelConfig
 
@@ -183,3 +189,21 @@ def sigmoid_moe_mlp_rules(i: int, model: ModelConfig) -> List[Rule]:
         rules += swiglu_rules(hf + "shared_experts.", mc + "shared_experts.", "gate_proj",
                               "up_proj", "down_proj")
     return rules
+
+
+EXPERT_BIAS_NOTE = ("the expert bias (e_score_correction_bias) is kept as loaded, never trained: "
+                    "--moe-router-bias-update-rate 0 (pass a rate > 0 to update it towards "
+                    "balance)")
+
+
+def sigmoid_moe_import_extras(config: Any, adapt=None) -> ImportExtras:
+    """What an import of a DeepSeek-style checkpoint adds: the ``num_nextn_predict_layers``
+    multi-token-prediction layers (tensors ``model.layers.{L+k}.*``) dropped with a printed
+    reason, the expert-bias note, and ``adapt`` (a tensor adapter, e.g. DeepSeek's rope rows)."""
+    layers = int(config.num_hidden_layers)
+    mtp = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+    return ImportExtras(
+        adapt=adapt, dropped_prefixes=tuple(f"model.layers.{layers + k}." for k in range(mtp)),
+        dropped_reason=f"the {mtp} multi-token-prediction layer(s) (num_nextn_predict_layers; "
+        "mt_dialog trains next-token prediction only; the export has none)",
+        notes=(EXPERT_BIAS_NOTE,))
