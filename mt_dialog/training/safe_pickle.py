@@ -27,7 +27,8 @@ torch reads the folder. What the allow-lists hold and why:
   carry no stream transforms (this project never writes them).
 * ``common.pt``, byte entries, ``*.pt``: ``torch.load(weights_only=True)`` (tensors, containers,
   numbers, strings) + numpy's ``_reconstruct``, ``ndarray``, ``dtype`` and dtype classes.
-* a TE extra state (a uint8 tensor or a BytesIO): TE's FP8 recipe classes, tensors rebuilt by
+* a TE extra state: ``torch.save`` bytes (a BytesIO, or a uint8 tensor of them, TE 1.x) as
+  above; a uint8 tensor of a plain pickle (TE 2.x): TE's FP8 recipe classes, tensors rebuilt by
   ``torch._utils._rebuild_tensor_v2`` from storages whose bytes pass the ``weights_only`` check.
 
 The check runs once per folder state (cached by the files' sizes and modification times); its
@@ -63,6 +64,7 @@ _METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
 _TE_RECIPE_MODULE = "transformer_engine.common.recipe"
 _TE_GLOBALS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
                ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device")}
+_ZIP_MAGIC = b"PK\x03\x04"
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch's weights_only refusal names it so
 
 
@@ -199,12 +201,18 @@ def _check_storage_bytes(path: str, entry: str) -> Callable[[bytes], Any]:
 
 
 def _check_extra_state(value: Any, path: str, entry: str) -> None:
-    """A Transformer Engine ``_extra_state``: empty, or FP8 state that TE unpickles again."""
+    """A Transformer Engine ``_extra_state``: empty, or FP8 state that TE reads again: a BytesIO
+    or a uint8 tensor of ``torch.save`` bytes (TE 1.x: ``torch.load``), or a uint8 tensor of a
+    plain pickle (TE 2.x: ``pickle.loads``)."""
     if isinstance(value, io.BytesIO):
         load_weights_only(value.getvalue(), path, entry)
     elif isinstance(value, torch.Tensor) and value.numel():
+        data = value.detach().cpu().numpy().tobytes()
+        if data.startswith(_ZIP_MAGIC):  # torch.save's zip format
+            load_weights_only(data, path, entry)
+            return
         special = {("torch.storage", "_load_from_bytes"): _check_storage_bytes(path, entry)}
-        _check_pickle(value.detach().cpu().numpy().tobytes(), _te_global, path, entry, special)
+        _check_pickle(data, _te_global, path, entry, special)
 
 
 def _walk(value: Any, prefix: str) -> Iterable[Tuple[str, Any]]:

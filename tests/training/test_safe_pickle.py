@@ -174,3 +174,24 @@ def test_a_real_fp8_extra_state_passes(saved_run, tmp_path):
     _replace_byte_entry(iteration_dir(root, 2),
                         "decoder.layers.self_attention.linear_qkv._extra_state", _saved(blob.clone()))
     check_checkpoint_folder(iteration_dir(root, 2))
+
+
+def test_a_te1_extra_state_of_torch_save_bytes_is_checked_as_such(saved_run, tmp_path):
+    """TE 1.x kept its FP8 state as a uint8 tensor of ``torch.save`` bytes (read back with
+    ``torch.load``): a clean one passes, one holding a payload is refused."""
+    from mt_dialog.training.safe_pickle import UntrustedCheckpointError, check_checkpoint_folder
+
+    entry = "decoder.layers.self_attention.linear_qkv._extra_state"
+    for state, refused in (({"fp8_meta": None, "scale": torch.ones(2)}, False),
+                           ({"fp8_meta": Payload(str(tmp_path / "marker"))}, True)):
+        root = str(tmp_path / f"ckpt_{refused}")
+        shutil.copytree(saved_run["ckpt"], root)
+        saved = _saved(state)
+        blob = torch.frombuffer(bytearray(saved), dtype=torch.uint8).clone()
+        _replace_byte_entry(iteration_dir(root, 2), entry, _saved(blob))
+        if refused:
+            with pytest.raises(UntrustedCheckpointError, match="system"):
+                check_checkpoint_folder(iteration_dir(root, 2))
+        else:
+            check_checkpoint_folder(iteration_dir(root, 2))
+    assert not os.path.exists(tmp_path / "marker")
