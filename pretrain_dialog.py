@@ -45,7 +45,8 @@ def make_forward_step(normalization: str):
         return output, make_loss_func(batch["loss_mask"], batch["loss_token_num"], normalization,
                                       cu_seqlens=batch["conversation_cu_seqlens"],
                                       dataset_ids=batch.get("dataset_ids"),
-                                      dataset_names=batch.get("dataset_names", ()))
+                                      dataset_names=batch.get("dataset_names", ()),
+                                      weights=batch["loss_weights"])
 
     return forward_step
 

@@ -137,7 +137,6 @@ class PackedSDPAttention(MegatronModule):
         """``k_channels`` / ``v_channels``: the query/key and value head sizes MLA passes
         (default ``kv_channels``); the value size is read from ``value`` in ``forward``."""
         super().__init__(config=config)
-        assert config.context_parallel_size == 1, "PackedSDPAttention does not support context parallelism"
         assert attention_type == "self", "PackedSDPAttention implements self-attention only"
         assert attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal), (
             f"PackedSDPAttention is causal; got {attn_mask_type}"
@@ -151,6 +150,11 @@ class PackedSDPAttention(MegatronModule):
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.window = layer_window(config, self.layer_number)
         self.tp_group = getattr(pg_collection, "tp", None)
+        # context parallelism: keys and values all-gathered over this group (cp_comm_type is
+        # Transformer Engine's choice of collective; this CPU stand-in always all-gathers)
+        self.cp_group = getattr(pg_collection, "cp", None)
+        if self.cp_group is None and config.context_parallel_size > 1:
+            self.cp_group = parallel_state.get_context_parallel_group()
         self._init_softmax_offset(config)
 
     def _init_softmax_offset(self, config: TransformerConfig) -> None:
@@ -256,6 +260,46 @@ class PackedSDPAttention(MegatronModule):
             pieces.append(v.new_zeros(total - pos, q.size(1), v.size(2)))
         return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
+    def _attend_context_parallel(self, q: Tensor, k: Tensor, v: Tensor,
+                                 packed_seq_params: PackedSeqParams) -> Tensor:
+        """Context parallelism on the local path (``context_parallel`` module docstring): q, k
+        ([t, np | ng, dk]) and v ([t, ng, dv]) hold this rank's two chunks of every segment;
+        keys and values of the whole sequence are all-gathered over the context-parallel group
+        (differentiable), and each local query attends the keys of its own segment at global
+        positions up to its own (and within the layer's window). Padded queries (after a
+        segment's real tokens) get a zero output. Returns [t, np, dv]."""
+        from mt_dialog.training.context_parallel import gather_sequence, local_positions
+
+        padded = packed_seq_params.cu_seqlens_q_padded
+        assert padded is not None, "context parallelism needs cu_seqlens_q_padded"
+        k_all = gather_sequence(k, padded, self.cp_group)
+        v_all = gather_sequence(v, padded, self.cp_group)
+        cu = packed_seq_params.cu_seqlens_q.tolist()
+        cu_padded = padded.tolist()
+        size, rank = self.cp_group.size(), self.cp_group.rank()
+        where, pieces = [], []
+        for i, (start, chunk, positions) in enumerate(local_positions(cu_padded, size, rank)):
+            real = cu[i + 1] - cu[i]
+            qpos = torch.as_tensor(positions, device=q.device)
+            rows = torch.nonzero(qpos < real).reshape(-1)
+            if rows.numel() == 0:
+                continue
+            kpos = torch.arange(real, device=q.device)
+            allowed = kpos[None, :] <= qpos[rows, None]
+            if self.window is not None:
+                allowed = allowed & (kpos[None, :] >= qpos[rows, None] - self.window[0])
+            segment = slice(cu_padded[i], cu_padded[i] + real)
+            qs = q[start: start + 2 * chunk][rows]
+            o = self._attend(qs.transpose(0, 1).unsqueeze(0),
+                             k_all[segment].transpose(0, 1).unsqueeze(0),
+                             v_all[segment].transpose(0, 1).unsqueeze(0), allowed)
+            where.append(start + rows)
+            pieces.append(o[0].transpose(0, 1))
+        out = v.new_zeros(q.size(0), q.size(1), v.size(2))
+        if not pieces:
+            return out + 0 * (k_all.sum() + v_all.sum())  # keep the collectives' backward
+        return out.index_copy(0, torch.cat(where), torch.cat(pieces).to(out.dtype))
+
     @staticmethod
     def _segments(packed_seq_params: PackedSeqParams) -> Tuple[List[int], List[int]]:
         cu = packed_seq_params.cu_seqlens_q
@@ -293,7 +337,10 @@ class PackedSDPAttention(MegatronModule):
                 if query.dim() == 4:  # [t, 1, np, hn] if the caller did not squeeze
                     assert query.size(1) == 1, "'thd' needs the batch flattened into one sequence"
                     query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
-                out = self._attend_segments(query, key, value, starts, lengths)
+                if self.config.context_parallel_size > 1:
+                    out = self._attend_context_parallel(query, key, value, packed_seq_params)
+                else:
+                    out = self._attend_segments(query, key, value, starts, lengths)
                 return out.reshape(out.size(0), -1)
             # 'sbhd' (or unset) with packed params: cu_seqlens over the batch-major b*s tokens.
             s, b = query.size(0), query.size(1)

@@ -289,11 +289,13 @@ def checkpoint_args(root: str) -> Dict[str, Any]:
     return {name: saved[name] for name in architecture_fields() if name in saved}
 
 
-def _layout() -> Tuple[int, int, int]:
+def _layout() -> Tuple[int, ...]:
+    """(PP, TP, DP), and CP when above 1: the grid of per-rank RNG states."""
     from megatron.core import parallel_state as ps
 
+    cp = ps.get_context_parallel_world_size()
     return (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
-            ps.get_data_parallel_world_size())
+            ps.get_data_parallel_world_size()) + ((cp,) if cp > 1 else ())
 
 
 def _rng_object():
@@ -307,6 +309,8 @@ def _rng_object():
         state["cuda"] = torch.cuda.get_rng_state()
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
               ps.get_data_parallel_rank())
+    if ps.get_context_parallel_world_size() > 1:
+        offset += (ps.get_context_parallel_rank(),)
     return ShardedObject("rng_state", state, _layout(), offset, replica_id=0)
 
 

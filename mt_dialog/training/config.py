@@ -632,7 +632,13 @@ class ParallelConfig:
         None, help="model chunks per pipeline rank (interleaved schedule)")
     sequence_parallel: bool = option(False, help="sequence parallelism with TP (needs the "
                                      "Transformer Engine layers)")
-    context_parallel_size: int = option(1, help="context parallelism; only 1 is supported")
+    context_parallel_size: int = option(1, help="context parallelism (CP): every packed "
+                                        "sequence split over CP ranks (2 x CP chunks per "
+                                        "conversation, causal load balance); data-parallel size "
+                                        "= world / (TP x PP x CP)")
+    cp_comm_type: str = option("p2p", choices=("p2p", "a2a", "all_gather", "a2a+p2p"),
+                               help="Transformer Engine's context-parallel attention "
+                               "exchange (the CPU path always all-gathers keys and values)")
     expert_model_parallel_size: int = option(1, help="expert parallelism (EP): the experts of "
                                              "each MoE layer are split over EP data-parallel "
                                              "ranks (needs --num-experts divisible by it)")
@@ -666,12 +672,7 @@ class ParallelConfig:
         _positive("expert_model_parallel_size", self.expert_model_parallel_size)
         _positive("virtual_pipeline_model_parallel_size",
                   self.virtual_pipeline_model_parallel_size, allow_none=True)
-        if self.context_parallel_size != 1:
-            raise ValueError(
-                f"context_parallel_size: {self.context_parallel_size} is not supported: the "
-                "turn-normalized loss needs each turn counted once, before the sequence split, "
-                "which this version does not implement; use --context-parallel-size 1 and more "
-                "tensor/pipeline parallelism for long sequences")
+        _positive("context_parallel_size", self.context_parallel_size)
         if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
             raise ValueError("virtual_pipeline_model_parallel_size: needs "
                              "--pipeline-model-parallel-size 2 or more")
@@ -1025,12 +1026,14 @@ class DialogTrainingConfig:
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
     """Check the parallel layout against ``world_size``; returns the data-parallel size."""
     par, data, model = config.parallel, config.data, config.model
-    model_parallel = par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+    model_parallel = (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+                      * par.context_parallel_size)
     if world_size % model_parallel:
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor x pipeline parallel "
-            f"{par.tensor_model_parallel_size} x {par.pipeline_model_parallel_size}; launch a "
-            f"multiple of {model_parallel} processes or change the parallel sizes")
+            f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
+            f"{par.tensor_model_parallel_size} x {par.pipeline_model_parallel_size} x "
+            f"{par.context_parallel_size}; launch a multiple of {model_parallel} processes or "
+            "change the parallel sizes")
     dp = world_size // model_parallel
     gbs = data.global_batch_size or data.micro_batch_size * dp
     if gbs % (data.micro_batch_size * dp):

@@ -52,6 +52,12 @@ Patch kinds
      as split sizes (expert parallelism with ``--moe-token-dispatcher-type alltoall``). The
      dispatcher module's name is rebound to a version that also turns a CPU tensor into NumPy
      when asked to.
+   f ``models/common/embeddings/rope_utils.py::get_pos_emb_on_this_cp_rank`` (context
+     parallelism, ``--context-parallel-size`` > 1) builds its two chunk indices with
+     ``torch.tensor(..., pin_memory=True).cuda()``; ``YarnRotaryEmbedding.__init__`` (MLA with
+     YaRN) calls it through ``yarn_rotary_pos_embedding``'s imported name when it fills its
+     cache. Both names are rebound to a version that selects the same chunks (``cp_rank`` and
+     ``2 x cp_size - 1 - cp_rank`` of ``2 x cp_size``) on the tensor's own device.
    These scoped ``torch.Tensor`` overrides (c, d) are the only places where a ``torch``
    attribute is touched, each restored in ``finally``.
 
@@ -321,6 +327,19 @@ def _make_clip_grad_by_total_norm_fp32(clip_grads_module):
     return clip_grad_by_total_norm_fp32
 
 
+def _cpu_pos_emb_on_this_cp_rank(pos_emb, seq_dim: int, cp_group):
+    """Shim f: the rows of ``pos_emb`` along ``seq_dim`` that context-parallel rank r holds:
+    chunks r and 2N - 1 - r of 2N (the causal load-balanced split), on ``pos_emb``'s device."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    size, rank = cp_group.size(), cp_group.rank()
+    shape = pos_emb.shape
+    chunks = pos_emb.view(*shape[:seq_dim], 2 * size, -1, *shape[seq_dim + 1:])
+    index = torch.tensor([rank, 2 * size - rank - 1], device=pos_emb.device)
+    kept = chunks.index_select(seq_dim, index)
+    return kept.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
+
+
 def _make_move_to_cpu(original):
     """``moe_utils.maybe_move_tensor_to_cpu`` that gives NumPy for a CPU tensor too when
     ``as_numpy`` (2e)."""
@@ -459,6 +478,13 @@ def apply_cpu_shims(extra_modules: Iterable[str] = ()) -> bool:
                 dispatcher.maybe_move_tensor_to_cpu)
             _PATCHED.append("transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu: NumPy "
                             "split sizes from CPU tensors")
+
+        for name in ("megatron.core.models.common.embeddings.rope_utils",
+                     "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
+            module = importlib.import_module(name)
+            if module.get_pos_emb_on_this_cp_rank is not _cpu_pos_emb_on_this_cp_rank:
+                module.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
+                _PATCHED.append(f"{name}.get_pos_emb_on_this_cp_rank: CPU chunk indices")
 
         # megatron-core's tensor-parallel linears advise CUDA_DEVICE_MAX_CONNECTIONS=1 (CUDA
         # stream scheduling) once per process when TP > 1; CPU runs have no CUDA streams, so

@@ -215,8 +215,14 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
                                        ``blend_names``): each position's dataset, from the
                                        samples' ``dataset`` (``SampleStream``)
         dataset_names                  ``names``
+        loss_weights                   ``loss.position_weights`` of the whole micro-batch
+                                       (float32 [1, b*s] each), what the loss sums
+
+    With context parallelism, ``context_parallel.split_micro_batches`` then keeps this rank's
+    part of each.
     """
     from mt_dialog.training.attention import packed_seq_params_from_cu_seqlens
+    from mt_dialog.training.loss import conversation_ids_from_cu_seqlens, position_weights
 
     seq = int(samples[0]["tokens"].shape[0])
     conversations, packs = [0], [0]
@@ -248,5 +254,8 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
         datasets = np.repeat([int(s["dataset"]) for s in samples], seq)[None, :]
         batch.update(dataset_ids=torch.as_tensor(datasets, dtype=torch.int64).to(device),
                      dataset_names=tuple(names))
+    ids = conversation_ids_from_cu_seqlens(batch["conversation_cu_seqlens"],
+                                           batch["tokens"].shape[1])
+    batch["loss_weights"] = position_weights(batch["loss_mask"], batch["loss_token_num"], ids)
     return batch
 

@@ -6,7 +6,8 @@ checkpoint loaded into one process (generation, conversion).
     otherwise       -> gloo on CPU, with mt_dialog.training.cpu_shims (megatron-core's CUDA-only
                        calls redirected to the CPU)
 
-Parallel groups for world size 8, TP=2, PP=2 (megatron-core's default order tp-cp-ep-dp-pp)::
+Parallel groups for world size 8, TP=2, PP=2 (megatron-core's default order tp-cp-ep-dp-pp;
+context-parallel ranks come right after the tensor-parallel ones)::
 
     ranks   0 1 | 2 3   stage 0          TP groups: {0,1} {2,3} {4,5} {6,7}
             4 5 | 6 7   stage 1          DP groups: {0,2} {1,3} {4,6} {5,7}
@@ -39,10 +40,11 @@ def quiet_megatron_import_warnings() -> None:
 
 
 def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: int = None,
-               seed: int = 1234, expert_parallel: int = 1) -> None:
+               seed: int = 1234, expert_parallel: int = 1, context_parallel: int = 1) -> None:
     """Start torch.distributed (from torchrun's environment, or as a single process) and
     megatron-core's parallel groups (``expert_parallel``: ranks the experts of a MoE layer are
-    split over, within data parallel); seed every generator."""
+    split over, within data parallel; ``context_parallel``: ranks each sequence is split
+    over); seed every generator."""
     quiet_megatron_import_warnings()
     from megatron.core import parallel_state
 
@@ -69,6 +71,7 @@ def initialize(tensor_parallel: int, pipeline_parallel: int, virtual_pipeline: i
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         expert_model_parallel_size=expert_parallel,
+        context_parallel_size=context_parallel,
     )
     seed_everything(seed)
 

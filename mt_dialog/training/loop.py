@@ -38,7 +38,7 @@ import torch
 
 from mt_dialog.config_utils import to_dict
 from mt_dialog.data.dataset import PackedDialogDataset
-from mt_dialog.training import distributed
+from mt_dialog.training import context_parallel, distributed
 from mt_dialog.training.checkpoint import (
     CheckpointError,
     StartPoint,
@@ -150,15 +150,19 @@ def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
     isolated = run.config.model.packed_attention == "isolated"
     device = distributed.device()
     names = blend_names(run.info.prefixes)
-    return [flatten_micro_batch([stream[i] for i in micro], isolated, device, names)
-            for micro in indices]
+    batches = [flatten_micro_batch([stream[i] for i in micro], isolated, device, names)
+               for micro in indices]
+    return context_parallel.split_micro_batches(batches, context_parallel.layout(
+        run.config.parallel))
 
 
 def _run_schedule(run: Run, batches: List[Dict], forward_only: bool,
                   forward_step: Optional[Callable] = None):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seq = batches[0]["tokens"].shape[1]  # b*s: the flattened micro-batch
+    # b*s: the flattened micro-batch (megatron-core divides it by CP for the pipeline's
+    # activations: pass the whole padded length, cp_size x this rank's part)
+    seq = batches[0]["tokens"].shape[1] * batches[0].get("cp_size", 1)
     return get_forward_backward_func()(
         forward_step_func=forward_step or run.forward_step,
         data_iterator=[iter(batches) for _ in run.model] if len(run.model) > 1 else iter(batches),
@@ -183,9 +187,11 @@ def _reduce_reports(store: List[Dict], batches: List[Dict], extra: Sequence[str]
                 total, count = report[name].detach().double().cpu().tolist()
                 totals[f"{name} sum"] += total
                 totals[f"{name} count"] += count
-    totals["num_tokens"] = float(sum(b["num_tokens"] for b in batches))
-    totals["packs"] = float(sum(b["packs"] for b in batches))
-    totals = _all_reduce_sums(totals, ps.get_data_parallel_group())
+    if ps.get_context_parallel_rank() == 0:  # the context-parallel ranks read the same packs
+        totals["num_tokens"] = float(sum(b["num_tokens"] for b in batches))
+        totals["packs"] = float(sum(b["packs"] for b in batches))
+    # loss sums and counts are split over context-parallel ranks too (context_parallel)
+    totals = _all_reduce_sums(totals, ps.get_data_parallel_group(with_context_parallel=True))
     metrics = {name: totals[f"{name} sum"] / totals[f"{name} count"]
                if totals[f"{name} count"] > 0 else float("nan") for name in LOSS_REPORTS}
     for name in extra:
@@ -267,7 +273,8 @@ def _set_aux_loss_scale(run: Run, batches: List[Dict]) -> None:
     from mt_dialog.training import moe
 
     count, tokens = moe.step_count_and_tokens(batches, run.config.data.loss_normalization)
-    totals = _all_reduce_sums({"count": count, "tokens": tokens}, ps.get_data_parallel_group())
+    totals = _all_reduce_sums({"count": count, "tokens": tokens},
+                              ps.get_data_parallel_group(with_context_parallel=True))
     moe.set_aux_loss_scale(totals["count"], totals["tokens"])
 
 
@@ -297,6 +304,8 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
             batch.update(num_tokens=0, packs=0)
         batch["vocab_size"] = run.info.vocab_size  # greedy accuracy chooses among the real ids
         batches.append(batch)
+    batches = context_parallel.split_micro_batches(batches,
+                                                   context_parallel.layout(run.config.parallel))
     with torch.no_grad():
         store = (_run_schedule(run, batches, True, run.eval_forward_step or run.forward_step)
                  if batches else [])
@@ -529,7 +538,7 @@ def _build_and_load(config: DialogTrainingConfig, info: DataInfo, datasets,
     par = config.parallel
     distributed.initialize(par.tensor_model_parallel_size, par.pipeline_model_parallel_size,
                            par.virtual_pipeline_model_parallel_size, config.train.seed,
-                           par.expert_model_parallel_size)
+                           par.expert_model_parallel_size, par.context_parallel_size)
     run = _setup(config, info, datasets, start, forward_step, dp_size)
     if start.note:
         distributed.log(start.note)

@@ -71,45 +71,74 @@ def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     return ids[:total].view(1, total)
 
 
-def _turn_weights(loss_mask: Tensor, loss_token_num: Tensor) -> Tensor:
+def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
+                     conversation_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """Per-position weights and end markers of one whole micro-batch, float32, ``loss_mask``'s
+    shape; every sum the loss needs is a plain sum of them over positions, so a micro-batch
+    split over context-parallel ranks (``context_parallel``) sums to the same totals::
+
+        loss_mask            0 1 1 1 0 0 1 1 | 0 1 1 ...
+        loss_token_num       0 3 3 3 0 0 2 2 | 0 2 2
+        turn_weight            1/3 1/3 1/3     1/2 1/2     mask / loss_token_num
+        turn_end                     1           1           the turn's last loss position
+        conversation_weight    1/5 ...                     mask / the conversation's loss tokens
+        conversation_end                         1           its last loss position
+
+    A turn's weights add up to exactly 1 (``loss_token_num`` counts the tokens kept), so the
+    running sum of ``turn_weight`` reaches the next integer at each turn's last token: that is
+    ``turn_end``. ``turn_*`` need ``loss_token_num``, ``conversation_*`` ``conversation_ids``
+    (integer, same number of elements); absent inputs leave those keys out."""
     mask = loss_mask.to(torch.float32)
-    ltn = loss_token_num.to(torch.float32)
-    return torch.where(mask > 0, mask / ltn.clamp(min=1.0), torch.zeros_like(mask))
-
-
-def _conversation_terms(
-    losses: Tensor, mask: Tensor, conversation_ids: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(sum over conversations of their token-mean [differentiable], number of conversations
-    with a loss token [int64 scalar], loss tokens per conversation)"""
-    ids = conversation_ids.reshape(-1).to(torch.int64)
-    m = mask.reshape(-1)
-    sel = m > 0
-    if not bool(sel.any()):
-        zero = (losses.reshape(-1) * 0).sum()
-        return zero, torch.zeros((), dtype=torch.int64, device=losses.device), None
-    ids = ids[sel]
-    uniq, inv = torch.unique(ids, return_inverse=True)
-    lm = losses.reshape(-1)[sel] * m[sel]
-    sums = torch.zeros(uniq.numel(), dtype=lm.dtype, device=lm.device).index_add(0, inv, lm)
-    ntok = torch.zeros(uniq.numel(), dtype=m.dtype, device=m.device).index_add(0, inv, m[sel])
-    return (sums / ntok).sum(), torch.tensor(uniq.numel(), device=losses.device), ntok
-
-
-def _terms(losses: Tensor, mask: Tensor, loss_token_num: Optional[Tensor],
-           conversation_ids: Optional[Tensor]) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """``{report name: (differentiable fp32 sum, int64 count)}`` of the positions ``mask``
-    selects (``losses``' shape): per token always, per turn with ``loss_token_num``, per
-    conversation with ``conversation_ids``."""
-    terms = {"loss per token": ((losses * mask).sum(),
-                                mask.detach().sum().round().to(torch.int64))}
+    weights = {"loss_mask": mask}
     if loss_token_num is not None:
-        w = _turn_weights(mask, loss_token_num.reshape(losses.shape))
-        terms["loss per turn"] = ((losses * w).sum(),
-                                  w.detach().double().sum().round().to(torch.int64))
+        ltn = loss_token_num.reshape(mask.shape).to(torch.float32)
+        turn = torch.where(mask > 0, mask / ltn.clamp(min=1.0), torch.zeros_like(mask))
+        done = torch.floor(torch.cumsum(turn.reshape(-1).double(), 0) + 1e-6)
+        ends = torch.diff(done, prepend=done.new_zeros(1)).clamp(0, 1) * (mask.reshape(-1) > 0)
+        weights.update(turn_weight=turn, turn_end=ends.to(torch.float32).reshape(mask.shape))
     if conversation_ids is not None:
-        conv_sum, num_convs, _ = _conversation_terms(losses, mask, conversation_ids)
-        terms["loss per conversation"] = (conv_sum, num_convs)
+        weights.update(_conversation_weights(mask, conversation_ids))
+    return weights
+
+
+def _conversation_weights(mask: Tensor, conversation_ids: Tensor) -> Dict[str, Tensor]:
+    """``conversation_weight`` and ``conversation_end`` of ``position_weights``."""
+    flat = mask.reshape(-1)
+    weight, end = torch.zeros_like(flat), torch.zeros_like(flat)
+    selected = torch.nonzero(flat > 0).reshape(-1)
+    if selected.numel():
+        ids = conversation_ids.reshape(-1).to(torch.int64)[selected]
+        _, inverse = torch.unique(ids, return_inverse=True)
+        count = int(inverse.max()) + 1
+        tokens = torch.zeros(count, dtype=flat.dtype, device=flat.device)
+        tokens = tokens.index_add(0, inverse, flat[selected])
+        weight[selected] = flat[selected] / tokens[inverse]
+        last = torch.full((count,), -1, dtype=torch.int64, device=flat.device)
+        last = last.scatter_reduce(0, inverse, selected, reduce="amax")
+        end[last] = 1.0
+    return {"conversation_weight": weight.reshape(mask.shape),
+            "conversation_end": end.reshape(mask.shape)}
+
+
+# report name -> (weight, count marker) in position_weights
+_REPORT_WEIGHTS = {"loss per token": ("loss_mask", "loss_mask"),
+                   "loss per turn": ("turn_weight", "turn_end"),
+                   "loss per conversation": ("conversation_weight", "conversation_end")}
+
+
+def _terms(losses: Tensor, weights: Dict[str, Tensor], select: Optional[Tensor] = None
+           ) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """``{report name: (differentiable fp32 sum, int64 count)}`` over the positions
+    (``select``: a 0/1 float mask of them, default all) from ``position_weights``: per token
+    always, per turn / per conversation where their weights are present."""
+    terms = {}
+    for name, (weight, marker) in _REPORT_WEIGHTS.items():
+        if weight not in weights:
+            continue
+        w, m = weights[weight].reshape(losses.shape), weights[marker].reshape(losses.shape)
+        if select is not None:
+            w, m = w * select, m * select
+        terms[name] = ((losses * w).sum(), m.detach().double().sum().round().to(torch.int64))
     return terms
 
 
@@ -133,6 +162,7 @@ def dialog_loss(
     cu_seqlens: Optional[Tensor] = None,
     dataset_ids: Optional[Tensor] = None,
     dataset_names: Sequence[str] = (),
+    weights: Optional[Dict[str, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """``(loss_sum, count, report)`` for one micro-batch (module docstring): ``loss_sum`` a
     differentiable fp32 scalar, ``count`` an int32 scalar on ``losses``' device, ``report``
@@ -141,7 +171,9 @@ def dialog_loss(
     ``dataset_ids`` (the blend dataset of each position, integer, same number of elements) the
     report also holds each dataset's pairs, ``dataset_report_names(dataset_names)`` (dataset d
     is ``dataset_names[d]``): the same sums restricted to its positions, so that they add up
-    to the whole batch's.
+    to the whole batch's. ``weights``: ``position_weights`` of these positions computed
+    beforehand on the whole micro-batch (context parallelism: ``losses`` is then this rank's
+    part and the masks are not needed); default: computed here from the masks.
 
     Raises:
         ValueError: an unknown ``normalization``; 'turn' without ``loss_token_num``;
@@ -149,28 +181,41 @@ def dialog_loss(
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    if normalization == "turn" and loss_token_num is None:
+    if weights is None:
+        weights = _weights_of(losses, loss_mask, loss_token_num, normalization, conversation_ids,
+                              cu_seqlens)
+    if normalization == "turn" and "turn_weight" not in weights:
         raise ValueError("'turn' normalization needs loss_token_num")
-    if normalization == "conversation" and conversation_ids is None and cu_seqlens is None:
+    if normalization == "conversation" and "conversation_weight" not in weights:
         raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
     losses = losses.float()
-    if loss_mask.shape != losses.shape:
-        loss_mask = loss_mask.reshape(losses.shape)
-    mask = loss_mask.to(losses.dtype)
-    if conversation_ids is None and cu_seqlens is not None:
-        conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
-    terms = _terms(losses, mask, loss_token_num, conversation_ids)
+    terms = _terms(losses, weights)
     report = {name: torch.stack([total.detach().double(), count.double()])
               for name, (total, count) in terms.items()}
     if dataset_ids is not None:
         ids = dataset_ids.reshape(losses.shape)
         for index, name in enumerate(dataset_names):
-            part = _terms(losses.detach(), mask * (ids == index).to(mask.dtype),
-                          loss_token_num, conversation_ids)
+            part = _terms(losses.detach(), weights, (ids == index).to(losses.dtype))
             report.update({f"dataset {name}: {key}": torch.stack([total.double(), count.double()])
                            for key, (total, count) in part.items()})
     loss_sum, count = terms[REPORT_OF[normalization]]
     return loss_sum, count.to(device=losses.device, dtype=torch.int32), report
+
+
+def _weights_of(losses: Tensor, loss_mask: Tensor, loss_token_num: Optional[Tensor],
+                normalization: str, conversation_ids: Optional[Tensor],
+                cu_seqlens: Optional[Tensor]) -> Dict[str, Tensor]:
+    """``position_weights`` of a whole micro-batch given as in ``dialog_loss``."""
+    if normalization == "turn" and loss_token_num is None:
+        raise ValueError("'turn' normalization needs loss_token_num")
+    if normalization == "conversation" and conversation_ids is None and cu_seqlens is None:
+        raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
+    if loss_mask.numel() != losses.numel():
+        raise ValueError(f"loss_mask has {loss_mask.numel()} elements but losses "
+                         f"{losses.numel()}; pass the masks of the same positions")
+    if conversation_ids is None and cu_seqlens is not None:
+        conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
+    return position_weights(loss_mask.reshape(losses.shape), loss_token_num, conversation_ids)
 
 
 def make_loss_func(
@@ -181,6 +226,7 @@ def make_loss_func(
     cu_seqlens: Optional[Tensor] = None,
     dataset_ids: Optional[Tensor] = None,
     dataset_names: Sequence[str] = (),
+    weights: Optional[Dict[str, Tensor]] = None,
 ):
     """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output: it
     takes the per-token losses and returns ``dialog_loss``'s triple (arguments as there).
@@ -193,7 +239,7 @@ def make_loss_func(
     return partial(_apply, dict(loss_mask=loss_mask, loss_token_num=loss_token_num,
                                 normalization=normalization, conversation_ids=conversation_ids,
                                 cu_seqlens=cu_seqlens, dataset_ids=dataset_ids,
-                                dataset_names=tuple(dataset_names)))
+                                dataset_names=tuple(dataset_names), weights=weights))
 
 
 def _apply(arguments: Dict, output_tensor: Tensor):

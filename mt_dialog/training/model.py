@@ -108,12 +108,22 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         gradient_accumulation_fusion=False, cross_entropy_loss_fusion=False,
         rotary_interleaved=False, batch_p2p_comm=batch_p2p_comm(par),
         expert_model_parallel_size=par.expert_model_parallel_size,
+        **context_parallel_settings(par),  # context_parallel_size, cp_comm_type
         **model.recompute_settings(),  # recompute_granularity, _method, _num_layers
         **model.moe_settings(),  # num_moe_experts, moe_router_topk, ... (MoE models only)
         **model.attention_settings(),  # window_size, softmax_type, MLA sizes (MLA models only)
         **model.moe_routing_settings(),  # add_bias_linear; shared experts, expert bias, groups
         **model.block_settings(te),  # activation_func, fusions, zero-centered gamma, softmax scale
     )
+
+
+def context_parallel_settings(par: ParallelConfig) -> dict:
+    """TransformerConfig fields of context parallelism (the micro-batches of a step all have
+    one length, ``context_parallel.split_micro_batches``, so pipeline stages need no shape
+    exchange)."""
+    if par.context_parallel_size == 1:
+        return {}
+    return {"context_parallel_size": par.context_parallel_size, "cp_comm_type": par.cp_comm_type}
 
 
 def batch_p2p_comm(par: ParallelConfig) -> bool:

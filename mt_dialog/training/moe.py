@@ -78,7 +78,7 @@ def step_count_and_tokens(batches: List[Dict], normalization: str) -> Tuple[int,
     for batch in batches:
         zeros = torch.zeros(batch["loss_mask"].shape, device=batch["loss_mask"].device)
         count += int(dialog_loss(zeros, batch["loss_mask"], batch["loss_token_num"],
-                                 normalization, cu_seqlens=batch["conversation_cu_seqlens"])[1])
+                                 normalization, weights=batch["loss_weights"])[1])
         tokens += batch["tokens"].numel()
     return count, tokens
 

@@ -162,19 +162,39 @@ def validation_loss(batch: Dict, normalization: str, edges: Sequence[int], logit
     ``batch``: ``training.data.flatten_micro_batch``'s dict, with ``vocab_size`` (real ids)."""
     from megatron.core import tensor_parallel
 
-    from mt_dialog.training.loss import conversation_ids_from_cu_seqlens, dialog_loss
+    from mt_dialog.training.loss import dialog_loss
 
     labels = batch["labels"]
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-    ids = conversation_ids_from_cu_seqlens(batch["conversation_cu_seqlens"], labels.numel())
     loss_sum, count, report = dialog_loss(losses, batch["loss_mask"], batch["loss_token_num"],
-                                          normalization, conversation_ids=ids,
-                                          dataset_ids=batch.get("dataset_ids"),
-                                          dataset_names=batch.get("dataset_names", ()))
+                                          normalization, dataset_ids=batch.get("dataset_ids"),
+                                          dataset_names=batch.get("dataset_names", ()),
+                                          weights=batch["loss_weights"])
     correct = greedy_correct(logits, labels, batch.get("vocab_size"))
-    report.update(turn_reports(losses.detach(), correct, batch["loss_mask"],
-                               batch["loss_token_num"], ids, edges))
+    report.update(_whole_batch_turn_reports(batch, losses.detach(), correct, edges))
     return loss_sum, count, report
+
+
+def _whole_batch_turn_reports(batch: Dict, losses: Tensor, correct: Tensor,
+                              edges: Sequence[int]) -> Dict[str, Tensor]:
+    """``turn_reports`` of the whole micro-batch: with context parallelism the ranks' per-token
+    losses and hits are gathered (``context_parallel.gather_full``) and context-parallel rank 0
+    reports them (the others report zeros, so the sums over ranks count each turn once)."""
+    from mt_dialog.training.loss import conversation_ids_from_cu_seqlens
+
+    whole = batch.get("cp_full", batch)
+    if "cp_full" in batch:
+        from mt_dialog.training.context_parallel import gather_full
+
+        losses = gather_full(losses, batch)
+        correct = gather_full(correct.to(torch.float32), batch) > 0
+    ids = conversation_ids_from_cu_seqlens(whole["conversation_cu_seqlens"],
+                                           whole["labels"].numel())
+    reports = turn_reports(losses, correct, whole["loss_mask"], whole["loss_token_num"], ids,
+                           edges)
+    if batch.get("cp_rank", 0):
+        reports = {name: torch.zeros_like(value) for name, value in reports.items()}
+    return reports
 
 
 def metrics_table(metrics: Dict[str, float], edges: Sequence[int]) -> str:

@@ -1,4 +1,5 @@
-"""torchrun worker (2 processes): the attention variants at tensor-parallel size 2.
+"""torchrun worker (2 processes): the attention variants at tensor-parallel size 2, then at
+context-parallel size 2.
 
     torchrun --nproc_per_node 2 tests/training/attention_tp_worker.py OUT.pt CHECKPOINT_DIR
 
@@ -8,6 +9,8 @@ one pack of two conversations. Rank 0 saves the full weights (``reference.gather
 gathered logits and the local shapes of ``softmax_offset``, and every rank writes its shards with
 ``dist_checkpointing`` into CHECKPOINT_DIR/<variant>; the test rebuilds the model at TP=1 from
 the gathered weights and from the checkpoint (resharded to TP=1) and compares the logits.
+Then the same processes form one context-parallel group (CP=2): each variant's logits of the
+pack split over the two ranks (``run_variant_cp``) are compared with TP=1 likewise.
 """
 
 from __future__ import annotations
@@ -95,7 +98,39 @@ def run_variant(fields, ids, save_dir):
     return {"state": state, "logits": logits, "sink_shapes": local}
 
 
+def run_variant_cp(fields, ids):
+    """The variant at context-parallel size 2: the pack split by the library
+    (``split_micro_batches``: 2 x 2 chunks per conversation), the local attention's CP path
+    (keys and values all-gathered) and megatron-core's RoPE on each rank's chunks; the logits
+    gathered back in place (``gather_full``)."""
+    from mt_dialog.training.config import ParallelConfig
+    from mt_dialog.training.context_parallel import gather_full, layout, split_micro_batches
+    from mt_dialog.training.model import build_model_chunks, transformer_config
+    from mt_dialog.training.saved_run import single_process_config
+
+    config = single_process_config(model_config(fields))
+    config.parallel = ParallelConfig(context_parallel_size=2)
+    (model,) = build_model_chunks(config, transformer_config(config), VOCAB, 64)
+    model.eval()
+    set_sinks(model)
+    positions = torch.cat([torch.arange(b - a) for a, b in zip(CU[:-1], CU[1:])])[None]
+    whole = {"tokens": ids, "position_ids": positions, "loss_weights": {},
+             "cu_seqlens": torch.tensor(CU, dtype=torch.int32)}
+    (part,) = split_micro_batches([whole], layout(config.parallel))
+    with torch.no_grad():
+        logits = model(part["tokens"], part["position_ids"], None,
+                       packed_seq_params=part["packed_seq_params"])
+    return {"state": gather_full_state(model), "logits": gather_full(logits, part)}
+
+
+def gather_full_state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()
+            if not name.endswith("_extra_state")}
+
+
 def main(out, checkpoints):
+    from megatron.core import parallel_state as ps
+
     from mt_dialog.training import distributed
 
     distributed.initialize(2, 1, seed=11)
@@ -104,6 +139,9 @@ def main(out, checkpoints):
     results = {"ids": ids}
     for name, fields in VARIANTS.items():
         results[name] = run_variant(fields, ids, os.path.join(checkpoints, name))
+    ps.destroy_model_parallel()  # the same two processes as one context-parallel group
+    distributed.initialize(1, 1, seed=11, context_parallel=2)
+    results["cp2"] = {name: run_variant_cp(fields, ids) for name, fields in VARIANTS.items()}
     if dist.get_rank() == 0:
         torch.save(results, out)
     distributed.destroy()

@@ -57,7 +57,7 @@ import torch.distributed as dist  # noqa: E402
 
 import pretrain_dialog  # noqa: E402
 from mt_dialog.data.dataset import build_sample  # noqa: E402
-from mt_dialog.training import distributed, loop  # noqa: E402
+from mt_dialog.training import context_parallel, distributed, loop  # noqa: E402
 from mt_dialog.training.config import (  # noqa: E402
     DataConfig, DialogTrainingConfig, ModelConfig, OptimConfig, ParallelConfig, TrainConfig,
     validate_world,
@@ -90,6 +90,19 @@ def single_packs(make):
     """The packs of a one-dataset case: (packs, no dataset numbers)."""
     return lambda seed, n_packs: (ref.make_packs(seed=seed, n_packs=n_packs, seq=SEQ,
                                                  make=make), None)
+
+
+def late_reply_packs(seed, n_packs):
+    """Packs of 4 conversations of 16 tokens each replying in its last 2 tokens (trained label
+    positions 13 and 14 of 16): at CP=2 every loss position lies in chunk 3 of 4, context-
+    parallel rank 0's, and rank 1 holds no loss token at all (Megatron-LM's 0/0 case)."""
+    rng = __import__("random").Random(seed)
+
+    def late(_rng, _max_len):
+        toks = [ref.BOS] + ref._content(rng, 13)
+        return ref.Conversation(toks, [ref._reply(rng, toks, 2)])
+
+    return [ref.Pack([late(rng, SEQ) for _ in range(SEQ // 16)]) for _ in range(n_packs)], None
 
 
 def blend_packs(seed, n_packs):
@@ -167,6 +180,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--cp", type=int, default=1, help="context-parallel size")
     ap.add_argument("--untie", action="store_true", help="untied embedding and output layer")
     ap.add_argument("--micro", type=int, nargs="+", default=[1, 3],
                     help="micro-batches per step to check")
@@ -195,11 +209,12 @@ def main():
     config = DialogTrainingConfig(
         ModelConfig(**{**model, **moe}),
         ParallelConfig(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
-                       expert_model_parallel_size=args.ep),
+                       expert_model_parallel_size=args.ep, context_parallel_size=args.cp),
         DataConfig(data_path=["unused"], seq_length=SEQ, micro_batch_size=MBS),
         OptimConfig(), TrainConfig(train_iters=1, seed=SEED, eval_reply_length_buckets=EDGES))
     dp = validate_world(config, world)
-    distributed.initialize(args.tp, args.pp, None, SEED, expert_parallel=args.ep)
+    distributed.initialize(args.tp, args.pp, None, SEED, expert_parallel=args.ep,
+                           context_parallel=args.cp)
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import finalize_model_grads
 
@@ -233,7 +248,7 @@ def main():
                    scheduler=types.SimpleNamespace(step=lambda increment=1: None),
                    train_stream=[], valid_sets=[], forward_step=None, dp_size=dp, global_batch=0,
                    train_iters=1)
-    out = {"tp": args.tp, "pp": args.pp, "dp": dp, "world": world, "tied": tied, "seq": SEQ,
+    out = {"tp": args.tp, "pp": args.pp, "dp": dp, "cp": args.cp, "world": world, "tied": tied, "seq": SEQ,
            "ep": ps.get_expert_model_parallel_world_size(),
            "local_experts": sum(".local_experts." in n and n.endswith("linear_fc1.weight")
                                 for n, _ in model[0].module.named_parameters()),
@@ -250,6 +265,8 @@ def main():
     cases = [(str(M), M, 100 + M, single_packs(ref.make_conversation)) for M in args.micro]
     cases.append(("context", 3, 300, single_packs(ref.rendered_conversation)))
     cases.append(("blend", 3, 500, blend_packs))
+    if args.cp > 1:
+        cases.append(("late_replies", 1, 700, late_reply_packs))
     for name, M, seed, build in cases:
         n_packs = dp * M * MBS
         packs, datasets = build(seed, n_packs)
@@ -270,9 +287,13 @@ def main():
         read = []
         orig_micro_batches = loop._micro_batches
 
+        local_loss_tokens = []
+
         def spy(run_, indices, stream):
             read.append(indices)
-            return orig_micro_batches(run_, indices, stream)
+            batches = orig_micro_batches(run_, indices, stream)
+            local_loss_tokens.append(sum(int(b["loss_mask"].sum()) for b in batches))
+            return batches
 
         loop._micro_batches = spy
         refs = {}
@@ -294,6 +315,7 @@ def main():
             G = recorder.grads
             all_metrics = everyone(metrics)
             reads = everyone((dp_rank, read[0]))
+            loss_tokens_by_rank = everyone(local_loss_tokens[-1])
             if rank == 0:
                 m = next(x for x in all_metrics if x is not None)
                 ref_loss, ref_g = refs[norm]
@@ -319,6 +341,7 @@ def main():
                     by_dp.setdefault(r, idx)
                     assert by_dp[r] == idx, "ranks of one DP group read different packs"
                 res["packs_read_by_dp_rank"] = {str(r): v for r, v in sorted(by_dp.items())}
+                res["loss_tokens_by_rank"] = loss_tokens_by_rank
         loop._micro_batches = orig_micro_batches
         run.info.prefixes = ["unused"]
         assert recorder.steps == 2 * (len(out["steps"]) + 1)
@@ -340,18 +363,23 @@ def main():
                                   {"losses": o.detach().float().cpu()})
 
     fwd = types.SimpleNamespace(model=model, forward_step=losses_step)
+    split = context_parallel.layout(config.parallel)
 
     def forward_losses(batches):
         with torch.no_grad():
             store = loop._run_schedule(fwd, batches, forward_only=True)
+        if args.cp > 1:  # each context-parallel rank's part, put back in place
+            return [context_parallel.gather_full(s["losses"], b).view(-1)
+                    for s, b in zip(store, batches)]
         return [s["losses"].view(-1) for s in store] if is_last else None
 
     for chunk in model:
         chunk.eval()
     packed = {}
     for isolated in (True, False):
-        batches = [flatten_micro_batch(samples[m * MBS:(m + 1) * MBS], isolated, device)
-                   for m in range(2)]
+        batches = context_parallel.split_micro_batches(
+            [flatten_micro_batch(samples[m * MBS:(m + 1) * MBS], isolated, device)
+             for m in range(2)], split)
         packed[isolated] = forward_losses(batches)
     alone = []
     for p in iso_packs:
@@ -359,6 +387,10 @@ def main():
             toks = torch.tensor(conv.tokens, device=device).view(1, -1)
             one = {"tokens": toks[:, :-1], "labels": toks[:, 1:],
                    "position_ids": torch.arange(toks.size(1) - 1, device=device).view(1, -1)}
+            if args.cp > 1:  # a sequence is always split: the reference stands in for it
+                alone.append(ref.reference_token_losses(Wref, conv, mcfg, tied) if is_last
+                             else None)
+                continue
             losses = forward_losses([one])  # plain causal attention, no packed params
             alone.append(losses[0] if is_last else None)
     for chunk in model:

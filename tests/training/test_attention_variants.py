@@ -302,7 +302,7 @@ def test_cli_refusal_is_one_line(capsys):
 def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
     """TP=2 (attention_tp_worker.py: window + sinks, Lite MLA, MLA with a q rank and YaRN) ==
     TP=1 built from the gathered weights, and from the TP=2 checkpoint resharded to TP=1; the
-    sinks are split by head (2 of 4 per rank)."""
+    sinks are split by head (2 of 4 per rank). And context parallelism (CP=2) == TP=1."""
     from mt_dialog.training.distributed import destroy_single_process
     from mt_dialog.training.saved_run import single_process_config, single_process_model
     from tests.training import attention_tp_worker as worker
@@ -328,6 +328,27 @@ def test_tensor_parallel_gives_the_logits_of_one_process(tmp_path):
             torch.testing.assert_close(results[name]["logits"], logits, atol=1e-5, rtol=1e-5,
                                        msg=lambda m, name=name: f"{name}: {m}")
         assert resharded == (name == "window+sinks")
+        _check_context_parallel(name, fields, results)
+
+
+def _check_context_parallel(name, fields, results):
+    """CP=2 (the pack's conversations split into 4 chunks each over 2 ranks) == TP=1 from the
+    same weights."""
+    from mt_dialog.training.distributed import destroy_single_process
+    from mt_dialog.training.saved_run import single_process_config, single_process_model
+    from tests.training import attention_tp_worker as worker
+
+    cp = results["cp2"][name]
+    try:
+        model = single_process_model(single_process_config(worker.model_config(fields)),
+                                     worker.VOCAB, 64, seed=5)
+        missing, unexpected = model.load_state_dict(cp["state"], strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing)
+        one = worker.packed_logits(model.eval(), results["ids"])
+    finally:
+        destroy_single_process()
+    torch.testing.assert_close(cp["logits"], one, atol=1e-5, rtol=1e-5,
+                               msg=lambda m: f"{name} at CP=2: {m}")
 
 
 def _load_sharded(model, path: str) -> bool:

@@ -21,7 +21,7 @@ TOL = 1e-5
 MICRO = ("1", "3")
 VPP_MICRO = 6  # micro-batches of the interleaved check: more than PP (= 2), a multiple of it
 
-# name -> (processes, worker args, expected (tp, pp, dp))
+# name -> (processes, worker args, expected (tp, pp, dp[, cp]))
 LAYOUTS = {
     "single": (1, [], (1, 1, 1)),
     "tp2": (2, ["--tp", "2"], (2, 1, 1)),
@@ -35,6 +35,11 @@ LAYOUTS = {
     # with a shared expert and sigmoid scores with an expert bias, group-limited, scaled
     # (allgather dispatch)
     "moe_routing_ep2": (2, ["--moe", "allgather", "--ep", "2", "--moe-routing"], (1, 1, 2)),
+    # context parallelism: every conversation split in 4 chunks over 2 ranks (load-balanced),
+    # alone, with tensor parallelism, and with pipeline parallelism (one length per step)
+    "cp2": (2, ["--cp", "2"], (1, 1, 1, 2)),
+    "tp2_cp2": (4, ["--tp", "2", "--cp", "2", "--untie"], (2, 1, 1, 2)),
+    "pp2_cp2": (4, ["--pp", "2", "--cp", "2"], (1, 2, 1, 2)),
 }
 
 _RESULTS = {}
@@ -64,7 +69,8 @@ pytestmark = pytest.mark.multiprocess
 @layouts
 def test_layout_and_data(name, tmp_path_factory):
     res = _result(name, tmp_path_factory)
-    assert (res["tp"], res["pp"], res["dp"]) == LAYOUTS[name][2]
+    expected = LAYOUTS[name][2]
+    assert (res["tp"], res["pp"], res["dp"], res["cp"]) == (*expected[:3], (*expected, 1)[3])
     for m in MICRO:
         step = res["steps"][m]
         assert step["packs"] == int(m) * res["dp"] * res["micro_batch_size"]
@@ -167,6 +173,20 @@ def test_text_and_chat_blend(name, tmp_path_factory):
         for key, want in reference.items():
             assert logged[key] == pytest.approx(want, rel=TOL), (norm, key)
     assert logged["dataset text: turns"] == step["text_pieces"]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, args, _) in LAYOUTS.items() if "--cp" in args])
+def test_context_parallel_rank_without_loss_tokens(name, tmp_path_factory):
+    """Every trained token of the step on context-parallel rank 0 (replies in the last quarter
+    of each conversation): the other rank returns (0, 0), no NaN, and the step is still the
+    split baseline's; every turn counted once."""
+    step = _result(name, tmp_path_factory)["steps"]["late_replies"]
+    by_rank = step["loss_tokens_by_rank"]
+    assert 0 in by_rank and max(by_rank) > 0, by_rank
+    for norm in ("turn", "token"):
+        assert step[f"{norm}_max_rel_err"] <= TOL, (norm, step[f"{norm}_worst_param"], step)
+        assert step[f"{norm}_logged_turns"] == step["turns"]
+    assert step["turn_logged_loss_per_turn"] == pytest.approx(step["turn_loss_ref"], rel=TOL)
 
 
 def test_virtual_pipeline_gradient_equals_split_baseline(tmp_path_factory):

@@ -34,9 +34,9 @@ def _config(*extra):
 
 @pytest.mark.parametrize("world, extra, message", [
     (2, ["--tensor-model-parallel-size", "4"],
-     "world size 2 is not divisible by tensor x pipeline parallel 4 x 1; launch a multiple of 4"),
+     "world size 2 is not divisible by tensor x pipeline x context parallel 4 x 1 x 1; launch a multiple of 4"),
     (6, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
-     "world size 6 is not divisible by tensor x pipeline parallel 2 x 2"),
+     "world size 6 is not divisible by tensor x pipeline x context parallel 2 x 2 x 1"),
     (4, ["--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
          "--global-batch-size", "6"],
      "global_batch_size: 6 is not divisible by micro-batch size x data-parallel size = 2 x 2; "
@@ -152,8 +152,8 @@ CASES = {
                                  "--data-path: {short} has seq length 128 but {main} has 256; "
                                  "rebuild them alike"),
     "world_not_divisible": (lambda d: _argv(d["main"], "--pipeline-model-parallel-size", "2"),
-                            "world size 1 is not divisible by tensor x pipeline parallel 1 x 2; "
-                            "launch a multiple of 2 processes"),
+                            "world size 1 is not divisible by tensor x pipeline x context "
+                            "parallel 1 x 2 x 1; launch a multiple of 2 processes"),
     "global_batch_not_divisible": (lambda d: _argv(d["main"], "--micro-batch-size", "2",
                                                    "--global-batch-size", "3"),
                                    "--global-batch-size: 3 is not divisible by micro-batch size x "
@@ -162,8 +162,8 @@ CASES = {
                        "{main}_missing.meta.json not found: is '{main}_missing' the "
                        "--output-prefix of tools/preprocess_dialog.py"),
     "context_parallel": (lambda d: _argv(d["main"], "--context-parallel-size", "2"),
-                         "--context-parallel-size: 2 is not supported: the turn-normalized loss "
-                         "needs each turn counted once"),
+                         "world size 1 is not divisible by tensor x pipeline x context parallel "
+                         "1 x 1 x 2; launch a multiple of 2 processes"),
     "finetune_without_load": (lambda d: _argv(d["main"], "--finetune"),
                               "--finetune needs --load CHECKPOINT"),
     # --load without a checkpoint starts from scratch only when it is the --save folder
@@ -174,7 +174,7 @@ CASES = {
 }
 
 
-USAGE_ERRORS = {"context_parallel", "finetune_without_load"}
+USAGE_ERRORS = {"finetune_without_load"}
 
 
 @pytest.mark.multiprocess  # launches pretrain_dialog.py
@@ -198,8 +198,8 @@ def test_refused_before_the_model_is_built(case, packed_data, short_data):
 def test_torchrun_world_not_divisible(packed_data):
     proc = launch(2, _argv(packed_data, "--tensor-model-parallel-size", "4"), expect_ok=False,
                   timeout=120)
-    message = ("error: world size 2 is not divisible by tensor x pipeline parallel 4 x 1; "
-               "launch a multiple of 4 processes or change the parallel sizes")
+    message = ("error: world size 2 is not divisible by tensor x pipeline x context parallel "
+               "4 x 1 x 1; launch a multiple of 4 processes or change the parallel sizes")
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.count(message) == 2, proc.stderr  # each rank, before any group exists
     assert not our_traceback_frames(proc.stderr + proc.stdout), proc.stderr

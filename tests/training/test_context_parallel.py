@@ -1,0 +1,137 @@
+"""Context parallelism's split of a micro-batch (``training.context_parallel``) and the exactness
+of the loss over it, in one process: the conversations rendered and packed by the library
+(``test_loss``'s firefly packs), flattened by ``flatten_micro_batch`` with a context-parallel
+layout, then ``pretrain_dialog.make_forward_step``'s loss on each rank's part. The ranks' sums
+and counts must add up to the unsplit micro-batch's for every normalization, and every real
+position must be held by exactly one rank. The multi-process runs (model, attention, gradients
+against the split baseline) are the equivalence suite's ``cp2`` layouts."""
+
+import numpy as np
+import pytest
+import torch
+
+from mt_dialog.training.context_parallel import (
+    global_order, padded_cu_seqlens, partition_indices, source_positions, split_micro_batches)
+from mt_dialog.training.data import flatten_micro_batch
+from mt_dialog.training.loss import NORMALIZATIONS
+from tests.training.test_loss import firefly, global_batch, loss_of, references  # noqa: F401
+
+CPU = torch.device("cpu")
+
+
+def test_partition_is_the_load_balanced_chunk_layout():
+    """The module docstring's picture: A (7 tokens) and B (3) at CP=2."""
+    cu_padded = padded_cu_seqlens(np.array([0, 7, 10]), 4)
+    assert cu_padded.tolist() == [0, 8, 12]
+    assert partition_indices(cu_padded, 2, 0).tolist() == [0, 1, 6, 7, 8, 11]
+    assert partition_indices(cu_padded, 2, 1).tolist() == [2, 3, 4, 5, 9, 10]
+    held = np.concatenate([partition_indices(cu_padded, 2, r) for r in range(2)])
+    assert np.array_equal(held[global_order(cu_padded, 2)], np.arange(12))
+    assert source_positions(np.array([0, 7, 10]), cu_padded).tolist() == \
+        [0, 1, 2, 3, 4, 5, 6, -1, 7, 8, 9, -1]
+
+
+def rank_parts(samples, isolated, size):
+    whole = flatten_micro_batch(samples, isolated, CPU)
+    return [split_micro_batches([whole], (size, rank, 2 * size))[0] for rank in range(size)]
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+@pytest.mark.parametrize("isolated", [True, False])
+def test_every_position_is_held_once_with_its_own_values(global_batch, size, isolated):
+    samples, _, _ = global_batch
+    whole = flatten_micro_batch(samples, isolated, CPU)
+    parts = rank_parts(samples, isolated, size)
+    lengths = {p["tokens"].shape[1] for p in parts}
+    assert len(lengths) == 1  # every rank holds as many positions
+    held = torch.cat([p["cp_positions"] for p in parts])
+    real = held[held >= 0]
+    assert sorted(real.tolist()) == list(range(whole["tokens"].shape[1]))
+    for part in parts:
+        where = part["cp_positions"]
+        mine = where >= 0
+        for key in ("tokens", "labels", "loss_mask", "loss_token_num", "position_ids"):
+            assert torch.equal(part[key][0, mine], whole[key][0, where[mine]]), key
+            assert not part[key][0, ~mine].any(), key  # padding: zeros, never trained
+        params = part["packed_seq_params"]
+        assert torch.equal(params.cu_seqlens_q, whole["packed_seq_params"].cu_seqlens_q)
+        padded = params.cu_seqlens_q_padded
+        assert bool(((padded[1:] - padded[:-1]) % (2 * size) == 0).all())
+        assert params.max_seqlen_q == int((padded[1:] - padded[:-1]).max())
+        assert part["num_tokens"] == whole["num_tokens"]  # counts stay the micro-batch's
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_rank_sums_add_up_to_the_whole_micro_batch(global_batch, normalization, size):
+    """A turn cut between ranks counts once in total: the counts are integers on every rank
+    and add up to the micro-batch's turns (tokens, conversations); the loss sums and each
+    position's gradient are the unsplit ones."""
+    samples, turns, values = global_batch
+    want_sum, want_count = references(values, turns)[normalization]
+    whole_grad = values.clone().requires_grad_(True)
+    whole_sum, whole_count, whole_report = loss_of(
+        flatten_micro_batch(samples, True, CPU), whole_grad, normalization)
+    (whole_sum / whole_count).backward()
+    total, count, grad = 0.0, 0, torch.zeros(values.numel())
+    report = {}
+    for part in rank_parts(samples, True, size):
+        where = part["cp_positions"]
+        local = torch.where(where >= 0, values[0, where.clamp(min=0)], torch.tensor(7.0))
+        local = local[None, :].clone().requires_grad_(True)  # padding gets a loss: weight 0
+        loss_sum, n, rep = loss_of(part, local, normalization)
+        assert n.dtype == torch.int32 and torch.isfinite(loss_sum)
+        (loss_sum / want_count).backward()
+        total, count = total + float(loss_sum.detach()), count + int(n)
+        grad.index_add_(0, where[where >= 0], local.grad[0, where >= 0])
+        assert not local.grad[0, where < 0].any()
+        for name, pair in rep.items():
+            report[name] = report.get(name, 0) + pair
+    assert count == want_count == int(whole_count)
+    assert total == pytest.approx(float(want_sum), rel=1e-6)
+    assert torch.allclose(grad, whole_grad.grad.view(-1), rtol=1e-6, atol=1e-9)
+    for name, pair in whole_report.items():
+        assert torch.allclose(report[name], pair, rtol=1e-6), name
+
+
+def test_a_step_s_micro_batches_share_one_length(global_batch):
+    """Pipeline stages exchange one activation shape per step: every micro-batch of a step is
+    padded to the longest (its last segment takes the extra padding, a multiple of 2 x CP)."""
+    samples, _, _ = global_batch
+    batches = [flatten_micro_batch([s], True, CPU) for s in samples]
+    held = [[] for _ in batches]
+    for rank in range(2):
+        parts = split_micro_batches(batches, (2, rank, 4))
+        assert len({p["tokens"].shape[1] for p in parts}) == 1
+        for number, part in enumerate(parts):
+            held[number] += part["cp_positions"][part["cp_positions"] >= 0].tolist()
+            padded = part["packed_seq_params"].cu_seqlens_q_padded
+            assert int(padded[-1]) == 2 * part["tokens"].shape[1]
+            assert bool(((padded[1:] - padded[:-1]) % 4 == 0).all())
+    assert [sorted(h) for h in held] == [list(range(b["tokens"].shape[1])) for b in batches]
+    assert len({b["packed_seq_params"].cu_seqlens_q.numel() for b in batches}) > 1  # unalike
+
+
+def test_a_rank_without_loss_tokens_gives_zero_not_nan(global_batch):
+    """Megatron-LM's known context-parallel failure (a 0/0 mean on a rank whose tokens carry no
+    loss): here such a rank returns (0.0, 0) and the others carry the whole count."""
+    samples, turns, values = global_batch
+    sample = dict(samples[1])
+    mask = np.zeros_like(sample["loss_mask"])
+    ltn = np.zeros_like(sample["loss_token_num"])
+    last = int(np.nonzero(sample["loss_mask"])[0][-1])
+    mask[last], ltn[last] = 1, 1  # one trained token, the pack's last reply's end of turn
+    sample.update(loss_mask=mask, loss_token_num=ltn)
+    parts = rank_parts([sample], True, 4)
+    counts, sums = [], []
+    for part in parts:
+        losses = torch.rand(part["tokens"].shape)
+        for normalization in NORMALIZATIONS:
+            loss_sum, n, report = loss_of(part, losses, normalization)
+            assert torch.isfinite(loss_sum) and all(torch.isfinite(v).all()
+                                                    for v in report.values())
+            if normalization == "turn":
+                counts.append(int(n))
+                sums.append(float(loss_sum))
+    assert sorted(counts) == [0, 0, 0, 1]
+    assert [s for s, n in zip(sums, counts) if n == 0] == [0.0, 0.0, 0.0]
