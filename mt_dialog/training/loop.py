@@ -572,8 +572,10 @@ def _banner(run: Run, argv) -> str:
                f"experts, top {run.config.model.moe_router_topk}"
                if run.config.model.num_experts else "")
     experts += " | overlapped: grad reduce" if par.overlap_grad_reduce else ""
+    cp = (f" CP={par.context_parallel_size} ({par.cp_comm_type})"
+          if par.context_parallel_size > 1 else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
-            f" DP={run.dp_size}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
+            f" DP={run.dp_size}{cp}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
             f"normalization {run.config.data.loss_normalization} | {what}trainable parameters "
             f"{trainable:,} of {total:,} ({trainable / max(total, 1):.2%}) | device "
