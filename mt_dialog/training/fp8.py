@@ -36,6 +36,8 @@ RECIPE_TE_VERSION = {"delayed": "1.0", "tensorwise": "2.2", "blockwise": "2.3", 
 # MXFP8 scales blocks of 32 values
 FP8_MULTIPLE = {"mxfp8": 32}
 FP8_DEFAULT_MULTIPLE = 16
+# TE's initialize_ub takes bootstrap_backend (torch.distributed) from 1.9 on
+UB_TE_VERSION = "1.9"
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,10 @@ def probe() -> Capability:
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    capability = tuple(torch.cuda.get_device_capability()) if gpus else None
+    # the device this rank will use (distributed.initialize sets LOCAL_RANK's later); reading its
+    # properties selects no device
+    index = int(os.environ.get("LOCAL_RANK", "0")) % gpus if gpus else 0
+    capability = tuple(torch.cuda.get_device_capability(index)) if gpus else None
     try:
         import transformer_engine
         from importlib import metadata
@@ -143,6 +148,10 @@ def tp_comm_overlap_machine_problem(cap: Capability) -> Optional[str]:
         return (f"the overlap runs in Transformer Engine's userbuffers on CUDA GPUs, but this "
                 f"machine has {cap.describe()}; run on GPUs with transformer-engine, or drop "
                 "--tp-comm-overlap")
+    if _older(cap.te_version, UB_TE_VERSION):
+        return (f"transformer-engine {cap.te_version} bootstraps its userbuffers with MPI only; "
+                f"mt_dialog uses TE {UB_TE_VERSION}+'s torch.distributed bootstrap: upgrade "
+                "transformer-engine or drop --tp-comm-overlap")
     return None
 
 

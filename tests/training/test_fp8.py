@@ -218,6 +218,14 @@ def test_tp_comm_overlap_is_refused_where_it_cannot_run(machine, monkeypatch, ex
     assert message in str(exc.value)
 
 
+def test_tp_comm_overlap_needs_te_with_the_torch_distributed_bootstrap(machine, monkeypatch):
+    machine(fp8.Capability("1.8.0", None, 2, (9, 0)))
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.raises(ValueError, match="transformer-engine 1.8.0 bootstraps its userbuffers "
+                                         "with MPI only"):
+        _parse(*OVERLAP)
+
+
 def test_blackwell_needs_no_single_cuda_queue(machine, monkeypatch):
     machine(fp8.Capability("2.8.0", None, 2, (10, 0)))
     monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
