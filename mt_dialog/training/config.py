@@ -789,8 +789,8 @@ class OptimConfig:
                              help="with --fp8-format: scaling recipe (delayed: amax history; "
                              "tensorwise: current per-tensor scales; blockwise: per-block "
                              "scales, Hopper; mxfp8: Blackwell)")
-    fp8_margin: int = option(0, help="with --fp8-format: scale margin (scales are divided by "
-                             "2^margin)")
+    fp8_margin: int = option(0, help="with --fp8-format (delayed): scale margin (scales are "
+                             "divided by 2^margin)")
     fp8_amax_history_len: int = option(1, help="with --fp8-format (delayed): amax values kept "
                                        "per tensor")
     fp8_amax_compute_algo: str = option("most_recent", choices=("most_recent", "max"),
@@ -836,6 +836,14 @@ class OptimConfig:
                                  "--fp8-format e4m3|hybrid; add it or drop the flag")
             return
         check_choice("fp8_format", self.fp8_format, FP8_FORMATS)
+        if self.fp8_recipe != "delayed":  # megatron-core passes these to DelayedScaling only
+            for name, default in (("fp8_margin", 0), ("fp8_amax_history_len", 1),
+                                  ("fp8_amax_compute_algo", "most_recent")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: --{name.replace('_', '-')} applies to "
+                                     f"--fp8-recipe delayed only (this run: {self.fp8_recipe}, "
+                                     "which computes its scales from the current tensors); "
+                                     "drop the flag")
         if not self.bf16:
             raise ValueError(
                 f"fp8_format: --fp8-format {self.fp8_format} needs --bf16 (FP8 GEMMs keep bf16 "

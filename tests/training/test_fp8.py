@@ -67,6 +67,9 @@ def machine(monkeypatch):
     (["--fp8-recipe", "tensorwise"],
      "error: --fp8-recipe needs --fp8-format e4m3|hybrid; add it or drop the flag"),
     (["--fp8-amax-history-len", "16"], "error: --fp8-amax-history-len needs --fp8-format"),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-margin", "1", "--bf16"],
+     "error: --fp8-margin applies to --fp8-recipe delayed only (this run: tensorwise, which "
+     "computes its scales from the current tensors); drop the flag"),
     (["--fp8-format", "e5m2"], "error: argument --fp8-format: invalid choice: 'e5m2'"),
     (["--fp8-recipe", "custom"], "error: argument --fp8-recipe: invalid choice: 'custom'"),
     (["--tp-comm-overlap"],
@@ -96,9 +99,10 @@ def test_the_cli_refuses_in_one_line_naming_why(extra, expected, capsys):
 
 @pytest.mark.parametrize("extra, fields", [
     (["--fp8-format", "hybrid"], ("hybrid", "delayed", 0, 1, "most_recent")),
-    (["--fp8-format", "e4m3", "--fp8-recipe", "tensorwise", "--fp8-margin", "1",
-      "--fp8-amax-history-len", "16", "--fp8-amax-compute-algo", "max"],
-     ("e4m3", "tensorwise", 1, 16, "max")),
+    (["--fp8-format", "e4m3", "--fp8-margin", "1", "--fp8-amax-history-len", "16",
+      "--fp8-amax-compute-algo", "max"], ("e4m3", "delayed", 1, 16, "max")),
+    (["--fp8-format", "hybrid", "--fp8-recipe", "tensorwise"],
+     ("hybrid", "tensorwise", 0, 1, "most_recent")),
     (["--fp8-format", "hybrid", "--fp8-recipe", "blockwise"],
      ("hybrid", "blockwise", 0, 1, "most_recent")),
 ])
