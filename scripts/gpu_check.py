@@ -43,6 +43,14 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
                     norm, tanh GeGLU, scaled embeddings, --softmax-scale, soft-capped logits):
                     local fp32 / bf16 and TE bf16 (the local weights copied in): a conversation
                     packed after another == alone, TE bf16 vs local fp32 within the bf16 tolerance
+  12 fp8           pretrain_dialog.py refuses --fp8-format hybrid where it cannot run, naming
+                    why (any machine: the CPU stand-in); on a GPU of compute capability 8.9+ with
+                    TE: FP8_ITERS iterations in bf16 and with --fp8-format hybrid --fp8-recipe
+                    delayed from the same init and data: finite losses, FP8's first loss within
+                    5% of bf16's (FP8 is in the GEMMs only; the loss is fp32 in both)
+  13 tp-comm-overlap  with 2+ GPUs and TE: TP 2 + --sequence-parallel with and without
+                    --tp-comm-overlap (TE's userbuffers) under torchrun: the same losses (1%);
+                    skipped with the reason on one GPU
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -73,7 +81,7 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe",
-          "attention", "moe-routing", "gemma3")
+          "attention", "moe-routing", "gemma3", "fp8", "tp-comm-overlap")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -734,6 +742,12 @@ def worker_versions(spec: Dict) -> Dict:
            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "megatron_core": mcore}
     out.update(probe_transformer_engine(cuda))
     out["auto_impl"] = "transformer_engine" if use_transformer_engine("auto") else "local"
+    from mt_dialog.training import fp8
+
+    capability = fp8.probe()  # what pretrain_dialog.py decides --fp8-format from (check 12)
+    out.update(gpus=capability.gpus, machine=capability.describe(),
+               fp8_problem=fp8.fp8_machine_problem("delayed", capability),
+               overlap_problem=fp8.tp_comm_overlap_machine_problem(capability))
     return out
 
 
@@ -993,6 +1007,103 @@ def check_gemma3(ctx: Context) -> List[Line]:
 
 WORKERS["gemma3"] = worker_gemma3
 CHECK_FUNCTIONS["gemma3"] = check_gemma3
+
+
+# -- checks 12 and 13: FP8 and tensor-parallel communication overlap -----------------------------
+
+FP8_ITERS = 5
+FP8_FLAGS = ("--fp8-format", "hybrid", "--fp8-recipe", "delayed")
+FP8_TOLERANCE = 0.05  # relative, on the first step's loss (same weights and batch)
+
+
+def refusal(ctx: Context, name: str, args: List[str]) -> tuple:
+    """pretrain_dialog.py ``args``, expected to be refused before training: (exit code, its
+    last stderr line); the command and output go to logs/NAME.log."""
+    cmd = [sys.executable, "pretrain_dialog.py", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(cpu=False), capture_output=True,
+                          text=True, timeout=STEP_TIMEOUT)
+    with open(ctx.path("logs", f"{name}.log"), "w", encoding="utf-8") as handle:
+        handle.write(f"$ {' '.join(cmd)}\n# exit: {proc.returncode}\n--- stdout\n{proc.stdout}"
+                     f"\n--- stderr\n{proc.stderr}\n")
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
+
+
+def refusal_line(ctx: Context, label: str, flags: Sequence[str], expected: str) -> Line:
+    """PASS when pretrain_dialog.py with ``flags`` exits 2 with one line holding ``expected``
+    (the reason this machine gave) and no traceback."""
+    code, line = refusal(ctx, label.replace(" ", "-"), ["--data-path", "unused",
+                                                         "--train-iters", "1", *flags])
+    ok = code == 2 and expected in line and "Traceback" not in line
+    return Line(verdict(ok), label, f"exit {code}: {line}")
+
+
+def fp8_verdict(bf16: TrainLog, fp8: TrainLog, iters: int) -> tuple:
+    """(ok, detail): every logged loss of both runs finite, all ``iters`` logged, and FP8's
+    first loss/turn within FP8_TOLERANCE of bf16's."""
+    losses = [v for log in (bf16, fp8) for it in range(1, iters + 1)
+              for v in log.iters.get(it, (math.nan, math.nan))]
+    finite = all(math.isfinite(v) for v in losses)
+    first_bf16 = bf16.iters.get(1, (math.nan,))[0]
+    first_fp8 = fp8.iters.get(1, (math.nan,))[0]
+    gap = abs(first_fp8 - first_bf16) / abs(first_bf16) if first_bf16 else math.nan
+    ok = finite and gap <= FP8_TOLERANCE
+    last = fp8.iters.get(iters, (math.nan,))[0]
+    return ok, (f"first loss/turn fp8 {first_fp8:.4f} vs bf16 {first_bf16:.4f} (relative "
+                f"{gap:.1e}, tol {FP8_TOLERANCE:.0e}); fp8 after {iters} iterations {last:.4f}; "
+                f"{'all' if finite else 'NOT all'} losses finite")
+
+
+def check_fp8(ctx: Context) -> List[Line]:
+    """Check 12: the refusal where FP8 cannot run (the reason check 1's probe gave), else
+    bf16 vs FP8 training from the same init and data."""
+    problem = ctx.versions.get("fp8_problem")
+    if problem:
+        expected = problem.split(";")[0]
+        return [refusal_line(ctx, "12 fp8 refused", ["--bf16", *FP8_FLAGS], expected),
+                Line(ctx.te_skip or "SKIP (no FP8)", "12 fp8 vs bf16",
+                     problem.split(";")[0])]
+    lines = [refusal_line(ctx, "12 fp8 needs --bf16", list(FP8_FLAGS), "needs --bf16")]
+    bf16 = pretrain(ctx, "fp8-bf16", train_args(ctx, FP8_ITERS))
+    fp8 = pretrain(ctx, "fp8-hybrid", train_args(ctx, FP8_ITERS, *FP8_FLAGS))
+    ok, detail = fp8_verdict(bf16, fp8, FP8_ITERS)
+    return lines + [Line(verdict(ok), "12 fp8 vs bf16", detail)]
+
+
+OVERLAP_FLAGS = ("--tensor-model-parallel-size", "2", "--sequence-parallel",
+                 "--micro-batch-size", "1")
+OVERLAP_TOLERANCE = 0.01  # relative to the loss
+
+
+def check_tp_comm_overlap(ctx: Context) -> List[Line]:
+    """Check 13: TP 2 + sequence parallelism with and without --tp-comm-overlap (2 GPUs,
+    torchrun), the same losses; else the refusal and a SKIP naming what is missing."""
+    problem, gpus = ctx.versions.get("overlap_problem"), ctx.versions.get("gpus", 0)
+    if problem:
+        return [refusal_line(ctx, "13 overlap refused", [
+            *OVERLAP_FLAGS, "--tp-comm-overlap", "--bf16"], problem.split(";")[0]),
+            Line(ctx.te_skip or "SKIP (no TE)", "13 tp-comm-overlap",
+                 f"{problem.split(';')[0]}")]
+    if gpus < 2:
+        return [Line("SKIP (1 GPU)", "13 tp-comm-overlap", f"needs 2 GPUs for tensor "
+                     f"parallelism, this machine has {gpus}")]
+    launcher = ["env", "CUDA_DEVICE_MAX_CONNECTIONS=1", sys.executable, "-m",
+                "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "pretrain_dialog.py"]
+    iters = ctx.sizes.cpu_iters
+    plain = parse_train_log(run_step(ctx, "overlap-off", [
+        *launcher, *train_args(ctx, iters, *OVERLAP_FLAGS)]))
+    overlap = parse_train_log(run_step(ctx, "overlap-on", [
+        *launcher, *train_args(ctx, iters, *OVERLAP_FLAGS, "--tp-comm-overlap")]))
+    diff = max_loss_diff(plain, overlap, range(1, iters + 1))
+    tol = OVERLAP_TOLERANCE * max((v[0] for v in plain.iters.values()), default=0.0)
+    return [Line(verdict(diff <= tol), "13 tp-comm-overlap",
+                 f"TP 2 + sequence parallel, iters 1-{iters} with vs without --tp-comm-overlap: "
+                 f"max |dloss| {diff:.1e} (tol {tol:.1e})")]
+
+
+CHECK_FUNCTIONS["fp8"] = check_fp8
+CHECK_FUNCTIONS["tp-comm-overlap"] = check_tp_comm_overlap
 
 
 def run_worker(kind: str, spec_path: Optional[str]) -> int:

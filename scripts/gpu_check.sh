@@ -3,7 +3,8 @@
 # numerics against each conversation alone, 30 bf16 iterations with the distributed optimizer
 # + save + resume, --finetune --bf16 continuing from the loaded model, a CPU-written checkpoint
 # trained and chatted with on the GPU, tools/chat.py, LoRA on the TE layers (learns, resumes
-# exactly), a bf16 Mixture of Experts (learns; a CPU-written checkpoint resumes on the GPU).
+# exactly), a bf16 Mixture of Experts (learns; a CPU-written checkpoint resumes on the GPU),
+# FP8 (--fp8-format hybrid) vs bf16 on an FP8 GPU, --tp-comm-overlap on 2+ GPUs.
 # One PASS / FAIL / SKIP line per result, with its numbers; exit code 1 when one failed.
 # Details: python scripts/gpu_check.py --help.
 #

@@ -178,3 +178,34 @@ def test_cpu_mode_runs_the_gemma3_block_check(tmp_path):
              if line[:4] in ("PASS", "FAIL", "SKIP")}
     assert lines["11 gemma3 local fp32"] == "PASS" and lines["11 gemma3 local bf16"] == "PASS"
     assert lines["11 gemma3 TE bf16"] == "SKIP (no CUDA)"
+
+
+def test_cpu_mode_fp8_and_overlap_checks_are_the_refusals(tmp_path):
+    """``--only fp8,tp-comm-overlap`` without CUDA: pretrain_dialog.py refuses both flags in one
+    line naming why (the CPU stand-in passes), the GPU runs are skipped with that reason."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    proc = gpu_check("--only", "fp8,tp-comm-overlap", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = result_lines(proc.stdout)
+    status, detail = lines["12 fp8 refused"]
+    assert status == "PASS" and "exit 2: error: --fp8-format hybrid" in detail, detail
+    assert "compute capability 8.9" in detail and "no CUDA GPU" in detail
+    assert lines["12 fp8 vs bf16"][0] == "SKIP (no CUDA)"
+    status, detail = lines["13 overlap refused"]
+    assert status == "PASS" and "error: --tp-comm-overlap: the overlap runs in Transformer " \
+        "Engine's userbuffers" in detail, detail
+    assert lines["13 tp-comm-overlap"][0] == "SKIP (no CUDA)"
+    assert "3 PASS, 0 FAIL, 3 SKIP" in proc.stdout.splitlines()[-1]
+
+
+def test_fp8_verdict_fails_a_drifting_or_non_finite_run(script):
+    """Check 12's comparison: FP8's first loss within 5% of bf16's and every loss finite."""
+    def log(*losses):
+        return script.TrainLog(iters={i + 1: (v, v) for i, v in enumerate(losses)})
+
+    bf16 = log(5.0, 4.5, 4.0)
+    assert script.fp8_verdict(bf16, log(5.1, 4.6, 4.1), 3)[0]
+    assert not script.fp8_verdict(bf16, log(5.5, 4.6, 4.1), 3)[0]  # 10% off
+    assert not script.fp8_verdict(bf16, log(5.0, float("nan"), 4.1), 3)[0]
+    assert not script.fp8_verdict(bf16, log(5.0, 4.6), 3)[0]  # an iteration not logged

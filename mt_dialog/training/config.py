@@ -653,9 +653,16 @@ class ParallelConfig:
     ddp_bucket_size: Optional[int] = option(None, help="parameters per gradient bucket "
                                             "(default: megatron-core's, max(40M, 1M x DP) with "
                                             "--overlap-grad-reduce, else one bucket)")
+    # --- tensor-parallel communication overlap (checked by _check_tp_comm_overlap here and by
+    # training/fp8.py's check for the machine) ---
+    tp_comm_overlap: bool = option(False, help="overlap tensor-parallel all-gathers / "
+                                   "reduce-scatters with the GEMMs (Transformer Engine's "
+                                   "userbuffers; needs CUDA, --tensor-model-parallel-size > 1, "
+                                   "--sequence-parallel and CUDA_DEVICE_MAX_CONNECTIONS=1)")
 
     def __post_init__(self) -> None:
         _positive("ddp_bucket_size", self.ddp_bucket_size, allow_none=True)
+        self._check_tp_comm_overlap()
         if self.overlap_grad_reduce and self.use_distributed_optimizer:
             raise ValueError(
                 "overlap_grad_reduce: with --use-distributed-optimizer, megatron-core 0.16.1 "
@@ -676,6 +683,19 @@ class ParallelConfig:
         if self.virtual_pipeline_model_parallel_size and self.pipeline_model_parallel_size < 2:
             raise ValueError("virtual_pipeline_model_parallel_size: needs "
                              "--pipeline-model-parallel-size 2 or more")
+
+    def _check_tp_comm_overlap(self) -> None:
+        """--tp-comm-overlap overlaps the sequence-parallel all-gathers / reduce-scatters of
+        tensor parallelism (Megatron-LM's rule): it needs both."""
+        if not self.tp_comm_overlap:
+            return
+        if self.tensor_model_parallel_size < 2 or not self.sequence_parallel:
+            raise ValueError(
+                f"tp_comm_overlap: --tp-comm-overlap overlaps the communication of tensor "
+                f"parallelism with sequence parallelism, but --tensor-model-parallel-size is "
+                f"{self.tensor_model_parallel_size} and --sequence-parallel is "
+                f"{'on' if self.sequence_parallel else 'off'}; add --tensor-model-parallel-size "
+                "2 (or more) --sequence-parallel, or drop --tp-comm-overlap")
 
 
 @dataclass
@@ -760,6 +780,23 @@ class OptimConfig:
                                     "before the dynamic loss scale doubles")
     hysteresis: int = option(2, help="with --fp16: overflows tolerated before the dynamic loss "
                              "scale halves")
+    # --- FP8 (Transformer Engine's FP8 GEMMs; checked by _check_fp8 here and by training/fp8.py's
+    # check for the machine, the layers and the GEMM sizes) ---
+    fp8_format: Optional[str] = option(
+        None, choices=("e4m3", "hybrid"), help="FP8 GEMMs in Transformer Engine's layers (with "
+        "--bf16, on GPUs of compute capability 8.9+): e4m3 everywhere, or hybrid (e4m3 forward, "
+        "e5m2 gradients); the loss stays fp32 (default: off)")
+    fp8_recipe: str = option("delayed", choices=("delayed", "tensorwise", "mxfp8", "blockwise"),
+                             help="with --fp8-format: scaling recipe (delayed: amax history; "
+                             "tensorwise: current per-tensor scales; blockwise: per-block "
+                             "scales, Hopper; mxfp8: Blackwell)")
+    fp8_margin: int = option(0, help="with --fp8-format (delayed): scale margin (scales are "
+                             "divided by 2^margin)")
+    fp8_amax_history_len: int = option(1, help="with --fp8-format (delayed): amax values kept "
+                                       "per tensor")
+    fp8_amax_compute_algo: str = option("most_recent", choices=("most_recent", "max"),
+                                        help="with --fp8-format (delayed): the amax of the "
+                                        "history a scale is computed from")
 
     def __post_init__(self) -> None:
         _positive("lr", self.lr)
@@ -779,6 +816,41 @@ class OptimConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         _positive("lr_decay_iters", self.lr_decay_iters, allow_none=True)
+        self._check_fp8()
+
+    def _check_fp8(self) -> None:
+        """FP8 fields: the choices, a margin >= 0 and a history >= 1; none given without
+        --fp8-format; FP8 only with --bf16 (TE's FP8 GEMMs take bf16 parameters and
+        activations, as in Megatron-LM)."""
+        from mt_dialog.training.fp8 import FP8_AMAX_ALGOS, FP8_FORMATS, FP8_RECIPES
+
+        check_choice("fp8_recipe", self.fp8_recipe, FP8_RECIPES)
+        check_choice("fp8_amax_compute_algo", self.fp8_amax_compute_algo, FP8_AMAX_ALGOS)
+        if self.fp8_margin < 0:
+            raise ValueError(f"fp8_margin: must be >= 0, got {self.fp8_margin}")
+        _positive("fp8_amax_history_len", self.fp8_amax_history_len)
+        if self.fp8_format is None:
+            defaults = {f.name: f.default for f in fields(self) if f.name.startswith("fp8_")}
+            changed = [n for n, d in defaults.items() if getattr(self, n) != d]
+            if changed:
+                raise ValueError(f"{changed[0]}: --{changed[0].replace('_', '-')} needs "
+                                 "--fp8-format e4m3|hybrid; add it or drop the flag")
+            return
+        check_choice("fp8_format", self.fp8_format, FP8_FORMATS)
+        if self.fp8_recipe != "delayed":  # megatron-core passes these to DelayedScaling only
+            for name, default in (("fp8_margin", 0), ("fp8_amax_history_len", 1),
+                                  ("fp8_amax_compute_algo", "most_recent")):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: --{name.replace('_', '-')} applies to "
+                                     f"--fp8-recipe delayed only (this run: {self.fp8_recipe}, "
+                                     "which computes its scales from the current tensors); "
+                                     "drop the flag")
+        if not self.bf16:
+            raise ValueError(
+                f"fp8_format: --fp8-format {self.fp8_format} needs --bf16 (FP8 GEMMs keep bf16 "
+                f"parameters and activations, as Megatron-LM runs them), but the run is "
+                f"{'--fp16' if self.fp16 else 'fp32'}; use --bf16"
+                + (" instead of --fp16" if self.fp16 else ""))
 
     @property
     def params_dtype(self) -> "torch.dtype":
@@ -1012,6 +1084,7 @@ class DialogTrainingConfig:
 
     def __post_init__(self) -> None:
         self.lora.fit_model(self.model)
+        self._check_fp8()
         if (self.model.num_experts and self.parallel.tensor_model_parallel_size > 1
                 and not self.parallel.sequence_parallel):
             raise ValueError(
@@ -1021,6 +1094,14 @@ class DialogTrainingConfig:
                 "training with tensor parallelism without it; sequence parallelism needs the "
                 "Transformer Engine layers, so on CPU split the experts with "
                 "--expert-model-parallel-size instead)")
+
+    def _check_fp8(self) -> None:
+        """--fp8-format / --tp-comm-overlap against this machine, the layers and the sizes
+        (``training.fp8.check``; --seq-length when given, the datasets' before the model is
+        built)."""
+        from mt_dialog.training.fp8 import check
+
+        check(self, self.data.seq_length)
 
 
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:

@@ -470,12 +470,14 @@ def check_before_build(config: DialogTrainingConfig, world_size: int):
     validation data, the tracking packages, the checkpoint's architecture, and every dataset
     file (``open_datasets``). Returns ``(data-parallel size, DataInfo, datasets, StartPoint)``;
     raises ValueError (CheckpointError and DatasetFormatError included)."""
+    from mt_dialog.training.fp8 import check as check_fp8
     from mt_dialog.training.megatron_flags import check_tokenizer, check_validation_data
     from mt_dialog.training.tracking import check_available
 
     dp_size = validate_world(config, world_size)
     info = inspect_datasets(config)
     validate_schedule(config, dp_size, info.seq_length, info.valid_packs)
+    check_fp8(config, info.seq_length)  # --fp8-format / --tp-comm-overlap at the datasets' length
     check_precision(config)
     check_tokenizer(config)
     check_validation_data(config)

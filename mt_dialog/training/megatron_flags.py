@@ -105,14 +105,17 @@ _SHARED = (
                    "--no-save-optim", "--no-save-rng", "--dist-ckpt-strictness",
                    "--non-persistent-save-interval")),
     (NOT_SUPPORTED, ("--use-torch-fsdp2",
-                     "--use-custom-fsdp", "--tp-comm-overlap", "--spec", "--yaml-cfg")),
+                     "--use-custom-fsdp", "--spec", "--yaml-cfg")),
 )
 ELSEWHERE.update({flag: text for text, flags in _SHARED for flag in flags})
 
 # flag families, by prefix (an exact entry above wins)
 FAMILIES = {"--tokenizer-": TOKENIZER, "--tiktoken-": TOKENIZER, "--moe-": MOE,
             "--expert-tensor-parallel-size": MOE,
-            "--fp8": "fp8 is not supported: use --bf16", "--fp4": NOT_SUPPORTED,
+            "--fp8": "not supported; mt_dialog's FP8 flags are --fp8-format, --fp8-recipe, "
+            "--fp8-margin, --fp8-amax-history-len and --fp8-amax-compute-algo (with --bf16)",
+            "--tp-comm-": "not supported; --tp-comm-overlap takes TE's default userbuffer "
+            "settings", "--fp4": NOT_SUPPORTED,
             "--ckpt-": CHECKPOINTS, "--log-": LOGGING, "--tensorboard-": LOGGING,
             "--timing-log": LOGGING, "--profile-": "not built in: run under nsys or "
             "torch.profiler", "--use-pytorch-profiler": "not built in: run under torch.profiler",

@@ -79,6 +79,8 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
     from megatron.core.transformer.transformer_config import (
         MLATransformerConfig, TransformerConfig)
 
+    from mt_dialog.training.fp8 import transformer_config_settings
+
     model, par, optim = config.model, config.parallel, config.optim
     cuda = torch.cuda.is_available()
     if dtype is None:
@@ -114,6 +116,7 @@ def transformer_config(config: DialogTrainingConfig, dtype: Optional[torch.dtype
         **model.attention_settings(),  # window_size, softmax_type, MLA sizes (MLA models only)
         **model.moe_routing_settings(),  # add_bias_linear; shared experts, expert bias, groups
         **model.block_settings(te),  # activation_func, fusions, zero-centered gamma, softmax scale
+        **transformer_config_settings(config),  # fp8, fp8_recipe, ..., tp_comm_overlap
     )
 
 
@@ -235,7 +238,10 @@ def build_model_chunks(config: DialogTrainingConfig, tconfig, vocab_size: int,
     from mt_dialog.training.block import add_model_hooks, block_decoder_spec, set_yarn_attributes
     from mt_dialog.training.distributed import device
     from mt_dialog.training.expert_bias import copy_expert_outputs
+    from mt_dialog.training.fp8 import initialize_tp_communicators
 
+    # --tp-comm-overlap: TE's userbuffers exist before TE's layers are built (inert without it)
+    initialize_tp_communicators(config, seq_length, tconfig.params_dtype)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     set_yarn_attributes(tconfig, config.model)
     te = use_transformer_engine(config.model.transformer_impl)

@@ -338,9 +338,11 @@ def inference_config(saved: Dict[str, Any]):
                  recompute_method=None, recompute_num_layers=None)
     if model.get("transformer_impl") == "transformer_engine" and not transformer_engine_usable():
         model["transformer_impl"] = "local"  # same sharded keys; TE needs CUDA
-    # a converted checkpoint has no optimizer section: defaults
+    # a converted checkpoint has no optimizer section: defaults; FP8 is for training GEMMs only
+    # (generation and conversion run in the saved bf16 / fp16 / fp32, on any machine)
+    optim = {k: v for k, v in (saved.get("optim") or {}).items() if not k.startswith("fp8_")}
     return single_process_config(build(ModelConfig, model),
-                                 build(OptimConfig, saved.get("optim", {})),
+                                 build(OptimConfig, optim),
                                  build(LoraConfig, saved.get("lora") or {}))
 
 
