@@ -696,6 +696,12 @@ class ParallelConfig:
                 f"{self.tensor_model_parallel_size} and --sequence-parallel is "
                 f"{'on' if self.sequence_parallel else 'off'}; add --tensor-model-parallel-size "
                 "2 (or more) --sequence-parallel, or drop --tp-comm-overlap")
+        if self.context_parallel_size > 1:
+            raise ValueError(
+                f"tp_comm_overlap: Transformer Engine's overlap buffers have one fixed shape, but "
+                f"with --context-parallel-size {self.context_parallel_size} each step's length "
+                "varies (every conversation padded to a multiple of 2 x CP when it is read); "
+                "drop --tp-comm-overlap or use --context-parallel-size 1")
 
 
 @dataclass

@@ -33,6 +33,7 @@ data x context parallel). A rank without any loss token returns ``(0.0, 0)``, ne
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -94,15 +95,18 @@ def global_order(cu_padded: np.ndarray, cp_size: int) -> np.ndarray:
 
 def split_micro_batches(batches: List[Dict], layout: tuple) -> List[Dict]:
     """This rank's part of each of a step's flattened micro-batches (``split_micro_batch``),
-    all padded to the same length, the longest padded one's: the pipeline stages exchange
-    activations of one fixed shape per step (every stage and context-parallel rank computes
-    the same length from the same packs). ``layout``: ``layout(ParallelConfig)``; size 1
+    all padded to the same length, the longest padded one's rounded up so that each rank holds
+    a multiple of 32 positions (FP8 GEMMs need 16, MXFP8 32): the pipeline stages exchange
+    activations of one fixed shape per step (every stage and context-parallel rank computes the
+    same length from the same packs). ``layout``: ``layout(ParallelConfig)``; size 1
     returns ``batches`` as they are."""
     size, rank, multiple = layout
     if size == 1:
         return batches
     total = max(int(padded_cu_seqlens(b["cu_seqlens"].cpu().numpy(), multiple)[-1])
                 for b in batches)
+    step = math.lcm(multiple, 32 * size)  # each rank: a multiple of 32 positions (MXFP8 GEMMs)
+    total = -(-total // step) * step
     return [split_micro_batch(b, size, rank, multiple, total) for b in batches]
 
 

@@ -110,6 +110,7 @@ def test_a_step_s_micro_batches_share_one_length(global_batch):
             held[number] += part["cp_positions"][part["cp_positions"] >= 0].tolist()
             padded = part["packed_seq_params"].cu_seqlens_q_padded
             assert int(padded[-1]) == 2 * part["tokens"].shape[1]
+            assert part["tokens"].shape[1] % 32 == 0  # FP8 GEMMs: 16s, MXFP8: 32s
             assert bool(((padded[1:] - padded[:-1]) % 4 == 0).all())
     assert [sorted(h) for h in held] == [list(range(b["tokens"].shape[1])) for b in batches]
     assert len({b["packed_seq_params"].cu_seqlens_q.numel() for b in batches}) > 1  # unalike
