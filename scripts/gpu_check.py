@@ -51,6 +51,11 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
   13 tp-comm-overlap  with 2+ GPUs and TE: TP 2 + --sequence-parallel with and without
                     --tp-comm-overlap (TE's userbuffers) under torchrun: the same losses (1%);
                     skipped with the reason on one GPU
+  14 context-parallel  --context-parallel-size 2 (torchrun, 2 processes) vs one process on the
+                    same data and init, bf16: the same losses (CP_TOLERANCE of the loss); on 2+
+                    GPUs with TE's THD context-parallel attention (p2p, then all_gather), without
+                    CUDA the CPU stand-in (the local attention's all-gather path, gloo); skipped
+                    with the reason on one GPU
 
 Tolerances. Logits in fp32: 1e-4 x the largest |logit|; in bf16: 3 x the difference bf16 itself
 makes (the local spec in bf16 vs fp32 on the same batch), at least 1e-2 x the largest |logit|
@@ -81,7 +86,7 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHECKS = ("versions", "thd", "resume", "finetune", "cpu-checkpoint", "chat", "lora", "moe",
-          "attention", "moe-routing", "gemma3", "fp8", "tp-comm-overlap")
+          "attention", "moe-routing", "gemma3", "fp8", "tp-comm-overlap", "context-parallel")
 MARKER = ".mt_dialog_gpu_check"
 REQUIRED = (("torch", "torch"), ("megatron.core", "megatron-core"), ("numpy", "numpy"),
             ("sentencepiece", "sentencepiece"), ("psutil", "psutil"))
@@ -1102,8 +1107,40 @@ def check_tp_comm_overlap(ctx: Context) -> List[Line]:
                  f"max |dloss| {diff:.1e} (tol {tol:.1e})")]
 
 
+CP_TOLERANCE = 0.02  # relative to the loss: bf16, keys and values attended in another order
+CP_FLAGS = ("--context-parallel-size", "2")
+
+
+def check_context_parallel(ctx: Context) -> List[Line]:
+    """Check 14: CP=2 on 2 processes vs one process, the same losses: TE's context-parallel
+    attention on 2+ GPUs (each --cp-comm-type of CP_COMM_TYPES), the CPU stand-in without
+    CUDA; skipped with the reason on one GPU."""
+    gpus = ctx.versions.get("gpus", 0)
+    if ctx.cuda and gpus < 2:
+        return [Line("SKIP (1 GPU)", "14 context-parallel", f"needs 2 GPUs for context "
+                     f"parallelism, this machine has {gpus}")]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node"]
+    iters = ctx.sizes.cpu_iters
+    one = parse_train_log(run_step(ctx, "cp-1", [*launcher, "1", "pretrain_dialog.py",
+                                                 *train_args(ctx, iters)]))
+    tol = CP_TOLERANCE * max((v[0] for v in one.iters.values()), default=0.0)
+    lines = []
+    for comm in (("p2p", "all_gather") if ctx.cuda else ("p2p",)):
+        split = parse_train_log(run_step(ctx, f"cp-2-{comm}", [
+            *launcher, "2", "pretrain_dialog.py",
+            *train_args(ctx, iters, *CP_FLAGS, "--cp-comm-type", comm)]))
+        diff = max_loss_diff(one, split, range(1, iters + 1))
+        where = f"TE {comm}" if ctx.cuda else "CPU stand-in (local attention, all-gather)"
+        lines.append(Line(verdict(diff <= tol), f"14 context-parallel {comm}",
+                          f"{where}: iters 1-{iters} CP=2 vs one process: max |dloss| "
+                          f"{diff:.1e} (tol {tol:.1e})"))
+    return lines
+
+
 CHECK_FUNCTIONS["fp8"] = check_fp8
 CHECK_FUNCTIONS["tp-comm-overlap"] = check_tp_comm_overlap
+CHECK_FUNCTIONS["context-parallel"] = check_context_parallel
 
 
 def run_worker(kind: str, spec_path: Optional[str]) -> int:

@@ -209,3 +209,17 @@ def test_fp8_verdict_fails_a_drifting_or_non_finite_run(script):
     assert not script.fp8_verdict(bf16, log(5.5, 4.6, 4.1), 3)[0]  # 10% off
     assert not script.fp8_verdict(bf16, log(5.0, float("nan"), 4.1), 3)[0]
     assert not script.fp8_verdict(bf16, log(5.0, 4.6), 3)[0]  # an iteration not logged
+
+
+@pytest.mark.multiprocess  # gpu_check.sh trains under torchrun (1 and 2 processes)
+def test_cpu_mode_context_parallel_stand_in(tmp_path):
+    """``--only context-parallel`` without CUDA: CP=2 on 2 processes (the local attention's
+    all-gather path, gloo) trains like one process, bf16, within the check's tolerance."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU mode only; with CUDA run bash scripts/gpu_check.sh itself")
+    proc = gpu_check("--only", "context-parallel", "--work-dir", tmp_path / "work")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = result_lines(proc.stdout)
+    status, detail = lines["14 context-parallel p2p"]
+    assert status == "PASS" and "CPU stand-in" in detail and "max |dloss|" in detail, detail
+    assert "2 PASS, 0 FAIL" in proc.stdout.splitlines()[-1], proc.stdout
