@@ -5,9 +5,9 @@ checkpoint equals the uninterrupted run. Small buckets (--ddp-bucket-size) so th
 reductions and gathers are in flight.
 
 Two pairs of runs: without the distributed optimizer (--overlap-grad-reduce alone), and with it
-(--overlap-grad-reduce --overlap-param-gather). With the distributed optimizer the saved fp32
-parameters and Adam moments are compared too: megatron-core 0.16.1 saved them shifted for every
-bucket after the first (``optimizer._fix_canonical_state_offsets``), and with
+(--overlap-grad-reduce --overlap-param-gather, bf16, bit for bit). With the distributed
+optimizer the saved fp32 parameters and Adam moments are compared too: megatron-core 0.16.1
+saved them shifted for every bucket after the first (``optimizer._fix_canonical_state_offsets``), and with
 --overlap-param-gather a save or a validation right after a step must see the gathered updated
 weights, not the previous step's (``model.finish_param_gather``): the checkpoint of iteration 2
 is saved right after its step, the validation of iteration 4 too."""
@@ -17,6 +17,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from tests.training.conftest import (
     iteration_dir,
@@ -28,7 +29,9 @@ from tests.training.conftest import (
 )
 
 BUCKETS = ["--ddp-bucket-size", "20000"]
-DIST = ["--use-distributed-optimizer"]
+# in bf16 as users run it; the gradient never clipped: the clipping's grad norm is summed in
+# another order with other buckets (1e-7 apart), which would be the only difference
+DIST = ["--use-distributed-optimizer", "--bf16", "--clip-grad", "1e9"]
 RUNS = {  # name -> flags; each pair compared step by step
     "none": [],
     "overlap": ["--overlap-grad-reduce", *BUCKETS],
@@ -63,11 +66,15 @@ def _close(a, b, tol=1e-6):
     return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
 
 
-def _same_tensors(a_dir, b_dir):
+def _same_tensors(a_dir, b_dir, exact: bool = False):
+    """Every tensor of two checkpoints within 1e-6, or ``exact``: bit for bit."""
     a, b = read_checkpoint(a_dir), read_checkpoint(b_dir)
     assert a and set(a) == set(b)
     for key in a:
-        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+        if exact:
+            assert torch.equal(a[key], b[key]), (key, (a[key].float() - b[key].float()).abs().max())
+        else:
+            assert (a[key] - b[key]).abs().max() <= 1e-6, key
     return a
 
 
@@ -94,15 +101,16 @@ def test_overlap_gives_the_same_steps(runs):
 
 @pytest.mark.multiprocess
 def test_overlap_with_the_distributed_optimizer_gives_the_same_steps(runs):
-    """Losses, grad norms, validation after a step, and both checkpoints (each saved right after
-    its step) as without overlap: the model weights and the optimizer's fp32 parameters and
-    moments of every bucket."""
+    """Losses, grad norms, validation after a step, and both checkpoints bit for bit as without
+    overlap (bf16): the model weights and the optimizer's fp32 parameters and moments of every
+    bucket."""
     assert "overlapped: grad reduce, param gather |" in runs["dist_overlap"]["log"]
     _same_steps(runs["dist_overlap"]["log"], runs["dist"]["log"])
     saved = {}
     for iteration in (2, 4):
         saved[iteration] = _same_tensors(iteration_dir(runs["dist_overlap"]["save"], iteration),
-                                         iteration_dir(runs["dist"]["save"], iteration))
+                                         iteration_dir(runs["dist"]["save"], iteration),
+                                         exact=True)
     assert any(key.startswith("optimizer.state.param.") for key in saved[4])
     # the step did change every compared weight: a stale save would not pass by accident
     weights = [key for key in saved[4] if not key.startswith("optimizer.")
@@ -119,7 +127,7 @@ def test_resume_of_an_overlapped_run_is_exact(runs):
         assert _close(row["loss_turn"], first[row["iter"]]["loss_turn"]), row
         assert _close(row["grad_norm"], first[row["iter"]]["grad_norm"]), row
     _same_tensors(iteration_dir(runs["resumed"]["save"], 4),
-                  iteration_dir(runs["dist_overlap"]["save"], 4))
+                  iteration_dir(runs["dist_overlap"]["save"], 4), exact=True)
 
 
 def test_overlap_param_gather_needs_the_distributed_optimizer_and_grad_overlap():
