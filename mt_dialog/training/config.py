@@ -647,9 +647,10 @@ class ParallelConfig:
     overlap_grad_reduce: bool = option(False, help="reduce each gradient bucket over data "
                                        "parallel as soon as the last micro-batch's backward "
                                        "filled it, overlapping the backward (megatron-core DDP)")
-    overlap_param_gather: bool = option(False, help="not available yet: it needs "
-                                        "--use-distributed-optimizer with --overlap-grad-reduce "
-                                        "(see there)")
+    overlap_param_gather: bool = option(False, help="gather the distributed optimizer's "
+                                        "updated parameter shards bucket by bucket during the "
+                                        "next forward instead of at the end of the step (needs "
+                                        "--use-distributed-optimizer and --overlap-grad-reduce)")
     ddp_bucket_size: Optional[int] = option(None, help="parameters per gradient bucket "
                                             "(default: megatron-core's, max(40M, 1M x DP) with "
                                             "--overlap-grad-reduce, else one bucket)")
@@ -663,17 +664,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _positive("ddp_bucket_size", self.ddp_bucket_size, allow_none=True)
         self._check_tp_comm_overlap()
-        if self.overlap_grad_reduce and self.use_distributed_optimizer:
-            raise ValueError(
-                "overlap_grad_reduce: with --use-distributed-optimizer, megatron-core 0.16.1 "
-                "trains correctly but saves stale fp32 main parameters in the checkpoint's "
-                "optimizer state (its checkpoint differs from a run without overlap), so a resume would "
-                "start from wrong weights; use --overlap-grad-reduce without the distributed "
-                "optimizer, or the distributed optimizer without overlap")
-        if self.overlap_param_gather:
-            raise ValueError("overlap_param_gather: gathers the distributed optimizer's shards, "
-                             "which cannot be combined with --overlap-grad-reduce yet (see that "
-                             "flag's error); drop it")
+        self._check_overlap()
         _positive("tensor_model_parallel_size", self.tensor_model_parallel_size)
         _positive("pipeline_model_parallel_size", self.pipeline_model_parallel_size)
         _positive("expert_model_parallel_size", self.expert_model_parallel_size)
@@ -702,6 +693,19 @@ class ParallelConfig:
                 f"with --context-parallel-size {self.context_parallel_size} each step's length "
                 "varies (every conversation padded to a multiple of 2 x CP when it is read); "
                 "drop --tp-comm-overlap or use --context-parallel-size 1")
+
+    def _check_overlap(self) -> None:
+        """--overlap-param-gather needs what Megatron-LM requires: the distributed optimizer (the
+        gather is of its shards) and --overlap-grad-reduce."""
+        if self.overlap_param_gather and not (self.use_distributed_optimizer
+                                              and self.overlap_grad_reduce):
+            missing = [flag for flag, on in (("--use-distributed-optimizer",
+                                              self.use_distributed_optimizer),
+                                             ("--overlap-grad-reduce", self.overlap_grad_reduce))
+                       if not on]
+            raise ValueError(f"overlap_param_gather: needs {' and '.join(missing)} (it overlaps "
+                             "the distributed optimizer's parameter all-gather, as Megatron-LM "
+                             "does); add them, or drop --overlap-param-gather")
 
 
 @dataclass

@@ -61,7 +61,7 @@ from mt_dialog.training.data import (
     open_datasets,
     step_sample_indices,
 )
-from mt_dialog.training.model import check_precision
+from mt_dialog.training.model import check_precision, finish_param_gather
 from mt_dialog.training.optimizer import build_optimizer
 from mt_dialog.training.saved_run import (
     bundle_tokenizer,
@@ -285,6 +285,7 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     turn index (``turn_metrics``)."""
     from megatron.core import parallel_state as ps
 
+    finish_param_gather(run.model)  # --overlap-param-gather: the updated weights, not stale ones
     packs = [(d, i) for d, dataset in enumerate(run.valid_sets) for i in range(len(dataset))]
     if run.config.train.eval_iters:
         packs = packs[: run.config.train.eval_iters * run.global_batch]
@@ -390,6 +391,7 @@ def _record(run: Run, prefix: str, metrics: Dict[str, float]) -> None:
 
 
 def _save(run: Run) -> None:
+    finish_param_gather(run.model)  # --overlap-param-gather: save the updated weights
     if distributed.is_logging_rank():
         warning = bundle_tokenizer(run.config.train.save, run.info.tokenizer)
         if warning:
@@ -458,6 +460,7 @@ def train(run: Run, stops: StopConditions) -> None:
             break
     if cfg.save and not (cfg.save_interval and run.iteration % cfg.save_interval == 0):
         _save(run)
+    finish_param_gather(run.model)  # the returned run's model holds the last step's weights
     if run.iteration < run.train_iters:
         distributed.log(f"exiting at iteration {run.iteration} of {run.train_iters} ({stop}); "
                         + (f"continue with --load {cfg.save}" if cfg.save
@@ -574,6 +577,7 @@ def _banner(run: Run, argv) -> str:
                f"experts, top {run.config.model.moe_router_topk}"
                if run.config.model.num_experts else "")
     experts += " | overlapped: grad reduce" if par.overlap_grad_reduce else ""
+    experts += ", param gather" if par.overlap_param_gather else ""
     cp = (f" CP={par.context_parallel_size} ({par.cp_comm_type})"
           if par.context_parallel_size > 1 else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"

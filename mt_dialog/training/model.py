@@ -310,7 +310,10 @@ def sync_functions(model: List, tconfig, par: ParallelConfig) -> None:
     """The schedule's hooks on megatron-core's ``TransformerConfig``, as Megatron-LM's
     ``training.py`` sets them: ``no_sync_func`` (no reduction before a chunk's last micro-batch),
     with --overlap-grad-reduce ``grad_sync_func`` (each chunk's reduction starts as soon as its
-    last backward ends: Megatron-LM's default --align-grad-reduce)."""
+    last backward ends: Megatron-LM's default --align-grad-reduce), with --overlap-param-gather
+    under the interleaved schedule ``param_sync_func`` (the schedule starts each chunk's gather
+    before its first micro-batch: Megatron-LM's default --align-param-gather, which it turns off
+    for the other schedules, where the DDP's forward pre-hooks start the gathers)."""
     def per_chunk(name: str):
         hooks = [getattr(chunk, name) for chunk in model]
         return hooks if len(hooks) > 1 else hooks[0]
@@ -318,12 +321,29 @@ def sync_functions(model: List, tconfig, par: ParallelConfig) -> None:
     tconfig.no_sync_func = per_chunk("no_sync")
     if par.overlap_grad_reduce:
         tconfig.grad_sync_func = per_chunk("start_grad_sync")
+    if _align_param_gather(par):
+        tconfig.param_sync_func = per_chunk("start_param_sync")
+
+
+def _align_param_gather(par: ParallelConfig) -> bool:
+    return par.overlap_param_gather and par.virtual_pipeline_model_parallel_size is not None
+
+
+def finish_param_gather(model: List) -> None:
+    """With --overlap-param-gather, bring every parameter up to date now (a synchronous
+    all-gather of the distributed optimizer's updated shards): after ``optimizer.step()`` only
+    this rank's shard of each parameter is updated until the next forward's pre-hooks gather
+    the others, so a save or a validation in between would read partly stale weights. Megatron-LM
+    forces the same gather before saving and before evaluating. A no-op without the flag."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            chunk.start_param_sync(force_sync=True)
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], tconfig, config: DialogTrainingConfig):
     """megatron-core DDP: sums gradients over data parallel (the loss divides once, globally),
-    with --overlap-grad-reduce and --ddp-bucket-size as Megatron-LM passes them
-    (``sync_functions`` gives the schedule its hooks)."""
+    with --overlap-grad-reduce, --overlap-param-gather and --ddp-bucket-size as Megatron-LM
+    passes them (``sync_functions`` gives the schedule its hooks)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     par = config.parallel
@@ -331,6 +351,8 @@ def wrap_ddp(chunks: List[torch.nn.Module], tconfig, config: DialogTrainingConfi
         grad_reduce_in_fp32=True, overlap_grad_reduce=par.overlap_grad_reduce,
         bucket_size=par.ddp_bucket_size,
         use_distributed_optimizer=par.use_distributed_optimizer,
+        overlap_param_gather=par.overlap_param_gather,
+        align_param_gather=_align_param_gather(par),
         average_in_collective=False,
     )
     return [

@@ -16,6 +16,11 @@ step later, so that iteration 1 trains::
     DialogLRScheduler   init+d   init+2d       max                       max, then decay
                                                          (d = (max - init) / W)
 
+``_fix_canonical_state_offsets`` works around a megatron-core 0.16.1 bug of the distributed
+optimizer's checkpoint when a gradient buffer has several buckets (``--overlap-grad-reduce``
+with ``--ddp-bucket-size``, or a tied embedding under pipeline parallelism, which gets its own
+bucket): the saved fp32 parameters and Adam moments of every bucket after the first were shifted.
+
 Workarounds of megatron-core 0.16.1 bugs that bite only with **torch's Adam** (what megatron-core
 picks when neither Transformer Engine nor apex is installed: every CPU run, and GPU runs without
 TE) live here and are applied only to optimizers that wrap ``torch.optim.Adam``/``AdamW``; TE's
@@ -52,6 +57,7 @@ def build_optimizer(config, model, train_iters: int):
         loss_scale_window=optim.loss_scale_window, hysteresis=optim.hysteresis,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer), model)
     _fix_torch_adam_step_on_load(optimizer)
+    _fix_canonical_state_offsets(optimizer)
     decay = optim.lr_decay_iters or train_iters
     scheduler = DialogLRScheduler(
         optimizer, init_lr=optim.lr_warmup_init if optim.lr_warmup_iters else optim.lr,
@@ -151,3 +157,71 @@ def _keep_step_aside(original):
                 state["step"] = step.clone()
 
     return _set_main_param_and_optimizer_states
+
+
+def _fix_canonical_state_offsets(optimizer) -> None:
+    """Patch, on each ``DistributedOptimizer`` *instance* whose gradient buffers have padding
+    between buckets, the gather behind the checkpoint's ``fully_reshardable`` optimizer state
+    (megatron-core 0.16.1 bug, GPU or CPU alike; fixed upstream by NVIDIA/Megatron-LM PR #5077,
+    commit 32a03b77c5, in no release up to core_v0.17.1).
+
+    ``sharded_param_state_fully_reshardable`` (optimizer/distrib_optimizer.py:1501) cuts each
+    parameter's state out of the gathered world tensors at the parameter's index in the *padded*
+    gradient buffer (``param_index_map``), but ``get_parameter_state_dp_zero``
+    (distrib_optimizer.py:1109-1118) concatenates the buckets *without* the padding at each
+    bucket's end (to a multiple of lcm(DP, 128) elements). Every parameter of bucket k > 0 was
+    saved from an offset shifted by the padding of buckets 0..k-1 (fp32 main parameter,
+    ``exp_avg``, ``exp_avg_sq``): a resume started from wrong weights and moments. Loading
+    slices each parameter's own tensor and was right. During that function only, the world
+    tensors are put back in the buffer's padded layout, which its indices expect.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(chained, DistributedOptimizer) and _padded_between_buckets(chained):
+            original = chained.sharded_param_state_fully_reshardable
+            chained.sharded_param_state_fully_reshardable = types.MethodType(
+                _gather_in_buffer_layout(original.__func__), chained)
+
+
+def _padded_between_buckets(optimizer) -> bool:
+    """Whether a gradient buffer of ``optimizer`` has padding at the end of a bucket that is not
+    its last (the case the bug bites: ``_fix_canonical_state_offsets``)."""
+    return any(bucket.grad_data.numel() != bucket.numel_unpadded
+               for buffer in getattr(optimizer, "buffers", []) for bucket in buffer.buckets[:-1])
+
+
+def _gather_in_buffer_layout(original):
+    @functools.wraps(original)
+    def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+        gather = self.get_parameter_state_dp_zero
+        self.get_parameter_state_dp_zero = lambda **kw: _in_buffer_layout(self, gather(**kw))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero  # the class's method again
+
+    return sharded_param_state_fully_reshardable
+
+
+def _in_buffer_layout(optimizer, state):
+    """``get_parameter_state_dp_zero``'s ``state`` (``{buffer index: {dtype: {key: 1-D float32
+    world tensor without the padding at bucket ends}}}``, or None off DP rank 0) with each world
+    tensor laid out as its buffer: bucket b's ``numel_unpadded`` elements at ``bucket.offset``,
+    zeros in the padding; the buffer's ``numel`` elements in all."""
+    if state is None:
+        return None
+    for index, buffer in enumerate(optimizer.buffers):
+        for world_tensors in state[index].values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                if key not in world_tensors:
+                    continue
+                compact = world_tensors[key]
+                padded = compact.new_zeros(buffer.numel)
+                start = 0
+                for bucket in buffer.buckets:
+                    size = bucket.numel_unpadded
+                    padded[bucket.offset: bucket.offset + size] = compact[start: start + size]
+                    start += size
+                world_tensors[key] = padded
+    return state
