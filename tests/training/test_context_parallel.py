@@ -230,3 +230,25 @@ def test_a_context_parallel_checkpoint_chats_and_exports(cp_runs, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2
+
+
+@pytest.fixture(scope="module")
+def composed_runs(packed_data, cp_runs, tmp_path_factory):
+    """LoRA (--finetune from the CP=1 checkpoint) and a Mixture of Experts (4 experts, top 2,
+    no load-balancing loss: CP's padding tokens are routed too, so that loss sees a few more
+    padding tokens than one process does), each for k iterations in one process and at CP=2."""
+    folder = tmp_path_factory.mktemp("cp_composed")
+    flags = {"lora": ["--load", cp_runs["cp1_half"]["save"], "--finetune", "--lora-rank", "4"],
+             "moe": ["--num-experts", "4", "--moe-router-topk", "2",
+                     "--moe-aux-loss-coeff", "0"]}
+    return {name: (_train(1, packed_data, folder / f"{name}_1", *extra, iters=K),
+                   _train(2, packed_data, folder / f"{name}_cp2", *CP2, *extra, iters=K))
+            for name, extra in flags.items()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["lora", "moe"])
+def test_context_parallel_composes_with_lora_and_experts(composed_runs, name):
+    one, split = composed_runs[name]
+    assert len(one["iters"]) == K, one["stdout"][-2000:]
+    _close(split["iters"], one["iters"], f"{name}: CP=2 vs one process")
