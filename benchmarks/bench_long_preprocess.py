@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Long-context preprocessing: peak memory, time and tokens/s of ``tools/preprocess_dialog.py
 --seq-length 131072`` on agent-like conversations of 8k-100k tokens, for corpora of 1x, 2x and 4x
-the base size, then ``tools/inspect_dialog_dataset.py --verify`` on each output.
+the base size, then ``tools/inspect_dialog_dataset.py --verify`` on each size's output.
 
 The corpus (seeded, ``agent_corpus``): each conversation draws a target length log-uniform in
 8,000..100,000 tokens; it is a system message offering three tools (JSON schemas), a user task
@@ -230,8 +230,8 @@ def verify(prefix: str) -> Dict:
 
 
 def measure(corpus: Dict, workers_list: Sequence[int], work: str) -> List[Dict]:
-    """Every corpus size with every worker count (sizes interleaved inside a worker count);
-    ``--verify`` once per size (the output does not depend on the workers)."""
+    """For each worker count, every corpus size in turn; ``--verify`` once per size, after the
+    last worker count (the output's bytes do not depend on the workers)."""
     rows = []
     for workers in workers_list:
         for count, path in corpus["files"].items():

@@ -69,27 +69,28 @@ class ShardWriter:
 class ShardReader:
     """Read-only access to finished shards (``names[i]`` is shard number ``i``).
 
-    Each conversation is read with one positioned read per file into a fresh array, not through
-    a memory map: the pages of a map that the writer has touched stay in its resident set (its
+    Each conversation is read with a positioned read per file (``os.pread``), not through a
+    memory map: the pages of a map that the writer has touched stay in its resident set (its
     RSS, and a container's memory accounting, would grow by the whole staged corpus, 6 bytes per
     token at ``--seq-length`` 131072); this way the writer holds one pack at a time."""
 
     def __init__(self, folder: str, names: Sequence[str], token_dtype: str,
                  count_dtype: str) -> None:
         self.dtypes = (np.dtype(token_dtype), np.dtype(count_dtype))
-        self.files: List[Tuple[int, ...]] = []
+        self.files: List[List[int]] = []
         try:
             for name in names:
-                self.files.append(tuple(os.open(shard_path(folder, name, s), os.O_RDONLY)
-                                        for s in SUFFIXES))
+                self.files.append([])
+                for suffix in SUFFIXES:
+                    self.files[-1].append(os.open(shard_path(folder, name, suffix), os.O_RDONLY))
         except OSError:
             self.close()
             raise
 
     def conversation(self, shard: int, offset: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
         """``(token ids, loss_token_num)`` of the ``length`` elements at ``offset`` (in elements)
-        of shard ``shard``, as new arrays of the staging dtypes. Raises ``OSError`` when the
-        shard is shorter than that (a staging file cut short)."""
+        of shard ``shard``, as arrays of the staging dtypes over freshly read bytes. Raises
+        ``OSError`` when the shard is shorter than that (a staging file cut short)."""
         return tuple(_read(fd, dtype, offset, length)
                      for fd, dtype in zip(self.files[shard], self.dtypes))
 
@@ -101,16 +102,17 @@ class ShardReader:
 
 
 def _read(fd: int, dtype: np.dtype, offset: int, length: int) -> np.ndarray:
-    """``length`` elements of ``dtype`` at element ``offset`` of the open file ``fd``."""
-    out = np.empty(length, dtype=dtype)
-    view, done = memoryview(out).cast("B"), 0
-    while done < view.nbytes:
-        got = os.preadv(fd, [view[done:]], offset * dtype.itemsize + done)
-        if got == 0:
-            raise OSError(f"staging file cut short: {view.nbytes - done} of {view.nbytes} bytes "
-                          f"at element {offset} are missing")
-        done += got
-    return out
+    """``length`` elements of ``dtype`` at element ``offset`` of the open file ``fd`` (a
+    read-only array over the bytes read)."""
+    want, start = length * dtype.itemsize, offset * dtype.itemsize
+    data = os.pread(fd, want, start)
+    while len(data) < want:  # a short read: read on, until the end of the file
+        more = os.pread(fd, want - len(data), start + len(data))
+        if not more:
+            raise OSError(f"staging file cut short: {want - len(data)} of {want} bytes at "
+                          f"element {offset} are missing")
+        data += more
+    return np.frombuffer(data, dtype=dtype)
 
 
 class StageIndex:
