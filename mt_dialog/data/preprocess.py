@@ -13,8 +13,11 @@ Processes (``--workers N``)::
                     megatron-core is already imported in this process
 
 Memory stays O(number of conversations): records are streamed to the renderers with a bounded
-window, rendered conversations go to the shards on disk, and the main process keeps about 30 bytes
-per conversation (``StageIndex``). Outputs are written into a temporary folder beside the output
+window (batches of at most ``BATCH`` records and ``BATCH_BYTES`` bytes of input, so that long
+conversations, 100k tokens of agent transcript in one record, do not make a window of
+``workers x WINDOW_PER_WORKER`` batches hundreds of MiB), rendered conversations go to the
+shards on disk, and the main process keeps about 40 bytes per conversation (``StageIndex`` and
+``Tally.record_of_sample``). Outputs are written into a temporary folder beside the output
 prefix and moved into place only when everything succeeded, metadata last.
 """
 
@@ -61,7 +64,18 @@ from mt_dialog.data.tokenizers import TokenizerError
 from mt_dialog.data.writer import SplitPlan, WriteJob, WriterError, open_writer
 
 BATCH = 64
+BATCH_BYTES = 1 << 20
+"""A batch closes at ``BATCH`` records or once it holds ``BATCH_BYTES`` bytes of input (a record
+larger than that is a batch of its own): what a renderer holds at once (the raw records, their
+texts and ids) and the main process's window of batches in flight stay bounded by bytes, not
+only by records, whatever the conversations' length."""
 WINDOW_PER_WORKER = 8
+WINDOW_BYTES_PER_WORKER = 4 << 20
+"""With several workers, batches in flight (sent, their outcomes not yet taken) are at most
+``workers x WINDOW_PER_WORKER`` batches and, once more than one is in flight, about
+``workers x WINDOW_BYTES_PER_WORKER`` bytes of input: the main process's memory for them does
+not grow with the length of the conversations (short ones meet the first limit, long ones the
+second)."""
 
 
 class PreprocessError(Exception):
@@ -103,20 +117,25 @@ def _numbered(files: Sequence[Tuple[str, bool]]) -> Iterator[Tuple[int, RawRecor
             yield number, record, valid
 
 
-def _batches(stream, size: int):
+def _batches(stream, size: int, max_bytes: int = BATCH_BYTES):
+    """Lists of consecutive ``(number, RawRecord, valid)`` items, each closed at ``size`` items
+    or once its records' input bytes (``RawRecord.nbytes``) reach ``max_bytes``."""
     batch: List = []
+    held = 0
     for item in stream:
         batch.append(item)
-        if len(batch) == size:
+        held += item[1].nbytes
+        if len(batch) == size or held >= max_bytes:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
 
 def _bounded_map(processor: RecordProcessor, batches, workers: int, folder: str):
     """``(batch, shard name, outcomes)`` of ``processor.stage`` over ``batches``, in input order;
-    with several workers at most a window of batches is in flight."""
+    with several workers at most a window of batches is in flight (``WINDOW_PER_WORKER``,
+    ``WINDOW_BYTES_PER_WORKER``)."""
     if workers == 1:
         shard = ShardWriter(folder, f"shard-{os.getpid()}", processor.token_dtype,
                             processor.count_dtype)
@@ -129,11 +148,15 @@ def _bounded_map(processor: RecordProcessor, batches, workers: int, folder: str)
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=init_worker, initargs=(processor, folder)) as pool:
         pending: deque = deque()
+        held = 0  # input bytes of the batches in flight
         for batch in batches:
             job = pool.apply_async(run_batch, ([(n, r) for n, r, _ in batch],))
             pending.append((batch, job))
-            if len(pending) >= workers * WINDOW_PER_WORKER:
+            held += sum(record.nbytes for _, record, _ in batch)
+            while len(pending) >= workers * WINDOW_PER_WORKER or (
+                    len(pending) > 1 and held >= workers * WINDOW_BYTES_PER_WORKER):
                 done, job = pending.popleft()
+                held -= sum(record.nbytes for _, record, _ in done)
                 yield (done, *job.get())
         while pending:
             done, job = pending.popleft()

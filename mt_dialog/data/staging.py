@@ -67,28 +67,52 @@ class ShardWriter:
 
 
 class ShardReader:
-    """Read-only, memory-mapped view of finished shards (``names[i]`` is shard number ``i``)."""
+    """Read-only access to finished shards (``names[i]`` is shard number ``i``).
+
+    Each conversation is read with a positioned read per file (``os.pread``), not through a
+    memory map: the pages of a map that the writer has touched stay in its resident set (its
+    RSS, and a container's memory accounting, would grow by the whole staged corpus, 6 bytes per
+    token at ``--seq-length`` 131072); this way the writer holds one pack at a time."""
 
     def __init__(self, folder: str, names: Sequence[str], token_dtype: str,
                  count_dtype: str) -> None:
-        dtypes = (np.dtype(token_dtype), np.dtype(count_dtype))
-        self.arrays: List[Tuple[np.ndarray, np.ndarray]] = [
-            tuple(_map(shard_path(folder, name, s), d) for s, d in zip(SUFFIXES, dtypes))
-            for name in names
-        ]
+        self.dtypes = (np.dtype(token_dtype), np.dtype(count_dtype))
+        self.files: List[List[int]] = []
+        try:
+            for name in names:
+                self.files.append([])
+                for suffix in SUFFIXES:
+                    self.files[-1].append(os.open(shard_path(folder, name, suffix), os.O_RDONLY))
+        except OSError:
+            self.close()
+            raise
 
     def conversation(self, shard: int, offset: int, length: int) -> Tuple[np.ndarray, np.ndarray]:
-        tokens, counts = self.arrays[shard]
-        return tokens[offset:offset + length], counts[offset:offset + length]
+        """``(token ids, loss_token_num)`` of the ``length`` elements at ``offset`` (in elements)
+        of shard ``shard``, as arrays of the staging dtypes over freshly read bytes. Raises
+        ``OSError`` when the shard is shorter than that (a staging file cut short)."""
+        return tuple(_read(fd, dtype, offset, length)
+                     for fd, dtype in zip(self.files[shard], self.dtypes))
 
     def close(self) -> None:
-        self.arrays = []  # the maps close when their arrays are released
+        for fds in self.files:
+            for fd in fds:
+                os.close(fd)
+        self.files = []
 
 
-def _map(path: str, dtype: np.dtype) -> np.ndarray:
-    if os.path.getsize(path) == 0:  # a worker that kept nothing; np.memmap refuses empty files
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+def _read(fd: int, dtype: np.dtype, offset: int, length: int) -> np.ndarray:
+    """``length`` elements of ``dtype`` at element ``offset`` of the open file ``fd`` (a
+    read-only array over the bytes read)."""
+    want, start = length * dtype.itemsize, offset * dtype.itemsize
+    data = os.pread(fd, want, start)
+    while len(data) < want:  # a short read: read on, until the end of the file
+        more = os.pread(fd, want - len(data), start + len(data))
+        if not more:
+            raise OSError(f"staging file cut short: {want - len(data)} of {want} bytes at "
+                          f"element {offset} are missing")
+        data += more
+    return np.frombuffer(data, dtype=dtype)
 
 
 class StageIndex:

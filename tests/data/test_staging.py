@@ -60,6 +60,8 @@ def test_shard_round_trip(tmp_path, dtypes):
         assert got_tokens.dtype == np.dtype(dtypes[0]) and got_counts.dtype == np.dtype(dtypes[1])
         assert np.array_equal(got_tokens, tokens) and np.array_equal(got_counts, counts)
     assert reader.conversation(0, 0, 0)[0].size == 0
+    with pytest.raises(OSError, match="staging file cut short"):
+        reader.conversation(1, 300, 100)  # past the shard's end
     with pytest.raises(ValueError, match="must be equal 1-D"):
         writer.append(np.zeros(3), np.zeros(2))
     reader.close()
@@ -220,6 +222,36 @@ def test_failed_run_stops_the_writer_and_writes_nothing(tmp_path, sp_model_path,
     assert opened[0]._process.returncode == -signal.SIGKILL  # stopped, never given a job
     assert_gone(opened[0])
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_batches_close_at_records_or_bytes():
+    """A batch closes at BATCH records or once it holds max_bytes of input; a larger record is
+    a batch of its own."""
+    from mt_dialog.data.readers import RawRecord
+
+    items = [(i, RawRecord("f", i, raw=b"x", nbytes=n), False)
+             for i, n in enumerate([10, 10, 50, 200, 5, 5, 5, 5])]
+    sizes = lambda batches: [[i for i, _, _ in b] for b in batches]  # noqa: E731
+    assert sizes(preprocess._batches(iter(items), 3, 60)) == [[0, 1, 2], [3], [4, 5, 6], [7]]
+    assert sizes(preprocess._batches(iter(items), 64, 1000)) == [list(range(8))]
+    assert sizes(preprocess._batches(iter(items), 64, 1)) == [[i] for i in range(8)]
+
+
+def test_byte_bounded_batches_and_window_give_the_same_bytes(tmp_path, sp_model_path,
+                                                             monkeypatch):
+    """Batches of one record and a window closed by bytes (what long conversations meet) write
+    the dataset the default batching writes, with 1 and 2 workers."""
+    path = corpus_file(tmp_path / "in.jsonl", 120)
+    argv = lambda prefix, *extra: preprocess_args(path, sp_model_path, tmp_path / prefix,  # noqa
+                                                  "--seq-length", "1024", *extra)
+    assert main(argv("default")) == 0
+    monkeypatch.setattr(preprocess, "BATCH_BYTES", 1)
+    monkeypatch.setattr(preprocess, "WINDOW_BYTES_PER_WORKER", 2000)
+    assert main(argv("one", "--workers", "1")) == 0
+    assert main(argv("two", "--workers", "2")) == 0
+    reference = dataset_bytes(str(tmp_path / "default"))
+    assert dataset_bytes(str(tmp_path / "one")) == reference
+    assert dataset_bytes(str(tmp_path / "two")) == reference
 
 
 def test_main_process_memory_is_per_conversation(tmp_path, sp_model_path):
