@@ -53,7 +53,7 @@ Each check prints PASS / FAIL / SKIP lines with its numbers; the exit code is 1 
                     skipped with the reason on one GPU
   14 context-parallel  --context-parallel-size 2 (torchrun, 2 processes) vs one process on the
                     same data and init, bf16: the same losses (CP_TOLERANCE of the loss); on 2+
-                    GPUs with TE's THD context-parallel attention (p2p, then all_gather), without
+                    GPUs with TE's THD context-parallel attention (p2p, then a2a), without
                     CUDA the CPU stand-in (the local attention's all-gather path, gloo); skipped
                     with the reason on one GPU
 
@@ -1126,7 +1126,7 @@ def check_context_parallel(ctx: Context) -> List[Line]:
                                                  *train_args(ctx, iters)]))
     tol = CP_TOLERANCE * max((v[0] for v in one.iters.values()), default=0.0)
     lines = []
-    for comm in (("p2p", "all_gather") if ctx.cuda else ("p2p",)):
+    for comm in (("p2p", "a2a") if ctx.cuda else ("p2p",)):
         split = parse_train_log(run_step(ctx, f"cp-2-{comm}", [
             *launcher, "2", "pretrain_dialog.py",
             *train_args(ctx, iters, *CP_FLAGS, "--cp-comm-type", comm)]))

@@ -638,7 +638,8 @@ class ParallelConfig:
                                         "= world / (TP x PP x CP)")
     cp_comm_type: str = option("p2p", choices=("p2p", "a2a", "all_gather", "a2a+p2p"),
                                help="Transformer Engine's context-parallel attention "
-                               "exchange (the CPU path always all-gathers keys and values)")
+                               "exchange: p2p or a2a for packed sequences (a2a with --window-size, "
+                               "p2p with MLA); the CPU path always all-gathers keys and values")
     expert_model_parallel_size: int = option(1, help="expert parallelism (EP): the experts of "
                                              "each MoE layer are split over EP data-parallel "
                                              "ranks (needs --num-experts divisible by it)")
@@ -1095,6 +1096,7 @@ class DialogTrainingConfig:
     def __post_init__(self) -> None:
         self.lora.fit_model(self.model)
         self._check_fp8()
+        self._check_context_parallel()
         if (self.model.num_experts and self.parallel.tensor_model_parallel_size > 1
                 and not self.parallel.sequence_parallel):
             raise ValueError(
@@ -1104,6 +1106,30 @@ class DialogTrainingConfig:
                 "training with tensor parallelism without it; sequence parallelism needs the "
                 "Transformer Engine layers, so on CPU split the experts with "
                 "--expert-model-parallel-size instead)")
+
+    def _check_context_parallel(self) -> None:
+        """--cp-comm-type against what Transformer Engine's context-parallel attention runs
+        for packed (THD) sequences and this model (TE 2.x ``attn_forward_func_with_cp``):
+        all_gather and a2a+p2p take no THD input; a sliding window needs a2a; multi-latent
+        attention (key size != value size) needs p2p. Checked on every machine, so that a
+        layout tested on CPU (whose stand-in all-gathers whatever the type) runs on GPUs."""
+        par, model = self.parallel, self.model
+        if par.context_parallel_size == 1:
+            return
+        comm = par.cp_comm_type
+        fix = None
+        if comm in ("all_gather", "a2a+p2p"):
+            fix = (f"Transformer Engine's {comm} context parallelism takes no packed (THD) "
+                   "sequences; use --cp-comm-type p2p (or a2a)")
+        elif model.window_size is not None and comm != "a2a":
+            fix = ("Transformer Engine runs sliding-window attention (--window-size) under "
+                   "context parallelism only with all-to-all; use --cp-comm-type a2a")
+        elif model.multi_latent_attention and comm != "p2p":
+            fix = ("Transformer Engine runs multi-latent attention (key and value head sizes "
+                   "differ) under context parallelism only with p2p; use --cp-comm-type p2p")
+        if fix:
+            raise ValueError(f"cp_comm_type: {comm} with --context-parallel-size "
+                             f"{par.context_parallel_size}: {fix}")
 
     def _check_fp8(self) -> None:
         """--fp8-format / --tp-comm-overlap against this machine, the layers and the sizes

@@ -109,7 +109,9 @@ def run_variant_cp(fields, ids):
     from mt_dialog.training.saved_run import single_process_config
 
     config = single_process_config(model_config(fields))
-    config.parallel = ParallelConfig(context_parallel_size=2)
+    # Transformer Engine runs windows under CP with all-to-all only (config's check)
+    config.parallel = ParallelConfig(context_parallel_size=2, cp_comm_type="a2a"
+                                     if "window_size" in fields else "p2p")
     (model,) = build_model_chunks(config, transformer_config(config), VOCAB, 64)
     model.eval()
     set_sinks(model)

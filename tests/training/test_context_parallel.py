@@ -8,6 +8,7 @@ against the split baseline) are the equivalence suite's ``cp2`` layouts."""
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -252,3 +253,20 @@ def test_context_parallel_composes_with_lora_and_experts(composed_runs, name):
     one, split = composed_runs[name]
     assert len(one["iters"]) == K, one["stdout"][-2000:]
     _close(split["iters"], one["iters"], f"{name}: CP=2 vs one process")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cp-comm-type", "all_gather"], "takes no packed (THD) sequences; use --cp-comm-type p2p"),
+    (["--cp-comm-type", "a2a+p2p"], "takes no packed (THD) sequences"),
+    (["--window-size", "4", "0"], "only with all-to-all; use --cp-comm-type a2a"),
+    (["--multi-latent-attention", "--cp-comm-type", "a2a"], "only with p2p; use --cp-comm-type p2p"),
+])
+def test_comm_types_transformer_engine_cannot_run_are_refused(flags, message):
+    """Refused on every machine, naming the type that works, before anything is built."""
+    import pretrain_dialog
+
+    argv = ["--data-path", "unused", "--train-iters", "1", "--num-layers", "2", "--hidden-size",
+            "64", "--num-attention-heads", "4", *CP2, *flags]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pretrain_dialog.parse_config(argv)
+    pretrain_dialog.parse_config(["--data-path", "unused", "--train-iters", "1", *CP2])  # p2p: fine
