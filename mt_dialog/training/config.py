@@ -633,13 +633,17 @@ class ParallelConfig:
     sequence_parallel: bool = option(False, help="sequence parallelism with TP (needs the "
                                      "Transformer Engine layers)")
     context_parallel_size: int = option(1, help="context parallelism (CP): every packed "
-                                        "sequence split over CP ranks (2 x CP chunks per "
-                                        "conversation, causal load balance); data-parallel size "
-                                        "= world / (TP x PP x CP)")
+                                        "sequence split over CP ranks (each conversation padded "
+                                        "to a multiple of 2 x CP (x TP with --sequence-parallel) "
+                                        "and cut in 2 x CP chunks, causal load balance); "
+                                        "data-parallel size = world / (TP x PP x CP); on CPU a "
+                                        "slow all-gather stand-in")
     cp_comm_type: str = option("p2p", choices=("p2p", "a2a", "all_gather", "a2a+p2p"),
                                help="Transformer Engine's context-parallel attention "
-                               "exchange: p2p or a2a for packed sequences (a2a with --window-size, "
-                               "p2p with MLA); the CPU path always all-gathers keys and values")
+                               "exchange for packed sequences: p2p, or a2a (required with "
+                               "--window-size; MLA requires p2p; all_gather and a2a+p2p take no "
+                               "packed input and are refused); on CPU the local attention "
+                               "all-gathers keys and values whatever the type")
     expert_model_parallel_size: int = option(1, help="expert parallelism (EP): the experts of "
                                              "each MoE layer are split over EP data-parallel "
                                              "ranks (needs --num-experts divisible by it)")
@@ -660,7 +664,9 @@ class ParallelConfig:
     tp_comm_overlap: bool = option(False, help="overlap tensor-parallel all-gathers / "
                                    "reduce-scatters with the GEMMs (Transformer Engine's "
                                    "userbuffers; needs CUDA, --tensor-model-parallel-size > 1, "
-                                   "--sequence-parallel and CUDA_DEVICE_MAX_CONNECTIONS=1)")
+                                   "--sequence-parallel and CUDA_DEVICE_MAX_CONNECTIONS=1; "
+                                   "--micro-batch-size 1 when validating; not with "
+                                   "--context-parallel-size > 1)")
 
     def __post_init__(self) -> None:
         _positive("ddp_bucket_size", self.ddp_bucket_size, allow_none=True)
@@ -1127,9 +1133,24 @@ class DialogTrainingConfig:
         elif model.multi_latent_attention and comm != "p2p":
             fix = ("Transformer Engine runs multi-latent attention (key and value head sizes "
                    "differ) under context parallelism only with p2p; use --cp-comm-type p2p")
+        elif comm == "a2a" and self._a2a_heads_problem():
+            fix = self._a2a_heads_problem()
         if fix:
             raise ValueError(f"cp_comm_type: {comm} with --context-parallel-size "
                              f"{par.context_parallel_size}: {fix}")
+
+    def _a2a_heads_problem(self) -> Optional[str]:
+        """All-to-all context parallelism scatters the heads of each tensor-parallel rank over
+        the CP ranks (TE's ``flash_attn_a2a_communicate``): both the attention heads and the
+        query groups per TP rank must divide by CP; None when they do."""
+        par, model = self.parallel, self.model
+        tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+        heads, groups = model.num_attention_heads // tp, max(1, model.num_query_groups // tp)
+        if heads % cp or groups % cp:
+            return (f"all-to-all context parallelism splits each tensor-parallel rank's "
+                    f"{heads} heads and {groups} query groups over {cp} ranks; both must "
+                    f"divide by --context-parallel-size {cp}: use --cp-comm-type p2p")
+        return None
 
     def _check_fp8(self) -> None:
         """--fp8-format / --tp-comm-overlap against this machine, the layers and the sizes
@@ -1143,8 +1164,7 @@ class DialogTrainingConfig:
 def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
     """Check the parallel layout against ``world_size``; returns the data-parallel size."""
     par, data, model = config.parallel, config.data, config.model
-    model_parallel = (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-                      * par.context_parallel_size)
+    model_parallel = model_parallel_size(par)
     if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor x pipeline x context parallel "
@@ -1175,6 +1195,12 @@ def validate_world(config: DialogTrainingConfig, world_size: int) -> int:
     return dp
 
 
+def model_parallel_size(par: ParallelConfig) -> int:
+    """Ranks one data-parallel replica spans: TP x PP x CP."""
+    return (par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+            * par.context_parallel_size)
+
+
 def _check_expert_parallel(model: ModelConfig, par: ParallelConfig, dp: int) -> None:
     """EP splits each MoE layer's experts over data-parallel ranks: it needs experts, must
     divide their number and the data-parallel size."""
@@ -1189,9 +1215,9 @@ def _check_expert_parallel(model: ModelConfig, par: ParallelConfig, dp: int) -> 
                          f"{model.num_experts}")
     if dp % ep:
         raise ValueError(f"expert_model_parallel_size: {ep} must divide the data-parallel size "
-                         f"{dp} (world size / (tensor x pipeline parallel)); launch a multiple of "
-                         f"{ep * par.tensor_model_parallel_size * par.pipeline_model_parallel_size}"
-                         " processes or lower --expert-model-parallel-size")
+                         f"{dp} (world size / (tensor x pipeline x context parallel)); launch a "
+                         f"multiple of {ep * model_parallel_size(par)} processes or lower "
+                         "--expert-model-parallel-size")
 
 
 def _check_recompute_layers(model: ModelConfig, chunk_layers: int) -> None:

@@ -578,8 +578,13 @@ def _banner(run: Run, argv) -> str:
                if run.config.model.num_experts else "")
     experts += " | overlapped: grad reduce" if par.overlap_grad_reduce else ""
     experts += ", param gather" if par.overlap_param_gather else ""
-    cp = (f" CP={par.context_parallel_size} ({par.cp_comm_type})"
-          if par.context_parallel_size > 1 else "")
+    cp = ""
+    if par.context_parallel_size > 1:
+        from mt_dialog.training.model import use_transformer_engine
+
+        how = par.cp_comm_type if use_transformer_engine(run.config.model.transformer_impl) \
+            else "local attention: all-gather"
+        cp = f" CP={par.context_parallel_size} ({how})"
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size}{cp}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "

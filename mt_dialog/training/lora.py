@@ -223,7 +223,7 @@ def parameter_counts(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
     from megatron.core import parallel_state as ps
 
     trainable = total = 0
-    dense_rank = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+    dense_rank = ps.get_data_parallel_rank(with_context_parallel=True) == 0 and ps.get_tensor_model_parallel_rank() == 0
     for chunk in chunks:
         for param in chunk.parameters():
             if getattr(param, "shared_embedding", False) and not \
@@ -234,7 +234,7 @@ def parameter_counts(chunks: List[torch.nn.Module]) -> Tuple[int, int]:
                     getattr(param, "tensor_model_parallel", False)
                     or ps.get_expert_tensor_parallel_rank() == 0)
             else:
-                counted = ps.get_data_parallel_rank() == 0 and (
+                counted = ps.get_data_parallel_rank(with_context_parallel=True) == 0 and (
                     getattr(param, "tensor_model_parallel", False) or dense_rank)
             if counted:
                 total += param.numel()

@@ -270,3 +270,13 @@ def test_comm_types_transformer_engine_cannot_run_are_refused(flags, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         pretrain_dialog.parse_config(argv)
     pretrain_dialog.parse_config(["--data-path", "unused", "--train-iters", "1", *CP2])  # p2p: fine
+
+
+def test_a2a_needs_heads_and_groups_divisible_by_cp():
+    import pretrain_dialog
+
+    argv = ["--data-path", "unused", "--train-iters", "1", "--num-layers", "2", "--hidden-size",
+            "64", "--num-attention-heads", "4", *CP2, "--cp-comm-type", "a2a"]
+    with pytest.raises(ValueError, match="4 heads and 1 query groups over 2 ranks"):
+        pretrain_dialog.parse_config([*argv, "--num-query-groups", "1"])
+    pretrain_dialog.parse_config([*argv, "--num-query-groups", "2"])
