@@ -106,3 +106,17 @@ def test_the_manual_has_commands_to_check():
     total = sum(len(commands_in(block, tool)) for path in WITH_COMMANDS
                 for block in _blocks(path) for tool in TOOLS)
     assert total >= 25, f"only {total} tool commands found in the manual's bash blocks"
+
+
+def test_links_resolve():
+    """Every relative link of the manual, the README and examples/README.md names a file."""
+    broken = []
+    for path in WITH_COMMANDS:
+        text = re.sub(r"^```.*?^```", "", open(path, encoding="utf-8").read(), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+://", target) or target.startswith("#"):
+                continue
+            file = os.path.normpath(os.path.join(os.path.dirname(path), target.split("#")[0]))
+            if not os.path.exists(file):
+                broken.append(f"{os.path.relpath(path, ROOT)}: {target}")
+    assert not broken, "links to nothing:\n" + "\n".join(broken)
