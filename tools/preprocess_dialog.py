@@ -6,7 +6,7 @@ results, reasoning, per-message "weight" 0/1 or "loss" false/true), sharegpt, fi
 records, or plain-text documents ({"text": ...}: continued pretraining, every token trained,
 long documents split into pieces). A bad record stops the run with file:line and the fix, or is
 counted (--on-error skip); what was dropped or ignored inside kept records is counted too
-(README: "Input formats", "Plain text").
+(docs/data-formats.md: "Input formats", "Plain text").
 
 Example:
     python tools/preprocess_dialog.py --input data/*.jsonl --tokenizer-model tok.model \\

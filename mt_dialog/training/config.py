@@ -108,7 +108,7 @@ class ModelConfig:
                                                 "size of each expert (default: --ffn-hidden-size)")
     moe_router_load_balancing_type: str = option(
         "aux_loss", choices=MOE_LOAD_BALANCING, help="with --num-experts: aux_loss adds the "
-        "Switch-Transformer load-balancing loss times --moe-aux-loss-coeff (see README, 'Mixture "
+        "Switch-Transformer load-balancing loss times --moe-aux-loss-coeff (docs/moe.md, 'Mixture "
         "of Experts', for its scale under the per-turn loss); none: no balancing loss")
     moe_aux_loss_coeff: float = option(0.0, help="with --num-experts: weight of the "
                                        "load-balancing loss (0: off, the loss is the dialogue "
@@ -183,7 +183,7 @@ class ModelConfig:
         0.0, help="with --moe-router-enable-expert-bias: after each step, every expert's bias "
         "moves by this towards balance (+rate below the mean load, -rate above; megatron-core's "
         "aux-loss-free balancing, from the step's token counts). 0 keeps the bias as loaded "
-        "(the fine-tuning default, see README); Megatron-LM's pretraining default is 1e-3")
+        "(the fine-tuning default, see docs/moe.md); Megatron-LM's pretraining default is 1e-3")
     moe_router_num_groups: Optional[int] = option(
         None, help="with --num-experts: group-limited routing: experts in this many equal "
         "groups (DeepSeek-V3's n_group); needs --moe-router-group-topk")

@@ -36,7 +36,7 @@ megatron-core's ``TopKRouter.expert_bias``, a persistent fp32 buffer (HF's
 (``local_tokens_per_expert``; not in validation or recompute) and ``finalize_model_grads`` (the
 step's gradient reduction) sums them over TP x DP x CP and moves each bias by
 ``--moe-router-bias-update-rate`` times the sign of (mean load - its load), then zeroes the
-counts. mt_dialog's default rate is 0 (the bias stays as loaded; README says why).
+counts. mt_dialog's default rate is 0 (the bias stays as loaded; docs/moe.md says why).
 ``DialogRouter`` keeps both count buffers in fp32 / fp64 under ``--bf16``.
 
 Router load

@@ -34,7 +34,7 @@ torch reads the folder. What the allow-lists hold and why:
 The check runs once per folder state (cached by the files' sizes and modification times); its
 cost is reading ``.metadata``, ``common.pt`` and the byte entries, not the tensors. A folder
 changed between the check and the read could still pass unchecked bytes: whoever can write the
-checkpoint folder while a run reads it is trusted (see the README's security section).
+checkpoint folder while a run reads it is trusted (see docs/security.md).
 """
 
 from __future__ import annotations

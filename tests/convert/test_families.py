@@ -1,6 +1,6 @@
 """The family registry: every registered family's config mapping round-trips through its
 transformers config class, its tensor names are those transformers' model has, its rules give
-back the tensors they took, its LoRA modules exist; the README table is the registry's; the
+back the tensors they took, its LoRA modules exist; the docs' table is the registry's; the
 gated-DeltaNet hybrids and unknown architectures are refused by name."""
 
 import dataclasses
@@ -169,12 +169,13 @@ def test_checkpoint_args_take_the_families_fields():
     assert set(checkpoint_fields()) <= set(architecture_fields())
 
 
-def test_readme_table_is_the_registry():
-    """The README's family table is ``python -m mt_dialog.convert.families``'s."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
-        readme = handle.read()
+def test_docs_table_is_the_registry():
+    """docs/huggingface.md's family table is ``python -m mt_dialog.convert.families``'s."""
+    with open(os.path.join(REPO, "docs", "huggingface.md"), encoding="utf-8") as handle:
+        page = handle.read()
     table = "\n".join("  " + line for line in docs_table().splitlines())
-    assert table in readme, f"README.md's family table differs from the registry; put:\n{table}"
+    assert table in page, \
+        f"docs/huggingface.md's family table differs from the registry; put:\n{table}"
 
 
 def _folder(tmp_path, **config):

@@ -1,5 +1,5 @@
 """The dialogue loss on small tensors, through the path training takes: conversations rendered by
-the library (firefly, one id per word as in the README's table), packed by ``build_sample``,
+the library (firefly, one id per word as in docs/data-formats.md), packed by ``build_sample``,
 flattened by ``flatten_micro_batch``, then ``pretrain_dialog.make_forward_step``'s loss function
 on given per-token losses. Every normalization is compared with sums written out turn by turn and
 conversation by conversation from the rendering; the report pairs add up over micro-batches to
@@ -23,7 +23,7 @@ from pretrain_dialog import make_forward_step
 from tests.conftest import ROOT
 
 SEQ = 16
-CONVERSATIONS = {  # user / assistant texts; "A" is the README's two-turn example
+CONVERSATIONS = {  # user / assistant texts; "A" is the docs' two-turn example
     "A": ["Hi", "Hello!", "2+2?", "4"],
     "B": ["Count", "1 2 3 4 5", "Thanks", "Welcome"],
     "C": ["Bye", "See you"],
@@ -32,12 +32,12 @@ PACKS = (("A", "C"), ("B",))  # two packs of SEQ tokens, each with padding
 
 
 def readme_table():
-    """The README's firefly table ("What is stored"): {row name: its cells}."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    """The firefly table of docs/data-formats.md ("What is stored"): {row name: its cells}."""
+    text = open(os.path.join(ROOT, "docs", "data-formats.md"), encoding="utf-8").read()
     rows = {}
     for name in ("text", "loss_mask", "loss_token_num"):
         match = re.search(rf"^{name} +(.+)$", text, re.M)
-        assert match, f"README.md has no '{name}' row"
+        assert match, f"docs/data-formats.md has no '{name}' row"
         rows[name] = match[1].split()
     return rows
 
@@ -96,7 +96,7 @@ def packed(firefly):
 
 def references(losses, turns):
     """(loss_sum, count) of each normalization, summed turn by turn / conversation by
-    conversation as their definitions say (README: "The loss")."""
+    conversation as their definitions say (docs/validation.md: "The loss")."""
     flat = losses.detach().double().view(-1)
     every_turn = [t for conv in turns.values() for t in conv]
     trained = [p for t in every_turn for p in t]

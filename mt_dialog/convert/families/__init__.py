@@ -1,5 +1,5 @@
 """One module per Hugging Face model family and their registry (``base`` module docstring: how
-to add a family). ``python -m mt_dialog.convert.families`` prints the README's family table."""
+to add a family). ``python -m mt_dialog.convert.families`` prints docs/huggingface.md's table."""
 
 from mt_dialog.convert.families.base import ConversionError, Family, HFModel, Rule
 from mt_dialog.convert.families.registry import (

@@ -1,4 +1,4 @@
-"""Print the README's table of supported families."""
+"""Print the table of supported families (docs/huggingface.md)."""
 
 from mt_dialog.convert.families.registry import docs_table
 

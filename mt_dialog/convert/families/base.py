@@ -1,6 +1,6 @@
 """The model-family interface: one ``Family`` per Hugging Face architecture, registered in
 ``families.registry.FAMILIES`` (keyed by architecture), which import (``hf-to-mcore``), export
-(``mcore-to-hf``, PEFT adapters), ``--use-checkpoint-args`` and the README's family table read.
+(``mcore-to-hf``, PEFT adapters), ``--use-checkpoint-args`` and the docs' family table read.
 
 How to add a family (``gemma3.py`` say):
 
@@ -24,7 +24,7 @@ How to add a family (``gemma3.py`` say):
    (``optional_features``) or lacking one it needs is refused at export, naming the family that
    fits. A new ``ModelConfig`` capability gets its entry in ``common.FEATURES``, so that the
    families without it refuse it.
-2. Add one line to ``registry.FAMILIES``, and the family's tests. The README table is generated
+2. Add one line to ``registry.FAMILIES``, and the family's tests. The docs' table is generated
    from ``docs`` (``python -m mt_dialog.convert.families`` prints it; a test checks it).
 
 One ``Rule`` maps HF tensors onto megatron-core tensors both ways. Llama's layer ``i`` (H hidden,
@@ -134,7 +134,7 @@ class LoraTarget:
 
 @dataclass(frozen=True)
 class DocsRow:
-    """The family's row of the README table (markdown cells)."""
+    """The family's row of the docs/huggingface.md table (markdown cells)."""
 
     maps: str  # the model flags its config sets beyond the Llama block (``--qk-layernorm``)
     refused: str  # the config fields it refuses

@@ -1,6 +1,6 @@
 """The family table (``FAMILIES``, keyed by Hugging Face architecture) and what reads it: the
 config and tensor conversions of ``hf-to-mcore`` / ``mcore-to-hf``, the export's choice of
-architecture, the fields ``--use-checkpoint-args`` takes, the README's family table."""
+architecture, the fields ``--use-checkpoint-args`` takes, the docs' family table."""
 
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def checkpoint_fields() -> List[str]:
 
 
 def docs_table() -> str:
-    """The README's table of supported families (markdown)."""
+    """The table of supported families in docs/huggingface.md (markdown)."""
     lines = ["| architecture (`model_type`) | maps to (beyond the Llama block) | refused |",
              "|---|---|---|"] + [fam.docs_line() for fam in FAMILIES.values()]
     return "\n".join(lines)
