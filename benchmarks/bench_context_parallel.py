@@ -27,7 +27,7 @@ The measurements are taken inside each rank by this script's ``--probe`` mode, w
 ``mt_dialog.training.loop.train_step`` and then calls ``pretrain_dialog.main`` with the real
 command line (nothing else changed).
 
-    python benchmarks/bench_context_parallel.py           # full run (~6-9 min on 2 cores)
+    python benchmarks/bench_context_parallel.py           # full run (~10 min on 2 quiet cores)
     python benchmarks/bench_context_parallel.py --quick   # smoke run (~1-2 min)
 """
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def probe(out: str, argv: Sequence[str]) -> int:
     sampler.stopped = True
     rank = int(os.environ.get("RANK", "0"))
     with open(f"{out}.rank{rank}.json", "w", encoding="utf-8") as handle:
-        json.dump({"rank": rank, "exit": code, "steps": steps}, handle)
+        json.dump({"rank": rank, "exit": code, "argv": list(argv), "steps": steps}, handle)
     return code
 
 
@@ -222,21 +223,28 @@ def long_corpus(path: str, tokenizer: str, n: int, seq: int, seed: int) -> None:
             handle.write(json.dumps({"messages": messages}) + "\n")
 
 
-def build_dataset(work: str, n: int, seq: int, seed: int) -> str:
-    """The packed dataset prefix (built with tools/preprocess_dialog.py; reused if made with
-    the same parameters)."""
+def build_dataset(work: str, n: int, seq: int, seed: int,
+                  corpus_seq: Optional[int] = None) -> str:
+    """The packed dataset prefix (built with tools/preprocess_dialog.py at ``seq`` from the
+    corpus of conversations just longer than ``corpus_seq``, default ``seq``; reused if made
+    with the same parameters)."""
+    corpus_seq = corpus_seq or seq
     from synthetic_corpus import train_tokenizer
 
     os.makedirs(work, exist_ok=True)
     tokenizer = os.path.join(work, "synthetic_tokenizer.model")
-    prefix = os.path.join(work, f"long_n{n}_s{seq}_seed{seed}")
-    params = {"n": n, "seq": seq, "seed": seed, "version": 1}
+    prefix = os.path.join(work, f"long_n{n}_s{seq}_seed{seed}"
+                          + (f"_from{corpus_seq}" if corpus_seq != seq else ""))
+    params = {"n": n, "seq": seq, "seed": seed, "version": 1, "corpus_seq": corpus_seq}
     sidecar = prefix + ".params.json"
     if common.made_with(sidecar, params) and os.path.isfile(tokenizer):
         return prefix
-    train_tokenizer(tokenizer)
-    corpus = prefix + ".jsonl"
-    long_corpus(corpus, tokenizer, n, seq, seed)
+    if not os.path.isfile(tokenizer):
+        train_tokenizer(tokenizer)
+    corpus = os.path.join(work, f"long_n{n}_c{corpus_seq}_seed{seed}.jsonl")
+    if not os.path.isfile(corpus):
+        long_corpus(corpus + ".tmp", tokenizer, n, corpus_seq, seed)
+        os.replace(corpus + ".tmp", corpus)
     command = [sys.executable, os.path.join(common.REPO, "tools", "preprocess_dialog.py"),
                "--input", corpus, "--tokenizer-model", tokenizer, "--template", "chatml",
                "--seq-length", str(seq), "--packing", "bfd", "--overlong", "truncate",
@@ -270,9 +278,32 @@ def train_flags(prefix: str, args, extra: Sequence[str]) -> List[str]:
             "--num-attention-heads", str(args.heads), "--seed", "1234", *extra]
 
 
-def launch(nproc: int, flags: Sequence[str], out: str) -> Dict[str, Any]:
+def reused(nproc: int, flags: Sequence[str], out: str) -> Optional[Dict[str, Any]]:
+    """The rank records of an earlier run of exactly ``flags`` on ``nproc`` ranks (``--reuse``),
+    or None."""
+    ranks = []
+    for rank in range(nproc):
+        try:
+            with open(f"{out}.rank{rank}.json", encoding="utf-8") as handle:
+                ranks.append(json.load(handle))
+        except (OSError, ValueError):
+            return None
+    if os.path.exists(f"{out}.rank{nproc}.json") or any(
+            r.get("argv") != list(flags) or r["exit"] != 0 for r in ranks):
+        return None
+    return {"ranks": ranks, "log": "", "process_seconds": float("nan"), "reused": True}
+
+
+def launch(nproc: int, flags: Sequence[str], out: str, reuse: bool = False) -> Dict[str, Any]:
     """``torchrun --nproc_per_node nproc THIS --probe out -- pretrain_dialog flags``; the ranks'
-    step records and rank 0's log."""
+    step records and rank 0's log (with ``reuse``, those of an earlier identical run)."""
+    earlier = reused(nproc, flags, out) if reuse else None
+    if earlier is not None:
+        print("    (reused the records of an earlier identical run)", flush=True)
+        return earlier
+    for stale in range(3):
+        if os.path.exists(f"{out}.rank{stale}.json"):
+            os.remove(f"{out}.rank{stale}.json")
     exe = os.path.join(os.path.dirname(sys.executable), "torchrun")
     runner = [exe] if os.path.exists(exe) else [sys.executable, "-m", "torch.distributed.run"]
     from tests.training.launch import free_port, launch_env
@@ -304,8 +335,10 @@ def summarize(result: Dict[str, Any]) -> Dict[str, Any]:
         per_rank.append({
             "step_seconds": float(np.median([s["seconds"] for s in timed])),
             "saved_mib": float(np.median([s["saved_peak"] for s in timed])) / 2 ** 20,
-            "saved_masks_mib": float(np.median([s["saved_peak_masks"] for s in timed])) / 2 ** 20,
-            "saved_other_mib": float(np.median([s["saved_peak_other"] for s in timed])) / 2 ** 20,
+            "saved_masks_mib": float(np.median([s.get("saved_peak_masks", np.nan)
+                                                for s in timed])) / 2 ** 20,
+            "saved_other_mib": float(np.median([s.get("saved_peak_other", np.nan)
+                                                for s in timed])) / 2 ** 20,
             "rss_growth_mib": float(np.median([s["rss_peak"] - s["rss_start"]
                                                for s in timed])) / 2 ** 20,
             "rss_peak_mib": max(s["rss_peak"] for s in timed) / 2 ** 20,
@@ -319,7 +352,8 @@ def summarize(result: Dict[str, Any]) -> Dict[str, Any]:
             "rss_growth_mib": max(r["rss_growth_mib"] for r in per_rank),
             "rss_peak_mib": max(r["rss_peak_mib"] for r in per_rank),
             "step_seconds_all": [[s["seconds"] for s in r["steps"]] for r in result["ranks"]],
-            "process_seconds": result["process_seconds"]}
+            "process_seconds": result["process_seconds"],
+            "reused": bool(result.get("reused"))}
 
 
 # -- tables ----------------------------------------------------------------------------------
@@ -365,10 +399,14 @@ def plot(cp: Dict[str, Any], dp: Dict[str, Any], path: str, info, subtitle: str)
     labels = [CP_RUNS[k]["label"] for k in cp]
     width = 0.38
     xs = range(len(labels))
-    left.bar([x - width / 2 for x in xs], [cp[k]["saved_other_mib"] for k in cp], width,
-             label="saved for backward: non-mask")
-    left.bar([x - width / 2 for x in xs], [cp[k]["saved_masks_mib"] for k in cp], width,
-             bottom=[cp[k]["saved_other_mib"] for k in cp], label="saved: attention masks")
+    if all(math.isfinite(cp[k]["saved_other_mib"]) for k in cp):
+        left.bar([x - width / 2 for x in xs], [cp[k]["saved_other_mib"] for k in cp], width,
+                 label="saved for backward: non-mask")
+        left.bar([x - width / 2 for x in xs], [cp[k]["saved_masks_mib"] for k in cp], width,
+                 bottom=[cp[k]["saved_other_mib"] for k in cp], label="saved: attention masks")
+    else:  # records made before the mask split was recorded (--reuse)
+        left.bar([x - width / 2 for x in xs], [cp[k]["saved_mib"] for k in cp], width,
+                 label="saved for backward")
     left.bar([x + width / 2 for x in xs], [cp[k]["rss_growth_mib"] for k in cp], width,
              label="RSS growth in a step")
     left.set_xticks(list(xs), labels)
@@ -378,8 +416,8 @@ def plot(cp: Dict[str, Any], dp: Dict[str, Any], path: str, info, subtitle: str)
     mid.bar(labels, [cp[k]["step_seconds"] for k in cp], color=["C0", "C1"])
     mid.set_ylabel("seconds per step (slower rank)")
     mid.set_title("step time, CP")
-    dlabels = [DP_RUNS[k]["label"].replace("DP=2 ", "").replace(" + ", "+\n") or "plain"
-               for k in dp]
+    dlabels = [DP_RUNS[k]["label"].replace("DP=2 ", "").replace(" + ", " +\n")
+               .replace("--use-", "").replace("--", "") for k in dp]
     right.bar(dlabels, [dp[k]["step_seconds"] for k in dp], color="C2")
     right.set_ylabel("seconds per step")
     right.set_title("DP=2 on gloo: overlap (correctness, not speed)")
@@ -396,14 +434,17 @@ def run_all(prefix: str, args, work: str) -> Dict[str, Dict[str, Any]]:
     for key, spec in CP_RUNS.items():
         print(f"  {spec['label']} ...", flush=True)
         cp[key] = summarize(launch(spec["nproc"], train_flags(prefix, args, spec["flags"]),
-                                   os.path.join(work, key)))
+                                   os.path.join(work, key), args.reuse))
     if not args.skip_dp:
         dp_args = argparse.Namespace(**{**vars(args), "hidden": args.dp_hidden})
+        if args.dp_seq_length != args.seq_length:
+            prefix = build_dataset(work, args.conversations, args.dp_seq_length, args.seed,
+                                   args.seq_length)
         for key, spec in DP_RUNS.items():
             print(f"  {spec['label']} ...", flush=True)
             flags = [*spec["flags"], "--ddp-bucket-size", str(args.ddp_bucket_size)]
             dp[key] = summarize(launch(2, train_flags(prefix, dp_args, flags),
-                                       os.path.join(work, key)))
+                                       os.path.join(work, key), args.reuse))
     return {"cp": cp, "dp": dp}
 
 
@@ -421,7 +462,11 @@ def parse_args(argv):
     parser.add_argument("--dp-hidden", type=int, help="DP runs (default 128; quick 64)")
     parser.add_argument("--ddp-bucket-size", type=int, help="parameters per gradient bucket "
                         "in the DP runs (default 200000; quick 50000)")
+    parser.add_argument("--dp-seq-length", type=int, help="sequence length of the DP runs "
+                        "(default: --seq-length; the same conversations, truncated)")
     parser.add_argument("--skip-dp", action="store_true", help="table 1 only")
+    parser.add_argument("--reuse", action="store_true", help="reuse the per-rank records of "
+                        "an earlier run with the same command line (in --work-dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", help="scratch data (default benchmarks/work/cp)")
     parser.add_argument("--results-dir", help="JSON/PNG folder (default benchmarks/results)")
@@ -432,6 +477,7 @@ def parse_args(argv):
                               ("ddp_bucket_size", 200000, 50000)):
         if getattr(args, name) is None:
             setattr(args, name, small if quick else full)
+    args.dp_seq_length = args.dp_seq_length or args.seq_length
     return args
 
 
@@ -464,8 +510,8 @@ def main(argv=None) -> int:
         print(f"ratio {name}: {value:.2f}x")
     dtable = None
     if dp:
-        print(f"\nDP=2 (2 processes, gloo): hidden {args.dp_hidden}, --ddp-bucket-size "
-              f"{args.ddp_bucket_size}, the same packs and steps")
+        print(f"\nDP=2 (2 processes, gloo): hidden {args.dp_hidden}, seq {args.dp_seq_length}, "
+              f"--ddp-bucket-size {args.ddp_bucket_size}, the same packs and steps")
         dtable = dp_table(dp)
         print(dtable)
     print(f"load average (1, 5, 15 min): {[round(x, 2) for x in load_end]} at the end")
