@@ -50,6 +50,10 @@ def test_cp_runs_measure_every_rank_and_train_the_same(quick_run):
     ratio = data["ratios"]["activations (saved) CP2/CP1"]
     assert ratio == pytest.approx(cp["cp2"]["saved_mib"] / cp["cp1"]["saved_mib"])
     assert 0.4 < ratio < 0.85, ratio
+    # tokens' activations halve; only the CP stand-in's attention saves masks (s/2 x s per layer)
+    other = data["ratios"]["activations (saved, masks excluded) CP2/CP1"]
+    assert 0.4 < other < 0.7, other
+    assert cp["cp2"]["saved_masks_mib"] > 20 * cp["cp1"]["saved_masks_mib"]
     assert data["ratios"]["step time CP2/CP1"] == pytest.approx(
         cp["cp2"]["step_seconds"] / cp["cp1"]["step_seconds"])
 
@@ -62,7 +66,7 @@ def test_dp_overlap_variants_give_the_same_losses(quick_run):
     assert len(reference) == quick_run["data"]["settings"]["iters"]
     for key, run in dp.items():
         assert len(run["per_rank"]) == 2, key
-        assert run["losses"] == pytest.approx(reference, rel=1e-3), key
+        assert run["losses"] == reference, key  # overlap moves communication, not arithmetic
 
 
 @pytest.mark.multiprocess
