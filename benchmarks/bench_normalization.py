@@ -40,7 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-NORMALIZATIONS = ("token", "turn", "conversation")
+NORMALIZATIONS = ("token", "turn", "conversation")  # the default runs
+# --normalizations may also name 'power' with its exponent: --loss-normalization power
+# --loss-turn-exponent P (P = 0: token, 1: turn; 0.5: each token weighs 1/sqrt(reply length))
+POWERS = ("power0.25", "power0.5", "power0.75")
+CHOICES = (*NORMALIZATIONS, *POWERS)
 PARTS = ("loss per turn", "accuracy", "exact turns")
 OVERALL = "all replies"
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -67,7 +71,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (weights, data "
                         "order) (default 1 2 3; quick 1)")
     parser.add_argument("--normalizations", nargs="+", default=list(NORMALIZATIONS),
-                        choices=NORMALIZATIONS)
+                        choices=CHOICES, help="default: token turn conversation; powerP: "
+                        "--loss-normalization power --loss-turn-exponent P")
     parser.add_argument("--train-iters", type=int, help="steps per run (default 1000; quick 20)")
     parser.add_argument("--evals", type=int, help="validations per run, evenly spaced, the last "
                         "at the end (default 2; quick 1)")
@@ -88,6 +93,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "normalization[-quick])")
     parser.add_argument("--results-dir", default=common.RESULTS_DIR,
                         help="where the JSON and PNG go (default benchmarks/results)")
+    parser.add_argument("--results-name", help="file name of the JSON and PNG, without the "
+                        "extension (default normalization[-quick])")
+    parser.add_argument("--paired", nargs=2, action="append", metavar=("BASE", "OTHER"),
+                        help="a seed-by-seed table of OTHER - BASE (repeatable; default: turn "
+                        "vs token, and each power run vs token and vs turn)")
     args = parser.parse_args(argv)
     for name, (full, quick) in SIZES.items():
         if getattr(args, name) is None:
@@ -180,7 +190,15 @@ def train_command(args: argparse.Namespace, prefix: str, norm: str, seed: int, s
             "--log-interval", str(max(1, args.train_iters // 10)),
             "--eval-interval", str(args.train_iters // args.evals),
             "--eval-reply-length-buckets", *map(str, args.buckets),
-            "--seed", str(seed), "--loss-normalization", norm, "--save", save]
+            "--seed", str(seed), *normalization_flags(norm), "--save", save]
+
+
+def normalization_flags(norm: str) -> List[str]:
+    """The pretrain_dialog.py flags of a benchmark normalization name (``power0.5``:
+    ``--loss-normalization power --loss-turn-exponent 0.5``)."""
+    if norm.startswith("power"):
+        return ["--loss-normalization", "power", "--loss-turn-exponent", norm[len("power"):]]
+    return ["--loss-normalization", norm]
 
 
 def run_all(jobs: List[Dict], parallel: int) -> None:
@@ -359,7 +377,7 @@ def plot(summary: Dict, groups: List[str], path: str, info: Dict, subtitle: str)
                         for m, s in zip(means, stats)]
                 xs = [i + (k - (len(norms) - 1) / 2) * width for i in range(len(row_groups))]
                 axis.bar(xs, means, width, yerr=[low, high], capsize=3, label=norm,
-                         color=f"C{NORMALIZATIONS.index(norm)}")
+                         color=f"C{CHOICES.index(norm)}")
             axis.set_xticks(range(len(row_groups)))
             axis.set_xticklabels([g.replace("reply length ", "") for g in row_groups])
             axis.set_xlabel("reply length (tokens)" if r == 0 else "turn index")
@@ -368,7 +386,7 @@ def plot(summary: Dict, groups: List[str], path: str, info: Dict, subtitle: str)
             if part != "loss per turn":
                 axis.set_ylim(0, 105)
             axis.legend(fontsize=8)
-    fig.suptitle(f"loss normalization: token vs turn vs conversation ({subtitle})")
+    fig.suptitle(f"loss normalization: {' vs '.join(norms)} ({subtitle})")
     fig.tight_layout(rect=(0, 0.03, 1, 0.96))
     common.save_figure(fig, path, info)
 
@@ -404,17 +422,23 @@ def report(args: argparse.Namespace, data: Dict, jobs: List[Dict]) -> Dict:
     groups = groups_of(jobs[0]["validations"][-1]["metrics"])
     summary = aggregate(finals, groups)
     table = main_table(summary, groups)
-    paired = paired_table(summary, groups)
+    pairs = args.paired or [("token", "turn"), *((base, n) for n in args.normalizations
+                                                  if n.startswith("power")
+                                                  for base in ("token", "turn"))]
+    paired = {f"{other} vs {base}": paired_table(summary, groups, base, other)
+              for base, other in pairs}
+    paired = {name: table for name, table in paired.items() if table}
     valid = data["splits"]["valid"]
     spread = "mean (min-max) over seeds " + ", ".join(map(str, args.seeds)) \
         if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
     print(f"\nheld-out validation after {args.train_iters} steps ({valid['conversations']:,} "
           f"conversations, {valid['turns']:,} replies); {spread}:")
     print(table)
-    if paired:
-        print("\nturn vs token, seed by seed (the same initial weights and data order):")
-        print(paired)
-    return {"groups": groups, "summary": summary, "table": table, "paired_table": paired}
+    for name, text in paired.items():
+        print(f"\n{name}, seed by seed (the same initial weights and data order):")
+        print(text)
+    return {"groups": groups, "summary": summary, "table": table,
+            "paired_table": paired.get("turn vs token"), "paired_tables": paired}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -434,8 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{share['share_of_reply_tokens']:.1%} of reply tokens")
     jobs = run_benchmark(args, data)["jobs"]
     results = report(args, data, jobs)
-    paths = {"json": os.path.join(args.results_dir, "normalization"
-                                  + ("-quick" if args.quick else "") + ".json")}
+    name = args.results_name or "normalization" + ("-quick" if args.quick else "")
+    paths = {"json": os.path.join(args.results_dir, name + ".json")}
     paths["png"] = paths["json"][: -len(".json")] + ".png"
     os.makedirs(args.results_dir, exist_ok=True)
     shown = list(sys.argv[1:] if argv is None else argv)
