@@ -4,7 +4,9 @@
 The same tiny Llama-style model, data, steps, learning-rate schedule and seed are trained three
 times, with ``--loss-normalization token`` (every loss token weighs the same), ``turn`` (every
 reply weighs the same: each token's loss divided by its reply's length) and ``conversation``
-(every conversation weighs the same), for each of several seeds (a seed sets the initial weights
+(every conversation weighs the same), and on request ``--normalizations power0.5`` (``power
+--loss-turn-exponent 0.5``: each token weighs 1 / sqrt(its reply's length); also power0.25 and
+power0.75), for each of several seeds (a seed sets the initial weights
 and the data order; for one seed the three normalizations start from the same weights and see the
 same packs in the same order). The corpus (``normalization_corpus.py``) is the same for every
 run: short exact answers (facts recalled across turns, sums) and medium replies next to long
@@ -21,6 +23,8 @@ gives the final validation of every normalization as the mean over seeds and (mi
 
     python benchmarks/bench_normalization.py           # full run (~20 min on 2 cores)
     python benchmarks/bench_normalization.py --quick   # smoke run (< 1 min)
+    python benchmarks/bench_normalization.py --normalizations token turn power0.5 \
+        --results-name normalization-power                # the 'power' study (README section 5)
 """
 
 from __future__ import annotations
