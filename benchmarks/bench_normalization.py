@@ -99,6 +99,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="where the JSON and PNG go (default benchmarks/results)")
     parser.add_argument("--results-name", help="file name of the JSON and PNG, without the "
                         "extension (default normalization[-quick])")
+    parser.add_argument("--reuse", metavar="JSON", help="a results JSON of this benchmark with "
+                        "the same settings (but the normalizations and runs at a time): its "
+                        "runs of --normalizations x --seeds are taken as they are, only the "
+                        "others are trained (the runs are deterministic on one machine)")
     parser.add_argument("--paired", nargs=2, action="append", metavar=("BASE", "OTHER"),
                         help="a seed-by-seed table of OTHER - BASE (repeatable; default: turn "
                         "vs token, and each power run vs token and vs turn)")
@@ -399,24 +403,45 @@ def run_benchmark(args: argparse.Namespace, data: Dict) -> Dict:
     """Train every (seed, normalization); returns the runs with their validations."""
     runs_dir = os.path.join(args.work_dir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    jobs = []
+    jobs, reused = [], reusable_runs(args)
     for seed in args.seeds:
         for norm in args.normalizations:
             save = os.path.join(runs_dir, f"{norm}_seed{seed}")
             jobs.append({"name": f"{norm} seed {seed}", "norm": norm, "seed": seed,
                          "save": save, "log": save + ".log",
                          "command": train_command(args, data["prefix"], norm, seed, save)})
-    print(f"training {len(jobs)} runs ({len(args.normalizations)} normalizations x "
-          f"{len(args.seeds)} seeds, {args.train_iters} steps each), {args.parallel} at a time "
-          "...", flush=True)
-    run_all(jobs, args.parallel)
-    for job in jobs:
+            jobs[-1].update(reused.get((norm, seed), {}))
+    todo = [job for job in jobs if "validations" not in job]
+    print(f"training {len(todo)} runs ({len(args.normalizations)} normalizations x "
+          f"{len(args.seeds)} seeds, {args.train_iters} steps each; {len(jobs) - len(todo)} "
+          f"taken from --reuse), {args.parallel} at a time ...", flush=True)
+    run_all(todo, args.parallel)
+    for job in todo:
         job["validations"] = read_validations(job["save"])
         last = job["validations"][-1]["iteration"]
         if last != args.train_iters:
             raise SystemExit(f"run {job['name']}: last validation at iteration {last}, not "
                              f"{args.train_iters} ({job['log']})")
     return {"jobs": jobs}
+
+
+def reusable_runs(args: argparse.Namespace) -> Dict:
+    """``{(normalization, seed): {"validations", "seconds", "reused"}}`` of the ``--reuse``
+    JSON (empty without it); its settings must be this run's but for the normalizations, seeds
+    and runs at a time."""
+    if not args.reuse:
+        return {}
+    with open(args.reuse, encoding="utf-8") as handle:
+        old = json.load(handle)
+    loose = ("normalizations", "seeds", "parallel_runs")
+    mine = {k: v for k, v in settings_of(args).items() if k not in loose}
+    theirs = {k: v for k, v in old["settings"].items() if k not in loose}
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--reuse {args.reuse}: other settings ({', '.join(differ)})")
+    return {(r["normalization"], r["seed"]): {"validations": r["validations"],
+                                              "seconds": r["seconds"], "reused": args.reuse}
+            for r in old["runs"]}
 
 
 def report(args: argparse.Namespace, data: Dict, jobs: List[Dict]) -> Dict:
@@ -468,7 +493,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.results_dir, exist_ok=True)
     shown = list(sys.argv[1:] if argv is None else argv)
     runs = [{"normalization": j["norm"], "seed": j["seed"], "seconds": j["seconds"],
-             "command": " ".join(j["command"]), "validations": j["validations"]} for j in jobs]
+             "command": " ".join(j["command"]), "validations": j["validations"],
+             **({"reused_from": j["reused"]} if "reused" in j else {})} for j in jobs]
     common.write_json(paths["json"], _no_nan({
         "benchmark": "normalization", "quick": args.quick, "machine": info,
         "command": " ".join(["python", "benchmarks/bench_normalization.py", *shown]),
