@@ -439,9 +439,16 @@ def reusable_runs(args: argparse.Namespace) -> Dict:
     if mine != theirs:
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise SystemExit(f"--reuse {args.reuse}: other settings ({', '.join(differ)})")
-    return {(r["normalization"], r["seed"]): {"validations": r["validations"],
+    return {(r["normalization"], r["seed"]): {"validations": [_nan_back(v) for v in
+                                                              r["validations"]],
                                               "seconds": r["seconds"], "reused": args.reuse}
             for r in old["runs"]}
+
+
+def _nan_back(validation: Dict) -> Dict:
+    """A validation of a results JSON with its nulls (an empty group) NaN again."""
+    return {**validation, "metrics": {k: math.nan if v is None else v
+                                      for k, v in validation.get("metrics", {}).items()}}
 
 
 def report(args: argparse.Namespace, data: Dict, jobs: List[Dict]) -> Dict:
