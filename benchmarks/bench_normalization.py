@@ -4,7 +4,9 @@
 The same tiny Llama-style model, data, steps, learning-rate schedule and seed are trained three
 times, with ``--loss-normalization token`` (every loss token weighs the same), ``turn`` (every
 reply weighs the same: each token's loss divided by its reply's length) and ``conversation``
-(every conversation weighs the same), for each of several seeds (a seed sets the initial weights
+(every conversation weighs the same), and on request ``--normalizations power0.5`` (``power
+--loss-turn-exponent 0.5``: each token weighs 1 / sqrt(its reply's length); also power0.25 and
+power0.75), for each of several seeds (a seed sets the initial weights
 and the data order; for one seed the three normalizations start from the same weights and see the
 same packs in the same order). The corpus (``normalization_corpus.py``) is the same for every
 run: short exact answers (facts recalled across turns, sums) and medium replies next to long
@@ -21,6 +23,8 @@ gives the final validation of every normalization as the mean over seeds and (mi
 
     python benchmarks/bench_normalization.py           # full run (~20 min on 2 cores)
     python benchmarks/bench_normalization.py --quick   # smoke run (< 1 min)
+    python benchmarks/bench_normalization.py --normalizations token turn power0.5 \
+        --results-name normalization-power                # the 'power' study (README section 5)
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 
-NORMALIZATIONS = ("token", "turn", "conversation")
+NORMALIZATIONS = ("token", "turn", "conversation")  # the default runs
+# --normalizations may also name 'power' with its exponent: --loss-normalization power
+# --loss-turn-exponent P (P = 0: token, 1: turn; 0.5: each token weighs 1/sqrt(reply length))
+POWERS = ("power0.25", "power0.5", "power0.75")
+CHOICES = (*NORMALIZATIONS, *POWERS)
 PARTS = ("loss per turn", "accuracy", "exact turns")
 OVERALL = "all replies"
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
@@ -67,7 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (weights, data "
                         "order) (default 1 2 3; quick 1)")
     parser.add_argument("--normalizations", nargs="+", default=list(NORMALIZATIONS),
-                        choices=NORMALIZATIONS)
+                        choices=CHOICES, help="default: token turn conversation; powerP: "
+                        "--loss-normalization power --loss-turn-exponent P")
     parser.add_argument("--train-iters", type=int, help="steps per run (default 1000; quick 20)")
     parser.add_argument("--evals", type=int, help="validations per run, evenly spaced, the last "
                         "at the end (default 2; quick 1)")
@@ -88,6 +97,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "normalization[-quick])")
     parser.add_argument("--results-dir", default=common.RESULTS_DIR,
                         help="where the JSON and PNG go (default benchmarks/results)")
+    parser.add_argument("--results-name", help="file name of the JSON and PNG, without the "
+                        "extension (default normalization[-quick])")
+    parser.add_argument("--reuse", metavar="JSON", help="a results JSON of this benchmark with "
+                        "the same settings (but the normalizations and runs at a time): its "
+                        "runs of --normalizations x --seeds are taken as they are, only the "
+                        "others are trained (the runs are deterministic on one machine)")
+    parser.add_argument("--paired", nargs=2, action="append", metavar=("BASE", "OTHER"),
+                        help="a seed-by-seed table of OTHER - BASE (repeatable; default: turn "
+                        "vs token, and each power run vs token and vs turn)")
     args = parser.parse_args(argv)
     for name, (full, quick) in SIZES.items():
         if getattr(args, name) is None:
@@ -180,7 +198,15 @@ def train_command(args: argparse.Namespace, prefix: str, norm: str, seed: int, s
             "--log-interval", str(max(1, args.train_iters // 10)),
             "--eval-interval", str(args.train_iters // args.evals),
             "--eval-reply-length-buckets", *map(str, args.buckets),
-            "--seed", str(seed), "--loss-normalization", norm, "--save", save]
+            "--seed", str(seed), *normalization_flags(norm), "--save", save]
+
+
+def normalization_flags(norm: str) -> List[str]:
+    """The pretrain_dialog.py flags of a benchmark normalization name (``power0.5``:
+    ``--loss-normalization power --loss-turn-exponent 0.5``)."""
+    if norm.startswith("power"):
+        return ["--loss-normalization", "power", "--loss-turn-exponent", norm[len("power"):]]
+    return ["--loss-normalization", norm]
 
 
 def run_all(jobs: List[Dict], parallel: int) -> None:
@@ -359,7 +385,7 @@ def plot(summary: Dict, groups: List[str], path: str, info: Dict, subtitle: str)
                         for m, s in zip(means, stats)]
                 xs = [i + (k - (len(norms) - 1) / 2) * width for i in range(len(row_groups))]
                 axis.bar(xs, means, width, yerr=[low, high], capsize=3, label=norm,
-                         color=f"C{NORMALIZATIONS.index(norm)}")
+                         color=f"C{CHOICES.index(norm)}")
             axis.set_xticks(range(len(row_groups)))
             axis.set_xticklabels([g.replace("reply length ", "") for g in row_groups])
             axis.set_xlabel("reply length (tokens)" if r == 0 else "turn index")
@@ -368,7 +394,7 @@ def plot(summary: Dict, groups: List[str], path: str, info: Dict, subtitle: str)
             if part != "loss per turn":
                 axis.set_ylim(0, 105)
             axis.legend(fontsize=8)
-    fig.suptitle(f"loss normalization: token vs turn vs conversation ({subtitle})")
+    fig.suptitle(f"loss normalization: {' vs '.join(norms)} ({subtitle})")
     fig.tight_layout(rect=(0, 0.03, 1, 0.96))
     common.save_figure(fig, path, info)
 
@@ -377,24 +403,52 @@ def run_benchmark(args: argparse.Namespace, data: Dict) -> Dict:
     """Train every (seed, normalization); returns the runs with their validations."""
     runs_dir = os.path.join(args.work_dir, "runs")
     os.makedirs(runs_dir, exist_ok=True)
-    jobs = []
+    jobs, reused = [], reusable_runs(args)
     for seed in args.seeds:
         for norm in args.normalizations:
             save = os.path.join(runs_dir, f"{norm}_seed{seed}")
             jobs.append({"name": f"{norm} seed {seed}", "norm": norm, "seed": seed,
                          "save": save, "log": save + ".log",
                          "command": train_command(args, data["prefix"], norm, seed, save)})
-    print(f"training {len(jobs)} runs ({len(args.normalizations)} normalizations x "
-          f"{len(args.seeds)} seeds, {args.train_iters} steps each), {args.parallel} at a time "
-          "...", flush=True)
-    run_all(jobs, args.parallel)
-    for job in jobs:
+            jobs[-1].update(reused.get((norm, seed), {}))
+    todo = [job for job in jobs if "validations" not in job]
+    print(f"training {len(todo)} runs ({len(args.normalizations)} normalizations x "
+          f"{len(args.seeds)} seeds, {args.train_iters} steps each; {len(jobs) - len(todo)} "
+          f"taken from --reuse), {args.parallel} at a time ...", flush=True)
+    run_all(todo, args.parallel)
+    for job in todo:
         job["validations"] = read_validations(job["save"])
         last = job["validations"][-1]["iteration"]
         if last != args.train_iters:
             raise SystemExit(f"run {job['name']}: last validation at iteration {last}, not "
                              f"{args.train_iters} ({job['log']})")
     return {"jobs": jobs}
+
+
+def reusable_runs(args: argparse.Namespace) -> Dict:
+    """``{(normalization, seed): {"validations", "seconds", "reused"}}`` of the ``--reuse``
+    JSON (empty without it); its settings must be this run's but for the normalizations, seeds
+    and runs at a time."""
+    if not args.reuse:
+        return {}
+    with open(args.reuse, encoding="utf-8") as handle:
+        old = json.load(handle)
+    loose = ("normalizations", "seeds", "parallel_runs")
+    mine = {k: v for k, v in settings_of(args).items() if k not in loose}
+    theirs = {k: v for k, v in old["settings"].items() if k not in loose}
+    if mine != theirs:
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--reuse {args.reuse}: other settings ({', '.join(differ)})")
+    return {(r["normalization"], r["seed"]): {"validations": [_nan_back(v) for v in
+                                                              r["validations"]],
+                                              "seconds": r["seconds"], "reused": args.reuse}
+            for r in old["runs"]}
+
+
+def _nan_back(validation: Dict) -> Dict:
+    """A validation of a results JSON with its nulls (an empty group) NaN again."""
+    return {**validation, "metrics": {k: math.nan if v is None else v
+                                      for k, v in validation.get("metrics", {}).items()}}
 
 
 def report(args: argparse.Namespace, data: Dict, jobs: List[Dict]) -> Dict:
@@ -404,17 +458,23 @@ def report(args: argparse.Namespace, data: Dict, jobs: List[Dict]) -> Dict:
     groups = groups_of(jobs[0]["validations"][-1]["metrics"])
     summary = aggregate(finals, groups)
     table = main_table(summary, groups)
-    paired = paired_table(summary, groups)
+    pairs = args.paired or [("token", "turn"), *((base, n) for n in args.normalizations
+                                                  if n.startswith("power")
+                                                  for base in ("token", "turn"))]
+    paired = {f"{other} vs {base}": paired_table(summary, groups, base, other)
+              for base, other in pairs}
+    paired = {name: table for name, table in paired.items() if table}
     valid = data["splits"]["valid"]
     spread = "mean (min-max) over seeds " + ", ".join(map(str, args.seeds)) \
         if len(args.seeds) > 1 else f"seed {args.seeds[0]}"
     print(f"\nheld-out validation after {args.train_iters} steps ({valid['conversations']:,} "
           f"conversations, {valid['turns']:,} replies); {spread}:")
     print(table)
-    if paired:
-        print("\nturn vs token, seed by seed (the same initial weights and data order):")
-        print(paired)
-    return {"groups": groups, "summary": summary, "table": table, "paired_table": paired}
+    for name, text in paired.items():
+        print(f"\n{name}, seed by seed (the same initial weights and data order):")
+        print(text)
+    return {"groups": groups, "summary": summary, "table": table,
+            "paired_table": paired.get("turn vs token"), "paired_tables": paired}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -434,13 +494,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{share['share_of_reply_tokens']:.1%} of reply tokens")
     jobs = run_benchmark(args, data)["jobs"]
     results = report(args, data, jobs)
-    paths = {"json": os.path.join(args.results_dir, "normalization"
-                                  + ("-quick" if args.quick else "") + ".json")}
+    name = args.results_name or "normalization" + ("-quick" if args.quick else "")
+    paths = {"json": os.path.join(args.results_dir, name + ".json")}
     paths["png"] = paths["json"][: -len(".json")] + ".png"
     os.makedirs(args.results_dir, exist_ok=True)
     shown = list(sys.argv[1:] if argv is None else argv)
     runs = [{"normalization": j["norm"], "seed": j["seed"], "seconds": j["seconds"],
-             "command": " ".join(j["command"]), "validations": j["validations"]} for j in jobs]
+             "command": " ".join(j["command"]), "validations": j["validations"],
+             **({"reused_from": j["reused"]} if "reused" in j else {})} for j in jobs]
     common.write_json(paths["json"], _no_nan({
         "benchmark": "normalization", "quick": args.quick, "machine": info,
         "command": " ".join(["python", "benchmarks/bench_normalization.py", *shown]),

@@ -98,3 +98,27 @@ def test_table_printed_and_files_written(quick_run):
     assert (results / "normalization-quick.png").stat().st_size > 0
     assert quick_run["data"]["table"] in out
     print(f"bench_normalization.py --quick: {quick_run['seconds']:.0f} s")
+
+
+def test_reuse_takes_the_runs_of_the_same_settings_only(tmp_path):
+    """``--reuse JSON``: the runs of a previous results file are taken when every setting but
+    the normalizations, seeds and runs at a time is the same; otherwise it stops, naming them."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_normalization as bench
+
+    old = bench.parse_args(["--normalizations", "token", "turn", "--seeds", "1", "2"])
+    path = tmp_path / "old.json"
+    runs = [{"normalization": n, "seed": s, "seconds": 1.0, "validations": [{"iteration": 1000}]}
+            for n in ("token", "turn") for s in (1, 2)]
+    path.write_text(json.dumps({"settings": bench.settings_of(old), "runs": runs}))
+    new = bench.parse_args(["--normalizations", "token", "power0.5", "--seeds", "1", "--parallel",
+                            "3", "--reuse", str(path)])
+    reused = bench.reusable_runs(new)
+    assert set(reused) == {(n, s) for n in ("token", "turn") for s in (1, 2)}
+    assert reused[("token", 1)]["reused"] == str(path)
+    other = bench.parse_args(["--normalizations", "power0.5", "--lr", "1e-3", "--reuse",
+                              str(path)])
+    with pytest.raises(SystemExit, match=r"other settings \(lr\)"):
+        bench.reusable_runs(other)
+    assert bench.normalization_flags("power0.25") == ["--loss-normalization", "power",
+                                                      "--loss-turn-exponent", "0.25"]

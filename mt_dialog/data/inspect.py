@@ -274,17 +274,19 @@ def _histogram(values: np.ndarray, edges: Sequence[int], weights: Dict[str, np.n
 
 def format_turn_statistics(replies: np.ndarray, turns: np.ndarray, text: bool = False) -> str:
     """Text histograms of reply lengths (with the share of the loss each bucket gets under
-    ``--loss-normalization token`` and ``turn``) and of trained turns per conversation; for a
-    ``text`` dataset the lengths are the pieces' trained tokens (a piece is one turn)."""
+    ``--loss-normalization token``, ``power`` (p = 0.5) and ``turn``) and of trained turns per
+    conversation; for a ``text`` dataset the lengths are the pieces' trained tokens (a piece is one turn)."""
     if not replies.size:
         return "no trained turns"
     lengths = replies.astype(np.float64)
     what = ("piece lengths: {:,} document pieces, median {:.0f} trained tokens" if text else
             "reply lengths: {:,} trained turns, median {:.0f} tokens (end-of-turn included)")
     lines = [what.format(replies.size, np.median(replies)) + ";\n  the share of the loss each "
-             "bucket weighs under --loss-normalization token (its tokens) and turn (its turns):"]
+             "bucket weighs under --loss-normalization token (its tokens), power (p = 0.5: "
+             "sqrt of its lengths) and turn (its turns):"]
     lines += _histogram(replies, REPLY_LENGTH_EDGES,
-                        {"token": lengths, "turn": np.ones_like(lengths)})
+                        {"token": lengths, "power": np.sqrt(lengths),
+                         "turn": np.ones_like(lengths)})
     if text:  # one turn per piece, always
         return "\n".join(lines)
     lines.append(f"trained turns per conversation: {turns.size:,} conversations, mean "

@@ -732,7 +732,13 @@ class DataConfig:
     loss_normalization: str = option("turn", choices=NORMALIZATIONS,
                                      help="turn: every assistant turn in the global batch counts "
                                      "equally; token: global token mean; conversation: mean of "
-                                     "conversations' token means")
+                                     "conversations' token means; power: between token and turn "
+                                     "(--loss-turn-exponent)")
+    # -- the 'power' loss normalization (issue 24) ----------------------------------------------
+    loss_turn_exponent: Optional[float] = option(
+        None, help="with --loss-normalization power: the exponent p (0 <= p <= 1) of the global "
+        "loss sum_t l_t / L_t^p / sum_turns L^(1-p), L a turn's loss tokens: 0 = token, 1 = turn "
+        "(default 0.5: each token weighs 1/sqrt(L), xtuner's 'square' reduction)")
 
     def __post_init__(self) -> None:
         self.blend()  # validates --data-path
@@ -740,6 +746,23 @@ class DataConfig:
         _positive("global_batch_size", self.global_batch_size, allow_none=True)
         _positive("seq_length", self.seq_length, allow_none=True)
         check_choice("loss_normalization", self.loss_normalization, NORMALIZATIONS)
+        self._check_power()
+
+    def _check_power(self) -> None:
+        p = self.loss_turn_exponent
+        if p is not None and self.loss_normalization != "power":
+            raise ValueError(f"loss_turn_exponent: {p} is only used by --loss-normalization "
+                             f"power, not {self.loss_normalization}; add --loss-normalization "
+                             "power or drop --loss-turn-exponent")
+        if p is not None and not (isinstance(p, (int, float)) and 0.0 <= p <= 1.0):
+            raise ValueError(f"loss_turn_exponent: {p} is not between 0 and 1 (0 = token, 1 = "
+                             "turn, 0.5 = 1/sqrt(turn length)); give a value in [0, 1]")
+
+    def turn_exponent(self) -> Optional[float]:
+        """The 'power' normalization's exponent p (default 0.5); None for another one."""
+        if self.loss_normalization != "power":
+            return None
+        return 0.5 if self.loss_turn_exponent is None else float(self.loss_turn_exponent)
 
     def blend(self) -> Tuple[List[str], List[float]]:
         """(prefixes, weights) of --data-path: ``A B`` (equal weights) or ``0.7 A 0.3 B``."""

@@ -201,7 +201,8 @@ def step_sample_indices(consumed: int, global_batch: int, micro_batch: int, dp_s
 
 
 def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool,
-                        device: torch.device, names: Sequence[str] = ()) -> Dict[str, object]:
+                        device: torch.device, names: Sequence[str] = (),
+                        turn_exponent: Optional[float] = None) -> Dict[str, object]:
     """b packs (``PackedDialogDataset`` samples of s tokens) -> one micro-batch on ``device``:
 
         tokens, labels, position_ids   int64 [1, b*s]
@@ -216,7 +217,9 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
                                        samples' ``dataset`` (``SampleStream``)
         dataset_names                  ``names``
         loss_weights                   ``loss.position_weights`` of the whole micro-batch
-                                       (float32 [1, b*s] each), what the loss sums
+                                       (float32 [1, b*s] each), what the loss sums; with
+                                       ``turn_exponent`` p (``--loss-normalization power``)
+                                       also its power terms
 
     With context parallelism, ``context_parallel.split_micro_batches`` then keeps this rank's
     part of each.
@@ -256,6 +259,7 @@ def flatten_micro_batch(samples: Sequence[Dict[str, np.ndarray]], isolated: bool
                      dataset_names=tuple(names))
     ids = conversation_ids_from_cu_seqlens(batch["conversation_cu_seqlens"],
                                            batch["tokens"].shape[1])
-    batch["loss_weights"] = position_weights(batch["loss_mask"], batch["loss_token_num"], ids)
+    batch["loss_weights"] = position_weights(batch["loss_mask"], batch["loss_token_num"], ids,
+                                             turn_exponent)
     return batch
 

@@ -51,7 +51,7 @@ from mt_dialog.training.checkpoint import (
     start_point,
 )
 from mt_dialog.training.config import DialogTrainingConfig, validate_schedule, validate_world
-from mt_dialog.training.loss import REPORT_OF, dataset_report_names
+from mt_dialog.training.loss import POWER_REPORT, REPORT_OF, dataset_report_names
 from mt_dialog.training.data import (
     DataInfo,
     SampleStream,
@@ -79,7 +79,7 @@ LOSS_REPORTS = ("loss per turn", "loss per token", "loss per conversation")  # d
 STEP_TOTALS = (*(f"{name} {part}" for name in LOSS_REPORTS for part in ("sum", "count")),
                "num_tokens", "packs")
 COUNT_NAMES = {"loss per turn": "turns", "exact turns": "turns", "loss per token": "loss tokens",
-               "loss per conversation": "conversations"}
+               "loss per conversation": "conversations", POWER_REPORT: "power turns"}
 """The name under which a grouped report's count is kept (``GROUP: turns``, ...)."""
 
 
@@ -150,7 +150,8 @@ def _micro_batches(run: Run, indices: List[List[int]], stream) -> List[Dict]:
     isolated = run.config.model.packed_attention == "isolated"
     device = distributed.device()
     names = blend_names(run.info.prefixes)
-    batches = [flatten_micro_batch([stream[i] for i in micro], isolated, device, names)
+    batches = [flatten_micro_batch([stream[i] for i in micro], isolated, device, names,
+                                   run.config.data.turn_exponent())
                for micro in indices]
     return context_parallel.split_micro_batches(batches, context_parallel.layout(
         run.config.parallel))
@@ -246,13 +247,15 @@ def train_step(run: Run) -> Optional[Dict[str, float]]:
     run.optimizer.zero_grad()
     if run.config.model.moe_settings().get("moe_aux_loss_coeff"):
         _set_aux_loss_scale(run, batches)
+    if run.config.data.loss_normalization == "power":
+        _set_power_scale(batches)
     store = _run_schedule(run, batches, forward_only=False)
     lr = run.optimizer.param_groups[0]["lr"]
     updated, grad_norm, _ = run.optimizer.step()
     run.optimizer.zero_grad()  # param.grad aliases main_grad: clear it or the next step doubles
     run.iteration += 1
     run.consumed += run.global_batch
-    extra = dataset_report_names(blend_names(run.info.prefixes))
+    extra = _power_reports(run, blend_names(run.info.prefixes))
     metrics = _reduce_reports(store, batches, extra) if _is_last_stage() else None
     _check_finite(run, metrics, grad_norm)
     if updated:  # an --fp16 step skipped for overflow leaves the schedule where it was
@@ -278,6 +281,28 @@ def _set_aux_loss_scale(run: Run, batches: List[Dict]) -> None:
     moe.set_aux_loss_scale(totals["count"], totals["tokens"])
 
 
+def _set_power_scale(batches: List[Dict]) -> None:
+    """--loss-normalization power: the step's scale ``turns / sum_turns L^(1-p)`` of the global
+    batch (``loss`` module docstring), both summed over data x context parallel ranks (each
+    turn's term sits on one position, so the context-parallel parts add up exactly)."""
+    from megatron.core import parallel_state as ps
+
+    from mt_dialog.training.loss import power_totals, set_power_scale
+
+    turns, power = power_totals(batches)
+    totals = _all_reduce_sums({"turns": turns, "power": power},
+                              ps.get_data_parallel_group(with_context_parallel=True))
+    set_power_scale(batches, round(totals["turns"]), totals["power"])
+
+
+def _power_reports(run: Run, names: Sequence[str]) -> List[str]:
+    """The ``extra`` reports of ``_reduce_reports`` besides the turn metrics: the power
+    normalization's loss (with --loss-normalization power) and each blend dataset's."""
+    normalization = run.config.data.loss_normalization
+    power = [POWER_REPORT] if normalization == "power" else []
+    return [*power, *dataset_report_names(names, normalization)]
+
+
 def evaluate(run: Run) -> Optional[Dict[str, float]]:
     """Loss over the validation packs (all of them, or --eval-iters x global batch), exact sums:
     data-parallel rank r takes packs r, r + DP, ..., one pack per micro-batch. With
@@ -300,7 +325,7 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
     for (d, i), filler in mine:
         sample = {**run.valid_sets[d][i], "dataset": d}
         batch = flatten_micro_batch([_untrained_copy(sample) if filler else sample], isolated,
-                                    distributed.device(), names)
+                                    distributed.device(), names, run.config.data.turn_exponent())
         if filler:
             batch.update(num_tokens=0, packs=0)
         batch["vocab_size"] = run.info.vocab_size  # greedy accuracy chooses among the real ids
@@ -314,7 +339,7 @@ def evaluate(run: Run) -> Optional[Dict[str, float]]:
         chunk.train()
     extra = report_names(run.config.train.eval_reply_length_buckets) \
         if run.eval_forward_step else []
-    extra = [*extra, *dataset_report_names(names)]
+    extra = [*extra, *_power_reports(run, names)]
     return _reduce_reports(store, batches, extra) if _is_last_stage() else None
 
 
@@ -342,10 +367,22 @@ def _log_line(run: Run, window: List[Dict[str, float]], seconds: float) -> str:
             f"loss/token {loss_token:.4f} | lr {last['lr']:.3e} | grad norm {last['grad_norm']:.3f}"
             f" | turns {int(turn_num)} | tokens/s {real / max(seconds, 1e-9):,.0f} | "
             f"padding {1 - real / max(slots, 1):.1%}")
+    line += _power_loss(run, window)
     if run.config.optim.fp16:
         skipped = int(sum(m["skipped"] for m in window))
         line += f" | loss scale {last['loss_scale']:.1f} | skipped (overflow) {skipped}"
     return line + _by_dataset(run, window, run.info.prefixes)
+
+
+def _power_loss(run: Run, window: List[Dict[str, float]]) -> str:
+    """`` | loss (power 0.5) 1.2345`` with --loss-normalization power: the window's
+    ``sum l / L^p`` over its ``sum_turns L^(1-p)`` (the loss it trains on); '' otherwise."""
+    if run.config.data.loss_normalization != "power":
+        return ""
+    weight = sum(m.get("power turns", 0.0) for m in window)
+    total = sum(m[POWER_REPORT] * m["power turns"] for m in window if m.get("power turns", 0.0))
+    shown = f"{total / weight:.4f}" if weight > 0 else "-"
+    return f" | loss (power {run.config.data.turn_exponent():g}) {shown}"
 
 
 def _by_dataset(run: Run, window: List[Dict[str, float]], prefixes: Sequence[str]) -> str:
@@ -413,6 +450,7 @@ def _evaluate_and_log(run: Run) -> None:
         _record(run, "valid", metrics)
         line = (f"validation at iter {run.iteration} | loss/turn {metrics['loss per turn']:.4f} "
                 f"| loss/token {metrics['loss per token']:.4f} | turns {int(metrics['turn_num'])}"
+                + _power_loss(run, [metrics])
                 + _by_dataset(run, [metrics], run.info.valid_prefixes))
         if "accuracy" in metrics:
             line += f" | accuracy {metrics['accuracy']:.2%} | exact turns " \
@@ -585,10 +623,13 @@ def _banner(run: Run, argv) -> str:
         how = par.cp_comm_type if use_transformer_engine(run.config.model.transformer_impl) \
             else "local attention: all-gather"
         cp = f" CP={par.context_parallel_size} ({how})"
+    power = (f" (p = {run.config.data.turn_exponent():g})"
+             if run.config.data.loss_normalization == "power" else "")
     return (f"mt_dialog: TP={par.tensor_model_parallel_size} PP={par.pipeline_model_parallel_size}"
             f" DP={run.dp_size}{cp}{experts} | {run.train_iters} iterations x {run.global_batch} packs of "
             f"{run.info.seq_length} tokens | {len(run.train_stream)} training packs | loss "
-            f"normalization {run.config.data.loss_normalization} | {what}trainable parameters "
+            f"normalization {run.config.data.loss_normalization}{power} | {what}trainable "
+            f"parameters "
             f"{trainable:,} of {total:,} ({trainable / max(total, 1):.2%}) | device "
             f"{distributed.device()}")
 

@@ -29,9 +29,19 @@ Normalizations, for one micro-batch (``count`` is an int32 tensor, like the sche
   'token'         loss_sum = sum(l * mask), count = number of loss tokens (plain token mean).
   'conversation'  loss_sum = sum over conversations of (their masked token-mean),
                   count = number of conversations with at least one loss token.
+  'power'         between token and turn (``--loss-turn-exponent p``, 0 <= p <= 1): the global
+                  loss is ``sum_t l_t / L_t^p  /  sum_turns L^(1 - p)`` (``L_t``: the length of
+                  token t's turn), so p = 1 is 'turn' and p = 0 'token'; p = 0.5 weights each
+                  token by 1 / sqrt(L) (xtuner's "square" reduction). ``finalize_model_grads``
+                  divides by an integer count, so count = number of turns and
+                  loss_sum = sum(l / L^p) * s with the step's scale
+                  ``s = turns / sum_turns L^(1 - p)`` over the *global* batch, computed before
+                  the step (``power_totals``, summed over data x context parallel ranks, then
+                  ``set_power_scale``); without it, ``s`` is this micro-batch's own.
 
 ``report`` maps a name to a float64 ``tensor([sum, count])`` for each of 'loss per turn',
-'loss per token' (and 'loss per conversation' when conversation ids are available); for a
+'loss per token' (and 'loss per conversation' when conversation ids are available, 'loss per
+turn (power)' = (sum l / L^p, sum_turns L^(1 - p)) when the weights hold the power terms); for a
 blend of datasets also each dataset's (``dataset_report_names``: ``dataset NAME: loss per
 turn``, ...), from the dataset of each position (``training.data.flatten_micro_batch``'s
 ``dataset_ids``). A text document piece is one turn (``loss_token_num`` its trained tokens), so
@@ -54,9 +64,13 @@ __all__ = [
     "dataset_report_names",
     "dialog_loss",
     "make_loss_func",
+    "power_totals",
+    "set_power_scale",
 ]
 
-NORMALIZATIONS = ("turn", "token", "conversation")
+NORMALIZATIONS = ("turn", "token", "conversation", "power")
+POWER_REPORT = "loss per turn (power)"
+"""The report of 'power': ``sum_t l_t / L_t^p`` over ``sum_turns L^(1 - p)`` (a float count)."""
 
 
 def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
@@ -72,7 +86,8 @@ def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
 
 
 def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
-                     conversation_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
+                     conversation_ids: Optional[Tensor] = None,
+                     turn_exponent: Optional[float] = None) -> Dict[str, Tensor]:
     """Per-position weights and end markers of one whole micro-batch, float32, ``loss_mask``'s
     shape; every sum the loss needs is a plain sum of them over positions, so a micro-batch
     split over context-parallel ranks (``context_parallel``) sums to the same totals::
@@ -83,11 +98,15 @@ def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
         turn_end                     1           1           the turn's last loss position
         conversation_weight    1/5 ...                     mask / the conversation's loss tokens
         conversation_end                         1           its last loss position
+        power_weight          3^-p ...       2^-p ...      mask / loss_token_num^p
+        turn_power_end               3^(1-p)     2^(1-p)     turn_end * loss_token_num^(1-p)
 
     A turn's weights add up to exactly 1 (``loss_token_num`` counts the tokens kept), so the
     running sum of ``turn_weight`` reaches the next integer at each turn's last token: that is
     ``turn_end``. ``turn_*`` need ``loss_token_num``, ``conversation_*`` ``conversation_ids``
-    (integer, same number of elements); absent inputs leave those keys out."""
+    (integer, same number of elements), ``power_weight`` and ``turn_power_end`` (the 'power'
+    normalization) ``loss_token_num`` and ``turn_exponent`` p; absent inputs leave those keys
+    out."""
     mask = loss_mask.to(torch.float32)
     weights = {"loss_mask": mask}
     if loss_token_num is not None:
@@ -96,9 +115,20 @@ def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
         done = torch.floor(torch.cumsum(turn.reshape(-1).double(), 0) + 1e-6)
         ends = torch.diff(done, prepend=done.new_zeros(1)).clamp(0, 1) * (mask.reshape(-1) > 0)
         weights.update(turn_weight=turn, turn_end=ends.to(torch.float32).reshape(mask.shape))
+        if turn_exponent is not None:
+            weights.update(_power_weights(mask, ltn, weights["turn_end"], float(turn_exponent)))
     if conversation_ids is not None:
         weights.update(_conversation_weights(mask, conversation_ids))
     return weights
+
+
+def _power_weights(mask: Tensor, ltn: Tensor, turn_end: Tensor, p: float) -> Dict[str, Tensor]:
+    """``power_weight`` and ``turn_power_end`` of ``position_weights`` (computed in float64:
+    ``L^1`` and ``L^0`` are exact, so p = 1 gives ``turn_weight`` and p = 0 ``loss_mask``)."""
+    length = ltn.double().clamp(min=1.0)
+    weight = torch.where(mask > 0, mask.double() / length.pow(p), torch.zeros_like(length))
+    end = turn_end.double() * length.pow(1.0 - p)
+    return {"power_weight": weight.to(torch.float32), "turn_power_end": end.to(torch.float32)}
 
 
 def _conversation_weights(mask: Tensor, conversation_ids: Tensor) -> Dict[str, Tensor]:
@@ -123,14 +153,16 @@ def _conversation_weights(mask: Tensor, conversation_ids: Tensor) -> Dict[str, T
 # report name -> (weight, count marker) in position_weights
 _REPORT_WEIGHTS = {"loss per token": ("loss_mask", "loss_mask"),
                    "loss per turn": ("turn_weight", "turn_end"),
-                   "loss per conversation": ("conversation_weight", "conversation_end")}
+                   "loss per conversation": ("conversation_weight", "conversation_end"),
+                   POWER_REPORT: ("power_weight", "turn_power_end")}
 
 
 def _terms(losses: Tensor, weights: Dict[str, Tensor], select: Optional[Tensor] = None
            ) -> Dict[str, Tuple[Tensor, Tensor]]:
     """``{report name: (differentiable fp32 sum, int64 count)}`` over the positions
     (``select``: a 0/1 float mask of them, default all) from ``position_weights``: per token
-    always, per turn / per conversation where their weights are present."""
+    always, per turn / per conversation / power where their weights are present (the power
+    count, ``sum_turns L^(1 - p)``, is float64, not rounded)."""
     terms = {}
     for name, (weight, marker) in _REPORT_WEIGHTS.items():
         if weight not in weights:
@@ -138,19 +170,53 @@ def _terms(losses: Tensor, weights: Dict[str, Tensor], select: Optional[Tensor] 
         w, m = weights[weight].reshape(losses.shape), weights[marker].reshape(losses.shape)
         if select is not None:
             w, m = w * select, m * select
-        terms[name] = ((losses * w).sum(), m.detach().double().sum().round().to(torch.int64))
+        count = m.detach().double().sum()
+        terms[name] = ((losses * w).sum(),
+                       count if name == POWER_REPORT else count.round().to(torch.int64))
     return terms
 
 
 REPORT_OF = {"turn": "loss per turn", "token": "loss per token",
-             "conversation": "loss per conversation"}
-"""The report whose (sum, count) each normalization trains on."""
+             "conversation": "loss per conversation", "power": POWER_REPORT}
+"""The report whose (sum, count) each normalization trains on ('power': up to the step's
+scale, ``set_power_scale``)."""
 
 
-def dataset_report_names(names: Sequence[str]) -> List[str]:
+def dataset_report_names(names: Sequence[str], normalization: Optional[str] = None
+                         ) -> List[str]:
     """The per-dataset reports ``dialog_loss`` gives for a blend of datasets ``names``:
-    ``"dataset NAME: loss per turn"`` (per token, per conversation), in a fixed order."""
-    return [f"dataset {name}: {report}" for name in names for report in REPORT_OF.values()]
+    ``"dataset NAME: loss per turn"`` (per token, per conversation; and ``POWER_REPORT`` when
+    ``normalization`` is 'power'), in a fixed order."""
+    reports = [r for r in REPORT_OF.values() if r != POWER_REPORT or normalization == "power"]
+    return [f"dataset {name}: {report}" for name in names for report in reports]
+
+
+def power_totals(batches: Sequence[Dict]) -> Tuple[float, float]:
+    """This rank's share of a step's (turns, ``sum_turns L^(1 - p)``): sums of ``turn_end`` and
+    ``turn_power_end`` over the ``loss_weights`` of ``batches`` (``data.flatten_micro_batch``'s
+    dicts, whole or this context-parallel rank's part). Sum both over data x context parallel
+    ranks for ``set_power_scale``."""
+    turns = power = 0.0
+    for batch in batches:
+        weights = batch["loss_weights"]
+        if "turn_power_end" not in weights:
+            raise ValueError("'power' normalization: the micro-batches' loss weights have no "
+                             "power terms; flatten them with turn_exponent (--loss-turn-exponent)")
+        turns += float(weights["turn_end"].double().sum())
+        power += float(weights["turn_power_end"].double().sum())
+    return turns, power
+
+
+def set_power_scale(batches: Sequence[Dict], turns: float, power: float) -> None:
+    """Give each of ``batches`` the step's scale ``turns / power`` (the global batch's turns and
+    ``sum_turns L^(1 - p)``, ``power_totals`` summed over data x context parallel ranks; 1 for a
+    step without turns): ``dialog_loss`` multiplies the power loss_sum by it, so that the
+    gradient ``sum(s l / L^p) / turns`` is the global ``sum(l / L^p) / sum L^(1 - p)``."""
+    scale = turns / power if power > 0 else 1.0
+    for batch in batches:
+        device = batch["loss_weights"]["turn_end"].device
+        batch["loss_weights"]["power_scale"] = torch.tensor(scale, dtype=torch.float64,
+                                                            device=device)
 
 
 def dialog_loss(
@@ -163,6 +229,7 @@ def dialog_loss(
     dataset_ids: Optional[Tensor] = None,
     dataset_names: Sequence[str] = (),
     weights: Optional[Dict[str, Tensor]] = None,
+    turn_exponent: float = 0.5,
 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
     """``(loss_sum, count, report)`` for one micro-batch (module docstring): ``loss_sum`` a
     differentiable fp32 scalar, ``count`` an int32 scalar on ``losses``' device, ``report``
@@ -173,19 +240,25 @@ def dialog_loss(
     is ``dataset_names[d]``): the same sums restricted to its positions, so that they add up
     to the whole batch's. ``weights``: ``position_weights`` of these positions computed
     beforehand on the whole micro-batch (context parallelism: ``losses`` is then this rank's
-    part and the masks are not needed); default: computed here from the masks.
+    part and the masks are not needed); default: computed here from the masks (and, for
+    'power', ``turn_exponent``; ``weights`` given carry theirs, and the step's scale
+    ``power_scale`` when ``set_power_scale`` gave one).
 
     Raises:
-        ValueError: an unknown ``normalization``; 'turn' without ``loss_token_num``;
-            'conversation' without ``conversation_ids`` or ``cu_seqlens``.
+        ValueError: an unknown ``normalization``; 'turn' or 'power' without ``loss_token_num``;
+            'conversation' without ``conversation_ids`` or ``cu_seqlens``; 'power' with
+            ``weights`` that have no power terms.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if weights is None:
         weights = _weights_of(losses, loss_mask, loss_token_num, normalization, conversation_ids,
-                              cu_seqlens)
-    if normalization == "turn" and "turn_weight" not in weights:
-        raise ValueError("'turn' normalization needs loss_token_num")
+                              cu_seqlens, turn_exponent)
+    if normalization in ("turn", "power") and "turn_weight" not in weights:
+        raise ValueError(f"'{normalization}' normalization needs loss_token_num")
+    if normalization == "power" and "power_weight" not in weights:
+        raise ValueError("'power' normalization: the weights have no power terms; compute them "
+                         "with position_weights(..., turn_exponent=p)")
     if normalization == "conversation" and "conversation_weight" not in weights:
         raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
     losses = losses.float()
@@ -199,15 +272,28 @@ def dialog_loss(
             report.update({f"dataset {name}: {key}": torch.stack([total.double(), count.double()])
                            for key, (total, count) in part.items()})
     loss_sum, count = terms[REPORT_OF[normalization]]
+    if normalization == "power":  # count: the turns; the sum scaled to the global definition
+        loss_sum, count = _power_loss_sum(loss_sum, count, terms, weights)
     return loss_sum, count.to(device=losses.device, dtype=torch.int32), report
+
+
+def _power_loss_sum(power_sum: Tensor, power_count: Tensor, terms: Dict, weights: Dict
+                    ) -> Tuple[Tensor, Tensor]:
+    """'power': (``power_sum`` times the step's scale, the micro-batch's turns); the scale is
+    ``weights["power_scale"]`` (``set_power_scale``) or else this micro-batch's own."""
+    turns = terms["loss per turn"][1]
+    scale = weights.get("power_scale")
+    if scale is None:
+        scale = turns.double() / power_count if float(power_count) > 0 else power_count.new_ones(())
+    return power_sum * scale.to(power_sum.dtype), turns
 
 
 def _weights_of(losses: Tensor, loss_mask: Tensor, loss_token_num: Optional[Tensor],
                 normalization: str, conversation_ids: Optional[Tensor],
-                cu_seqlens: Optional[Tensor]) -> Dict[str, Tensor]:
+                cu_seqlens: Optional[Tensor], turn_exponent: float) -> Dict[str, Tensor]:
     """``position_weights`` of a whole micro-batch given as in ``dialog_loss``."""
-    if normalization == "turn" and loss_token_num is None:
-        raise ValueError("'turn' normalization needs loss_token_num")
+    if normalization in ("turn", "power") and loss_token_num is None:
+        raise ValueError(f"'{normalization}' normalization needs loss_token_num")
     if normalization == "conversation" and conversation_ids is None and cu_seqlens is None:
         raise ValueError("'conversation' normalization needs conversation_ids or cu_seqlens")
     if loss_mask.numel() != losses.numel():
@@ -215,7 +301,8 @@ def _weights_of(losses: Tensor, loss_mask: Tensor, loss_token_num: Optional[Tens
                          f"{losses.numel()}; pass the masks of the same positions")
     if conversation_ids is None and cu_seqlens is not None:
         conversation_ids = conversation_ids_from_cu_seqlens(cu_seqlens, losses.numel())
-    return position_weights(loss_mask.reshape(losses.shape), loss_token_num, conversation_ids)
+    return position_weights(loss_mask.reshape(losses.shape), loss_token_num, conversation_ids,
+                            turn_exponent if normalization == "power" else None)
 
 
 def make_loss_func(
@@ -227,6 +314,7 @@ def make_loss_func(
     dataset_ids: Optional[Tensor] = None,
     dataset_names: Sequence[str] = (),
     weights: Optional[Dict[str, Tensor]] = None,
+    turn_exponent: float = 0.5,
 ):
     """The ``loss_func`` a megatron ``forward_step_func`` returns next to the model output: it
     takes the per-token losses and returns ``dialog_loss``'s triple (arguments as there).
@@ -239,7 +327,8 @@ def make_loss_func(
     return partial(_apply, dict(loss_mask=loss_mask, loss_token_num=loss_token_num,
                                 normalization=normalization, conversation_ids=conversation_ids,
                                 cu_seqlens=cu_seqlens, dataset_ids=dataset_ids,
-                                dataset_names=tuple(dataset_names), weights=weights))
+                                dataset_names=tuple(dataset_names), weights=weights,
+                                turn_exponent=turn_exponent))
 
 
 def _apply(arguments: Dict, output_tensor: Tensor):

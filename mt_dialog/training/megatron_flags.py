@@ -69,7 +69,7 @@ ELSEWHERE: Dict[str, str] = {
     "--max-position-embeddings": "RoPE has no position table: sequences are --seq-length "
                                  "long, taken from the dataset",
     "--calculate-per-token-loss": "always on: --loss-normalization (turn, token, "
-                                  "conversation) chooses the normalization",
+                                  "conversation, power) chooses the normalization",
     "--use-flash-attn": "attention is chosen by --transformer-impl: transformer_engine "
                         "runs packed conversations through TE's THD (flash / fused) "
                         "attention on GPU; local runs scaled_dot_product_attention per "

@@ -193,6 +193,7 @@ def test_turn_statistics_count_every_turn(tmp_path, sp_model_path, capsys):
     out = capsys.readouterr().out
     assert f"reply lengths: {replies.size:,} trained turns" in out
     assert "trained turns per conversation:" in out and " token " in out and " turn " in out
+    assert " power " in out  # --loss-normalization power (p = 0.5): sqrt of the lengths
 
 
 def test_text_pack_and_verify(tmp_path, sp_model_path, capsys):

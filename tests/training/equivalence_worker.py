@@ -15,6 +15,7 @@ For each number of micro-batches per step (``--micro``), on the same packs and w
   turn   vs the "split into n samples" baseline (each sample = history + one reply, run alone,
          mean over the reply's tokens; step = mean over all samples of the global batch)
   token  vs its own token-mean reference, and vs the turn baseline (must differ)
+  power  (--loss-normalization power, p = 0.5) vs its own reference
   the logged 'loss per turn' / 'loss per token' vs the reference losses
 and once more ("context", 3 micro-batches) on packs of agent conversations rendered by the
 library's ``render_conversation`` (replies with weight 0, tool calls and results as context):
@@ -39,6 +40,7 @@ Rank 0 writes everything to ``--json``; the pass/fail decisions are the test's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,6 +74,7 @@ SEED = 1234
 AUX_COEFF = 0.1  # --moe: the load-balancing loss weight of check_aux_loss
 EDGES = [2, 4, 8]  # reply-length buckets of the validation check: 1-2, 3-4, 5-8, 9+
 BLEND = ["chat", "text"]
+NORMS = ("turn", "token", "power")  # each case's steps; 'power' at p = reference.POWER_P
 # --moe-routing: ModelConfig fields of the DeepSeek-V3-style layout (with 4 experts, top 2)
 ROUTING = dict(moe_layer_freq=[0, 1], moe_shared_expert_intermediate_size=32,
                moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
@@ -298,14 +301,19 @@ def main():
         loop._micro_batches = spy
         refs = {}
         if rank == 0:
-            for norm in ("turn", "token"):
+            for norm in NORMS:
                 refs[norm] = ref.reference_grads(Wref, convs, norm, mcfg, tied)
             if datasets:
                 res["dataset_reference"] = dataset_reference(Wref, packs, datasets, mcfg, tied)
                 res["text_pieces"] = sum(len(p.conversations) for p, d in zip(packs, datasets) if d)
                 res["cut_pieces"] = sum(c.tokens[-1] != ref.EOT for p, d in zip(packs, datasets)
                                         if d for c in p.conversations)
-        for norm in ("turn", "token"):
+        base_data = run.config.data
+        for norm in NORMS:
+            # 'power' through the config, as a run gets it (flatten's weights, the step's scale)
+            run.config.data = dataclasses.replace(
+                base_data, loss_normalization=norm,
+                loss_turn_exponent=ref.POWER_P if norm == "power" else None)
             run.forward_step = pretrain_dialog.make_forward_step(norm)
             run.consumed, run.iteration = 0, 0
             read.clear()
@@ -327,6 +335,7 @@ def main():
                 res[f"{norm}_logged_loss_per_turn"] = m["loss per turn"]
                 res[f"{norm}_logged_loss_per_token"] = m["loss per token"]
                 res[f"{norm}_logged_turns"] = m["turn_num"]
+                res[f"{norm}_logged_power"] = m.get("loss per turn (power)")
                 res[f"{norm}_logged_datasets"] = {k: v for k, v in m.items()
                                                   if k.startswith("dataset ")}
                 if tied and args.pp > 1:  # the last stage's copy must get the same reduced grad
@@ -344,7 +353,8 @@ def main():
                 res["loss_tokens_by_rank"] = loss_tokens_by_rank
         loop._micro_batches = orig_micro_batches
         run.info.prefixes = ["unused"]
-        assert recorder.steps == 2 * (len(out["steps"]) + 1)
+        run.config.data = base_data
+        assert recorder.steps == len(NORMS) * (len(out["steps"]) + 1)
         out["steps"][name] = res
         if name == str(args.micro[-1]):  # the most micro-batches: kept for check_dispatcher
             kept = (run.train_stream, run.global_batch, refs.get("turn"))

@@ -30,6 +30,7 @@ from mt_dialog.data.formats import Message, ToolCall
 VOCAB = 100  # before padding to make_vocab_size_divisible_by x TP
 PAD, BOS, EOT = 0, 1, 2  # BOS starts every conversation (never trained); EOT ends every reply
 REPLY_LENGTHS = (1, 2, 2, 3, 4, 7, 11, 13)  # trained tokens per reply, end-of-turn included
+POWER_P = 0.5  # --loss-turn-exponent of the 'power' normalization the equivalence suite checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +374,9 @@ def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], 
     'turn': the "split into n samples" baseline: each (conversation, reply k) is one sample =
     history + reply k, run alone from position 0; its loss is the mean over reply k's tokens (EOT
     included); the step loss is the mean over all samples. 'token': sum of all reply-token losses
-    over the number of reply tokens. ``effective(leaves)`` (optional) maps the leaf tensors to
+    over the number of reply tokens. 'power' (``POWER_P``): each reply token's loss divided by
+    its reply's length to the power p, summed, over the sum of the replies' lengths to the power
+    1 - p. ``effective(leaves)`` (optional) maps the leaf tensors to
     the weights the model computes with (LoRA: base + scaled B A); grads are the leaves'.
     """
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in W_full.items()}
@@ -396,6 +399,15 @@ def reference_grads(W_full: Dict[str, torch.Tensor], convs: List[Conversation], 
             total = total + ce[idx].sum()
             count += idx.numel()
         loss = total / count
+    elif normalization == "power":
+        numerator, denominator = 0.0, 0.0
+        for conv in convs:
+            t = torch.tensor(conv.tokens)
+            ce = F.cross_entropy(reference_logits(W, t[:-1], mcfg, tied), t[1:], reduction="none")
+            for a, e in conv.replies:  # reply [a, e): its labels sit at positions a-1 .. e-2
+                numerator = numerator + ce[a - 1:e - 1].sum() / (e - a) ** POWER_P
+                denominator += (e - a) ** (1 - POWER_P)
+        loss = numerator / denominator
     else:
         raise ValueError(normalization)
     loss.backward()

@@ -18,7 +18,7 @@ from mt_dialog.training.context_parallel import (
     global_order, padded_cu_seqlens, partition_indices, source_positions, split_micro_batches)
 from mt_dialog.training.data import flatten_micro_batch
 from mt_dialog.training.loss import NORMALIZATIONS
-from tests.training.test_loss import firefly, global_batch, loss_of, references  # noqa: F401
+from tests.training.test_loss import P, firefly, global_batch, loss_of, references  # noqa: F401
 
 CPU = torch.device("cpu")
 
@@ -36,8 +36,15 @@ def test_partition_is_the_load_balanced_chunk_layout():
 
 
 def rank_parts(samples, isolated, size):
-    whole = flatten_micro_batch(samples, isolated, CPU)
-    return [split_micro_batches([whole], (size, rank, 2 * size))[0] for rank in range(size)]
+    """Each rank's part; 'power' scaled by the micro-batch's totals, summed over the ranks as
+    ``loop._set_power_scale`` does over data x context parallel."""
+    from mt_dialog.training.loss import power_totals, set_power_scale
+
+    whole = flatten_micro_batch(samples, isolated, CPU, turn_exponent=P)
+    parts = [split_micro_batches([whole], (size, rank, 2 * size))[0] for rank in range(size)]
+    totals = [power_totals([part]) for part in parts]
+    set_power_scale(parts, sum(t[0] for t in totals), sum(t[1] for t in totals))
+    return parts
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])
@@ -75,7 +82,7 @@ def test_rank_sums_add_up_to_the_whole_micro_batch(global_batch, normalization, 
     want_sum, want_count = references(values, turns)[normalization]
     whole_grad = values.clone().requires_grad_(True)
     whole_sum, whole_count, whole_report = loss_of(
-        flatten_micro_batch(samples, True, CPU), whole_grad, normalization)
+        flatten_micro_batch(samples, True, CPU, turn_exponent=P), whole_grad, normalization)
     (whole_sum / whole_count).backward()
     total, count, grad = 0.0, 0, torch.zeros(values.numel())
     report = {}

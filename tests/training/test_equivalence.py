@@ -109,6 +109,20 @@ def test_token_normalization_differs_from_turn(name, tmp_path_factory):
 
 
 @layouts
+def test_power_normalization_equals_its_reference(name, tmp_path_factory):
+    """--loss-normalization power (p = 0.5: sum l / sqrt(L) over sum sqrt(L)) in every case of
+    the layout (1 and 3 micro-batches, rendered agent conversations, the text + chat blend, CP's
+    late replies): the gradient and the logged loss are its plain-PyTorch reference's."""
+    res = _result(name, tmp_path_factory)
+    for case, step in res["steps"].items():
+        assert step["power_max_rel_err"] <= TOL, (case, step["power_worst_param"], step)
+        if "power_tied_copy_rel_err" in step:
+            assert step["power_tied_copy_rel_err"] <= TOL, (case, step)
+        assert step["power_logged_power"] == pytest.approx(step["power_loss_ref"], rel=TOL)
+        assert step["power_logged_turns"] == step["turns"]
+
+
+@layouts
 def test_packed_conversations_are_isolated(name, tmp_path_factory):
     iso = _result(name, tmp_path_factory)["isolation"]
     assert iso["conversations"] >= 4

@@ -29,6 +29,7 @@ CONVERSATIONS = {  # user / assistant texts; "A" is the docs' two-turn example
     "C": ["Bye", "See you"],
 }
 PACKS = (("A", "C"), ("B",))  # two packs of SEQ tokens, each with padding
+P = 0.5  # --loss-turn-exponent of the 'power' normalization checked here
 
 
 def readme_table():
@@ -101,9 +102,13 @@ def references(losses, turns):
     every_turn = [t for conv in turns.values() for t in conv]
     trained = [p for t in every_turn for p in t]
     conversation_means = [flat[[p for t in conv for p in t]].mean() for conv in turns.values()]
+    # power: sum_t l_t / L_t^P over sum_turns L^(1-P), carried as (that x turns, turns)
+    power = sum(flat[t].sum() / len(t) ** P for t in every_turn)
+    power_count = sum(len(t) ** (1 - P) for t in every_turn)
     return {"turn": (sum(flat[t].mean() for t in every_turn), len(every_turn)),
             "token": (flat[trained].sum(), len(trained)),
-            "conversation": (sum(conversation_means), len(turns))}
+            "conversation": (sum(conversation_means), len(turns)),
+            "power": (power * len(every_turn) / power_count, len(every_turn))}
 
 
 class PerTokenLosses(torch.nn.Module):
@@ -136,7 +141,7 @@ def global_batch(firefly):
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 def test_each_normalization_is_its_definition(global_batch, normalization, isolated):
     samples, turns, values = global_batch
-    batch = flatten_micro_batch(samples, isolated, torch.device("cpu"))
+    batch = flatten_micro_batch(samples, isolated, torch.device("cpu"), turn_exponent=P)
     losses = values.clone().requires_grad_(True)
     loss_sum, count, report = loss_of(batch, losses, normalization)
     want_sum, want_count = references(values, turns)[normalization]
@@ -147,10 +152,13 @@ def test_each_normalization_is_its_definition(global_batch, normalization, isola
     weights = torch.zeros(losses.numel(), dtype=torch.float64)
     spans = {"turn": [t for conv in turns.values() for t in conv],
              "token": [[p for conv in turns.values() for t in conv for p in t]],
-             "conversation": [[p for t in conv for p in t] for conv in turns.values()]}
+             "conversation": [[p for t in conv for p in t] for conv in turns.values()],
+             "power": [t for conv in turns.values() for t in conv]}
+    power_count = sum(len(t) ** (1 - P) for t in spans["power"])
     for span in spans[normalization]:  # each sample of the split baseline: its token mean
         size = 1 if normalization == "token" else len(span)
-        weights[span] += 1.0 / (size * want_count)
+        weights[span] += (1.0 / (len(span) ** P * power_count) if normalization == "power"
+                          else 1.0 / (size * want_count))
     assert torch.allclose(losses.grad.view(-1).double(), weights, rtol=1e-6, atol=0)
 
 
@@ -169,7 +177,7 @@ def test_turns_count_equally_whatever_their_length(global_batch):
 
 def test_report_pairs_are_every_normalization_at_once(global_batch):
     samples, turns, values = global_batch
-    batch = flatten_micro_batch(samples, True, torch.device("cpu"))
+    batch = flatten_micro_batch(samples, True, torch.device("cpu"), turn_exponent=P)
     want = references(values, turns)
     for normalization in NORMALIZATIONS:  # the report does not depend on the normalization
         _, _, report = loss_of(batch, values, normalization)
@@ -219,8 +227,8 @@ def test_conversation_ids_follow_the_segments():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"normalization": "sample"}, "normalization must be one of turn, token, conversation|"
-                                  r"\('turn', 'token', 'conversation'\), got 'sample'"),
+    ({"normalization": "sample"}, r"normalization must be one of \('turn', 'token', "
+                                  r"'conversation', 'power'\), got 'sample'"),
     ({"normalization": "turn", "loss_token_num": None}, "'turn' normalization needs "
                                                         "loss_token_num"),
     ({"normalization": "conversation"}, "'conversation' normalization needs conversation_ids "
@@ -276,3 +284,94 @@ def test_each_blend_dataset_is_reported_and_the_datasets_add_up(global_batch, si
     assert metrics["loss per token"] == pytest.approx(
         (float(want["token"][0]) + 10 * text_mean) / (want["token"][1] + 10), rel=1e-6)
     assert metrics["turn_num"] == 6
+
+
+# ------------------------------------------------------------------ 'power' (--loss-turn-exponent)
+
+def test_power_weights_are_the_docstring_s_picture():
+    """``position_weights`` with p: each token 1 / L^p, each turn's L^(1 - p) on its last token."""
+    from mt_dialog.training.loss import position_weights
+
+    mask = torch.tensor([[0.0, 1, 1, 1, 0, 0, 1, 1]])
+    counts = torch.tensor([[0.0, 3, 3, 3, 0, 0, 2, 2]])
+    weights = position_weights(mask, counts, turn_exponent=0.25)
+    three, two = 3 ** -0.25, 2 ** -0.25
+    assert torch.allclose(weights["power_weight"],
+                          torch.tensor([[0, three, three, three, 0, 0, two, two]]), rtol=1e-7)
+    assert torch.allclose(weights["turn_power_end"],
+                          torch.tensor([[0, 0, 0, 3 ** 0.75, 0, 0, 0, 2 ** 0.75]]), rtol=1e-7)
+    assert "power_weight" not in position_weights(mask, counts)  # only when p is given
+
+
+def _step_gradient(batches, values, normalization):
+    """The gradient of one step over ``batches`` (one pack each): the sum of the micro-batches'
+    loss sums over the sum of their counts, as finalize_model_grads divides it."""
+    losses = values.clone().requires_grad_(True)
+    pieces = [loss_of(b, losses[:, i * SEQ:(i + 1) * SEQ], normalization)
+              for i, b in enumerate(batches)]
+    total = sum(piece[0] for piece in pieces)
+    count = sum(int(piece[1]) for piece in pieces)
+    (total / count).backward()
+    return losses.grad, float(total.detach()) / count, [piece[2] for piece in pieces]
+
+
+@pytest.mark.parametrize("p, other", [(1.0, "turn"), (0.0, "token")])
+def test_power_1_is_turn_and_power_0_is_token(global_batch, p, other):
+    samples, _, values = global_batch
+    whole = flatten_micro_batch(samples, True, torch.device("cpu"), turn_exponent=p)
+    grads = {}
+    for normalization in ("power", other):
+        losses = values.clone().requires_grad_(True)
+        loss_sum, count, _ = loss_of(whole, losses, normalization)
+        (loss_sum / count).backward()
+        grads[normalization] = losses.grad
+    assert torch.allclose(grads["power"], grads[other], rtol=1e-6, atol=0)
+    if p == 1.0:  # 1 / L^1 and L^0 are exact: the same gradient to the bit
+        assert torch.equal(grads["power"], grads["turn"])
+
+
+def test_power_over_micro_batches_is_the_global_definition(global_batch, single_process):
+    """One pack per micro-batch, the step's scale from ``power_totals`` of all of them (as
+    ``loop._set_power_scale``, here in one process): the step's gradient and logged loss are
+    sum_t l_t / L_t^p / sum_turns L^(1-p) of the global batch, not a mean of the micro-batches'
+    own; without the step's scale they differ."""
+    from mt_dialog.training.loop import _reduce_reports
+    from mt_dialog.training.loss import POWER_REPORT, power_totals, set_power_scale
+
+    samples, turns, values = global_batch
+    every_turn = [t for conv in turns.values() for t in conv]
+    assert len({len(t) for t in every_turn}) >= 3  # turns of several lengths
+    flat = values.double().view(-1)
+    numerator = sum(float(flat[t].sum()) / len(t) ** P for t in every_turn)
+    denominator = sum(len(t) ** (1 - P) for t in every_turn)
+    want = torch.zeros(values.numel(), dtype=torch.float64)
+    for t in every_turn:
+        want[t] = 1.0 / (len(t) ** P * denominator)
+
+    batches = [flatten_micro_batch([s], True, torch.device("cpu"), turn_exponent=P)
+               for s in samples]
+    _, alone, _ = _step_gradient(batches, values, "power")  # each micro-batch's own scale
+    assert alone != pytest.approx(numerator / denominator, rel=1e-3)
+    set_power_scale(batches, *power_totals(batches))
+    grad, loss, store = _step_gradient(batches, values, "power")
+    assert loss == pytest.approx(numerator / denominator, rel=1e-6)
+    assert torch.allclose(grad.view(-1).double(), want, rtol=1e-6, atol=0)
+    metrics = _reduce_reports(store, batches, [POWER_REPORT])
+    assert metrics[POWER_REPORT] == pytest.approx(numerator / denominator, rel=1e-6)
+    assert metrics["power turns"] == pytest.approx(denominator, rel=1e-6)
+    assert metrics["turn_num"] == len(every_turn)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"loss_normalization": "power", "loss_turn_exponent": 1.5}, "loss_turn_exponent: 1.5 is "
+                                                                 "not between 0 and 1"),
+    ({"loss_normalization": "power", "loss_turn_exponent": -0.1}, "not between 0 and 1"),
+    ({"loss_turn_exponent": 0.5}, "only used by --loss-normalization power, not turn"),
+])
+def test_bad_turn_exponents_are_refused(kwargs, message):
+    from mt_dialog.training.config import DataConfig
+
+    with pytest.raises(ValueError, match=message):
+        DataConfig(data_path=["unused"], **kwargs)
+    assert DataConfig(data_path=["x"], loss_normalization="power").turn_exponent() == 0.5
+    assert DataConfig(data_path=["x"]).turn_exponent() is None
