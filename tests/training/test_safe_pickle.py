@@ -128,6 +128,7 @@ def test_a_byte_entry_outside_the_folder_is_refused(saved_run, tmp_path):
         check_checkpoint_folder(folder)
 
 
+@pytest.mark.multiprocess  # launches pretrain_dialog.py (resume, LoRA base)
 def test_user_paths_refuse_payloads_without_running(saved_run, tmp_path):
     """Resume, chat, export and a LoRA run on a poisoned base: each exits with the file named,
     no traceback, no marker (one payload kind per path; every kind is covered above). Training
