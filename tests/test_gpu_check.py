@@ -167,6 +167,9 @@ def test_attention_check_cpu_mode(attention_run, script):
         destroy_single_process()
     assert float((packed - alone).abs().max()) > 10 * script.fp32_tolerance(
         float(alone.abs().max()))
+
+
+@pytest.mark.multiprocess  # gpu_check.sh trains (the marker's definition)
 def test_cpu_mode_runs_the_gemma3_block_check(tmp_path):
     """``--only gemma3`` without CUDA: the local fp32 / bf16 packed-vs-alone lines pass, the TE
     line is skipped with its reason."""
@@ -180,6 +183,7 @@ def test_cpu_mode_runs_the_gemma3_block_check(tmp_path):
     assert lines["11 gemma3 TE bf16"] == "SKIP (no CUDA)"
 
 
+@pytest.mark.multiprocess  # gpu_check.sh launches pretrain_dialog.py
 def test_cpu_mode_fp8_and_overlap_checks_are_the_refusals(tmp_path):
     """``--only fp8,tp-comm-overlap`` without CUDA: pretrain_dialog.py refuses both flags in one
     line naming why (the CPU stand-in passes), the GPU runs are skipped with that reason."""

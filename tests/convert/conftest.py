@@ -22,6 +22,8 @@ import sys
 
 import pytest
 
+from tests.training.launch import tool_here
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONVERT = os.path.join(REPO, "tools", "convert_checkpoint.py")
 
@@ -33,6 +35,13 @@ def convert(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"convert {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def convert_here(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """``convert(*args)`` through ``tools/convert_checkpoint.main`` in this process."""
+    from tools.convert_checkpoint import main
+
+    return tool_here(main, *args, "--no-progress", expect_ok=expect_ok)
 
 
 def _llama(vocab: int):
@@ -170,12 +179,14 @@ def moe_models(tmp_path_factory, hf_tokenizer_dir):
 
 @pytest.fixture(scope="session")
 def imported(hf_models, tmp_path_factory):
-    """{name: CKPT} for every ``hf_models`` folder: the models converted by ``hf-to-mcore``."""
+    """{name: CKPT} for every ``hf_models`` folder: the models converted by ``hf-to-mcore``
+    (llama by the command line in a fresh process, the others by its ``main`` here)."""
     root = tmp_path_factory.mktemp("imported")
     out = {}
     for name, folder in hf_models.items():
         out[name] = str(root / name)
-        convert("hf-to-mcore", "--load-dir", folder, "--save-dir", out[name])
+        (convert if name == "llama" else convert_here)(
+            "hf-to-mcore", "--load-dir", folder, "--save-dir", out[name])
     return out
 
 

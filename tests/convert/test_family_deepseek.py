@@ -23,13 +23,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.convert.conftest import REPO, convert, hf_logits, in_process, parallel_logits
+from tests.convert.conftest import (convert_here, hf_logits, in_process, parallel_logits,
+                                    tool_here)
 from tests.data.chat_tokenizers import hf_deepseek_v3_dir  # noqa: F401 (fixture)
 
 TOLERANCE = 1e-4  # max abs logit difference in fp32 (issue 5)
@@ -115,7 +114,8 @@ def deepseek(tmp_path_factory, hf_deepseek_v3_dir):
         _build(name, folder, hf_deepseek_v3_dir)
         if name == "v3":
             _add_mtp_tensors(folder)
-            out["cli"] = convert("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt).stdout
+            out["cli"] = convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir",
+                                      ckpt).stdout
         else:
             in_process(import_hf, ImportConfig(load_dir=folder, save_dir=ckpt, progress=False))
         out[name] = (folder, ckpt)
@@ -380,8 +380,8 @@ def test_unknown_extra_layers_are_refused_not_dropped(deepseek, tmp_path):
     shutil.copytree(deepseek["v3"][0], folder)
     config = json.load(open(folder / "config.json"))
     (folder / "config.json").write_text(json.dumps(dict(config, num_nextn_predict_layers=0)))
-    proc = convert("hf-to-mcore", "--load-dir", folder, "--save-dir", tmp_path / "ckpt",
-                   expect_ok=False)
+    proc = convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir", tmp_path / "ckpt",
+                        expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "4 tensor(s) this converter does not know, e.g. model.layers.3." in proc.stderr
 
@@ -463,7 +463,7 @@ def test_bf16_finetune_at_ep2_lowers_the_loss_and_exports(deepseek, chat_data, t
     losses = [it["loss_turn"] for it in parse_iters(proc.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
     out = tmp_path / "hf"
-    convert("mcore-to-hf", "--load-dir", save, "--save-dir", out)
+    convert_here("mcore-to-hf", "--load-dir", save, "--save-dir", out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "DeepseekV3ForCausalLM"
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
@@ -495,12 +495,14 @@ def test_lora_on_linear_proj_exports_an_adapter_peft_loads(deepseek, chat_data, 
               "--log-interval", "1", "--lora-rank", "4", "--lora-alpha", "8"]
     log = run("pretrain_dialog.py", 1, [*common, "--train-iters", "3", "--save", ckpt]).stdout
     assert "LoRA rank 4 alpha 8 on linear_proj (experts not adapted): trainable" in log, log
-    refused = run("pretrain_dialog.py", 1, [*common, "--train-iters", "1", "--lora-target",
-                                            "linear_qkv"], expect_ok=False)
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr, refused.stderr
+    from pretrain_dialog import main as pretrain_main
+
+    refused = tool_here(pretrain_main, *common, "--train-iters", "1", "--lora-target",
+                        "linear_qkv", expect_ok=False)  # refused at parsing: exit 2, no model
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
     assert "linear_qkv does not exist with --multi-latent-attention" in refused.stderr
     adapter = tmp_path / "adapter"
-    report = convert("mcore-to-hf", "--load-dir", ckpt, "--save-dir", adapter, "--dtype",
+    report = convert_here("mcore-to-hf", "--load-dir", ckpt, "--save-dir", adapter, "--dtype",
                      "fp32").stdout
     assert "(rank 4 on o_proj)" in report, report
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 128, 11, 200, 2]])

@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from tests.convert.conftest import convert, hf_logits, parallel_logits
+from tests.convert.conftest import convert_here, hf_logits, parallel_logits, tool_here
 from tests.data.chat_tokenizers import hf_gemma3_dir  # noqa: F401
 
 TOLERANCE = 1e-4  # max abs logit difference in fp32
@@ -58,7 +58,7 @@ def gemma(hf_gemma3_dir, tmp_path_factory):
     _gemma3(AutoTokenizer.from_pretrained(hf_gemma3_dir)).save_pretrained(folder)
     for file in os.listdir(hf_gemma3_dir):
         shutil.copy2(os.path.join(hf_gemma3_dir, file), folder)
-    convert("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
+    convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
     return {"hf": folder, "ckpt": ckpt, "root": root}
 
 
@@ -128,7 +128,7 @@ def test_import_tp2_logits_equal_hf(gemma, tokens, tmp_path):
 @pytest.fixture(scope="module")
 def exported(gemma):
     out = str(gemma["root"] / "exported")
-    convert("mcore-to-hf", "--load-dir", gemma["ckpt"], "--save-dir", out)
+    convert_here("mcore-to-hf", "--load-dir", gemma["ckpt"], "--save-dir", out)
     return out
 
 
@@ -190,7 +190,8 @@ def data(gemma) -> str:
 @pytest.mark.multiprocess
 def test_bf16_finetune_on_two_processes_lowers_the_loss_and_chats(gemma, data, tmp_path):
     from tests.training.conftest import parse_iters
-    from tests.training.launch import run, run_torchrun
+    from tests.training.launch import run_torchrun
+    from tools.chat import main as chat_main
 
     save = str(tmp_path / "sft")
     proc = run_torchrun("pretrain_dialog.py", 2, [
@@ -200,8 +201,8 @@ def test_bf16_finetune_on_two_processes_lowers_the_loss_and_chats(gemma, data, t
         "--lr", "3e-3", "--log-interval", "1", "--save", save])
     losses = [it["loss_turn"] for it in parse_iters(proc.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
-    chat = run("tools/chat.py", 1, ["--load", save, "--message", "Hi!", "--max-new-tokens", "4",
-                                    "--json"], timeout=300)
+    chat = tool_here(chat_main, "--load", save, "--message", "Hi!", "--max-new-tokens", "4",
+                     "--json")
     reply = json.loads(chat.stdout.strip().splitlines()[-1])
     assert reply["prompt_tokens"] > 0 and reply["token_ids"], reply
 

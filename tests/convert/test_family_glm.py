@@ -27,13 +27,12 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.convert.conftest import REPO, convert, hf_logits, in_process, parallel_logits
+from tests.convert.conftest import (convert_here, hf_logits, in_process, parallel_logits,
+                                    tool_here)
 from tests.data.chat_tokenizers import hf_glm45_dir  # noqa: F401
 from tests.training.launch import run, run_torchrun
 
@@ -103,7 +102,7 @@ def glm(tmp_path_factory, hf_glm45_dir):  # noqa: F811
     for file in os.listdir(hf_glm45_dir):
         shutil.copy2(os.path.join(hf_glm45_dir, file), folder)
     ckpt = str(root / "ckpt")
-    proc = convert("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
+    proc = convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
     return {"hf": folder, "ckpt": ckpt, "import": proc, "mtp": sorted(mtp), "root": root}
 
 
@@ -266,27 +265,32 @@ def _corpus(root) -> str:
     return corpus
 
 
-def _preprocess(glm, name: str, seq_length: int) -> str:
-    prefix = str(glm["root"] / name)
-    subprocess.run([sys.executable, "tools/preprocess_dialog.py", "--input", _corpus(glm["root"]),
-                    "--tokenizer-type", "huggingface", "--tokenizer-path",
-                    os.path.join(glm["ckpt"], "tokenizer"), "--template", "hf",
-                    "--seq-length", str(seq_length), "--output-prefix", prefix, "--no-progress"],
-                   cwd=REPO, check=True, capture_output=True)
+@pytest.fixture(scope="module")
+def chat_data(glm) -> str:
+    """The demo corpus (80 conversations) preprocessed with the import's tokenizer and
+    ``--template hf`` (seq 512), shared by the fine-tune and the LoRA run."""
+    from tools.preprocess_dialog import main as preprocess_main
+
+    prefix = str(glm["root"] / "chat")
+    tool_here(preprocess_main, "--input", _corpus(glm["root"]), "--tokenizer-type",
+              "huggingface", "--tokenizer-path", os.path.join(glm["ckpt"], "tokenizer"),
+              "--template", "hf", "--seq-length", 512, "--output-prefix", prefix,
+              "--no-progress")
     return prefix
 
 
 @pytest.fixture(scope="module")
-def finetuned(glm):
+def finetuned(glm, chat_data):
     """(checkpoint, log, fp32 export) of a 3-step bf16 fine-tune from the import at EP=2."""
-    data, save = _preprocess(glm, "chat", 512), str(glm["root"] / "sft")
+    data, save = chat_data, str(glm["root"] / "sft")
     proc = run_torchrun("pretrain_dialog.py", 2, [
         "--load", glm["ckpt"], "--finetune", "--use-checkpoint-args", "--bf16",
         "--expert-model-parallel-size", "2", "--data-path", data, "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3", "--log-interval", "1",
         "--save", save])
     out = str(glm["root"] / "sft_hf")
-    exported = convert("mcore-to-hf", "--load-dir", save, "--save-dir", out, "--dtype", "fp32")
+    exported = convert_here("mcore-to-hf", "--load-dir", save, "--save-dir", out, "--dtype",
+                            "fp32")
     return save, proc.stdout, out, exported
 
 
@@ -313,17 +317,17 @@ def test_finetune_lowers_the_loss_and_chat_is_hf_greedy(glm, finetuned, single_p
 
 
 @pytest.fixture(scope="module")
-def lora(glm):
+def lora(glm, chat_data):
     """(LoRA checkpoint, log, PEFT adapter folder): 2 fp32 steps of rank-4 adapters on the
     attention (``all`` on a MoE model) from the import, one process."""
-    data, save = _preprocess(glm, "lora_chat", 512), str(glm["root"] / "lora")
+    data, save = chat_data, str(glm["root"] / "lora")
     proc = run("pretrain_dialog.py", 1, [
         "--load", glm["ckpt"], "--finetune", "--use-checkpoint-args", "--data-path", data,
         "--lora-rank", "4", "--lora-alpha", "8", "--micro-batch-size", "2",
         "--global-batch-size", "2", "--train-iters", "2", "--lr", "5e-2", "--log-interval", "1",
         "--save", save], timeout=300)
     adapter = str(glm["root"] / "adapter")
-    convert("mcore-to-hf", "--load-dir", save, "--save-dir", adapter, "--dtype", "fp32")
+    convert_here("mcore-to-hf", "--load-dir", save, "--save-dir", adapter, "--dtype", "fp32")
     return save, proc.stdout, adapter
 
 

@@ -27,11 +27,12 @@ import shutil
 import pytest
 import torch
 
-from tests.convert.conftest import convert, parallel_logits
+from tests.convert.conftest import convert_here, parallel_logits, tool_here
 from tests.convert.test_export_reproduces_training import _tool, _write_corpus
 from tests.data.chat_tokenizers import hf_gpt_oss_dir  # noqa: F401
 from tests.training.conftest import parse_iters
 from tests.training.launch import run, run_torchrun
+from tools.chat import main as chat_main
 
 pytest.importorskip("transformers")
 TOLERANCE = 1e-4  # max abs logit difference in fp32 (issue 20)
@@ -78,7 +79,7 @@ def oss(tmp_path_factory, hf_gpt_oss_dir):
     _hf_model(len(tokenizer), tokenizer).save_pretrained(folder)
     for name in os.listdir(hf_gpt_oss_dir):
         shutil.copy2(os.path.join(hf_gpt_oss_dir, name), folder)
-    convert("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
+    convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
     return {"hf": str(folder), "ckpt": str(ckpt), "root": root}
 
 
@@ -150,7 +151,7 @@ def test_import_ep2_logits_equal_hf(oss, tokens, tmp_path):
 @pytest.fixture(scope="module")
 def exported(oss):
     out = oss["root"] / "export"
-    convert("mcore-to-hf", "--load-dir", oss["ckpt"], "--save-dir", out)
+    convert_here("mcore-to-hf", "--load-dir", oss["ckpt"], "--save-dir", out)
     return str(out)
 
 
@@ -243,12 +244,12 @@ def test_finetune_bf16_at_ep2_then_chat_and_export(oss, data, tmp_path, generate
         "--expert-model-parallel-size", "2", "--data-path", data, *TRAIN, "--save", save])
     losses = [it["loss_turn"] for it in parse_iters(proc.stdout)]
     assert len(losses) == 3 and losses[-1] < losses[0], proc.stdout
-    chat = run("tools/chat.py", 1, ["--load", save, "--message", "Count from 3 to 8.",
-                                    "--max-new-tokens", "6", "--json"], timeout=300)
+    chat = tool_here(chat_main, "--load", save, "--message", "Count from 3 to 8.",
+                     "--max-new-tokens", "6", "--json")
     reply = json.loads(chat.stdout.strip().splitlines()[-1])
     assert reply["prompt_tokens"] > 0 and reply["token_ids"], reply
     out = tmp_path / "hf"
-    convert("mcore-to-hf", "--load-dir", save, "--save-dir", out, "--dtype", "fp32")
+    convert_here("mcore-to-hf", "--load-dir", save, "--save-dir", out, "--dtype", "fp32")
     generator = generate.Generator.from_checkpoint(save)
     model = generator.model.float()  # the bf16 weights, computed in fp32 as the export is
     ids = torch.tensor([generator.prompt_ids([{"role": "user", "content": "Hello!"}])])

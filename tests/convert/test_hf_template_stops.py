@@ -15,7 +15,7 @@ import pytest
 
 from mt_dialog.data.formats import parse_record
 from mt_dialog.data.render_hf import chat_template_info, render_with_chat_template
-from tests.convert.conftest import REPO, convert
+from tests.convert.conftest import REPO, convert, convert_here
 from tests.data.chat_tokenizers import hf_glm45_dir, hf_qwen3_inline_dir  # noqa: F401
 from tests.data.test_render_hf import RECORDS
 
@@ -35,7 +35,7 @@ def _import(tokenizer_dir, root) -> str:
     for file in os.listdir(tokenizer_dir):
         shutil.copy2(os.path.join(tokenizer_dir, file), folder)
     ckpt = str(root / "ckpt")
-    convert("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
+    convert_here("hf-to-mcore", "--load-dir", folder, "--save-dir", ckpt)
     return ckpt
 
 

@@ -1,8 +1,10 @@
 """torchrun worker: one training step of the LIBRARY code path vs plain-PyTorch references.
 
     torchrun --nproc_per_node N tests/training/equivalence_worker.py --tp T --pp P \
-        [--untie] [--micro 1 3] [--vpp-micro 4 | --moe alltoall --ep E] --json OUT.json
-                                                                          (N = T * P * DP)
+        [--untie] [--micro 1 3] [--vpp-micro 4 | --moe alltoall --ep E] --json OUT.json \
+        [--then --tp T2 ... --json OUT2.json ...]                         (N = T * P * DP)
+
+Layouts after ``--then`` run in the same launch (same N), one after the other.
 
 The model comes from ``mt_dialog.training.model`` (``build_model_chunks`` + ``wrap_ddp``, wired like
 ``loop._setup``: DDP ``no_sync`` and megatron's ``finalize_model_grads``); micro-batches from
@@ -48,7 +50,6 @@ import time
 import types
 import warnings
 
-T0 = time.time()
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
@@ -180,6 +181,21 @@ class GradRecorder:
 
 
 def main():
+    """Every layout of the command line in turn, in this one launch (layouts separated by
+    ``--then``, each with its own flags and ``--json``): megatron-core's groups are rebuilt
+    between them, as ``check_virtual_pipeline`` rebuilds them, and every layout seeds anew."""
+    from megatron.core import parallel_state as ps
+
+    layouts = [[]]
+    for arg in sys.argv[1:]:
+        layouts.append([]) if arg == "--then" else layouts[-1].append(arg)
+    for argv in layouts:
+        run_layout(build_parser().parse_args(argv))
+        ps.destroy_model_parallel()
+    distributed.destroy()
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
@@ -199,8 +215,12 @@ def main():
                     "a dense first layer, a shared expert, sigmoid scores with a random expert "
                     "bias, 2 groups of 2, scaling factor)")
     ap.add_argument("--json", required=True)
-    args = ap.parse_args()
+    return ap
 
+
+def run_layout(args: argparse.Namespace) -> None:
+    """One layout's checks; rank 0 writes them to ``args.json``. Collective."""
+    t0 = time.time()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32,
                moe_token_dispatcher_type=args.moe, moe_aux_loss_coeff=AUX_COEFF) if args.moe else {}
@@ -255,7 +275,7 @@ def main():
            "ep": ps.get_expert_model_parallel_world_size(),
            "local_experts": sum(".local_experts." in n and n.endswith("linear_fc1.weight")
                                 for n, _ in model[0].module.named_parameters()),
-           "micro_batch_size": MBS, "setup_s": round(time.time() - T0, 2), "steps": {}}
+           "micro_batch_size": MBS, "setup_s": round(time.time() - t0, 2), "steps": {}}
 
     def everyone(value):
         """The value of whichever rank(s) have one (not None): list over ranks."""
@@ -433,13 +453,12 @@ def main():
     if args.moe:
         out["aux_loss"] = check_aux_loss(run, tconfig, recorder, dp)
         out["other_dispatcher"] = check_dispatcher(run, *kept)
-    out["total_s_in_process"] = round(time.time() - T0, 2)
+    out["total_s_in_process"] = round(time.time() - t0, 2)
     if rank == 0:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         print(json.dumps(out), flush=True)
     dist.barrier()
-    distributed.destroy()
 
 
 def check_routing(model, Wref, mcfg, tied) -> dict:

@@ -7,6 +7,9 @@ MASTER_* inherited from an enclosing launcher.
     proc = run("pretrain_dialog.py", 1, ARGS, expect_ok=False)            # python, any exit code
     proc = run_torchrun("tests/training/equivalence_worker.py", 2, ["--tp", "2"], timeout=120)
 
+``tool_here(main, *args)`` runs a tool's ``main`` in this process instead (no fresh interpreter:
+for tests whose point is not the command line, which other tests launch).
+
 ``run`` returns the ``subprocess.CompletedProcess`` (text stdout/stderr); with ``expect_ok`` (the
 default) a non-zero exit raises ``AssertionError`` carrying the command and the captured output,
 and so does a timeout, always. ``command`` and ``launch_env`` give what ``run`` runs, for tests
@@ -15,6 +18,8 @@ that drive the process themselves (``subprocess.Popen``: signals, several at onc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -100,3 +105,28 @@ def run_torchrun(script: str, nproc: int, args: Sequence = (), timeout: float = 
     """``run`` under torchrun whatever ``nproc`` (a worker that reads torchrun's environment),
     failing on a non-zero exit."""
     return run(script, nproc, args, timeout, env, expect_ok=True, torchrun=True)
+
+
+def tool_here(main, *args, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """A tool's ``main(args)`` (``tools/convert_checkpoint.py``, ``tools/chat.py``,
+    ``tools/preprocess_dialog.py``, a refusal of ``pretrain_dialog.py``) in this process: what
+    ``run`` runs less a fresh interpreter's seconds of torch / megatron imports. Returns a
+    CompletedProcess with the exit code and the captured stdout / stderr; the single-process
+    groups the tool set up are torn down. The command lines themselves stay launched as users
+    launch them elsewhere (test_hf_checkpoint.py starts each tool in a fresh process)."""
+    from mt_dialog.training.distributed import destroy_single_process
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    except SystemExit as exc:  # argparse's refusals
+        code = exc.code
+    finally:
+        destroy_single_process()
+    proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    if expect_ok and code != 0:
+        raise AssertionError(f"{main.__module__} {argv} exited {code}:\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc

@@ -1,10 +1,10 @@
 """Turn-normalized training on megatron-core == the "split into n samples" baseline.
 
-Each parallel layout is one torchrun launch of ``equivalence_worker.py`` (the library's model
+Each parallel layout is checked by ``equivalence_worker.py`` under torchrun (the library's model
 builder, micro-batching, ``pretrain_dialog.make_forward_step`` and ``loop.train_step`` with DDP and
 ``finalize_model_grads``), which checks 1 and 3 micro-batches per step against plain-PyTorch
-references computed from the gathered full weights. A launch runs once per session; the tests
-below read its JSON.
+references computed from the gathered full weights. The layouts of one world size share one
+launch, once per session; the tests below read each layout's JSON.
 """
 
 from __future__ import annotations
@@ -46,17 +46,24 @@ _RESULTS = {}
 
 
 def _result(name, tmp_path_factory):
-    """The worker's JSON for layout ``name``; launched once (a failure is re-raised, not re-run)."""
+    """The worker's JSON for layout ``name``. Every layout of the same number of processes runs
+    in one launch (``--then``: 3 launches, not 10), once per session; a failure is re-raised for
+    each of them, not re-run."""
     if name not in _RESULTS:
-        nproc, args, _ = LAYOUTS[name]
-        path = tmp_path_factory.mktemp(f"equivalence_{name}") / "result.json"
+        nproc = LAYOUTS[name][0]
+        group = [n for n, layout in LAYOUTS.items() if layout[0] == nproc]
+        paths = {n: tmp_path_factory.mktemp(f"equivalence_{n}") / "result.json" for n in group}
+        argv = []
+        for n in group:
+            argv += [*(["--then"] if argv else []), *LAYOUTS[n][1], "--micro", *MICRO,
+                     "--json", str(paths[n])]
         try:
-            run_torchrun(WORKER, nproc, [*args, "--micro", *MICRO, "--json", str(path)],
-                         timeout=300)
-            with open(path) as handle:
-                _RESULTS[name] = json.load(handle)
+            run_torchrun(WORKER, nproc, argv, timeout=300 * len(group))
+            for n in group:
+                with open(paths[n]) as handle:
+                    _RESULTS[n] = json.load(handle)
         except Exception as exc:  # noqa: BLE001
-            _RESULTS[name] = exc
+            _RESULTS.update({n: exc for n in group})
     if isinstance(_RESULTS[name], Exception):
         raise _RESULTS[name]
     return _RESULTS[name]

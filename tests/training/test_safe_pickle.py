@@ -11,14 +11,12 @@ import io
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.training.conftest import iteration_dir, launch, train_args
-from tests.training.launch import REPO, launch_env
+from tests.training.launch import tool_here
 
 
 class Payload:
@@ -130,22 +128,24 @@ def test_a_byte_entry_outside_the_folder_is_refused(saved_run, tmp_path):
         check_checkpoint_folder(folder)
 
 
-def _tool(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=launch_env(),
-                          capture_output=True, text=True, timeout=300)
-
-
+@pytest.mark.multiprocess  # launches pretrain_dialog.py (resume, LoRA base)
 def test_user_paths_refuse_payloads_without_running(saved_run, tmp_path):
     """Resume, chat, export and a LoRA run on a poisoned base: each exits with the file named,
-    no traceback, no marker (one payload kind per path; every kind is covered above)."""
+    no traceback, no marker (one payload kind per path; every kind is covered above). Training
+    runs as a fresh process; chat and export through their tools' ``main`` here (their command
+    lines are launched in tests/convert)."""
+    from tools.chat import main as chat_main
+    from tools.convert_checkpoint import main as convert_main
+
     cases = {
         "resume": ("metadata", lambda root: launch(1, train_args(
             saved_run["data"], "--load", root, iters=3), expect_ok=False)),
-        "chat": ("sharded_object", lambda root: _tool(
-            "tools/chat.py", "--load", root, "--message", "hi", "--max-new-tokens", "2")),
-        "export": ("common", lambda root: _tool(
-            "tools/convert_checkpoint.py", "mcore-to-hf", "--load-dir", root, "--save-dir",
-            str(tmp_path / "hf_out"), "--no-progress")),
+        "chat": ("sharded_object", lambda root: tool_here(
+            chat_main, "--load", root, "--message", "hi", "--max-new-tokens", "2",
+            expect_ok=False)),
+        "export": ("common", lambda root: tool_here(
+            convert_main, "mcore-to-hf", "--load-dir", root, "--save-dir",
+            str(tmp_path / "hf_out"), "--no-progress", expect_ok=False)),
         "lora_base": ("extra_state", lambda root: launch(1, train_args(
             saved_run["data"], "--pretrained-checkpoint", root, "--lora-rank", "2",
             iters=1), expect_ok=False)),
