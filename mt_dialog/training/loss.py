@@ -64,8 +64,10 @@ __all__ = [
     "dataset_report_names",
     "dialog_loss",
     "make_loss_func",
+    "position_weights",
     "power_totals",
     "set_power_scale",
+    "turns_completed",
 ]
 
 NORMALIZATIONS = ("turn", "token", "conversation", "power")
@@ -83,6 +85,18 @@ def conversation_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
     if ids.numel() < total:  # positions after cu[-1] (not covered) get their own id
         ids = torch.cat([ids, ids.new_full((total - ids.numel(),), lengths.numel())])
     return ids[:total].view(1, total)
+
+
+def turns_completed(loss_mask: Tensor, loss_token_num: Tensor) -> Tensor:
+    """Turns completed up to and including each position: float64 ``[T]`` (flattened) of whole
+    numbers, the running sum of ``loss_mask / loss_token_num`` (each turn's weights add up to 1)
+    floored with a 1e-6 margin. The sum is taken in float64 from float64 weights: float32's
+    rounding of ``1 / L`` (e.g. 1/25 rounds down) would drift by ~1e-8 per turn and miss a
+    turn's end after a few dozen turns."""
+    mask = loss_mask.reshape(-1).to(torch.float64)
+    ltn = loss_token_num.reshape(-1).to(torch.float64).clamp(min=1.0)
+    weight = torch.where(mask > 0, mask / ltn, torch.zeros_like(mask))
+    return torch.floor(torch.cumsum(weight, 0) + 1e-6)
 
 
 def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
@@ -112,7 +126,7 @@ def position_weights(loss_mask: Tensor, loss_token_num: Optional[Tensor] = None,
     if loss_token_num is not None:
         ltn = loss_token_num.reshape(mask.shape).to(torch.float32)
         turn = torch.where(mask > 0, mask / ltn.clamp(min=1.0), torch.zeros_like(mask))
-        done = torch.floor(torch.cumsum(turn.reshape(-1).double(), 0) + 1e-6)
+        done = turns_completed(mask, ltn)
         ends = torch.diff(done, prepend=done.new_zeros(1)).clamp(0, 1) * (mask.reshape(-1) > 0)
         weights.update(turn_weight=turn, turn_end=ends.to(torch.float32).reshape(mask.shape))
         if turn_exponent is not None:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from mt_dialog.data.storage import REPLY_LENGTH_EDGES, bucket_names
+from mt_dialog.training.loss import turns_completed
 
 TURN_INDEX_GROUPS = ("1", "2", "3", "4+")
 PARTS = ("loss per turn", "accuracy", "exact turns")
@@ -61,9 +62,9 @@ def turn_structure(loss_mask: Tensor, loss_token_num: Tensor, conversation_ids: 
     shape, the same number of elements; ``conversation_ids`` integer."""
     mask = loss_mask.reshape(-1) > 0
     positions = torch.nonzero(mask).reshape(-1)
-    ltn = loss_token_num.reshape(-1)[positions].to(torch.float64).clamp(min=1.0)
-    before = torch.cumsum(1.0 / ltn, 0) - 1.0 / ltn  # turns completed before each position
-    turn = torch.floor(before + 1e-6).to(torch.int64)
+    done = turns_completed(loss_mask, loss_token_num)  # up to and including each position
+    ends = torch.diff(done, prepend=done.new_zeros(1))
+    turn = (done - ends)[positions].to(torch.int64)  # turns completed before each position
     turns = int(turn[-1]) + 1 if turn.numel() else 0
     first = torch.ones_like(turn, dtype=torch.bool)
     first[1:] = turn[1:] != turn[:-1]

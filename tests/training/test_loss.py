@@ -375,3 +375,23 @@ def test_bad_turn_exponents_are_refused(kwargs, message):
         DataConfig(data_path=["unused"], **kwargs)
     assert DataConfig(data_path=["x"], loss_normalization="power").turn_exponent() == 0.5
     assert DataConfig(data_path=["x"]).turn_exponent() is None
+
+
+def test_many_turns_are_each_counted_once():
+    """200 turns of 25 trained tokens in one micro-batch (a 5,000-token pack of short replies):
+    every turn ends once and is numbered in order. float32 rounds 1/25 down, so a running sum
+    of float32 weights lost a turn after a few dozen; the count is summed in float64."""
+    from mt_dialog.training.loss import position_weights
+    from mt_dialog.training.turn_metrics import turn_structure
+
+    length, turns = 25, 200
+    mask = torch.ones(1, length * turns)
+    ltn = torch.full((1, length * turns), float(length))
+    ends = position_weights(mask, ltn)["turn_end"].view(-1)
+    assert int(ends.sum()) == turns
+    assert torch.nonzero(ends).view(-1).tolist() == [length * (k + 1) - 1 for k in range(turns)]
+    _, turn, lengths, _ = turn_structure(mask, ltn, torch.zeros(1, length * turns))
+    assert turn.tolist() == [k for k in range(turns) for _ in range(length)]
+    assert lengths.tolist() == [length] * turns
+    _, count, _ = dialog_loss(torch.rand(1, length * turns), mask, ltn, "turn")
+    assert int(count) == turns
