@@ -1156,7 +1156,7 @@ class DialogTrainingConfig:
         elif model.multi_latent_attention and comm != "p2p":
             fix = ("Transformer Engine runs multi-latent attention (key and value head sizes "
                    "differ) under context parallelism only with p2p; use --cp-comm-type p2p")
-        elif comm == "a2a" and self._a2a_heads_problem():
+        elif comm == "a2a":
             fix = self._a2a_heads_problem()
         if fix:
             raise ValueError(f"cp_comm_type: {comm} with --context-parallel-size "
